@@ -1,0 +1,76 @@
+//! `bloom-api`: the REST API. Config → telemetry → connect → serve.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use bloom::api::{self, ApiSettings};
+use bloom::artifacts::ArtifactStore;
+use bloom::config::{ApiArgs, DbArgs, LogArgs, MembridgeArgs, NatsArgs, S3Args};
+use bloom::membridge::Endpoint;
+use bloom::metrics::Metrics;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// The BLOOM runtime REST API.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    api: ApiArgs,
+    #[command(flatten)]
+    membridge: MembridgeArgs,
+    #[command(flatten)]
+    s3: S3Args,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    bloom::telemetry::init(&cli.log.log_format);
+    cli.api.validate().map_err(anyhow::Error::msg)?;
+    let names = cli.nats.names().map_err(anyhow::Error::msg)?;
+    let addr: SocketAddr = format!("{}:{}", cli.api.host, cli.api.port)
+        .parse()
+        .context("BLOOM_RUNTIME_HOST/BLOOM_RUNTIME_PORT do not form a socket address")?;
+    if cli.log.check_config {
+        println!("{cli:#?}");
+        return Ok(());
+    }
+
+    let pool = bloom::db::connect(cli.db.database_url.expose(), &cli.db.pool_options())
+        .await
+        .context("connecting to Postgres (DATABASE_URL)")?;
+    if cli.api.migrate_on_start {
+        bloom::db::migrate(&pool).await.context("applying migrations")?;
+    }
+    let nats = bloom::bus::connect(&cli.nats.nats_url, "bloom-api").await.context("connecting to NATS (NATS_URL)")?;
+    let metrics = Arc::new(Metrics::default());
+    let artifacts = ArtifactStore::from_settings(cli.s3.settings(), metrics.clone()).await;
+    let settings = ApiSettings {
+        api_key: cli.api.api_key().cloned(),
+        production: cli.api.is_production(),
+        rate_limit_per_min: cli.api.rate_limit_per_min,
+        test_connection_rate_limit_per_min: cli.api.test_connection_rate_limit_per_min,
+        body_limit_bytes: cli.api.body_limit_bytes,
+        trust_proxy: cli.api.trust_proxy,
+        lease_ttl_secs: cli.nats.lease_ttl().as_secs() as i32,
+        membridge_default: Endpoint {
+            url: cli.membridge.membridge_server_url.clone(),
+            admin_key: cli.membridge.membridge_admin_key.clone(),
+        },
+    };
+    let cancel = CancellationToken::new();
+    bloom::process::cancel_on_signal(cancel.clone());
+    let state =
+        api::build_state(pool, nats, names, settings, artifacts, metrics, cli.nats.timeout(), cancel.clone()).await?;
+    tracing::info!(%addr, "bloom-api serving");
+    bloom::process::serve(addr, api::router(state), cancel).await?;
+    Ok(())
+}

@@ -1,0 +1,82 @@
+//! `bloom-reconciler`: the control plane. Config → telemetry → connect → run duties.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use bloom::artifacts::ArtifactStore;
+use bloom::config::{millis, DbArgs, LogArgs, MembridgeArgs, NatsArgs, ReconcilerArgs, S3Args};
+use bloom::membridge::Endpoint;
+use bloom::metrics::Metrics;
+use bloom::reconciler::{self, Reconciler, ReconcilerSettings};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// The BLOOM runtime reconciler.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    reconciler: ReconcilerArgs,
+    #[command(flatten)]
+    membridge: MembridgeArgs,
+    #[command(flatten)]
+    s3: S3Args,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    bloom::telemetry::init(&cli.log.log_format);
+    let names = cli.nats.names().map_err(anyhow::Error::msg)?;
+    if cli.log.check_config {
+        println!("{cli:#?}");
+        return Ok(());
+    }
+    let r = &cli.reconciler;
+    let settings = ReconcilerSettings {
+        lease_ttl: cli.nats.lease_ttl(),
+        expiry_grace: millis(r.expiry_grace_ms),
+        sweep_interval: millis(r.sweep_interval_ms.max(10)),
+        relay_interval: millis(r.relay_interval_ms.max(10)),
+        relay_min_age: millis(r.relay_min_age_ms),
+        worker_timeout: millis(r.worker_timeout_ms.max(1000)),
+        membridge_interval: millis(r.membridge_sync_interval_ms.max(100)),
+        membridge_default: Endpoint {
+            url: cli.membridge.membridge_server_url.clone(),
+            admin_key: cli.membridge.membridge_admin_key.clone(),
+        },
+        leader_poll: millis(r.leader_poll_ms.max(50)),
+        request_timeout: cli.nats.timeout(),
+        ..ReconcilerSettings::default()
+    };
+
+    let pool = bloom::db::connect(cli.db.database_url.expose(), &cli.db.pool_options())
+        .await
+        .context("connecting to Postgres (DATABASE_URL)")?;
+    let nats =
+        bloom::bus::connect(&cli.nats.nats_url, "bloom-reconciler").await.context("connecting to NATS (NATS_URL)")?;
+    let metrics = Arc::new(Metrics::default());
+    let artifacts = ArtifactStore::from_settings(cli.s3.settings(), metrics.clone()).await;
+    let cancel = CancellationToken::new();
+    bloom::process::cancel_on_signal(cancel.clone());
+    let rec = Reconciler::new(pool, nats, names, artifacts, metrics, settings, &cancel).await?;
+    if r.http_port != 0 {
+        let addr = SocketAddr::from(([0, 0, 0, 0], r.http_port));
+        let router = reconciler::router(rec.clone());
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            if let Err(e) = bloom::process::serve(addr, router, c).await {
+                tracing::error!(error = %e, "reconciler HTTP server failed");
+            }
+        });
+    }
+    tracing::info!("bloom-reconciler running");
+    rec.run(cancel).await
+}

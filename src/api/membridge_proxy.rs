@@ -1,0 +1,84 @@
+//! `/api/membridge/*`: a proxy to a few membridge routes. Path parameters are
+//! percent-encoded so a `cid` cannot change the upstream path.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::Value;
+
+use super::validate::JsonBody;
+use super::{ApiError, AppState};
+use crate::db::{audit, settings};
+use crate::domain::{AuditAction, NewAudit};
+use crate::membridge::{segment, Response, Retry};
+use crate::time::now_ms;
+
+async fn call(
+    state: &AppState,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&Value>,
+    retry: Retry,
+) -> Result<Response, ApiError> {
+    let ep = settings::membridge(&state.pool, &state.settings.membridge_default).await?.endpoint();
+    state.membridge.call(&ep, method, path, body, retry).await.map_err(|e| ApiError::BadGateway(e.to_string()))
+}
+
+/// Passes a 2xx JSON body on; any other status becomes `{error}` with that status.
+fn relay(r: Response) -> Result<Json<Value>, ApiError> {
+    if !r.is_success() {
+        let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        return Err(ApiError::Upstream(status, format!("Membridge returned {}", r.status)));
+    }
+    r.json().map(Json).map_err(|e| ApiError::BadGateway(format!("Membridge sent invalid JSON: {e}")))
+}
+
+/// `GET /api/membridge/health` (open).
+pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    relay(call(&state, reqwest::Method::GET, "/health", None, Retry::Idempotent(1)).await?)
+}
+
+/// `GET /api/membridge/projects`.
+pub async fn projects(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    relay(call(&state, reqwest::Method::GET, "/projects", None, Retry::Idempotent(3)).await?)
+}
+
+/// `GET /api/membridge/projects/:cid/leadership`.
+pub async fn leadership(State(state): State<AppState>, Path(cid): Path<String>) -> Result<Json<Value>, ApiError> {
+    let path = format!("/projects/{}/leadership", segment(&cid));
+    relay(call(&state, reqwest::Method::GET, &path, None, Retry::Idempotent(3)).await?)
+}
+
+/// `GET /api/membridge/projects/:cid/nodes`.
+pub async fn nodes(State(state): State<AppState>, Path(cid): Path<String>) -> Result<Json<Value>, ApiError> {
+    let path = format!("/projects/{}/nodes", segment(&cid));
+    relay(call(&state, reqwest::Method::GET, &path, None, Retry::Idempotent(3)).await?)
+}
+
+/// `POST /api/membridge/projects/:cid/leadership/select`: not idempotent, so only
+/// retried when the request never reached membridge. Writes a `leadership_promote`
+/// audit entry on success.
+pub async fn select_leader(
+    State(state): State<AppState>,
+    Path(cid): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>, ApiError> {
+    let path = format!("/projects/{}/leadership/select", segment(&cid));
+    let r = call(&state, reqwest::Method::POST, &path, Some(&body), Retry::ConnectOnly(3)).await?;
+    if !r.is_success() {
+        let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        let msg = if text.is_empty() { format!("Membridge returned {}", r.status) } else { text };
+        return Err(ApiError::Upstream(status, msg));
+    }
+    let data = r.json().map_err(|e| ApiError::BadGateway(format!("Membridge sent invalid JSON: {e}")))?;
+    let primary = body.get("primary_node_id").and_then(Value::as_str).unwrap_or("unknown");
+    let detail = format!("Promoted primary to {primary} for project {cid}");
+    audit::insert(
+        &state.pool,
+        &[NewAudit::new(AuditAction::LeadershipPromote, "membridge_project", cid.as_str(), "admin", detail)],
+        now_ms(),
+    )
+    .await?;
+    Ok(Json(data))
+}

@@ -1,0 +1,192 @@
+//! The REST API, compatible with the original service's `routes.ts`: same paths, JSON
+//! shapes, status codes and validation rules.
+//!
+//! Layers, outermost first: metrics, production HTTPS redirect, body limit, then for
+//! `/api/*`: rate limit, API-key check. Handlers only parse, call `db`/`lifecycle`, and
+//! shape the response; they hold no SQL.
+
+pub mod auth;
+pub mod error;
+pub mod membridge_proxy;
+pub mod rate_limit;
+pub mod reads;
+pub mod runtime_config;
+pub mod submit;
+pub mod tasks;
+pub mod validate;
+pub mod workers;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use sqlx::PgPool;
+
+use crate::artifacts::ArtifactStore;
+use crate::bus::Dispatcher;
+use crate::config::Secret;
+use crate::membridge;
+use crate::metrics::Metrics;
+pub use error::ApiError;
+use rate_limit::RateLimiter;
+use submit::Submitter;
+
+/// Settings of the API that handlers need.
+#[derive(Clone, Debug)]
+pub struct ApiSettings {
+    pub api_key: Option<Secret>,
+    pub production: bool,
+    pub rate_limit_per_min: u32,
+    pub test_connection_rate_limit_per_min: u32,
+    pub body_limit_bytes: usize,
+    pub trust_proxy: bool,
+    /// Default REST lease TTL (the seed's 300 s).
+    pub lease_ttl_secs: i32,
+    /// Membridge endpoint used until one is saved in `runtime_settings`.
+    pub membridge_default: membridge::Endpoint,
+}
+
+/// Shared state of all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub submitter: Submitter,
+    pub dispatcher: Dispatcher,
+    pub nats: async_nats::Client,
+    pub membridge: Arc<membridge::Client>,
+    pub artifacts: ArtifactStore,
+    pub metrics: Arc<Metrics>,
+    pub api_key: Option<Secret>,
+    pub settings: Arc<ApiSettings>,
+    pub started: Instant,
+}
+
+/// The full router.
+pub fn router(state: AppState) -> Router {
+    let s = &state.settings;
+    let api_limiter = RateLimiter::new(s.rate_limit_per_min, Duration::from_secs(60), s.trust_proxy || s.production);
+    let strict_limiter = RateLimiter::new(
+        s.test_connection_rate_limit_per_min,
+        Duration::from_secs(60),
+        s.trust_proxy || s.production,
+    );
+
+    let test_connection = post(runtime_config::test_connection)
+        .route_layer(middleware::from_fn_with_state(strict_limiter, rate_limit::limit));
+    let api = Router::new()
+        .route("/api/runtime/health", get(runtime_config::health))
+        .route("/api/runtime/config", get(runtime_config::get_config).post(runtime_config::set_config))
+        .route("/api/runtime/test-connection", test_connection)
+        .route("/api/runtime/workers", get(workers::list).post(workers::register))
+        .route("/api/runtime/workers/{id}", get(workers::show).delete(workers::remove))
+        .route("/api/runtime/llm-tasks", get(tasks::list).post(tasks::create))
+        .route("/api/runtime/llm-tasks/{id}", get(tasks::show))
+        .route("/api/runtime/llm-tasks/{id}/lease", post(tasks::lease))
+        .route("/api/runtime/llm-tasks/{id}/heartbeat", post(tasks::heartbeat))
+        .route("/api/runtime/llm-tasks/{id}/complete", post(tasks::complete))
+        .route("/api/runtime/llm-tasks/{id}/requeue", post(tasks::requeue))
+        .route("/api/runtime/leases", get(reads::leases))
+        .route("/api/runtime/runs", get(reads::runs))
+        .route("/api/runtime/artifacts", get(reads::artifacts))
+        .route("/api/runtime/artifacts/{id}", get(reads::artifact))
+        .route("/api/runtime/artifacts/{id}/content", get(reads::artifact_content))
+        .route("/api/runtime/audit", get(reads::audit))
+        .route("/api/runtime/stats", get(reads::stats))
+        .route("/api/membridge/health", get(membridge_proxy::health))
+        .route("/api/membridge/projects", get(membridge_proxy::projects))
+        .route("/api/membridge/projects/{cid}/leadership", get(membridge_proxy::leadership))
+        .route("/api/membridge/projects/{cid}/nodes", get(membridge_proxy::nodes))
+        .route("/api/membridge/projects/{cid}/leadership/select", post(membridge_proxy::select_leader))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
+        .layer(middleware::from_fn_with_state(api_limiter, rate_limit::limit));
+
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(runtime_config::ready))
+        .route("/metrics", get(metrics))
+        .merge(api)
+        .layer(DefaultBodyLimit::max(s.body_limit_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), https_redirect))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("Not found".into())
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+}
+
+/// In production, a request that came over plain HTTP through a proxy is redirected to
+/// HTTPS with 301, as the seed does.
+async fn https_redirect(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if state.settings.production
+        && req.headers().get("x-forwarded-proto").is_some_and(|v| v.as_bytes() == b"http")
+    {
+        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        let target = format!("https://{host}{}", req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+        return match HeaderValue::from_str(&target) {
+            Ok(_) => (StatusCode::MOVED_PERMANENTLY, [(header::LOCATION, target)]).into_response(),
+            Err(_) => Redirect::permanent("/").into_response(),
+        };
+    }
+    next.run(req).await
+}
+
+/// Counts and times every request and logs `/api` requests as the seed did.
+async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    let elapsed = start.elapsed();
+    let m = &state.metrics;
+    m.http_requests_total.inc();
+    m.http_request_duration_seconds.observe(elapsed.as_secs_f64());
+    if resp.status().is_server_error() {
+        m.http_request_errors_total.inc();
+    }
+    if path.starts_with("/api") {
+        tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request");
+    }
+    resp
+}
+
+/// Builds the API's state: provisions NATS, starts the dispatcher and the submission
+/// batcher (both stop with `cancel`).
+pub async fn build_state(
+    pool: PgPool,
+    nats: async_nats::Client,
+    names: crate::bus::Names,
+    settings: ApiSettings,
+    artifacts: ArtifactStore,
+    metrics: Arc<Metrics>,
+    nats_timeout: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<AppState> {
+    let js = crate::bus::jetstream(nats.clone(), nats_timeout);
+    crate::bus::provision::apply(&js, &names, Duration::from_secs(settings.lease_ttl_secs.max(1) as u64)).await?;
+    let dispatcher = Dispatcher::spawn(js, names, pool.clone(), metrics.clone(), cancel.clone());
+    let submitter = Submitter::spawn(pool.clone(), dispatcher.clone(), metrics.clone(), 4, cancel);
+    let membridge = Arc::new(membridge::Client::new(Duration::from_secs(10)));
+    Ok(AppState {
+        pool,
+        submitter,
+        dispatcher,
+        nats,
+        membridge,
+        artifacts,
+        metrics,
+        api_key: settings.api_key.clone(),
+        settings: Arc::new(settings),
+        started: Instant::now(),
+    })
+}

@@ -1,0 +1,182 @@
+//! Read-only listings: leases, runs, artifacts, audit log, stats; and the pagination
+//! shared by every list endpoint (`limit`, default 100, max 1000, and `cursor`; the next
+//! page's cursor is returned in the `X-Next-Cursor` header, the body stays an array).
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::validate::FieldErrors;
+use crate::artifacts::{ArtifactError, Content};
+use super::{ApiError, AppState};
+use crate::db::page::{Cursor, DEFAULT_LIMIT, MAX_LIMIT};
+use crate::db::{artifacts, audit, leases, stats, tasks, Page};
+use crate::domain::{Artifact, ArtifactId, AuditEntry, Lease, LeaseStatus, Task, TaskId};
+
+/// `limit` and `cursor` query parameters.
+#[derive(Debug, Default, Deserialize)]
+pub struct PageQuery {
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+impl PageQuery {
+    /// The page asked for; a malformed `limit` or `cursor` is a 400 naming it.
+    /// Limits above the maximum are capped.
+    pub fn page(&self) -> Result<Page, ApiError> {
+        self.page_with_default(DEFAULT_LIMIT)
+    }
+
+    /// As [`PageQuery::page`] with another default size.
+    pub fn page_with_default(&self, default: i64) -> Result<Page, ApiError> {
+        let mut errors = FieldErrors::default();
+        let limit = match self.limit.as_deref() {
+            None | Some("") => default,
+            Some(s) => match s.parse::<i64>() {
+                Ok(n) if n >= 1 => n.min(MAX_LIMIT),
+                _ => {
+                    errors.add("limit", format!("Expected an integer from 1 to {MAX_LIMIT}, received '{s}'"));
+                    default
+                }
+            },
+        };
+        let after = match self.cursor.as_deref() {
+            None | Some("") => None,
+            Some(s) => {
+                let c = Cursor::decode(s);
+                if c.is_none() {
+                    errors.add("cursor", "Invalid cursor");
+                }
+                c
+            }
+        };
+        errors.finish(Page { limit, after })
+    }
+}
+
+/// A JSON array response with `X-Next-Cursor` when the page is full.
+pub fn paged<T: Serialize>(rows: Vec<T>, page: &Page, key: impl Fn(&T) -> (i64, String)) -> impl IntoResponse {
+    let mut headers = HeaderMap::new();
+    if rows.len() as i64 == page.limit {
+        if let Some(last) = rows.last() {
+            let (k, id) = key(last);
+            if let Ok(v) = HeaderValue::from_str(&Cursor { key: k, id }.encode()) {
+                headers.insert("x-next-cursor", v);
+            }
+        }
+    }
+    (headers, Json(rows))
+}
+
+/// Query of `GET /api/runtime/leases`.
+#[derive(Debug, Deserialize)]
+pub struct LeaseQuery {
+    status: Option<String>,
+    #[serde(flatten)]
+    page: PageQuery,
+}
+
+/// `GET /api/runtime/leases[?status=]`, most recent first.
+pub async fn leases(State(state): State<AppState>, Query(q): Query<LeaseQuery>) -> Result<impl IntoResponse, ApiError> {
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(LeaseStatus::parse(s).ok_or_else(|| {
+            let mut e = FieldErrors::default();
+            e.add("status", format!("Unknown lease status '{s}'"));
+            ApiError::Validation(e)
+        })?),
+    };
+    let page = q.page.page()?;
+    let rows = leases::list(&state.pool, status, &page).await?;
+    Ok(paged(rows, &page, |l: &Lease| (l.started_at, l.id.0.clone())))
+}
+
+/// `GET /api/runtime/runs`: the 50 most recent tasks.
+pub async fn runs(State(state): State<AppState>, Query(q): Query<PageQuery>) -> Result<impl IntoResponse, ApiError> {
+    let page = q.page_with_default(50)?;
+    let rows = tasks::list(&state.pool, None, &page).await?;
+    Ok(paged(rows, &page, |t: &Task| (t.created_at, t.id.0.clone())))
+}
+
+/// Query of `GET /api/runtime/artifacts`.
+#[derive(Debug, Deserialize)]
+pub struct ArtifactQuery {
+    task_id: Option<String>,
+    #[serde(flatten)]
+    page: PageQuery,
+}
+
+/// `GET /api/runtime/artifacts[?task_id=]`, newest first.
+pub async fn artifacts(
+    State(state): State<AppState>,
+    Query(q): Query<ArtifactQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let page = q.page.page()?;
+    let task = q.task_id.filter(|t| !t.is_empty()).map(TaskId);
+    let rows = artifacts::list(&state.pool, task.as_ref(), &page).await?;
+    Ok(paged(rows, &page, |a: &Artifact| (a.created_at, a.id.0.clone())))
+}
+
+async fn find_artifact(state: &AppState, id: String) -> Result<Artifact, ApiError> {
+    artifacts::get(&state.pool, &ArtifactId(id)).await?.ok_or_else(|| ApiError::NotFound("Artifact not found".into()))
+}
+
+/// `GET /api/runtime/artifacts/:id`.
+pub async fn artifact(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Artifact>, ApiError> {
+    Ok(Json(find_artifact(&state, id).await?))
+}
+
+/// Query of `GET /api/runtime/artifacts/:id/content`.
+#[derive(Debug, Deserialize)]
+pub struct ContentQuery {
+    /// `true`: answer `{url, expires_in}` with a presigned S3 URL instead of the content.
+    #[serde(default)]
+    presign: Option<String>,
+}
+
+/// Seconds a presigned artifact URL stays valid.
+const PRESIGN_SECS: u64 = 3600;
+
+/// `GET /api/runtime/artifacts/:id/content`: the stored output, streamed from S3 or read
+/// from Postgres; with `?presign=true`, a presigned S3 URL.
+pub async fn artifact_content(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<ContentQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    let artifact = find_artifact(&state, id).await?;
+    if matches!(q.presign.as_deref(), Some("true" | "1")) {
+        let url = state
+            .artifacts
+            .presign(&artifact, std::time::Duration::from_secs(PRESIGN_SECS))
+            .await
+            .map_err(|e| ApiError::Conflict(format!("Cannot presign this artifact: {e}")))?;
+        return Ok(Json(serde_json::json!({ "url": url, "expires_in": PRESIGN_SECS })).into_response());
+    }
+    let content = state.artifacts.content(&artifact).await.map_err(|e| match e {
+        ArtifactError::Empty => ApiError::NotFound("Artifact has no content".into()),
+        ArtifactError::S3(m) => ApiError::BadGateway(format!("Artifact store unavailable: {m}")),
+        other => ApiError::Conflict(other.to_string()),
+    })?;
+    let body = match content {
+        Content::Inline(s) => axum::body::Body::from(s),
+        Content::Stream(bytes) => {
+            axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(bytes.into_async_read()))
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
+}
+
+/// `GET /api/runtime/audit[?limit=]`, newest first.
+pub async fn audit(State(state): State<AppState>, Query(q): Query<PageQuery>) -> Result<impl IntoResponse, ApiError> {
+    let page = q.page()?;
+    let rows = audit::list(&state.pool, &page).await?;
+    Ok(paged(rows, &page, |a: &AuditEntry| (a.timestamp, a.id.clone())))
+}
+
+/// `GET /api/runtime/stats`, computed in SQL.
+pub async fn stats(State(state): State<AppState>) -> Result<Json<stats::Stats>, ApiError> {
+    Ok(Json(stats::load(&state.pool).await?))
+}

@@ -1,0 +1,89 @@
+//! Group commit of task submissions.
+//!
+//! Concurrent `POST /llm-tasks` requests are gathered into batches: each batch is one
+//! transaction (tasks, outbox rows, audit entries), so N submissions cost one durable
+//! commit instead of N. Batching adds no delay: a loop takes whatever is waiting the
+//! moment it is free, and several loops commit in parallel.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Dispatcher;
+use crate::db::lifecycle;
+use crate::domain::{NewTask, Task};
+use crate::metrics::Metrics;
+
+type Reply = oneshot::Sender<Result<Task, String>>;
+
+/// Handle to the submission batcher.
+#[derive(Clone)]
+pub struct Submitter {
+    tx: mpsc::Sender<(NewTask, Reply)>,
+}
+
+/// Largest batch committed at once.
+const MAX_BATCH: usize = 256;
+
+impl Submitter {
+    /// Starts `loops` committing loops.
+    pub fn spawn(
+        pool: PgPool,
+        dispatcher: Dispatcher,
+        metrics: Arc<Metrics>,
+        loops: usize,
+        cancel: CancellationToken,
+    ) -> Submitter {
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 16);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..loops.max(1) {
+            tokio::spawn(commit_loop(pool.clone(), dispatcher.clone(), metrics.clone(), rx.clone(), cancel.clone()));
+        }
+        Submitter { tx }
+    }
+
+    /// Creates a task; returns once it is committed (and queued for publishing).
+    pub async fn submit(&self, task: NewTask) -> Result<Task, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send((task, reply)).await.map_err(|_| "submission queue closed".to_owned())?;
+        rx.await.map_err(|_| "submission dropped".to_owned())?
+    }
+}
+
+async fn commit_loop(
+    pool: PgPool,
+    dispatcher: Dispatcher,
+    metrics: Arc<Metrics>,
+    rx: Arc<Mutex<mpsc::Receiver<(NewTask, Reply)>>>,
+    cancel: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        batch.clear();
+        {
+            let mut rx = rx.lock().await;
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return },
+            }
+        }
+        let (tasks, replies): (Vec<NewTask>, Vec<Reply>) = batch.drain(..).unzip();
+        match lifecycle::create(&pool, tasks, "api").await {
+            Ok(dispatches) => {
+                metrics.tasks_submitted_total.add(dispatches.len() as u64);
+                for (d, reply) in dispatches.iter().zip(replies) {
+                    let _ = reply.send(Ok(d.task.clone()));
+                }
+                dispatcher.send(dispatches);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "committing a batch of tasks failed");
+                for reply in replies {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! `/api/runtime/llm-tasks`: create, list, show, and the REST worker protocol (lease,
+//! heartbeat, complete) plus requeue. The transitions are those of
+//! [`crate::db::lifecycle`], shared with the NATS path.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::reads::{paged, PageQuery};
+use super::validate::{FieldErrors, Fields, JsonBody};
+use super::{ApiError, AppState};
+use crate::db::lifecycle::{self, Completion, CompletionOutcome, LeaseRequest};
+use crate::db::tasks;
+use crate::domain::{
+    ArtifactId, DesiredFormat, LeaseId, Metrics, NewTask, Policy, ResultStatus, Task, TaskId, TaskStatus, WorkerId,
+};
+
+/// Largest accepted prompt, in bytes: a task must fit in one NATS message.
+pub const MAX_PROMPT_BYTES: usize = 512 * 1024;
+
+/// Validates a create body with the seed's `insertLLMTaskSchema`.
+pub fn parse_new_task(body: &Value) -> Result<NewTask, ApiError> {
+    let mut errors = FieldErrors::default();
+    let mut f = Fields::root(body, &mut errors);
+    let context_id = f.string("context_id", 1, None);
+    let agent_slug = f.string("agent_slug", 1, None);
+    let prompt = f.string("prompt", 1, None);
+    let context_hints = f.opt_strings("context_hints").map(Option::unwrap_or_default);
+    let policy = match f.object("policy") {
+        Some(Some(mut p)) => {
+            let timeout_sec = p.int("timeout_sec", 1, 3600, Some(120));
+            let budget = p.number("budget", 0.0, 0.0);
+            timeout_sec.zip(budget).map(|(timeout_sec, budget)| Policy { timeout_sec, budget })
+        }
+        Some(None) => Some(Policy::default()),
+        None => None,
+    };
+    let desired_format = f.one_of("desired_format", &["json", "text"], Some("text")).map(|s| {
+        if s == "json" {
+            DesiredFormat::Json
+        } else {
+            DesiredFormat::Text
+        }
+    });
+    let max_attempts = f.int("max_attempts", 1, 10, Some(3));
+    if prompt.as_ref().is_some_and(|p| p.len() > MAX_PROMPT_BYTES) {
+        errors.add("prompt", format!("String must contain at most {MAX_PROMPT_BYTES} bytes"));
+    }
+    let task = match (context_id, agent_slug, prompt, context_hints, policy, desired_format, max_attempts) {
+        (Some(context_id), Some(agent_slug), Some(prompt), Some(context_hints), Some(policy), Some(df), Some(ma)) => {
+            Some(NewTask {
+                context_id,
+                agent_slug,
+                prompt,
+                context_hints,
+                policy,
+                desired_format: df,
+                max_attempts: ma as i32,
+            })
+        }
+        _ => None,
+    };
+    match task {
+        Some(t) => errors.finish(t),
+        None => Err(ApiError::Validation(errors)),
+    }
+}
+
+/// `POST /api/runtime/llm-tasks` → 201 task.
+pub async fn create(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<impl IntoResponse, ApiError> {
+    let new = parse_new_task(&body)?;
+    let task = state.submitter.submit(new).await.map_err(ApiError::internal)?;
+    Ok((StatusCode::CREATED, Json(task)))
+}
+
+/// Query of `GET /api/runtime/llm-tasks`.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    status: Option<String>,
+    #[serde(flatten)]
+    page: PageQuery,
+}
+
+/// `GET /api/runtime/llm-tasks[?status=]` → tasks, newest first.
+pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<impl IntoResponse, ApiError> {
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(TaskStatus::parse(s).ok_or_else(|| field_error("status", format!("Unknown task status '{s}'")))?),
+    };
+    let page = q.page.page()?;
+    let rows = tasks::list(&state.pool, status, &page).await?;
+    Ok(paged(rows, &page, |t: &Task| (t.created_at, t.id.0.clone())))
+}
+
+/// `GET /api/runtime/llm-tasks/:id`.
+pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Task>, ApiError> {
+    Ok(Json(lifecycle::current(&state.pool, &TaskId(id)).await?))
+}
+
+fn field_error(field: &str, msg: String) -> ApiError {
+    let mut e = FieldErrors::default();
+    e.add(field, msg);
+    ApiError::Validation(e)
+}
+
+/// `POST /api/runtime/llm-tasks/:id/lease` `{worker_id?, ttl_seconds?}` → 201 `{lease, worker}`.
+pub async fn lease(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<impl IntoResponse, ApiError> {
+    let mut errors = FieldErrors::default();
+    let mut f = Fields::root(&body, &mut errors);
+    let worker_id = f.opt_string("worker_id", 1, None, true).flatten();
+    // The seed falls back to its default for a missing or zero TTL.
+    let ttl = match f.raw("ttl_seconds") {
+        None | Some(Value::Null) => Some(state.settings.lease_ttl_secs as i64),
+        Some(v) if v.as_f64() == Some(0.0) => Some(state.settings.lease_ttl_secs as i64),
+        Some(_) => f.int("ttl_seconds", 1, 86_400, None),
+    };
+    let ttl = errors.finish(ttl)?.unwrap_or(300);
+    let req = LeaseRequest { worker_id: worker_id.map(WorkerId), ttl_seconds: ttl as i32 };
+    let (lease, worker) = lifecycle::lease(&state.pool, &TaskId(id), &req).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "lease": lease, "worker": worker }))))
+}
+
+/// Who claims to hold the lease: optional `lease_id` / `worker_id` in the body. When
+/// given and not the task's current holder, the call is refused with 409.
+fn check_holder(task: &Task, body: &Value) -> Result<(), ApiError> {
+    let mut errors = FieldErrors::default();
+    let mut f = Fields::root(body, &mut errors);
+    let lease_id = f.opt_string("lease_id", 1, None, true).flatten();
+    let worker_id = f.opt_string("worker_id", 1, None, true).flatten();
+    errors.finish(())?;
+    if let Some(l) = lease_id {
+        if task.lease_id.as_ref().map(|x| x.as_str()) != Some(l.as_str()) {
+            return Err(ApiError::Conflict(format!("Lease {l} is not the current lease of task {}", task.id)));
+        }
+    }
+    if let Some(w) = worker_id {
+        if task.worker_id.as_ref().map(|x| x.as_str()) != Some(w.as_str()) {
+            return Err(ApiError::Conflict(format!("Worker {w} does not hold the lease of task {}", task.id)));
+        }
+    }
+    Ok(())
+}
+
+/// `POST /api/runtime/llm-tasks/:id/heartbeat` → `{lease, expires_at}`.
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<impl IntoResponse, ApiError> {
+    let task = tasks::get(&state.pool, &TaskId(id)).await?;
+    let Some((task, lease_id)) = task.and_then(|t| t.lease_id.clone().map(|l| (t, l))) else {
+        return Err(ApiError::NotFound("Task or lease not found".into()));
+    };
+    check_holder(&task, &body)?;
+    let renewed = lifecycle::heartbeat(&state.pool, &[(task.id.clone(), lease_id)]).await?;
+    match renewed.into_iter().next() {
+        Some(lease) => {
+            let expires_at = lease.expires_at;
+            Ok(Json(json!({ "lease": lease, "expires_at": expires_at })))
+        }
+        None => Err(ApiError::NotFound("Lease not found or already expired".into())),
+    }
+}
+
+/// Validates a complete body with the seed's `completeTaskSchema`.
+fn parse_completion(body: &Value) -> Result<(ResultStatus, Option<String>, Option<String>, Metrics, String, Vec<String>), ApiError> {
+    let mut errors = FieldErrors::default();
+    let mut f = Fields::root(body, &mut errors);
+    let status = f.one_of("status", &["success", "error"], None).map(|s| {
+        if s == "success" {
+            ResultStatus::Success
+        } else {
+            ResultStatus::Error
+        }
+    });
+    let output = f.opt_string("output", 0, None, true);
+    let error_message = f.opt_string("error_message", 0, None, true);
+    let metrics = match f.object("metrics") {
+        Some(Some(mut m)) => {
+            let duration_ms = m.int("duration_ms", 0, i64::MAX, None);
+            let tokens = match m.raw("tokens_used") {
+                None => Some(None),
+                Some(_) => m.int("tokens_used", 0, i64::MAX, None).map(Some),
+            };
+            duration_ms.zip(tokens).map(|(duration_ms, tokens_used)| Metrics { duration_ms, tokens_used })
+        }
+        Some(None) => {
+            f.errors.add("metrics", "Required");
+            None
+        }
+        None => None,
+    };
+    let artifact_type = f.opt_string("artifact_type", 0, None, false).map(|t| t.unwrap_or_else(|| "LLM_RESULT".into()));
+    let tags = f.opt_strings("artifact_tags").map(Option::unwrap_or_default);
+    match (status, output, error_message, metrics, artifact_type, tags) {
+        (Some(s), Some(o), Some(e), Some(m), Some(t), Some(tags)) => errors.finish((s, o, e, m, t, tags)),
+        _ => Err(ApiError::Validation(errors)),
+    }
+}
+
+/// `POST /api/runtime/llm-tasks/:id/complete` → `{task, artifact, result}`.
+pub async fn complete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<impl IntoResponse, ApiError> {
+    let task = lifecycle::current(&state.pool, &TaskId(id)).await?;
+    if !task.status.is_leased() {
+        return Err(ApiError::Conflict(format!("Task status is '{}', expected 'leased' or 'running'", task.status)));
+    }
+    let (status, output, error_message, metrics, artifact_type, artifact_tags) = parse_completion(&body)?;
+    check_holder(&task, &body)?;
+    let lease_id: LeaseId = task.lease_id.clone().ok_or_else(|| ApiError::Conflict("Task has no lease".into()))?;
+    let artifact = state.artifacts.store(&task.id, &lease_id, output.as_deref()).await;
+    let completion = Completion {
+        task_id: task.id.clone(),
+        lease_id: lease_id.clone(),
+        status,
+        output,
+        error_message,
+        metrics,
+        artifact_type,
+        artifact_tags,
+        artifact_id: ArtifactId::generate(),
+        artifact,
+    };
+    match lifecycle::complete(&state.pool, std::slice::from_ref(&completion)).await?.pop() {
+        Some(CompletionOutcome::Completed { task, artifact, result }) => {
+            Ok(Json(json!({ "task": task, "artifact": artifact, "result": result })))
+        }
+        _ => Err(ApiError::Conflict(format!("Lease {lease_id} is no longer the current lease of task {}", task.id))),
+    }
+}
+
+/// `POST /api/runtime/llm-tasks/:id/requeue` → the requeued task.
+pub async fn requeue(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Task>, ApiError> {
+    let dispatch = lifecycle::requeue(&state.pool, &TaskId(id), "admin").await?;
+    let task = dispatch.task.clone();
+    state.dispatcher.send(vec![dispatch]);
+    Ok(Json(task))
+}
+

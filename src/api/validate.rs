@@ -1,0 +1,306 @@
+//! Request validation with the rules of the original service's zod schemas.
+//!
+//! Failures are collected per field and answered as zod's `flatten()` shape,
+//! `{"formErrors": [...], "fieldErrors": {"<field>": ["<message>"]}}`, with nested
+//! fields named by their dotted path (`policy.timeout_sec`). Unknown fields are ignored,
+//! as zod strips them.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+
+/// Collected validation failures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct FieldErrors {
+    #[serde(rename = "formErrors")]
+    pub form: Vec<String>,
+    #[serde(rename = "fieldErrors")]
+    pub fields: BTreeMap<String, Vec<String>>,
+}
+
+impl FieldErrors {
+    /// Records a failure of `field`.
+    pub fn add(&mut self, field: &str, msg: impl Into<String>) {
+        self.fields.entry(field.to_owned()).or_default().push(msg.into());
+    }
+
+    /// `Ok(value)` when nothing failed.
+    pub fn finish<T>(self, value: T) -> Result<T, ApiError> {
+        if self.form.is_empty() && self.fields.is_empty() {
+            Ok(value)
+        } else {
+            Err(ApiError::Validation(self))
+        }
+    }
+}
+
+/// A JSON request body. An empty body reads as `{}`; invalid JSON (including invalid
+/// UTF-8 and nesting deeper than 128) is a 400, an oversized body a 413.
+pub struct JsonBody(pub Value);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::BadRequest(format!("Could not read request body: {e}"))
+            }
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(JsonBody(Value::Object(Map::new())));
+        }
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::BadRequest(format!("Invalid JSON body: {e}")))
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Reads fields of one JSON object, recording failures under `prefix.field`.
+pub struct Fields<'a> {
+    obj: Option<&'a Map<String, Value>>,
+    prefix: String,
+    pub errors: &'a mut FieldErrors,
+}
+
+impl<'a> Fields<'a> {
+    /// The request body; a non-object body is a form error.
+    pub fn root(body: &'a Value, errors: &'a mut FieldErrors) -> Fields<'a> {
+        let obj = match body {
+            Value::Object(m) => Some(m),
+            other => {
+                errors.form.push(format!("Expected object, received {}", type_name(other)));
+                None
+            }
+        };
+        Fields { obj, prefix: String::new(), errors }
+    }
+
+    fn path(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}.{key}", self.prefix)
+        }
+    }
+
+    /// The raw value of `key`; `None` when absent (or when the body is not an object).
+    pub fn raw(&self, key: &str) -> Option<&'a Value> {
+        self.obj.and_then(|o| o.get(key))
+    }
+
+    fn fail(&mut self, key: &str, msg: impl Into<String>) {
+        let p = self.path(key);
+        self.errors.add(&p, msg);
+    }
+
+    fn required(&mut self, key: &str) -> Option<&'a Value> {
+        let v = self.raw(key);
+        if v.is_none() && self.obj.is_some() {
+            self.fail(key, "Required");
+        }
+        v
+    }
+
+    /// A required string of `min..=max` characters.
+    pub fn string(&mut self, key: &str, min: usize, max: Option<usize>) -> Option<String> {
+        let v = self.required(key)?;
+        self.check_string(key, v, min, max)
+    }
+
+    /// An optional string (absent or, when `nullable`, null → `None`).
+    pub fn opt_string(&mut self, key: &str, min: usize, max: Option<usize>, nullable: bool) -> Option<Option<String>> {
+        match self.raw(key) {
+            None => Some(None),
+            Some(Value::Null) if nullable => Some(None),
+            Some(v) => self.check_string(key, v, min, max).map(Some),
+        }
+    }
+
+    fn check_string(&mut self, key: &str, v: &Value, min: usize, max: Option<usize>) -> Option<String> {
+        let Value::String(s) = v else {
+            self.fail(key, format!("Expected string, received {}", type_name(v)));
+            return None;
+        };
+        let len = s.chars().count();
+        if len < min {
+            self.fail(key, format!("String must contain at least {min} character(s)"));
+            return None;
+        }
+        if let Some(max) = max {
+            if len > max {
+                self.fail(key, format!("String must contain at most {max} character(s)"));
+                return None;
+            }
+        }
+        Some(s.clone())
+    }
+
+    /// An optional integer in `min..=max`, `default` when absent.
+    pub fn int(&mut self, key: &str, min: i64, max: i64, default: Option<i64>) -> Option<i64> {
+        let v = match (self.raw(key), default) {
+            (None, Some(d)) => return Some(d),
+            (None, None) => return self.required(key).and(None),
+            (Some(v), _) => v,
+        };
+        let Some(n) = v.as_f64() else {
+            self.fail(key, format!("Expected number, received {}", type_name(v)));
+            return None;
+        };
+        if n.fract() != 0.0 || !n.is_finite() {
+            self.fail(key, "Expected integer, received float");
+            return None;
+        }
+        if n < min as f64 {
+            self.fail(key, format!("Number must be greater than or equal to {min}"));
+            return None;
+        }
+        if n > max as f64 {
+            self.fail(key, format!("Number must be less than or equal to {max}"));
+            return None;
+        }
+        Some(n as i64)
+    }
+
+    /// An optional number `>= min`, `default` when absent.
+    pub fn number(&mut self, key: &str, min: f64, default: f64) -> Option<f64> {
+        let Some(v) = self.raw(key) else { return Some(default) };
+        match v.as_f64() {
+            Some(n) if n >= min => Some(n),
+            Some(_) => {
+                self.fail(key, format!("Number must be greater than or equal to {min}"));
+                None
+            }
+            None => {
+                self.fail(key, format!("Expected number, received {}", type_name(v)));
+                None
+            }
+        }
+    }
+
+    /// An optional boolean, `default` when absent.
+    pub fn boolean(&mut self, key: &str, default: bool) -> Option<bool> {
+        match self.raw(key) {
+            None => Some(default),
+            Some(Value::Bool(b)) => Some(*b),
+            Some(v) => {
+                self.fail(key, format!("Expected boolean, received {}", type_name(v)));
+                None
+            }
+        }
+    }
+
+    /// An optional array of strings (`None` inside when absent).
+    pub fn opt_strings(&mut self, key: &str) -> Option<Option<Vec<String>>> {
+        let Some(v) = self.raw(key) else { return Some(None) };
+        let Value::Array(items) = v else {
+            self.fail(key, format!("Expected array, received {}", type_name(v)));
+            return None;
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            match item {
+                Value::String(s) => out.push(s.clone()),
+                other => {
+                    self.fail(&format!("{key}.{i}"), format!("Expected string, received {}", type_name(other)));
+                    return None;
+                }
+            }
+        }
+        Some(Some(out))
+    }
+
+    /// An optional enum value among `allowed`, `default` when absent.
+    pub fn one_of(&mut self, key: &str, allowed: &[&'static str], default: Option<&'static str>) -> Option<&'static str> {
+        let v = match (self.raw(key), default) {
+            (None, Some(d)) => return Some(d),
+            (None, None) => return self.required(key).and(None),
+            (Some(v), _) => v,
+        };
+        let expected = allowed.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(" | ");
+        match v.as_str().and_then(|s| allowed.iter().find(|a| **a == s)) {
+            Some(a) => Some(a),
+            None => {
+                let received = match v {
+                    Value::String(s) => format!("'{s}'"),
+                    other => type_name(other).to_owned(),
+                };
+                self.fail(key, format!("Invalid enum value. Expected {expected}, received {received}"));
+                None
+            }
+        }
+    }
+
+    /// A nested optional object; `None` inside when absent.
+    pub fn object(&mut self, key: &str) -> Option<Option<Fields<'_>>> {
+        let path = self.path(key);
+        match self.raw(key) {
+            None => Some(None),
+            Some(Value::Object(m)) => Some(Some(Fields { obj: Some(m), prefix: path, errors: &mut *self.errors })),
+            Some(v) => {
+                let msg = format!("Expected object, received {}", type_name(v));
+                self.errors.add(&path, msg);
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn collects_every_failure_with_its_field() {
+        let body = json!({"a": "", "n": 4000, "e": "xml", "o": {"i": 1.5}});
+        let mut errs = FieldErrors::default();
+        let mut f = Fields::root(&body, &mut errs);
+        assert_eq!(f.string("a", 1, None), None);
+        assert_eq!(f.string("missing", 1, None), None);
+        assert_eq!(f.int("n", 1, 3600, Some(120)), None);
+        assert_eq!(f.one_of("e", &["json", "text"], Some("text")), None);
+        let mut o = f.object("o").unwrap().unwrap();
+        assert_eq!(o.int("i", 0, 10, None), None);
+        assert_eq!(errs.fields["a"], vec!["String must contain at least 1 character(s)"]);
+        assert_eq!(errs.fields["missing"], vec!["Required"]);
+        assert_eq!(errs.fields["n"], vec!["Number must be less than or equal to 3600"]);
+        assert!(errs.fields["e"][0].contains("Expected 'json' | 'text', received 'xml'"));
+        assert_eq!(errs.fields["o.i"], vec!["Expected integer, received float"]);
+    }
+
+    #[test]
+    fn defaults_apply_when_absent() {
+        let body = json!({});
+        let mut errs = FieldErrors::default();
+        let mut f = Fields::root(&body, &mut errs);
+        assert_eq!(f.int("n", 1, 10, Some(3)), Some(3));
+        assert_eq!(f.boolean("b", true), Some(true));
+        assert!(errs.fields.is_empty());
+    }
+
+    #[test]
+    fn non_object_body_is_a_form_error() {
+        let mut errs = FieldErrors::default();
+        let _ = Fields::root(&json!([1]), &mut errs);
+        assert_eq!(errs.form, vec!["Expected object, received array"]);
+    }
+}

@@ -1,0 +1,94 @@
+//! `/api/runtime/workers`: registration and listing of worker nodes.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::reads::PageQuery;
+use super::validate::{FieldErrors, Fields, JsonBody};
+use super::{ApiError, AppState};
+use crate::db::{leases, workers};
+use crate::domain::{Capabilities, WorkerId, WorkerStatus};
+use crate::time::now_ms;
+
+/// `GET /api/runtime/workers`: every worker with its active lease count.
+pub async fn list(State(state): State<AppState>, Query(q): Query<PageQuery>) -> Result<impl IntoResponse, ApiError> {
+    let page = q.page()?;
+    let after = page.after.as_ref().map(|c| c.id.as_str());
+    let rows = workers::list(&state.pool, page.limit, after).await?;
+    let mut headers = axum::http::HeaderMap::new();
+    if rows.len() as i64 == page.limit {
+        if let Some(last) = rows.last() {
+            let cursor = crate::db::Cursor { key: 0, id: last.id.0.clone() }.encode();
+            if let Ok(v) = cursor.parse() {
+                headers.insert("x-next-cursor", v);
+            }
+        }
+    }
+    Ok((headers, Json(rows)))
+}
+
+/// `GET /api/runtime/workers/:id`: the worker and its active leases.
+pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = WorkerId(id);
+    let worker = workers::get(&state.pool, &id).await?.ok_or_else(|| ApiError::NotFound("Worker not found".into()))?;
+    let active = leases::active_for_worker(&state.pool, &id).await?;
+    let mut body = serde_json::to_value(worker).map_err(ApiError::internal)?;
+    body["leases"] = serde_json::to_value(active).map_err(ApiError::internal)?;
+    Ok(Json(body))
+}
+
+/// Validates a registration with the seed's `registerWorkerSchema`.
+pub fn parse_registration(body: &Value) -> Result<workers::Registration, ApiError> {
+    let mut errors = FieldErrors::default();
+    let mut f = Fields::root(body, &mut errors);
+    let name = f.string("name", 1, Some(128));
+    let url = f.opt_string("url", 0, None, false);
+    let status = f
+        .one_of("status", &["online", "offline", "syncing", "error", "unknown"], Some("online"))
+        .and_then(WorkerStatus::parse);
+    let capabilities = match f.object("capabilities") {
+        Some(Some(mut c)) => {
+            let claude_cli = c.boolean("claude_cli", true);
+            let max_concurrency = c.int("max_concurrency", 1, 32, Some(1));
+            let labels = c.opt_strings("labels").map(Option::unwrap_or_default);
+            match (claude_cli, max_concurrency, labels) {
+                (Some(claude_cli), Some(m), Some(labels)) => {
+                    Some(Capabilities { claude_cli, max_concurrency: m as i32, labels })
+                }
+                _ => None,
+            }
+        }
+        Some(None) => Some(Capabilities::default()),
+        None => None,
+    };
+    let ip_addrs = f.opt_strings("ip_addrs").map(Option::unwrap_or_default);
+    match (name, url, status, capabilities, ip_addrs) {
+        (Some(name), Some(url), Some(status), Some(capabilities), Some(ip_addrs)) => errors.finish(
+            workers::Registration { name: WorkerId(name), url, status, capabilities, ip_addrs },
+        ),
+        _ => Err(ApiError::Validation(errors)),
+    }
+}
+
+/// `POST /api/runtime/workers` → 201 when new, 200 when updated.
+pub async fn register(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<impl IntoResponse, ApiError> {
+    let reg = parse_registration(&body)?;
+    let mut tx = state.pool.begin().await?;
+    let (worker, created) = workers::register(&mut tx, &reg, now_ms()).await?;
+    tx.commit().await?;
+    Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(worker)))
+}
+
+/// `DELETE /api/runtime/workers/:id` → `{removed: true, id}`.
+pub async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let wid = WorkerId(id.clone());
+    let mut tx = state.pool.begin().await?;
+    if !workers::remove(&mut tx, &wid, now_ms()).await? {
+        return Err(ApiError::NotFound("Worker not found".into()));
+    }
+    tx.commit().await?;
+    Ok(Json(json!({ "removed": true, "id": id })))
+}

@@ -1,0 +1,203 @@
+//! Artifact storage: where the output of a completed task is kept.
+//!
+//! With S3 configured (any S3-compatible store: path-style addressing, custom endpoint,
+//! credentials from `MINIO_*` or the standard AWS chain), outputs go to
+//! `s3://<bucket>/artifacts/<task>/<lease>.json`: the key is deterministic per task and
+//! lease, so a retried upload overwrites instead of duplicating. Without S3, or when an
+//! upload fails, the content stays inline in Postgres (the original service's fallback),
+//! and the fallback is counted in `bloom_s3_fallbacks_total`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_s3::config::{Credentials, Region};
+use aws_sdk_s3::presigning::PresigningConfig;
+use aws_sdk_s3::primitives::ByteStream;
+use tokio::sync::OnceCell;
+
+use crate::config::S3Settings;
+use crate::db::lifecycle::ArtifactBody;
+use crate::domain::{Artifact, LeaseId, TaskId};
+use crate::metrics::Metrics;
+
+/// Reading an artifact failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("artifact has no content")]
+    Empty,
+    #[error("artifact URL {0} is not in the configured bucket")]
+    ForeignUrl(String),
+    #[error("S3 is not configured")]
+    NoS3,
+    #[error("S3: {0}")]
+    S3(String),
+}
+
+/// The content of an artifact: inline, or a stream from S3.
+pub enum Content {
+    Inline(String),
+    Stream(ByteStream),
+}
+
+#[derive(Clone)]
+struct S3 {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    bucket_ready: Arc<OnceCell<()>>,
+}
+
+/// Stores artifact bodies.
+#[derive(Clone)]
+pub struct ArtifactStore {
+    s3: Option<S3>,
+    metrics: Arc<Metrics>,
+}
+
+impl ArtifactStore {
+    /// A store that keeps content in Postgres.
+    pub fn postgres(metrics: Arc<Metrics>) -> ArtifactStore {
+        ArtifactStore { s3: None, metrics }
+    }
+
+    /// A store for `settings` (Postgres only when `None`).
+    pub async fn from_settings(settings: Option<S3Settings>, metrics: Arc<Metrics>) -> ArtifactStore {
+        let Some(s) = settings else { return ArtifactStore::postgres(metrics) };
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(Region::new(s.region.clone()));
+        if let Some((access, secret)) = &s.static_credentials {
+            loader = loader.credentials_provider(Credentials::new(
+                access.expose(),
+                secret.expose(),
+                None,
+                None,
+                "bloom-static",
+            ));
+        }
+        let sdk = loader.load().await;
+        let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+            .operation_timeout(s.timeout)
+            .connect_timeout(s.timeout.min(Duration::from_secs(5)))
+            .build();
+        let mut conf = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(s.path_style).timeout_config(timeouts);
+        if let Some(ep) = &s.endpoint {
+            conf = conf.endpoint_url(ep);
+        }
+        let s3 = S3 {
+            client: aws_sdk_s3::Client::from_conf(conf.build()),
+            bucket: s.bucket.clone(),
+            bucket_ready: Arc::new(OnceCell::new()),
+        };
+        ArtifactStore { s3: Some(s3), metrics }
+    }
+
+    /// S3 is configured.
+    pub fn uses_s3(&self) -> bool {
+        self.s3.is_some()
+    }
+
+    /// The deterministic object key of the artifact of one lease of a task.
+    pub fn object_key(task: &TaskId, lease: &LeaseId) -> String {
+        format!("artifacts/{task}/{lease}.json")
+    }
+
+    /// Stores the output of one lease and says where it went.
+    pub async fn store(&self, task: &TaskId, lease: &LeaseId, output: Option<&str>) -> ArtifactBody {
+        let (Some(s3), Some(out)) = (&self.s3, output) else {
+            return ArtifactBody { url: None, content: output.map(str::to_owned) };
+        };
+        let key = Self::object_key(task, lease);
+        match s3.put(&key, out.as_bytes().to_vec()).await {
+            Ok(()) => ArtifactBody { url: Some(format!("s3://{}/{key}", s3.bucket)), content: None },
+            Err(e) => {
+                self.metrics.s3_fallbacks_total.inc();
+                tracing::warn!(task.id = %task, error = %e, "artifact upload failed, storing in PostgreSQL");
+                ArtifactBody { url: None, content: Some(out.to_owned()) }
+            }
+        }
+    }
+
+    /// The content of an artifact.
+    pub async fn content(&self, artifact: &Artifact) -> Result<Content, ArtifactError> {
+        if let Some(c) = &artifact.content {
+            return Ok(Content::Inline(c.clone()));
+        }
+        let url = artifact.url.as_deref().ok_or(ArtifactError::Empty)?;
+        let s3 = self.s3.as_ref().ok_or(ArtifactError::NoS3)?;
+        let key = s3.key_of(url)?;
+        let obj = s3
+            .client
+            .get_object()
+            .bucket(&s3.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| ArtifactError::S3(aws_sdk_s3::error::DisplayErrorContext(e).to_string()))?;
+        Ok(Content::Stream(obj.body))
+    }
+
+    /// A presigned GET URL of an artifact stored in S3, valid for `expires_in`.
+    pub async fn presign(&self, artifact: &Artifact, expires_in: Duration) -> Result<String, ArtifactError> {
+        let url = artifact.url.as_deref().ok_or(ArtifactError::Empty)?;
+        let s3 = self.s3.as_ref().ok_or(ArtifactError::NoS3)?;
+        let key = s3.key_of(url)?;
+        let cfg = PresigningConfig::expires_in(expires_in).map_err(|e| ArtifactError::S3(e.to_string()))?;
+        let req = s3
+            .client
+            .get_object()
+            .bucket(&s3.bucket)
+            .key(key)
+            .presigned(cfg)
+            .await
+            .map_err(|e| ArtifactError::S3(aws_sdk_s3::error::DisplayErrorContext(e).to_string()))?;
+        Ok(req.uri().to_string())
+    }
+}
+
+impl S3 {
+    /// The key of `s3://<bucket>/<key>` (or the seed's `minio://`) in our bucket.
+    fn key_of<'a>(&self, url: &'a str) -> Result<&'a str, ArtifactError> {
+        let rest = url.strip_prefix("s3://").or_else(|| url.strip_prefix("minio://"));
+        rest.and_then(|r| r.strip_prefix(self.bucket.as_str()))
+            .and_then(|r| r.strip_prefix('/'))
+            .ok_or_else(|| ArtifactError::ForeignUrl(url.to_owned()))
+    }
+
+    async fn ensure_bucket(&self) -> Result<(), String> {
+        self.bucket_ready
+            .get_or_try_init(|| async {
+                if self.client.head_bucket().bucket(&self.bucket).send().await.is_ok() {
+                    return Ok(());
+                }
+                match self.client.create_bucket().bucket(&self.bucket).send().await {
+                    Ok(_) => {
+                        tracing::info!(bucket = %self.bucket, "created artifact bucket");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let text = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
+                        // Another process created it first.
+                        if text.contains("BucketAlreadyOwnedByYou") || text.contains("BucketAlreadyExists") {
+                            Ok(())
+                        } else {
+                            Err(text)
+                        }
+                    }
+                }
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn put(&self, key: &str, body: Vec<u8>) -> Result<(), String> {
+        self.ensure_bucket().await?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type("application/json")
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| aws_sdk_s3::error::DisplayErrorContext(e).to_string())
+    }
+}

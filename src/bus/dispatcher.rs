@@ -1,0 +1,145 @@
+//! Publishes committed dispatches (outbox rows) to JetStream and deletes their outbox
+//! rows once JetStream acknowledged them.
+//!
+//! A publish that fails or is never acknowledged leaves its row in the outbox, where the
+//! reconciler's relay finds it; JetStream de-duplicates by `Nats-Msg-Id`
+//! (`<task>:<dispatch_seq>`), so publishing a dispatch twice delivers it once.
+
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::Names;
+use crate::db::outbox::{self, Dispatch};
+use crate::metrics::Metrics;
+use crate::protocol::TaskMessage;
+
+/// Batches of publishes awaiting acknowledgement at once.
+const MAX_IN_FLIGHT_BATCHES: usize = 32;
+/// Largest batch taken from the queue at once.
+const MAX_BATCH: usize = 512;
+
+/// Handle to the background dispatcher. Cloning is cheap.
+#[derive(Clone)]
+pub struct Dispatcher {
+    tx: mpsc::UnboundedSender<Vec<Dispatch>>,
+}
+
+impl Dispatcher {
+    /// Starts the publisher and the outbox cleaner; both stop when `cancel` fires.
+    pub fn spawn(
+        js: jetstream::Context,
+        names: Names,
+        pool: PgPool,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> Dispatcher {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (sent_tx, sent_rx) = mpsc::unbounded_channel();
+        tokio::spawn(publish_loop(js, names, rx, sent_tx, metrics.clone(), cancel.clone()));
+        tokio::spawn(delete_loop(pool, sent_rx, metrics, cancel));
+        Dispatcher { tx }
+    }
+
+    /// Queues committed dispatches for publishing. Never blocks; if the dispatcher has
+    /// stopped, the rows stay in the outbox for the relay.
+    pub fn send(&self, dispatches: Vec<Dispatch>) {
+        if !dispatches.is_empty() {
+            let _ = self.tx.send(dispatches);
+        }
+    }
+}
+
+/// Publishes one dispatch; returns the future of its acknowledgement.
+pub async fn publish(
+    js: &jetstream::Context,
+    names: &Names,
+    d: &Dispatch,
+) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
+    let msg = TaskMessage::from(&d.task);
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg.msg_id().as_str());
+    let body = Bytes::from(serde_json::to_vec(&msg).expect("task message serializes"));
+    js.publish_with_headers(names.dispatch_subject(d.task.routed_to.as_ref()), headers, body).await
+}
+
+async fn publish_loop(
+    js: jetstream::Context,
+    names: Names,
+    mut rx: mpsc::UnboundedReceiver<Vec<Dispatch>>,
+    sent: mpsc::UnboundedSender<i64>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BATCHES));
+    let mut buf: Vec<Vec<Dispatch>> = Vec::new();
+    loop {
+        buf.clear();
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            n = rx.recv_many(&mut buf, MAX_BATCH) => if n == 0 { return },
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+        let mut acks = Vec::new();
+        for d in buf.drain(..).flatten() {
+            match publish(&js, &names, &d).await {
+                Ok(ack) => acks.push((d.outbox_id, ack)),
+                Err(e) => {
+                    metrics.outbox_publish_failures.inc();
+                    tracing::warn!(task.id = %d.task.id, error = %e, "publish failed; the outbox relay will retry");
+                }
+            }
+        }
+        let sent = sent.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            for (id, ack) in acks {
+                match ack.await {
+                    Ok(_) => {
+                        metrics.tasks_published.inc();
+                        let _ = sent.send(id);
+                    }
+                    Err(e) => {
+                        metrics.outbox_publish_failures.inc();
+                        tracing::warn!(outbox.id = id, error = %e, "publish not acknowledged; the outbox relay will retry");
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn delete_loop(
+    pool: PgPool,
+    mut rx: mpsc::UnboundedReceiver<i64>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let mut ids = Vec::new();
+    loop {
+        ids.clear();
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            n = rx.recv_many(&mut ids, 4096) => if n == 0 { return },
+        }
+        // Losing this delete in a crash only makes the relay publish a dispatch again,
+        // which JetStream de-duplicates: it needs no synchronous commit.
+        let result = async {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
+            outbox::delete(&mut *tx, &ids).await?;
+            tx.commit().await
+        }
+        .await;
+        match result {
+            Ok(()) => metrics.outbox_rows_deleted.add(ids.len() as u64),
+            Err(e) => tracing::warn!(error = %e, rows = ids.len(), "deleting sent outbox rows failed; the relay will resend them"),
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Configuration of every binary: clap structs with an environment variable on every
+//! field. The environment is read here and nowhere else. Variable names of the original
+//! service (`DATABASE_URL`, `RUNTIME_API_KEY`, `MEMBRIDGE_*`, `MINIO_*`, `NODE_ENV`,
+//! `BLOOM_RUNTIME_PORT`) keep working.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Args;
+
+/// A secret value: never printed by `Debug` or `Display`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// No value was configured.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"****\"" })
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// Postgres connection.
+#[derive(Args, Clone, Debug)]
+pub struct DbArgs {
+    /// Postgres URL.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/bloom")]
+    pub database_url: Secret,
+    /// Pool size.
+    #[arg(long, env = "BLOOM_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+    /// Statement timeout in milliseconds.
+    #[arg(long, env = "BLOOM_DB_STATEMENT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub db_statement_timeout_ms: u64,
+}
+
+impl DbArgs {
+    /// Pool options.
+    pub fn pool_options(&self) -> crate::db::PoolOptions {
+        crate::db::PoolOptions {
+            max_connections: self.db_max_connections.max(1),
+            statement_timeout: Duration::from_millis(self.db_statement_timeout_ms.max(1)),
+            ..Default::default()
+        }
+    }
+}
+
+/// NATS connection and naming.
+#[derive(Args, Clone, Debug)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma separated.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Prefix of every stream, subject and consumer name.
+    #[arg(long, env = "BLOOM_NATS_NAMESPACE", default_value = "bloom")]
+    pub nats_namespace: String,
+    /// Lease TTL in seconds: the tasks consumers' ack-wait, and the REST lease default.
+    #[arg(long, env = "BLOOM_LEASE_TTL_SECS", default_value_t = 300)]
+    pub lease_ttl_secs: u64,
+    /// Timeout of JetStream publish acknowledgements and requests, in milliseconds.
+    #[arg(long, env = "BLOOM_NATS_TIMEOUT_MS", default_value_t = 5_000)]
+    pub nats_timeout_ms: u64,
+}
+
+impl NatsArgs {
+    /// Validated names.
+    pub fn names(&self) -> Result<crate::bus::Names, String> {
+        crate::bus::Names::new(&self.nats_namespace).map_err(|e| format!("BLOOM_NATS_NAMESPACE: {e}"))
+    }
+    /// The lease TTL.
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.lease_ttl_secs.clamp(1, 86_400))
+    }
+    /// Request and publish-ack timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.nats_timeout_ms.max(1))
+    }
+}
+
+/// Logging and telemetry.
+#[derive(Args, Clone, Debug)]
+pub struct LogArgs {
+    /// `text` or `json`.
+    #[arg(long, env = "BLOOM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+    /// Parse and validate the configuration, print it (secrets masked) and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// The membridge control plane.
+#[derive(Args, Clone, Debug)]
+pub struct MembridgeArgs {
+    /// Default membridge URL until one is saved with `POST /api/runtime/config`.
+    #[arg(long, env = "MEMBRIDGE_SERVER_URL", default_value = "http://127.0.0.1:8000")]
+    pub membridge_server_url: String,
+    /// Default admin key until one is saved with `POST /api/runtime/config`.
+    #[arg(long, env = "MEMBRIDGE_ADMIN_KEY", default_value = "")]
+    pub membridge_admin_key: Secret,
+    /// Timeout of one membridge request, in milliseconds.
+    #[arg(long, env = "MEMBRIDGE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub membridge_timeout_ms: u64,
+}
+
+/// S3 artifact storage. Without an endpoint or bucket, artifacts stay in Postgres.
+/// The original service's `MINIO_*` variables are honoured.
+#[derive(Args, Clone, Debug, Default)]
+pub struct S3Args {
+    /// S3 endpoint URL, e.g. `http://minio:9000`.
+    #[arg(long, env = "BLOOM_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Bucket for artifacts (created if missing).
+    #[arg(long, env = "BLOOM_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// Region.
+    #[arg(long, env = "BLOOM_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+    /// Path-style addressing (needed by MinIO and most S3-compatible stores).
+    #[arg(long, env = "BLOOM_S3_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub s3_path_style: bool,
+    /// Timeout of one S3 operation, in milliseconds.
+    #[arg(long, env = "BLOOM_S3_TIMEOUT_MS", default_value_t = 10_000)]
+    pub s3_timeout_ms: u64,
+    /// Seed compatibility: MinIO host name.
+    #[arg(long, env = "MINIO_ENDPOINT")]
+    pub minio_endpoint: Option<String>,
+    /// Seed compatibility: MinIO port.
+    #[arg(long, env = "MINIO_PORT", default_value_t = 9000)]
+    pub minio_port: u16,
+    /// Seed compatibility: MinIO access key.
+    #[arg(long, env = "MINIO_ACCESS_KEY")]
+    pub minio_access_key: Option<Secret>,
+    /// Seed compatibility: MinIO secret key.
+    #[arg(long, env = "MINIO_SECRET_KEY")]
+    pub minio_secret_key: Option<Secret>,
+    /// Seed compatibility: MinIO bucket.
+    #[arg(long, env = "MINIO_ARTIFACT_BUCKET", default_value = "bloom-artifacts")]
+    pub minio_artifact_bucket: String,
+    /// Seed compatibility: use TLS to MinIO.
+    #[arg(long, env = "MINIO_USE_SSL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub minio_use_ssl: bool,
+}
+
+/// The effective S3 settings after merging `BLOOM_S3_*` and `MINIO_*`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct S3Settings {
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    pub region: String,
+    pub path_style: bool,
+    /// Static credentials (from `MINIO_*`); otherwise the standard AWS chain applies.
+    pub static_credentials: Option<(Secret, Secret)>,
+    pub timeout: Duration,
+}
+
+impl S3Args {
+    /// S3 settings, or `None` when S3 is not configured (artifacts stay in Postgres).
+    pub fn settings(&self) -> Option<S3Settings> {
+        let timeout = Duration::from_millis(self.s3_timeout_ms.max(1));
+        if let Some(bucket) = &self.s3_bucket {
+            return Some(S3Settings {
+                endpoint: self.s3_endpoint.clone(),
+                bucket: bucket.clone(),
+                region: self.s3_region.clone(),
+                path_style: self.s3_path_style,
+                static_credentials: self.minio_credentials(),
+                timeout,
+            });
+        }
+        // The seed's rule: MinIO is configured when endpoint and both keys are set.
+        let host = self.minio_endpoint.as_ref().filter(|h| !h.is_empty())?;
+        let creds = self.minio_credentials()?;
+        let scheme = if self.minio_use_ssl { "https" } else { "http" };
+        Some(S3Settings {
+            endpoint: Some(format!("{scheme}://{host}:{}", self.minio_port)),
+            bucket: self.minio_artifact_bucket.clone(),
+            region: self.s3_region.clone(),
+            path_style: true,
+            static_credentials: Some(creds),
+            timeout,
+        })
+    }
+
+    fn minio_credentials(&self) -> Option<(Secret, Secret)> {
+        match (&self.minio_access_key, &self.minio_secret_key) {
+            (Some(a), Some(s)) if !a.is_empty() && !s.is_empty() => Some((a.clone(), s.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// The REST API server.
+#[derive(Args, Clone, Debug)]
+pub struct ApiArgs {
+    /// Listen address.
+    #[arg(long, env = "BLOOM_RUNTIME_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// Listen port.
+    #[arg(long, env = "BLOOM_RUNTIME_PORT", default_value_t = 3002)]
+    pub port: u16,
+    /// API key required in `X-Runtime-Api-Key`; unset disables auth (refused in production).
+    #[arg(long, env = "RUNTIME_API_KEY")]
+    pub runtime_api_key: Option<Secret>,
+    /// `production` enables production mode.
+    #[arg(long, env = "BLOOM_ENV", default_value = "")]
+    pub bloom_env: String,
+    /// The seed's production switch: `production` enables production mode.
+    #[arg(long, env = "NODE_ENV", default_value = "")]
+    pub node_env: String,
+    /// Requests per minute per client on `/api/*`; 0 disables.
+    #[arg(long, env = "BLOOM_RATE_LIMIT_PER_MIN", default_value_t = 100)]
+    pub rate_limit_per_min: u32,
+    /// Requests per minute per client on `/api/runtime/test-connection`; 0 disables.
+    #[arg(long, env = "BLOOM_TEST_CONNECTION_RATE_LIMIT_PER_MIN", default_value_t = 20)]
+    pub test_connection_rate_limit_per_min: u32,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "BLOOM_BODY_LIMIT_BYTES", default_value_t = 1024 * 1024)]
+    pub body_limit_bytes: usize,
+    /// Apply migrations at start-up.
+    #[arg(long, env = "BLOOM_MIGRATE_ON_START", default_value_t = false, action = clap::ArgAction::Set)]
+    pub migrate_on_start: bool,
+    /// Trust `X-Forwarded-For` for the client address (behind a proxy; on in production).
+    #[arg(long, env = "BLOOM_TRUST_PROXY", default_value_t = false, action = clap::ArgAction::Set)]
+    pub trust_proxy: bool,
+}
+
+impl ApiArgs {
+    /// Production mode (`BLOOM_ENV=production` or `NODE_ENV=production`).
+    pub fn is_production(&self) -> bool {
+        self.bloom_env == "production" || self.node_env == "production"
+    }
+
+    /// The API key, if one is configured and non-empty.
+    pub fn api_key(&self) -> Option<&Secret> {
+        self.runtime_api_key.as_ref().filter(|k| !k.is_empty())
+    }
+
+    /// Checks settings that clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.is_production() && self.api_key().is_none() {
+            return Err("RUNTIME_API_KEY must be set in production (BLOOM_ENV/NODE_ENV=production)".into());
+        }
+        if self.body_limit_bytes < 1024 {
+            return Err("BLOOM_BODY_LIMIT_BYTES must be at least 1024".into());
+        }
+        Ok(())
+    }
+}
+
+/// Reads a duration given in milliseconds.
+pub fn millis(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn seed_minio_variables_configure_s3() {
+        let args = S3Args {
+            minio_endpoint: Some("minio".into()),
+            minio_port: 9000,
+            minio_access_key: Some(Secret::new("a")),
+            minio_secret_key: Some(Secret::new("b")),
+            minio_artifact_bucket: "bloom-artifacts".into(),
+            s3_region: "us-east-1".into(),
+            s3_timeout_ms: 1000,
+            ..Default::default()
+        };
+        let s = args.settings().unwrap();
+        assert_eq!(s.endpoint.as_deref(), Some("http://minio:9000"));
+        assert_eq!(s.bucket, "bloom-artifacts");
+        assert!(s.path_style);
+        let none = S3Args { minio_endpoint: Some("minio".into()), ..Default::default() };
+        assert!(none.settings().is_none(), "seed requires both keys");
+    }
+}
+
+/// A `bloom-worker` process.
+#[derive(Args, Clone, Debug)]
+pub struct WorkerArgs {
+    /// Worker id (its name); defaults to the host name.
+    #[arg(long, env = "BLOOM_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Tasks run at once (1..=256).
+    #[arg(long, env = "BLOOM_WORKER_MAX_CONCURRENCY", default_value_t = 1)]
+    pub max_concurrency: i32,
+    /// Labels, comma separated.
+    #[arg(long, env = "BLOOM_WORKER_LABELS", default_value = "", value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// The worker can run the Claude CLI.
+    #[arg(long, env = "BLOOM_WORKER_CLAUDE_CLI", default_value_t = true, action = clap::ArgAction::Set)]
+    pub claude_cli: bool,
+    /// `command` (run `BLOOM_EXECUTOR_COMMAND`) or `builtin` (the test executor).
+    #[arg(long, env = "BLOOM_EXECUTOR", default_value = "command", value_parser = ["command", "builtin"])]
+    pub executor: String,
+    /// Command run through `sh -c`, prompt on stdin.
+    #[arg(long, env = "BLOOM_EXECUTOR_COMMAND", default_value = crate::worker::executor::DEFAULT_COMMAND)]
+    pub executor_command: String,
+    /// Largest output accepted from the executor, in bytes (must fit a NATS message).
+    #[arg(long, env = "BLOOM_EXECUTOR_MAX_OUTPUT_BYTES", default_value_t = 512 * 1024)]
+    pub executor_max_output_bytes: usize,
+    /// Liveness beat interval in milliseconds.
+    #[arg(long, env = "BLOOM_WORKER_BEAT_INTERVAL_MS", default_value_t = 5_000)]
+    pub beat_interval_ms: u64,
+    /// Seconds in-flight tasks get to finish on SIGTERM before they are handed back.
+    #[arg(long, env = "BLOOM_WORKER_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    pub shutdown_grace_secs: u64,
+    /// Port of `/healthz` and `/metrics`; 0 disables.
+    #[arg(long, env = "BLOOM_WORKER_HTTP_PORT", default_value_t = 9091)]
+    pub http_port: u16,
+}
+
+impl WorkerArgs {
+    /// Checks settings that clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=256).contains(&self.max_concurrency) {
+            return Err("BLOOM_WORKER_MAX_CONCURRENCY must be between 1 and 256".into());
+        }
+        if self.executor == "command" && self.executor_command.trim().is_empty() {
+            return Err("BLOOM_EXECUTOR_COMMAND must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// The worker id: configured, else the host name, else a random one.
+    pub fn id(&self) -> String {
+        self.worker_id
+            .clone()
+            .filter(|s| !s.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| format!("worker-{}", &crate::domain::new_id()[..8]))
+    }
+}
+
+/// A `bloom-reconciler` process.
+#[derive(Args, Clone, Debug)]
+pub struct ReconcilerArgs {
+    /// Port of `/healthz`, `/readyz`, `/metrics` and `/status`; 0 disables.
+    #[arg(long, env = "BLOOM_RECONCILER_HTTP_PORT", default_value_t = 9090)]
+    pub http_port: u16,
+    /// Lease sweep interval in milliseconds.
+    #[arg(long, env = "BLOOM_SWEEP_INTERVAL_MS", default_value_t = 1_000)]
+    pub sweep_interval_ms: u64,
+    /// Grace past `expires_at` before a lease is expired, in milliseconds.
+    #[arg(long, env = "BLOOM_EXPIRY_GRACE_MS", default_value_t = 2_000)]
+    pub expiry_grace_ms: u64,
+    /// Outbox relay interval in milliseconds.
+    #[arg(long, env = "BLOOM_RELAY_INTERVAL_MS", default_value_t = 500)]
+    pub relay_interval_ms: u64,
+    /// Outbox rows younger than this (ms) are left to their writer.
+    #[arg(long, env = "BLOOM_RELAY_MIN_AGE_MS", default_value_t = 2_000)]
+    pub relay_min_age_ms: u64,
+    /// A NATS worker silent this long (ms) is marked offline.
+    #[arg(long, env = "BLOOM_WORKER_TIMEOUT_MS", default_value_t = 30_000)]
+    pub worker_timeout_ms: u64,
+    /// Membridge agent sync interval in milliseconds.
+    #[arg(long, env = "BLOOM_MEMBRIDGE_SYNC_INTERVAL_MS", default_value_t = 10_000)]
+    pub membridge_sync_interval_ms: u64,
+    /// Leader election poll interval in milliseconds.
+    #[arg(long, env = "BLOOM_LEADER_POLL_MS", default_value_t = 2_000)]
+    pub leader_poll_ms: u64,
+}

@@ -1,0 +1,41 @@
+//! Reads of `leases`. Writes are state transitions and live in [`super::lifecycle`].
+
+use sqlx::PgExecutor;
+
+use super::Page;
+use crate::domain::{Lease, LeaseId, LeaseStatus, WorkerId};
+
+/// One lease.
+pub async fn get(db: impl PgExecutor<'_>, id: &LeaseId) -> sqlx::Result<Option<Lease>> {
+    sqlx::query_as("SELECT * FROM leases WHERE id = $1").bind(id).fetch_optional(db).await
+}
+
+/// Most recently started first, optionally of one status.
+pub async fn list(
+    db: impl PgExecutor<'_>,
+    status: Option<LeaseStatus>,
+    page: &Page,
+) -> sqlx::Result<Vec<Lease>> {
+    let (key, id) = page.bounds();
+    sqlx::query_as(
+        "SELECT * FROM leases
+         WHERE ($1::text IS NULL OR status = $1) AND (started_at, id) < ($2, $3)
+         ORDER BY started_at DESC, id DESC LIMIT $4",
+    )
+    .bind(status)
+    .bind(key)
+    .bind(id)
+    .bind(page.limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Active leases held by one worker, most recent first.
+pub async fn active_for_worker(db: impl PgExecutor<'_>, worker: &WorkerId) -> sqlx::Result<Vec<Lease>> {
+    sqlx::query_as(
+        "SELECT * FROM leases WHERE worker_id = $1 AND status = 'active' ORDER BY started_at DESC",
+    )
+    .bind(worker)
+    .fetch_all(db)
+    .await
+}

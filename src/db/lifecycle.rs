@@ -1,0 +1,656 @@
+//! The task and lease state machine: every transition, for every path (REST, NATS,
+//! sweeper, relay), is one function here.
+//!
+//! Invariants:
+//! * each call is one transaction; a transition only happens when the row is still in
+//!   the expected state (`UPDATE ... WHERE status = ... AND lease_id = ...`), so no race
+//!   can lease a task twice or lose a completion;
+//! * each transition writes its audit entries in the same transaction;
+//! * every (re)queue writes an outbox row in the same transaction, so a queued task is
+//!   always either on the bus or in the outbox;
+//! * batch functions take many requests and commit once: that is what lets the runtime
+//!   go beyond one durable commit per task.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+use sqlx::PgPool;
+
+use super::outbox::{self, Dispatch};
+use super::{audit, tasks, workers};
+use crate::domain::{
+    pick_worker, Artifact, ArtifactId, AuditAction, Lease, LeaseId, LeaseStatus, LlmResult, Metrics,
+    NewAudit, NewTask, ResultId, ResultStatus, Task, TaskId, TaskStatus, Worker, WorkerId,
+};
+use crate::time::now_ms;
+
+/// Why a single-task transition was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TransitionError {
+    /// No such task (or, for heartbeats, no lease on it).
+    #[error("{0}")]
+    NotFound(String),
+    /// The task or lease is not in the state the transition expects.
+    #[error("{0}")]
+    Conflict(String),
+    /// No worker can take the lease.
+    #[error("No available worker with free capacity")]
+    NoWorker,
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+fn task_not_found() -> TransitionError {
+    TransitionError::NotFound("Task not found".into())
+}
+
+/// Creates tasks, their outbox rows and audit entries in one transaction. A task whose
+/// context has an active lease on an online NATS worker with free capacity is routed to
+/// that worker (sticky); the others go to the shared pool.
+pub async fn create(pool: &PgPool, new: Vec<NewTask>, actor: &str) -> sqlx::Result<Vec<Dispatch>> {
+    let now = now_ms();
+    let mut tx = pool.begin().await?;
+    let contexts: Vec<&str> = new.iter().map(|t| t.context_id.as_str()).collect::<HashSet<_>>().into_iter().collect();
+    let sticky: HashMap<String, String> = sqlx::query_as::<_, (String, String)>(
+        "SELECT DISTINCT ON (l.context_id) l.context_id, l.worker_id
+         FROM leases l JOIN workers w ON w.id = l.worker_id
+         WHERE l.status = 'active' AND l.context_id = ANY($1)
+           AND w.status = 'online' AND w.source = 'nats'
+           AND COALESCE((w.capabilities->>'claude_cli')::boolean, true)
+           AND (SELECT count(*) FROM leases a WHERE a.worker_id = w.id AND a.status = 'active')
+               < COALESCE((w.capabilities->>'max_concurrency')::int, 1)
+         ORDER BY l.context_id, l.started_at DESC",
+    )
+    .bind(&contexts)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+
+    let created: Vec<Task> = new
+        .into_iter()
+        .map(|n| Task {
+            id: TaskId::generate(),
+            routed_to: sticky.get(&n.context_id).map(|w| WorkerId::from(w.as_str())),
+            context_id: n.context_id,
+            agent_slug: n.agent_slug,
+            prompt: n.prompt,
+            context_hints: n.context_hints,
+            policy: n.policy,
+            desired_format: n.desired_format,
+            status: TaskStatus::Queued,
+            created_at: now,
+            updated_at: now,
+            lease_id: None,
+            worker_id: None,
+            attempts: 0,
+            max_attempts: n.max_attempts,
+            dispatch_seq: 1,
+        })
+        .collect();
+    sqlx::query(
+        "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+                                created_at, updated_at, attempts, max_attempts, dispatch_seq, routed_to)
+         SELECT r.id, r.context_id, r.agent_slug, r.prompt, r.context_hints, r.policy, r.desired_format, 'queued',
+                $2, $2, 0, r.max_attempts, 1, r.routed_to
+         FROM jsonb_to_recordset($1) AS r(id text, context_id text, agent_slug text, prompt text,
+              context_hints jsonb, policy jsonb, desired_format text, max_attempts int, routed_to text)",
+    )
+    .bind(sqlx::types::Json(&created))
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    let entries: Vec<NewAudit> = created
+        .iter()
+        .map(|t| {
+            NewAudit::new(
+                AuditAction::TaskCreated,
+                "llm_task",
+                t.id.as_str(),
+                actor,
+                format!("Task for agent {}, context {}", t.agent_slug, t.context_id),
+            )
+        })
+        .collect();
+    audit::insert(&mut *tx, &entries, now).await?;
+    let dispatches = outbox::insert(&mut tx, created, now).await?;
+    tx.commit().await?;
+    Ok(dispatches)
+}
+
+/// A REST lease request.
+#[derive(Clone, Debug)]
+pub struct LeaseRequest {
+    /// Lease to this worker regardless of its capacity (the seed honours it).
+    pub worker_id: Option<WorkerId>,
+    pub ttl_seconds: i32,
+}
+
+/// Leases a queued task to a worker chosen as the seed's `pickWorker` does (or the
+/// explicitly named one). The task row is locked first, so of two concurrent leases
+/// exactly one wins and the other gets a conflict; the chosen worker's row is locked
+/// and its capacity re-checked, so concurrent leases cannot overfill it.
+pub async fn lease(pool: &PgPool, task_id: &TaskId, req: &LeaseRequest) -> Result<(Lease, Worker), TransitionError> {
+    let mut tx = pool.begin().await?;
+    let task: Task = sqlx::query_as("SELECT * FROM llm_tasks WHERE id = $1 FOR UPDATE")
+        .bind(task_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(task_not_found)?;
+    if task.status != TaskStatus::Queued {
+        return Err(TransitionError::Conflict(format!("Task status is '{}', expected 'queued'", task.status)));
+    }
+    let worker = match &req.worker_id {
+        Some(id) => workers::get_for_update(&mut tx, id).await?.ok_or(TransitionError::NoWorker)?,
+        None => {
+            let sticky: Option<WorkerId> = sqlx::query_scalar(
+                "SELECT worker_id FROM leases WHERE status = 'active' AND context_id = $1
+                 ORDER BY started_at DESC LIMIT 1",
+            )
+            .bind(&task.context_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let candidates = workers::candidates(&mut *tx).await?;
+            let chosen = pick_worker(&candidates, sticky.as_ref()).ok_or(TransitionError::NoWorker)?.id.clone();
+            let locked = workers::get_for_update(&mut tx, &chosen).await?.ok_or(TransitionError::NoWorker)?;
+            if !locked.is_eligible() {
+                // Another lease took its last slot between the read and the lock.
+                return Err(TransitionError::NoWorker);
+            }
+            locked
+        }
+    };
+    let now = now_ms();
+    let lease = new_lease(&task, &worker.id, req.ttl_seconds, now);
+    sqlx::query(
+        "UPDATE llm_tasks SET status = 'leased', lease_id = $2, worker_id = $3, attempts = attempts + 1,
+                updated_at = $4
+         WHERE id = $1 AND status = 'queued'",
+    )
+    .bind(&task.id)
+    .bind(&lease.id)
+    .bind(&worker.id)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    insert_leases(&mut tx, std::slice::from_ref(&lease)).await?;
+    let detail = format!("Task {} leased to worker {}, TTL {}s", task.id, worker.id, req.ttl_seconds);
+    audit::insert(&mut *tx, &[NewAudit::new(AuditAction::TaskLeased, "lease", lease.id.as_str(), "router", detail)], now)
+        .await?;
+    tx.commit().await?;
+    let mut worker = worker;
+    worker.active_leases += 1;
+    Ok((lease, worker))
+}
+
+fn new_lease(task: &Task, worker: &WorkerId, ttl_seconds: i32, now: i64) -> Lease {
+    Lease {
+        id: LeaseId::generate(),
+        task_id: task.id.clone(),
+        worker_id: worker.clone(),
+        started_at: now,
+        expires_at: now + i64::from(ttl_seconds) * 1000,
+        ttl_seconds,
+        status: LeaseStatus::Active,
+        last_heartbeat: now,
+        context_id: Some(task.context_id.clone()),
+    }
+}
+
+async fn insert_leases(db: &mut sqlx::PgConnection, leases: &[Lease]) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
+                             context_id)
+         SELECT r.id, r.task_id, r.worker_id, r.started_at, r.expires_at, r.ttl_seconds, 'active',
+                r.last_heartbeat, r.context_id
+         FROM jsonb_to_recordset($1) AS r(id text, task_id text, worker_id text, started_at bigint,
+              expires_at bigint, ttl_seconds int, last_heartbeat bigint, context_id text)",
+    )
+    .bind(sqlx::types::Json(leases))
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// A NATS worker's claim of one dispatch of a task.
+#[derive(Clone, Debug, Serialize)]
+pub struct Claim {
+    pub task_id: TaskId,
+    pub dispatch_seq: i64,
+    pub worker_id: WorkerId,
+    pub ttl_seconds: i32,
+}
+
+/// The answer to a claim.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClaimOutcome {
+    /// The worker holds this new lease: execute.
+    Granted(Lease),
+    /// The dispatch is not current (task already leased, completed, requeued, or gone):
+    /// drop the message without executing.
+    Refused,
+}
+
+/// Claims dispatches in one transaction: `queued -> leased` for each task whose current
+/// dispatch is the claimed one. Outcomes are in the order of `claims`.
+pub async fn claim(pool: &PgPool, claims: &[Claim]) -> sqlx::Result<Vec<ClaimOutcome>> {
+    let now = now_ms();
+    // Every claim gets its own prospective lease id. When several claims in the batch
+    // match the same task, Postgres applies exactly one of them and returns its lease id.
+    let lease_ids: Vec<LeaseId> = claims.iter().map(|_| LeaseId::generate()).collect();
+    let rows: Vec<serde_json::Value> = claims
+        .iter()
+        .zip(&lease_ids)
+        .map(|(c, l)| serde_json::json!({"task_id": c.task_id, "seq": c.dispatch_seq, "worker_id": c.worker_id, "lease_id": l}))
+        .collect();
+    let mut tx = pool.begin().await?;
+    let won: Vec<(String, LeaseId)> = sqlx::query_as(
+        "UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = r.worker_id,
+                attempts = t.attempts + 1, updated_at = $2, routed_to = NULL
+         FROM jsonb_to_recordset($1) AS r(task_id text, seq bigint, worker_id text, lease_id text)
+         WHERE t.id = r.task_id AND t.status = 'queued' AND t.dispatch_seq = r.seq
+         RETURNING t.context_id, r.lease_id",
+    )
+    .bind(serde_json::Value::Array(rows))
+    .bind(now)
+    .fetch_all(&mut *tx)
+    .await?;
+    let by_lease: HashMap<&LeaseId, &Claim> = lease_ids.iter().zip(claims).collect();
+    let mut granted: HashMap<LeaseId, Lease> = HashMap::with_capacity(won.len());
+    let mut entries = Vec::with_capacity(won.len());
+    for (context_id, lease_id) in won {
+        let c = by_lease[&lease_id];
+        let detail = format!("Task {} leased to worker {}, TTL {}s", c.task_id, c.worker_id, c.ttl_seconds);
+        entries.push(NewAudit::new(AuditAction::TaskLeased, "lease", lease_id.as_str(), "router", detail));
+        let lease = Lease {
+            id: lease_id.clone(),
+            task_id: c.task_id.clone(),
+            worker_id: c.worker_id.clone(),
+            started_at: now,
+            expires_at: now + i64::from(c.ttl_seconds) * 1000,
+            ttl_seconds: c.ttl_seconds,
+            status: LeaseStatus::Active,
+            last_heartbeat: now,
+            context_id: Some(context_id),
+        };
+        granted.insert(lease_id, lease);
+    }
+    if !granted.is_empty() {
+        let leases: Vec<Lease> = granted.values().cloned().collect();
+        insert_leases(&mut tx, &leases).await?;
+        audit::insert(&mut *tx, &entries, now).await?;
+    }
+    tx.commit().await?;
+    Ok(lease_ids
+        .iter()
+        .map(|id| match granted.remove(id) {
+            Some(lease) => ClaimOutcome::Granted(lease),
+            None => ClaimOutcome::Refused,
+        })
+        .collect())
+}
+
+/// Renews active leases (`expires_at = now + ttl`) and moves their tasks to `running`,
+/// in one transaction. A lease is renewed only while it is active and still the
+/// current lease of its task. Returns the renewed leases.
+pub async fn heartbeat(pool: &PgPool, beats: &[(TaskId, LeaseId)]) -> sqlx::Result<Vec<Lease>> {
+    let now = now_ms();
+    let tasks: Vec<&TaskId> = beats.iter().map(|(t, _)| t).collect();
+    let leases: Vec<&LeaseId> = beats.iter().map(|(_, l)| l).collect();
+    sqlx::query_as(
+        "WITH r AS (SELECT * FROM UNNEST($1::text[], $2::text[]) AS r(task_id, lease_id)),
+         t AS (
+            UPDATE llm_tasks t SET status = 'running', updated_at = $3
+            FROM r WHERE t.id = r.task_id AND t.lease_id = r.lease_id AND t.status IN ('leased', 'running')
+            RETURNING t.lease_id)
+         UPDATE leases l SET last_heartbeat = $3, expires_at = $3 + l.ttl_seconds::bigint * 1000
+         FROM t WHERE l.id = t.lease_id AND l.status = 'active'
+         RETURNING l.*",
+    )
+    .bind(tasks)
+    .bind(leases)
+    .bind(now)
+    .fetch_all(pool)
+    .await
+}
+
+/// Hands a lease back without a result (a worker shutting down): the lease is
+/// released and the task returns to `queued` with the same dispatch, so the message the
+/// worker naks can be claimed by another worker at once. The attempt stays counted.
+pub async fn release(pool: &PgPool, task_id: &TaskId, lease_id: &LeaseId) -> sqlx::Result<bool> {
+    let now = now_ms();
+    let mut tx = pool.begin().await?;
+    let released = sqlx::query(
+        "UPDATE llm_tasks SET status = 'queued', lease_id = NULL, worker_id = NULL, updated_at = $3
+         WHERE id = $1 AND lease_id = $2 AND status IN ('leased', 'running')",
+    )
+    .bind(task_id)
+    .bind(lease_id)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if released {
+        sqlx::query("UPDATE leases SET status = 'released' WHERE id = $1 AND status = 'active'")
+            .bind(lease_id)
+            .execute(&mut *tx)
+            .await?;
+        let detail = format!("Lease {lease_id} handed back by a stopping worker");
+        audit::insert(&mut *tx, &[NewAudit::new(AuditAction::TaskRequeued, "llm_task", task_id.as_str(), "worker", detail)], now)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(released)
+}
+
+/// Where an artifact's content went.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ArtifactBody {
+    /// Object URL when stored in S3.
+    pub url: Option<String>,
+    /// Inline content when stored in Postgres.
+    pub content: Option<String>,
+}
+
+/// A result reported for one lease.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub task_id: TaskId,
+    pub lease_id: LeaseId,
+    pub status: ResultStatus,
+    pub output: Option<String>,
+    pub error_message: Option<String>,
+    pub metrics: Metrics,
+    pub artifact_type: String,
+    pub artifact_tags: Vec<String>,
+    /// Id of the artifact to create: deterministic per lease so a redelivered result
+    /// maps onto the same artifact.
+    pub artifact_id: ArtifactId,
+    pub artifact: ArtifactBody,
+}
+
+/// The answer to a completion.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CompletionOutcome {
+    /// The result was for the current lease: the task is final.
+    Completed { task: Task, artifact: Artifact, result: LlmResult },
+    /// The lease is no longer current (expired, requeued, already completed): the result
+    /// was recorded as late in the audit log and changed nothing.
+    Late,
+}
+
+/// Completes tasks in one transaction: for each completion whose lease is still the
+/// task's current lease, the task becomes `completed` (success) or `failed` (error),
+/// the lease is released, and an artifact, a result and an audit entry are written.
+/// Outcomes are in the order of `completions`.
+pub async fn complete(pool: &PgPool, completions: &[Completion]) -> sqlx::Result<Vec<CompletionOutcome>> {
+    let now = now_ms();
+    let rows: Vec<serde_json::Value> = completions
+        .iter()
+        .map(|c| {
+            serde_json::json!({"task_id": c.task_id, "lease_id": c.lease_id,
+                               "final_status": c.status.final_task_status()})
+        })
+        .collect();
+    let mut tx = pool.begin().await?;
+    let done: Vec<Task> = sqlx::query_as(
+        "UPDATE llm_tasks t SET status = r.final_status, updated_at = $2
+         FROM jsonb_to_recordset($1) AS r(task_id text, lease_id text, final_status text)
+         WHERE t.id = r.task_id AND t.lease_id = r.lease_id AND t.status IN ('leased', 'running')
+         RETURNING t.*",
+    )
+    .bind(serde_json::Value::Array(rows))
+    .bind(now)
+    .fetch_all(&mut *tx)
+    .await?;
+    let released: Vec<&LeaseId> = done.iter().filter_map(|t| t.lease_id.as_ref()).collect();
+    sqlx::query("UPDATE leases SET status = 'released' WHERE id = ANY($1) AND status = 'active'")
+        .bind(&released)
+        .execute(&mut *tx)
+        .await?;
+
+    // A task row is updated at most once, by the completion naming its current lease.
+    let by_key: HashMap<(&TaskId, &LeaseId), &Completion> =
+        completions.iter().rev().map(|c| ((&c.task_id, &c.lease_id), c)).collect();
+    let mut outcomes: HashMap<TaskId, (Task, Artifact, LlmResult)> = HashMap::new();
+    let mut entries = Vec::new();
+    for task in done {
+        let Some(c) = task.lease_id.as_ref().and_then(|l| by_key.get(&(&task.id, l))).copied() else {
+            continue;
+        };
+        let artifact = Artifact {
+            id: c.artifact_id.clone(),
+            task_id: task.id.clone(),
+            job_id: None,
+            kind: c.artifact_type.clone(),
+            created_at: now,
+            finalized: true,
+            url: c.artifact.url.clone(),
+            entity_refs: Vec::new(),
+            tags: c.artifact_tags.clone(),
+            content: c.artifact.content.clone(),
+        };
+        let worker = task.worker_id.clone().unwrap_or_else(|| WorkerId::from("unknown"));
+        let result = LlmResult {
+            id: ResultId::generate(),
+            task_id: task.id.clone(),
+            worker_id: worker.clone(),
+            artifact_id: artifact.id.clone(),
+            status: c.status,
+            output: c.output.clone(),
+            error_message: c.error_message.clone(),
+            metrics: c.metrics.clone(),
+            completed_at: now,
+        };
+        let detail =
+            format!("Status: {}, artifact: {}, duration: {}ms", c.status.as_str(), artifact.id, c.metrics.duration_ms);
+        entries.push(NewAudit::new(AuditAction::TaskCompleted, "llm_task", task.id.as_str(), worker.as_str(), detail));
+        outcomes.insert(task.id.clone(), (task, artifact, result));
+    }
+    let mut first = HashSet::new();
+    let winners: Vec<bool> = completions
+        .iter()
+        .map(|c| {
+            outcomes.get(&c.task_id).is_some_and(|(t, _, _)| t.lease_id.as_ref() == Some(&c.lease_id))
+                && first.insert(&c.task_id)
+        })
+        .collect();
+    for (c, _) in completions.iter().zip(&winners).filter(|(_, won)| !**won) {
+        let detail = format!("Late {} result for lease {} ignored: not the current lease", c.status.as_str(), c.lease_id);
+        entries.push(NewAudit::new(AuditAction::ResultLate, "llm_task", c.task_id.as_str(), "reconciler", detail));
+    }
+    if !outcomes.is_empty() {
+        let artifacts: Vec<&Artifact> = outcomes.values().map(|(_, a, _)| a).collect();
+        sqlx::query(
+            "INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags,
+                                            content)
+             SELECT r.id, r.task_id, NULL, r.type, r.created_at, true, r.url, '[]'::jsonb, r.tags, r.content
+             FROM jsonb_to_recordset($1) AS r(id text, task_id text, type text, created_at bigint, url text,
+                  tags jsonb, content text)",
+        )
+        .bind(sqlx::types::Json(&artifacts))
+        .execute(&mut *tx)
+        .await?;
+        let results: Vec<&LlmResult> = outcomes.values().map(|(_, _, r)| r).collect();
+        sqlx::query(
+            "INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
+                                      completed_at)
+             SELECT r.id, r.task_id, r.worker_id, r.artifact_id, r.status, r.output, r.error_message, r.metrics,
+                    r.completed_at
+             FROM jsonb_to_recordset($1) AS r(id text, task_id text, worker_id text, artifact_id text, status text,
+                  output text, error_message text, metrics jsonb, completed_at bigint)",
+        )
+        .bind(sqlx::types::Json(&results))
+        .execute(&mut *tx)
+        .await?;
+    }
+    audit::insert(&mut *tx, &entries, now).await?;
+    tx.commit().await?;
+    Ok(completions
+        .iter()
+        .zip(winners)
+        .map(|(c, won)| match outcomes.get(&c.task_id) {
+            Some((task, artifact, result)) if won => {
+                CompletionOutcome::Completed { task: task.clone(), artifact: artifact.clone(), result: result.clone() }
+            }
+            _ => CompletionOutcome::Late,
+        })
+        .collect())
+}
+
+/// What one sweep of expired leases did.
+#[derive(Debug, Default)]
+pub struct Expiry {
+    /// Leases marked expired.
+    pub expired: usize,
+    /// Tasks requeued (attempts remained), with their new dispatches.
+    pub requeued: Vec<Dispatch>,
+    /// Tasks that ran out of attempts and are now `dead`.
+    pub dead: usize,
+}
+
+/// Expires up to `limit` active leases whose `expires_at` is before `cutoff`, in one
+/// transaction: rows are taken with `FOR UPDATE SKIP LOCKED` so several sweepers share
+/// the work. A task whose current lease expired (in `leased` or `running`) is requeued
+/// through the outbox while attempts remain, else becomes `dead`.
+pub async fn expire(pool: &PgPool, cutoff: i64, limit: i64) -> sqlx::Result<Expiry> {
+    let now = now_ms();
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(LeaseId, TaskId, WorkerId, Option<TaskStatus>, Option<i32>, Option<i32>)> = sqlx::query_as(
+        "WITH stale AS (
+            SELECT id FROM leases WHERE status = 'active' AND expires_at < $1
+            ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+         ex AS (
+            UPDATE leases l SET status = 'expired' FROM stale WHERE l.id = stale.id
+            RETURNING l.id, l.task_id, l.worker_id),
+         t AS (
+            UPDATE llm_tasks t SET
+                status = CASE WHEN t.attempts < t.max_attempts THEN 'queued' ELSE 'dead' END,
+                lease_id = CASE WHEN t.attempts < t.max_attempts THEN NULL ELSE t.lease_id END,
+                worker_id = CASE WHEN t.attempts < t.max_attempts THEN NULL ELSE t.worker_id END,
+                dispatch_seq = t.dispatch_seq + 1,
+                routed_to = NULL,
+                updated_at = $3
+            FROM ex WHERE t.id = ex.task_id AND t.lease_id = ex.id AND t.status IN ('leased', 'running')
+            RETURNING t.id, t.status, t.attempts, t.max_attempts)
+         SELECT ex.id, ex.task_id, ex.worker_id, t.status, t.attempts, t.max_attempts
+         FROM ex LEFT JOIN t ON t.id = ex.task_id",
+    )
+    .bind(cutoff)
+    .bind(limit)
+    .bind(now)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut report = Expiry { expired: rows.len(), ..Expiry::default() };
+    let mut entries = Vec::new();
+    let mut requeued_ids = Vec::new();
+    for (lease_id, task_id, worker_id, status, attempts, max) in rows {
+        let (attempts, max) = (attempts.unwrap_or(0), max.unwrap_or(0));
+        entries.push(NewAudit::new(
+            AuditAction::LeaseExpired,
+            "lease",
+            lease_id.as_str(),
+            "reconciler",
+            format!("Lease of task {task_id} held by worker {worker_id} expired (attempt {attempts} of {max})"),
+        ));
+        match status {
+            Some(TaskStatus::Queued) => {
+                entries.push(NewAudit::new(
+                    AuditAction::TaskRequeued,
+                    "llm_task",
+                    task_id.as_str(),
+                    "reconciler",
+                    format!("Requeued after lease expiry, {attempts} of {max} attempts used"),
+                ));
+                requeued_ids.push(task_id.0);
+            }
+            Some(TaskStatus::Dead) => {
+                report.dead += 1;
+                entries.push(NewAudit::new(
+                    AuditAction::TaskDead,
+                    "llm_task",
+                    task_id.as_str(),
+                    "reconciler",
+                    format!("Dead after lease expiry, all {max} attempts used"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    audit::insert(&mut *tx, &entries, now).await?;
+    let requeued = tasks::get_many(&mut *tx, &requeued_ids).await?;
+    report.requeued = outbox::insert(&mut tx, requeued, now).await?;
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// Requeues a `failed` or `dead` task (administrator action): attempts start again from
+/// zero, the previous count is kept in the audit entry and the leases remain as history.
+pub async fn requeue(pool: &PgPool, task_id: &TaskId, actor: &str) -> Result<Dispatch, TransitionError> {
+    let now = now_ms();
+    let mut tx = pool.begin().await?;
+    let prev: Option<(TaskStatus, i32)> =
+        sqlx::query_as("SELECT status, attempts FROM llm_tasks WHERE id = $1 FOR UPDATE")
+            .bind(task_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let (prev_status, prev_attempts) = prev.ok_or_else(task_not_found)?;
+    if !prev_status.is_requeueable() {
+        return Err(TransitionError::Conflict(format!("Cannot requeue task with status '{prev_status}'")));
+    }
+    let task: Task = sqlx::query_as(
+        "UPDATE llm_tasks SET status = 'queued', lease_id = NULL, worker_id = NULL, attempts = 0,
+                dispatch_seq = dispatch_seq + 1, routed_to = NULL, updated_at = $2
+         WHERE id = $1 AND status IN ('failed', 'dead') RETURNING *",
+    )
+    .bind(task_id)
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await?;
+    let detail = format!("Requeued from {prev_status} after {prev_attempts} attempt(s)");
+    audit::insert(&mut *tx, &[NewAudit::new(AuditAction::TaskRequeued, "llm_task", task_id.as_str(), actor, detail)], now)
+        .await?;
+    let mut dispatches = outbox::insert(&mut tx, vec![task], now).await?;
+    tx.commit().await?;
+    dispatches.pop().ok_or(TransitionError::Db(sqlx::Error::RowNotFound))
+}
+
+/// Moves queued tasks routed to workers that went offline back to the shared pool (a new
+/// dispatch through the outbox).
+pub async fn reroute(pool: &PgPool, offline: &[WorkerId]) -> sqlx::Result<Vec<Dispatch>> {
+    if offline.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = now_ms();
+    let mut tx = pool.begin().await?;
+    let moved: Vec<Task> = sqlx::query_as(
+        "UPDATE llm_tasks SET dispatch_seq = dispatch_seq + 1, routed_to = NULL, updated_at = $2
+         WHERE status = 'queued' AND routed_to = ANY($1) RETURNING *",
+    )
+    .bind(offline)
+    .bind(now)
+    .fetch_all(&mut *tx)
+    .await?;
+    let entries: Vec<NewAudit> = moved
+        .iter()
+        .map(|t| {
+            NewAudit::new(
+                AuditAction::TaskRerouted,
+                "llm_task",
+                t.id.as_str(),
+                "reconciler",
+                "Routed worker went offline: rerouted to the shared pool",
+            )
+        })
+        .collect();
+    audit::insert(&mut *tx, &entries, now).await?;
+    let dispatches = outbox::insert(&mut tx, moved, now).await?;
+    tx.commit().await?;
+    Ok(dispatches)
+}
+
+/// Reads a task, for transitions that first decide on its current state.
+pub async fn current(pool: &PgPool, task_id: &TaskId) -> Result<Task, TransitionError> {
+    tasks::get(pool, task_id).await?.ok_or_else(task_not_found)
+}

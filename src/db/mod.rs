@@ -1,0 +1,64 @@
+//! Postgres: the pool, migrations and every SQL statement of the runtime.
+//!
+//! Postgres is the single source of truth. All task and lease state changes live in
+//! [`lifecycle`]; the other modules read and write the tables that have no state machine.
+
+pub mod artifacts;
+pub mod audit;
+pub mod leader;
+pub mod leases;
+pub mod lifecycle;
+pub mod outbox;
+pub mod page;
+pub mod results;
+pub mod settings;
+pub mod stats;
+pub mod tasks;
+pub mod workers;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+pub use page::{Cursor, Page};
+
+/// The embedded migrations of `migrations/`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Pool settings.
+#[derive(Clone, Debug)]
+pub struct PoolOptions {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+    pub statement_timeout: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Connects a pool. Every connection carries a statement timeout so no query can hang
+/// a caller forever.
+pub async fn connect(url: &str, opts: &PoolOptions) -> Result<PgPool, sqlx::Error> {
+    let connect: PgConnectOptions = url.parse()?;
+    let statement_timeout = opts.statement_timeout.as_millis().to_string();
+    let connect = connect.options([("statement_timeout", statement_timeout.as_str())]);
+    PgPoolOptions::new()
+        .max_connections(opts.max_connections)
+        .acquire_timeout(opts.acquire_timeout)
+        .connect_with(connect)
+        .await
+}
+
+/// Applies pending migrations. Safe to run concurrently from several processes:
+/// sqlx serialises them with an advisory lock.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}

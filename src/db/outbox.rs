@@ -1,0 +1,104 @@
+//! The transactional outbox: one row per dispatch of a task that JetStream has not yet
+//! acknowledged. Rows are written by [`super::lifecycle`] in the transaction that
+//! (re)queues the task, and deleted once the publish is acknowledged.
+
+use std::collections::HashMap;
+
+use sqlx::{PgConnection, PgExecutor};
+
+use super::tasks;
+use crate::domain::{Task, TaskStatus};
+
+/// A committed dispatch of a task, ready to publish.
+#[derive(Clone, Debug)]
+pub struct Dispatch {
+    /// The outbox row to delete once JetStream acknowledged the message.
+    pub outbox_id: i64,
+    /// The task as it was queued; `dispatch_seq` and `routed_to` name this dispatch.
+    pub task: Task,
+}
+
+/// Inserts one outbox row per task (all queued, in the caller's transaction).
+pub async fn insert(db: &mut PgConnection, tasks: Vec<Task>, now: i64) -> sqlx::Result<Vec<Dispatch>> {
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<serde_json::Value> = tasks
+        .iter()
+        .map(|t| serde_json::json!({"task_id": t.id, "dispatch_seq": t.dispatch_seq, "worker_id": t.routed_to}))
+        .collect();
+    let ids: Vec<(i64, String)> = sqlx::query_as(
+        "INSERT INTO outbox (task_id, dispatch_seq, worker_id, created_at)
+         SELECT r.task_id, r.dispatch_seq, r.worker_id, $2
+         FROM jsonb_to_recordset($1) AS r(task_id text, dispatch_seq bigint, worker_id text)
+         RETURNING id, task_id",
+    )
+    .bind(serde_json::Value::Array(rows))
+    .bind(now)
+    .fetch_all(&mut *db)
+    .await?;
+    let mut by_task: HashMap<String, i64> = ids.into_iter().map(|(id, task)| (task, id)).collect();
+    Ok(tasks
+        .into_iter()
+        .filter_map(|task| by_task.remove(task.id.as_str()).map(|outbox_id| Dispatch { outbox_id, task }))
+        .collect())
+}
+
+/// Deletes rows whose publish JetStream acknowledged.
+pub async fn delete(db: impl PgExecutor<'_>, ids: &[i64]) -> sqlx::Result<u64> {
+    Ok(sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(ids).execute(db).await?.rows_affected())
+}
+
+/// What the relay took from the outbox.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// Dispatches still current: publish them.
+    pub current: Vec<Dispatch>,
+    /// Rows of dispatches that are no longer current (task claimed, requeued again,
+    /// or gone) and were deleted.
+    pub stale: u64,
+}
+
+/// Takes up to `limit` rows created before `older_than` that no relay owns, owning them
+/// until `claim_until` (no transaction is held while publishing), and pairs each with
+/// its task. Rows of dispatches that are no longer current are deleted.
+pub async fn take_unsent(
+    db: &mut PgConnection,
+    older_than: i64,
+    now: i64,
+    claim_until: i64,
+    limit: i64,
+) -> sqlx::Result<Taken> {
+    let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+        "WITH c AS (
+            SELECT id FROM outbox
+            WHERE created_at < $1 AND (claimed_until IS NULL OR claimed_until < $2)
+            ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
+         UPDATE outbox o SET claimed_until = $4 FROM c WHERE o.id = c.id
+         RETURNING o.id, o.task_id, o.dispatch_seq",
+    )
+    .bind(older_than)
+    .bind(now)
+    .bind(limit)
+    .bind(claim_until)
+    .fetch_all(&mut *db)
+    .await?;
+    if rows.is_empty() {
+        return Ok(Taken::default());
+    }
+    let ids: Vec<String> = rows.iter().map(|(_, t, _)| t.clone()).collect();
+    let mut tasks: HashMap<String, Task> =
+        tasks::get_many(&mut *db, &ids).await?.into_iter().map(|t| (t.id.0.clone(), t)).collect();
+    let mut taken = Taken::default();
+    let mut stale = Vec::new();
+    for (outbox_id, task_id, seq) in rows {
+        match tasks.remove(&task_id) {
+            Some(task) if task.status == TaskStatus::Queued && task.dispatch_seq == seq => {
+                taken.current.push(Dispatch { outbox_id, task })
+            }
+            _ => stale.push(outbox_id),
+        }
+    }
+    taken.stale = delete(&mut *db, &stale).await?;
+    Ok(taken)
+}

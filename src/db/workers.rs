@@ -1,0 +1,198 @@
+//! `workers`: registration over REST, liveness beats over NATS, and membridge sync.
+//!
+//! `active_leases` is always computed from the active leases, never read from the
+//! stored column, so it cannot drift.
+
+use sqlx::{PgConnection, PgExecutor};
+
+use super::audit;
+use crate::domain::{AuditAction, Capabilities, NewAudit, Worker, WorkerId, WorkerStatus};
+
+/// The worker columns with `active_leases` computed.
+const SELECT_WORKERS: &str = "SELECT w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat,
+        w.ip_addrs, w.obs_count, w.db_sha, w.registered_at, w.source,
+        (SELECT count(*)::int FROM leases l WHERE l.worker_id = w.id AND l.status = 'active') AS active_leases
+    FROM workers w";
+
+/// All workers, by id.
+pub async fn list(db: impl PgExecutor<'_>, limit: i64, after: Option<&str>) -> sqlx::Result<Vec<Worker>> {
+    sqlx::query_as(&format!("{SELECT_WORKERS} WHERE w.id > $1 ORDER BY w.id LIMIT $2"))
+        .bind(after.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(db)
+        .await
+}
+
+/// Every worker that could take a lease (the candidates of [`crate::domain::pick_worker`]).
+pub async fn candidates(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<Worker>> {
+    sqlx::query_as(&format!("{SELECT_WORKERS} WHERE w.status = 'online' ORDER BY w.registered_at, w.id"))
+        .fetch_all(db)
+        .await
+}
+
+/// One worker.
+pub async fn get(db: impl PgExecutor<'_>, id: &WorkerId) -> sqlx::Result<Option<Worker>> {
+    sqlx::query_as(&format!("{SELECT_WORKERS} WHERE w.id = $1")).bind(id).fetch_optional(db).await
+}
+
+/// One worker, its row locked until the transaction ends (serialises leases to it).
+pub async fn get_for_update(db: &mut PgConnection, id: &WorkerId) -> sqlx::Result<Option<Worker>> {
+    sqlx::query_as(&format!("{SELECT_WORKERS} WHERE w.id = $1 FOR UPDATE OF w")).bind(id).fetch_optional(db).await
+}
+
+/// A REST registration (the seed's `POST /api/runtime/workers` after validation).
+#[derive(Clone, Debug)]
+pub struct Registration {
+    pub name: WorkerId,
+    pub url: Option<String>,
+    pub status: WorkerStatus,
+    pub capabilities: Capabilities,
+    pub ip_addrs: Vec<String>,
+}
+
+/// Inserts or updates a worker and writes its audit entry, in one transaction.
+/// Returns the worker and whether it was new.
+pub async fn register(db: &mut PgConnection, reg: &Registration, now: i64) -> sqlx::Result<(Worker, bool)> {
+    let (inserted,): (bool,) = sqlx::query_as(
+        "INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, registered_at, source)
+         VALUES ($1, $1, COALESCE($2, ''), $3, $4, $5, $6, $5, 'api')
+         ON CONFLICT (id) DO UPDATE SET
+            node_id = EXCLUDED.node_id,
+            url = COALESCE(NULLIF($2, ''), workers.url),
+            status = EXCLUDED.status,
+            capabilities = EXCLUDED.capabilities,
+            last_heartbeat = EXCLUDED.last_heartbeat,
+            ip_addrs = EXCLUDED.ip_addrs,
+            source = 'api'
+         RETURNING (xmax = 0)",
+    )
+    .bind(&reg.name)
+    .bind(&reg.url)
+    .bind(reg.status)
+    .bind(sqlx::types::Json(&reg.capabilities))
+    .bind(now)
+    .bind(sqlx::types::Json(&reg.ip_addrs))
+    .fetch_one(&mut *db)
+    .await?;
+    let worker = get(&mut *db, &reg.name).await?.ok_or(sqlx::Error::RowNotFound)?;
+    let action = if inserted { AuditAction::WorkerRegistered } else { AuditAction::WorkerUpdated };
+    let detail = format!(
+        "Worker {} registered, status={}, max_concurrency={}",
+        worker.id,
+        worker.status.as_str(),
+        worker.capabilities.max_concurrency
+    );
+    audit::insert(&mut *db, &[NewAudit::new(action, "worker", worker.id.as_str(), "api", detail)], now).await?;
+    Ok((worker, inserted))
+}
+
+/// Deletes a worker and writes its audit entry. Returns false when it did not exist.
+pub async fn remove(db: &mut PgConnection, id: &WorkerId, now: i64) -> sqlx::Result<bool> {
+    let deleted = sqlx::query("DELETE FROM workers WHERE id = $1").bind(id).execute(&mut *db).await?.rows_affected();
+    if deleted == 0 {
+        return Ok(false);
+    }
+    let detail = format!("Worker {id} unregistered");
+    audit::insert(&mut *db, &[NewAudit::new(AuditAction::WorkerRemoved, "worker", id.as_str(), "admin", detail)], now)
+        .await?;
+    Ok(true)
+}
+
+/// A liveness beat of a `bloom-worker` process, as stored.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Beat {
+    pub id: WorkerId,
+    pub status: WorkerStatus,
+    pub capabilities: Capabilities,
+    pub ip_addrs: Vec<String>,
+}
+
+/// Upserts a batch of NATS worker beats in one statement.
+pub async fn record_beats(db: impl PgExecutor<'_>, beats: &[Beat], now: i64) -> sqlx::Result<()> {
+    if beats.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, registered_at, source)
+         SELECT r.id, r.id, '', r.status, r.capabilities, $2, r.ip_addrs, $2, 'nats'
+         FROM jsonb_to_recordset($1) AS r(id text, status text, capabilities jsonb, ip_addrs jsonb)
+         ON CONFLICT (id) DO UPDATE SET
+            status = EXCLUDED.status, capabilities = EXCLUDED.capabilities,
+            last_heartbeat = EXCLUDED.last_heartbeat, ip_addrs = EXCLUDED.ip_addrs, source = 'nats'",
+    )
+    .bind(sqlx::types::Json(beats))
+    .bind(now)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Marks NATS workers whose last beat is older than `cutoff` offline. Returns their ids.
+pub async fn expire_silent_nats_workers(db: impl PgExecutor<'_>, cutoff: i64) -> sqlx::Result<Vec<WorkerId>> {
+    sqlx::query_scalar(
+        "UPDATE workers SET status = 'offline'
+         WHERE source = 'nats' AND status = 'online' AND COALESCE(last_heartbeat, 0) < $1 RETURNING id",
+    )
+    .bind(cutoff)
+    .fetch_all(db)
+    .await
+}
+
+/// One membridge agent mapped onto a worker row (the seed's field mapping).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SyncedAgent {
+    pub id: WorkerId,
+    pub url: Option<String>,
+    pub status: WorkerStatus,
+    pub capabilities: Capabilities,
+    /// Milliseconds since the epoch.
+    pub last_heartbeat: i64,
+    pub ip_addrs: Option<Vec<String>>,
+    pub obs_count: Option<i32>,
+    pub db_sha: Option<String>,
+}
+
+/// Upserts the agents membridge reported and marks workers that vanished from it and
+/// were silent since `stale_cutoff` offline. Workers that beat over NATS are left alone
+/// while they are online: they are live regardless of membridge. Returns the ids marked offline.
+pub async fn sync_agents(
+    db: &mut PgConnection,
+    agents: &[SyncedAgent],
+    now: i64,
+    stale_cutoff: i64,
+) -> sqlx::Result<Vec<WorkerId>> {
+    sqlx::query(
+        "INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, obs_count, db_sha,
+                              registered_at, source)
+         SELECT r.id, r.id, COALESCE(NULLIF(r.url, ''), ''), r.status, r.capabilities, r.last_heartbeat,
+                COALESCE(r.ip_addrs, '[]'::jsonb), COALESCE(r.obs_count, 0), COALESCE(r.db_sha, ''), $2, 'membridge'
+         FROM jsonb_to_recordset($1) AS r(id text, url text, status text, capabilities jsonb, last_heartbeat bigint,
+                                          ip_addrs jsonb, obs_count int, db_sha text)
+         ON CONFLICT (id) DO UPDATE SET
+            node_id = EXCLUDED.node_id,
+            url = COALESCE(NULLIF(EXCLUDED.url, ''), workers.url),
+            status = EXCLUDED.status,
+            capabilities = EXCLUDED.capabilities,
+            last_heartbeat = EXCLUDED.last_heartbeat,
+            ip_addrs = CASE WHEN EXCLUDED.ip_addrs = '[]'::jsonb THEN workers.ip_addrs ELSE EXCLUDED.ip_addrs END,
+            obs_count = CASE WHEN EXCLUDED.obs_count = 0 THEN workers.obs_count ELSE EXCLUDED.obs_count END,
+            db_sha = COALESCE(NULLIF(EXCLUDED.db_sha, ''), workers.db_sha),
+            source = 'membridge'
+         WHERE NOT (workers.source = 'nats' AND workers.status = 'online')",
+    )
+    .bind(sqlx::types::Json(agents))
+    .bind(now)
+    .execute(&mut *db)
+    .await?;
+    let seen: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
+    sqlx::query_scalar(
+        "UPDATE workers SET status = 'offline'
+         WHERE status = 'online' AND source <> 'nats' AND NOT (id = ANY($1))
+           AND COALESCE(last_heartbeat, 0) < $2
+         RETURNING id",
+    )
+    .bind(seen)
+    .bind(stale_cutoff)
+    .fetch_all(&mut *db)
+    .await
+}

@@ -1,0 +1,88 @@
+//! Audit log entries. Every state transition writes one in its own transaction.
+
+use serde::{Deserialize, Serialize};
+
+/// The actions the runtime records. Stored as the seed's snake_case strings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditAction {
+    TaskCreated,
+    TaskLeased,
+    TaskCompleted,
+    TaskRequeued,
+    TaskRerouted,
+    LeaseExpired,
+    TaskDead,
+    ResultLate,
+    WorkerRegistered,
+    WorkerUpdated,
+    WorkerRemoved,
+    WorkerOffline,
+    ConfigUpdated,
+    ConnectionTest,
+    LeadershipPromote,
+}
+
+impl AuditAction {
+    /// The action as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::TaskCreated => "task_created",
+            AuditAction::TaskLeased => "task_leased",
+            AuditAction::TaskCompleted => "task_completed",
+            AuditAction::TaskRequeued => "task_requeued",
+            AuditAction::TaskRerouted => "task_rerouted",
+            AuditAction::LeaseExpired => "lease_expired",
+            AuditAction::TaskDead => "task_dead",
+            AuditAction::ResultLate => "result_late",
+            AuditAction::WorkerRegistered => "worker_registered",
+            AuditAction::WorkerUpdated => "worker_updated",
+            AuditAction::WorkerRemoved => "worker_removed",
+            AuditAction::WorkerOffline => "worker_offline",
+            AuditAction::ConfigUpdated => "config_updated",
+            AuditAction::ConnectionTest => "connection_test",
+            AuditAction::LeadershipPromote => "leadership_promote",
+        }
+    }
+}
+
+/// A row of `audit_logs`, serialized exactly as the seed's `AuditLogEntry`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct AuditEntry {
+    pub id: String,
+    pub timestamp: i64,
+    pub action: String,
+    pub entity_type: String,
+    pub entity_id: String,
+    pub actor: String,
+    pub detail: String,
+}
+
+/// An audit entry to be written; id and timestamp are assigned on insert.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NewAudit {
+    pub action: &'static str,
+    pub entity_type: &'static str,
+    pub entity_id: String,
+    pub actor: String,
+    pub detail: String,
+}
+
+impl NewAudit {
+    /// An entry for `action` on the entity `entity_type`/`entity_id`.
+    pub fn new(
+        action: AuditAction,
+        entity_type: &'static str,
+        entity_id: impl Into<String>,
+        actor: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
+        NewAudit {
+            action: action.as_str(),
+            entity_type,
+            entity_id: entity_id.into(),
+            actor: actor.into(),
+            detail: detail.into(),
+        }
+    }
+}

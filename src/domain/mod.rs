@@ -1,0 +1,21 @@
+//! Domain types of the runtime and the pure rules of the task state machine.
+//!
+//! Every type here maps one-to-one onto a Postgres row (`sqlx::FromRow`) and serializes
+//! to the JSON shape of the original service, so there is exactly one mapping between
+//! rows, types and API bodies. Nothing in this module performs I/O.
+
+pub mod artifact;
+pub mod audit;
+pub mod ids;
+pub mod lease;
+pub mod result;
+pub mod task;
+pub mod worker;
+
+pub use artifact::Artifact;
+pub use audit::{AuditAction, AuditEntry, NewAudit};
+pub use ids::{new_id, ArtifactId, LeaseId, ResultId, TaskId, WorkerId};
+pub use lease::{Lease, LeaseStatus};
+pub use result::{LlmResult, Metrics, ResultStatus};
+pub use task::{DesiredFormat, NewTask, Policy, Task, TaskStatus};
+pub use worker::{pick_worker, Capabilities, Worker, WorkerSource, WorkerStatus};

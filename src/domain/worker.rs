@@ -1,0 +1,176 @@
+//! Worker nodes and the seed's worker selection rule.
+
+use serde::{Deserialize, Serialize};
+
+use super::ids::WorkerId;
+
+/// Liveness of a worker as last reported (by itself, an operator or membridge).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum WorkerStatus {
+    Online,
+    Offline,
+    Syncing,
+    Error,
+    #[default]
+    Unknown,
+}
+
+impl WorkerStatus {
+    /// All statuses.
+    pub const ALL: [WorkerStatus; 5] = [
+        WorkerStatus::Online,
+        WorkerStatus::Offline,
+        WorkerStatus::Syncing,
+        WorkerStatus::Error,
+        WorkerStatus::Unknown,
+    ];
+
+    /// The status as stored and serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerStatus::Online => "online",
+            WorkerStatus::Offline => "offline",
+            WorkerStatus::Syncing => "syncing",
+            WorkerStatus::Error => "error",
+            WorkerStatus::Unknown => "unknown",
+        }
+    }
+
+    /// Parses a stored or client-supplied status.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// Who last described this worker; decides which liveness rule applies to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum WorkerSource {
+    /// Registered over REST (`POST /api/runtime/workers`).
+    #[default]
+    Api,
+    /// A `bloom-worker` process heartbeating over NATS.
+    Nats,
+    /// Synchronised from membridge's `/agents`.
+    Membridge,
+}
+
+/// What a worker can do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    pub claude_cli: bool,
+    pub max_concurrency: i32,
+    pub labels: Vec<String>,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities { claude_cli: true, max_concurrency: 1, labels: Vec::new() }
+    }
+}
+
+/// A row of `workers`, serialized exactly as the seed's `WorkerNode`.
+///
+/// `active_leases` is never trusted from the row: queries compute it from the active leases.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Worker {
+    pub id: WorkerId,
+    pub node_id: String,
+    pub url: String,
+    pub status: WorkerStatus,
+    #[sqlx(json)]
+    pub capabilities: Capabilities,
+    pub last_heartbeat: Option<i64>,
+    #[sqlx(json)]
+    pub ip_addrs: Vec<String>,
+    pub obs_count: i32,
+    pub db_sha: String,
+    pub registered_at: i64,
+    pub active_leases: i32,
+    #[serde(skip)]
+    pub source: WorkerSource,
+}
+
+impl Worker {
+    /// Free execution slots.
+    pub fn free_capacity(&self) -> i32 {
+        self.capabilities.max_concurrency - self.active_leases
+    }
+
+    /// The worker may take a new lease: online, runs the Claude CLI, has a free slot.
+    pub fn is_eligible(&self) -> bool {
+        self.status == WorkerStatus::Online && self.capabilities.claude_cli && self.free_capacity() > 0
+    }
+}
+
+/// The seed's `pickWorker`: among eligible workers, the one that already holds an active
+/// lease for the same context (sticky), else the one with the most free capacity.
+/// `sticky` is the worker holding an active lease for the task's context, if any.
+/// Ties keep the input order (the sort is stable, as in the seed).
+pub fn pick_worker<'a>(workers: &'a [Worker], sticky: Option<&WorkerId>) -> Option<&'a Worker> {
+    let eligible: Vec<&Worker> = workers.iter().filter(|w| w.is_eligible()).collect();
+    if let Some(id) = sticky {
+        if let Some(w) = eligible.iter().find(|w| &w.id == id) {
+            return Some(w);
+        }
+    }
+    let mut best: Option<&Worker> = None;
+    for w in eligible {
+        if best.map_or(true, |b| w.free_capacity() > b.free_capacity()) {
+            best = Some(w);
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(id: &str, status: WorkerStatus, max: i32, active: i32) -> Worker {
+        Worker {
+            id: WorkerId::from(id),
+            node_id: id.into(),
+            url: String::new(),
+            status,
+            capabilities: Capabilities { claude_cli: true, max_concurrency: max, labels: vec![] },
+            last_heartbeat: None,
+            ip_addrs: vec![],
+            obs_count: 0,
+            db_sha: String::new(),
+            registered_at: 0,
+            active_leases: active,
+            source: WorkerSource::Api,
+        }
+    }
+
+    #[test]
+    fn picks_most_free_capacity_among_eligible() {
+        let ws = vec![
+            worker("a", WorkerStatus::Online, 2, 1),
+            worker("b", WorkerStatus::Online, 4, 1),
+            worker("c", WorkerStatus::Offline, 8, 0),
+            worker("d", WorkerStatus::Online, 1, 1),
+        ];
+        assert_eq!(pick_worker(&ws, None).unwrap().id.as_str(), "b");
+    }
+
+    #[test]
+    fn sticky_wins_when_eligible_and_is_ignored_when_full() {
+        let ws = vec![worker("a", WorkerStatus::Online, 2, 1), worker("b", WorkerStatus::Online, 4, 0)];
+        assert_eq!(pick_worker(&ws, Some(&"a".into())).unwrap().id.as_str(), "a");
+        let full = vec![worker("a", WorkerStatus::Online, 1, 1), worker("b", WorkerStatus::Online, 4, 0)];
+        assert_eq!(pick_worker(&full, Some(&"a".into())).unwrap().id.as_str(), "b");
+    }
+
+    #[test]
+    fn unknown_agents_and_non_claude_workers_are_not_eligible() {
+        let mut no_cli = worker("a", WorkerStatus::Online, 2, 0);
+        no_cli.capabilities.claude_cli = false;
+        let ws = vec![worker("u", WorkerStatus::Unknown, 2, 0), no_cli];
+        assert!(pick_worker(&ws, None).is_none());
+    }
+}

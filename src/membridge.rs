@@ -1,0 +1,253 @@
+//! HTTP client for the membridge control plane (`MEMBRIDGE_API.md`).
+//!
+//! Behaves as the original client: 10 s timeout, up to 3 retries with exponential
+//! backoff from 500 ms plus up to 30 % jitter, only on network errors and 5xx, and the
+//! `X-MEMBRIDGE-ADMIN` header on every call. Unlike the original, an authentication
+//! failure (401/403) counts as "not connected", and a non-idempotent POST is only
+//! retried when the request provably never reached the server (connect errors).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, Retryable};
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::config::Secret;
+use crate::time::now_ms;
+
+/// Where membridge is and how to authenticate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Endpoint {
+    pub url: String,
+    pub admin_key: Secret,
+}
+
+/// Connection state, reported by health endpoints (the seed's field names).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientState {
+    pub consecutive_failures: u32,
+    pub last_success: Option<i64>,
+    pub last_error: Option<String>,
+    pub connected: bool,
+}
+
+/// A response from membridge.
+#[derive(Clone, Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: Bytes,
+}
+
+impl Response {
+    /// 2xx.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+    /// The body as JSON.
+    pub fn json(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::from_slice(&self.body)
+    }
+}
+
+/// Membridge could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Timeout after {0}ms")]
+    Timeout(u64),
+    #[error("{0}")]
+    Network(String),
+    #[error("HTTP {0}")]
+    Server(u16),
+}
+
+/// Retry policy of one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// Retry network errors and 5xx up to `n` times (idempotent requests).
+    Idempotent(usize),
+    /// Retry only connect errors up to `n` times: the request never left.
+    ConnectOnly(usize),
+}
+
+/// The seed's backoff: 500 ms · 2^(attempt-1), plus up to 30 % jitter.
+#[derive(Clone, Copy, Debug)]
+struct SeedBackoff {
+    max_times: usize,
+}
+
+struct SeedBackoffIter {
+    attempt: u32,
+    max_times: usize,
+}
+
+impl Iterator for SeedBackoffIter {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        if self.attempt as usize >= self.max_times {
+            return None;
+        }
+        let base = 500.0 * 2f64.powi(self.attempt as i32);
+        self.attempt += 1;
+        Some(Duration::from_millis((base + fastrand::f64() * base * 0.3) as u64))
+    }
+}
+
+impl BackoffBuilder for SeedBackoff {
+    type Backoff = SeedBackoffIter;
+    fn build(self) -> SeedBackoffIter {
+        SeedBackoffIter { attempt: 0, max_times: self.max_times }
+    }
+}
+
+enum Attempt {
+    Done(Response),
+    Failed { error: Error, connect: bool, last: Option<Response> },
+}
+
+/// The client. One per process; it keeps the connection state.
+pub struct Client {
+    http: reqwest::Client,
+    timeout: Duration,
+    state: Mutex<ClientState>,
+}
+
+impl Client {
+    /// A client whose every request times out after `timeout`.
+    pub fn new(timeout: Duration) -> Client {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .build()
+            .expect("reqwest client with static settings");
+        Client { http, timeout, state: Mutex::new(ClientState::default()) }
+    }
+
+    /// The connection state.
+    pub fn state(&self) -> ClientState {
+        self.state.lock().expect("state lock").clone()
+    }
+
+    fn record(&self, ok: bool, error: Option<String>) {
+        let mut s = self.state.lock().expect("state lock");
+        if ok {
+            s.consecutive_failures = 0;
+            s.last_success = Some(now_ms());
+            s.last_error = None;
+        } else {
+            s.consecutive_failures += 1;
+            s.last_error = error;
+        }
+        s.connected = s.consecutive_failures == 0 && s.last_success.is_some();
+    }
+
+    async fn once(&self, ep: &Endpoint, method: &reqwest::Method, path: &str, body: Option<&serde_json::Value>) -> Attempt {
+        let url = format!("{}{}", ep.url.trim_end_matches('/'), path);
+        let mut req = self
+            .http
+            .request(method.clone(), &url)
+            .header("Content-Type", "application/json")
+            .header("X-MEMBRIDGE-ADMIN", ep.admin_key.expose());
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        match req.send().await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                match resp.bytes().await {
+                    Ok(body) if status < 500 => Attempt::Done(Response { status, body }),
+                    Ok(body) => Attempt::Failed {
+                        error: Error::Server(status),
+                        connect: false,
+                        last: Some(Response { status, body }),
+                    },
+                    Err(e) => Attempt::Failed { error: self.classify(e), connect: false, last: None },
+                }
+            }
+            Err(e) => {
+                let connect = e.is_connect();
+                Attempt::Failed { error: self.classify(e), connect, last: None }
+            }
+        }
+    }
+
+    fn classify(&self, e: reqwest::Error) -> Error {
+        if e.is_timeout() {
+            Error::Timeout(self.timeout.as_millis() as u64)
+        } else {
+            // Without the URL: it could carry credentials.
+            Error::Network(e.without_url().to_string())
+        }
+    }
+
+    /// Sends a request with the given retry policy. A response (any status) is `Ok`;
+    /// a 5xx is returned once retries are exhausted. 401/403 and 5xx mark the client
+    /// not connected.
+    pub async fn call(
+        &self,
+        ep: &Endpoint,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        retry: Retry,
+    ) -> Result<Response, Error> {
+        let (times, connect_only) = match retry {
+            Retry::Idempotent(n) => (n, false),
+            Retry::ConnectOnly(n) => (n, true),
+        };
+        let outcome = (|| async {
+            match self.once(ep, &method, path, body).await {
+                Attempt::Done(r) => Ok(r),
+                Attempt::Failed { error, connect, last } => Err((error, connect, last)),
+            }
+        })
+        .retry(SeedBackoff { max_times: times })
+        .when(|(_, connect, _)| !connect_only || *connect)
+        .await;
+        match outcome {
+            Ok(r) if r.status == 401 || r.status == 403 => {
+                self.record(false, Some(format!("HTTP {}: authentication failed", r.status)));
+                Ok(r)
+            }
+            Ok(r) => {
+                self.record(true, None);
+                Ok(r)
+            }
+            Err((error, _, Some(last))) => {
+                self.record(false, Some(error.to_string()));
+                Ok(last)
+            }
+            Err((error, _, None)) => {
+                self.record(false, Some(error.to_string()));
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Percent-encodes one path segment, so a client-supplied id cannot change the path.
+pub fn segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_exponential_from_500ms_with_at_most_30_percent_jitter() {
+        let delays: Vec<_> = SeedBackoff { max_times: 3 }.build().collect();
+        assert_eq!(delays.len(), 3);
+        for (i, d) in delays.iter().enumerate() {
+            let base = 500 * (1 << i);
+            assert!(d.as_millis() >= base && d.as_millis() <= base * 13 / 10, "{i}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn segments_cannot_inject_path() {
+        assert_eq!(segment("../agents"), "%2E%2E%2Fagents");
+        assert_eq!(segment("abc123"), "abc123");
+    }
+}

@@ -1,0 +1,182 @@
+//! Process metrics in the Prometheus text format.
+//!
+//! One [`Metrics`] value per process, shared by `Arc`; every binary serves it at
+//! `/metrics`. Counters and histograms are lock-free atomics.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A gauge holding the last value set.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    /// Sets the value.
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+const BUCKETS: [f64; 16] =
+    [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 600.0];
+
+/// A latency histogram with fixed buckets.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation in seconds.
+    pub fn observe(&self, seconds: f64) {
+        let seconds = seconds.max(0.0);
+        if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (b, n) in BUCKETS.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+macro_rules! metrics {
+    ($( $field:ident : $kind:ident = $help:literal ),* $(,)?) => {
+        /// Every metric the runtime exports. Each binary moves the ones that concern it.
+        #[derive(Debug, Default)]
+        pub struct Metrics {
+            $( #[doc = $help] pub $field: $kind, )*
+        }
+
+        impl Metrics {
+            /// Renders all metrics in the Prometheus text exposition format.
+            pub fn render(&self) -> String {
+                let mut out = String::new();
+                $( render_one(&mut out, concat!("bloom_", stringify!($field)), $help, &self.$field); )*
+                out
+            }
+        }
+    };
+}
+
+trait Render {
+    fn render_into(&self, out: &mut String, name: &str, help: &str);
+}
+
+impl Render for Counter {
+    fn render_into(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", self.get());
+    }
+}
+
+impl Render for Gauge {
+    fn render_into(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", self.get());
+    }
+}
+
+impl Render for Histogram {
+    fn render_into(&self, out: &mut String, name: &str, help: &str) {
+        self.render(out, name, help);
+    }
+}
+
+fn render_one(out: &mut String, name: &str, help: &str, m: &dyn Render) {
+    m.render_into(out, name, help);
+}
+
+metrics! {
+    http_requests_total: Counter = "HTTP requests served.",
+    http_request_errors_total: Counter = "HTTP requests answered with a 5xx status.",
+    http_request_duration_seconds: Histogram = "HTTP request latency.",
+    tasks_submitted_total: Counter = "Tasks created over REST.",
+    tasks_published: Counter = "Task dispatches acknowledged by JetStream.",
+    outbox_publish_failures: Counter = "Task dispatch publishes that failed or were not acknowledged.",
+    outbox_rows_deleted: Counter = "Outbox rows deleted after JetStream acknowledged them.",
+    outbox_rows_relayed: Counter = "Outbox rows republished by the relay.",
+    outbox_backlog: Gauge = "Outbox rows not yet acknowledged by JetStream (last relay pass).",
+    claims_granted_total: Counter = "Claims that created a lease.",
+    claims_refused_total: Counter = "Claims refused because the dispatch was not current.",
+    dispatch_latency_seconds: Histogram = "Time from task submission to its claim.",
+    heartbeats_total: Counter = "Lease heartbeats renewed.",
+    heartbeats_lost_total: Counter = "Lease heartbeats for leases that were no longer current.",
+    results_completed_total: Counter = "Results that completed their task.",
+    results_late_total: Counter = "Results for leases that were no longer current.",
+    results_rejected_total: Counter = "Malformed result messages terminated.",
+    task_duration_seconds: Histogram = "Execution time of tasks as reported by workers.",
+    leases_expired_total: Counter = "Leases expired by the sweeper.",
+    tasks_requeued_total: Counter = "Tasks requeued after a lease expiry.",
+    tasks_dead_total: Counter = "Tasks that ran out of attempts.",
+    tasks_rerouted_total: Counter = "Queued tasks moved from an offline worker to the pool.",
+    workers_marked_offline_total: Counter = "Workers marked offline for silence.",
+    redeliveries_total: Counter = "Task messages delivered more than once.",
+    s3_fallbacks_total: Counter = "Artifacts stored in Postgres because S3 failed.",
+    membridge_sync_runs_total: Counter = "Membridge agent syncs completed.",
+    membridge_sync_errors_total: Counter = "Membridge agent syncs that failed.",
+    leader_changes_total: Counter = "Times this process gained or lost leadership.",
+    is_leader: Gauge = "1 while this process is the elected leader.",
+    executions_total: Counter = "Tasks executed by this worker.",
+    executions_failed_total: Counter = "Executions that produced an error result.",
+    in_flight: Gauge = "Tasks executing in this worker now.",
+    malformed_messages_total: Counter = "NATS messages rejected as malformed.",
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.tasks_submitted_total.add(3);
+        m.dispatch_latency_seconds.observe(0.0007);
+        m.dispatch_latency_seconds.observe(0.003);
+        let text = m.render();
+        assert!(text.contains("bloom_tasks_submitted_total 3"));
+        assert!(text.contains("bloom_dispatch_latency_seconds_bucket{le=\"0.001\"} 1"));
+        assert!(text.contains("bloom_dispatch_latency_seconds_bucket{le=\"0.005\"} 2"));
+        assert!(text.contains("bloom_dispatch_latency_seconds_count 2"));
+    }
+}

@@ -1,0 +1,162 @@
+//! The messages that cross NATS. JSON bodies, one type per subject.
+//!
+//! | subject (see [`crate::bus::Names`]) | body | reply |
+//! |---|---|---|
+//! | `<ns>.tasks.pool`, `<ns>.tasks.worker.<id>` (stream) | [`TaskMessage`] | – |
+//! | `<ns>.ctl.claim` (request, reconciler queue group) | [`ClaimRequest`] | [`ClaimReply`] |
+//! | `<ns>.ctl.heartbeat` (request, reconciler queue group) | [`HeartbeatRequest`] | [`HeartbeatReply`] |
+//! | `<ns>.ctl.worker` (publish) | [`WorkerBeat`] | – |
+//! | `<ns>.results` (stream) | [`ResultMessage`] | – |
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{
+    Capabilities, DesiredFormat, LeaseId, Metrics, Policy, ResultStatus, Task, TaskId, WorkerId, WorkerStatus,
+};
+
+/// One dispatch of a task, published to the tasks stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskMessage {
+    pub task_id: TaskId,
+    /// Identifies this dispatch; a claim must name the task's current one.
+    pub dispatch_seq: i64,
+    pub context_id: String,
+    pub agent_slug: String,
+    pub prompt: String,
+    pub context_hints: Vec<String>,
+    pub policy: Policy,
+    pub desired_format: DesiredFormat,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    /// When the task was submitted (ms since the epoch), for dispatch latency.
+    pub created_at: i64,
+}
+
+impl From<&Task> for TaskMessage {
+    fn from(t: &Task) -> Self {
+        TaskMessage {
+            task_id: t.id.clone(),
+            dispatch_seq: t.dispatch_seq,
+            context_id: t.context_id.clone(),
+            agent_slug: t.agent_slug.clone(),
+            prompt: t.prompt.clone(),
+            context_hints: t.context_hints.clone(),
+            policy: t.policy.clone(),
+            desired_format: t.desired_format,
+            attempts: t.attempts,
+            max_attempts: t.max_attempts,
+            created_at: t.created_at,
+        }
+    }
+}
+
+impl TaskMessage {
+    /// The JetStream de-duplication id of this dispatch.
+    pub fn msg_id(&self) -> String {
+        dispatch_msg_id(&self.task_id, self.dispatch_seq)
+    }
+}
+
+/// The `Nats-Msg-Id` of one dispatch of a task.
+pub fn dispatch_msg_id(task: &TaskId, dispatch_seq: i64) -> String {
+    format!("{task}:{dispatch_seq}")
+}
+
+/// A worker claims the dispatches it pulled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClaimRequest {
+    pub worker_id: WorkerId,
+    /// Lease TTL: the ack-wait of the consumer the messages came from.
+    pub ttl_seconds: i32,
+    pub items: Vec<ClaimItem>,
+}
+
+/// One claimed dispatch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClaimItem {
+    pub task_id: TaskId,
+    pub dispatch_seq: i64,
+    /// When the task was submitted (from its message), for dispatch latency.
+    #[serde(default)]
+    pub created_at: i64,
+}
+
+/// The reconciler's answer, one entry per item, in order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum ClaimReply {
+    /// The decisions, one per claimed item in request order.
+    Decided { items: Vec<Option<LeaseGrant>> },
+    /// The reconciler could not decide (e.g. Postgres unavailable): retry later.
+    Unavailable { reason: String },
+}
+
+/// A granted lease.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    pub lease_id: LeaseId,
+    pub expires_at: i64,
+    pub attempts: i32,
+}
+
+/// Renew a lease while the task runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub task_id: TaskId,
+    pub lease_id: LeaseId,
+}
+
+/// Whether the lease is still the task's current lease.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum HeartbeatReply {
+    Renewed { expires_at: i64 },
+    /// The lease expired or the task moved on: stop working on it.
+    Lost,
+    Unavailable { reason: String },
+}
+
+/// A worker's liveness beat and self-description.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerBeat {
+    pub worker_id: WorkerId,
+    pub status: WorkerStatus,
+    pub capabilities: Capabilities,
+    #[serde(default)]
+    pub ip_addrs: Vec<String>,
+    #[serde(default)]
+    pub in_flight: u32,
+}
+
+/// The outcome of executing one lease, published to the results stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResultMessage {
+    pub task_id: TaskId,
+    pub lease_id: LeaseId,
+    pub worker_id: WorkerId,
+    pub status: ResultStatus,
+    pub output: Option<String>,
+    pub error_message: Option<String>,
+    pub metrics: Metrics,
+}
+
+impl ResultMessage {
+    /// The JetStream de-duplication id: one result per lease.
+    pub fn msg_id(&self) -> String {
+        format!("result:{}", self.lease_id)
+    }
+}
+
+/// A worker hands a lease back without a result (graceful shutdown): the task becomes
+/// claimable again by the same dispatch, which the worker then naks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    pub task_id: TaskId,
+    pub lease_id: LeaseId,
+}
+
+/// Whether the lease was handed back.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseReply {
+    pub released: bool,
+}

@@ -1,0 +1,172 @@
+//! `bloom-reconciler`: the control plane that keeps Postgres authoritative.
+//!
+//! | duty | module | runs on |
+//! |---|---|---|
+//! | claims, lease heartbeats, hand-backs, worker beats | [`control`] | every replica (NATS queue group) |
+//! | results → completed/failed tasks, artifacts | [`results`] | every replica (shared durable consumer) |
+//! | outbox relay | [`relay`] | every replica (`FOR UPDATE SKIP LOCKED` batches) |
+//! | lease expiry, silent workers, rerouting | [`sweeper`] | every replica (`SKIP LOCKED` / guarded updates) |
+//! | membridge agent sync | [`membridge_sync`] | the elected leader only ([`leader`]) |
+//!
+//! Every duty is a loop around a `run_once` that returns what it did, so tests drive
+//! them directly.
+
+pub mod control;
+pub mod leader;
+pub mod membridge_sync;
+pub mod relay;
+pub mod results;
+pub mod sweeper;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::artifacts::ArtifactStore;
+use crate::bus::{provision, Dispatcher, Names};
+use crate::membridge;
+use crate::metrics::Metrics;
+
+/// Settings of the reconciler's duties.
+#[derive(Clone, Debug)]
+pub struct ReconcilerSettings {
+    pub lease_ttl: Duration,
+    /// Extra time past `expires_at` before a lease is expired.
+    pub expiry_grace: Duration,
+    pub sweep_interval: Duration,
+    pub relay_interval: Duration,
+    /// Outbox rows younger than this are left to the process that wrote them.
+    pub relay_min_age: Duration,
+    /// A NATS worker silent this long is marked offline.
+    pub worker_timeout: Duration,
+    pub membridge_interval: Duration,
+    /// Membridge workers absent from `/agents` and silent this long go offline (seed: 60 s).
+    pub membridge_stale_after: Duration,
+    pub membridge_default: membridge::Endpoint,
+    pub leader_poll: Duration,
+    pub request_timeout: Duration,
+}
+
+impl Default for ReconcilerSettings {
+    fn default() -> Self {
+        ReconcilerSettings {
+            lease_ttl: Duration::from_secs(300),
+            expiry_grace: Duration::from_secs(2),
+            sweep_interval: Duration::from_secs(1),
+            relay_interval: Duration::from_millis(500),
+            relay_min_age: Duration::from_secs(2),
+            worker_timeout: Duration::from_secs(30),
+            membridge_interval: Duration::from_secs(10),
+            membridge_stale_after: Duration::from_secs(60),
+            membridge_default: membridge::Endpoint { url: "http://127.0.0.1:8000".into(), admin_key: Default::default() },
+            leader_poll: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything the duties share.
+#[derive(Clone)]
+pub struct Reconciler {
+    pub pool: PgPool,
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub names: Names,
+    pub dispatcher: Dispatcher,
+    pub artifacts: ArtifactStore,
+    pub membridge: Arc<membridge::Client>,
+    pub metrics: Arc<Metrics>,
+    pub settings: Arc<ReconcilerSettings>,
+}
+
+impl Reconciler {
+    /// Provisions NATS and builds the shared state.
+    pub async fn new(
+        pool: PgPool,
+        client: async_nats::Client,
+        names: Names,
+        artifacts: ArtifactStore,
+        metrics: Arc<Metrics>,
+        settings: ReconcilerSettings,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<Reconciler> {
+        let js = crate::bus::jetstream(client.clone(), settings.request_timeout);
+        provision::apply(&js, &names, settings.lease_ttl).await?;
+        let dispatcher = Dispatcher::spawn(js.clone(), names.clone(), pool.clone(), metrics.clone(), cancel.clone());
+        let membridge = Arc::new(membridge::Client::new(Duration::from_secs(10)));
+        Ok(Reconciler { pool, client, js, names, dispatcher, artifacts, membridge, metrics, settings: Arc::new(settings) })
+    }
+
+    /// Runs every duty until `cancel` fires.
+    pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let mut duties = JoinSet::new();
+        duties.spawn(control::run(self.clone(), cancel.clone()));
+        duties.spawn(results::run(self.clone(), cancel.clone()));
+        duties.spawn(relay::run(self.clone(), cancel.clone()));
+        duties.spawn(sweeper::run(self.clone(), cancel.clone()));
+        duties.spawn(leader::run_as_leader(self.clone(), cancel.clone()));
+        while let Some(done) = duties.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    cancel.cancel();
+                    return Err(e);
+                }
+                Err(e) => {
+                    cancel.cancel();
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The reconciler's own HTTP endpoints: `/healthz`, `/readyz`, `/metrics`, `/status`.
+pub fn router(r: Reconciler) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(|State(r): State<Reconciler>| async move {
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], r.metrics.render())
+        }))
+        .route("/status", get(status))
+        .with_state(r)
+}
+
+async fn ready(State(r): State<Reconciler>) -> impl IntoResponse {
+    let db = sqlx::query("SELECT 1").execute(&r.pool).await.is_ok();
+    let nats = r.client.connection_state() == async_nats::connection::State::Connected;
+    let code = if db && nats { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(serde_json::json!({ "database": db, "nats": nats })))
+}
+
+/// What the duties have done, for operators.
+async fn status(State(r): State<Reconciler>) -> Json<serde_json::Value> {
+    let m = &r.metrics;
+    Json(serde_json::json!({
+        "leader": m.is_leader.get() == 1,
+        "leader_changes": m.leader_changes_total.get(),
+        "claims": { "granted": m.claims_granted_total.get(), "refused": m.claims_refused_total.get() },
+        "heartbeats": { "renewed": m.heartbeats_total.get(), "lost": m.heartbeats_lost_total.get() },
+        "results": { "completed": m.results_completed_total.get(), "late": m.results_late_total.get(),
+                     "rejected": m.results_rejected_total.get() },
+        "leases_expired": m.leases_expired_total.get(),
+        "tasks_requeued": m.tasks_requeued_total.get(),
+        "tasks_dead": m.tasks_dead_total.get(),
+        "tasks_rerouted": m.tasks_rerouted_total.get(),
+        "workers_marked_offline": m.workers_marked_offline_total.get(),
+        "outbox": { "relayed": m.outbox_rows_relayed.get(), "backlog": m.outbox_backlog.get() },
+        "membridge_sync": { "runs": m.membridge_sync_runs_total.get(), "errors": m.membridge_sync_errors_total.get(),
+                            "client": r.membridge.state() },
+        "s3_fallbacks": m.s3_fallbacks_total.get(),
+    }))
+}

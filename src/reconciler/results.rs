@@ -1,0 +1,132 @@
+//! Consumes the results stream (one durable consumer shared by every replica) and
+//! completes tasks in Postgres. A batch of results is one transaction; each message is
+//! acknowledged only after that transaction committed, so a reconciler killed at any
+//! point loses no result (JetStream redelivers it) and a redelivered result finds its
+//! lease no longer current and is recorded as late: never a second completion.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{AckKind, Message};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::Reconciler;
+use crate::db::lifecycle::{self, Completion, CompletionOutcome};
+use crate::domain::ArtifactId;
+use crate::protocol::ResultMessage;
+
+/// Largest batch of results per transaction.
+const MAX_BATCH: usize = 512;
+
+/// What one batch did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ResultsReport {
+    pub completed: usize,
+    pub late: usize,
+    pub rejected: usize,
+}
+
+/// Consumes results until `cancel` fires. Reconnects after NATS errors.
+pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()> {
+    let slots = Arc::new(Semaphore::new(2));
+    while !cancel.is_cancelled() {
+        let consumer: Result<PullConsumer, _> = async {
+            r.js.get_stream(r.names.results_stream()).await?.get_consumer(&r.names.results_consumer()).await
+        }
+        .await
+        .map_err(|e| anyhow::anyhow!(e.to_string()));
+        let messages = match consumer {
+            Ok(c) => c.stream().max_messages_per_batch(MAX_BATCH).heartbeat(Duration::from_secs(5)).messages().await,
+            Err(e) => {
+                tracing::warn!(error = %e, "results consumer unavailable; retrying");
+                tokio::select! { _ = cancel.cancelled() => break, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
+                continue;
+            }
+        };
+        let Ok(messages) = messages else {
+            tokio::select! { _ = cancel.cancelled() => break, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
+            continue;
+        };
+        let mut batches = messages.ready_chunks(MAX_BATCH);
+        loop {
+            let batch = tokio::select! {
+                _ = cancel.cancelled() => break,
+                b = batches.next() => match b { Some(b) => b, None => break },
+            };
+            let msgs: Vec<Message> = batch.into_iter().filter_map(Result::ok).collect();
+            if msgs.is_empty() {
+                // Errors only (e.g. missed heartbeats): start a fresh pull stream.
+                break;
+            }
+            let Ok(permit) = slots.clone().acquire_owned().await else { break };
+            let r = r.clone();
+            tokio::spawn(async move {
+                if let Err(e) = handle(&r, msgs).await {
+                    tracing::error!(error = %e, "storing results failed; they will be redelivered");
+                }
+                drop(permit);
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Stores one batch of result messages and acknowledges them.
+pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsReport> {
+    let mut report = ResultsReport::default();
+    let mut parsed = Vec::with_capacity(msgs.len());
+    for msg in msgs {
+        match serde_json::from_slice::<ResultMessage>(&msg.payload) {
+            Ok(res) => parsed.push((msg, res)),
+            Err(e) => {
+                report.rejected += 1;
+                r.metrics.results_rejected_total.inc();
+                tracing::warn!(error = %e, "malformed result message terminated");
+                let _ = msg.ack_with(AckKind::Term).await;
+            }
+        }
+    }
+    let mut completions = Vec::with_capacity(parsed.len());
+    for (_, res) in &parsed {
+        let artifact = r.artifacts.store(&res.task_id, &res.lease_id, res.output.as_deref()).await;
+        completions.push(Completion {
+            task_id: res.task_id.clone(),
+            lease_id: res.lease_id.clone(),
+            status: res.status,
+            output: res.output.clone(),
+            error_message: res.error_message.clone(),
+            metrics: res.metrics.clone(),
+            artifact_type: "LLM_RESULT".into(),
+            artifact_tags: Vec::new(),
+            artifact_id: ArtifactId::generate(),
+            artifact,
+        });
+    }
+    let outcomes = match lifecycle::complete(&r.pool, &completions).await {
+        Ok(o) => o,
+        Err(e) => {
+            for (msg, _) in &parsed {
+                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
+            return Err(e);
+        }
+    };
+    for ((msg, res), outcome) in parsed.iter().zip(outcomes) {
+        match outcome {
+            CompletionOutcome::Completed { .. } => {
+                report.completed += 1;
+                r.metrics.results_completed_total.inc();
+                r.metrics.task_duration_seconds.observe(res.metrics.duration_ms as f64 / 1000.0);
+            }
+            CompletionOutcome::Late => {
+                report.late += 1;
+                r.metrics.results_late_total.inc();
+            }
+        }
+        let _ = msg.ack().await;
+    }
+    Ok(report)
+}

@@ -1,0 +1,98 @@
+//! Lease expiry and worker liveness, on every replica: expired leases are taken with
+//! `FOR UPDATE SKIP LOCKED`, so replicas share the work and never expire one lease twice.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Reconciler;
+use crate::db::{lifecycle, workers};
+use crate::domain::WorkerId;
+use crate::time::now_ms;
+
+/// Leases expired per transaction.
+const BATCH: i64 = 500;
+
+/// What one pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub leases_expired: usize,
+    pub tasks_requeued: usize,
+    pub tasks_dead: usize,
+    pub workers_offline: usize,
+    pub tasks_rerouted: usize,
+}
+
+/// Runs [`run_once`] every `sweep_interval` until `cancel` fires.
+pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(r.settings.sweep_interval) => {}
+        }
+        match run_once(&r).await {
+            Ok(report) if report != SweepReport::default() => tracing::info!(?report, "sweep"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweep failed"),
+        }
+    }
+}
+
+/// Expires overdue leases (requeueing or killing their tasks), marks silent NATS
+/// workers offline and moves their routed tasks to the pool.
+pub async fn run_once(r: &Reconciler) -> sqlx::Result<SweepReport> {
+    let mut report = SweepReport::default();
+    let cutoff = now_ms() - r.settings.expiry_grace.as_millis() as i64;
+    loop {
+        let expiry = lifecycle::expire(&r.pool, cutoff, BATCH).await?;
+        report.leases_expired += expiry.expired;
+        report.tasks_requeued += expiry.requeued.len();
+        report.tasks_dead += expiry.dead;
+        r.dispatcher.send(expiry.requeued);
+        if (expiry.expired as i64) < BATCH {
+            break;
+        }
+    }
+    let m = &r.metrics;
+    m.leases_expired_total.add(report.leases_expired as u64);
+    m.tasks_requeued_total.add(report.tasks_requeued as u64);
+    m.tasks_dead_total.add(report.tasks_dead as u64);
+
+    let silent_since = now_ms() - r.settings.worker_timeout.as_millis() as i64;
+    let offline = workers::expire_silent_nats_workers(&r.pool, silent_since).await?;
+    report.workers_offline = offline.len();
+    m.workers_marked_offline_total.add(offline.len() as u64);
+    report.tasks_rerouted = reroute(r, &offline).await;
+    Ok(report)
+}
+
+/// Moves queued tasks routed to `offline` workers back to the pool and purges their
+/// direct subjects. Returns the number of tasks moved.
+pub async fn reroute(r: &Reconciler, offline: &[WorkerId]) -> usize {
+    if offline.is_empty() {
+        return 0;
+    }
+    match lifecycle::reroute(&r.pool, offline).await {
+        Ok(moved) => {
+            let n = moved.len();
+            r.metrics.tasks_rerouted_total.add(n as u64);
+            r.dispatcher.send(moved);
+            if let Ok(mut stream) = r.js.get_stream(r.names.tasks_stream()).await {
+                for w in offline {
+                    // The old dispatches can no longer be claimed; drop them from the stream.
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        stream.purge().filter(r.names.worker_subject(w)),
+                    )
+                    .await;
+                }
+                let _ = stream.info().await;
+            }
+            n
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "rerouting tasks of offline workers failed");
+            0
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Runs one task: a configured command (by default the Claude CLI in print mode) or the
+//! built-in test executor.
+//!
+//! The command runs as `sh -c <command>` in its own process group, with the prompt on
+//! stdin and the task in environment variables:
+//!
+//! | variable | value |
+//! |---|---|
+//! | `BLOOM_TASK_ID` | task id |
+//! | `BLOOM_CONTEXT_ID` | `context_id` |
+//! | `BLOOM_AGENT_SLUG` | `agent_slug` |
+//! | `BLOOM_DESIRED_FORMAT` | `json` or `text` |
+//! | `BLOOM_CONTEXT_HINTS` | `context_hints` as a JSON array |
+//! | `BLOOM_TIMEOUT_SEC` | `policy.timeout_sec` |
+//! | `BLOOM_BUDGET` | `policy.budget` |
+//! | `BLOOM_ATTEMPT` | attempt number (1-based) |
+//!
+//! stdout is the output (at most `max_output_bytes`); a non-zero exit, a timeout (the
+//! whole process group is killed) or an oversized output is an error result. When stdout
+//! is the Claude CLI's JSON envelope (`{"type":"result","result":...,"usage":...}`), the
+//! output is its `result` and `tokens_used` its input plus output tokens.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{DesiredFormat, Metrics, ResultStatus};
+use crate::protocol::TaskMessage;
+
+/// Default command: the Claude CLI in print mode with JSON output, prompt on stdin.
+pub const DEFAULT_COMMAND: &str = "claude -p --output-format json";
+
+/// What executes tasks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Executor {
+    /// A shell command.
+    Command { command: String, max_output_bytes: usize },
+    /// The built-in test executor, driven by the prompt: `sleep:<ms>` sleeps then
+    /// echoes, `fail[:<message>]` fails, `crash` aborts the worker process, anything
+    /// else is echoed back as the output.
+    Builtin,
+}
+
+/// The outcome of one execution.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub status: ResultStatus,
+    pub output: Option<String>,
+    pub error_message: Option<String>,
+    pub metrics: Metrics,
+}
+
+impl Outcome {
+    fn success(output: String, started: Instant, tokens_used: Option<i64>) -> Outcome {
+        Outcome {
+            status: ResultStatus::Success,
+            output: Some(output),
+            error_message: None,
+            metrics: Metrics { duration_ms: started.elapsed().as_millis() as i64, tokens_used },
+        }
+    }
+
+    fn error(message: impl Into<String>, output: Option<String>, started: Instant) -> Outcome {
+        Outcome {
+            status: ResultStatus::Error,
+            output,
+            error_message: Some(message.into()),
+            metrics: Metrics { duration_ms: started.elapsed().as_millis() as i64, tokens_used: None },
+        }
+    }
+}
+
+impl Executor {
+    /// Runs `task`. Returns `None` when `cancel` fired first (the task is handed back).
+    pub async fn run(&self, task: &TaskMessage, cancel: &CancellationToken) -> Option<Outcome> {
+        let started = Instant::now();
+        let timeout = Duration::from_secs(task.policy.timeout_sec.clamp(1, 3600) as u64);
+        let outcome = match self {
+            Executor::Builtin => tokio::select! {
+                _ = cancel.cancelled() => return None,
+                r = tokio::time::timeout(timeout, builtin(task, started)) => r.unwrap_or_else(|_| {
+                    Outcome::error(format!("timed out after {}s", timeout.as_secs()), None, started)
+                }),
+            },
+            Executor::Command { command, max_output_bytes } => {
+                run_command(command, *max_output_bytes, task, timeout, cancel, started).await?
+            }
+        };
+        Some(check_format(outcome, task.desired_format, started))
+    }
+}
+
+async fn builtin(task: &TaskMessage, started: Instant) -> Outcome {
+    let prompt = task.prompt.trim();
+    if let Some(ms) = prompt.strip_prefix("sleep:") {
+        let ms: u64 = ms.trim().parse().unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        return Outcome::success(format!("slept {ms}ms"), started, None);
+    }
+    if prompt == "fail" || prompt.starts_with("fail:") {
+        let msg = prompt.strip_prefix("fail:").unwrap_or("builtin executor asked to fail").trim();
+        return Outcome::error(msg, None, started);
+    }
+    if prompt == "crash" {
+        tracing::error!(task.id = %task.task_id, "builtin executor asked to crash: aborting the worker process");
+        std::process::abort();
+    }
+    Outcome::success(task.prompt.clone(), started, None)
+}
+
+fn check_format(outcome: Outcome, format: DesiredFormat, started: Instant) -> Outcome {
+    if outcome.status == ResultStatus::Success && format == DesiredFormat::Json {
+        let out = outcome.output.as_deref().unwrap_or("");
+        if let Err(e) = serde_json::from_str::<serde_json::Value>(out) {
+            return Outcome::error(format!("output is not valid JSON (desired_format json): {e}"), outcome.output, started);
+        }
+    }
+    outcome
+}
+
+/// Reads at most `limit` bytes; `Err(())` when there was more.
+async fn read_bounded(mut r: impl AsyncReadExt + Unpin, limit: usize) -> Result<Vec<u8>, ()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => return Ok(buf),
+            Ok(n) => {
+                if buf.len() + n > limit {
+                    return Err(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+}
+
+fn kill_group(pid: Option<u32>) {
+    if let Some(pid) = pid {
+        // SAFETY: kill(2) with a negative pid signals the process group we created.
+        unsafe {
+            libc::kill(-(pid as i32), libc::SIGKILL);
+        }
+    }
+}
+
+async fn run_command(
+    command: &str,
+    max_output: usize,
+    task: &TaskMessage,
+    timeout: Duration,
+    cancel: &CancellationToken,
+    started: Instant,
+) -> Option<Outcome> {
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(command)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .env("BLOOM_TASK_ID", task.task_id.as_str())
+        .env("BLOOM_CONTEXT_ID", &task.context_id)
+        .env("BLOOM_AGENT_SLUG", &task.agent_slug)
+        .env("BLOOM_DESIRED_FORMAT", task.desired_format.as_str())
+        .env("BLOOM_CONTEXT_HINTS", serde_json::to_string(&task.context_hints).unwrap_or_default())
+        .env("BLOOM_TIMEOUT_SEC", task.policy.timeout_sec.to_string())
+        .env("BLOOM_BUDGET", task.policy.budget.to_string())
+        .env("BLOOM_ATTEMPT", (task.attempts + 1).to_string());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Some(Outcome::error(format!("could not start executor: {e}"), None, started)),
+    };
+    let pid = child.id();
+    let mut stdin = child.stdin.take();
+    let prompt = task.prompt.clone();
+    let feed = async move {
+        if let Some(stdin) = stdin.as_mut() {
+            let _ = stdin.write_all(prompt.as_bytes()).await;
+            let _ = stdin.shutdown().await;
+        }
+    };
+    let stdout = child.stdout.take().expect("stdout piped");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let work = async {
+        let (_, out, err, status) =
+            tokio::join!(feed, read_bounded(stdout, max_output), read_bounded(stderr, 64 * 1024), child.wait());
+        (out, err, status)
+    };
+    let (out, err, status) = tokio::select! {
+        r = tokio::time::timeout(timeout, work) => match r {
+            Ok(r) => r,
+            Err(_) => {
+                kill_group(pid);
+                return Some(Outcome::error(format!("timed out after {}s", timeout.as_secs()), None, started));
+            }
+        },
+        _ = cancel.cancelled() => {
+            kill_group(pid);
+            return None;
+        }
+    };
+    // Children the command left behind in its group.
+    kill_group(pid);
+    let Ok(out) = out else {
+        return Some(Outcome::error(format!("output exceeded {max_output} bytes"), None, started));
+    };
+    let stdout = String::from_utf8_lossy(&out).into_owned();
+    let stderr_tail = err.map(|e| String::from_utf8_lossy(&e).trim().to_owned()).unwrap_or_default();
+    match status {
+        Ok(s) if s.success() => Some(parse_stdout(stdout, started)),
+        Ok(s) => {
+            let code = s.code().map_or_else(|| "a signal".to_owned(), |c| format!("code {c}"));
+            let msg = if stderr_tail.is_empty() {
+                format!("executor exited with {code}")
+            } else {
+                format!("executor exited with {code}: {stderr_tail}")
+            };
+            Some(Outcome::error(msg, Some(stdout), started))
+        }
+        Err(e) => Some(Outcome::error(format!("waiting for executor failed: {e}"), None, started)),
+    }
+}
+
+/// Unwraps the Claude CLI's JSON envelope when stdout is one.
+fn parse_stdout(stdout: String, started: Instant) -> Outcome {
+    let Ok(serde_json::Value::Object(env)) = serde_json::from_str::<serde_json::Value>(&stdout) else {
+        return Outcome::success(stdout, started, None);
+    };
+    if env.get("type").and_then(|t| t.as_str()) != Some("result") {
+        return Outcome::success(stdout, started, None);
+    }
+    let tokens = env.get("usage").map(|u| {
+        ["input_tokens", "output_tokens"].iter().filter_map(|k| u.get(*k).and_then(|v| v.as_i64())).sum::<i64>()
+    });
+    let result = env.get("result").and_then(|r| r.as_str()).map(str::to_owned);
+    if env.get("is_error").and_then(|e| e.as_bool()) == Some(true) {
+        let mut o = Outcome::error(result.clone().unwrap_or_else(|| "executor reported an error".into()), result, started);
+        o.metrics.tokens_used = tokens;
+        return o;
+    }
+    Outcome::success(result.unwrap_or(stdout), started, tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Policy;
+
+    fn task(prompt: &str, format: DesiredFormat, timeout_sec: i64) -> TaskMessage {
+        TaskMessage {
+            task_id: "t1".into(),
+            dispatch_seq: 1,
+            context_id: "ctx".into(),
+            agent_slug: "agent".into(),
+            prompt: prompt.into(),
+            context_hints: vec!["h1".into()],
+            policy: Policy { timeout_sec, budget: 0.0 },
+            desired_format: format,
+            attempts: 0,
+            max_attempts: 3,
+            created_at: 0,
+        }
+    }
+
+    fn cmd(c: &str) -> Executor {
+        Executor::Command { command: c.into(), max_output_bytes: 1024 }
+    }
+
+    #[tokio::test]
+    async fn command_gets_prompt_on_stdin_and_task_in_env() {
+        let out = cmd("printf '%s|%s|%s' \"$(cat)\" \"$BLOOM_AGENT_SLUG\" \"$BLOOM_CONTEXT_HINTS\"")
+            .run(&task("hello", DesiredFormat::Text, 10), &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(out.status, ResultStatus::Success, "{out:?}");
+        assert_eq!(out.output.as_deref(), Some("hello|agent|[\"h1\"]"));
+    }
+
+    #[tokio::test]
+    async fn non_zero_exit_is_an_error_with_stderr() {
+        let out = cmd("echo boom >&2; exit 3").run(&task("x", DesiredFormat::Text, 10), &CancellationToken::new()).await.unwrap();
+        assert_eq!(out.status, ResultStatus::Error);
+        assert_eq!(out.error_message.as_deref(), Some("executor exited with code 3: boom"));
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_process_group() {
+        let start = Instant::now();
+        let out = cmd("sleep 30 & sleep 30; echo never").run(&task("x", DesiredFormat::Text, 1), &CancellationToken::new()).await.unwrap();
+        assert_eq!(out.error_message.as_deref(), Some("timed out after 1s"));
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn oversized_output_is_an_error() {
+        let out = cmd("head -c 5000 /dev/zero").run(&task("x", DesiredFormat::Text, 10), &CancellationToken::new()).await.unwrap();
+        assert_eq!(out.error_message.as_deref(), Some("output exceeded 1024 bytes"));
+    }
+
+    #[tokio::test]
+    async fn json_format_is_validated_and_claude_envelope_unwrapped() {
+        let bad = cmd("echo not-json").run(&task("x", DesiredFormat::Json, 10), &CancellationToken::new()).await.unwrap();
+        assert_eq!(bad.status, ResultStatus::Error);
+        let envelope = r#"{"type":"result","result":"{\"a\":1}","usage":{"input_tokens":5,"output_tokens":7}}"#;
+        let good = cmd(&format!("echo '{envelope}'")).run(&task("x", DesiredFormat::Json, 10), &CancellationToken::new()).await.unwrap();
+        assert_eq!(good.status, ResultStatus::Success, "{good:?}");
+        assert_eq!(good.output.as_deref(), Some("{\"a\":1}"));
+        assert_eq!(good.metrics.tokens_used, Some(12));
+    }
+
+    #[tokio::test]
+    async fn builtin_echoes_sleeps_and_fails() {
+        let c = CancellationToken::new();
+        let echo = Executor::Builtin.run(&task("hi", DesiredFormat::Text, 10), &c).await.unwrap();
+        assert_eq!(echo.output.as_deref(), Some("hi"));
+        let fail = Executor::Builtin.run(&task("fail: nope", DesiredFormat::Text, 10), &c).await.unwrap();
+        assert_eq!(fail.error_message.as_deref(), Some("nope"));
+        let slow = Executor::Builtin.run(&task("sleep:3000", DesiredFormat::Text, 1), &c).await.unwrap();
+        assert_eq!(slow.error_message.as_deref(), Some("timed out after 1s"));
+        c.cancel();
+        assert!(Executor::Builtin.run(&task("sleep:3000", DesiredFormat::Text, 10), &c).await.is_none());
+    }
+}

@@ -1,0 +1,391 @@
+//! `bloom-worker`: pulls task dispatches from JetStream, claims them from the
+//! reconcilers, runs the executor and publishes results.
+//!
+//! Per message: claim (request/reply; a refused claim terminates the message so it is
+//! never executed twice) → execute, sending an in-progress ack and a lease heartbeat
+//! every TTL/3 → publish the result to the results stream → ack the task message only
+//! after the result's publish is acknowledged. On shutdown the worker stops pulling,
+//! lets in-flight tasks finish within the grace period and hands the others back
+//! (lease released, message nak'ed) so another worker takes them at once.
+
+pub mod executor;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self, AckKind, Message};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{provision, Names};
+use crate::domain::{Capabilities, LeaseId, WorkerId, WorkerStatus};
+use crate::metrics::Metrics;
+use crate::protocol::{
+    ClaimItem, ClaimReply, ClaimRequest, HeartbeatReply, HeartbeatRequest, LeaseGrant, ReleaseReply, ReleaseRequest,
+    ResultMessage, TaskMessage, WorkerBeat,
+};
+pub use executor::Executor;
+
+/// How a worker runs.
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    pub id: WorkerId,
+    pub capabilities: Capabilities,
+    pub executor: Executor,
+    /// Lease TTL (the consumers' ack-wait) to provision with.
+    pub lease_ttl: Duration,
+    /// Interval of liveness beats.
+    pub beat_interval: Duration,
+    /// Time in-flight tasks get to finish on shutdown before they are handed back.
+    pub shutdown_grace: Duration,
+    /// Timeout of claim/heartbeat requests and result publishes.
+    pub request_timeout: Duration,
+}
+
+#[derive(Clone)]
+struct Ctx {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    names: Names,
+    settings: Arc<WorkerSettings>,
+    metrics: Arc<Metrics>,
+    ttl_secs: i32,
+}
+
+/// Runs the worker until `cancel` fires, then drains.
+pub async fn run(
+    client: async_nats::Client,
+    names: Names,
+    settings: WorkerSettings,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let js = crate::bus::jetstream(client.clone(), settings.request_timeout);
+    provision::apply(&js, &names, settings.lease_ttl).await?;
+    provision::apply_worker_consumer(&js, &names, settings.lease_ttl, &settings.id).await?;
+    let stream = js.get_stream(names.tasks_stream()).await?;
+    let mut pool: PullConsumer = stream.get_consumer(&names.pool_consumer()).await.map_err(|e| anyhow::anyhow!(e))?;
+    let direct: PullConsumer =
+        stream.get_consumer(&names.worker_consumer(&settings.id)).await.map_err(|e| anyhow::anyhow!(e))?;
+    // The lease TTL is the ack-wait the consumer really has.
+    let ack_wait = pool.info().await.map(|i| i.config.ack_wait).unwrap_or(settings.lease_ttl);
+    let ttl_secs = ack_wait.as_secs().clamp(1, 86_400) as i32;
+    let ctx = Ctx { client, js, names, settings: Arc::new(settings), metrics, ttl_secs };
+    tracing::info!(worker.id = %ctx.settings.id, ttl_secs, "worker started");
+
+    let slots = Arc::new(Semaphore::new(ctx.settings.capabilities.max_concurrency.max(1) as usize));
+    // Tasks stop on `hard`, which fires when the grace period after `cancel` runs out.
+    let hard = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let mut loops = JoinSet::new();
+    let (exec_tx, mut exec_rx) = tokio::sync::mpsc::unbounded_channel();
+    for consumer in [pool, direct] {
+        loops.spawn(pull_loop(ctx.clone(), consumer, slots.clone(), exec_tx.clone(), cancel.clone()));
+    }
+    drop(exec_tx);
+    let beats = tokio::spawn(beat_loop(ctx.clone(), slots.clone(), cancel.clone()));
+
+    loop {
+        tokio::select! {
+            Some((msg, task, grant, permit)) = exec_rx.recv() => {
+                tasks.spawn(execute(ctx.clone(), msg, task, grant, permit, hard.clone()));
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = cancel.cancelled() => break,
+        }
+    }
+    // Stop pulling; claimed messages still in the channel are handed back like in-flight ones.
+    while loops.join_next().await.is_some() {}
+    while let Ok((msg, task, grant, permit)) = exec_rx.try_recv() {
+        tasks.spawn(execute(ctx.clone(), msg, task, grant, permit, hard.clone()));
+    }
+    tracing::info!(in_flight = tasks.len(), grace = ?ctx.settings.shutdown_grace, "draining");
+    let drained = tokio::time::timeout(ctx.settings.shutdown_grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        hard.cancel();
+        while tasks.join_next().await.is_some() {}
+    }
+    let _ = beats.await;
+    Ok(())
+}
+
+type Claimed = (Message, TaskMessage, LeaseGrant, OwnedSemaphorePermit);
+
+/// Pulls from one consumer while slots are free, claims what arrives, and hands granted
+/// tasks to the executor.
+async fn pull_loop(
+    ctx: Ctx,
+    consumer: PullConsumer,
+    slots: Arc<Semaphore>,
+    exec: tokio::sync::mpsc::UnboundedSender<Claimed>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let mut permits = vec![first];
+        while permits.len() < 256 {
+            match slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let batch = consumer
+            .batch()
+            .max_messages(permits.len())
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await;
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "pull failed; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        };
+        let mut chunks = batch.ready_chunks(permits.len());
+        loop {
+            let chunk = tokio::select! {
+                _ = cancel.cancelled() => None,
+                c = chunks.next() => c,
+            };
+            let Some(chunk) = chunk else { break };
+            let msgs: Vec<Message> = chunk
+                .into_iter()
+                .filter_map(|m| m.map_err(|e| tracing::debug!(error = %e, "pull batch ended")).ok())
+                .collect();
+            for (msg, task, grant) in claim(&ctx, msgs).await {
+                let Some(permit) = permits.pop() else {
+                    // More messages than slots cannot happen (batch size = permits); be safe.
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    continue;
+                };
+                if exec.send((msg, task, grant, permit)).is_err() {
+                    return;
+                }
+            }
+            if permits.is_empty() {
+                break;
+            }
+        }
+        if cancel.is_cancelled() {
+            return;
+        }
+    }
+}
+
+/// Claims a batch of messages in one request. Malformed messages and refused claims
+/// are terminated; if the reconcilers cannot decide, the messages are nak'ed for later.
+async fn claim(ctx: &Ctx, msgs: Vec<Message>) -> Vec<(Message, TaskMessage, LeaseGrant)> {
+    let mut parsed = Vec::with_capacity(msgs.len());
+    for msg in msgs {
+        if msg.info().is_ok_and(|i| i.delivered > 1) {
+            ctx.metrics.redeliveries_total.inc();
+        }
+        match serde_json::from_slice::<TaskMessage>(&msg.payload) {
+            Ok(task) => parsed.push((msg, task)),
+            Err(e) => {
+                ctx.metrics.malformed_messages_total.inc();
+                tracing::warn!(subject = %msg.subject, error = %e, "malformed task message terminated");
+                let _ = msg.ack_with(AckKind::Term).await;
+            }
+        }
+    }
+    if parsed.is_empty() {
+        return Vec::new();
+    }
+    let req = ClaimRequest {
+        worker_id: ctx.settings.id.clone(),
+        ttl_seconds: ctx.ttl_secs,
+        items: parsed.iter().map(|(_, t)| ClaimItem { task_id: t.task_id.clone(), dispatch_seq: t.dispatch_seq, created_at: t.created_at }).collect(),
+    };
+    let reply = request::<_, ClaimReply>(ctx, ctx.names.claim_subject(), &req).await;
+    let decisions = match reply {
+        Ok(ClaimReply::Decided { items }) if items.len() == parsed.len() => items,
+        other => {
+            tracing::warn!(reply = ?other, "claim undecided; messages will be redelivered");
+            for (msg, _) in parsed {
+                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
+            return Vec::new();
+        }
+    };
+    let mut granted = Vec::new();
+    for ((msg, task), decision) in parsed.into_iter().zip(decisions) {
+        match decision {
+            Some(grant) => granted.push((msg, task, grant)),
+            None => {
+                tracing::debug!(task.id = %task.task_id, seq = task.dispatch_seq, "claim refused: dispatch not current");
+                let _ = msg.ack_with(AckKind::Term).await;
+            }
+        }
+    }
+    granted
+}
+
+async fn request<Req: serde::Serialize, Rep: serde::de::DeserializeOwned>(
+    ctx: &Ctx,
+    subject: String,
+    req: &Req,
+) -> anyhow::Result<Rep> {
+    let body = Bytes::from(serde_json::to_vec(req)?);
+    let msg = tokio::time::timeout(ctx.settings.request_timeout, ctx.client.request(subject, body)).await??;
+    Ok(serde_json::from_slice(&msg.payload)?)
+}
+
+/// Runs one granted task to its result.
+async fn execute(
+    ctx: Ctx,
+    msg: Message,
+    task: TaskMessage,
+    grant: LeaseGrant,
+    permit: OwnedSemaphorePermit,
+    hard: CancellationToken,
+) {
+    let _permit = permit;
+    let lost = CancellationToken::new();
+    let stop = CancellationToken::new();
+    let beat = tokio::spawn(heartbeat_loop(ctx.clone(), msg.clone(), task.task_id.clone(), grant.lease_id.clone(), lost.clone(), stop.clone()));
+    let run_cancel = CancellationToken::new();
+    let outcome = tokio::select! {
+        o = ctx.settings.executor.run(&task, &run_cancel) => o,
+        _ = lost.cancelled() => { run_cancel.cancel(); None }
+        _ = hard.cancelled() => { run_cancel.cancel(); None }
+    };
+    stop.cancel();
+    let _ = beat.await;
+    let Some(outcome) = outcome else {
+        if lost.is_cancelled() {
+            tracing::warn!(task.id = %task.task_id, "lease lost while running; result dropped");
+            let _ = msg.ack_with(AckKind::Term).await;
+        } else {
+            hand_back(&ctx, &msg, &task, &grant.lease_id).await;
+        }
+        return;
+    };
+    ctx.metrics.executions_total.inc();
+    if outcome.status == crate::domain::ResultStatus::Error {
+        ctx.metrics.executions_failed_total.inc();
+    }
+    let result = ResultMessage {
+        task_id: task.task_id.clone(),
+        lease_id: grant.lease_id.clone(),
+        worker_id: ctx.settings.id.clone(),
+        status: outcome.status,
+        output: outcome.output,
+        error_message: outcome.error_message,
+        metrics: outcome.metrics,
+    };
+    if publish_result(&ctx, &result, &hard).await {
+        let _ = msg.ack().await;
+    } else {
+        // Not acknowledged: the message is redelivered after the TTL and the lease expires.
+        tracing::error!(task.id = %task.task_id, "result could not be published");
+    }
+}
+
+/// Publishes a result, retrying until JetStream acknowledges it or `hard` fires.
+async fn publish_result(ctx: &Ctx, result: &ResultMessage, hard: &CancellationToken) -> bool {
+    let body = Bytes::from(serde_json::to_vec(result).expect("result serializes"));
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", result.msg_id().as_str());
+        let attempt = async {
+            ctx.js.publish_with_headers(ctx.names.results_subject(), headers, body.clone()).await?.await?;
+            anyhow::Ok(())
+        };
+        match attempt.await {
+            Ok(()) => return true,
+            Err(e) => tracing::warn!(task.id = %result.task_id, error = %e, "publishing result failed; retrying"),
+        }
+        tokio::select! {
+            _ = hard.cancelled() => return false,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Every TTL/3: an in-progress ack (JetStream's lease) and a lease heartbeat
+/// (Postgres's lease). A heartbeat answered `Lost` stops the task.
+async fn heartbeat_loop(
+    ctx: Ctx,
+    msg: Message,
+    task_id: crate::domain::TaskId,
+    lease_id: LeaseId,
+    lost: CancellationToken,
+    stop: CancellationToken,
+) {
+    let period = Duration::from_millis((ctx.ttl_secs as u64 * 1000 / 3).max(200));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let _ = msg.ack_with(AckKind::Progress).await;
+        let req = HeartbeatRequest { task_id: task_id.clone(), lease_id: lease_id.clone() };
+        match request::<_, HeartbeatReply>(&ctx, ctx.names.heartbeat_subject(), &req).await {
+            Ok(HeartbeatReply::Lost) => {
+                lost.cancel();
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(task.id = %task_id, error = %e, "lease heartbeat failed"),
+        }
+    }
+}
+
+/// Releases the lease and naks the message so another worker gets the task at once.
+async fn hand_back(ctx: &Ctx, msg: &Message, task: &TaskMessage, lease_id: &LeaseId) {
+    let req = ReleaseRequest { task_id: task.task_id.clone(), lease_id: lease_id.clone() };
+    match request::<_, ReleaseReply>(ctx, ctx.names.release_subject(), &req).await {
+        Ok(ReleaseReply { released: true }) => {
+            let _ = msg.ack_with(AckKind::Nak(None)).await;
+            tracing::info!(task.id = %task.task_id, "task handed back");
+        }
+        other => {
+            // The lease stays; it expires and the sweeper requeues the task.
+            tracing::warn!(task.id = %task.task_id, reply = ?other, "hand-back refused; the lease will expire");
+        }
+    }
+}
+
+/// Publishes a liveness beat every `beat_interval`, and a last one marking the worker
+/// offline on shutdown.
+async fn beat_loop(ctx: Ctx, slots: Arc<Semaphore>, cancel: CancellationToken) {
+    let max = ctx.settings.capabilities.max_concurrency.max(1) as u32;
+    let beat = |status| WorkerBeat {
+        worker_id: ctx.settings.id.clone(),
+        status,
+        capabilities: ctx.settings.capabilities.clone(),
+        ip_addrs: Vec::new(),
+        in_flight: max.saturating_sub(slots.available_permits() as u32),
+    };
+    loop {
+        let body = serde_json::to_vec(&beat(WorkerStatus::Online)).expect("beat serializes");
+        ctx.metrics.in_flight.set(u64::from(max.saturating_sub(slots.available_permits() as u32)));
+        if let Err(e) = ctx.client.publish(ctx.names.worker_beat_subject(), body.into()).await {
+            tracing::warn!(error = %e, "worker beat failed");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(ctx.settings.beat_interval) => {}
+        }
+    }
+    let body = serde_json::to_vec(&beat(WorkerStatus::Offline)).expect("beat serializes");
+    let _ = ctx.client.publish(ctx.names.worker_beat_subject(), body.into()).await;
+    let _ = ctx.client.flush().await;
+}
