@@ -1,0 +1,270 @@
+//! REST parity of `/api/runtime/llm-tasks` and the read endpoints with the seed.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::common::TestApp;
+
+#[tokio::test]
+async fn create_fills_the_seed_defaults_and_returns_the_seed_shape() {
+    let app = TestApp::spawn().await;
+    let task = app.submit("hello").await;
+    let keys: Vec<&str> = task.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut expected = vec![
+        "id", "context_id", "agent_slug", "prompt", "context_hints", "policy", "desired_format", "status",
+        "created_at", "updated_at", "lease_id", "worker_id", "attempts", "max_attempts",
+    ];
+    let mut got = keys.clone();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+    assert_eq!(task["status"], "queued");
+    assert_eq!(task["context_hints"], json!([]));
+    assert_eq!(task["policy"]["timeout_sec"], 120);
+    assert_eq!(task["policy"]["budget"].as_f64(), Some(0.0));
+    assert_eq!(task["desired_format"], "text");
+    assert_eq!(task["attempts"], 0);
+    assert_eq!(task["max_attempts"], 3);
+    assert_eq!(task["lease_id"], json!(null));
+    assert_eq!(task["created_at"], task["updated_at"]);
+
+    let (status, fetched) = app.get(&format!("/api/runtime/llm-tasks/{}", task["id"].as_str().unwrap())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(fetched, task);
+    // The creation is audited in the same transaction.
+    let (_, audit) = app.get("/api/runtime/audit").await;
+    assert_eq!(audit[0]["action"], "task_created");
+    assert_eq!(audit[0]["entity_id"], task["id"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn create_validates_like_the_seed_and_names_each_field() {
+    let app = TestApp::spawn().await;
+    let (status, body) = app
+        .post(
+            "/api/runtime/llm-tasks",
+            json!({"context_id": "", "prompt": 5, "policy": {"timeout_sec": 3601}, "desired_format": "xml",
+                   "max_attempts": 11, "context_hints": ["ok", 1]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let fields = &body["error"]["fieldErrors"];
+    assert_eq!(fields["context_id"][0], "String must contain at least 1 character(s)");
+    assert_eq!(fields["agent_slug"][0], "Required");
+    assert_eq!(fields["prompt"][0], "Expected string, received number");
+    assert_eq!(fields["policy.timeout_sec"][0], "Number must be less than or equal to 3600");
+    assert!(fields["desired_format"][0].as_str().unwrap().contains("'json' | 'text'"));
+    assert_eq!(fields["max_attempts"][0], "Number must be less than or equal to 10");
+    assert_eq!(fields["context_hints.1"][0], "Expected string, received number");
+
+    for (body, field) in [
+        (json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "policy": {"timeout_sec": 0}}), "policy.timeout_sec"),
+        (json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "policy": {"timeout_sec": 1.5}}), "policy.timeout_sec"),
+        (json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "policy": {"budget": -1}}), "policy.budget"),
+        (json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "max_attempts": 0}), "max_attempts"),
+    ] {
+        let (status, resp) = app.post("/api/runtime/llm-tasks", body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(resp["error"]["fieldErrors"][field].is_array(), "{field}: {resp}");
+    }
+    // Bodies that are not JSON objects are 400s, never 500s, and nothing is stored.
+    let r = app.http.post(app.url("/api/runtime/llm-tasks")).body("{not json").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let (status, body) = app.post("/api/runtime/llm-tasks", json!([1, 2])).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["formErrors"][0], "Expected object, received array");
+    assert_eq!(app.count("SELECT count(*) FROM llm_tasks").await, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_task_is_404_and_lists_are_newest_first_with_filters_and_cursor() {
+    let app = TestApp::spawn().await;
+    let (status, body) = app.get("/api/runtime/llm-tasks/nope").await;
+    assert_eq!((status, body), (StatusCode::NOT_FOUND, json!({"error": "Task not found"})));
+
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(app.submit(&format!("p{i}")).await["id"].as_str().unwrap().to_owned());
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    }
+    let (_, all) = app.get("/api/runtime/llm-tasks").await;
+    let listed: Vec<&str> = all.as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    let newest_first: Vec<&str> = ids.iter().rev().map(String::as_str).collect();
+    assert_eq!(listed, newest_first);
+
+    let (_, queued) = app.get("/api/runtime/llm-tasks?status=queued").await;
+    assert_eq!(queued.as_array().unwrap().len(), 5);
+    let (_, done) = app.get("/api/runtime/llm-tasks?status=completed").await;
+    assert_eq!(done, json!([]));
+    let (status, bad) = app.get("/api/runtime/llm-tasks?status=bogus").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(bad["error"]["fieldErrors"]["status"].is_array());
+
+    // Pages of two, following X-Next-Cursor.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/runtime/llm-tasks?limit=2&cursor={c}"),
+            None => "/api/runtime/llm-tasks?limit=2".to_owned(),
+        };
+        let r = app.http.get(app.url(&path)).send().await.unwrap();
+        cursor = r.headers().get("x-next-cursor").map(|v| v.to_str().unwrap().to_owned());
+        let page: Vec<serde_json::Value> = r.json().await.unwrap();
+        assert!(page.len() <= 2);
+        seen.extend(page.iter().map(|t| t["id"].as_str().unwrap().to_owned()));
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen, ids.iter().rev().cloned().collect::<Vec<_>>());
+    let (status, _) = app.get("/api/runtime/llm-tasks?limit=0").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (_, runs) = app.get("/api/runtime/runs").await;
+    assert_eq!(runs.as_array().unwrap().len(), 5);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn rest_worker_protocol_lease_heartbeat_complete() {
+    let app = TestApp::spawn().await;
+    let (status, body) = app.post("/api/runtime/llm-tasks/nope/lease", json!({})).await;
+    assert_eq!((status, body["error"].clone()), (StatusCode::NOT_FOUND, json!("Task not found")));
+    let task = app.submit("hi").await;
+    let id = task["id"].as_str().unwrap();
+    // No worker yet.
+    let (status, body) = app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({})).await;
+    assert_eq!((status, body), (StatusCode::SERVICE_UNAVAILABLE, json!({"error": "No available worker with free capacity"})));
+
+    app.register_worker("w1", 2).await;
+    let (status, leased) = app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({"ttl_seconds": 60})).await;
+    assert_eq!(status, StatusCode::CREATED, "{leased}");
+    let lease = &leased["lease"];
+    assert_eq!(lease["worker_id"], "w1");
+    assert_eq!(lease["status"], "active");
+    assert_eq!(lease["ttl_seconds"], 60);
+    assert_eq!(lease["context_id"], "ctx-1");
+    assert_eq!(lease["expires_at"].as_i64().unwrap() - lease["started_at"].as_i64().unwrap(), 60_000);
+    assert_eq!(leased["worker"]["id"], "w1");
+    let (_, t) = app.get(&format!("/api/runtime/llm-tasks/{id}")).await;
+    assert_eq!((t["status"].clone(), t["attempts"].clone(), t["lease_id"].clone()), (json!("leased"), json!(1), lease["id"].clone()));
+
+    // A second lease of the same task conflicts.
+    let (status, body) = app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({})).await;
+    assert_eq!((status, body["error"].clone()), (StatusCode::CONFLICT, json!("Task status is 'leased', expected 'queued'")));
+
+    let (status, hb) = app.post(&format!("/api/runtime/llm-tasks/{id}/heartbeat"), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{hb}");
+    assert_eq!(hb["expires_at"], hb["lease"]["expires_at"]);
+    assert_eq!(app.status_of(id).await, "running");
+
+    // Completion validates like the seed.
+    let (status, body) = app.post(&format!("/api/runtime/llm-tasks/{id}/complete"), json!({"status": "done"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"]["fieldErrors"]["metrics"].is_array() && body["error"]["fieldErrors"]["status"].is_array());
+
+    let (status, done) = app
+        .post(
+            &format!("/api/runtime/llm-tasks/{id}/complete"),
+            json!({"status": "success", "output": "42", "metrics": {"duration_ms": 7, "tokens_used": 3},
+                   "artifact_tags": ["t"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert_eq!(done["task"]["status"], "completed");
+    assert_eq!(done["artifact"]["type"], "LLM_RESULT");
+    assert_eq!(done["artifact"]["content"], "42");
+    assert_eq!(done["artifact"]["tags"], json!(["t"]));
+    assert_eq!(done["artifact"]["finalized"], true);
+    assert_eq!(done["result"]["status"], "success");
+    assert_eq!(done["result"]["worker_id"], "w1");
+    assert_eq!(done["result"]["artifact_id"], done["artifact"]["id"]);
+    assert_eq!(done["result"]["metrics"], json!({"duration_ms": 7, "tokens_used": 3}));
+    let (_, leases) = app.get("/api/runtime/leases?status=released").await;
+    assert_eq!(leases[0]["id"], lease["id"]);
+
+    // A completed task cannot be completed, heartbeated or requeued.
+    let (status, _) = app.post(&format!("/api/runtime/llm-tasks/{id}/complete"), json!({"status": "success", "metrics": {"duration_ms": 1}})).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, body) = app.post(&format!("/api/runtime/llm-tasks/{id}/heartbeat"), json!({})).await;
+    assert_eq!((status, body["error"].clone()), (StatusCode::NOT_FOUND, json!("Lease not found or already expired")));
+    let (status, body) = app.post(&format!("/api/runtime/llm-tasks/{id}/requeue"), json!({})).await;
+    assert_eq!((status, body["error"].clone()), (StatusCode::CONFLICT, json!("Cannot requeue task with status 'completed'")));
+
+    let (_, artifacts) = app.get(&format!("/api/runtime/artifacts?task_id={id}")).await;
+    assert_eq!(artifacts.as_array().unwrap().len(), 1);
+    let r = app.http.get(app.url(&format!("/api/runtime/artifacts/{}/content", done["artifact"]["id"].as_str().unwrap()))).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "42");
+
+    let (_, stats) = app.get("/api/runtime/stats").await;
+    assert_eq!(stats["tasks"], json!({"total": 1, "by_status": {"completed": 1}}));
+    assert_eq!(stats["leases"], json!({"total": 1, "active": 0}));
+    assert_eq!(stats["workers"], json!({"total": 1, "online": 1}));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn error_completion_fails_the_task_and_requeue_starts_over_with_history_kept() {
+    let app = TestApp::spawn().await;
+    app.register_worker("w1", 1).await;
+    let id = app.submit("x").await["id"].as_str().unwrap().to_owned();
+    app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({})).await;
+    let (status, done) = app
+        .post(&format!("/api/runtime/llm-tasks/{id}/complete"), json!({"status": "error", "error_message": "boom", "metrics": {"duration_ms": 1}}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(done["task"]["status"], "failed");
+    assert_eq!(done["result"]["error_message"], "boom");
+
+    let (status, requeued) = app.post(&format!("/api/runtime/llm-tasks/{id}/requeue"), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((requeued["status"].clone(), requeued["attempts"].clone(), requeued["lease_id"].clone()), (json!("queued"), json!(0), json!(null)));
+    let (_, audit) = app.get("/api/runtime/audit?limit=1").await;
+    assert_eq!(audit[0]["action"], "task_requeued");
+    assert_eq!(audit[0]["detail"], "Requeued from failed after 1 attempt(s)");
+    // The earlier lease and result remain as history.
+    assert_eq!(app.count("SELECT count(*) FROM leases").await, 1);
+    assert_eq!(app.count("SELECT count(*) FROM llm_results").await, 1);
+    // The requeue went through the outbox: a dispatch row was written.
+    assert_eq!(app.count("SELECT max(dispatch_seq) FROM llm_tasks").await, 2);
+    let (status, _) = app.post("/api/runtime/llm-tasks/nope/requeue", json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn lease_picks_sticky_then_most_free_worker_and_honours_explicit_worker() {
+    let app = TestApp::spawn().await;
+    app.register_worker("small", 2).await;
+    app.register_worker("big", 4).await;
+    let lease = |id: String, body: serde_json::Value| {
+        let app = &app;
+        async move { app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), body).await }
+    };
+    let id = |t: serde_json::Value| t["id"].as_str().unwrap().to_owned();
+    let other = app.submit_with(json!({"context_id": "other", "agent_slug": "a", "prompt": "o"})).await;
+    let (_, l) = lease(id(other), json!({})).await;
+    assert_eq!(l["worker"]["id"], "big", "most free capacity");
+    // Explicit worker.
+    let (status, l) = lease(id(app.submit("a").await), json!({"worker_id": "small"})).await;
+    assert_eq!((status, l["worker"]["id"].clone()), (StatusCode::CREATED, json!("small")));
+    // Same context: sticky to the worker holding its active lease, though big has more room.
+    let (_, l) = lease(id(app.submit("b").await), json!({})).await;
+    assert_eq!(l["worker"]["id"], "small");
+    assert_eq!(l["worker"]["active_leases"], 2);
+    // The sticky worker is full: fall back to the most free one.
+    let (_, l) = lease(id(app.submit("c").await), json!({})).await;
+    assert_eq!(l["worker"]["id"], "big");
+    let d = id(app.submit("d").await);
+    let (status, _) = lease(d.clone(), json!({"worker_id": "ghost"})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, body) = lease(d, json!({"ttl_seconds": "long"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"]["fieldErrors"]["ttl_seconds"].is_array());
+    let (_, workers) = app.get("/api/runtime/workers").await;
+    let small = workers.as_array().unwrap().iter().find(|w| w["id"] == "small").unwrap();
+    assert_eq!(small["active_leases"], 2);
+    app.stop().await;
+}

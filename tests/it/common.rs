@@ -1,0 +1,296 @@
+//! `TestApp`: the API, reconcilers and workers of one test, in-process, against a fresh
+//! database and a private NATS namespace.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bloom::api::{self, ApiSettings};
+use bloom::artifacts::ArtifactStore;
+use bloom::bus::Names;
+use bloom::config::{S3Settings, Secret};
+use bloom::domain::{Capabilities, WorkerId};
+use bloom::membridge::Endpoint;
+use bloom::metrics::Metrics;
+use bloom::reconciler::{Reconciler, ReconcilerSettings};
+use bloom::worker::{Executor, WorkerSettings};
+use reqwest::StatusCode;
+use serde_json::Value;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+pub fn admin_db_url() -> String {
+    std::env::var("BLOOM_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn nats_url() -> String {
+    std::env::var("BLOOM_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+pub fn s3_endpoint() -> String {
+    std::env::var("BLOOM_TEST_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9311".into())
+}
+
+fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// A fresh, migrated database. Returns its pool and URL.
+pub async fn fresh_db() -> (PgPool, String) {
+    let admin = admin_db_url();
+    let name = format!("bloom_test_{}", short_id());
+    let mut conn = PgConnection::connect(&admin).await.expect("connect to Postgres as admin");
+    sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut conn).await.expect("create test database");
+    conn.close().await.ok();
+    let base = admin.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or(admin);
+    let url = format!("{base}/{name}");
+    let pool = bloom::db::connect(&url, &bloom::db::PoolOptions { max_connections: 12, ..Default::default() })
+        .await
+        .expect("connect to test database");
+    bloom::db::migrate(&pool).await.expect("migrate");
+    (pool, url)
+}
+
+/// Options of a test installation.
+#[derive(Clone)]
+pub struct Opts {
+    pub api_key: Option<&'static str>,
+    pub rate_limit: u32,
+    pub test_connection_limit: u32,
+    pub body_limit: usize,
+    pub lease_ttl_secs: i32,
+    pub production: bool,
+    pub membridge: Option<Endpoint>,
+    pub s3: Option<S3Settings>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            api_key: None,
+            rate_limit: 0,
+            test_connection_limit: 0,
+            body_limit: 1024 * 1024,
+            lease_ttl_secs: 300,
+            production: false,
+            membridge: None,
+            s3: None,
+        }
+    }
+}
+
+/// One test installation.
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub pool: PgPool,
+    pub names: Names,
+    pub nats: async_nats::Client,
+    pub metrics: Arc<Metrics>,
+    pub opts: Opts,
+    pub cancel: CancellationToken,
+    pub state: api::AppState,
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(Opts::default()).await
+    }
+
+    pub async fn spawn_with(opts: Opts) -> TestApp {
+        let (pool, _) = fresh_db().await;
+        let names = Names::new(&format!("t{}", short_id())).unwrap();
+        let nats = bloom::bus::connect(&nats_url(), "bloom-test").await.expect("connect to NATS");
+        let metrics = Arc::new(Metrics::default());
+        let artifacts = ArtifactStore::from_settings(opts.s3.clone(), metrics.clone()).await;
+        let settings = ApiSettings {
+            api_key: opts.api_key.map(Secret::new),
+            production: opts.production,
+            rate_limit_per_min: opts.rate_limit,
+            test_connection_rate_limit_per_min: opts.test_connection_limit,
+            body_limit_bytes: opts.body_limit,
+            trust_proxy: false,
+            lease_ttl_secs: opts.lease_ttl_secs,
+            membridge_default: opts.membridge.clone().unwrap_or(Endpoint {
+                url: "http://127.0.0.1:9".into(),
+                admin_key: Secret::default(),
+            }),
+        };
+        let cancel = CancellationToken::new();
+        let state = api::build_state(
+            pool.clone(),
+            nats.clone(),
+            names.clone(),
+            settings,
+            artifacts,
+            metrics.clone(),
+            Duration::from_secs(5),
+            cancel.clone(),
+        )
+        .await
+        .expect("build API state");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        tokio::spawn(bloom::process::serve_on(listener, api::router(state.clone()), cancel.clone()));
+        TestApp {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+            pool,
+            names,
+            nats,
+            metrics,
+            opts,
+            cancel,
+            state,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.opts.api_key {
+            Some(k) => req.header("X-Runtime-Api-Key", k),
+            None => req,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let r = self.auth(self.http.get(self.url(path))).send().await.expect("GET");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let r = self.auth(self.http.post(self.url(path))).json(&body).send().await.expect("POST");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        let r = self.auth(self.http.delete(self.url(path))).send().await.expect("DELETE");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Creates a task with `prompt` and returns its JSON.
+    pub async fn submit(&self, prompt: &str) -> Value {
+        self.submit_with(serde_json::json!({"context_id": "ctx-1", "agent_slug": "writer", "prompt": prompt})).await
+    }
+
+    pub async fn submit_with(&self, body: Value) -> Value {
+        let (status, task) = self.post("/api/runtime/llm-tasks", body).await;
+        assert_eq!(status, StatusCode::CREATED, "{task}");
+        task
+    }
+
+    /// Registers an online REST worker.
+    pub async fn register_worker(&self, name: &str, max_concurrency: i32) -> Value {
+        let (status, w) = self
+            .post(
+                "/api/runtime/workers",
+                serde_json::json!({"name": name, "capabilities": {"max_concurrency": max_concurrency}}),
+            )
+            .await;
+        assert!(status.is_success(), "{w}");
+        w
+    }
+
+    pub fn reconciler_settings(&self) -> ReconcilerSettings {
+        ReconcilerSettings {
+            lease_ttl: Duration::from_secs(self.opts.lease_ttl_secs as u64),
+            expiry_grace: Duration::from_millis(0),
+            sweep_interval: Duration::from_millis(200),
+            relay_interval: Duration::from_millis(200),
+            relay_min_age: Duration::from_millis(500),
+            worker_timeout: Duration::from_secs(5),
+            membridge_interval: Duration::from_millis(300),
+            membridge_stale_after: Duration::from_secs(60),
+            membridge_default: self.state.settings.membridge_default.clone(),
+            leader_poll: Duration::from_millis(200),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Builds a reconciler (not started) sharing this installation.
+    pub async fn reconciler_with(&self, settings: ReconcilerSettings, cancel: &CancellationToken) -> Reconciler {
+        let nats = bloom::bus::connect(&nats_url(), "bloom-test-reconciler").await.unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let artifacts = ArtifactStore::from_settings(self.opts.s3.clone(), metrics.clone()).await;
+        Reconciler::new(self.pool.clone(), nats, self.names.clone(), artifacts, metrics, settings, cancel)
+            .await
+            .expect("reconciler")
+    }
+
+    /// Starts a reconciler; it stops with the returned token (or the app's).
+    pub async fn start_reconciler(&self) -> (Reconciler, CancellationToken) {
+        let cancel = self.cancel.child_token();
+        let r = self.reconciler_with(self.reconciler_settings(), &cancel).await;
+        tokio::spawn(r.clone().run(cancel.clone()));
+        (r, cancel)
+    }
+
+    pub fn worker_settings(&self, id: &str, max_concurrency: i32) -> WorkerSettings {
+        WorkerSettings {
+            id: WorkerId::from(id),
+            capabilities: Capabilities { claude_cli: true, max_concurrency, labels: vec![] },
+            executor: Executor::Builtin,
+            lease_ttl: Duration::from_secs(self.opts.lease_ttl_secs as u64),
+            beat_interval: Duration::from_millis(300),
+            shutdown_grace: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Starts a worker; returns its stop token and join handle.
+    pub async fn start_worker_with(
+        &self,
+        settings: WorkerSettings,
+    ) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+        let client = bloom::bus::connect(&nats_url(), "bloom-test-worker").await.unwrap();
+        let cancel = self.cancel.child_token();
+        let h = tokio::spawn(bloom::worker::run(client, self.names.clone(), settings, Arc::new(Metrics::default()), cancel.clone()));
+        (cancel, h)
+    }
+
+    pub async fn start_worker(&self, id: &str, max_concurrency: i32) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+        self.start_worker_with(self.worker_settings(id, max_concurrency)).await
+    }
+
+    /// Task status as stored.
+    pub async fn status_of(&self, id: &str) -> String {
+        sqlx::query_scalar("SELECT status FROM llm_tasks WHERE id = $1").bind(id).fetch_one(&self.pool).await.unwrap()
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
+    }
+
+    /// Deletes this test's streams.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let _ = js.delete_stream(self.names.tasks_stream()).await;
+        let _ = js.delete_stream(self.names.results_stream()).await;
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds; panics with `what` after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

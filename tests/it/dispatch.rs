@@ -1,0 +1,215 @@
+//! JetStream dispatch end to end: API → outbox → JetStream → worker → claim →
+//! executor → results stream → reconciler → Postgres.
+
+use std::time::Duration;
+
+use bloom::db::lifecycle;
+use bloom::domain::{DesiredFormat, NewTask, Policy};
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::common::{wait_for, Opts, TestApp};
+
+async fn all_final(app: &TestApp, n: i64) -> bool {
+    app.count("SELECT count(*) FROM llm_tasks WHERE status IN ('completed', 'failed', 'dead')").await == n
+}
+
+async fn assert_invariants(app: &TestApp) {
+    assert_eq!(
+        app.count("SELECT count(*) FROM (SELECT task_id FROM llm_results WHERE status = 'success' GROUP BY task_id HAVING count(*) > 1) d").await,
+        0,
+        "a task has two successful results"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM llm_tasks t WHERE status = 'completed' AND NOT EXISTS (SELECT 1 FROM llm_results r WHERE r.task_id = t.id AND r.status = 'success')").await,
+        0,
+        "a completed task has no successful result"
+    );
+    assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'active'").await, 0, "an active lease is left");
+}
+
+#[tokio::test]
+async fn submitted_tasks_complete_through_jetstream_exactly_once() {
+    let app = TestApp::spawn().await;
+    let (_r, _) = app.start_reconciler().await;
+    let (_w, _) = app.start_worker("w1", 8).await;
+    let (_w2, _) = app.start_worker("w2", 8).await;
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        ids.push(app.submit(&format!("task {i}")).await["id"].as_str().unwrap().to_owned());
+    }
+    wait_for("all tasks completed", Duration::from_secs(30), || all_final(&app, 60)).await;
+    assert_eq!(app.count("SELECT count(*) FROM llm_tasks WHERE status = 'completed'").await, 60);
+    assert_eq!(app.metrics.tasks_submitted_total.get(), 60);
+    assert_invariants(&app).await;
+    let (_, t) = app.get(&format!("/api/runtime/llm-tasks/{}", ids[7])).await;
+    assert_eq!(t["attempts"], 1);
+    let (_, arts) = app.get(&format!("/api/runtime/artifacts?task_id={}", ids[7])).await;
+    assert_eq!(arts[0]["content"], "task 7", "the builtin executor echoes the prompt");
+    wait_for("outbox drained", Duration::from_secs(5), || async { app.count("SELECT count(*) FROM outbox").await == 0 }).await;
+    // Both NATS workers registered themselves.
+    let (_, workers) = app.get("/api/runtime/workers").await;
+    assert_eq!(workers.as_array().unwrap().len(), 2);
+    assert_eq!(workers[0]["status"], "online");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn executor_errors_fail_the_task_with_the_reason() {
+    let app = TestApp::spawn().await;
+    app.start_reconciler().await;
+    app.start_worker("w1", 2).await;
+    let id = app.submit("fail: the model refused").await["id"].as_str().unwrap().to_owned();
+    let bad_json = app
+        .submit_with(json!({"context_id": "c", "agent_slug": "a", "prompt": "not json", "desired_format": "json"}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for("tasks final", Duration::from_secs(20), || all_final(&app, 2)).await;
+    assert_eq!(app.status_of(&id).await, "failed");
+    let msg: String = sqlx::query_scalar("SELECT error_message FROM llm_results WHERE task_id = $1").bind(&id).fetch_one(&app.pool).await.unwrap();
+    assert_eq!(msg, "the model refused");
+    assert_eq!(app.status_of(&bad_json).await, "failed");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_crashed_workers_task_is_redelivered_and_completed_once() {
+    let app = TestApp::spawn_with(Opts { lease_ttl_secs: 1, ..Opts::default() }).await;
+    let (r, _) = app.start_reconciler().await;
+    let (_, crashing) = app.start_worker("doomed", 1).await;
+    let id = app.submit("sleep:1500").await["id"].as_str().unwrap().to_owned();
+    wait_for("task leased", Duration::from_secs(10), || async { app.status_of(&id).await != "queued" }).await;
+    // Crash: the worker's future is dropped with no nak, no hand-back, no result.
+    crashing.abort();
+    let (_, _) = app.start_worker("rescuer", 1).await;
+    wait_for("task completed", Duration::from_secs(30), || all_final(&app, 1)).await;
+    assert_eq!(app.status_of(&id).await, "completed");
+    let (_, t) = app.get(&format!("/api/runtime/llm-tasks/{id}")).await;
+    assert_eq!(t["worker_id"], "rescuer");
+    assert_eq!(t["attempts"], 2, "one counted attempt per lease");
+    assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'expired'").await, 1);
+    assert_invariants(&app).await;
+    assert!(r.metrics.leases_expired_total.get() >= 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn tasks_of_a_context_stick_to_the_worker_holding_it() {
+    let app = TestApp::spawn().await;
+    app.start_reconciler().await;
+    app.start_worker("a", 4).await;
+    let first = app.submit_with(json!({"context_id": "sticky", "agent_slug": "x", "prompt": "sleep:3000"})).await;
+    let first_id = first["id"].as_str().unwrap().to_owned();
+    wait_for("first leased", Duration::from_secs(10), || async { app.status_of(&first_id).await != "queued" }).await;
+    let holder: String = sqlx::query_scalar("SELECT worker_id FROM llm_tasks WHERE id = $1").bind(&first_id).fetch_one(&app.pool).await.unwrap();
+    assert_eq!(holder, "a");
+    // A second worker joins; the next task of the same context must still go to `a`.
+    app.start_worker("b", 4).await;
+    wait_for("b online", Duration::from_secs(5), || async { app.count("SELECT count(*) FROM workers WHERE status = 'online'").await == 2 }).await;
+    let ids: Vec<String> = futures::future::join_all((0..4).map(|i| app.submit_with(json!({"context_id": "sticky", "agent_slug": "x", "prompt": format!("s{i}")}))))
+        .await
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    // Routed at submit time to a's direct subject (the audit keeps no trace of routing,
+    // the lease does).
+    wait_for("all done", Duration::from_secs(20), || all_final(&app, 5)).await;
+    for id in &ids {
+        let w: String = sqlx::query_scalar("SELECT worker_id FROM llm_tasks WHERE id = $1").bind(id).fetch_one(&app.pool).await.unwrap();
+        assert_eq!(w, "a", "task {id} left its context's worker");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_relay_publishes_dispatches_nobody_published() {
+    let app = TestApp::spawn().await;
+    // Commit tasks without handing them to the dispatcher: as if NATS were down at
+    // submit time or the API died between commit and publish.
+    let new = NewTask {
+        context_id: "c".into(),
+        agent_slug: "a".into(),
+        prompt: "orphan".into(),
+        context_hints: vec![],
+        policy: Policy::default(),
+        desired_format: DesiredFormat::Text,
+        max_attempts: 3,
+    };
+    lifecycle::create(&app.pool, vec![new.clone(), new.clone(), new], "test").await.unwrap();
+    assert_eq!(app.count("SELECT count(*) FROM outbox").await, 3);
+    app.start_worker("w", 4).await;
+    app.start_reconciler().await;
+    wait_for("orphans completed", Duration::from_secs(20), || all_final(&app, 3)).await;
+    wait_for("outbox drained", Duration::from_secs(5), || async { app.count("SELECT count(*) FROM outbox").await == 0 }).await;
+    assert_invariants(&app).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_task_leased_over_rest_is_refused_to_nats_workers() {
+    let app = TestApp::spawn().await;
+    app.register_worker("rest-worker", 1).await;
+    let id = app.submit("mine").await["id"].as_str().unwrap().to_owned();
+    let (status, _) = app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({"worker_id": "rest-worker"})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (r, _) = app.start_reconciler().await;
+    app.start_worker("nats-worker", 1).await;
+    wait_for("claim refused", Duration::from_secs(10), || async { r.metrics.claims_refused_total.get() >= 1 }).await;
+    assert_eq!(app.status_of(&id).await, "leased");
+    let (status, done) = app
+        .post(&format!("/api/runtime/llm-tasks/{id}/complete"), json!({"status": "success", "output": "rest", "metrics": {"duration_ms": 1}}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(done["result"]["worker_id"], "rest-worker");
+    assert_eq!(app.count("SELECT count(*) FROM llm_results").await, 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_hands_in_flight_tasks_back_to_another_worker() {
+    let app = TestApp::spawn().await;
+    app.start_reconciler().await;
+    let mut s = app.worker_settings("leaving", 1);
+    s.shutdown_grace = Duration::from_millis(200);
+    let (stop, handle) = app.start_worker_with(s).await;
+    let id = app.submit("sleep:20000").await["id"].as_str().unwrap().to_owned();
+    wait_for("leased", Duration::from_secs(10), || async { app.status_of(&id).await != "queued" }).await;
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    wait_for("handed back", Duration::from_secs(5), || async { app.status_of(&id).await == "queued" }).await;
+    // The message was nak'ed: the next worker claims the same dispatch at once.
+    sqlx::query("UPDATE llm_tasks SET prompt = 'sleep:10'").execute(&app.pool).await.unwrap();
+    app.start_worker("staying", 1).await;
+    wait_for("completed elsewhere", Duration::from_secs(20), || all_final(&app, 1)).await;
+    let (_, t) = app.get(&format!("/api/runtime/llm-tasks/{id}")).await;
+    assert_eq!(t["worker_id"], "staying");
+    assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'released'").await, 2);
+    assert_invariants(&app).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_messages_on_every_subject_are_rejected_without_harm() {
+    let app = TestApp::spawn().await;
+    let (r, _) = app.start_reconciler().await;
+    app.start_worker("w", 2).await;
+    let n = &app.names;
+    for subject in [n.claim_subject(), n.heartbeat_subject(), n.release_subject(), n.worker_beat_subject()] {
+        let _ = app.nats.request(subject.clone(), "garbage{".into()).await;
+        app.nats.publish(subject, vec![0xff, 0x00].into()).await.unwrap();
+    }
+    let js = async_nats::jetstream::new(app.nats.clone());
+    js.publish(n.results_subject(), "not a result".into()).await.unwrap().await.unwrap();
+    js.publish(n.pool_subject(), "not a task".into()).await.unwrap().await.unwrap();
+    wait_for("rejections counted", Duration::from_secs(10), || async {
+        r.metrics.malformed_messages_total.get() >= 4 && r.metrics.results_rejected_total.get() >= 1
+    })
+    .await;
+    // Everything still works.
+    let id = app.submit("still alive").await["id"].as_str().unwrap().to_owned();
+    wait_for("task completed", Duration::from_secs(15), || all_final(&app, 1)).await;
+    assert_eq!(app.status_of(&id).await, "completed");
+    app.stop().await;
+}

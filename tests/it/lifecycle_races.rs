@@ -1,0 +1,140 @@
+//! The guarded transitions under races: the seed's holes, each with a test.
+
+use std::time::Duration;
+
+use bloom::db::lifecycle::{self, Claim, ClaimOutcome};
+use bloom::domain::{TaskId, WorkerId};
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::common::TestApp;
+
+#[tokio::test]
+async fn two_concurrent_leases_of_one_task_exactly_one_wins() {
+    let app = TestApp::spawn().await;
+    app.register_worker("w1", 32).await;
+    app.register_worker("w2", 32).await;
+    for round in 0..5 {
+        let id = app.submit(&format!("race {round}")).await["id"].as_str().unwrap().to_owned();
+        let path = format!("/api/runtime/llm-tasks/{id}/lease");
+        let calls: Vec<_> = (0..8).map(|_| app.post(&path, json!({}))).collect();
+        let results = futures::future::join_all(calls).await;
+        let won = results.iter().filter(|(s, _)| *s == StatusCode::CREATED).count();
+        let conflicts = results.iter().filter(|(s, _)| *s == StatusCode::CONFLICT).count();
+        assert_eq!((won, conflicts), (1, 7), "{results:?}");
+        assert_eq!(app.count(&format!("SELECT count(*) FROM leases WHERE task_id = '{id}'")).await, 1);
+        let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM llm_tasks WHERE id = $1").bind(&id).fetch_one(&app.pool).await.unwrap();
+        assert_eq!(attempts, 1);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_claims_of_one_dispatch_grant_one_lease() {
+    let app = TestApp::spawn().await;
+    let task = app.submit("claim me").await;
+    let id = TaskId::from(task["id"].as_str().unwrap());
+    let claims: Vec<_> = (0..6)
+        .map(|i| {
+            let pool = app.pool.clone();
+            let c = Claim { task_id: id.clone(), dispatch_seq: 1, worker_id: WorkerId::from(format!("w{i}")), ttl_seconds: 30 };
+            tokio::spawn(async move { lifecycle::claim(&pool, &[c]).await.unwrap() })
+        })
+        .collect();
+    let mut granted = 0;
+    for c in claims {
+        if matches!(c.await.unwrap()[0], ClaimOutcome::Granted(_)) {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, 1);
+    // A claim of a stale dispatch is refused even if the task were queued.
+    let stale = Claim { task_id: id.clone(), dispatch_seq: 0, worker_id: "w9".into(), ttl_seconds: 30 };
+    assert_eq!(lifecycle::claim(&app.pool, &[stale]).await.unwrap(), vec![ClaimOutcome::Refused]);
+    // Two claims in one batch for the same task: one lease.
+    let t2 = TaskId::from(app.submit("batch").await["id"].as_str().unwrap());
+    let both = [
+        Claim { task_id: t2.clone(), dispatch_seq: 1, worker_id: "a".into(), ttl_seconds: 30 },
+        Claim { task_id: t2.clone(), dispatch_seq: 1, worker_id: "b".into(), ttl_seconds: 30 },
+    ];
+    let out = lifecycle::claim(&app.pool, &both).await.unwrap();
+    assert_eq!(out.iter().filter(|o| matches!(o, ClaimOutcome::Granted(_))).count(), 1);
+    assert_eq!(app.count(&format!("SELECT count(*) FROM leases WHERE task_id = '{t2}'")).await, 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn heartbeat_and_complete_by_a_caller_without_the_lease_are_409() {
+    let app = TestApp::spawn().await;
+    app.register_worker("w1", 1).await;
+    let id = app.submit("x").await["id"].as_str().unwrap().to_owned();
+    let (_, leased) = app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({})).await;
+    let lease_id = leased["lease"]["id"].as_str().unwrap();
+    for body in [json!({"lease_id": "not-mine"}), json!({"worker_id": "w2"})] {
+        let (status, _) = app.post(&format!("/api/runtime/llm-tasks/{id}/heartbeat"), body.clone()).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        let mut complete = body.clone();
+        complete["status"] = json!("success");
+        complete["metrics"] = json!({"duration_ms": 1});
+        let (status, _) = app.post(&format!("/api/runtime/llm-tasks/{id}/complete"), complete).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+    }
+    assert_eq!(app.status_of(&id).await, "leased");
+    let (status, _) = app
+        .post(&format!("/api/runtime/llm-tasks/{id}/complete"), json!({"lease_id": lease_id, "worker_id": "w1", "status": "success", "metrics": {"duration_ms": 1}}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn expiry_requeues_running_tasks_counts_attempts_and_kills_at_the_limit() {
+    let app = TestApp::spawn().await;
+    app.register_worker("w1", 4).await;
+    let id = app.submit_with(json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "max_attempts": 2})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for attempt in 1..=2 {
+        let (status, leased) = app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({"ttl_seconds": 1})).await;
+        assert_eq!(status, StatusCode::CREATED, "{leased}");
+        // The seed only expired `leased` tasks: a heartbeat made it `running`.
+        app.post(&format!("/api/runtime/llm-tasks/{id}/heartbeat"), json!({})).await;
+        assert_eq!(app.status_of(&id).await, "running");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let expiry = lifecycle::expire(&app.pool, bloom::time::now_ms(), 100).await.unwrap();
+        assert_eq!(expiry.expired, 1);
+        let (_, t) = app.get(&format!("/api/runtime/llm-tasks/{id}")).await;
+        assert_eq!(t["attempts"], attempt);
+        if attempt < 2 {
+            assert_eq!(t["status"], "queued");
+            assert_eq!(t["lease_id"], json!(null));
+            assert_eq!(expiry.requeued.len(), 1);
+            assert_eq!(expiry.requeued[0].task.dispatch_seq, 2);
+            // The late completion of the expired lease changes nothing.
+            let (status, _) = app
+                .post(&format!("/api/runtime/llm-tasks/{id}/complete"), json!({"status": "success", "metrics": {"duration_ms": 1}}))
+                .await;
+            assert_eq!(status, StatusCode::CONFLICT);
+        } else {
+            assert_eq!(t["status"], "dead");
+            assert_eq!(expiry.dead, 1);
+        }
+    }
+    assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'expired'").await, 2);
+    assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'active'").await, 0);
+    // A second sweep finds nothing.
+    assert_eq!(lifecycle::expire(&app.pool, bloom::time::now_ms(), 100).await.unwrap().expired, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn stats_count_in_sql() {
+    let app = TestApp::spawn().await;
+    for _ in 0..3 {
+        app.submit("s").await;
+    }
+    let (_, stats) = app.get("/api/runtime/stats").await;
+    assert_eq!(stats["tasks"], json!({"total": 3, "by_status": {"queued": 3}}));
+    app.stop().await;
+}

@@ -1,0 +1,16 @@
+//! Integration tests: one binary, real Postgres, NATS JetStream and S3 (moto) over real
+//! connections; only membridge is faked, by a server speaking its HTTP API.
+//!
+//! Each test gets its own database and NATS namespace, so tests run in parallel.
+
+mod common;
+mod fake_membridge;
+
+mod api_auth;
+mod api_tasks;
+mod api_workers;
+mod dispatch;
+mod lifecycle_races;
+mod membridge;
+mod reconciler;
+mod s3;

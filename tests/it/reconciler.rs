@@ -1,0 +1,135 @@
+//! The reconciler as several replicas: leader-only membridge sync with failover, work
+//! shared across replicas surviving a replica's death, and expiry racing redelivery.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::common::{wait_for, Opts, TestApp};
+use crate::fake_membridge::{self, now_secs};
+
+#[tokio::test]
+async fn one_leader_syncs_membridge_and_another_takes_over_when_it_dies() {
+    let fake = fake_membridge::start("k").await;
+    fake.set_agents(vec![
+        json!({"name": "agent-1", "url": "http://a1:8001", "status": "online", "registered_at": now_secs(), "last_seen": now_secs()}),
+        json!({"name": "agent-2", "url": "http://a2:8001", "status": "unknown", "registered_at": now_secs(), "last_seen": null}),
+    ]);
+    let app = TestApp::spawn_with(Opts {
+        membridge: Some(bloom::membridge::Endpoint { url: fake.url(), admin_key: bloom::config::Secret::new("k") }),
+        ..Opts::default()
+    })
+    .await;
+    // A REST worker that membridge does not know and that went silent: goes offline.
+    app.register_worker("ghost", 1).await;
+    sqlx::query("UPDATE workers SET last_heartbeat = 0 WHERE id = 'ghost'").execute(&app.pool).await.unwrap();
+
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let cancel = app.cancel.child_token();
+        let r = app.reconciler_with(app.reconciler_settings(), &cancel).await;
+        let handle = tokio::spawn(r.clone().run(cancel));
+        replicas.push((r, handle));
+    }
+    let leaders = |rs: &Vec<(bloom::reconciler::Reconciler, tokio::task::JoinHandle<anyhow::Result<()>>)>| {
+        rs.iter().filter(|(r, h)| !h.is_finished() && r.metrics.is_leader.get() == 1).count()
+    };
+    wait_for("a leader", Duration::from_secs(10), || async { leaders(&replicas) == 1 }).await;
+    wait_for("agents synced", Duration::from_secs(10), || async {
+        app.count("SELECT count(*) FROM workers WHERE source = 'membridge'").await == 2
+    })
+    .await;
+    let (_, w1) = app.get("/api/runtime/workers/agent-1").await;
+    assert_eq!(w1["status"], "online");
+    assert_eq!(w1["capabilities"], json!({"claude_cli": true, "max_concurrency": 1, "labels": []}));
+    let last = w1["last_heartbeat"].as_i64().unwrap();
+    assert!((last - bloom::time::now_ms()).abs() < 60_000, "last_seen converted from seconds: {last}");
+    let (_, w2) = app.get("/api/runtime/workers/agent-2").await;
+    assert_eq!(w2["status"], "unknown");
+    wait_for("ghost offline", Duration::from_secs(5), || async {
+        app.count("SELECT count(*) FROM workers WHERE id = 'ghost' AND status = 'offline'").await == 1
+    })
+    .await;
+    // Only the leader ever synced.
+    let syncing: Vec<u64> = replicas.iter().map(|(r, _)| r.metrics.membridge_sync_runs_total.get()).collect();
+    assert_eq!(syncing.iter().filter(|n| **n > 0).count(), 1, "{syncing:?}");
+
+    // Kill the leader (its future and its connection are dropped).
+    let idx = replicas.iter().position(|(r, _)| r.metrics.is_leader.get() == 1).unwrap();
+    replicas[idx].1.abort();
+    let _ = (&mut replicas[idx].1).await;
+    let before = replicas.iter().enumerate().filter(|(i, _)| *i != idx).map(|(_, (r, _))| r.metrics.membridge_sync_runs_total.get()).sum::<u64>();
+    wait_for("failover", Duration::from_secs(10), || async {
+        replicas.iter().enumerate().filter(|(i, (r, _))| *i != idx && r.metrics.is_leader.get() == 1).count() == 1
+    })
+    .await;
+    wait_for("new leader syncs", Duration::from_secs(10), || async {
+        replicas.iter().enumerate().filter(|(i, _)| *i != idx).map(|(_, (r, _))| r.metrics.membridge_sync_runs_total.get()).sum::<u64>() > before
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn all_tasks_complete_while_a_reconciler_dies_mid_load() {
+    let app = TestApp::spawn().await;
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        let cancel = app.cancel.child_token();
+        let r = app.reconciler_with(app.reconciler_settings(), &cancel).await;
+        handles.push(tokio::spawn(r.run(cancel)));
+    }
+    app.start_worker("w1", 16).await;
+    app.start_worker("w2", 16).await;
+    let submit = async {
+        for i in 0..300 {
+            app.submit(&format!("load {i}")).await;
+        }
+    };
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        handles[0].abort();
+    };
+    tokio::join!(submit, kill);
+    wait_for("all completed", Duration::from_secs(60), || async {
+        app.count("SELECT count(*) FROM llm_tasks WHERE status = 'completed'").await == 300
+    })
+    .await;
+    assert_eq!(app.count("SELECT count(*) FROM llm_results WHERE status = 'success'").await, 300);
+    assert_eq!(app.count("SELECT count(DISTINCT task_id) FROM llm_results").await, 300);
+    assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'active'").await, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn expiry_and_redelivery_racing_leave_one_lease_and_one_counted_attempt() {
+    // TTL 1 s: the first worker's message is redelivered by JetStream at about the time
+    // the sweeper expires its lease.
+    let app = TestApp::spawn_with(Opts { lease_ttl_secs: 1, ..Opts::default() }).await;
+    let (_r, _) = app.start_reconciler().await;
+    let (_r2, _) = app.start_reconciler().await;
+    let (_, doomed) = app.start_worker("doomed", 4).await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(app.submit(&format!("sleep:{}", 800 + i * 100)).await["id"].as_str().unwrap().to_owned());
+    }
+    wait_for("all leased", Duration::from_secs(10), || async {
+        app.count("SELECT count(*) FROM llm_tasks WHERE status IN ('leased', 'running')").await == 4
+    })
+    .await;
+    doomed.abort();
+    app.start_worker("w2", 4).await;
+    app.start_worker("w3", 4).await;
+    wait_for("all completed", Duration::from_secs(30), || async {
+        app.count("SELECT count(*) FROM llm_tasks WHERE status = 'completed'").await == 4
+    })
+    .await;
+    for id in &ids {
+        let (_, t) = app.get(&format!("/api/runtime/llm-tasks/{id}")).await;
+        assert_eq!(t["attempts"], 2, "{t}");
+        assert_eq!(app.count(&format!("SELECT count(*) FROM leases WHERE task_id = '{id}'")).await, 2);
+        assert_eq!(app.count(&format!("SELECT count(*) FROM leases WHERE task_id = '{id}' AND status = 'released'")).await, 1);
+    }
+    assert_eq!(app.count("SELECT count(*) FROM llm_results WHERE status = 'success'").await, 4);
+    app.stop().await;
+}
