@@ -9,6 +9,7 @@
 //! (lease released, message nak'ed) so another worker takes them at once.
 
 pub mod executor;
+pub mod slots;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,6 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind, Message};
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +29,10 @@ use crate::protocol::{
     ResultMessage, TaskMessage, WorkerBeat,
 };
 pub use executor::Executor;
+use slots::{Slot, Slots};
+
+/// Most messages asked for in one pull request.
+const MAX_PULL: usize = 256;
 
 /// How a worker runs.
 #[derive(Clone, Debug)]
@@ -77,7 +81,7 @@ pub async fn run(
     let ctx = Ctx { client, js, names, settings: Arc::new(settings), metrics, ttl_secs };
     tracing::info!(worker.id = %ctx.settings.id, ttl_secs, "worker started");
 
-    let slots = Arc::new(Semaphore::new(ctx.settings.capabilities.max_concurrency.max(1) as usize));
+    let slots = Slots::new(ctx.settings.capabilities.max_concurrency.max(1) as usize);
     // Tasks stop on `hard`, which fires when the grace period after `cancel` runs out.
     let hard = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -87,7 +91,9 @@ pub async fn run(
         loops.spawn(pull_loop(ctx.clone(), consumer, slots.clone(), exec_tx.clone(), cancel.clone()));
     }
     drop(exec_tx);
-    let beats = tokio::spawn(beat_loop(ctx.clone(), slots.clone(), cancel.clone()));
+    // Owned by this future: if it is dropped (a crash, in tests), its beats stop too.
+    let mut beats = JoinSet::new();
+    beats.spawn(beat_loop(ctx.clone(), slots.clone(), cancel.clone()));
 
     loop {
         tokio::select! {
@@ -112,39 +118,27 @@ pub async fn run(
         hard.cancel();
         while tasks.join_next().await.is_some() {}
     }
-    let _ = beats.await;
+    while beats.join_next().await.is_some() {}
     Ok(())
 }
 
-type Claimed = (Message, TaskMessage, LeaseGrant, OwnedSemaphorePermit);
+type Claimed = (Message, TaskMessage, LeaseGrant, Slot);
 
-/// Pulls from one consumer while slots are free, claims what arrives, and hands granted
-/// tasks to the executor.
+/// Pulls from one consumer as many messages as slots are free, claims what arrives,
+/// and hands granted tasks to the executor.
 async fn pull_loop(
     ctx: Ctx,
     consumer: PullConsumer,
-    slots: Arc<Semaphore>,
+    slots: Slots,
     exec: tokio::sync::mpsc::UnboundedSender<Claimed>,
     cancel: CancellationToken,
 ) {
     loop {
-        let first = tokio::select! {
+        let free = tokio::select! {
             _ = cancel.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            n = slots.wait_free() => n.min(MAX_PULL),
         };
-        let mut permits = vec![first];
-        while permits.len() < 256 {
-            match slots.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
-            }
-        }
-        let batch = consumer
-            .batch()
-            .max_messages(permits.len())
-            .expires(Duration::from_secs(2))
-            .messages()
-            .await;
+        let batch = consumer.batch().max_messages(free).expires(Duration::from_secs(2)).messages().await;
         let batch = match batch {
             Ok(b) => b,
             Err(e) => {
@@ -155,29 +149,32 @@ async fn pull_loop(
                 }
             }
         };
-        let mut chunks = batch.ready_chunks(permits.len());
+        let mut chunks = batch.ready_chunks(free);
         loop {
             let chunk = tokio::select! {
                 _ = cancel.cancelled() => None,
                 c = chunks.next() => c,
             };
             let Some(chunk) = chunk else { break };
-            let msgs: Vec<Message> = chunk
-                .into_iter()
-                .filter_map(|m| m.map_err(|e| tracing::debug!(error = %e, "pull batch ended")).ok())
-                .collect();
-            for (msg, task, grant) in claim(&ctx, msgs).await {
-                let Some(permit) = permits.pop() else {
-                    // More messages than slots cannot happen (batch size = permits); be safe.
-                    let _ = msg.ack_with(AckKind::Nak(None)).await;
-                    continue;
-                };
-                if exec.send((msg, task, grant, permit)).is_err() {
-                    return;
+            let mut msgs = Vec::with_capacity(chunk.len());
+            let mut taken = Vec::with_capacity(chunk.len());
+            for msg in chunk.into_iter().filter_map(|m| m.map_err(|e| tracing::debug!(error = %e, "pull batch ended")).ok()) {
+                match slots.try_take() {
+                    Some(slot) => {
+                        taken.push(slot);
+                        msgs.push(msg);
+                    }
+                    // The other loop filled the last slot meanwhile: let another worker have it.
+                    None => {
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    }
                 }
             }
-            if permits.is_empty() {
-                break;
+            for (msg, task, grant) in claim(&ctx, msgs).await {
+                let slot = taken.pop().expect("one slot per claimed message");
+                if exec.send((msg, task, grant, slot)).is_err() {
+                    return;
+                }
             }
         }
         if cancel.is_cancelled() {
@@ -251,21 +248,18 @@ async fn execute(
     msg: Message,
     task: TaskMessage,
     grant: LeaseGrant,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
     hard: CancellationToken,
 ) {
-    let _permit = permit;
+    let _slot = slot;
     let lost = CancellationToken::new();
-    let stop = CancellationToken::new();
-    let beat = tokio::spawn(heartbeat_loop(ctx.clone(), msg.clone(), task.task_id.clone(), grant.lease_id.clone(), lost.clone(), stop.clone()));
     let run_cancel = CancellationToken::new();
+    // Heartbeats run inside this future, so they stop with it whatever ends it.
     let outcome = tokio::select! {
         o = ctx.settings.executor.run(&task, &run_cancel) => o,
-        _ = lost.cancelled() => { run_cancel.cancel(); None }
+        _ = heartbeat_loop(&ctx, &msg, &task.task_id, &grant.lease_id, &lost) => { run_cancel.cancel(); None }
         _ = hard.cancelled() => { run_cancel.cancel(); None }
     };
-    stop.cancel();
-    let _ = beat.await;
     let Some(outcome) = outcome else {
         if lost.is_cancelled() {
             tracing::warn!(task.id = %task.task_id, "lease lost while running; result dropped");
@@ -320,24 +314,15 @@ async fn publish_result(ctx: &Ctx, result: &ResultMessage, hard: &CancellationTo
 }
 
 /// Every TTL/3: an in-progress ack (JetStream's lease) and a lease heartbeat
-/// (Postgres's lease). A heartbeat answered `Lost` stops the task.
-async fn heartbeat_loop(
-    ctx: Ctx,
-    msg: Message,
-    task_id: crate::domain::TaskId,
-    lease_id: LeaseId,
-    lost: CancellationToken,
-    stop: CancellationToken,
-) {
+/// (Postgres's lease). Returns (after cancelling `lost`) only when a heartbeat is
+/// answered `Lost`; otherwise runs until dropped.
+async fn heartbeat_loop(ctx: &Ctx, msg: &Message, task_id: &crate::domain::TaskId, lease_id: &LeaseId, lost: &CancellationToken) {
     let period = Duration::from_millis((ctx.ttl_secs as u64 * 1000 / 3).max(200));
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(period) => {}
-        }
+        tokio::time::sleep(period).await;
         let _ = msg.ack_with(AckKind::Progress).await;
         let req = HeartbeatRequest { task_id: task_id.clone(), lease_id: lease_id.clone() };
-        match request::<_, HeartbeatReply>(&ctx, ctx.names.heartbeat_subject(), &req).await {
+        match request::<_, HeartbeatReply>(ctx, ctx.names.heartbeat_subject(), &req).await {
             Ok(HeartbeatReply::Lost) => {
                 lost.cancel();
                 return;
@@ -365,18 +350,17 @@ async fn hand_back(ctx: &Ctx, msg: &Message, task: &TaskMessage, lease_id: &Leas
 
 /// Publishes a liveness beat every `beat_interval`, and a last one marking the worker
 /// offline on shutdown.
-async fn beat_loop(ctx: Ctx, slots: Arc<Semaphore>, cancel: CancellationToken) {
-    let max = ctx.settings.capabilities.max_concurrency.max(1) as u32;
+async fn beat_loop(ctx: Ctx, slots: Slots, cancel: CancellationToken) {
     let beat = |status| WorkerBeat {
         worker_id: ctx.settings.id.clone(),
         status,
         capabilities: ctx.settings.capabilities.clone(),
         ip_addrs: Vec::new(),
-        in_flight: max.saturating_sub(slots.available_permits() as u32),
+        in_flight: slots.used() as u32,
     };
     loop {
         let body = serde_json::to_vec(&beat(WorkerStatus::Online)).expect("beat serializes");
-        ctx.metrics.in_flight.set(u64::from(max.saturating_sub(slots.available_permits() as u32)));
+        ctx.metrics.in_flight.set(slots.used() as u64);
         if let Err(e) = ctx.client.publish(ctx.names.worker_beat_subject(), body.into()).await {
             tracing::warn!(error = %e, "worker beat failed");
         }

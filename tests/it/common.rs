@@ -99,6 +99,9 @@ impl TestApp {
     }
 
     pub async fn spawn_with(opts: Opts) -> TestApp {
+        if std::env::var_os("BLOOM_TEST_LOG").is_some() {
+            bloom::telemetry::init("text");
+        }
         let (pool, _) = fresh_db().await;
         let names = Names::new(&format!("t{}", short_id())).unwrap();
         let nats = bloom::bus::connect(&nats_url(), "bloom-test").await.expect("connect to NATS");

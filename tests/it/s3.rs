@@ -42,8 +42,22 @@ async fn artifacts_land_in_s3_and_stream_back_through_the_api() {
     let fetched = reqwest::get(pre["url"].as_str().unwrap()).await.unwrap().text().await.unwrap();
     assert_eq!(fetched, "stored in s3");
     // The object is really in the bucket.
-    let direct = reqwest::get(format!("{}/{bucket}/artifacts/{id}/{lease}.json", s3_endpoint())).await.unwrap();
-    assert_eq!(direct.text().await.unwrap(), "stored in s3");
+    let conf = aws_sdk_s3::Config::builder()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .endpoint_url(s3_endpoint())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_s3::config::Credentials::new("test", "test", None, None, "test"))
+        .force_path_style(true)
+        .build();
+    let obj = aws_sdk_s3::Client::from_conf(conf)
+        .get_object()
+        .bucket(&bucket)
+        .key(format!("artifacts/{id}/{lease}.json"))
+        .send()
+        .await
+        .expect("object in the bucket");
+    let bytes = obj.body.collect().await.unwrap().into_bytes();
+    assert_eq!(&bytes[..], b"stored in s3");
     let (status, _) = app.get("/api/runtime/artifacts/nope").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     app.stop().await;
