@@ -61,8 +61,11 @@ impl ArtifactStore {
 
     /// A store for `settings` (Postgres only when `None`).
     pub async fn from_settings(settings: Option<S3Settings>, metrics: Arc<Metrics>) -> ArtifactStore {
-        let Some(s) = settings else { return ArtifactStore::postgres(metrics) };
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(Region::new(s.region.clone()));
+        let Some(s) = settings else {
+            return ArtifactStore::postgres(metrics);
+        };
+        let mut loader =
+            aws_config::defaults(aws_config::BehaviorVersion::latest()).region(Region::new(s.region.clone()));
         if let Some((access, secret)) = &s.static_credentials {
             loader = loader.credentials_provider(Credentials::new(
                 access.expose(),

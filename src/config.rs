@@ -357,7 +357,9 @@ impl WorkerArgs {
             .clone()
             .filter(|s| !s.is_empty())
             .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()))
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+            })
             .unwrap_or_else(|| format!("worker-{}", &crate::domain::new_id()[..8]))
     }
 }

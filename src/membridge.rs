@@ -142,7 +142,13 @@ impl Client {
         s.connected = s.consecutive_failures == 0 && s.last_success.is_some();
     }
 
-    async fn once(&self, ep: &Endpoint, method: &reqwest::Method, path: &str, body: Option<&serde_json::Value>) -> Attempt {
+    async fn once(
+        &self,
+        ep: &Endpoint,
+        method: &reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Attempt {
         let url = format!("{}{}", ep.url.trim_end_matches('/'), path);
         let mut req = self
             .http

@@ -110,10 +110,14 @@ pub struct HeartbeatRequest {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum HeartbeatReply {
-    Renewed { expires_at: i64 },
+    Renewed {
+        expires_at: i64,
+    },
     /// The lease expired or the task moved on: stop working on it.
     Lost,
-    Unavailable { reason: String },
+    Unavailable {
+        reason: String,
+    },
 }
 
 /// A worker's liveness beat and self-description.

@@ -70,11 +70,8 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let s = &state.settings;
     let api_limiter = RateLimiter::new(s.rate_limit_per_min, Duration::from_secs(60), s.trust_proxy || s.production);
-    let strict_limiter = RateLimiter::new(
-        s.test_connection_rate_limit_per_min,
-        Duration::from_secs(60),
-        s.trust_proxy || s.production,
-    );
+    let strict_limiter =
+        RateLimiter::new(s.test_connection_rate_limit_per_min, Duration::from_secs(60), s.trust_proxy || s.production);
 
     let test_connection = post(runtime_config::test_connection)
         .route_layer(middleware::from_fn_with_state(strict_limiter, rate_limit::limit));
@@ -128,9 +125,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 /// In production, a request that came over plain HTTP through a proxy is redirected to
 /// HTTPS with 301, as the seed does.
 async fn https_redirect(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if state.settings.production
-        && req.headers().get("x-forwarded-proto").is_some_and(|v| v.as_bytes() == b"http")
-    {
+    if state.settings.production && req.headers().get("x-forwarded-proto").is_some_and(|v| v.as_bytes() == b"http") {
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
         let target = format!("https://{host}{}", req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
         return match HeaderValue::from_str(&target) {

@@ -70,10 +70,7 @@ impl RateLimiter {
                 return ip;
             }
         }
-        req.extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip())
-            .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+        req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]))
     }
 
     fn headers(&self, d: &Decision, headers: &mut HeaderMap) {
@@ -98,8 +95,9 @@ pub async fn limit(State(limiter): State<Arc<RateLimiter>>, req: Request, next: 
     let mut resp = if decision.allowed {
         next.run(req).await
     } else {
-        let mut r = (StatusCode::TOO_MANY_REQUESTS, Json(json!({"error": "Too many requests, please try again later"})))
-            .into_response();
+        let mut r =
+            (StatusCode::TOO_MANY_REQUESTS, Json(json!({"error": "Too many requests, please try again later"})))
+                .into_response();
         if let Ok(v) = HeaderValue::from_str(&decision.reset_secs.to_string()) {
             r.headers_mut().insert("retry-after", v);
         }

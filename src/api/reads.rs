@@ -9,8 +9,8 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 
 use super::validate::FieldErrors;
-use crate::artifacts::{ArtifactError, Content};
 use super::{ApiError, AppState};
+use crate::artifacts::{ArtifactError, Content};
 use crate::db::page::{Cursor, DEFAULT_LIMIT, MAX_LIMIT};
 use crate::db::{artifacts, audit, leases, stats, tasks, Page};
 use crate::domain::{Artifact, ArtifactId, AuditEntry, Lease, LeaseStatus, Task, TaskId};

@@ -79,7 +79,10 @@ pub async fn get_config(State(state): State<AppState>) -> Result<Json<RuntimeCon
 }
 
 /// `POST /api/runtime/config` `{membridge_server_url, admin_key}`.
-pub async fn set_config(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Json<RuntimeConfig>, ApiError> {
+pub async fn set_config(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<RuntimeConfig>, ApiError> {
     let mut errors = FieldErrors::default();
     let mut f = Fields::root(&body, &mut errors);
     let url = f.string("membridge_server_url", 0, None);

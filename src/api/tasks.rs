@@ -88,7 +88,9 @@ pub struct ListQuery {
 pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<impl IntoResponse, ApiError> {
     let status = match q.status.as_deref() {
         None | Some("") => None,
-        Some(s) => Some(TaskStatus::parse(s).ok_or_else(|| field_error("status", format!("Unknown task status '{s}'")))?),
+        Some(s) => {
+            Some(TaskStatus::parse(s).ok_or_else(|| field_error("status", format!("Unknown task status '{s}'")))?)
+        }
     };
     let page = q.page.page()?;
     let rows = tasks::list(&state.pool, status, &page).await?;
@@ -170,7 +172,9 @@ pub async fn heartbeat(
 }
 
 /// Validates a complete body with the seed's `completeTaskSchema`.
-fn parse_completion(body: &Value) -> Result<(ResultStatus, Option<String>, Option<String>, Metrics, String, Vec<String>), ApiError> {
+fn parse_completion(
+    body: &Value,
+) -> Result<(ResultStatus, Option<String>, Option<String>, Metrics, String, Vec<String>), ApiError> {
     let mut errors = FieldErrors::default();
     let mut f = Fields::root(body, &mut errors);
     let status = f.one_of("status", &["success", "error"], None).map(|s| {
@@ -246,4 +250,3 @@ pub async fn requeue(State(state): State<AppState>, Path(id): Path<String>) -> R
     state.dispatcher.send(vec![dispatch]);
     Ok(Json(task))
 }
-

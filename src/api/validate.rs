@@ -182,7 +182,9 @@ impl<'a> Fields<'a> {
 
     /// An optional number `>= min`, `default` when absent.
     pub fn number(&mut self, key: &str, min: f64, default: f64) -> Option<f64> {
-        let Some(v) = self.raw(key) else { return Some(default) };
+        let Some(v) = self.raw(key) else {
+            return Some(default);
+        };
         match v.as_f64() {
             Some(n) if n >= min => Some(n),
             Some(_) => {
@@ -210,7 +212,9 @@ impl<'a> Fields<'a> {
 
     /// An optional array of strings (`None` inside when absent).
     pub fn opt_strings(&mut self, key: &str) -> Option<Option<Vec<String>>> {
-        let Some(v) = self.raw(key) else { return Some(None) };
+        let Some(v) = self.raw(key) else {
+            return Some(None);
+        };
         let Value::Array(items) = v else {
             self.fail(key, format!("Expected array, received {}", type_name(v)));
             return None;
@@ -229,7 +233,12 @@ impl<'a> Fields<'a> {
     }
 
     /// An optional enum value among `allowed`, `default` when absent.
-    pub fn one_of(&mut self, key: &str, allowed: &[&'static str], default: Option<&'static str>) -> Option<&'static str> {
+    pub fn one_of(
+        &mut self,
+        key: &str,
+        allowed: &[&'static str],
+        default: Option<&'static str>,
+    ) -> Option<&'static str> {
         let v = match (self.raw(key), default) {
             (None, Some(d)) => return Some(d),
             (None, None) => return self.required(key).and(None),

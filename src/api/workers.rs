@@ -66,9 +66,9 @@ pub fn parse_registration(body: &Value) -> Result<workers::Registration, ApiErro
     };
     let ip_addrs = f.opt_strings("ip_addrs").map(Option::unwrap_or_default);
     match (name, url, status, capabilities, ip_addrs) {
-        (Some(name), Some(url), Some(status), Some(capabilities), Some(ip_addrs)) => errors.finish(
-            workers::Registration { name: WorkerId(name), url, status, capabilities, ip_addrs },
-        ),
+        (Some(name), Some(url), Some(status), Some(capabilities), Some(ip_addrs)) => {
+            errors.finish(workers::Registration { name: WorkerId(name), url, status, capabilities, ip_addrs })
+        }
         _ => Err(ApiError::Validation(errors)),
     }
 }

@@ -84,7 +84,9 @@ async fn publish_loop(
             _ = cancel.cancelled() => return,
             n = rx.recv_many(&mut buf, MAX_BATCH) => if n == 0 { return },
         }
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
         let mut acks = Vec::new();
         for d in buf.drain(..).flatten() {
             match publish(&js, &names, &d).await {
@@ -139,7 +141,9 @@ async fn delete_loop(
         .await;
         match result {
             Ok(()) => metrics.outbox_rows_deleted.add(ids.len() as u64),
-            Err(e) => tracing::warn!(error = %e, rows = ids.len(), "deleting sent outbox rows failed; the relay will resend them"),
+            Err(e) => {
+                tracing::warn!(error = %e, rows = ids.len(), "deleting sent outbox rows failed; the relay will resend them")
+            }
         }
     }
 }

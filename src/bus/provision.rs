@@ -36,9 +36,8 @@ struct ConsumerFile {
 }
 
 fn render(template: &str, names: &Names, ack_wait: Duration, worker: Option<&WorkerId>) -> String {
-    let mut s = template
-        .replace("${NS}", names.namespace())
-        .replace("${ACK_WAIT_NS}", &ack_wait.as_nanos().to_string());
+    let mut s =
+        template.replace("${NS}", names.namespace()).replace("${ACK_WAIT_NS}", &ack_wait.as_nanos().to_string());
     if let Some(w) = worker {
         s = s.replace("${WORKER}", &names.worker_token(w));
     }
@@ -64,9 +63,9 @@ async fn apply_consumer(js: &jetstream::Context, file: ConsumerFile) -> Result<(
     match stream.create_consumer(file.config.clone()).await {
         Ok(_) => Ok(()),
         // An existing consumer with another config (e.g. a changed lease TTL): update it.
-        Err(create) => stream.update_consumer(file.config).await.map(|_| ()).map_err(|e| {
-            err(&format!("{create}; update: {e}"))
-        }),
+        Err(create) => {
+            stream.update_consumer(file.config).await.map(|_| ()).map_err(|e| err(&format!("{create}; update: {e}")))
+        }
     }
 }
 

@@ -11,11 +11,7 @@ pub async fn get(db: impl PgExecutor<'_>, id: &LeaseId) -> sqlx::Result<Option<L
 }
 
 /// Most recently started first, optionally of one status.
-pub async fn list(
-    db: impl PgExecutor<'_>,
-    status: Option<LeaseStatus>,
-    page: &Page,
-) -> sqlx::Result<Vec<Lease>> {
+pub async fn list(db: impl PgExecutor<'_>, status: Option<LeaseStatus>, page: &Page) -> sqlx::Result<Vec<Lease>> {
     let (key, id) = page.bounds();
     sqlx::query_as(
         "SELECT * FROM leases
@@ -32,10 +28,8 @@ pub async fn list(
 
 /// Active leases held by one worker, most recent first.
 pub async fn active_for_worker(db: impl PgExecutor<'_>, worker: &WorkerId) -> sqlx::Result<Vec<Lease>> {
-    sqlx::query_as(
-        "SELECT * FROM leases WHERE worker_id = $1 AND status = 'active' ORDER BY started_at DESC",
-    )
-    .bind(worker)
-    .fetch_all(db)
-    .await
+    sqlx::query_as("SELECT * FROM leases WHERE worker_id = $1 AND status = 'active' ORDER BY started_at DESC")
+        .bind(worker)
+        .fetch_all(db)
+        .await
 }

@@ -19,8 +19,8 @@ use sqlx::PgPool;
 use super::outbox::{self, Dispatch};
 use super::{audit, tasks, workers};
 use crate::domain::{
-    pick_worker, Artifact, ArtifactId, AuditAction, Lease, LeaseId, LeaseStatus, LlmResult, Metrics,
-    NewAudit, NewTask, ResultId, ResultStatus, Task, TaskId, TaskStatus, Worker, WorkerId,
+    pick_worker, Artifact, ArtifactId, AuditAction, Lease, LeaseId, LeaseStatus, LlmResult, Metrics, NewAudit, NewTask,
+    ResultId, ResultStatus, Task, TaskId, TaskStatus, Worker, WorkerId,
 };
 use crate::time::now_ms;
 
@@ -175,8 +175,12 @@ pub async fn lease(pool: &PgPool, task_id: &TaskId, req: &LeaseRequest) -> Resul
     .await?;
     insert_leases(&mut tx, std::slice::from_ref(&lease)).await?;
     let detail = format!("Task {} leased to worker {}, TTL {}s", task.id, worker.id, req.ttl_seconds);
-    audit::insert(&mut *tx, &[NewAudit::new(AuditAction::TaskLeased, "lease", lease.id.as_str(), "router", detail)], now)
-        .await?;
+    audit::insert(
+        &mut *tx,
+        &[NewAudit::new(AuditAction::TaskLeased, "lease", lease.id.as_str(), "router", detail)],
+        now,
+    )
+    .await?;
     tx.commit().await?;
     let mut worker = worker;
     worker.active_leases += 1;
@@ -337,8 +341,12 @@ pub async fn release(pool: &PgPool, task_id: &TaskId, lease_id: &LeaseId) -> sql
             .execute(&mut *tx)
             .await?;
         let detail = format!("Lease {lease_id} handed back by a stopping worker");
-        audit::insert(&mut *tx, &[NewAudit::new(AuditAction::TaskRequeued, "llm_task", task_id.as_str(), "worker", detail)], now)
-            .await?;
+        audit::insert(
+            &mut *tx,
+            &[NewAudit::new(AuditAction::TaskRequeued, "llm_task", task_id.as_str(), "worker", detail)],
+            now,
+        )
+        .await?;
     }
     tx.commit().await?;
     Ok(released)
@@ -457,7 +465,8 @@ pub async fn complete(pool: &PgPool, completions: &[Completion]) -> sqlx::Result
         })
         .collect();
     for (c, _) in completions.iter().zip(&winners).filter(|(_, won)| !**won) {
-        let detail = format!("Late {} result for lease {} ignored: not the current lease", c.status.as_str(), c.lease_id);
+        let detail =
+            format!("Late {} result for lease {} ignored: not the current lease", c.status.as_str(), c.lease_id);
         entries.push(NewAudit::new(AuditAction::ResultLate, "llm_task", c.task_id.as_str(), "reconciler", detail));
     }
     if !outcomes.is_empty() {
@@ -609,8 +618,12 @@ pub async fn requeue(pool: &PgPool, task_id: &TaskId, actor: &str) -> Result<Dis
     .fetch_one(&mut *tx)
     .await?;
     let detail = format!("Requeued from {prev_status} after {prev_attempts} attempt(s)");
-    audit::insert(&mut *tx, &[NewAudit::new(AuditAction::TaskRequeued, "llm_task", task_id.as_str(), actor, detail)], now)
-        .await?;
+    audit::insert(
+        &mut *tx,
+        &[NewAudit::new(AuditAction::TaskRequeued, "llm_task", task_id.as_str(), actor, detail)],
+        now,
+    )
+    .await?;
     let mut dispatches = outbox::insert(&mut tx, vec![task], now).await?;
     tx.commit().await?;
     dispatches.pop().ok_or(TransitionError::Db(sqlx::Error::RowNotFound))

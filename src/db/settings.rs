@@ -41,11 +41,17 @@ const CONNECTED: &str = "connected";
 const LAST_TEST: &str = "last_test";
 
 /// The saved membridge settings, falling back to `default` for what was never saved.
-pub async fn membridge(db: impl PgExecutor<'_>, default: &crate::membridge::Endpoint) -> sqlx::Result<MembridgeSettings> {
+pub async fn membridge(
+    db: impl PgExecutor<'_>,
+    default: &crate::membridge::Endpoint,
+) -> sqlx::Result<MembridgeSettings> {
     let all = all(db).await?;
     Ok(MembridgeSettings {
         url: all.get(URL).cloned().unwrap_or_else(|| default.url.clone()),
-        admin_key: all.get(ADMIN_KEY).map(|k| crate::config::Secret::new(k.clone())).unwrap_or_else(|| default.admin_key.clone()),
+        admin_key: all
+            .get(ADMIN_KEY)
+            .map(|k| crate::config::Secret::new(k.clone()))
+            .unwrap_or_else(|| default.admin_key.clone()),
         connected: all.get(CONNECTED).is_some_and(|v| v == "true"),
         last_test: all.get(LAST_TEST).and_then(|v| v.parse().ok()),
     })

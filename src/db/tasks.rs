@@ -16,11 +16,7 @@ pub async fn get_many(db: impl PgExecutor<'_>, ids: &[String]) -> sqlx::Result<V
 }
 
 /// Newest first, optionally of one status.
-pub async fn list(
-    db: impl PgExecutor<'_>,
-    status: Option<TaskStatus>,
-    page: &Page,
-) -> sqlx::Result<Vec<Task>> {
+pub async fn list(db: impl PgExecutor<'_>, status: Option<TaskStatus>, page: &Page) -> sqlx::Result<Vec<Task>> {
     let (key, id) = page.bounds();
     sqlx::query_as(
         "SELECT * FROM llm_tasks

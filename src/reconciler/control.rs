@@ -52,7 +52,9 @@ where
             _ = cancel.cancelled() => return,
             b = batches.next() => match b { Some(b) => b, None => return },
         };
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let r = r.clone();
         tokio::spawn(async move {
             handle(r, batch).await;
@@ -170,7 +172,9 @@ async fn handle_heartbeats(r: Reconciler, msgs: Vec<Message>) {
 
 async fn handle_releases(r: Reconciler, msgs: Vec<Message>) {
     for msg in msgs {
-        let Some(req) = parse::<ReleaseRequest>(&r, &msg) else { continue };
+        let Some(req) = parse::<ReleaseRequest>(&r, &msg) else {
+            continue;
+        };
         let released = match lifecycle::release(&r.pool, &req.task_id, &req.lease_id).await {
             Ok(b) => b,
             Err(e) => {
@@ -198,7 +202,7 @@ async fn handle_worker_beats(r: Reconciler, msgs: Vec<Message>) {
         tracing::error!(error = %e, "recording worker beats failed");
         return;
     }
-    let gone: Vec<WorkerId> = beats.iter().filter(|b| b.status == WorkerStatus::Offline).map(|b| b.id.clone()).collect();
+    let gone: Vec<WorkerId> =
+        beats.iter().filter(|b| b.status == WorkerStatus::Offline).map(|b| b.id.clone()).collect();
     super::sweeper::reroute(&r, &gone).await;
 }
-

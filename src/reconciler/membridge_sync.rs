@@ -11,8 +11,8 @@
 use serde::Deserialize;
 
 use super::Reconciler;
-use crate::db::workers::{self, SyncedAgent};
 use crate::db::settings;
+use crate::db::workers::{self, SyncedAgent};
 use crate::domain::{Capabilities, WorkerId, WorkerStatus};
 use crate::membridge::Retry;
 use crate::time::now_ms;
@@ -125,7 +125,8 @@ mod tests {
         assert_eq!(w.capabilities, Capabilities::default());
         assert_eq!(w.last_heartbeat, 1_700_000_100_250);
         let fresh: Agent = serde_json::from_value(serde_json::json!({"name": "n", "url": "", "status": "unknown",
-            "registered_at": 1.0, "last_seen": null})).unwrap();
+            "registered_at": 1.0, "last_seen": null}))
+        .unwrap();
         let w = map_agent(&fresh, 42).unwrap();
         assert_eq!((w.status, w.last_heartbeat), (WorkerStatus::Unknown, 42));
         assert!(map_agent(&serde_json::from_value::<Agent>(serde_json::json!({})).unwrap(), 0).is_none());

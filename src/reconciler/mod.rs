@@ -66,7 +66,10 @@ impl Default for ReconcilerSettings {
             worker_timeout: Duration::from_secs(30),
             membridge_interval: Duration::from_secs(10),
             membridge_stale_after: Duration::from_secs(60),
-            membridge_default: membridge::Endpoint { url: "http://127.0.0.1:8000".into(), admin_key: Default::default() },
+            membridge_default: membridge::Endpoint {
+                url: "http://127.0.0.1:8000".into(),
+                admin_key: Default::default(),
+            },
             leader_poll: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
         }
@@ -102,7 +105,17 @@ impl Reconciler {
         provision::apply(&js, &names, settings.lease_ttl).await?;
         let dispatcher = Dispatcher::spawn(js.clone(), names.clone(), pool.clone(), metrics.clone(), cancel.clone());
         let membridge = Arc::new(membridge::Client::new(Duration::from_secs(10)));
-        Ok(Reconciler { pool, client, js, names, dispatcher, artifacts, membridge, metrics, settings: Arc::new(settings) })
+        Ok(Reconciler {
+            pool,
+            client,
+            js,
+            names,
+            dispatcher,
+            artifacts,
+            membridge,
+            metrics,
+            settings: Arc::new(settings),
+        })
     }
 
     /// Runs every duty until `cancel` fires.
@@ -135,9 +148,12 @@ pub fn router(r: Reconciler) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .route("/metrics", get(|State(r): State<Reconciler>| async move {
-            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], r.metrics.render())
-        }))
+        .route(
+            "/metrics",
+            get(|State(r): State<Reconciler>| async move {
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], r.metrics.render())
+            }),
+        )
         .route("/status", get(status))
         .with_state(r)
 }

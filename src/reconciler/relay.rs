@@ -33,7 +33,9 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
             _ = tokio::time::sleep(r.settings.relay_interval) => {}
         }
         match run_once(&r).await {
-            Ok(report) if report != RelayReport::default() => tracing::info!(?report, "outbox relay"),
+            Ok(report) if report != RelayReport::default() => {
+                tracing::info!(?report, "outbox relay")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "outbox relay failed"),
         }

@@ -33,11 +33,10 @@ pub struct ResultsReport {
 pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()> {
     let slots = Arc::new(Semaphore::new(2));
     while !cancel.is_cancelled() {
-        let consumer: Result<PullConsumer, _> = async {
-            r.js.get_stream(r.names.results_stream()).await?.get_consumer(&r.names.results_consumer()).await
-        }
-        .await
-        .map_err(|e| anyhow::anyhow!(e.to_string()));
+        let consumer: Result<PullConsumer, _> =
+            async { r.js.get_stream(r.names.results_stream()).await?.get_consumer(&r.names.results_consumer()).await }
+                .await
+                .map_err(|e| anyhow::anyhow!(e.to_string()));
         let messages = match consumer {
             Ok(c) => c.stream().max_messages_per_batch(MAX_BATCH).heartbeat(Duration::from_secs(5)).messages().await,
             Err(e) => {
@@ -61,7 +60,9 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
                 // Errors only (e.g. missed heartbeats): start a fresh pull stream.
                 break;
             }
-            let Ok(permit) = slots.clone().acquire_owned().await else { break };
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                break;
+            };
             let r = r.clone();
             tokio::spawn(async move {
                 if let Err(e) = handle(&r, msgs).await {

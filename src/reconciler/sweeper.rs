@@ -80,11 +80,9 @@ pub async fn reroute(r: &Reconciler, offline: &[WorkerId]) -> usize {
             if let Ok(mut stream) = r.js.get_stream(r.names.tasks_stream()).await {
                 for w in offline {
                     // The old dispatches can no longer be claimed; drop them from the stream.
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        stream.purge().filter(r.names.worker_subject(w)),
-                    )
-                    .await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(5), stream.purge().filter(r.names.worker_subject(w)))
+                            .await;
                 }
                 let _ = stream.info().await;
             }

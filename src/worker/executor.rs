@@ -115,7 +115,11 @@ fn check_format(outcome: Outcome, format: DesiredFormat, started: Instant) -> Ou
     if outcome.status == ResultStatus::Success && format == DesiredFormat::Json {
         let out = outcome.output.as_deref().unwrap_or("");
         if let Err(e) = serde_json::from_str::<serde_json::Value>(out) {
-            return Outcome::error(format!("output is not valid JSON (desired_format json): {e}"), outcome.output, started);
+            return Outcome::error(
+                format!("output is not valid JSON (desired_format json): {e}"),
+                outcome.output,
+                started,
+            );
         }
     }
     outcome
@@ -239,7 +243,8 @@ fn parse_stdout(stdout: String, started: Instant) -> Outcome {
     });
     let result = env.get("result").and_then(|r| r.as_str()).map(str::to_owned);
     if env.get("is_error").and_then(|e| e.as_bool()) == Some(true) {
-        let mut o = Outcome::error(result.clone().unwrap_or_else(|| "executor reported an error".into()), result, started);
+        let mut o =
+            Outcome::error(result.clone().unwrap_or_else(|| "executor reported an error".into()), result, started);
         o.metrics.tokens_used = tokens;
         return o;
     }
@@ -283,7 +288,10 @@ mod tests {
 
     #[tokio::test]
     async fn non_zero_exit_is_an_error_with_stderr() {
-        let out = cmd("echo boom >&2; exit 3").run(&task("x", DesiredFormat::Text, 10), &CancellationToken::new()).await.unwrap();
+        let out = cmd("echo boom >&2; exit 3")
+            .run(&task("x", DesiredFormat::Text, 10), &CancellationToken::new())
+            .await
+            .unwrap();
         assert_eq!(out.status, ResultStatus::Error);
         assert_eq!(out.error_message.as_deref(), Some("executor exited with code 3: boom"));
     }
@@ -291,23 +299,33 @@ mod tests {
     #[tokio::test]
     async fn timeout_kills_the_process_group() {
         let start = Instant::now();
-        let out = cmd("sleep 30 & sleep 30; echo never").run(&task("x", DesiredFormat::Text, 1), &CancellationToken::new()).await.unwrap();
+        let out = cmd("sleep 30 & sleep 30; echo never")
+            .run(&task("x", DesiredFormat::Text, 1), &CancellationToken::new())
+            .await
+            .unwrap();
         assert_eq!(out.error_message.as_deref(), Some("timed out after 1s"));
         assert!(start.elapsed() < Duration::from_secs(10));
     }
 
     #[tokio::test]
     async fn oversized_output_is_an_error() {
-        let out = cmd("head -c 5000 /dev/zero").run(&task("x", DesiredFormat::Text, 10), &CancellationToken::new()).await.unwrap();
+        let out = cmd("head -c 5000 /dev/zero")
+            .run(&task("x", DesiredFormat::Text, 10), &CancellationToken::new())
+            .await
+            .unwrap();
         assert_eq!(out.error_message.as_deref(), Some("output exceeded 1024 bytes"));
     }
 
     #[tokio::test]
     async fn json_format_is_validated_and_claude_envelope_unwrapped() {
-        let bad = cmd("echo not-json").run(&task("x", DesiredFormat::Json, 10), &CancellationToken::new()).await.unwrap();
+        let bad =
+            cmd("echo not-json").run(&task("x", DesiredFormat::Json, 10), &CancellationToken::new()).await.unwrap();
         assert_eq!(bad.status, ResultStatus::Error);
         let envelope = r#"{"type":"result","result":"{\"a\":1}","usage":{"input_tokens":5,"output_tokens":7}}"#;
-        let good = cmd(&format!("echo '{envelope}'")).run(&task("x", DesiredFormat::Json, 10), &CancellationToken::new()).await.unwrap();
+        let good = cmd(&format!("echo '{envelope}'"))
+            .run(&task("x", DesiredFormat::Json, 10), &CancellationToken::new())
+            .await
+            .unwrap();
         assert_eq!(good.status, ResultStatus::Success, "{good:?}");
         assert_eq!(good.output.as_deref(), Some("{\"a\":1}"));
         assert_eq!(good.metrics.tokens_used, Some(12));

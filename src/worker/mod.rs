@@ -110,10 +110,8 @@ pub async fn run(
         tasks.spawn(execute(ctx.clone(), msg, task, grant, permit, hard.clone()));
     }
     tracing::info!(in_flight = tasks.len(), grace = ?ctx.settings.shutdown_grace, "draining");
-    let drained = tokio::time::timeout(ctx.settings.shutdown_grace, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(ctx.settings.shutdown_grace, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         hard.cancel();
         while tasks.join_next().await.is_some() {}
@@ -158,7 +156,9 @@ async fn pull_loop(
             let Some(chunk) = chunk else { break };
             let mut msgs = Vec::with_capacity(chunk.len());
             let mut taken = Vec::with_capacity(chunk.len());
-            for msg in chunk.into_iter().filter_map(|m| m.map_err(|e| tracing::debug!(error = %e, "pull batch ended")).ok()) {
+            for msg in
+                chunk.into_iter().filter_map(|m| m.map_err(|e| tracing::debug!(error = %e, "pull batch ended")).ok())
+            {
                 match slots.try_take() {
                     Some(slot) => {
                         taken.push(slot);
@@ -206,7 +206,14 @@ async fn claim(ctx: &Ctx, msgs: Vec<Message>) -> Vec<(Message, TaskMessage, Leas
     let req = ClaimRequest {
         worker_id: ctx.settings.id.clone(),
         ttl_seconds: ctx.ttl_secs,
-        items: parsed.iter().map(|(_, t)| ClaimItem { task_id: t.task_id.clone(), dispatch_seq: t.dispatch_seq, created_at: t.created_at }).collect(),
+        items: parsed
+            .iter()
+            .map(|(_, t)| ClaimItem {
+                task_id: t.task_id.clone(),
+                dispatch_seq: t.dispatch_seq,
+                created_at: t.created_at,
+            })
+            .collect(),
     };
     let reply = request::<_, ClaimReply>(ctx, ctx.names.claim_subject(), &req).await;
     let decisions = match reply {
@@ -243,14 +250,7 @@ async fn request<Req: serde::Serialize, Rep: serde::de::DeserializeOwned>(
 }
 
 /// Runs one granted task to its result.
-async fn execute(
-    ctx: Ctx,
-    msg: Message,
-    task: TaskMessage,
-    grant: LeaseGrant,
-    slot: Slot,
-    hard: CancellationToken,
-) {
+async fn execute(ctx: Ctx, msg: Message, task: TaskMessage, grant: LeaseGrant, slot: Slot, hard: CancellationToken) {
     let _slot = slot;
     let lost = CancellationToken::new();
     let run_cancel = CancellationToken::new();
@@ -303,7 +303,9 @@ async fn publish_result(ctx: &Ctx, result: &ResultMessage, hard: &CancellationTo
         };
         match attempt.await {
             Ok(()) => return true,
-            Err(e) => tracing::warn!(task.id = %result.task_id, error = %e, "publishing result failed; retrying"),
+            Err(e) => {
+                tracing::warn!(task.id = %result.task_id, error = %e, "publishing result failed; retrying")
+            }
         }
         tokio::select! {
             _ = hard.cancelled() => return false,
@@ -316,7 +318,13 @@ async fn publish_result(ctx: &Ctx, result: &ResultMessage, hard: &CancellationTo
 /// Every TTL/3: an in-progress ack (JetStream's lease) and a lease heartbeat
 /// (Postgres's lease). Returns (after cancelling `lost`) only when a heartbeat is
 /// answered `Lost`; otherwise runs until dropped.
-async fn heartbeat_loop(ctx: &Ctx, msg: &Message, task_id: &crate::domain::TaskId, lease_id: &LeaseId, lost: &CancellationToken) {
+async fn heartbeat_loop(
+    ctx: &Ctx,
+    msg: &Message,
+    task_id: &crate::domain::TaskId,
+    lease_id: &LeaseId,
+    lost: &CancellationToken,
+) {
     let period = Duration::from_millis((ctx.ttl_secs as u64 * 1000 / 3).max(200));
     loop {
         tokio::time::sleep(period).await;

@@ -56,7 +56,10 @@ async fn rate_limits_answer_429_with_standard_headers() {
     let r = app.http.get(app.url("/api/runtime/stats")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(r.headers().contains_key("ratelimit-reset"));
-    assert_eq!(r.json::<serde_json::Value>().await.unwrap(), json!({"error": "Too many requests, please try again later"}));
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap(),
+        json!({"error": "Too many requests, please try again later"})
+    );
     // /healthz and /metrics are outside the API limiter.
     assert_eq!(app.http.get(app.url("/healthz")).send().await.unwrap().status(), StatusCode::OK);
     app.stop().await;
@@ -78,10 +81,18 @@ async fn oversized_deep_or_invalid_bodies_are_4xx() {
     let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
     let r = app.http.post(app.url("/api/runtime/llm-tasks")).body(deep).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let r = app.http.post(app.url("/api/runtime/llm-tasks")).body(vec![b'{', b'"', 0xff, 0xfe, b'"', b'}']).send().await.unwrap();
+    let r = app
+        .http
+        .post(app.url("/api/runtime/llm-tasks"))
+        .body(vec![b'{', b'"', 0xff, 0xfe, b'"', b'}'])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     // Unknown fields are ignored, as zod strips them.
-    let (status, _) = app.post("/api/runtime/llm-tasks", json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "evil": {"x": 1}})).await;
+    let (status, _) = app
+        .post("/api/runtime/llm-tasks", json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "evil": {"x": 1}}))
+        .await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(app.count("SELECT count(*) FROM llm_tasks").await, 1);
     app.stop().await;
@@ -117,16 +128,23 @@ async fn production_mode_redirects_plain_http_and_requires_a_key() {
 #[tokio::test]
 async fn config_is_validated_persisted_and_the_admin_key_never_returned() {
     let app = TestApp::spawn().await;
-    let (status, body) = app.post("/api/runtime/config", json!({"membridge_server_url": "not a url", "admin_key": ""})).await;
+    let (status, body) =
+        app.post("/api/runtime/config", json!({"membridge_server_url": "not a url", "admin_key": ""})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["error"]["fieldErrors"]["membridge_server_url"][0], "Invalid url");
     assert!(body["error"]["fieldErrors"]["admin_key"].is_array());
     let (status, cfg) = app
-        .post("/api/runtime/config", json!({"membridge_server_url": "http://membridge:8000", "admin_key": "supersecretadminkey"}))
+        .post(
+            "/api/runtime/config",
+            json!({"membridge_server_url": "http://membridge:8000", "admin_key": "supersecretadminkey"}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(cfg, json!({"membridge_server_url": "http://membridge:8000", "admin_key_masked": "supe****nkey",
-                           "connected": false, "last_test": null}));
+    assert_eq!(
+        cfg,
+        json!({"membridge_server_url": "http://membridge:8000", "admin_key_masked": "supe****nkey",
+                           "connected": false, "last_test": null})
+    );
     let (_, again) = app.get("/api/runtime/config").await;
     assert_eq!(again, cfg);
     let (_, audit) = app.get("/api/runtime/audit").await;

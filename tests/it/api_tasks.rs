@@ -11,8 +11,20 @@ async fn create_fills_the_seed_defaults_and_returns_the_seed_shape() {
     let task = app.submit("hello").await;
     let keys: Vec<&str> = task.as_object().unwrap().keys().map(String::as_str).collect();
     let mut expected = vec![
-        "id", "context_id", "agent_slug", "prompt", "context_hints", "policy", "desired_format", "status",
-        "created_at", "updated_at", "lease_id", "worker_id", "attempts", "max_attempts",
+        "id",
+        "context_id",
+        "agent_slug",
+        "prompt",
+        "context_hints",
+        "policy",
+        "desired_format",
+        "status",
+        "created_at",
+        "updated_at",
+        "lease_id",
+        "worker_id",
+        "attempts",
+        "max_attempts",
     ];
     let mut got = keys.clone();
     got.sort();
@@ -59,8 +71,14 @@ async fn create_validates_like_the_seed_and_names_each_field() {
     assert_eq!(fields["context_hints.1"][0], "Expected string, received number");
 
     for (body, field) in [
-        (json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "policy": {"timeout_sec": 0}}), "policy.timeout_sec"),
-        (json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "policy": {"timeout_sec": 1.5}}), "policy.timeout_sec"),
+        (
+            json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "policy": {"timeout_sec": 0}}),
+            "policy.timeout_sec",
+        ),
+        (
+            json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "policy": {"timeout_sec": 1.5}}),
+            "policy.timeout_sec",
+        ),
         (json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "policy": {"budget": -1}}), "policy.budget"),
         (json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "max_attempts": 0}), "max_attempts"),
     ] {
@@ -136,7 +154,10 @@ async fn rest_worker_protocol_lease_heartbeat_complete() {
     let id = task["id"].as_str().unwrap();
     // No worker yet.
     let (status, body) = app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({})).await;
-    assert_eq!((status, body), (StatusCode::SERVICE_UNAVAILABLE, json!({"error": "No available worker with free capacity"})));
+    assert_eq!(
+        (status, body),
+        (StatusCode::SERVICE_UNAVAILABLE, json!({"error": "No available worker with free capacity"}))
+    );
 
     app.register_worker("w1", 2).await;
     let (status, leased) = app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({"ttl_seconds": 60})).await;
@@ -149,11 +170,17 @@ async fn rest_worker_protocol_lease_heartbeat_complete() {
     assert_eq!(lease["expires_at"].as_i64().unwrap() - lease["started_at"].as_i64().unwrap(), 60_000);
     assert_eq!(leased["worker"]["id"], "w1");
     let (_, t) = app.get(&format!("/api/runtime/llm-tasks/{id}")).await;
-    assert_eq!((t["status"].clone(), t["attempts"].clone(), t["lease_id"].clone()), (json!("leased"), json!(1), lease["id"].clone()));
+    assert_eq!(
+        (t["status"].clone(), t["attempts"].clone(), t["lease_id"].clone()),
+        (json!("leased"), json!(1), lease["id"].clone())
+    );
 
     // A second lease of the same task conflicts.
     let (status, body) = app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({})).await;
-    assert_eq!((status, body["error"].clone()), (StatusCode::CONFLICT, json!("Task status is 'leased', expected 'queued'")));
+    assert_eq!(
+        (status, body["error"].clone()),
+        (StatusCode::CONFLICT, json!("Task status is 'leased', expected 'queued'"))
+    );
 
     let (status, hb) = app.post(&format!("/api/runtime/llm-tasks/{id}/heartbeat"), json!({})).await;
     assert_eq!(status, StatusCode::OK, "{hb}");
@@ -186,16 +213,29 @@ async fn rest_worker_protocol_lease_heartbeat_complete() {
     assert_eq!(leases[0]["id"], lease["id"]);
 
     // A completed task cannot be completed, heartbeated or requeued.
-    let (status, _) = app.post(&format!("/api/runtime/llm-tasks/{id}/complete"), json!({"status": "success", "metrics": {"duration_ms": 1}})).await;
+    let (status, _) = app
+        .post(
+            &format!("/api/runtime/llm-tasks/{id}/complete"),
+            json!({"status": "success", "metrics": {"duration_ms": 1}}),
+        )
+        .await;
     assert_eq!(status, StatusCode::CONFLICT);
     let (status, body) = app.post(&format!("/api/runtime/llm-tasks/{id}/heartbeat"), json!({})).await;
     assert_eq!((status, body["error"].clone()), (StatusCode::NOT_FOUND, json!("Lease not found or already expired")));
     let (status, body) = app.post(&format!("/api/runtime/llm-tasks/{id}/requeue"), json!({})).await;
-    assert_eq!((status, body["error"].clone()), (StatusCode::CONFLICT, json!("Cannot requeue task with status 'completed'")));
+    assert_eq!(
+        (status, body["error"].clone()),
+        (StatusCode::CONFLICT, json!("Cannot requeue task with status 'completed'"))
+    );
 
     let (_, artifacts) = app.get(&format!("/api/runtime/artifacts?task_id={id}")).await;
     assert_eq!(artifacts.as_array().unwrap().len(), 1);
-    let r = app.http.get(app.url(&format!("/api/runtime/artifacts/{}/content", done["artifact"]["id"].as_str().unwrap()))).send().await.unwrap();
+    let r = app
+        .http
+        .get(app.url(&format!("/api/runtime/artifacts/{}/content", done["artifact"]["id"].as_str().unwrap())))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.text().await.unwrap(), "42");
 
     let (_, stats) = app.get("/api/runtime/stats").await;
@@ -212,7 +252,10 @@ async fn error_completion_fails_the_task_and_requeue_starts_over_with_history_ke
     let id = app.submit("x").await["id"].as_str().unwrap().to_owned();
     app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({})).await;
     let (status, done) = app
-        .post(&format!("/api/runtime/llm-tasks/{id}/complete"), json!({"status": "error", "error_message": "boom", "metrics": {"duration_ms": 1}}))
+        .post(
+            &format!("/api/runtime/llm-tasks/{id}/complete"),
+            json!({"status": "error", "error_message": "boom", "metrics": {"duration_ms": 1}}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(done["task"]["status"], "failed");
@@ -220,7 +263,10 @@ async fn error_completion_fails_the_task_and_requeue_starts_over_with_history_ke
 
     let (status, requeued) = app.post(&format!("/api/runtime/llm-tasks/{id}/requeue"), json!({})).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!((requeued["status"].clone(), requeued["attempts"].clone(), requeued["lease_id"].clone()), (json!("queued"), json!(0), json!(null)));
+    assert_eq!(
+        (requeued["status"].clone(), requeued["attempts"].clone(), requeued["lease_id"].clone()),
+        (json!("queued"), json!(0), json!(null))
+    );
     let (_, audit) = app.get("/api/runtime/audit?limit=1").await;
     assert_eq!(audit[0]["action"], "task_requeued");
     assert_eq!(audit[0]["detail"], "Requeued from failed after 1 attempt(s)");

@@ -8,7 +8,9 @@ use crate::common::TestApp;
 #[tokio::test]
 async fn register_update_show_and_remove_workers() {
     let app = TestApp::spawn().await;
-    let (status, w) = app.post("/api/runtime/workers", json!({"name": "node-1", "url": "http://n1:9000", "ip_addrs": ["10.0.0.5"]})).await;
+    let (status, w) = app
+        .post("/api/runtime/workers", json!({"name": "node-1", "url": "http://n1:9000", "ip_addrs": ["10.0.0.5"]}))
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{w}");
     assert_eq!(w["id"], "node-1");
     assert_eq!(w["node_id"], "node-1");
@@ -21,7 +23,10 @@ async fn register_update_show_and_remove_workers() {
 
     // Re-registering updates (200) and keeps the URL when none is given.
     let (status, w2) = app
-        .post("/api/runtime/workers", json!({"name": "node-1", "status": "syncing", "capabilities": {"max_concurrency": 8, "labels": ["gpu"]}}))
+        .post(
+            "/api/runtime/workers",
+            json!({"name": "node-1", "status": "syncing", "capabilities": {"max_concurrency": 8, "labels": ["gpu"]}}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(w2["url"], "http://n1:9000");

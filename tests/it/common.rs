@@ -115,10 +115,10 @@ impl TestApp {
             body_limit_bytes: opts.body_limit,
             trust_proxy: false,
             lease_ttl_secs: opts.lease_ttl_secs,
-            membridge_default: opts.membridge.clone().unwrap_or(Endpoint {
-                url: "http://127.0.0.1:9".into(),
-                admin_key: Secret::default(),
-            }),
+            membridge_default: opts
+                .membridge
+                .clone()
+                .unwrap_or(Endpoint { url: "http://127.0.0.1:9".into(), admin_key: Secret::default() }),
         };
         let cancel = CancellationToken::new();
         let state = api::build_state(
@@ -254,11 +254,21 @@ impl TestApp {
     ) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
         let client = bloom::bus::connect(&nats_url(), "bloom-test-worker").await.unwrap();
         let cancel = self.cancel.child_token();
-        let h = tokio::spawn(bloom::worker::run(client, self.names.clone(), settings, Arc::new(Metrics::default()), cancel.clone()));
+        let h = tokio::spawn(bloom::worker::run(
+            client,
+            self.names.clone(),
+            settings,
+            Arc::new(Metrics::default()),
+            cancel.clone(),
+        ));
         (cancel, h)
     }
 
-    pub async fn start_worker(&self, id: &str, max_concurrency: i32) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    pub async fn start_worker(
+        &self,
+        id: &str,
+        max_concurrency: i32,
+    ) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
         self.start_worker_with(self.worker_settings(id, max_concurrency)).await
     }
 

@@ -46,7 +46,10 @@ async fn submitted_tasks_complete_through_jetstream_exactly_once() {
     assert_eq!(t["attempts"], 1);
     let (_, arts) = app.get(&format!("/api/runtime/artifacts?task_id={}", ids[7])).await;
     assert_eq!(arts[0]["content"], "task 7", "the builtin executor echoes the prompt");
-    wait_for("outbox drained", Duration::from_secs(5), || async { app.count("SELECT count(*) FROM outbox").await == 0 }).await;
+    wait_for("outbox drained", Duration::from_secs(5), || async {
+        app.count("SELECT count(*) FROM outbox").await == 0
+    })
+    .await;
     // Both NATS workers registered themselves.
     let (_, workers) = app.get("/api/runtime/workers").await;
     assert_eq!(workers.as_array().unwrap().len(), 2);
@@ -68,7 +71,11 @@ async fn executor_errors_fail_the_task_with_the_reason() {
         .to_owned();
     wait_for("tasks final", Duration::from_secs(20), || all_final(&app, 2)).await;
     assert_eq!(app.status_of(&id).await, "failed");
-    let msg: String = sqlx::query_scalar("SELECT error_message FROM llm_results WHERE task_id = $1").bind(&id).fetch_one(&app.pool).await.unwrap();
+    let msg: String = sqlx::query_scalar("SELECT error_message FROM llm_results WHERE task_id = $1")
+        .bind(&id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(msg, "the model refused");
     assert_eq!(app.status_of(&bad_json).await, "failed");
     app.stop().await;
@@ -103,21 +110,34 @@ async fn tasks_of_a_context_stick_to_the_worker_holding_it() {
     let first = app.submit_with(json!({"context_id": "sticky", "agent_slug": "x", "prompt": "sleep:3000"})).await;
     let first_id = first["id"].as_str().unwrap().to_owned();
     wait_for("first leased", Duration::from_secs(10), || async { app.status_of(&first_id).await != "queued" }).await;
-    let holder: String = sqlx::query_scalar("SELECT worker_id FROM llm_tasks WHERE id = $1").bind(&first_id).fetch_one(&app.pool).await.unwrap();
+    let holder: String = sqlx::query_scalar("SELECT worker_id FROM llm_tasks WHERE id = $1")
+        .bind(&first_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(holder, "a");
     // A second worker joins; the next task of the same context must still go to `a`.
     app.start_worker("b", 4).await;
-    wait_for("b online", Duration::from_secs(5), || async { app.count("SELECT count(*) FROM workers WHERE status = 'online'").await == 2 }).await;
-    let ids: Vec<String> = futures::future::join_all((0..4).map(|i| app.submit_with(json!({"context_id": "sticky", "agent_slug": "x", "prompt": format!("s{i}")}))))
-        .await
-        .iter()
-        .map(|t| t["id"].as_str().unwrap().to_owned())
-        .collect();
+    wait_for("b online", Duration::from_secs(5), || async {
+        app.count("SELECT count(*) FROM workers WHERE status = 'online'").await == 2
+    })
+    .await;
+    let ids: Vec<String> = futures::future::join_all(
+        (0..4).map(|i| app.submit_with(json!({"context_id": "sticky", "agent_slug": "x", "prompt": format!("s{i}")}))),
+    )
+    .await
+    .iter()
+    .map(|t| t["id"].as_str().unwrap().to_owned())
+    .collect();
     // Routed at submit time to a's direct subject (the audit keeps no trace of routing,
     // the lease does).
     wait_for("all done", Duration::from_secs(20), || all_final(&app, 5)).await;
     for id in &ids {
-        let w: String = sqlx::query_scalar("SELECT worker_id FROM llm_tasks WHERE id = $1").bind(id).fetch_one(&app.pool).await.unwrap();
+        let w: String = sqlx::query_scalar("SELECT worker_id FROM llm_tasks WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
         assert_eq!(w, "a", "task {id} left its context's worker");
     }
     app.stop().await;
@@ -142,7 +162,10 @@ async fn the_relay_publishes_dispatches_nobody_published() {
     app.start_worker("w", 4).await;
     app.start_reconciler().await;
     wait_for("orphans completed", Duration::from_secs(20), || all_final(&app, 3)).await;
-    wait_for("outbox drained", Duration::from_secs(5), || async { app.count("SELECT count(*) FROM outbox").await == 0 }).await;
+    wait_for("outbox drained", Duration::from_secs(5), || async {
+        app.count("SELECT count(*) FROM outbox").await == 0
+    })
+    .await;
     assert_invariants(&app).await;
     app.stop().await;
 }
@@ -152,14 +175,18 @@ async fn a_task_leased_over_rest_is_refused_to_nats_workers() {
     let app = TestApp::spawn().await;
     app.register_worker("rest-worker", 1).await;
     let id = app.submit("mine").await["id"].as_str().unwrap().to_owned();
-    let (status, _) = app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({"worker_id": "rest-worker"})).await;
+    let (status, _) =
+        app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({"worker_id": "rest-worker"})).await;
     assert_eq!(status, StatusCode::CREATED);
     let (r, _) = app.start_reconciler().await;
     app.start_worker("nats-worker", 1).await;
     wait_for("claim refused", Duration::from_secs(10), || async { r.metrics.claims_refused_total.get() >= 1 }).await;
     assert_eq!(app.status_of(&id).await, "leased");
     let (status, done) = app
-        .post(&format!("/api/runtime/llm-tasks/{id}/complete"), json!({"status": "success", "output": "rest", "metrics": {"duration_ms": 1}}))
+        .post(
+            &format!("/api/runtime/llm-tasks/{id}/complete"),
+            json!({"status": "success", "output": "rest", "metrics": {"duration_ms": 1}}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(done["result"]["worker_id"], "rest-worker");

@@ -119,9 +119,11 @@ async fn add_agent(State(f): State<Fake>, Json(body): Json<Value>) -> Response {
     let name = body["name"].as_str().unwrap_or_default().to_owned();
     let mut i = f.inner.lock().unwrap();
     if i.agents.iter().any(|a| a["name"] == name.as_str()) {
-        return (StatusCode::CONFLICT, Json(json!({"detail": format!("Agent '{name}' already registered")}))).into_response();
+        return (StatusCode::CONFLICT, Json(json!({"detail": format!("Agent '{name}' already registered")})))
+            .into_response();
     }
-    let agent = json!({"name": name, "url": body["url"], "status": "unknown", "registered_at": now_secs(), "last_seen": null});
+    let agent =
+        json!({"name": name, "url": body["url"], "status": "unknown", "registered_at": now_secs(), "last_seen": null});
     i.agents.push(agent.clone());
     (StatusCode::CREATED, Json(agent)).into_response()
 }
@@ -131,8 +133,10 @@ async fn projects(State(f): State<Fake>) -> Json<Value> {
     Json(Value::Array(
         i.projects
             .iter()
-            .map(|(name, cid, nodes)| json!({"name": name, "canonical_id": cid, "created_at": now_secs(),
-                "last_seen": now_secs(), "nodes_count": nodes.len(), "source": "manual"}))
+            .map(|(name, cid, nodes)| {
+                json!({"name": name, "canonical_id": cid, "created_at": now_secs(),
+                "last_seen": now_secs(), "nodes_count": nodes.len(), "source": "manual"})
+            })
             .collect(),
     ))
 }
@@ -165,10 +169,12 @@ async fn select(State(f): State<Fake>, Path(cid): Path<String>, Json(body): Json
         return (StatusCode::NOT_FOUND, Json(json!({"detail": "Project not found"}))).into_response();
     };
     let Some(primary) = body["primary_node_id"].as_str() else {
-        return (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"detail": [{"msg": "field required"}]}))).into_response();
+        return (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"detail": [{"msg": "field required"}]})))
+            .into_response();
     };
     if !nodes.iter().any(|n| n["node_id"] == primary) {
-        return (StatusCode::BAD_REQUEST, Json(json!({"detail": format!("Node '{primary}' not found")}))).into_response();
+        return (StatusCode::BAD_REQUEST, Json(json!({"detail": format!("Node '{primary}' not found")})))
+            .into_response();
     }
     f.inner.lock().unwrap().preferred = Some(primary.to_owned());
     let lease = body["lease_seconds"].as_i64().unwrap_or(3600);

@@ -23,7 +23,11 @@ async fn two_concurrent_leases_of_one_task_exactly_one_wins() {
         let conflicts = results.iter().filter(|(s, _)| *s == StatusCode::CONFLICT).count();
         assert_eq!((won, conflicts), (1, 7), "{results:?}");
         assert_eq!(app.count(&format!("SELECT count(*) FROM leases WHERE task_id = '{id}'")).await, 1);
-        let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM llm_tasks WHERE id = $1").bind(&id).fetch_one(&app.pool).await.unwrap();
+        let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM llm_tasks WHERE id = $1")
+            .bind(&id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
         assert_eq!(attempts, 1);
     }
     app.stop().await;
@@ -37,7 +41,12 @@ async fn concurrent_claims_of_one_dispatch_grant_one_lease() {
     let claims: Vec<_> = (0..6)
         .map(|i| {
             let pool = app.pool.clone();
-            let c = Claim { task_id: id.clone(), dispatch_seq: 1, worker_id: WorkerId::from(format!("w{i}")), ttl_seconds: 30 };
+            let c = Claim {
+                task_id: id.clone(),
+                dispatch_seq: 1,
+                worker_id: WorkerId::from(format!("w{i}")),
+                ttl_seconds: 30,
+            };
             tokio::spawn(async move { lifecycle::claim(&pool, &[c]).await.unwrap() })
         })
         .collect();
@@ -81,7 +90,10 @@ async fn heartbeat_and_complete_by_a_caller_without_the_lease_are_409() {
     }
     assert_eq!(app.status_of(&id).await, "leased");
     let (status, _) = app
-        .post(&format!("/api/runtime/llm-tasks/{id}/complete"), json!({"lease_id": lease_id, "worker_id": "w1", "status": "success", "metrics": {"duration_ms": 1}}))
+        .post(
+            &format!("/api/runtime/llm-tasks/{id}/complete"),
+            json!({"lease_id": lease_id, "worker_id": "w1", "status": "success", "metrics": {"duration_ms": 1}}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     app.stop().await;
@@ -91,7 +103,8 @@ async fn heartbeat_and_complete_by_a_caller_without_the_lease_are_409() {
 async fn expiry_requeues_running_tasks_counts_attempts_and_kills_at_the_limit() {
     let app = TestApp::spawn().await;
     app.register_worker("w1", 4).await;
-    let id = app.submit_with(json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "max_attempts": 2})).await["id"]
+    let id = app.submit_with(json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "max_attempts": 2})).await
+        ["id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -113,7 +126,10 @@ async fn expiry_requeues_running_tasks_counts_attempts_and_kills_at_the_limit() 
             assert_eq!(expiry.requeued[0].task.dispatch_seq, 2);
             // The late completion of the expired lease changes nothing.
             let (status, _) = app
-                .post(&format!("/api/runtime/llm-tasks/{id}/complete"), json!({"status": "success", "metrics": {"duration_ms": 1}}))
+                .post(
+                    &format!("/api/runtime/llm-tasks/{id}/complete"),
+                    json!({"status": "success", "metrics": {"duration_ms": 1}}),
+                )
                 .await;
             assert_eq!(status, StatusCode::CONFLICT);
         } else {

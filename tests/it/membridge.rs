@@ -81,7 +81,8 @@ async fn unreachable_or_unauthorized_membridge_is_reported_not_connected() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
     // Fix the key through the API: connected.
-    let (status, _) = app.post("/api/runtime/config", json!({"membridge_server_url": fake.url(), "admin_key": "right-key"})).await;
+    let (status, _) =
+        app.post("/api/runtime/config", json!({"membridge_server_url": fake.url(), "admin_key": "right-key"})).await;
     assert_eq!(status, StatusCode::OK);
     let (_, body) = app.post("/api/runtime/test-connection", json!({})).await;
     assert_eq!(body["connected"], true, "{body}");

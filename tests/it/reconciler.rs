@@ -58,13 +58,24 @@ async fn one_leader_syncs_membridge_and_another_takes_over_when_it_dies() {
     let idx = replicas.iter().position(|(r, _)| r.metrics.is_leader.get() == 1).unwrap();
     replicas[idx].1.abort();
     let _ = (&mut replicas[idx].1).await;
-    let before = replicas.iter().enumerate().filter(|(i, _)| *i != idx).map(|(_, (r, _))| r.metrics.membridge_sync_runs_total.get()).sum::<u64>();
+    let before = replicas
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != idx)
+        .map(|(_, (r, _))| r.metrics.membridge_sync_runs_total.get())
+        .sum::<u64>();
     wait_for("failover", Duration::from_secs(10), || async {
         replicas.iter().enumerate().filter(|(i, (r, _))| *i != idx && r.metrics.is_leader.get() == 1).count() == 1
     })
     .await;
     wait_for("new leader syncs", Duration::from_secs(10), || async {
-        replicas.iter().enumerate().filter(|(i, _)| *i != idx).map(|(_, (r, _))| r.metrics.membridge_sync_runs_total.get()).sum::<u64>() > before
+        replicas
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != idx)
+            .map(|(_, (r, _))| r.metrics.membridge_sync_runs_total.get())
+            .sum::<u64>()
+            > before
     })
     .await;
     app.stop().await;
@@ -128,7 +139,10 @@ async fn expiry_and_redelivery_racing_leave_one_lease_and_one_counted_attempt() 
         let (_, t) = app.get(&format!("/api/runtime/llm-tasks/{id}")).await;
         assert_eq!(t["attempts"], 2, "{t}");
         assert_eq!(app.count(&format!("SELECT count(*) FROM leases WHERE task_id = '{id}'")).await, 2);
-        assert_eq!(app.count(&format!("SELECT count(*) FROM leases WHERE task_id = '{id}' AND status = 'released'")).await, 1);
+        assert_eq!(
+            app.count(&format!("SELECT count(*) FROM leases WHERE task_id = '{id}' AND status = 'released'")).await,
+            1
+        );
     }
     assert_eq!(app.count("SELECT count(*) FROM llm_results WHERE status = 'success'").await, 4);
     app.stop().await;

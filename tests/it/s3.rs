@@ -29,13 +29,25 @@ async fn artifacts_land_in_s3_and_stream_back_through_the_api() {
     wait_for("completed", Duration::from_secs(20), || async { app.status_of(&id).await == "completed" }).await;
     let (_, arts) = app.get(&format!("/api/runtime/artifacts?task_id={id}")).await;
     let art = &arts[0];
-    let lease: String = sqlx::query_scalar("SELECT lease_id FROM llm_tasks WHERE id = $1").bind(&id).fetch_one(&app.pool).await.unwrap();
+    let lease: String = sqlx::query_scalar("SELECT lease_id FROM llm_tasks WHERE id = $1")
+        .bind(&id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(art["url"], format!("s3://{bucket}/artifacts/{id}/{lease}.json"));
     assert_eq!(art["content"], json!(null));
     let aid = art["id"].as_str().unwrap();
     let (status, one) = app.get(&format!("/api/runtime/artifacts/{aid}")).await;
     assert_eq!((status, one["id"].clone()), (StatusCode::OK, json!(aid)));
-    let body = app.http.get(app.url(&format!("/api/runtime/artifacts/{aid}/content"))).send().await.unwrap().text().await.unwrap();
+    let body = app
+        .http
+        .get(app.url(&format!("/api/runtime/artifacts/{aid}/content")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(body, "stored in s3");
     let (status, pre) = app.get(&format!("/api/runtime/artifacts/{aid}/content?presign=true")).await;
     assert_eq!(status, StatusCode::OK);
@@ -66,7 +78,8 @@ async fn artifacts_land_in_s3_and_stream_back_through_the_api() {
 #[tokio::test]
 async fn artifacts_fall_back_to_postgres_when_s3_is_down() {
     // Nothing listens on port 9 of loopback.
-    let app = TestApp::spawn_with(Opts { s3: Some(settings("http://127.0.0.1:9".into(), "down")), ..Opts::default() }).await;
+    let app =
+        TestApp::spawn_with(Opts { s3: Some(settings("http://127.0.0.1:9".into(), "down")), ..Opts::default() }).await;
     let (r, _) = app.start_reconciler().await;
     app.start_worker("w", 2).await;
     let id = app.submit("kept in postgres").await["id"].as_str().unwrap().to_owned();
@@ -87,8 +100,17 @@ fn seed_minio_variables_select_the_s3_store() {
         s3: S3Args,
     }
     let cli = Cli::try_parse_from([
-        "x", "--minio-endpoint", "127.0.0.1", "--minio-port", "9311", "--minio-access-key", "a", "--minio-secret-key", "b",
-        "--minio-use-ssl", "false",
+        "x",
+        "--minio-endpoint",
+        "127.0.0.1",
+        "--minio-port",
+        "9311",
+        "--minio-access-key",
+        "a",
+        "--minio-secret-key",
+        "b",
+        "--minio-use-ssl",
+        "false",
     ])
     .unwrap();
     let s = cli.s3.settings().unwrap();
@@ -107,8 +129,17 @@ async fn seed_minio_configuration_stores_artifacts() {
     let port = s3_endpoint().rsplit(':').next().unwrap().to_owned();
     let bucket = format!("minio-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let cli = Cli::try_parse_from([
-        "x", "--minio-endpoint", "127.0.0.1", "--minio-port", &port, "--minio-access-key", "a", "--minio-secret-key", "b",
-        "--minio-artifact-bucket", &bucket,
+        "x",
+        "--minio-endpoint",
+        "127.0.0.1",
+        "--minio-port",
+        &port,
+        "--minio-access-key",
+        "a",
+        "--minio-secret-key",
+        "b",
+        "--minio-artifact-bucket",
+        &bucket,
     ])
     .unwrap();
     let app = TestApp::spawn_with(Opts { s3: cli.s3.settings(), ..Opts::default() }).await;
@@ -116,12 +147,23 @@ async fn seed_minio_configuration_stores_artifacts() {
     let id = app.submit("minio").await["id"].as_str().unwrap().to_owned();
     app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({})).await;
     let (status, done) = app
-        .post(&format!("/api/runtime/llm-tasks/{id}/complete"), json!({"status": "success", "output": "via minio vars", "metrics": {"duration_ms": 1}}))
+        .post(
+            &format!("/api/runtime/llm-tasks/{id}/complete"),
+            json!({"status": "success", "output": "via minio vars", "metrics": {"duration_ms": 1}}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{done}");
     assert!(done["artifact"]["url"].as_str().unwrap().starts_with(&format!("s3://{bucket}/artifacts/{id}/")));
     let aid = done["artifact"]["id"].as_str().unwrap();
-    let body = app.http.get(app.url(&format!("/api/runtime/artifacts/{aid}/content"))).send().await.unwrap().text().await.unwrap();
+    let body = app
+        .http
+        .get(app.url(&format!("/api/runtime/artifacts/{aid}/content")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(body, "via minio vars");
     app.stop().await;
 }
