@@ -10,7 +10,7 @@ use std::sync::Arc;
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use sqlx::PgPool;
+use sqlx::{ConnectOptions, PgConnection, PgPool};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -123,6 +123,10 @@ async fn delete_loop(
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
+    // Losing one of these deletes in a crash only makes the relay publish a dispatch
+    // again, which JetStream de-duplicates: a dedicated connection commits them
+    // asynchronously, in one round trip per batch.
+    let mut conn: Option<PgConnection> = None;
     let mut ids = Vec::new();
     loop {
         ids.clear();
@@ -130,20 +134,22 @@ async fn delete_loop(
             _ = cancel.cancelled() => return,
             n = rx.recv_many(&mut ids, 4096) => if n == 0 { return },
         }
-        // Losing this delete in a crash only makes the relay publish a dispatch again,
-        // which JetStream de-duplicates: it needs no synchronous commit.
-        let result = async {
-            let mut tx = pool.begin().await?;
-            sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
-            outbox::delete(&mut *tx, &ids).await?;
-            tx.commit().await
+        if conn.is_none() {
+            conn = async_commit_connection(&pool).await.map_err(|e| tracing::warn!(error = %e, "outbox connection")).ok();
         }
-        .await;
-        match result {
-            Ok(()) => metrics.outbox_rows_deleted.add(ids.len() as u64),
+        let Some(c) = conn.as_mut() else { continue };
+        match outbox::delete(&mut *c, &ids).await {
+            Ok(_) => metrics.outbox_rows_deleted.add(ids.len() as u64),
             Err(e) => {
-                tracing::warn!(error = %e, rows = ids.len(), "deleting sent outbox rows failed; the relay will resend them")
+                conn = None;
+                tracing::warn!(error = %e, rows = ids.len(), "deleting sent outbox rows failed; the relay will resend them");
             }
         }
     }
+}
+
+async fn async_commit_connection(pool: &PgPool) -> sqlx::Result<PgConnection> {
+    let mut conn = pool.connect_options().connect().await?;
+    sqlx::query("SET synchronous_commit = off").execute(&mut conn).await?;
+    Ok(conn)
 }

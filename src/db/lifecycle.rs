@@ -8,8 +8,12 @@
 //! * each transition writes its audit entries in the same transaction;
 //! * every (re)queue writes an outbox row in the same transaction, so a queued task is
 //!   always either on the bus or in the outbox;
-//! * batch functions take many requests and commit once: that is what lets the runtime
-//!   go beyond one durable commit per task.
+//! * batch functions take many requests and commit once, in one statement: that is what
+//!   lets the runtime go beyond one durable commit per task;
+//! * hot statements find rows by primary key and compare the status as `status || ''`:
+//!   the status indexes churn under load (every transition adds entries that only vacuum
+//!   removes), and a plan that scans them instead of the primary key slows down as the
+//!   table grows.
 
 use std::collections::{HashMap, HashSet};
 
@@ -49,29 +53,11 @@ fn task_not_found() -> TransitionError {
 /// that worker (sticky); the others go to the shared pool.
 pub async fn create(pool: &PgPool, new: Vec<NewTask>, actor: &str) -> sqlx::Result<Vec<Dispatch>> {
     let now = now_ms();
-    let mut tx = pool.begin().await?;
-    let contexts: Vec<&str> = new.iter().map(|t| t.context_id.as_str()).collect::<HashSet<_>>().into_iter().collect();
-    let sticky: HashMap<String, String> = sqlx::query_as::<_, (String, String)>(
-        "SELECT DISTINCT ON (l.context_id) l.context_id, l.worker_id
-         FROM leases l JOIN workers w ON w.id = l.worker_id
-         WHERE l.status = 'active' AND l.context_id = ANY($1)
-           AND w.status = 'online' AND w.source = 'nats'
-           AND COALESCE((w.capabilities->>'claude_cli')::boolean, true)
-           AND (SELECT count(*) FROM leases a WHERE a.worker_id = w.id AND a.status = 'active')
-               < COALESCE((w.capabilities->>'max_concurrency')::int, 1)
-         ORDER BY l.context_id, l.started_at DESC",
-    )
-    .bind(&contexts)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .collect();
-
-    let created: Vec<Task> = new
+    let mut created: Vec<Task> = new
         .into_iter()
         .map(|n| Task {
             id: TaskId::generate(),
-            routed_to: sticky.get(&n.context_id).map(|w| WorkerId::from(w.as_str())),
+            routed_to: None,
             context_id: n.context_id,
             agent_slug: n.agent_slug,
             prompt: n.prompt,
@@ -88,34 +74,66 @@ pub async fn create(pool: &PgPool, new: Vec<NewTask>, actor: &str) -> sqlx::Resu
             dispatch_seq: 1,
         })
         .collect();
-    sqlx::query(
-        "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
-                                created_at, updated_at, attempts, max_attempts, dispatch_seq, routed_to)
-         SELECT r.id, r.context_id, r.agent_slug, r.prompt, r.context_hints, r.policy, r.desired_format, 'queued',
-                $2, $2, 0, r.max_attempts, 1, r.routed_to
-         FROM jsonb_to_recordset($1) AS r(id text, context_id text, agent_slug text, prompt text,
-              context_hints jsonb, policy jsonb, desired_format text, max_attempts int, routed_to text)",
-    )
-    .bind(sqlx::types::Json(&created))
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    let entries: Vec<NewAudit> = created
+    let rows: Vec<serde_json::Value> = created
         .iter()
         .map(|t| {
-            NewAudit::new(
-                AuditAction::TaskCreated,
-                "llm_task",
-                t.id.as_str(),
-                actor,
-                format!("Task for agent {}, context {}", t.agent_slug, t.context_id),
-            )
+            serde_json::json!({
+                "id": t.id, "context_id": t.context_id, "agent_slug": t.agent_slug, "prompt": t.prompt,
+                "context_hints": t.context_hints, "policy": t.policy, "desired_format": t.desired_format,
+                "max_attempts": t.max_attempts,
+                "audit": format!("Task for agent {}, context {}", t.agent_slug, t.context_id),
+            })
         })
         .collect();
-    audit::insert(&mut *tx, &entries, now).await?;
-    let dispatches = outbox::insert(&mut tx, created, now).await?;
-    tx.commit().await?;
-    Ok(dispatches)
+    // One statement, so one round trip and one commit for the whole batch.
+    let written: Vec<(TaskId, i64, Option<WorkerId>)> = sqlx::query_as(
+        "WITH r AS (
+            SELECT * FROM jsonb_to_recordset($1) AS r(id text, context_id text, agent_slug text, prompt text,
+                context_hints jsonb, policy jsonb, desired_format text, max_attempts int, audit text)),
+         recent AS (
+            SELECT DISTINCT ON (l.context_id) l.context_id, l.worker_id
+            FROM leases l
+            WHERE l.status = 'active' AND l.context_id IN (SELECT context_id FROM r)
+            ORDER BY l.context_id, l.started_at DESC),
+         busy AS (
+            SELECT worker_id, count(*) AS n FROM leases
+            WHERE status = 'active' AND worker_id IN (SELECT worker_id FROM recent) GROUP BY worker_id),
+         sticky AS (
+            SELECT recent.context_id, recent.worker_id
+            FROM recent JOIN workers w ON w.id = recent.worker_id LEFT JOIN busy b ON b.worker_id = w.id
+            WHERE w.status = 'online' AND w.source = 'nats'
+              AND COALESCE((w.capabilities->>'claude_cli')::boolean, true)
+              AND COALESCE(b.n, 0) < COALESCE((w.capabilities->>'max_concurrency')::int, 1)),
+         t AS (
+            INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+                                   created_at, updated_at, attempts, max_attempts, dispatch_seq, routed_to)
+            SELECT r.id, r.context_id, r.agent_slug, r.prompt, r.context_hints, r.policy, r.desired_format, 'queued',
+                   $2, $2, 0, r.max_attempts, 1, s.worker_id
+            FROM r LEFT JOIN sticky s ON s.context_id = r.context_id
+            RETURNING id, routed_to),
+         o AS (
+            INSERT INTO outbox (task_id, dispatch_seq, worker_id, created_at)
+            SELECT id, 1, routed_to, $2 FROM t RETURNING id, task_id, worker_id),
+         a AS (
+            INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+            SELECT gen_random_uuid()::text, $2, 'task_created', 'llm_task', r.id, $3, r.audit FROM r)
+         SELECT task_id, id, worker_id FROM o",
+    )
+    .bind(serde_json::Value::Array(rows))
+    .bind(now)
+    .bind(actor)
+    .fetch_all(pool)
+    .await?;
+    let mut by_task: HashMap<TaskId, (i64, Option<WorkerId>)> =
+        written.into_iter().map(|(task, outbox, routed)| (task, (outbox, routed))).collect();
+    Ok(created
+        .drain(..)
+        .filter_map(|mut task| {
+            let (outbox_id, routed) = by_task.remove(&task.id)?;
+            task.routed_to = routed;
+            Some(Dispatch { outbox_id, task })
+        })
+        .collect())
 }
 
 /// A REST lease request.
@@ -245,50 +263,49 @@ pub async fn claim(pool: &PgPool, claims: &[Claim]) -> sqlx::Result<Vec<ClaimOut
     let rows: Vec<serde_json::Value> = claims
         .iter()
         .zip(&lease_ids)
-        .map(|(c, l)| serde_json::json!({"task_id": c.task_id, "seq": c.dispatch_seq, "worker_id": c.worker_id, "lease_id": l}))
+        .map(|(c, l)| {
+            serde_json::json!({"task_id": c.task_id, "seq": c.dispatch_seq, "worker_id": c.worker_id, "lease_id": l,
+                               "ttl": c.ttl_seconds})
+        })
         .collect();
-    let mut tx = pool.begin().await?;
-    let won: Vec<(String, LeaseId)> = sqlx::query_as(
-        "UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = r.worker_id,
-                attempts = t.attempts + 1, updated_at = $2, routed_to = NULL
-         FROM jsonb_to_recordset($1) AS r(task_id text, seq bigint, worker_id text, lease_id text)
-         WHERE t.id = r.task_id AND t.status = 'queued' AND t.dispatch_seq = r.seq
-         RETURNING t.context_id, r.lease_id",
+    let won: Vec<(LeaseId, String)> = sqlx::query_as(
+        "WITH r AS (
+            SELECT * FROM jsonb_to_recordset($1) AS r(task_id text, seq bigint, worker_id text, lease_id text, ttl int)),
+         t AS (
+            UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = r.worker_id,
+                   attempts = t.attempts + 1, updated_at = $2, routed_to = NULL
+            FROM r WHERE t.id = r.task_id AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
+            RETURNING t.id, t.context_id, r.lease_id, r.worker_id, r.ttl),
+         l AS (
+            INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
+                                context_id)
+            SELECT lease_id, id, worker_id, $2, $2 + ttl::bigint * 1000, ttl, 'active', $2, context_id FROM t),
+         a AS (
+            INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+            SELECT gen_random_uuid()::text, $2, 'task_leased', 'lease', lease_id, 'router',
+                   'Task ' || id || ' leased to worker ' || worker_id || ', TTL ' || ttl || 's' FROM t)
+         SELECT lease_id, context_id FROM t",
     )
     .bind(serde_json::Value::Array(rows))
     .bind(now)
-    .fetch_all(&mut *tx)
+    .fetch_all(pool)
     .await?;
-    let by_lease: HashMap<&LeaseId, &Claim> = lease_ids.iter().zip(claims).collect();
-    let mut granted: HashMap<LeaseId, Lease> = HashMap::with_capacity(won.len());
-    let mut entries = Vec::with_capacity(won.len());
-    for (context_id, lease_id) in won {
-        let c = by_lease[&lease_id];
-        let detail = format!("Task {} leased to worker {}, TTL {}s", c.task_id, c.worker_id, c.ttl_seconds);
-        entries.push(NewAudit::new(AuditAction::TaskLeased, "lease", lease_id.as_str(), "router", detail));
-        let lease = Lease {
-            id: lease_id.clone(),
-            task_id: c.task_id.clone(),
-            worker_id: c.worker_id.clone(),
-            started_at: now,
-            expires_at: now + i64::from(c.ttl_seconds) * 1000,
-            ttl_seconds: c.ttl_seconds,
-            status: LeaseStatus::Active,
-            last_heartbeat: now,
-            context_id: Some(context_id),
-        };
-        granted.insert(lease_id, lease);
-    }
-    if !granted.is_empty() {
-        let leases: Vec<Lease> = granted.values().cloned().collect();
-        insert_leases(&mut tx, &leases).await?;
-        audit::insert(&mut *tx, &entries, now).await?;
-    }
-    tx.commit().await?;
-    Ok(lease_ids
+    let mut won: HashMap<LeaseId, String> = won.into_iter().collect();
+    Ok(claims
         .iter()
-        .map(|id| match granted.remove(id) {
-            Some(lease) => ClaimOutcome::Granted(lease),
+        .zip(lease_ids)
+        .map(|(c, id)| match won.remove(&id) {
+            Some(context_id) => ClaimOutcome::Granted(Lease {
+                id,
+                task_id: c.task_id.clone(),
+                worker_id: c.worker_id.clone(),
+                started_at: now,
+                expires_at: now + i64::from(c.ttl_seconds) * 1000,
+                ttl_seconds: c.ttl_seconds,
+                status: LeaseStatus::Active,
+                last_heartbeat: now,
+                context_id: Some(context_id),
+            }),
             None => ClaimOutcome::Refused,
         })
         .collect())
@@ -305,10 +322,10 @@ pub async fn heartbeat(pool: &PgPool, beats: &[(TaskId, LeaseId)]) -> sqlx::Resu
         "WITH r AS (SELECT * FROM UNNEST($1::text[], $2::text[]) AS r(task_id, lease_id)),
          t AS (
             UPDATE llm_tasks t SET status = 'running', updated_at = $3
-            FROM r WHERE t.id = r.task_id AND t.lease_id = r.lease_id AND t.status IN ('leased', 'running')
+            FROM r WHERE t.id = r.task_id AND t.lease_id = r.lease_id AND (t.status || '') IN ('leased', 'running')
             RETURNING t.lease_id)
          UPDATE leases l SET last_heartbeat = $3, expires_at = $3 + l.ttl_seconds::bigint * 1000
-         FROM t WHERE l.id = t.lease_id AND l.status = 'active'
+         FROM t WHERE l.id = t.lease_id AND (l.status || '') = 'active'
          RETURNING l.*",
     )
     .bind(tasks)
@@ -394,116 +411,99 @@ pub enum CompletionOutcome {
 /// Outcomes are in the order of `completions`.
 pub async fn complete(pool: &PgPool, completions: &[Completion]) -> sqlx::Result<Vec<CompletionOutcome>> {
     let now = now_ms();
+    // A (task, lease) pair reported twice in one batch: only its first report can win.
+    let mut seen = HashSet::new();
+    let first: Vec<bool> = completions.iter().map(|c| seen.insert((&c.task_id, &c.lease_id))).collect();
+    let result_ids: Vec<ResultId> = completions.iter().map(|_| ResultId::generate()).collect();
     let rows: Vec<serde_json::Value> = completions
         .iter()
-        .map(|c| {
-            serde_json::json!({"task_id": c.task_id, "lease_id": c.lease_id,
-                               "final_status": c.status.final_task_status()})
+        .zip(&first)
+        .zip(&result_ids)
+        .filter(|((_, first), _)| **first)
+        .map(|((c, _), result_id)| {
+            serde_json::json!({
+                "task_id": c.task_id, "lease_id": c.lease_id, "final_status": c.status.final_task_status(),
+                "status": c.status, "output": c.output, "error_message": c.error_message, "metrics": c.metrics,
+                "artifact_id": c.artifact_id, "artifact_type": c.artifact_type, "tags": c.artifact_tags,
+                "url": c.artifact.url, "content": c.artifact.content, "result_id": result_id,
+                "done": format!("Status: {}, artifact: {}, duration: {}ms", c.status.as_str(), c.artifact_id,
+                                c.metrics.duration_ms),
+                "late": format!("Late {} result for lease {} ignored: not the current lease", c.status.as_str(),
+                                c.lease_id),
+            })
         })
         .collect();
-    let mut tx = pool.begin().await?;
+    // One statement: the task, lease, artifact, result and audit writes of the whole batch
+    // commit together, in one round trip.
     let done: Vec<Task> = sqlx::query_as(
-        "UPDATE llm_tasks t SET status = r.final_status, updated_at = $2
-         FROM jsonb_to_recordset($1) AS r(task_id text, lease_id text, final_status text)
-         WHERE t.id = r.task_id AND t.lease_id = r.lease_id AND t.status IN ('leased', 'running')
-         RETURNING t.*",
+        "WITH r AS (
+            SELECT * FROM jsonb_to_recordset($1) AS r(task_id text, lease_id text, final_status text, status text,
+                output text, error_message text, metrics jsonb, artifact_id text, artifact_type text, tags jsonb,
+                url text, content text, result_id text, done text, late text)),
+         t AS (
+            UPDATE llm_tasks t SET status = r.final_status, updated_at = $2
+            FROM r WHERE t.id = r.task_id AND t.lease_id = r.lease_id AND (t.status || '') IN ('leased', 'running')
+            RETURNING t.*),
+         w AS (SELECT r.*, COALESCE(t.worker_id, 'unknown') AS worker FROM r JOIN t ON t.id = r.task_id),
+         l AS (
+            UPDATE leases SET status = 'released'
+            FROM w WHERE leases.id = w.lease_id AND (leases.status || '') = 'active'),
+         art AS (
+            INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags,
+                                           content)
+            SELECT artifact_id, task_id, NULL, artifact_type, $2, true, url, '[]'::jsonb, tags, content FROM w),
+         res AS (
+            INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
+                                     completed_at)
+            SELECT result_id, task_id, worker, artifact_id, status, output, error_message, metrics, $2 FROM w),
+         a AS (
+            INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+            SELECT gen_random_uuid()::text, $2, 'task_completed', 'llm_task', task_id, worker, done FROM w
+            UNION ALL
+            SELECT gen_random_uuid()::text, $2, 'result_late', 'llm_task', task_id, 'reconciler', late
+            FROM r WHERE NOT EXISTS (SELECT 1 FROM w WHERE w.task_id = r.task_id AND w.lease_id = r.lease_id))
+         SELECT * FROM t",
     )
     .bind(serde_json::Value::Array(rows))
     .bind(now)
-    .fetch_all(&mut *tx)
+    .fetch_all(pool)
     .await?;
-    let released: Vec<&LeaseId> = done.iter().filter_map(|t| t.lease_id.as_ref()).collect();
-    sqlx::query("UPDATE leases SET status = 'released' WHERE id = ANY($1) AND status = 'active'")
-        .bind(&released)
-        .execute(&mut *tx)
-        .await?;
-
-    // A task row is updated at most once, by the completion naming its current lease.
-    let by_key: HashMap<(&TaskId, &LeaseId), &Completion> =
-        completions.iter().rev().map(|c| ((&c.task_id, &c.lease_id), c)).collect();
-    let mut outcomes: HashMap<TaskId, (Task, Artifact, LlmResult)> = HashMap::new();
-    let mut entries = Vec::new();
-    for task in done {
-        let Some(c) = task.lease_id.as_ref().and_then(|l| by_key.get(&(&task.id, l))).copied() else {
-            continue;
-        };
-        let artifact = Artifact {
-            id: c.artifact_id.clone(),
-            task_id: task.id.clone(),
-            job_id: None,
-            kind: c.artifact_type.clone(),
-            created_at: now,
-            finalized: true,
-            url: c.artifact.url.clone(),
-            entity_refs: Vec::new(),
-            tags: c.artifact_tags.clone(),
-            content: c.artifact.content.clone(),
-        };
-        let worker = task.worker_id.clone().unwrap_or_else(|| WorkerId::from("unknown"));
-        let result = LlmResult {
-            id: ResultId::generate(),
-            task_id: task.id.clone(),
-            worker_id: worker.clone(),
-            artifact_id: artifact.id.clone(),
-            status: c.status,
-            output: c.output.clone(),
-            error_message: c.error_message.clone(),
-            metrics: c.metrics.clone(),
-            completed_at: now,
-        };
-        let detail =
-            format!("Status: {}, artifact: {}, duration: {}ms", c.status.as_str(), artifact.id, c.metrics.duration_ms);
-        entries.push(NewAudit::new(AuditAction::TaskCompleted, "llm_task", task.id.as_str(), worker.as_str(), detail));
-        outcomes.insert(task.id.clone(), (task, artifact, result));
-    }
-    let mut first = HashSet::new();
-    let winners: Vec<bool> = completions
-        .iter()
-        .map(|c| {
-            outcomes.get(&c.task_id).is_some_and(|(t, _, _)| t.lease_id.as_ref() == Some(&c.lease_id))
-                && first.insert(&c.task_id)
-        })
+    let mut done: HashMap<(TaskId, LeaseId), Task> = done
+        .into_iter()
+        .filter_map(|t| t.lease_id.clone().map(|l| ((t.id.clone(), l), t)))
         .collect();
-    for (c, _) in completions.iter().zip(&winners).filter(|(_, won)| !**won) {
-        let detail =
-            format!("Late {} result for lease {} ignored: not the current lease", c.status.as_str(), c.lease_id);
-        entries.push(NewAudit::new(AuditAction::ResultLate, "llm_task", c.task_id.as_str(), "reconciler", detail));
-    }
-    if !outcomes.is_empty() {
-        let artifacts: Vec<&Artifact> = outcomes.values().map(|(_, a, _)| a).collect();
-        sqlx::query(
-            "INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags,
-                                            content)
-             SELECT r.id, r.task_id, NULL, r.type, r.created_at, true, r.url, '[]'::jsonb, r.tags, r.content
-             FROM jsonb_to_recordset($1) AS r(id text, task_id text, type text, created_at bigint, url text,
-                  tags jsonb, content text)",
-        )
-        .bind(sqlx::types::Json(&artifacts))
-        .execute(&mut *tx)
-        .await?;
-        let results: Vec<&LlmResult> = outcomes.values().map(|(_, _, r)| r).collect();
-        sqlx::query(
-            "INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
-                                      completed_at)
-             SELECT r.id, r.task_id, r.worker_id, r.artifact_id, r.status, r.output, r.error_message, r.metrics,
-                    r.completed_at
-             FROM jsonb_to_recordset($1) AS r(id text, task_id text, worker_id text, artifact_id text, status text,
-                  output text, error_message text, metrics jsonb, completed_at bigint)",
-        )
-        .bind(sqlx::types::Json(&results))
-        .execute(&mut *tx)
-        .await?;
-    }
-    audit::insert(&mut *tx, &entries, now).await?;
-    tx.commit().await?;
     Ok(completions
         .iter()
-        .zip(winners)
-        .map(|(c, won)| match outcomes.get(&c.task_id) {
-            Some((task, artifact, result)) if won => {
-                CompletionOutcome::Completed { task: task.clone(), artifact: artifact.clone(), result: result.clone() }
-            }
-            _ => CompletionOutcome::Late,
+        .zip(first)
+        .zip(result_ids)
+        .map(|((c, first), result_id)| {
+            let task = if first { done.remove(&(c.task_id.clone(), c.lease_id.clone())) } else { None };
+            let Some(task) = task else { return CompletionOutcome::Late };
+            let worker = task.worker_id.clone().unwrap_or_else(|| WorkerId::from("unknown"));
+            let artifact = Artifact {
+                id: c.artifact_id.clone(),
+                task_id: task.id.clone(),
+                job_id: None,
+                kind: c.artifact_type.clone(),
+                created_at: now,
+                finalized: true,
+                url: c.artifact.url.clone(),
+                entity_refs: Vec::new(),
+                tags: c.artifact_tags.clone(),
+                content: c.artifact.content.clone(),
+            };
+            let result = LlmResult {
+                id: result_id,
+                task_id: task.id.clone(),
+                worker_id: worker,
+                artifact_id: artifact.id.clone(),
+                status: c.status,
+                output: c.output.clone(),
+                error_message: c.error_message.clone(),
+                metrics: c.metrics.clone(),
+                completed_at: now,
+            };
+            CompletionOutcome::Completed { task, artifact, result }
         })
         .collect())
 }
@@ -541,7 +541,7 @@ pub async fn expire(pool: &PgPool, cutoff: i64, limit: i64) -> sqlx::Result<Expi
                 dispatch_seq = t.dispatch_seq + 1,
                 routed_to = NULL,
                 updated_at = $3
-            FROM ex WHERE t.id = ex.task_id AND t.lease_id = ex.id AND t.status IN ('leased', 'running')
+            FROM ex WHERE t.id = ex.task_id AND t.lease_id = ex.id AND (t.status || '') IN ('leased', 'running')
             RETURNING t.id, t.status, t.attempts, t.max_attempts)
          SELECT ex.id, ex.task_id, ex.worker_id, t.status, t.attempts, t.max_attempts
          FROM ex LEFT JOIN t ON t.id = ex.task_id",
