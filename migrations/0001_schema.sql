@@ -52,7 +52,6 @@ CREATE INDEX IF NOT EXISTS leases_active_context_idx ON leases (context_id) WHER
 CREATE INDEX IF NOT EXISTS leases_active_expiry_idx ON leases (expires_at) WHERE status = 'active';
 CREATE INDEX IF NOT EXISTS leases_started_idx ON leases (started_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS leases_status_started_idx ON leases (status, started_at DESC, id DESC);
-CREATE INDEX IF NOT EXISTS leases_task_idx ON leases (task_id);
 
 CREATE TABLE IF NOT EXISTS workers (
     id             varchar PRIMARY KEY,
@@ -112,7 +111,6 @@ CREATE TABLE IF NOT EXISTS audit_logs (
     detail      text    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_logs_timestamp_idx ON audit_logs (timestamp DESC, id DESC);
-CREATE INDEX IF NOT EXISTS audit_logs_entity_idx ON audit_logs (entity_id);
 
 CREATE TABLE IF NOT EXISTS runtime_settings (
     key   varchar PRIMARY KEY,

@@ -170,7 +170,7 @@ pub async fn build_state(
     let js = crate::bus::jetstream(nats.clone(), nats_timeout);
     crate::bus::provision::apply(&js, &names, Duration::from_secs(settings.lease_ttl_secs.max(1) as u64)).await?;
     let dispatcher = Dispatcher::spawn(js, names, pool.clone(), metrics.clone(), cancel.clone());
-    let submitter = Submitter::spawn(pool.clone(), dispatcher.clone(), metrics.clone(), 4, cancel);
+    let submitter = Submitter::spawn(pool.clone(), dispatcher.clone(), metrics.clone(), 2, cancel);
     let membridge = Arc::new(membridge::Client::new(Duration::from_secs(10)));
     Ok(AppState {
         pool,

@@ -23,7 +23,7 @@ use crate::time::now_ms;
 /// Largest number of requests decided in one transaction.
 const MAX_BATCH: usize = 512;
 /// Batches of one kind in flight at once per replica.
-const PARALLEL_BATCHES: usize = 4;
+const PARALLEL_BATCHES: usize = 1;
 
 /// Serves all control subjects until `cancel` fires.
 pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()> {

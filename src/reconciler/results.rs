@@ -31,7 +31,7 @@ pub struct ResultsReport {
 
 /// Consumes results until `cancel` fires. Reconnects after NATS errors.
 pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()> {
-    let slots = Arc::new(Semaphore::new(2));
+    let slots = Arc::new(Semaphore::new(1));
     while !cancel.is_cancelled() {
         let consumer: Result<PullConsumer, _> =
             async { r.js.get_stream(r.names.results_stream()).await?.get_consumer(&r.names.results_consumer()).await }
