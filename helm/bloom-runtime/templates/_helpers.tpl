@@ -299,12 +299,13 @@ priorityClassName: {{ . }}
 {{- end }}
 
 {{/*
-Pod annotations: global merged with the component's, plus the Secret checksum.
-Call with (dict "ctx" $ "c" <component values>).
+Pod annotations: global merged with the component's, plus the checksum of the chart's
+Secret when the pods read it (a changed secret value rolls them).
+Call with (dict "ctx" $ "c" <component values> "usesSecret" bool).
 */}}
 {{- define "bloom.podAnnotations" -}}
 {{- $a := merge (dict) (.c.podAnnotations | default dict) (.ctx.Values.podAnnotations | default dict) }}
-{{- if not .ctx.Values.existingSecret }}
+{{- if and .usesSecret (not .ctx.Values.existingSecret) }}
 {{- $_ := set $a "checksum/secret" (include "bloom.secretData" .ctx | sha256sum) }}
 {{- end }}
 {{- toYaml $a }}
