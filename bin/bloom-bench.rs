@@ -140,9 +140,10 @@ async fn wait_ready(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
 async fn wait_workers(pool: &PgPool, n: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        let online: i64 = sqlx::query_scalar("SELECT count(*) FROM workers WHERE status = 'online' AND source = 'nats'")
-            .fetch_one(pool)
-            .await?;
+        let online: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM workers WHERE status = 'online' AND source = 'nats'")
+                .fetch_one(pool)
+                .await?;
         if online as usize >= n {
             return Ok(());
         }
@@ -311,9 +312,12 @@ async fn rest_path(o: &Opts, http: &reqwest::Client, base: &str) -> anyhow::Resu
 
 /// The writes of a task's life, batched as the runtime batches them, executed directly.
 async fn postgres_limit(url: &str, tasks: u64, connections: usize, batch: usize) -> anyhow::Result<Value> {
-    let pool = bloom::db::connect(url, &bloom::db::PoolOptions { max_connections: connections as u32, ..Default::default() })
+    let pool =
+        bloom::db::connect(url, &bloom::db::PoolOptions { max_connections: connections as u32, ..Default::default() })
+            .await?;
+    sqlx::query("TRUNCATE llm_tasks, leases, outbox, audit_logs, runtime_artifacts, llm_results")
+        .execute(&pool)
         .await?;
-    sqlx::query("TRUNCATE llm_tasks, leases, outbox, audit_logs, runtime_artifacts, llm_results").execute(&pool).await?;
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut loops = Vec::new();
@@ -537,7 +541,8 @@ async fn main() -> anyhow::Result<()> {
             ]),
         )?);
     }
-    let http = reqwest::Client::builder().pool_max_idle_per_host(o.clients * 2).timeout(Duration::from_secs(30)).build()?;
+    let http =
+        reqwest::Client::builder().pool_max_idle_per_host(o.clients * 2).timeout(Duration::from_secs(30)).build()?;
     let base = format!("http://127.0.0.1:{}", o.port);
     wait_ready(&http, &base).await?;
     wait_workers(&pool, o.workers).await?;
@@ -561,7 +566,10 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("limits: postgres, nats");
         (postgres_limit(&db_url, o.tasks, 8, 128).await?, nats_limit(&o.nats, o.tasks as usize).await?)
     };
-    let lower = [pg["tasks_per_sec"].as_f64(), nats["msgs_per_sec"].as_f64()].into_iter().flatten().fold(f64::INFINITY, f64::min);
+    let lower = [pg["tasks_per_sec"].as_f64(), nats["msgs_per_sec"].as_f64()]
+        .into_iter()
+        .flatten()
+        .fold(f64::INFINITY, f64::min);
     let sat_tps = sat["tasks_per_sec"].as_f64().unwrap_or(0.0);
     let report = json!({
         "fixed_rate": fixed, "saturation": sat, "rest_path": rest,

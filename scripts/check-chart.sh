@@ -2,7 +2,8 @@
 # Checks the Helm chart in helm/bloom-runtime without a cluster and without the helm binary:
 #
 #   1. lints it (helm-python-sdk: Helm's own linter, through libhelm_c),
-#   2. checks that values.schema.json describes every value of values.yaml,
+#   2. checks that values.schema.json describes every value of values.yaml and that the
+#      chart's README.md documents every value in its tables,
 #   3. renders it with the default values and with every scripts/chart-values/*.yaml,
 #   4. validates every rendered manifest against the Kubernetes OpenAPI schemas
 #      (kubernetes-validate, strict: unknown fields are errors); CRD kinds that the core
@@ -25,12 +26,14 @@ export KUBE_VERSION=${KUBE_VERSION:-1.29.0}
 
 if ! "$PYTHON" -c 'import helm_python, kubernetes_validate, yaml' >/dev/null 2>&1; then
   echo "[check-chart] installing helm-python-sdk kubernetes-validate pyyaml" >&2
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check helm-python-sdk kubernetes-validate pyyaml >&2
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check \
+    "helm-python-sdk>=0.2.2,<0.3" "kubernetes-validate>=1.29,<2" pyyaml >&2
 fi
 
 "$PYTHON" - "$OUT" <<'PY'
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -65,16 +68,17 @@ def fail(msg: str) -> None:
 # --- 1. lint --------------------------------------------------------------------
 def lint(values: dict | None, label: str) -> None:
     report = helm_python.lint(CHART, values, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+    reported = set()
     for m in report.get("messages", []):
         sev = {1: "INFO", 2: "WARNING", 3: "ERROR"}.get(m.get("severity"), "UNKNOWN")
         if sev == "ERROR":
             fail(f"lint [{label}] {m.get('path')}: {m.get('error')}")
+            reported.add(m.get("error"))
         elif sev == "WARNING":
             print(f"  lint warning [{label}] {m.get('path')}: {m.get('error')}")
     for e in report.get("errors", []):
-        msg = f"lint [{label}]: {e}"
-        if msg not in errors:
-            fail(msg)
+        if e not in reported:
+            fail(f"lint [{label}]: {e}")
 
 
 # --- 2. schema coverage ---------------------------------------------------------
@@ -90,6 +94,39 @@ def schema_covers(values, schema, path="") -> None:
         if not sub.get("description") and "oneOf" not in sub:
             fail(f"values.schema.json: {path}{key} has no description")
         schema_covers(val, sub, f"{path}{key}.")
+
+
+def readme_covers(defaults: dict) -> None:
+    """Every value of values.yaml (or an ancestor) has a row in README.md's '## Values'
+    tables, and every row there names a value."""
+    readme = CHART / "README.md"
+    if not readme.exists():
+        fail("helm/bloom-runtime/README.md is missing")
+        return
+    text = readme.read_text()
+    if "\n## Values\n" not in text:
+        fail("README.md has no '## Values' section")
+        return
+    values_section = text.split("\n## Values\n", 1)[1]
+    documented = set(re.findall(r"^\| `([A-Za-z0-9_.]+)` \|", values_section, re.M))
+
+    def walk(value, path: str) -> None:
+        if path in documented:
+            return
+        if isinstance(value, dict) and value:
+            for key, sub in value.items():
+                walk(sub, f"{path}.{key}" if path else key)
+        elif path:
+            fail(f"README.md does not document the value {path}")
+
+    walk({k: v for k, v in defaults.items() if k != "global"}, "")
+    for key in sorted(documented):
+        node = defaults
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                fail(f"README.md documents {key}, which values.yaml does not have")
+                break
+            node = node[part]
 
 
 # --- 3./4. render and validate ---------------------------------------------------
@@ -171,28 +208,39 @@ def render(values: dict | None, label: str, lines: list[str]) -> None:
 
 
 # --- 5. values that must be refused ----------------------------------------------
+# label -> (values, text the refusal must contain)
 NEGATIVE = {
-    "unknown top-level value": {"replicaCount": 3},
-    "unknown nested value": {"api": {"rateLimit": 5}},
-    "worker shutdown grace >= termination grace": {
-        "workers": {"enabled": True, "shutdownGraceSecs": 30, "terminationGracePeriodSeconds": 30}
-    },
-    "maxConcurrency out of range": {"workers": {"enabled": True, "maxConcurrency": 257}},
-    "invalid executor": {"workers": {"executor": "shell"}},
-    "invalid NATS namespace": {"nats": {"namespace": "bloom.prod"}},
-    "production without API key": {"api": {"environment": "production"}},
-    "no database URL": {"database": {"url": ""}},
-    "body limit below 1024": {"api": {"bodyLimitBytes": 100}},
-    "invalid log format": {"logFormat": "xml"},
+    "unknown top-level value": ({"replicaCount": 3}, "replicaCount"),
+    "unknown nested value": ({"api": {"rateLimit": 5}}, "rateLimit"),
+    "worker shutdown grace >= termination grace": (
+        {"workers": {"enabled": True, "shutdownGraceSecs": 30, "terminationGracePeriodSeconds": 30}},
+        "shutdownGraceSecs",
+    ),
+    "maxConcurrency out of range": ({"workers": {"enabled": True, "maxConcurrency": 257}}, "/workers/maxConcurrency"),
+    "invalid executor": ({"workers": {"executor": "shell"}}, "/workers/executor"),
+    "invalid NATS namespace": ({"nats": {"namespace": "bloom.prod"}}, "/nats/namespace"),
+    "production without API key": ({"api": {"environment": "production"}}, "api.apiKey"),
+    "no database URL": ({"database": {"url": ""}}, "database.url"),
+    "body limit below 1024": ({"api": {"bodyLimitBytes": 100}}, "/api/bodyLimitBytes"),
+    "invalid log format": ({"logFormat": "xml"}, "/logFormat"),
+    "HPA min above max": (
+        {"api": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
+        "minReplicas",
+    ),
 }
 
 
-def must_fail(values: dict, label: str) -> None:
+def must_fail(values: dict, expect: str, label: str) -> None:
     try:
         with Chart.load(CHART) as chart:
             chart.render(values, name=RELEASE, namespace=NAMESPACE)
     except HelmError as e:
-        print(f"  refused as expected: {label}: {str(e).splitlines()[0][:160]}")
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        reason = reason.replace("values don't meet the specifications of the schema(s) in the following chart(s): ", "")
+        if expect in reason:
+            print(f"  refused as expected: {label}: {reason[:200]}")
+        else:
+            fail(f"values refused for another reason than expected ({expect!r}): {label}: {reason}")
         return
     fail(f"values were accepted but must be refused: {label}: {values}")
 
@@ -207,6 +255,7 @@ def main() -> int:
         fail("values.schema.json is missing")
     else:
         schema_covers(defaults, schema)
+    readme_covers(defaults)
 
     lines: list[str] = []
     render(None, "defaults", lines)
@@ -218,8 +267,8 @@ def main() -> int:
         render(values, f.name, lines)
 
     print("[must be refused]")
-    for label, values in NEGATIVE.items():
-        must_fail(values, label)
+    for label, (values, expect) in NEGATIVE.items():
+        must_fail(values, expect, label)
 
     seen, unique = set(), []
     for line in lines:

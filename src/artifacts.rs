@@ -5,8 +5,10 @@
 //! `s3://<bucket>/artifacts/<task>/<lease>.json`: the key is deterministic per task and
 //! lease, so a retried upload overwrites instead of duplicating. Without S3, or when an
 //! upload fails, the content stays inline in Postgres (the original service's fallback),
-//! and the fallback is counted in `bloom_s3_fallbacks_total`.
+//! and the fallback is counted in `bloom_s3_fallbacks_total`. After a failure S3 is skipped
+//! for a few seconds, so an outage costs one timeout, not one per artifact.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ use crate::config::S3Settings;
 use crate::db::lifecycle::ArtifactBody;
 use crate::domain::{Artifact, LeaseId, TaskId};
 use crate::metrics::Metrics;
+use crate::time::now_ms;
 
 /// Reading an artifact failed.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +47,13 @@ struct S3 {
     client: aws_sdk_s3::Client,
     bucket: String,
     bucket_ready: Arc<OnceCell<()>>,
+    /// After a failure, S3 is skipped (content goes to Postgres at once) until then
+    /// (ms since the epoch), so an outage does not stall every completion on timeouts.
+    skip_until: Arc<AtomicI64>,
 }
+
+/// How long S3 is skipped after a failed upload.
+const S3_COOLDOWN_MS: i64 = 5_000;
 
 /// Stores artifact bodies.
 #[derive(Clone)]
@@ -88,6 +97,7 @@ impl ArtifactStore {
             client: aws_sdk_s3::Client::from_conf(conf.build()),
             bucket: s.bucket.clone(),
             bucket_ready: Arc::new(OnceCell::new()),
+            skip_until: Arc::new(AtomicI64::new(0)),
         };
         ArtifactStore { s3: Some(s3), metrics }
     }
@@ -108,12 +118,18 @@ impl ArtifactStore {
             return ArtifactBody { url: None, content: output.map(str::to_owned) };
         };
         let key = Self::object_key(task, lease);
+        let fallback = || ArtifactBody { url: None, content: Some(out.to_owned()) };
+        if now_ms() < s3.skip_until.load(Ordering::Relaxed) {
+            self.metrics.s3_fallbacks_total.inc();
+            return fallback();
+        }
         match s3.put(&key, out.as_bytes().to_vec()).await {
             Ok(()) => ArtifactBody { url: Some(format!("s3://{}/{key}", s3.bucket)), content: None },
             Err(e) => {
+                s3.skip_until.store(now_ms() + S3_COOLDOWN_MS, Ordering::Relaxed);
                 self.metrics.s3_fallbacks_total.inc();
                 tracing::warn!(task.id = %task, error = %e, "artifact upload failed, storing in PostgreSQL");
-                ArtifactBody { url: None, content: Some(out.to_owned()) }
+                fallback()
             }
         }
     }

@@ -135,7 +135,8 @@ async fn delete_loop(
             n = rx.recv_many(&mut ids, 4096) => if n == 0 { return },
         }
         if conn.is_none() {
-            conn = async_commit_connection(&pool).await.map_err(|e| tracing::warn!(error = %e, "outbox connection")).ok();
+            conn =
+                async_commit_connection(&pool).await.map_err(|e| tracing::warn!(error = %e, "outbox connection")).ok();
         }
         let Some(c) = conn.as_mut() else { continue };
         match outbox::delete(&mut *c, &ids).await {

@@ -408,6 +408,9 @@ pub enum CompletionOutcome {
 /// Completes tasks in one transaction: for each completion whose lease is still the
 /// task's current lease, the task becomes `completed` (success) or `failed` (error),
 /// the lease is released, and an artifact, a result and an audit entry are written.
+/// A result of an expired lease whose task was requeued but not leased again also
+/// completes it (the requeued dispatch is then refused at claim); a result of a lease
+/// that another lease superseded is late and changes nothing.
 /// Outcomes are in the order of `completions`.
 pub async fn complete(pool: &PgPool, completions: &[Completion]) -> sqlx::Result<Vec<CompletionOutcome>> {
     let now = now_ms();
@@ -441,8 +444,15 @@ pub async fn complete(pool: &PgPool, completions: &[Completion]) -> sqlx::Result
                 output text, error_message text, metrics jsonb, artifact_id text, artifact_type text, tags jsonb,
                 url text, content text, result_id text, done text, late text)),
          t AS (
-            UPDATE llm_tasks t SET status = r.final_status, updated_at = $2
-            FROM r WHERE t.id = r.task_id AND t.lease_id = r.lease_id AND (t.status || '') IN ('leased', 'running')
+            UPDATE llm_tasks t SET status = r.final_status, updated_at = $2, lease_id = r.lease_id,
+                   worker_id = COALESCE(t.worker_id, (SELECT l.worker_id FROM leases l WHERE l.id = r.lease_id)),
+                   routed_to = NULL
+            FROM r WHERE t.id = r.task_id AND (
+                (t.lease_id = r.lease_id AND (t.status || '') IN ('leased', 'running'))
+                -- The lease expired and the task was requeued, but nobody leased it again:
+                -- the result of the work done is still the task's only one.
+                OR ((t.status || '') = 'queued' AND EXISTS (
+                    SELECT 1 FROM leases l WHERE l.id = r.lease_id AND l.task_id = t.id AND l.status = 'expired')))
             RETURNING t.*),
          w AS (SELECT r.*, COALESCE(t.worker_id, 'unknown') AS worker FROM r JOIN t ON t.id = r.task_id),
          l AS (
@@ -468,10 +478,8 @@ pub async fn complete(pool: &PgPool, completions: &[Completion]) -> sqlx::Result
     .bind(now)
     .fetch_all(pool)
     .await?;
-    let mut done: HashMap<(TaskId, LeaseId), Task> = done
-        .into_iter()
-        .filter_map(|t| t.lease_id.clone().map(|l| ((t.id.clone(), l), t)))
-        .collect();
+    let mut done: HashMap<(TaskId, LeaseId), Task> =
+        done.into_iter().filter_map(|t| t.lease_id.clone().map(|l| ((t.id.clone(), l), t))).collect();
     Ok(completions
         .iter()
         .zip(first)

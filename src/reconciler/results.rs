@@ -90,9 +90,18 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsR
             }
         }
     }
+    // Uploads of one batch run concurrently.
+    let uploads: Vec<_> = parsed
+        .iter()
+        .map(|(_, res)| {
+            let (store, task, lease, output) =
+                (r.artifacts.clone(), res.task_id.clone(), res.lease_id.clone(), res.output.clone());
+            async move { store.store(&task, &lease, output.as_deref()).await }
+        })
+        .collect();
+    let bodies: Vec<_> = futures::stream::iter(uploads).buffered(32).collect().await;
     let mut completions = Vec::with_capacity(parsed.len());
-    for (_, res) in &parsed {
-        let artifact = r.artifacts.store(&res.task_id, &res.lease_id, res.output.as_deref()).await;
+    for ((_, res), artifact) in parsed.iter().zip(bodies) {
         completions.push(Completion {
             task_id: res.task_id.clone(),
             lease_id: res.lease_id.clone(),

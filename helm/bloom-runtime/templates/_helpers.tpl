@@ -134,6 +134,34 @@ An env var from the Secret. Call with (dict "ctx" $ "name" "DATABASE_URL" "secre
 {{- end }}
 
 {{/*
+DATABASE_URL: from database.existingSecret, else from the given Secret.
+Call with (dict "ctx" $ "secret" <Secret name>).
+*/}}
+{{- define "bloom.env.databaseUrl" -}}
+{{- $db := .ctx.Values.database -}}
+{{- if $db.existingSecret -}}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $db.existingSecret }}
+      key: {{ $db.existingSecretKey }}
+{{- else -}}
+{{ include "bloom.secretEnv" (dict "name" "DATABASE_URL" "secret" .secret) }}
+{{- end }}
+{{- end }}
+
+{{/*
+True when the chart renders the hook Secret: no existingSecret, and a hook needs a
+value that only the chart's Secret would hold.
+*/}}
+{{- define "bloom.needsHookSecret" -}}
+{{- $v := .Values }}
+{{- if not $v.existingSecret }}
+{{- if or (and $v.hooks.migrate.enabled (not $v.database.existingSecret)) (and $v.hooks.natsApply.enabled $v.nats.urlFromSecret) }}true{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 True ("true") when the Secret holds the key: always for an existing Secret's optional
 keys (referenced with optional: true), else only when the chart stores a value.
 */}}
@@ -146,7 +174,8 @@ Secret data of the chart's Secret (key: value, not yet encoded), as YAML.
 */}}
 {{- define "bloom.secretData" -}}
 {{- $v := .Values }}
-{{- $d := dict "DATABASE_URL" $v.database.url }}
+{{- $d := dict }}
+{{- if not $v.database.existingSecret }}{{- $_ := set $d "DATABASE_URL" $v.database.url }}{{- end }}
 {{- if $v.nats.urlFromSecret }}{{- $_ := set $d "NATS_URL" $v.nats.url }}{{- end }}
 {{- if $v.api.apiKey }}{{- $_ := set $d "RUNTIME_API_KEY" $v.api.apiKey }}{{- end }}
 {{- if $v.membridge.adminKey }}{{- $_ := set $d "MEMBRIDGE_ADMIN_KEY" $v.membridge.adminKey }}{{- end }}
@@ -162,8 +191,8 @@ Checks of value combinations that the schema cannot express.
 */}}
 {{- define "bloom.validate" -}}
 {{- $v := .Values }}
-{{- if and (not $v.existingSecret) (not $v.database.url) }}
-{{- fail "database.url is required (or set existingSecret to a Secret holding DATABASE_URL)" }}
+{{- if and (not $v.existingSecret) (not $v.database.existingSecret) (not $v.database.url) }}
+{{- fail "database.url is required (or set database.existingSecret, or existingSecret to a Secret holding DATABASE_URL)" }}
 {{- end }}
 {{- if and (eq $v.api.environment "production") (not $v.existingSecret) (not $v.api.apiKey) }}
 {{- fail "api.apiKey (RUNTIME_API_KEY) is required when api.environment is production (or use existingSecret)" }}
@@ -188,7 +217,7 @@ Environment shared by api and reconciler: Postgres, NATS, membridge, S3, logging
 {{- define "bloom.env.server" -}}
 {{- $v := .Values -}}
 {{- $secret := include "bloom.secretName" . -}}
-{{ include "bloom.secretEnv" (dict "name" "DATABASE_URL" "secret" $secret) }}
+{{ include "bloom.env.databaseUrl" (dict "ctx" . "secret" $secret) }}
 - name: BLOOM_DB_MAX_CONNECTIONS
   value: {{ $v.database.maxConnections | int64 | quote }}
 - name: BLOOM_DB_STATEMENT_TIMEOUT_MS

@@ -1,0 +1,479 @@
+//! `bloom-chaos`: the fault-injection suite.
+//!
+//! Starts its own nats-server, PostgreSQL instance and S3 server (moto) on random
+//! loopback ports (so it can stop them), the API, 3 reconcilers and 4 workers, then
+//! submits tasks while a seeded random schedule SIGKILLs workers and reconcilers,
+//! restarts nats-server and PostgreSQL and stops the S3 server for a while. Afterwards it
+//! checks the invariants:
+//!
+//! * every submitted task is `completed`, or `dead` with all its attempts used;
+//! * exactly one `success` result per completed task, none for the others;
+//! * no lease left active, no outbox row left unsent;
+//! * the audit log agrees with the state (creation and completion entries);
+//!
+//! and reports redeliveries (leases per task beyond the first) and late results.
+//! Exit status 0 only when every invariant holds. `--seed` replays a run.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+
+/// Options.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+struct Opts {
+    /// Seed of the fault schedule (random when absent; printed for replay).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Tasks to submit.
+    #[arg(long, default_value_t = 2000)]
+    tasks: usize,
+    /// Submission rate, tasks/s.
+    #[arg(long, default_value_t = 200)]
+    rate: u64,
+    /// Mean interval between faults, milliseconds.
+    #[arg(long, default_value_t = 1500)]
+    fault_every_ms: u64,
+    /// Time allowed for everything to settle after the last submission.
+    #[arg(long, default_value_t = 180)]
+    settle_secs: u64,
+    /// Work directory (temporary by default).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let p = std::env::current_exe()?.parent().context("binary dir")?.join(name);
+    if !p.exists() {
+        bail!("{} not found: build all binaries first", p.display());
+    }
+    Ok(p)
+}
+
+fn pg_bin(name: &str) -> anyhow::Result<PathBuf> {
+    let mut versions: Vec<PathBuf> =
+        std::fs::read_dir("/usr/lib/postgresql")?.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect();
+    versions.sort();
+    versions.into_iter().rev().map(|b| b.join(name)).find(|p| p.exists()).context("PostgreSQL binaries not found")
+}
+
+/// Runs a command as the `postgres` user (initdb and postgres refuse to run as root).
+fn as_postgres(program: &Path, args: &[&str]) -> Command {
+    let running_as_root = unsafe { libc::geteuid() } == 0;
+    if running_as_root {
+        let mut c = Command::new("runuser");
+        c.arg("-u").arg("postgres").arg("--").arg(program).args(args);
+        c
+    } else {
+        let mut c = Command::new(program);
+        c.args(args);
+        c
+    }
+}
+
+/// A restartable child process.
+struct Service {
+    name: String,
+    cmd: Box<dyn Fn() -> Command>,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Service {
+    fn new(name: &str, dir: &Path, cmd: impl Fn() -> Command + 'static) -> Service {
+        Service { name: name.into(), cmd: Box::new(cmd), child: None, log: dir.join(format!("{name}.log")) }
+    }
+
+    fn start(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut cmd = (self.cmd)();
+        cmd.stdout(log.try_clone()?).stderr(log).stdin(Stdio::null());
+        self.child = Some(cmd.spawn().with_context(|| format!("starting {}", self.name))?);
+        Ok(())
+    }
+
+    /// SIGKILL.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// xorshift64*: a tiny seeded generator, so a run replays exactly from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn wait_port(port: u16, what: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{what} did not listen on {port}")
+}
+
+struct Postgres {
+    data: PathBuf,
+    port: u16,
+    pg_ctl: PathBuf,
+    log: PathBuf,
+}
+
+impl Postgres {
+    fn init(dir: &Path) -> anyhow::Result<Postgres> {
+        let data = dir.join("pgdata");
+        std::fs::create_dir_all(&data)?;
+        let _ = Command::new("chown").arg("-R").arg("postgres:postgres").arg(dir).status();
+        let status = as_postgres(&pg_bin("initdb")?, &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres"])
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("initdb failed");
+        }
+        let pg = Postgres { data, port: free_port(), pg_ctl: pg_bin("pg_ctl")?, log: dir.join("postgres.log") };
+        pg.start()?;
+        Ok(pg)
+    }
+
+    fn start(&self) -> anyhow::Result<()> {
+        let opts = format!("-p {} -k /tmp -c listen_addresses=127.0.0.1 -c max_connections=200", self.port);
+        let status = as_postgres(
+            &self.pg_ctl,
+            &["-D", self.data.to_str().unwrap(), "-l", self.log.to_str().unwrap(), "-o", &opts, "-w", "start"],
+        )
+        .stdout(Stdio::null())
+        .status()?;
+        if !status.success() {
+            bail!("pg_ctl start failed");
+        }
+        Ok(())
+    }
+
+    /// Crash-like stop: immediate shutdown (no checkpoint), as a killed server.
+    fn crash(&self) {
+        let _ = as_postgres(&self.pg_ctl, &["-D", self.data.to_str().unwrap(), "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .status();
+    }
+
+    fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let o = Opts::parse();
+    let seed = o.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    });
+    eprintln!("bloom-chaos seed {seed} (replay with --seed {seed})");
+    // xorshift needs a non-zero state.
+    let mut rng = Rng(seed | 1);
+    let tmp = o.dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("bloom-chaos-{seed}")));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+
+    // Infrastructure on private ports.
+    let pg = Postgres::init(&tmp)?;
+    {
+        let mut c = PgConnection::connect(&pg.url("postgres")).await?;
+        sqlx::query("CREATE DATABASE bloom").execute(&mut c).await?;
+    }
+    let db_url = pg.url("bloom");
+    let nats_port = free_port();
+    let nats_store = tmp.join("nats");
+    let mut nats = Service::new("nats-server", &tmp, move || {
+        let mut c = Command::new("nats-server");
+        c.args(["-a", "127.0.0.1", "-p", &nats_port.to_string(), "-js", "-sd", nats_store.to_str().unwrap()]);
+        c
+    });
+    nats.start()?;
+    wait_port(nats_port, "nats-server", Duration::from_secs(10))?;
+    let s3_port = free_port();
+    let mut s3 = Service::new("moto", &tmp, move || {
+        let mut c = Command::new("moto_server");
+        c.args(["-H", "127.0.0.1", "-p", &s3_port.to_string()]);
+        c
+    });
+    s3.start()?;
+    wait_port(s3_port, "moto", Duration::from_secs(30))?;
+
+    let status = Command::new(bin("bloomctl")?).arg("migrate").env("DATABASE_URL", &db_url).status()?;
+    if !status.success() {
+        bail!("migrations failed");
+    }
+
+    let api_port = free_port();
+    let env: Vec<(String, String)> = vec![
+        ("DATABASE_URL".into(), db_url.clone()),
+        ("NATS_URL".into(), format!("nats://127.0.0.1:{nats_port}")),
+        ("BLOOM_NATS_NAMESPACE".into(), "chaos".into()),
+        ("BLOOM_LEASE_TTL_SECS".into(), "2".into()),
+        ("BLOOM_S3_ENDPOINT".into(), format!("http://127.0.0.1:{s3_port}")),
+        ("BLOOM_S3_BUCKET".into(), "chaos-artifacts".into()),
+        ("BLOOM_S3_TIMEOUT_MS".into(), "2000".into()),
+        ("AWS_ACCESS_KEY_ID".into(), "test".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+        ("BLOOM_RATE_LIMIT_PER_MIN".into(), "0".into()),
+        ("BLOOM_RUNTIME_HOST".into(), "127.0.0.1".into()),
+        ("BLOOM_RUNTIME_PORT".into(), api_port.to_string()),
+        ("BLOOM_EXPIRY_GRACE_MS".into(), "500".into()),
+        ("BLOOM_SWEEP_INTERVAL_MS".into(), "250".into()),
+        ("BLOOM_RELAY_MIN_AGE_MS".into(), "1000".into()),
+        ("BLOOM_WORKER_TIMEOUT_MS".into(), "5000".into()),
+        ("BLOOM_RECONCILER_HTTP_PORT".into(), "0".into()),
+        ("BLOOM_WORKER_HTTP_PORT".into(), "0".into()),
+        ("BLOOM_EXECUTOR".into(), "builtin".into()),
+        ("BLOOM_WORKER_MAX_CONCURRENCY".into(), "8".into()),
+        ("BLOOM_WORKER_SHUTDOWN_GRACE_SECS".into(), "1".into()),
+        ("RUST_LOG".into(), "warn".into()),
+    ];
+    let service = |name: &str, binary: &str, extra: Vec<(String, String)>| -> anyhow::Result<Service> {
+        let path = bin(binary)?;
+        let env = env.clone();
+        Ok(Service::new(name, &tmp, move || {
+            let mut c = Command::new(&path);
+            c.envs(env.iter().cloned()).envs(extra.iter().cloned());
+            c
+        }))
+    };
+    let mut api = service("api", "bloom-api", vec![])?;
+    api.start()?;
+    let mut reconcilers: Vec<Service> =
+        (0..3).map(|i| service(&format!("reconciler-{i}"), "bloom-reconciler", vec![])).collect::<Result<_, _>>()?;
+    let mut workers: Vec<Service> = (0..4)
+        .map(|i| {
+            service(&format!("worker-{i}"), "bloom-worker", vec![("BLOOM_WORKER_ID".into(), format!("chaos-{i}"))])
+        })
+        .collect::<Result<_, _>>()?;
+    for s in reconcilers.iter_mut().chain(workers.iter_mut()) {
+        s.start()?;
+    }
+    wait_port(api_port, "bloom-api", Duration::from_secs(30))?;
+
+    // Submit while faults happen.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let base = format!("http://127.0.0.1:{api_port}");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<()>>();
+    let submitter = {
+        let (http, base, tasks, rate) = (http.clone(), base.clone(), o.tasks, o.rate);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+            for i in 0..tasks {
+                tick.tick().await;
+                let (http, base, tx) = (http.clone(), base.clone(), tx.clone());
+                tokio::spawn(async move {
+                    // Prompts vary the work: mostly quick, some slower, so kills catch tasks mid-run.
+                    let prompt =
+                        if i % 5 == 0 { format!("sleep:{}", 300 + (i % 7) * 100) } else { format!("chaos {i}") };
+                    let body = json!({"context_id": format!("c{}", i % 50), "agent_slug": "chaos", "prompt": prompt,
+                                      "max_attempts": 10});
+                    // Retry until accepted: the API answers 5xx while Postgres is down.
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    loop {
+                        let r = http.post(format!("{base}/api/runtime/llm-tasks")).json(&body).send().await;
+                        if matches!(&r, Ok(r) if r.status().as_u16() == 201) {
+                            let _ = tx.send(Ok(()));
+                            return;
+                        }
+                        if Instant::now() > deadline {
+                            let _ = tx.send(Err(anyhow::anyhow!("task {i} was never accepted")));
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                });
+            }
+        })
+    };
+
+    let mut faults = serde_json::Map::new();
+    let mut count = |k: &str| {
+        let n = faults.get(k).and_then(|v| v.as_u64()).unwrap_or(0) + 1;
+        faults.insert(k.into(), json!(n));
+    };
+    let mut s3_down_until: Option<Instant> = None;
+    let started = Instant::now();
+    while !submitter.is_finished() {
+        tokio::time::sleep(Duration::from_millis(o.fault_every_ms / 2 + rng.below(o.fault_every_ms))).await;
+        if let Some(t) = s3_down_until {
+            if Instant::now() > t {
+                s3.start()?;
+                s3_down_until = None;
+            }
+        }
+        // Restart whatever a previous fault killed.
+        for s in reconcilers.iter_mut().chain(workers.iter_mut()) {
+            if !s.running() {
+                s.start()?;
+            }
+        }
+        match rng.below(10) {
+            0..=3 => {
+                let i = rng.below(workers.len() as u64) as usize;
+                eprintln!("[{:>5.1}s] SIGKILL {}", started.elapsed().as_secs_f64(), workers[i].name);
+                workers[i].kill();
+                count("worker_kills");
+            }
+            4..=6 => {
+                let i = rng.below(reconcilers.len() as u64) as usize;
+                eprintln!("[{:>5.1}s] SIGKILL {}", started.elapsed().as_secs_f64(), reconcilers[i].name);
+                reconcilers[i].kill();
+                count("reconciler_kills");
+            }
+            7 => {
+                eprintln!("[{:>5.1}s] restart nats-server", started.elapsed().as_secs_f64());
+                nats.kill();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                nats.start()?;
+                wait_port(nats_port, "nats-server", Duration::from_secs(10))?;
+                count("nats_restarts");
+            }
+            8 => {
+                eprintln!("[{:>5.1}s] crash and restart postgres", started.elapsed().as_secs_f64());
+                pg.crash();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                pg.start()?;
+                count("postgres_restarts");
+            }
+            _ => {
+                if s3_down_until.is_none() {
+                    eprintln!("[{:>5.1}s] stop S3 for 3 s", started.elapsed().as_secs_f64());
+                    s3.kill();
+                    s3_down_until = Some(Instant::now() + Duration::from_secs(3));
+                    count("s3_outages");
+                }
+            }
+        }
+    }
+    if s3_down_until.is_some() {
+        s3.start()?;
+    }
+    for s in reconcilers.iter_mut().chain(workers.iter_mut()) {
+        if !s.running() {
+            s.start()?;
+        }
+    }
+    drop(submitter);
+    let mut accepted = 0;
+    while accepted < o.tasks {
+        match tokio::time::timeout(Duration::from_secs(150), rx.recv()).await {
+            Ok(Some(Ok(()))) => accepted += 1,
+            Ok(Some(Err(e))) => return Err(e),
+            _ => bail!("submissions did not finish"),
+        }
+    }
+    eprintln!("all {accepted} submissions accepted after {:.1}s; settling", started.elapsed().as_secs_f64());
+
+    // Settle: every task final, outbox drained.
+    let pool = bloom::db::connect(&db_url, &bloom::db::PoolOptions::default()).await?;
+    let deadline = Instant::now() + Duration::from_secs(o.settle_secs);
+    loop {
+        let (open, outbox): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM llm_tasks WHERE status NOT IN ('completed', 'dead')),
+                    (SELECT count(*) FROM outbox)",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if open == 0 && outbox == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            eprintln!("not settled: {open} open tasks, {outbox} outbox rows");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Invariants.
+    let q = |sql: &'static str| {
+        let pool = pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await }
+    };
+    let checks: Vec<(&str, i64)> = vec![
+        ("tasks not completed nor dead", q("SELECT count(*) FROM llm_tasks WHERE status NOT IN ('completed', 'dead')").await?),
+        ("dead tasks with attempts left", q("SELECT count(*) FROM llm_tasks WHERE status = 'dead' AND attempts < max_attempts").await?),
+        ("completed tasks without exactly one success", q("SELECT count(*) FROM llm_tasks t WHERE status = 'completed' AND (SELECT count(*) FROM llm_results r WHERE r.task_id = t.id AND r.status = 'success') <> 1").await?),
+        ("success results of tasks not completed", q("SELECT count(*) FROM llm_results r JOIN llm_tasks t ON t.id = r.task_id WHERE r.status = 'success' AND t.status <> 'completed'").await?),
+        ("active leases left", q("SELECT count(*) FROM leases WHERE status = 'active'").await?),
+        ("outbox rows left", q("SELECT count(*) FROM outbox").await?),
+        ("tasks without a creation audit entry", q("SELECT count(*) FROM llm_tasks t WHERE NOT EXISTS (SELECT 1 FROM audit_logs a WHERE a.entity_id = t.id AND a.action = 'task_created')").await?),
+        ("completed tasks without a completion audit entry", q("SELECT count(*) FROM llm_tasks t WHERE status = 'completed' AND NOT EXISTS (SELECT 1 FROM audit_logs a WHERE a.entity_id = t.id AND a.action = 'task_completed')").await?),
+        ("leases per task above attempts", q("SELECT count(*) FROM llm_tasks t WHERE (SELECT count(*) FROM leases l WHERE l.task_id = t.id) < t.attempts").await?),
+    ];
+    let submitted = q("SELECT count(*) FROM llm_tasks").await?;
+    let report = json!({
+        "seed": seed,
+        "tasks_accepted": accepted,
+        "tasks_stored": submitted,
+        "completed": q("SELECT count(*) FROM llm_tasks WHERE status = 'completed'").await?,
+        "dead": q("SELECT count(*) FROM llm_tasks WHERE status = 'dead'").await?,
+        "redeliveries": q("SELECT COALESCE(sum(n - 1), 0)::bigint FROM (SELECT count(*) AS n FROM leases GROUP BY task_id) x").await?,
+        "duplicate_executions_reported_late": q("SELECT count(*) FROM audit_logs WHERE action = 'result_late'").await?,
+        "leases_expired": q("SELECT count(*) FROM leases WHERE status = 'expired'").await?,
+        "artifacts_in_s3": q("SELECT count(*) FROM runtime_artifacts WHERE url IS NOT NULL").await?,
+        "artifacts_in_postgres": q("SELECT count(*) FROM runtime_artifacts WHERE url IS NULL").await?,
+        "faults": faults,
+        "violations": checks.iter().filter(|(_, n)| *n != 0).map(|(k, n)| json!({k.to_string(): n})).collect::<Vec<_>>(),
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    let failed: Vec<_> = checks.iter().filter(|(_, n)| *n != 0).collect();
+    let passed = checks.len() - failed.len();
+    println!("chaos: {passed} passed, {} failed", failed.len());
+    if !failed.is_empty() || (submitted as usize) < accepted {
+        for (what, n) in failed {
+            eprintln!("VIOLATION: {what}: {n}");
+        }
+        eprintln!("logs in {}", tmp.display());
+        std::process::exit(1);
+    }
+    drop(workers);
+    drop(reconcilers);
+    drop(api);
+    drop(pool);
+    drop(pg);
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}
