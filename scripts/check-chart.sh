@@ -9,10 +9,11 @@
 #      (kubernetes-validate, strict: unknown fields are errors); CRD kinds that the core
 #      schemas do not have (ServiceMonitor) are counted and skipped,
 #   5. checks that invalid values are refused (schema and template checks),
-#   6. writes one line `<binary> <env as JSON>` for every rendered container of a bloom
-#      binary to $1 (default /tmp/bloom-chart-containers.txt), secret and field references
-#      replaced by placeholders, so that a later step can run `<binary> --check-config`
-#      with exactly that environment. Identical lines are written once.
+#   6. writes one line `<binary>\t<args as JSON>\t<env as JSON>` for every rendered
+#      container of a bloom binary to $1 (default /tmp/bloom-chart-containers.txt), secret
+#      and field references replaced by placeholders, so that scripts/check-config.sh can
+#      run `<binary> <args> --check-config` with exactly that environment. Identical lines
+#      are written once.
 #
 # Usage: scripts/check-chart.sh [OUTPUT_FILE]
 # Env:   KUBE_VERSION (default 1.29.0), PYTHON (default python3)
@@ -202,7 +203,8 @@ def render(values: dict | None, label: str, lines: list[str]) -> None:
                 if binary not in BINARIES:
                     continue
                 env = {v["name"]: env_value(v) for v in c.get("env") or []}
-                lines.append(f"{binary} {json.dumps(env, sort_keys=False)}")
+                args = [str(a) for a in (c.get("args") or [])]
+                lines.append(f"{binary}\t{json.dumps(args)}\t{json.dumps(env, sort_keys=False)}")
                 stats["containers"] += 1
     print("  " + ", ".join(f"{k}={n}" for k, n in sorted(kinds.items())))
 

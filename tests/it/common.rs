@@ -149,6 +149,21 @@ impl TestApp {
         }
     }
 
+    /// A copy sharing this installation, for use from blocking threads.
+    pub fn clone_handle(&self) -> TestApp {
+        TestApp {
+            base: self.base.clone(),
+            http: self.http.clone(),
+            pool: self.pool.clone(),
+            names: self.names.clone(),
+            nats: self.nats.clone(),
+            metrics: self.metrics.clone(),
+            opts: self.opts.clone(),
+            cancel: self.cancel.child_token(),
+            state: self.state.clone(),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

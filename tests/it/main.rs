@@ -9,6 +9,7 @@ mod fake_membridge;
 mod api_auth;
 mod api_tasks;
 mod api_workers;
+mod bloomctl;
 mod dispatch;
 mod lifecycle_races;
 mod membridge;

@@ -1,0 +1,567 @@
+//! `bloomctl`: the operator's CLI. Talks to the REST API (`--api-url`, `RUNTIME_API_KEY`)
+//! for tasks, workers, leases, artifacts, audit and stats; to Postgres and NATS directly
+//! for `migrate` and `nats apply`; and runs the whole runtime locally with `up`.
+//!
+//! Output is a table by default and JSON with `--json`. Exit codes: 0 success, 1 error
+//! (transport or 5xx), 2 bad usage, 3 not found, 4 refused (4xx), 5 a waited-for task
+//! failed or died, 6 waiting timed out.
+
+mod client;
+mod table;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bloom::config::{DbArgs, NatsArgs};
+use clap::{Args, Parser, Subcommand};
+use client::{exit, Client, Failure};
+use serde_json::{json, Value};
+
+/// Operate a BLOOM runtime installation.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    api: ApiTarget,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct ApiTarget {
+    /// Base URL of the REST API.
+    #[arg(long, global = true, env = "BLOOM_API_URL", default_value = "http://127.0.0.1:3002")]
+    api_url: String,
+    /// API key (`X-Runtime-Api-Key`).
+    #[arg(long, global = true, env = "RUNTIME_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Apply the database migrations.
+    Migrate {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Validate the configuration and exit.
+        #[arg(long)]
+        check_config: bool,
+    },
+    /// NATS JetStream definitions.
+    Nats {
+        #[command(subcommand)]
+        command: NatsCommand,
+    },
+    /// Submit tasks; optionally wait for and print their results.
+    Submit(SubmitArgs),
+    /// Tasks.
+    Tasks {
+        #[command(subcommand)]
+        command: TasksCommand,
+    },
+    /// Workers.
+    Workers {
+        #[command(subcommand)]
+        command: ShowOrList,
+    },
+    /// Leases.
+    Leases {
+        /// Only leases in this status.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Artifacts.
+    Artifacts {
+        #[command(subcommand)]
+        command: ArtifactsCommand,
+    },
+    /// The audit log, newest last; `--follow` keeps printing new entries.
+    Audit {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Task, lease and worker counts.
+    Stats,
+    /// Run the whole runtime locally: migrations, stream definitions, the API, two
+    /// reconcilers and one worker (binaries next to bloomctl). Ctrl-C stops it.
+    Up {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// Reconciler replicas.
+        #[arg(long, default_value_t = 2)]
+        reconcilers: usize,
+        /// Worker processes.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NatsCommand {
+    /// Create or update the streams and consumers of `nats/*.json`.
+    Apply {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// Validate the configuration and exit.
+        #[arg(long)]
+        check_config: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct SubmitArgs {
+    /// The prompt; `-` or absent with no --file reads stdin.
+    prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long, conflicts_with = "prompt")]
+    file: Option<PathBuf>,
+    #[arg(long, default_value = "bloomctl")]
+    context_id: String,
+    #[arg(long, default_value = "default")]
+    agent_slug: String,
+    #[arg(long)]
+    timeout_sec: Option<u32>,
+    #[arg(long)]
+    budget: Option<f64>,
+    /// `json` or `text`.
+    #[arg(long)]
+    desired_format: Option<String>,
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Submit the prompt this many times.
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Wait for the tasks to finish and print their results.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    wait_timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum TasksCommand {
+    /// Newest first.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    Show {
+        id: String,
+    },
+    /// Requeue a failed or dead task.
+    Requeue {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ShowOrList {
+    List,
+    Show { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum ArtifactsCommand {
+    List {
+        #[arg(long)]
+        task_id: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    Show {
+        id: String,
+    },
+    /// Print an artifact's content.
+    Content {
+        id: String,
+    },
+}
+
+const TASK_COLUMNS: [(&str, &str); 6] = [
+    ("ID", "/id"),
+    ("STATUS", "/status"),
+    ("AGENT", "/agent_slug"),
+    ("CONTEXT", "/context_id"),
+    ("ATTEMPTS", "/attempts"),
+    ("WORKER", "/worker_id"),
+];
+
+fn print(json_out: bool, v: &Value, columns: &[(&str, &str)]) {
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else if let Value::Array(rows) = v {
+        print!("{}", table::render(rows, columns));
+    } else {
+        print!("{}", table::record(v));
+    }
+}
+
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let q: Vec<String> =
+        pairs.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", bloom::membridge::segment(v)))).collect();
+    if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", q.join("&"))
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli).await {
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("bloomctl: {}", f.message);
+            f.code
+        }
+    };
+    std::process::exit(code);
+}
+
+fn failure(e: anyhow::Error) -> Failure {
+    Failure::new(exit::ERROR, format!("{e:#}"))
+}
+
+async fn run(cli: Cli) -> Result<i32, Failure> {
+    let api = Client::new(&cli.api.api_url, cli.api.api_key.clone());
+    let json_out = cli.api.json;
+    match cli.command {
+        Command::Migrate { db, check_config } => {
+            if check_config {
+                println!("{db:#?}");
+                return Ok(exit::OK);
+            }
+            bloom::telemetry::init("text");
+            migrate(&db).await.map_err(failure)?;
+            println!("migrations applied");
+        }
+        Command::Nats { command: NatsCommand::Apply { nats, check_config } } => {
+            let names = nats.names().map_err(|e| Failure::new(exit::USAGE, e))?;
+            if check_config {
+                println!("{nats:#?}");
+                return Ok(exit::OK);
+            }
+            bloom::telemetry::init("text");
+            nats_apply(&nats, &names).await.map_err(failure)?;
+            println!("streams {} and {} applied", names.tasks_stream(), names.results_stream());
+        }
+        Command::Submit(args) => return submit(&api, args, json_out).await,
+        Command::Tasks { command } => match command {
+            TasksCommand::List { status, limit } => {
+                let v = api
+                    .get(&format!(
+                        "/api/runtime/llm-tasks{}",
+                        query(&[("status", status), ("limit", Some(limit.to_string()))])
+                    ))
+                    .await?;
+                print(json_out, &v, &TASK_COLUMNS);
+            }
+            TasksCommand::Show { id } => {
+                let v = api.get(&format!("/api/runtime/llm-tasks/{}", bloom::membridge::segment(&id))).await?;
+                print(json_out, &v, &[]);
+            }
+            TasksCommand::Requeue { id } => {
+                let v = api
+                    .post(&format!("/api/runtime/llm-tasks/{}/requeue", bloom::membridge::segment(&id)), &json!({}))
+                    .await?;
+                print(json_out, &v, &[]);
+            }
+        },
+        Command::Workers { command } => match command {
+            ShowOrList::List => {
+                let v = api.get("/api/runtime/workers").await?;
+                let cols = [
+                    ("ID", "/id"),
+                    ("STATUS", "/status"),
+                    ("ACTIVE", "/active_leases"),
+                    ("MAX", "/capabilities/max_concurrency"),
+                    ("CLAUDE_CLI", "/capabilities/claude_cli"),
+                    ("LAST_HEARTBEAT", "/last_heartbeat"),
+                ];
+                print(json_out, &v, &cols);
+            }
+            ShowOrList::Show { id } => {
+                let v = api.get(&format!("/api/runtime/workers/{}", bloom::membridge::segment(&id))).await?;
+                print(json_out, &v, &[]);
+            }
+        },
+        Command::Leases { status, limit } => {
+            let v = api
+                .get(&format!(
+                    "/api/runtime/leases{}",
+                    query(&[("status", status), ("limit", Some(limit.to_string()))])
+                ))
+                .await?;
+            let cols = [
+                ("ID", "/id"),
+                ("TASK", "/task_id"),
+                ("WORKER", "/worker_id"),
+                ("STATUS", "/status"),
+                ("EXPIRES_AT", "/expires_at"),
+            ];
+            print(json_out, &v, &cols);
+        }
+        Command::Artifacts { command } => match command {
+            ArtifactsCommand::List { task_id, limit } => {
+                let v = api
+                    .get(&format!(
+                        "/api/runtime/artifacts{}",
+                        query(&[("task_id", task_id), ("limit", Some(limit.to_string()))])
+                    ))
+                    .await?;
+                let cols = [
+                    ("ID", "/id"),
+                    ("TASK", "/task_id"),
+                    ("TYPE", "/type"),
+                    ("URL", "/url"),
+                    ("CREATED_AT", "/created_at"),
+                ];
+                print(json_out, &v, &cols);
+            }
+            ArtifactsCommand::Show { id } => {
+                let v = api.get(&format!("/api/runtime/artifacts/{}", bloom::membridge::segment(&id))).await?;
+                print(json_out, &v, &[]);
+            }
+            ArtifactsCommand::Content { id } => {
+                let text =
+                    api.get_text(&format!("/api/runtime/artifacts/{}/content", bloom::membridge::segment(&id))).await?;
+                println!("{text}");
+            }
+        },
+        Command::Audit { limit, follow } => return audit(&api, limit, follow, json_out).await,
+        Command::Stats => {
+            let v = api.get("/api/runtime/stats").await?;
+            if json_out {
+                print(true, &v, &[]);
+            } else {
+                println!("tasks    total {}  {}", v["tasks"]["total"], v["tasks"]["by_status"]);
+                println!("leases   total {}  active {}", v["leases"]["total"], v["leases"]["active"]);
+                println!("workers  total {}  online {}", v["workers"]["total"], v["workers"]["online"]);
+            }
+        }
+        Command::Up { db, nats, reconcilers, workers } => up(db, nats, reconcilers, workers).await.map_err(failure)?,
+    }
+    Ok(exit::OK)
+}
+
+async fn migrate(db: &DbArgs) -> anyhow::Result<()> {
+    let pool = bloom::db::connect(db.database_url.expose(), &db.pool_options())
+        .await
+        .context("connecting to Postgres (DATABASE_URL)")?;
+    bloom::db::migrate(&pool).await.context("applying migrations")?;
+    Ok(())
+}
+
+async fn nats_apply(nats: &NatsArgs, names: &bloom::bus::Names) -> anyhow::Result<()> {
+    let client = tokio::time::timeout(Duration::from_secs(10), bloom::bus::connect(&nats.nats_url, "bloomctl"))
+        .await
+        .context("timed out connecting to NATS")??;
+    let js = bloom::bus::jetstream(client, nats.timeout());
+    bloom::bus::provision::apply(&js, names, nats.lease_ttl()).await?;
+    Ok(())
+}
+
+fn read_prompt(args: &SubmitArgs) -> Result<String, Failure> {
+    let prompt = match (&args.file, args.prompt.as_deref()) {
+        (Some(path), _) => std::fs::read_to_string(path)
+            .map_err(|e| Failure::new(exit::USAGE, format!("reading {}: {e}", path.display())))?,
+        (None, Some(p)) if p != "-" => p.to_owned(),
+        _ => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+            s
+        }
+    };
+    Ok(prompt)
+}
+
+async fn submit(api: &Client, args: SubmitArgs, json_out: bool) -> Result<i32, Failure> {
+    let prompt = read_prompt(&args)?;
+    let mut body = json!({"context_id": args.context_id, "agent_slug": args.agent_slug, "prompt": prompt});
+    if args.timeout_sec.is_some() || args.budget.is_some() {
+        body["policy"] = json!({"timeout_sec": args.timeout_sec.unwrap_or(120), "budget": args.budget.unwrap_or(0.0)});
+    }
+    if let Some(f) = &args.desired_format {
+        body["desired_format"] = json!(f);
+    }
+    if let Some(m) = args.max_attempts {
+        body["max_attempts"] = json!(m);
+    }
+    let mut ids = Vec::new();
+    for _ in 0..args.count.max(1) {
+        let task = api.post("/api/runtime/llm-tasks", &body).await?;
+        ids.push(task["id"].as_str().unwrap_or_default().to_owned());
+    }
+    if !args.wait {
+        if json_out {
+            println!("{}", json!(ids));
+        } else {
+            ids.iter().for_each(|id| println!("{id}"));
+        }
+        return Ok(exit::OK);
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.wait_timeout);
+    let mut done: Vec<Option<Value>> = vec![None; ids.len()];
+    let show_progress = ids.len() > 1 && !json_out;
+    loop {
+        for (i, id) in ids.iter().enumerate() {
+            if done[i].is_some() {
+                continue;
+            }
+            let t = api.get(&format!("/api/runtime/llm-tasks/{id}")).await?;
+            if matches!(t["status"].as_str(), Some("completed" | "failed" | "dead")) {
+                done[i] = Some(t);
+            }
+        }
+        let finished = done.iter().filter(|d| d.is_some()).count();
+        if show_progress {
+            eprint!("\r{finished}/{} tasks finished", ids.len());
+        }
+        if finished == ids.len() {
+            break;
+        }
+        if Instant::now() > deadline {
+            if show_progress {
+                eprintln!();
+            }
+            return Err(Failure::new(
+                exit::TIMEOUT,
+                format!("{} of {} tasks unfinished", ids.len() - finished, ids.len()),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if show_progress {
+        eprintln!();
+    }
+    let mut failed = false;
+    let mut out = Vec::new();
+    for t in done.into_iter().flatten() {
+        let id = t["id"].as_str().unwrap_or_default();
+        let artifacts = api.get(&format!("/api/runtime/artifacts?task_id={id}&limit=1")).await?;
+        let output = match artifacts[0]["id"].as_str() {
+            Some(aid) => match api.get_text(&format!("/api/runtime/artifacts/{aid}/content")).await {
+                Ok(text) => Some(text),
+                // An error result stores an artifact without content.
+                Err(f) if f.code == exit::NOT_FOUND => None,
+                Err(f) => return Err(f),
+            },
+            None => None,
+        };
+        failed |= t["status"] != "completed";
+        out.push(json!({"id": id, "status": t["status"], "attempts": t["attempts"], "output": output}));
+    }
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else if out.len() == 1 {
+        let o = &out[0];
+        eprintln!("{} {}", o["id"].as_str().unwrap_or_default(), o["status"].as_str().unwrap_or_default());
+        println!("{}", o["output"].as_str().unwrap_or_default());
+    } else {
+        print!(
+            "{}",
+            table::render(
+                &out,
+                &[("ID", "/id"), ("STATUS", "/status"), ("ATTEMPTS", "/attempts"), ("OUTPUT", "/output")]
+            )
+        );
+    }
+    Ok(if failed { exit::TASK_FAILED } else { exit::OK })
+}
+
+async fn audit(api: &Client, limit: u32, follow: bool, json_out: bool) -> Result<i32, Failure> {
+    let cols = [
+        ("TIMESTAMP", "/timestamp"),
+        ("ACTION", "/action"),
+        ("ENTITY", "/entity_id"),
+        ("ACTOR", "/actor"),
+        ("DETAIL", "/detail"),
+    ];
+    let mut seen = std::collections::HashSet::new();
+    let mut first = true;
+    loop {
+        let v = api.get(&format!("/api/runtime/audit?limit={}", limit.clamp(1, 1000))).await?;
+        let mut fresh: Vec<Value> = v
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| seen.insert(e["id"].to_string()))
+            .collect();
+        fresh.reverse();
+        if !fresh.is_empty() {
+            if json_out {
+                for e in &fresh {
+                    println!("{e}");
+                }
+            } else {
+                let text = table::render(&fresh, &cols);
+                // The header once.
+                let text = if first { text } else { text.lines().skip(1).map(|l| format!("{l}\n")).collect() };
+                print!("{text}");
+            }
+            first = false;
+        }
+        if !follow {
+            return Ok(exit::OK);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn up(db: DbArgs, nats: NatsArgs, reconcilers: usize, workers: usize) -> anyhow::Result<()> {
+    bloom::telemetry::init("text");
+    let names = nats.names().map_err(anyhow::Error::msg)?;
+    migrate(&db).await?;
+    nats_apply(&nats, &names).await?;
+    let dir = std::env::current_exe()?.parent().context("binary directory")?.to_owned();
+    let spawn = |bin: &str, env: &[(&str, String)]| -> anyhow::Result<tokio::process::Child> {
+        let mut c = tokio::process::Command::new(dir.join(bin));
+        c.kill_on_drop(true).envs(env.iter().map(|(k, v)| (*k, v.clone())));
+        c.spawn().with_context(|| format!("starting {bin} (build all binaries first)"))
+    };
+    let mut children = Vec::new();
+    for i in 0..reconcilers {
+        children.push(spawn("bloom-reconciler", &[("BLOOM_RECONCILER_HTTP_PORT", (9090 + 2 * i).to_string())])?);
+    }
+    for i in 0..workers {
+        children.push(spawn(
+            "bloom-worker",
+            &[("BLOOM_WORKER_ID", format!("local-worker-{i}")), ("BLOOM_WORKER_HTTP_PORT", (9091 + 2 * i).to_string())],
+        )?);
+    }
+    children.push(spawn("bloom-api", &[])?);
+    eprintln!("bloomctl up: API on BLOOM_RUNTIME_PORT (default 3002); Ctrl-C stops everything");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    for c in &mut children {
+        if let Some(pid) = c.id() {
+            // SIGTERM: let workers drain.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+    }
+    for c in &mut children {
+        let _ = tokio::time::timeout(Duration::from_secs(25), c.wait()).await;
+    }
+    Ok(())
+}
