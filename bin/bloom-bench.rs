@@ -499,6 +499,17 @@ async fn main() -> anyhow::Result<()> {
     }
     let pool = bloom::db::connect(&db_url, &bloom::db::PoolOptions::default()).await?;
     bloom::db::migrate(&pool).await?;
+    // The machine's limits first, on the fresh database, then the runtime on the same tables.
+    let (pg, nats) = if o.no_limits {
+        (Value::Null, Value::Null)
+    } else {
+        eprintln!("limits: postgres, nats");
+        let limits = (postgres_limit(&db_url, o.tasks, 8, 128).await?, nats_limit(&o.nats, o.tasks as usize).await?);
+        sqlx::query("TRUNCATE llm_tasks, leases, outbox, audit_logs, runtime_artifacts, llm_results")
+            .execute(&pool)
+            .await?;
+        limits
+    };
     let ns = format!("bench{}", &bloom::domain::new_id()[..8]);
     let common = vec![
         ("DATABASE_URL", db_url.clone()),
@@ -559,13 +570,14 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("REST path: {} tasks", o.rest_tasks);
     let rest = rest_path(&o, &http, &base).await?;
     drop(procs);
+    // Leave no streams behind on a shared server.
+    if let Ok(client) = async_nats::connect(&o.nats).await {
+        let js = async_nats::jetstream::new(client);
+        let names = bloom::bus::Names::new(&ns).map_err(anyhow::Error::msg)?;
+        let _ = js.delete_stream(names.tasks_stream()).await;
+        let _ = js.delete_stream(names.results_stream()).await;
+    }
 
-    let (pg, nats) = if o.no_limits {
-        (Value::Null, Value::Null)
-    } else {
-        eprintln!("limits: postgres, nats");
-        (postgres_limit(&db_url, o.tasks, 8, 128).await?, nats_limit(&o.nats, o.tasks as usize).await?)
-    };
     let lower = [pg["tasks_per_sec"].as_f64(), nats["msgs_per_sec"].as_f64()]
         .into_iter()
         .flatten()
