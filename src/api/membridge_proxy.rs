@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde_json::Value;
 
+use super::schemas::{ErrorBody, LeadershipSelect};
 use super::validate::JsonBody;
 use super::{ApiError, AppState};
 use crate::db::{audit, settings};
@@ -34,22 +35,26 @@ fn relay(r: Response) -> Result<Json<Value>, ApiError> {
 }
 
 /// `GET /api/membridge/health` (open).
+#[utoipa::path(get, path = "/api/membridge/health", tag = "membridge", responses((status = 200, description = "membridge's JSON, passed through"), (status = 502, body = ErrorBody), (status = 404, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     relay(call(&state, reqwest::Method::GET, "/health", None, Retry::Idempotent(1)).await?)
 }
 
 /// `GET /api/membridge/projects`.
+#[utoipa::path(get, path = "/api/membridge/projects", tag = "membridge", responses((status = 200, description = "membridge's JSON, passed through"), (status = 502, body = ErrorBody), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn projects(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     relay(call(&state, reqwest::Method::GET, "/projects", None, Retry::Idempotent(3)).await?)
 }
 
 /// `GET /api/membridge/projects/:cid/leadership`.
+#[utoipa::path(get, path = "/api/membridge/projects/{cid}/leadership", tag = "membridge", params(("cid" = String, Path, description = "project canonical id")), responses((status = 200, description = "membridge's JSON, passed through"), (status = 502, body = ErrorBody), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn leadership(State(state): State<AppState>, Path(cid): Path<String>) -> Result<Json<Value>, ApiError> {
     let path = format!("/projects/{}/leadership", segment(&cid));
     relay(call(&state, reqwest::Method::GET, &path, None, Retry::Idempotent(3)).await?)
 }
 
 /// `GET /api/membridge/projects/:cid/nodes`.
+#[utoipa::path(get, path = "/api/membridge/projects/{cid}/nodes", tag = "membridge", params(("cid" = String, Path, description = "project canonical id")), responses((status = 200, description = "membridge's JSON, passed through"), (status = 502, body = ErrorBody), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn nodes(State(state): State<AppState>, Path(cid): Path<String>) -> Result<Json<Value>, ApiError> {
     let path = format!("/projects/{}/nodes", segment(&cid));
     relay(call(&state, reqwest::Method::GET, &path, None, Retry::Idempotent(3)).await?)
@@ -58,6 +63,7 @@ pub async fn nodes(State(state): State<AppState>, Path(cid): Path<String>) -> Re
 /// `POST /api/membridge/projects/:cid/leadership/select`: not idempotent, so only
 /// retried when the request never reached membridge. Writes a `leadership_promote`
 /// audit entry on success.
+#[utoipa::path(post, path = "/api/membridge/projects/{cid}/leadership/select", tag = "membridge", params(("cid" = String, Path, description = "project canonical id")), request_body = LeadershipSelect, responses((status = 200, description = "membridge's JSON, passed through"), (status = 502, body = ErrorBody), (status = 404, body = ErrorBody), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn select_leader(
     State(state): State<AppState>,
     Path(cid): Path<String>,

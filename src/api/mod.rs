@@ -11,6 +11,7 @@ pub mod membridge_proxy;
 pub mod rate_limit;
 pub mod reads;
 pub mod runtime_config;
+pub mod schemas;
 pub mod submit;
 pub mod tasks;
 pub mod validate;
@@ -23,9 +24,11 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
-use axum::Router;
+use axum::routing::get;
+use axum::{Json, Router};
 use sqlx::PgPool;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::artifacts::ArtifactStore;
 use crate::bus::Dispatcher;
@@ -66,39 +69,81 @@ pub struct AppState {
     pub started: Instant,
 }
 
+/// The API's routes with their OpenAPI description: both come from the same
+/// `routes!` registrations, so the document cannot drift from the router.
+fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (schemas, paths, test_connection) = routes!(runtime_config::test_connection);
+    let test_connection = (
+        schemas,
+        paths,
+        test_connection.route_layer(middleware::from_fn_with_state(strict_limiter, rate_limit::limit)),
+    );
+    OpenApiRouter::with_openapi(openapi_base())
+        .routes(routes!(runtime_config::health))
+        .routes(routes!(runtime_config::get_config, runtime_config::set_config))
+        .routes(test_connection)
+        .routes(routes!(workers::list, workers::register))
+        .routes(routes!(workers::show, workers::remove))
+        .routes(routes!(tasks::list, tasks::create))
+        .routes(routes!(tasks::show))
+        .routes(routes!(tasks::lease))
+        .routes(routes!(tasks::heartbeat))
+        .routes(routes!(tasks::complete))
+        .routes(routes!(tasks::requeue))
+        .routes(routes!(reads::leases))
+        .routes(routes!(reads::runs))
+        .routes(routes!(reads::artifacts))
+        .routes(routes!(reads::artifact))
+        .routes(routes!(reads::artifact_content))
+        .routes(routes!(reads::audit))
+        .routes(routes!(reads::stats))
+        .routes(routes!(membridge_proxy::health))
+        .routes(routes!(membridge_proxy::projects))
+        .routes(routes!(membridge_proxy::leadership))
+        .routes(routes!(membridge_proxy::nodes))
+        .routes(routes!(membridge_proxy::select_leader))
+        .split_for_parts()
+}
+
+fn openapi_base() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+    let mut doc = utoipa::openapi::OpenApiBuilder::new()
+        .info(
+            utoipa::openapi::InfoBuilder::new()
+                .title("BLOOM runtime API")
+                .version(env!("CARGO_PKG_VERSION"))
+                .description(Some(
+                    "Dispatches LLM tasks to workers. Compatible with the original BLOOM runtime REST API. \
+                     When RUNTIME_API_KEY is set, every /api route except the health checks and \
+                     test-connection needs the X-Runtime-Api-Key header.",
+                ))
+                .build(),
+        )
+        .build();
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "runtime_api_key",
+        SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-Runtime-Api-Key"))),
+    );
+    doc.security =
+        Some(vec![utoipa::openapi::security::SecurityRequirement::new("runtime_api_key", Vec::<String>::new())]);
+    doc
+}
+
+/// The OpenAPI document of the API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes(RateLimiter::new(0, Duration::from_secs(60), false)).1
+}
+
 /// The full router.
 pub fn router(state: AppState) -> Router {
     let s = &state.settings;
     let api_limiter = RateLimiter::new(s.rate_limit_per_min, Duration::from_secs(60), s.trust_proxy || s.production);
     let strict_limiter =
         RateLimiter::new(s.test_connection_rate_limit_per_min, Duration::from_secs(60), s.trust_proxy || s.production);
-
-    let test_connection = post(runtime_config::test_connection)
-        .route_layer(middleware::from_fn_with_state(strict_limiter, rate_limit::limit));
-    let api = Router::new()
-        .route("/api/runtime/health", get(runtime_config::health))
-        .route("/api/runtime/config", get(runtime_config::get_config).post(runtime_config::set_config))
-        .route("/api/runtime/test-connection", test_connection)
-        .route("/api/runtime/workers", get(workers::list).post(workers::register))
-        .route("/api/runtime/workers/{id}", get(workers::show).delete(workers::remove))
-        .route("/api/runtime/llm-tasks", get(tasks::list).post(tasks::create))
-        .route("/api/runtime/llm-tasks/{id}", get(tasks::show))
-        .route("/api/runtime/llm-tasks/{id}/lease", post(tasks::lease))
-        .route("/api/runtime/llm-tasks/{id}/heartbeat", post(tasks::heartbeat))
-        .route("/api/runtime/llm-tasks/{id}/complete", post(tasks::complete))
-        .route("/api/runtime/llm-tasks/{id}/requeue", post(tasks::requeue))
-        .route("/api/runtime/leases", get(reads::leases))
-        .route("/api/runtime/runs", get(reads::runs))
-        .route("/api/runtime/artifacts", get(reads::artifacts))
-        .route("/api/runtime/artifacts/{id}", get(reads::artifact))
-        .route("/api/runtime/artifacts/{id}/content", get(reads::artifact_content))
-        .route("/api/runtime/audit", get(reads::audit))
-        .route("/api/runtime/stats", get(reads::stats))
-        .route("/api/membridge/health", get(membridge_proxy::health))
-        .route("/api/membridge/projects", get(membridge_proxy::projects))
-        .route("/api/membridge/projects/{cid}/leadership", get(membridge_proxy::leadership))
-        .route("/api/membridge/projects/{cid}/nodes", get(membridge_proxy::nodes))
-        .route("/api/membridge/projects/{cid}/leadership/select", post(membridge_proxy::select_leader))
+    let (api, doc) = api_routes(strict_limiter);
+    let doc = Arc::new(doc);
+    let api = api
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
         .layer(middleware::from_fn_with_state(api_limiter, rate_limit::limit));
@@ -107,11 +152,22 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(runtime_config::ready))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }))
+        .route("/docs", get(docs_page))
         .merge(api)
         .layer(DefaultBodyLimit::max(s.body_limit_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), https_redirect))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// Interactive API documentation (Redoc) over `/openapi.json`.
+async fn docs_page() -> axum::response::Html<&'static str> {
+    axum::response::Html(
+        r#"<!doctype html><html><head><title>BLOOM runtime API</title><meta charset="utf-8"/></head>
+<body><redoc spec-url="/openapi.json"></redoc>
+<script src="https://cdn.redoc.ly/redoc/latest/bundles/redoc.standalone.js"></script></body></html>"#,
+    )
 }
 
 async fn not_found() -> ApiError {

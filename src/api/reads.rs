@@ -8,6 +8,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+use super::schemas::ErrorBody;
 use super::validate::FieldErrors;
 use super::{ApiError, AppState};
 use crate::artifacts::{ArtifactError, Content};
@@ -79,6 +80,7 @@ pub struct LeaseQuery {
 }
 
 /// `GET /api/runtime/leases[?status=]`, most recent first.
+#[utoipa::path(get, path = "/api/runtime/leases", tag = "leases", params(("status" = Option<String>, Query, description = "active|expired|released|failed"), ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Lease>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn leases(State(state): State<AppState>, Query(q): Query<LeaseQuery>) -> Result<impl IntoResponse, ApiError> {
     let status = match q.status.as_deref() {
         None | Some("") => None,
@@ -94,6 +96,7 @@ pub async fn leases(State(state): State<AppState>, Query(q): Query<LeaseQuery>) 
 }
 
 /// `GET /api/runtime/runs`: the 50 most recent tasks.
+#[utoipa::path(get, path = "/api/runtime/runs", tag = "tasks", params(("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Task>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn runs(State(state): State<AppState>, Query(q): Query<PageQuery>) -> Result<impl IntoResponse, ApiError> {
     let page = q.page_with_default(50)?;
     let rows = tasks::list(&state.pool, None, &page).await?;
@@ -109,6 +112,7 @@ pub struct ArtifactQuery {
 }
 
 /// `GET /api/runtime/artifacts[?task_id=]`, newest first.
+#[utoipa::path(get, path = "/api/runtime/artifacts", tag = "artifacts", params(("task_id" = Option<String>, Query), ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Artifact>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn artifacts(
     State(state): State<AppState>,
     Query(q): Query<ArtifactQuery>,
@@ -124,6 +128,7 @@ async fn find_artifact(state: &AppState, id: String) -> Result<Artifact, ApiErro
 }
 
 /// `GET /api/runtime/artifacts/:id`.
+#[utoipa::path(get, path = "/api/runtime/artifacts/{id}", tag = "artifacts", params(("id" = String, Path, description = "Artifact id")), responses((status = 200, body = Artifact), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn artifact(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Artifact>, ApiError> {
     Ok(Json(find_artifact(&state, id).await?))
 }
@@ -141,6 +146,7 @@ const PRESIGN_SECS: u64 = 3600;
 
 /// `GET /api/runtime/artifacts/:id/content`: the stored output, streamed from S3 or read
 /// from Postgres; with `?presign=true`, a presigned S3 URL.
+#[utoipa::path(get, path = "/api/runtime/artifacts/{id}/content", tag = "artifacts", params(("id" = String, Path, description = "Artifact id"), ("presign" = Option<bool>, Query, description = "answer a presigned S3 URL instead")), responses((status = 200, description = "the content (application/octet-stream), or with presign `{url, expires_in}`"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 502, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn artifact_content(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -170,6 +176,7 @@ pub async fn artifact_content(
 }
 
 /// `GET /api/runtime/audit[?limit=]`, newest first.
+#[utoipa::path(get, path = "/api/runtime/audit", tag = "audit", params(("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<AuditEntry>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn audit(State(state): State<AppState>, Query(q): Query<PageQuery>) -> Result<impl IntoResponse, ApiError> {
     let page = q.page()?;
     let rows = audit::list(&state.pool, &page).await?;
@@ -177,6 +184,7 @@ pub async fn audit(State(state): State<AppState>, Query(q): Query<PageQuery>) ->
 }
 
 /// `GET /api/runtime/stats`, computed in SQL.
+#[utoipa::path(get, path = "/api/runtime/stats", tag = "stats", responses((status = 200, body = stats::Stats), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn stats(State(state): State<AppState>) -> Result<Json<stats::Stats>, ApiError> {
     Ok(Json(stats::load(&state.pool).await?))
 }

@@ -7,6 +7,7 @@ use axum::Json;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::schemas::{ConfigInput, ErrorBody, RuntimeConfigView, TestConnection};
 use super::validate::{FieldErrors, Fields, JsonBody};
 use super::{ApiError, AppState};
 use crate::db::{audit, settings};
@@ -51,6 +52,7 @@ fn view(s: &settings::MembridgeSettings) -> RuntimeConfig {
 }
 
 /// `GET /api/runtime/health` (open).
+#[utoipa::path(get, path = "/api/runtime/health", tag = "runtime", responses((status = 200, description = "service, storage, membridge, database and NATS state"), (status = 429, body = ErrorBody)))]
 pub async fn health(State(state): State<AppState>) -> Json<Value> {
     let db_ok = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
     let nats_ok = state.nats.connection_state() == async_nats::connection::State::Connected;
@@ -74,11 +76,13 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// `GET /api/runtime/config`: the admin key is masked.
+#[utoipa::path(get, path = "/api/runtime/config", tag = "runtime", responses((status = 200, body = RuntimeConfigView), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn get_config(State(state): State<AppState>) -> Result<Json<RuntimeConfig>, ApiError> {
     Ok(Json(view(&load(&state).await?)))
 }
 
 /// `POST /api/runtime/config` `{membridge_server_url, admin_key}`.
+#[utoipa::path(post, path = "/api/runtime/config", tag = "runtime", request_body = ConfigInput, responses((status = 200, body = RuntimeConfigView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn set_config(
     State(state): State<AppState>,
     JsonBody(body): JsonBody,
@@ -109,6 +113,7 @@ pub async fn set_config(
 
 /// `POST /api/runtime/test-connection` (open, strictly rate limited): checks membridge's
 /// `/health`, then that the admin key is accepted. Always 200 with `{connected, ...}`.
+#[utoipa::path(post, path = "/api/runtime/test-connection", tag = "runtime", responses((status = 200, body = TestConnection), (status = 429, body = ErrorBody)))]
 pub async fn test_connection(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let ep = load(&state).await?.endpoint();
     let client = &state.membridge;

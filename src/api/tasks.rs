@@ -10,6 +10,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::reads::{paged, PageQuery};
+use super::schemas::CreateTask;
+use super::schemas::{
+    CompleteBody, CompleteResponse, ErrorBody, HeartbeatResponse, HolderBody, LeaseBody, LeaseResponse,
+};
 use super::validate::{FieldErrors, Fields, JsonBody};
 use super::{ApiError, AppState};
 use crate::db::lifecycle::{self, Completion, CompletionOutcome, LeaseRequest};
@@ -70,6 +74,7 @@ pub fn parse_new_task(body: &Value) -> Result<NewTask, ApiError> {
 }
 
 /// `POST /api/runtime/llm-tasks` → 201 task.
+#[utoipa::path(post, path = "/api/runtime/llm-tasks", tag = "tasks", request_body = CreateTask, responses((status = 201, body = Task), (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn create(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<impl IntoResponse, ApiError> {
     let new = parse_new_task(&body)?;
     let task = state.submitter.submit(new).await.map_err(ApiError::internal)?;
@@ -85,6 +90,7 @@ pub struct ListQuery {
 }
 
 /// `GET /api/runtime/llm-tasks[?status=]` → tasks, newest first.
+#[utoipa::path(get, path = "/api/runtime/llm-tasks", tag = "tasks", params(("status" = Option<String>, Query, description = "queued|leased|running|completed|failed|dead"), ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Task>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<impl IntoResponse, ApiError> {
     let status = match q.status.as_deref() {
         None | Some("") => None,
@@ -98,6 +104,7 @@ pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> 
 }
 
 /// `GET /api/runtime/llm-tasks/:id`.
+#[utoipa::path(get, path = "/api/runtime/llm-tasks/{id}", tag = "tasks", params(("id" = String, Path, description = "Task id")), responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Task>, ApiError> {
     Ok(Json(lifecycle::current(&state.pool, &TaskId(id)).await?))
 }
@@ -109,6 +116,7 @@ fn field_error(field: &str, msg: String) -> ApiError {
 }
 
 /// `POST /api/runtime/llm-tasks/:id/lease` `{worker_id?, ttl_seconds?}` → 201 `{lease, worker}`.
+#[utoipa::path(post, path = "/api/runtime/llm-tasks/{id}/lease", tag = "tasks", params(("id" = String, Path, description = "Task id")), request_body = LeaseBody, responses((status = 201, body = LeaseResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn lease(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -151,6 +159,7 @@ fn check_holder(task: &Task, body: &Value) -> Result<(), ApiError> {
 }
 
 /// `POST /api/runtime/llm-tasks/:id/heartbeat` → `{lease, expires_at}`.
+#[utoipa::path(post, path = "/api/runtime/llm-tasks/{id}/heartbeat", tag = "tasks", params(("id" = String, Path, description = "Task id")), request_body = HolderBody, responses((status = 200, body = HeartbeatResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn heartbeat(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -210,6 +219,7 @@ fn parse_completion(
 }
 
 /// `POST /api/runtime/llm-tasks/:id/complete` → `{task, artifact, result}`.
+#[utoipa::path(post, path = "/api/runtime/llm-tasks/{id}/complete", tag = "tasks", params(("id" = String, Path, description = "Task id")), request_body = CompleteBody, responses((status = 200, body = CompleteResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn complete(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -244,6 +254,7 @@ pub async fn complete(
 }
 
 /// `POST /api/runtime/llm-tasks/:id/requeue` → the requeued task.
+#[utoipa::path(post, path = "/api/runtime/llm-tasks/{id}/requeue", tag = "tasks", params(("id" = String, Path, description = "Task id")), responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn requeue(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Task>, ApiError> {
     let dispatch = lifecycle::requeue(&state.pool, &TaskId(id), "admin").await?;
     let task = dispatch.task.clone();

@@ -7,13 +7,16 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::reads::PageQuery;
+use super::schemas::{ErrorBody, RegisterWorker, Removed, WorkerDetail};
 use super::validate::{FieldErrors, Fields, JsonBody};
 use super::{ApiError, AppState};
 use crate::db::{leases, workers};
+use crate::domain::Worker;
 use crate::domain::{Capabilities, WorkerId, WorkerStatus};
 use crate::time::now_ms;
 
 /// `GET /api/runtime/workers`: every worker with its active lease count.
+#[utoipa::path(get, path = "/api/runtime/workers", tag = "workers", params(("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Worker>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn list(State(state): State<AppState>, Query(q): Query<PageQuery>) -> Result<impl IntoResponse, ApiError> {
     let page = q.page()?;
     let after = page.after.as_ref().map(|c| c.id.as_str());
@@ -31,6 +34,7 @@ pub async fn list(State(state): State<AppState>, Query(q): Query<PageQuery>) -> 
 }
 
 /// `GET /api/runtime/workers/:id`: the worker and its active leases.
+#[utoipa::path(get, path = "/api/runtime/workers/{id}", tag = "workers", params(("id" = String, Path, description = "Worker id")), responses((status = 200, body = WorkerDetail), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let id = WorkerId(id);
     let worker = workers::get(&state.pool, &id).await?.ok_or_else(|| ApiError::NotFound("Worker not found".into()))?;
@@ -74,6 +78,7 @@ pub fn parse_registration(body: &Value) -> Result<workers::Registration, ApiErro
 }
 
 /// `POST /api/runtime/workers` → 201 when new, 200 when updated.
+#[utoipa::path(post, path = "/api/runtime/workers", tag = "workers", request_body = RegisterWorker, responses((status = 201, body = Worker), (status = 200, body = Worker), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn register(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<impl IntoResponse, ApiError> {
     let reg = parse_registration(&body)?;
     let mut tx = state.pool.begin().await?;
@@ -83,6 +88,7 @@ pub async fn register(State(state): State<AppState>, JsonBody(body): JsonBody) -
 }
 
 /// `DELETE /api/runtime/workers/:id` → `{removed: true, id}`.
+#[utoipa::path(delete, path = "/api/runtime/workers/{id}", tag = "workers", params(("id" = String, Path, description = "Worker id")), responses((status = 200, body = Removed), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let wid = WorkerId(id.clone());
     let mut tx = state.pool.begin().await?;

@@ -6,7 +6,7 @@ use serde::Serialize;
 use sqlx::PgExecutor;
 
 /// The seed's stats shape.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Stats {
     pub tasks: TaskStats,
     pub leases: LeaseStats,
@@ -14,21 +14,21 @@ pub struct Stats {
 }
 
 /// Task counts.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct TaskStats {
     pub total: i64,
     pub by_status: BTreeMap<String, i64>,
 }
 
 /// Lease counts.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct LeaseStats {
     pub total: i64,
     pub active: i64,
 }
 
 /// Worker counts.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct WorkerStats {
     pub total: i64,
     pub online: i64,

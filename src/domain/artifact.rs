@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::ids::{ArtifactId, TaskId};
 
 /// A row of `runtime_artifacts`, serialized exactly as the seed's `RuntimeArtifact`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Artifact {
     pub id: ArtifactId,
     pub task_id: TaskId,

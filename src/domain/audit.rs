@@ -47,7 +47,7 @@ impl AuditAction {
 }
 
 /// A row of `audit_logs`, serialized exactly as the seed's `AuditLogEntry`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub id: String,
     pub timestamp: i64,

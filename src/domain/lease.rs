@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::ids::{LeaseId, TaskId, WorkerId};
 
 /// Status of a lease. Only one lease of a task is `active` at a time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 #[sqlx(type_name = "text", rename_all = "lowercase")]
 pub enum LeaseStatus {
@@ -37,7 +37,7 @@ impl LeaseStatus {
 }
 
 /// A row of `leases`, serialized exactly as the seed's `Lease`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Lease {
     pub id: LeaseId,
     pub task_id: TaskId,

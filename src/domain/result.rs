@@ -6,7 +6,7 @@ use super::ids::{ArtifactId, ResultId, TaskId, WorkerId};
 use super::task::TaskStatus;
 
 /// Outcome of one execution as reported by a worker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 #[sqlx(type_name = "text", rename_all = "lowercase")]
 pub enum ResultStatus {
@@ -33,7 +33,7 @@ impl ResultStatus {
 }
 
 /// Execution metrics.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Metrics {
     pub duration_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -41,7 +41,7 @@ pub struct Metrics {
 }
 
 /// A row of `llm_results`, serialized exactly as the seed's `LLMResult`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct LlmResult {
     pub id: ResultId,
     pub task_id: TaskId,

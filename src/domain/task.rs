@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::ids::{LeaseId, TaskId, WorkerId};
 
 /// Status of a task. Stored as text with a CHECK constraint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 #[sqlx(type_name = "text", rename_all = "lowercase")]
 pub enum TaskStatus {
@@ -78,7 +78,7 @@ impl std::fmt::Display for TaskStatus {
 }
 
 /// Output format the caller wants from the executor.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 #[sqlx(type_name = "text", rename_all = "lowercase")]
 pub enum DesiredFormat {
@@ -98,7 +98,7 @@ impl DesiredFormat {
 }
 
 /// Execution policy of a task.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Policy {
     /// Wall-clock limit of one execution, 1..=3600 seconds.
     pub timeout_sec: i64,
@@ -125,7 +125,7 @@ pub struct NewTask {
 }
 
 /// A row of `llm_tasks`, serialized exactly as the seed's `LLMTask`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Task {
     pub id: TaskId,
     pub context_id: String,

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::ids::WorkerId;
 
 /// Liveness of a worker as last reported (by itself, an operator or membridge).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 #[sqlx(type_name = "text", rename_all = "lowercase")]
 pub enum WorkerStatus {
@@ -59,7 +59,7 @@ pub enum WorkerSource {
 }
 
 /// What a worker can do.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Capabilities {
     pub claude_cli: bool,
     pub max_concurrency: i32,
@@ -75,7 +75,7 @@ impl Default for Capabilities {
 /// A row of `workers`, serialized exactly as the seed's `WorkerNode`.
 ///
 /// `active_leases` is never trusted from the row: queries compute it from the active leases.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Worker {
     pub id: WorkerId,
     pub node_id: String,

@@ -13,5 +13,6 @@ mod bloomctl;
 mod dispatch;
 mod lifecycle_races;
 mod membridge;
+mod openapi;
 mod reconciler;
 mod s3;
