@@ -156,6 +156,7 @@ pub fn router(state: AppState) -> Router {
         .route("/docs", get(docs_page))
         .merge(api)
         .layer(DefaultBodyLimit::max(s.body_limit_bytes))
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), https_redirect))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -168,6 +169,32 @@ async fn docs_page() -> axum::response::Html<&'static str> {
 <body><redoc spec-url="/openapi.json"></redoc>
 <script src="https://cdn.redoc.ly/redoc/latest/bundles/redoc.standalone.js"></script></body></html>"#,
     )
+}
+
+/// Errors produced outside the handlers (axum's extractor rejections: a malformed query
+/// string or path, a wrong method) come as plain text; clients get every error as
+/// `{"error": "..."}`.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json =
+        resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(_) => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_owned() } else { text };
+    let mut out = (status, Json(serde_json::json!({ "error": message }))).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 async fn not_found() -> ApiError {

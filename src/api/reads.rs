@@ -146,7 +146,7 @@ const PRESIGN_SECS: u64 = 3600;
 
 /// `GET /api/runtime/artifacts/:id/content`: the stored output, streamed from S3 or read
 /// from Postgres; with `?presign=true`, a presigned S3 URL.
-#[utoipa::path(get, path = "/api/runtime/artifacts/{id}/content", tag = "artifacts", params(("id" = String, Path, description = "Artifact id"), ("presign" = Option<bool>, Query, description = "answer a presigned S3 URL instead")), responses((status = 200, description = "the content (application/octet-stream), or with presign `{url, expires_in}`"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 502, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/runtime/artifacts/{id}/content", tag = "artifacts", params(("id" = String, Path, description = "Artifact id"), ("presign" = Option<bool>, Query, description = "answer a presigned S3 URL instead")), responses((status = 200, description = "the content (application/octet-stream), or with presign `{url, expires_in}`"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 502, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn artifact_content(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -89,6 +89,13 @@ async fn oversized_deep_or_invalid_bodies_are_4xx() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // Malformed query strings and wrong methods answer JSON errors too.
+    let r = app.http.get(app.url("/api/runtime/llm-tasks?limit=1&limit=2")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.json::<serde_json::Value>().await.unwrap()["error"].as_str().unwrap().contains("limit"));
+    let r = app.http.put(app.url("/api/runtime/llm-tasks")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(r.json::<serde_json::Value>().await.unwrap()["error"].is_string());
     // Unknown fields are ignored, as zod strips them.
     let (status, _) = app
         .post("/api/runtime/llm-tasks", json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "evil": {"x": 1}}))
