@@ -33,7 +33,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    bloom::telemetry::init(&cli.log.log_format);
+    let _telemetry = bloom::telemetry::init(&cli.log.log_format, "bloom-api");
     cli.api.validate().map_err(anyhow::Error::msg)?;
     let names = cli.nats.names().map_err(anyhow::Error::msg)?;
     let addr: SocketAddr = format!("{}:{}", cli.api.host, cli.api.port)

@@ -33,7 +33,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    bloom::telemetry::init(&cli.log.log_format);
+    let _telemetry = bloom::telemetry::init(&cli.log.log_format, "bloom-reconciler");
     let names = cli.nats.names().map_err(anyhow::Error::msg)?;
     if cli.log.check_config {
         println!("{cli:#?}");

@@ -29,7 +29,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    bloom::telemetry::init(&cli.log.log_format);
+    let _telemetry = bloom::telemetry::init(&cli.log.log_format, "bloom-worker");
     cli.worker.validate().map_err(anyhow::Error::msg)?;
     let names = cli.nats.names().map_err(anyhow::Error::msg)?;
     if cli.log.check_config {

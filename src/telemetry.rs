@@ -1,11 +1,129 @@
-//! Logging set-up shared by the binaries: `tracing` to stderr as text or JSON lines,
-//! filtered by `RUST_LOG` (default `info`).
+//! Logging and tracing set-up shared by the binaries.
+//!
+//! Logs go to stderr as text or JSON lines, filtered by `RUST_LOG` (default `info`).
+//! When `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set,
+//! spans are also exported over OTLP/HTTP (protobuf); the standard `OTEL_*` variables
+//! (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_*`, headers, timeouts)
+//! apply. The W3C trace context travels in NATS message headers ([`inject`],
+//! [`extract`]), so one task is one trace across API, worker and reconciler.
 
+use async_nats::HeaderMap;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::{Layer, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber. Call once at start-up.
-pub fn init(format: &str) {
+/// Keeps the exporter alive; dropping it flushes pending spans.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take() {
+            let _ = p.shutdown();
+        }
+    }
+}
+
+fn otlp_configured() -> bool {
+    ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        .iter()
+        .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()))
+}
+
+fn provider(service: &str) -> Result<SdkTracerProvider, String> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder().with_http().build().map_err(|e| e.to_string())?;
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").map_or(true, |v| v.is_empty()) {
+        resource = resource.with_service_name(service.to_owned());
+    }
+    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build()).build())
+}
+
+/// Installs the global subscriber (and the OTLP exporter when configured). Call once
+/// at start-up and keep the returned value until exit.
+pub fn init(format: &str, service: &str) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if format == "json" { builder.json().try_init() } else { builder.try_init() };
+    let provider = if otlp_configured() {
+        provider(service).map_err(|e| eprintln!("OTLP exporter disabled: {e}")).ok()
+    } else {
+        None
+    };
+    // RUST_LOG filters the logs only: spans are exported at INFO whatever the log level.
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(service.to_owned()))
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+    });
+    let json = format == "json";
+    let logs = if json {
+        tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed()
+    } else {
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
+    };
+    let _ = tracing_subscriber::registry().with(otel).with(logs.with_filter(filter)).try_init();
+    Telemetry { provider }
+}
+
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|v| v.as_str())
+    }
+    fn keys(&self) -> Vec<&str> {
+        Vec::new()
+    }
+}
+
+/// The W3C trace context of the current span, as header pairs (empty when not tracing).
+pub type Carrier = Vec<(String, String)>;
+
+struct CarrierInjector<'a>(&'a mut Carrier);
+
+impl Injector for CarrierInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.push((key.to_owned(), value));
+    }
+}
+
+/// The current span's trace context, to hand to code that publishes later.
+pub fn current_carrier() -> Carrier {
+    let mut carrier = Carrier::new();
+    TraceContextPropagator::new()
+        .inject_context(&tracing::Span::current().context(), &mut CarrierInjector(&mut carrier));
+    carrier
+}
+
+/// Writes a captured trace context into NATS headers.
+pub fn apply_carrier(carrier: &Carrier, headers: &mut HeaderMap) {
+    for (k, v) in carrier {
+        headers.insert(k.as_str(), v.as_str());
+    }
+}
+
+/// Writes the current span's trace context into NATS headers.
+pub fn inject(headers: &mut HeaderMap) {
+    TraceContextPropagator::new().inject_context(&tracing::Span::current().context(), &mut HeaderInjector(headers));
+}
+
+/// Makes `span` a child of the trace context carried by `headers`, if any.
+pub fn extract(headers: Option<&HeaderMap>, span: &tracing::Span) {
+    if let Some(h) = headers {
+        let cx = TraceContextPropagator::new().extract(&HeaderExtractor(h));
+        let _ = span.set_parent(cx);
+    }
 }

@@ -246,7 +246,7 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 println!("{db:#?}");
                 return Ok(exit::OK);
             }
-            bloom::telemetry::init("text");
+            let _telemetry = bloom::telemetry::init("text", "bloomctl");
             migrate(&db).await.map_err(failure)?;
             println!("migrations applied");
         }
@@ -256,7 +256,7 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 println!("{nats:#?}");
                 return Ok(exit::OK);
             }
-            bloom::telemetry::init("text");
+            let _telemetry = bloom::telemetry::init("text", "bloomctl");
             nats_apply(&nats, &names).await.map_err(failure)?;
             println!("streams {} and {} applied", names.tasks_stream(), names.results_stream());
         }
@@ -525,7 +525,7 @@ async fn audit(api: &Client, limit: u32, follow: bool, json_out: bool) -> Result
 }
 
 async fn up(db: DbArgs, nats: NatsArgs, reconcilers: usize, workers: usize) -> anyhow::Result<()> {
-    bloom::telemetry::init("text");
+    let _telemetry = bloom::telemetry::init("text", "bloomctl");
     let names = nats.names().map_err(anyhow::Error::msg)?;
     migrate(&db).await?;
     nats_apply(&nats, &names).await?;

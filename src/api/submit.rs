@@ -15,13 +15,15 @@ use crate::bus::Dispatcher;
 use crate::db::lifecycle;
 use crate::domain::{NewTask, Task};
 use crate::metrics::Metrics;
+use crate::telemetry::Carrier;
 
 type Reply = oneshot::Sender<Result<Task, String>>;
+type Request = (NewTask, Carrier, Reply);
 
 /// Handle to the submission batcher.
 #[derive(Clone)]
 pub struct Submitter {
-    tx: mpsc::Sender<(NewTask, Reply)>,
+    tx: mpsc::Sender<Request>,
 }
 
 /// Largest batch committed at once.
@@ -44,10 +46,11 @@ impl Submitter {
         Submitter { tx }
     }
 
-    /// Creates a task; returns once it is committed (and queued for publishing).
-    pub async fn submit(&self, task: NewTask) -> Result<Task, String> {
+    /// Creates a task; returns once it is committed (and queued for publishing, with
+    /// the trace context `trace`).
+    pub async fn submit(&self, task: NewTask, trace: Carrier) -> Result<Task, String> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send((task, reply)).await.map_err(|_| "submission queue closed".to_owned())?;
+        self.tx.send((task, trace, reply)).await.map_err(|_| "submission queue closed".to_owned())?;
         rx.await.map_err(|_| "submission dropped".to_owned())?
     }
 }
@@ -56,7 +59,7 @@ async fn commit_loop(
     pool: PgPool,
     dispatcher: Dispatcher,
     metrics: Arc<Metrics>,
-    rx: Arc<Mutex<mpsc::Receiver<(NewTask, Reply)>>>,
+    rx: Arc<Mutex<mpsc::Receiver<Request>>>,
     cancel: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -69,11 +72,19 @@ async fn commit_loop(
                 n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return },
             }
         }
-        let (tasks, replies): (Vec<NewTask>, Vec<Reply>) = batch.drain(..).unzip();
+        let mut tasks = Vec::with_capacity(batch.len());
+        let mut traces = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for (task, trace, reply) in batch.drain(..) {
+            tasks.push(task);
+            traces.push(trace);
+            replies.push(reply);
+        }
         match lifecycle::create(&pool, tasks, "api").await {
-            Ok(dispatches) => {
+            Ok(mut dispatches) => {
                 metrics.tasks_submitted_total.add(dispatches.len() as u64);
-                for (d, reply) in dispatches.iter().zip(replies) {
+                for ((d, reply), trace) in dispatches.iter_mut().zip(replies).zip(traces) {
+                    d.trace = trace;
                     let _ = reply.send(Ok(d.task.clone()));
                 }
                 dispatcher.send(dispatches);

@@ -75,9 +75,11 @@ pub fn parse_new_task(body: &Value) -> Result<NewTask, ApiError> {
 
 /// `POST /api/runtime/llm-tasks` → 201 task.
 #[utoipa::path(post, path = "/api/runtime/llm-tasks", tag = "tasks", request_body = CreateTask, responses((status = 201, body = Task), (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+#[tracing::instrument(name = "submit task", skip_all, fields(task.id))]
 pub async fn create(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<impl IntoResponse, ApiError> {
     let new = parse_new_task(&body)?;
-    let task = state.submitter.submit(new).await.map_err(ApiError::internal)?;
+    let task = state.submitter.submit(new, crate::telemetry::current_carrier()).await.map_err(ApiError::internal)?;
+    tracing::Span::current().record("task.id", tracing::field::display(&task.id));
     Ok((StatusCode::CREATED, Json(task)))
 }
 

@@ -64,6 +64,7 @@ pub async fn publish(
     let msg = TaskMessage::from(&d.task);
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", msg.msg_id().as_str());
+    crate::telemetry::apply_carrier(&d.trace, &mut headers);
     let body = Bytes::from(serde_json::to_vec(&msg).expect("task message serializes"));
     js.publish_with_headers(names.dispatch_subject(d.task.routed_to.as_ref()), headers, body).await
 }

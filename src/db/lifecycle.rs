@@ -131,7 +131,7 @@ pub async fn create(pool: &PgPool, new: Vec<NewTask>, actor: &str) -> sqlx::Resu
         .filter_map(|mut task| {
             let (outbox_id, routed) = by_task.remove(&task.id)?;
             task.routed_to = routed;
-            Some(Dispatch { outbox_id, task })
+            Some(Dispatch { outbox_id, task, trace: Vec::new() })
         })
         .collect())
 }

@@ -16,6 +16,8 @@ pub struct Dispatch {
     pub outbox_id: i64,
     /// The task as it was queued; `dispatch_seq` and `routed_to` name this dispatch.
     pub task: Task,
+    /// Trace context (W3C header pairs) of the request that queued it, when known; not stored.
+    pub trace: Vec<(String, String)>,
 }
 
 /// Inserts one outbox row per task (all queued, in the caller's transaction).
@@ -40,7 +42,9 @@ pub async fn insert(db: &mut PgConnection, tasks: Vec<Task>, now: i64) -> sqlx::
     let mut by_task: HashMap<String, i64> = ids.into_iter().map(|(id, task)| (task, id)).collect();
     Ok(tasks
         .into_iter()
-        .filter_map(|task| by_task.remove(task.id.as_str()).map(|outbox_id| Dispatch { outbox_id, task }))
+        .filter_map(|task| {
+            by_task.remove(task.id.as_str()).map(|outbox_id| Dispatch { outbox_id, task, trace: Vec::new() })
+        })
         .collect())
 }
 
@@ -94,7 +98,7 @@ pub async fn take_unsent(
     for (outbox_id, task_id, seq) in rows {
         match tasks.remove(&task_id) {
             Some(task) if task.status == TaskStatus::Queued && task.dispatch_seq == seq => {
-                taken.current.push(Dispatch { outbox_id, task })
+                taken.current.push(Dispatch { outbox_id, task, trace: Vec::new() })
             }
             _ => stale.push(outbox_id),
         }

@@ -78,6 +78,15 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
 /// Stores one batch of result messages and acknowledges them.
 pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsReport> {
     let mut report = ResultsReport::default();
+    // One span per result, continuing the task's trace, open until the batch committed.
+    let spans: Vec<tracing::Span> = msgs
+        .iter()
+        .map(|m| {
+            let span = tracing::info_span!("store result", subject = %m.subject);
+            crate::telemetry::extract(m.headers.as_ref(), &span);
+            span
+        })
+        .collect();
     let mut parsed = Vec::with_capacity(msgs.len());
     for msg in msgs {
         match serde_json::from_slice::<ResultMessage>(&msg.payload) {
@@ -138,5 +147,6 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsR
         }
         let _ = msg.ack().await;
     }
+    drop(spans);
     Ok(report)
 }

@@ -98,7 +98,7 @@ pub async fn run(
     loop {
         tokio::select! {
             Some((msg, task, grant, permit)) = exec_rx.recv() => {
-                tasks.spawn(execute(ctx.clone(), msg, task, grant, permit, hard.clone()));
+                tasks.spawn(traced_execute(ctx.clone(), msg, task, grant, permit, hard.clone()));
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             _ = cancel.cancelled() => break,
@@ -107,7 +107,7 @@ pub async fn run(
     // Stop pulling; claimed messages still in the channel are handed back like in-flight ones.
     while loops.join_next().await.is_some() {}
     while let Ok((msg, task, grant, permit)) = exec_rx.try_recv() {
-        tasks.spawn(execute(ctx.clone(), msg, task, grant, permit, hard.clone()));
+        tasks.spawn(traced_execute(ctx.clone(), msg, task, grant, permit, hard.clone()));
     }
     tracing::info!(in_flight = tasks.len(), grace = ?ctx.settings.shutdown_grace, "draining");
     let drained =
@@ -249,6 +249,21 @@ async fn request<Req: serde::Serialize, Rep: serde::de::DeserializeOwned>(
     Ok(serde_json::from_slice(&msg.payload)?)
 }
 
+/// [`execute`] in a span that continues the trace the task message carries.
+fn traced_execute(
+    ctx: Ctx,
+    msg: Message,
+    task: TaskMessage,
+    grant: LeaseGrant,
+    slot: Slot,
+    hard: CancellationToken,
+) -> impl std::future::Future<Output = ()> {
+    use tracing::Instrument;
+    let span = tracing::info_span!("execute task", task.id = %task.task_id, lease.id = %grant.lease_id, worker.id = %ctx.settings.id);
+    crate::telemetry::extract(msg.headers.as_ref(), &span);
+    execute(ctx, msg, task, grant, slot, hard).instrument(span)
+}
+
 /// Runs one granted task to its result.
 async fn execute(ctx: Ctx, msg: Message, task: TaskMessage, grant: LeaseGrant, slot: Slot, hard: CancellationToken) {
     let _slot = slot;
@@ -297,6 +312,7 @@ async fn publish_result(ctx: &Ctx, result: &ResultMessage, hard: &CancellationTo
     loop {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", result.msg_id().as_str());
+        crate::telemetry::inject(&mut headers);
         let attempt = async {
             ctx.js.publish_with_headers(ctx.names.results_subject(), headers, body.clone()).await?.await?;
             anyhow::Ok(())

@@ -100,7 +100,7 @@ impl TestApp {
 
     pub async fn spawn_with(opts: Opts) -> TestApp {
         if std::env::var_os("BLOOM_TEST_LOG").is_some() {
-            bloom::telemetry::init("text");
+            std::mem::forget(bloom::telemetry::init("text", "bloom-test"));
         }
         let (pool, _) = fresh_db().await;
         let names = Names::new(&format!("t{}", short_id())).unwrap();

@@ -16,3 +16,4 @@ mod membridge;
 mod openapi;
 mod reconciler;
 mod s3;
+mod tracing;
