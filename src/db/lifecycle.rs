@@ -23,8 +23,8 @@ use sqlx::PgPool;
 use super::outbox::{self, Dispatch};
 use super::{audit, tasks, workers};
 use crate::domain::{
-    pick_worker, Artifact, ArtifactId, AuditAction, Lease, LeaseId, LeaseStatus, LlmResult, Metrics, NewAudit, NewTask,
-    ResultId, ResultStatus, Task, TaskId, TaskStatus, Worker, WorkerId,
+    new_id, pick_worker, Artifact, ArtifactId, AuditAction, Lease, LeaseId, LeaseStatus, LlmResult, Metrics, NewAudit,
+    NewTask, ResultId, ResultStatus, Task, TaskId, TaskStatus, Worker, WorkerId,
 };
 use crate::time::now_ms;
 
@@ -80,7 +80,7 @@ pub async fn create(pool: &PgPool, new: Vec<NewTask>, actor: &str) -> sqlx::Resu
             serde_json::json!({
                 "id": t.id, "context_id": t.context_id, "agent_slug": t.agent_slug, "prompt": t.prompt,
                 "context_hints": t.context_hints, "policy": t.policy, "desired_format": t.desired_format,
-                "max_attempts": t.max_attempts,
+                "max_attempts": t.max_attempts, "audit_id": new_id(),
                 "audit": format!("Task for agent {}, context {}", t.agent_slug, t.context_id),
             })
         })
@@ -89,7 +89,7 @@ pub async fn create(pool: &PgPool, new: Vec<NewTask>, actor: &str) -> sqlx::Resu
     let written: Vec<(TaskId, i64, Option<WorkerId>)> = sqlx::query_as(
         "WITH r AS (
             SELECT * FROM jsonb_to_recordset($1) AS r(id text, context_id text, agent_slug text, prompt text,
-                context_hints jsonb, policy jsonb, desired_format text, max_attempts int, audit text)),
+                context_hints jsonb, policy jsonb, desired_format text, max_attempts int, audit_id text, audit text)),
          recent AS (
             SELECT DISTINCT ON (l.context_id) l.context_id, l.worker_id
             FROM leases l
@@ -116,7 +116,7 @@ pub async fn create(pool: &PgPool, new: Vec<NewTask>, actor: &str) -> sqlx::Resu
             SELECT id, 1, routed_to, $2 FROM t RETURNING id, task_id, worker_id),
          a AS (
             INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-            SELECT gen_random_uuid()::text, $2, 'task_created', 'llm_task', r.id, $3, r.audit FROM r)
+            SELECT r.audit_id, $2, 'task_created', 'llm_task', r.id, $3, r.audit FROM r)
          SELECT task_id, id, worker_id FROM o",
     )
     .bind(serde_json::Value::Array(rows))
@@ -265,24 +265,25 @@ pub async fn claim(pool: &PgPool, claims: &[Claim]) -> sqlx::Result<Vec<ClaimOut
         .zip(&lease_ids)
         .map(|(c, l)| {
             serde_json::json!({"task_id": c.task_id, "seq": c.dispatch_seq, "worker_id": c.worker_id, "lease_id": l,
-                               "ttl": c.ttl_seconds})
+                               "ttl": c.ttl_seconds, "audit_id": new_id()})
         })
         .collect();
     let won: Vec<(LeaseId, String)> = sqlx::query_as(
         "WITH r AS (
-            SELECT * FROM jsonb_to_recordset($1) AS r(task_id text, seq bigint, worker_id text, lease_id text, ttl int)),
+            SELECT * FROM jsonb_to_recordset($1)
+                AS r(task_id text, seq bigint, worker_id text, lease_id text, ttl int, audit_id text)),
          t AS (
             UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = r.worker_id,
                    attempts = t.attempts + 1, updated_at = $2, routed_to = NULL
             FROM r WHERE t.id = r.task_id AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
-            RETURNING t.id, t.context_id, r.lease_id, r.worker_id, r.ttl),
+            RETURNING t.id, t.context_id, r.lease_id, r.worker_id, r.ttl, r.audit_id),
          l AS (
             INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
                                 context_id)
             SELECT lease_id, id, worker_id, $2, $2 + ttl::bigint * 1000, ttl, 'active', $2, context_id FROM t),
          a AS (
             INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-            SELECT gen_random_uuid()::text, $2, 'task_leased', 'lease', lease_id, 'router',
+            SELECT audit_id, $2, 'task_leased', 'lease', lease_id, 'router',
                    'Task ' || id || ' leased to worker ' || worker_id || ', TTL ' || ttl || 's' FROM t)
          SELECT lease_id, context_id FROM t",
     )
@@ -428,7 +429,7 @@ pub async fn complete(pool: &PgPool, completions: &[Completion]) -> sqlx::Result
                 "task_id": c.task_id, "lease_id": c.lease_id, "final_status": c.status.final_task_status(),
                 "status": c.status, "output": c.output, "error_message": c.error_message, "metrics": c.metrics,
                 "artifact_id": c.artifact_id, "artifact_type": c.artifact_type, "tags": c.artifact_tags,
-                "url": c.artifact.url, "content": c.artifact.content, "result_id": result_id,
+                "url": c.artifact.url, "content": c.artifact.content, "result_id": result_id, "audit_id": new_id(),
                 "done": format!("Status: {}, artifact: {}, duration: {}ms", c.status.as_str(), c.artifact_id,
                                 c.metrics.duration_ms),
                 "late": format!("Late {} result for lease {} ignored: not the current lease", c.status.as_str(),
@@ -442,7 +443,7 @@ pub async fn complete(pool: &PgPool, completions: &[Completion]) -> sqlx::Result
         "WITH r AS (
             SELECT * FROM jsonb_to_recordset($1) AS r(task_id text, lease_id text, final_status text, status text,
                 output text, error_message text, metrics jsonb, artifact_id text, artifact_type text, tags jsonb,
-                url text, content text, result_id text, done text, late text)),
+                url text, content text, result_id text, audit_id text, done text, late text)),
          t AS (
             UPDATE llm_tasks t SET status = r.final_status, updated_at = $2, lease_id = r.lease_id,
                    worker_id = COALESCE(t.worker_id, (SELECT l.worker_id FROM leases l WHERE l.id = r.lease_id)),
@@ -468,9 +469,9 @@ pub async fn complete(pool: &PgPool, completions: &[Completion]) -> sqlx::Result
             SELECT result_id, task_id, worker, artifact_id, status, output, error_message, metrics, $2 FROM w),
          a AS (
             INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-            SELECT gen_random_uuid()::text, $2, 'task_completed', 'llm_task', task_id, worker, done FROM w
+            SELECT audit_id, $2, 'task_completed', 'llm_task', task_id, worker, done FROM w
             UNION ALL
-            SELECT gen_random_uuid()::text, $2, 'result_late', 'llm_task', task_id, 'reconciler', late
+            SELECT audit_id, $2, 'result_late', 'llm_task', task_id, 'reconciler', late
             FROM r WHERE NOT EXISTS (SELECT 1 FROM w WHERE w.task_id = r.task_id AND w.lease_id = r.lease_id))
          SELECT * FROM t",
     )

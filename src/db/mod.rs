@@ -49,7 +49,10 @@ impl Default for PoolOptions {
 pub async fn connect(url: &str, opts: &PoolOptions) -> Result<PgPool, sqlx::Error> {
     let connect: PgConnectOptions = url.parse()?;
     let statement_timeout = opts.statement_timeout.as_millis().to_string();
-    let connect = connect.options([("statement_timeout", statement_timeout.as_str())]);
+    // Hot statements take a JSON batch whose size the planner cannot see: a custom plan per
+    // execution would cost planning time and pick the same plan.
+    let connect =
+        connect.options([("statement_timeout", statement_timeout.as_str()), ("plan_cache_mode", "force_generic_plan")]);
     PgPoolOptions::new()
         .max_connections(opts.max_connections)
         .acquire_timeout(opts.acquire_timeout)
