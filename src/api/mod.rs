@@ -201,8 +201,31 @@ async fn not_found() -> ApiError {
     ApiError::NotFound("Not found".into())
 }
 
+/// The process metrics plus the state of the installation, read from Postgres at scrape
+/// time: tasks by status, queue depth and outbox backlog.
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+    use std::fmt::Write as _;
+    let mut text = state.metrics.render();
+    if let (Ok(stats), Ok(backlog)) =
+        (crate::db::stats::load(&state.pool).await, crate::db::stats::outbox_backlog(&state.pool).await)
+    {
+        let _ = writeln!(text, "# HELP bloom_tasks Tasks by status.\n# TYPE bloom_tasks gauge");
+        for status in crate::domain::TaskStatus::ALL {
+            let n = stats.tasks.by_status.get(status.as_str()).copied().unwrap_or(0);
+            let _ = writeln!(text, "bloom_tasks{{status=\"{status}\"}} {n}");
+        }
+        let queued = stats.tasks.by_status.get("queued").copied().unwrap_or(0);
+        let _ = writeln!(text, "# HELP bloom_queue_depth Tasks waiting for a worker.\n# TYPE bloom_queue_depth gauge");
+        let _ = writeln!(text, "bloom_queue_depth {queued}");
+        let _ = writeln!(text, "# HELP bloom_active_leases Leases held now.\n# TYPE bloom_active_leases gauge");
+        let _ = writeln!(text, "bloom_active_leases {}", stats.leases.active);
+        let _ = writeln!(
+            text,
+            "# HELP bloom_outbox_rows Dispatches not yet acknowledged by JetStream.\n# TYPE bloom_outbox_rows gauge"
+        );
+        let _ = writeln!(text, "bloom_outbox_rows {backlog}");
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 /// In production, a request that came over plain HTTP through a proxy is redirected to

@@ -15,5 +15,6 @@ mod lifecycle_races;
 mod membridge;
 mod openapi;
 mod reconciler;
+mod reroute;
 mod s3;
 mod tracing;

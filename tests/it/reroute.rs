@@ -1,0 +1,70 @@
+//! Sticky tasks of a worker that goes silent are rerouted to the shared pool.
+
+use std::time::Duration;
+
+use bloom::db::lifecycle::{self, Claim, ClaimOutcome};
+use bloom::db::workers::{self, Beat};
+use bloom::domain::{Capabilities, TaskId, WorkerId, WorkerStatus};
+use serde_json::json;
+
+use crate::common::{wait_for, TestApp};
+
+#[tokio::test]
+async fn queued_tasks_routed_to_a_silent_worker_go_to_the_pool() {
+    let app = TestApp::spawn().await;
+    // A NATS worker `ghost`, online with two slots, holding a lease of context "ctx".
+    let ghost = WorkerId::from("ghost");
+    let beat = Beat {
+        id: ghost.clone(),
+        status: WorkerStatus::Online,
+        capabilities: Capabilities { claude_cli: true, max_concurrency: 2, labels: vec![] },
+        ip_addrs: vec![],
+    };
+    workers::record_beats(&app.pool, &[beat], bloom::time::now_ms()).await.unwrap();
+    let first = app.submit_with(json!({"context_id": "ctx", "agent_slug": "a", "prompt": "first"})).await;
+    let claim = Claim {
+        task_id: TaskId::from(first["id"].as_str().unwrap()),
+        dispatch_seq: 1,
+        worker_id: ghost.clone(),
+        ttl_seconds: 300,
+    };
+    assert!(matches!(lifecycle::claim(&app.pool, &[claim]).await.unwrap()[0], ClaimOutcome::Granted(_)));
+
+    // The next task of the context is routed to ghost's direct subject.
+    let next = app.submit_with(json!({"context_id": "ctx", "agent_slug": "a", "prompt": "next"})).await;
+    let next_id = next["id"].as_str().unwrap().to_owned();
+    let routed: Option<String> = sqlx::query_scalar("SELECT routed_to FROM llm_tasks WHERE id = $1")
+        .bind(&next_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(routed.as_deref(), Some("ghost"));
+
+    // Ghost goes silent; the reconciler marks it offline and moves the task to the pool,
+    // where another worker takes it.
+    sqlx::query("UPDATE workers SET last_heartbeat = 0 WHERE id = 'ghost'").execute(&app.pool).await.unwrap();
+    let (r, _) = app.start_reconciler().await;
+    app.start_worker("pool-worker", 2).await;
+    wait_for("rerouted task completed", Duration::from_secs(30), || async {
+        app.status_of(&next_id).await == "completed"
+    })
+    .await;
+    let (_, t) = app.get(&format!("/api/runtime/llm-tasks/{next_id}")).await;
+    assert_eq!(t["worker_id"], "pool-worker");
+    assert_eq!(app.count("SELECT count(*) FROM workers WHERE id = 'ghost' AND status = 'offline'").await, 1);
+    assert_eq!(r.metrics.tasks_rerouted_total.get(), 1);
+    assert_eq!(r.metrics.workers_marked_offline_total.get(), 1);
+    let dispatch_seq: i64 = sqlx::query_scalar("SELECT dispatch_seq FROM llm_tasks WHERE id = $1")
+        .bind(&next_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(dispatch_seq, 2, "rerouting made a new dispatch");
+    let (_, audit) = app.get("/api/runtime/audit?limit=1000").await;
+    assert!(audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["action"] == "task_rerouted" && a["entity_id"] == next_id.as_str()));
+    app.stop().await;
+}
