@@ -5,7 +5,8 @@
 //! `s3://<bucket>/artifacts/<task>/<lease>.json`: the key is deterministic per task and
 //! lease, so a retried upload overwrites instead of duplicating. Without S3, or when an
 //! upload fails, the content stays inline in Postgres (the original service's fallback),
-//! and the fallback is counted in `bloom_s3_fallbacks_total`. After a failure S3 is skipped
+//! and the fallback is counted in `bloom_s3_fallbacks_total`. Outputs above 8 MiB are
+//! uploaded in parts; content is streamed back from S3 without loading it whole. After a failure S3 is skipped
 //! for a few seconds, so an outage costs one timeout, not one per artifact.
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -51,6 +52,9 @@ struct S3 {
     /// (ms since the epoch), so an outage does not stall every completion on timeouts.
     skip_until: Arc<AtomicI64>,
 }
+
+/// Outputs larger than this are uploaded in parts of this size (S3's minimum part is 5 MiB).
+const MULTIPART_PART_BYTES: usize = 8 * 1024 * 1024;
 
 /// How long S3 is skipped after a failed upload.
 const S3_COOLDOWN_MS: i64 = 5_000;
@@ -172,6 +176,69 @@ impl ArtifactStore {
 }
 
 impl S3 {
+    /// A multipart upload, aborted (no orphaned parts) when any part fails.
+    async fn put_multipart(&self, key: &str, body: Vec<u8>) -> Result<(), String> {
+        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+        let err = |e: &dyn std::fmt::Display| e.to_string();
+        let upload = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type("application/json")
+            .send()
+            .await
+            .map_err(|e| err(&aws_sdk_s3::error::DisplayErrorContext(e)))?;
+        let upload_id = upload.upload_id().ok_or("S3 returned no upload id")?.to_owned();
+        let mut parts = Vec::new();
+        let result: Result<(), String> = async {
+            for (i, chunk) in body.chunks(MULTIPART_PART_BYTES).enumerate() {
+                let number = i as i32 + 1;
+                let part = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(&upload_id)
+                    .part_number(number)
+                    .body(ByteStream::from(chunk.to_vec()))
+                    .send()
+                    .await
+                    .map_err(|e| err(&aws_sdk_s3::error::DisplayErrorContext(e)))?;
+                parts.push(
+                    CompletedPart::builder().set_e_tag(part.e_tag().map(str::to_owned)).part_number(number).build(),
+                );
+            }
+            let completed = self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+                .send()
+                .await;
+            match completed {
+                Ok(_) => Ok(()),
+                // The outcome is unknown (a lost or unparsable answer; some S3-compatible
+                // servers answer with another XML root): the object tells.
+                Err(e) => {
+                    let head = self.client.head_object().bucket(&self.bucket).key(key).send().await;
+                    match head {
+                        Ok(h) if h.content_length() == Some(body.len() as i64) => Ok(()),
+                        _ => Err(err(&aws_sdk_s3::error::DisplayErrorContext(e))),
+                    }
+                }
+            }
+        }
+        .await;
+        if result.is_err() {
+            let _ =
+                self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(&upload_id).send().await;
+        }
+        result
+    }
+
     /// The key of `s3://<bucket>/<key>` (or the seed's `minio://`) in our bucket.
     fn key_of<'a>(&self, url: &'a str) -> Result<&'a str, ArtifactError> {
         let rest = url.strip_prefix("s3://").or_else(|| url.strip_prefix("minio://"));
@@ -208,6 +275,9 @@ impl S3 {
 
     async fn put(&self, key: &str, body: Vec<u8>) -> Result<(), String> {
         self.ensure_bucket().await?;
+        if body.len() > MULTIPART_PART_BYTES {
+            return self.put_multipart(key, body).await;
+        }
         self.client
             .put_object()
             .bucket(&self.bucket)

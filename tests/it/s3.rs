@@ -76,6 +76,43 @@ async fn artifacts_land_in_s3_and_stream_back_through_the_api() {
 }
 
 #[tokio::test]
+async fn large_outputs_are_uploaded_in_parts_and_streamed_back() {
+    let bucket = format!("big-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let app = TestApp::spawn_with(Opts {
+        s3: Some(settings(s3_endpoint(), &bucket)),
+        body_limit: 32 * 1024 * 1024,
+        ..Opts::default()
+    })
+    .await;
+    app.register_worker("w", 1).await;
+    let id = app.submit("big").await["id"].as_str().unwrap().to_owned();
+    app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({})).await;
+    // 20 MiB: three parts.
+    let output: String = (0..20 * 1024 * 1024).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    let (status, done) = app
+        .post(
+            &format!("/api/runtime/llm-tasks/{id}/complete"),
+            json!({"status": "success", "output": output, "metrics": {"duration_ms": 1}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(done["artifact"]["url"].as_str().unwrap().starts_with("s3://"));
+    let aid = done["artifact"]["id"].as_str().unwrap();
+    let body = app
+        .http
+        .get(app.url(&format!("/api/runtime/artifacts/{aid}/content")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(body.len(), output.len());
+    assert!(body.as_ref() == output.as_bytes());
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn artifacts_fall_back_to_postgres_when_s3_is_down() {
     // Nothing listens on port 9 of loopback.
     let app =
