@@ -7,7 +7,6 @@ use anyhow::Context;
 use bloom::api::{self, ApiSettings};
 use bloom::artifacts::ArtifactStore;
 use bloom::config::{ApiArgs, DbArgs, LogArgs, MembridgeArgs, NatsArgs, S3Args};
-use bloom::membridge::Endpoint;
 use bloom::metrics::Metrics;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -61,10 +60,7 @@ async fn main() -> anyhow::Result<()> {
         body_limit_bytes: cli.api.body_limit_bytes,
         trust_proxy: cli.api.trust_proxy,
         lease_ttl_secs: cli.nats.lease_ttl().as_secs() as i32,
-        membridge_default: Endpoint {
-            url: cli.membridge.membridge_server_url.clone(),
-            admin_key: cli.membridge.membridge_admin_key.clone(),
-        },
+        membridge_default: cli.membridge.endpoint(),
     };
     let cancel = CancellationToken::new();
     bloom::process::cancel_on_signal(cancel.clone());

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use bloom::artifacts::ArtifactStore;
 use bloom::config::{millis, DbArgs, LogArgs, MembridgeArgs, NatsArgs, ReconcilerArgs, S3Args};
-use bloom::membridge::Endpoint;
 use bloom::metrics::Metrics;
 use bloom::reconciler::{self, Reconciler, ReconcilerSettings};
 use clap::Parser;
@@ -48,10 +47,7 @@ async fn main() -> anyhow::Result<()> {
         relay_min_age: millis(r.relay_min_age_ms),
         worker_timeout: millis(r.worker_timeout_ms.max(1000)),
         membridge_interval: millis(r.membridge_sync_interval_ms.max(100)),
-        membridge_default: Endpoint {
-            url: cli.membridge.membridge_server_url.clone(),
-            admin_key: cli.membridge.membridge_admin_key.clone(),
-        },
+        membridge_default: cli.membridge.endpoint(),
         leader_poll: millis(r.leader_poll_ms.max(50)),
         request_timeout: cli.nats.timeout(),
         ..ReconcilerSettings::default()

@@ -123,6 +123,16 @@ pub struct MembridgeArgs {
     pub membridge_timeout_ms: u64,
 }
 
+impl MembridgeArgs {
+    /// The membridge endpoint to use until one is saved in `runtime_settings`.
+    pub fn endpoint(&self) -> crate::membridge::Endpoint {
+        crate::membridge::Endpoint {
+            url: self.membridge_server_url.clone(),
+            admin_key: self.membridge_admin_key.clone(),
+        }
+    }
+}
+
 /// S3 artifact storage. Without an endpoint or bucket, artifacts stay in Postgres.
 /// The original service's `MINIO_*` variables are honoured.
 #[derive(Args, Clone, Debug, Default)]
@@ -235,7 +245,7 @@ pub struct ApiArgs {
     #[arg(long, env = "BLOOM_TEST_CONNECTION_RATE_LIMIT_PER_MIN", default_value_t = 20)]
     pub test_connection_rate_limit_per_min: u32,
     /// Largest accepted request body, in bytes.
-    #[arg(long, env = "BLOOM_BODY_LIMIT_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(long, env = "BLOOM_BODY_LIMIT_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub body_limit_bytes: usize,
     /// Apply migrations at start-up.
     #[arg(long, env = "BLOOM_MIGRATE_ON_START", default_value_t = false, action = clap::ArgAction::Set)]

@@ -157,6 +157,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .layer(DefaultBodyLimit::max(s.body_limit_bytes))
         .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn(refuse_nul))
         .layer(middleware::from_fn_with_state(state.clone(), https_redirect))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -169,6 +170,16 @@ async fn docs_page() -> axum::response::Html<&'static str> {
 <body><redoc spec-url="/openapi.json"></redoc>
 <script src="https://cdn.redoc.ly/redoc/latest/bundles/redoc.standalone.js"></script></body></html>"#,
     )
+}
+
+/// Postgres text cannot hold NUL: a path or query string carrying `%00` is refused with
+/// 400 before any handler or query sees it.
+async fn refuse_nul(req: Request, next: Next) -> Response {
+    let has_nul = |s: &str| s.as_bytes().windows(3).any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0');
+    if has_nul(req.uri().path()) || req.uri().query().is_some_and(has_nul) {
+        return ApiError::BadRequest("The request path or query contains a NUL (%00) byte".into()).into_response();
+    }
+    next.run(req).await
 }
 
 /// Errors produced outside the handlers (axum's extractor rejections: a malformed query

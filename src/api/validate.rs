@@ -14,6 +14,9 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 
+/// Postgres text cannot hold NUL characters: they are refused up front.
+const NUL_MESSAGE: &str = "String must not contain NUL (\\u0000) characters";
+
 /// Collected validation failures.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct FieldErrors {
@@ -140,6 +143,10 @@ impl<'a> Fields<'a> {
             self.fail(key, format!("Expected string, received {}", type_name(v)));
             return None;
         };
+        if s.contains('\0') {
+            self.fail(key, NUL_MESSAGE);
+            return None;
+        }
         let len = s.chars().count();
         if len < min {
             self.fail(key, format!("String must contain at least {min} character(s)"));
@@ -222,6 +229,10 @@ impl<'a> Fields<'a> {
         let mut out = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             match item {
+                Value::String(s) if s.contains('\0') => {
+                    self.fail(&format!("{key}.{i}"), NUL_MESSAGE);
+                    return None;
+                }
                 Value::String(s) => out.push(s.clone()),
                 other => {
                     self.fail(&format!("{key}.{i}"), format!("Expected string, received {}", type_name(other)));

@@ -77,12 +77,14 @@ impl NewAudit {
         actor: impl Into<String>,
         detail: impl Into<String>,
     ) -> Self {
+        // Free text from clients and upstreams: Postgres text cannot hold NUL.
+        let clean = |s: String| if s.contains('\0') { s.replace('\0', "\u{FFFD}") } else { s };
         NewAudit {
             action: action.as_str(),
             entity_type,
-            entity_id: entity_id.into(),
-            actor: actor.into(),
-            detail: detail.into(),
+            entity_id: clean(entity_id.into()),
+            actor: clean(actor.into()),
+            detail: clean(detail.into()),
         }
     }
 }

@@ -75,6 +75,10 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
     Ok(())
 }
 
+fn without_nul(s: &str) -> String {
+    s.replace('\0', "\u{FFFD}")
+}
+
 /// Stores one batch of result messages and acknowledges them.
 pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsReport> {
     let mut report = ResultsReport::default();
@@ -103,8 +107,12 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsR
     let uploads: Vec<_> = parsed
         .iter()
         .map(|(_, res)| {
-            let (store, task, lease, output) =
-                (r.artifacts.clone(), res.task_id.clone(), res.lease_id.clone(), res.output.clone());
+            let (store, task, lease, output) = (
+                r.artifacts.clone(),
+                res.task_id.clone(),
+                res.lease_id.clone(),
+                res.output.as_deref().map(without_nul),
+            );
             async move { store.store(&task, &lease, output.as_deref()).await }
         })
         .collect();
@@ -115,8 +123,9 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsR
             task_id: res.task_id.clone(),
             lease_id: res.lease_id.clone(),
             status: res.status,
-            output: res.output.clone(),
-            error_message: res.error_message.clone(),
+            // Executors may print NUL bytes, which Postgres text cannot hold.
+            output: res.output.as_deref().map(without_nul),
+            error_message: res.error_message.as_deref().map(without_nul),
             metrics: res.metrics.clone(),
             artifact_type: "LLM_RESULT".into(),
             artifact_tags: Vec::new(),

@@ -89,6 +89,17 @@ async fn oversized_deep_or_invalid_bodies_are_4xx() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // NUL bytes (which Postgres text refuses) are 400s wherever they appear.
+    let (status, body) =
+        app.post("/api/runtime/llm-tasks", json!({"context_id": "c\u{0}", "agent_slug": "a", "prompt": "p"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"]["fieldErrors"]["context_id"].is_array());
+    let (status, _) = app.post("/api/runtime/workers", json!({"name": "w", "ip_addrs": ["1.2.3.4\u{0}"]})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    for path in ["/api/runtime/llm-tasks/a%00b", "/api/runtime/artifacts?task_id=%00", "/api/runtime/workers/%00/x"] {
+        let r = app.http.get(app.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{path}");
+    }
     // Malformed query strings and wrong methods answer JSON errors too.
     let r = app.http.get(app.url("/api/runtime/llm-tasks?limit=1&limit=2")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);

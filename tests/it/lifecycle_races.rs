@@ -14,14 +14,14 @@ async fn two_concurrent_leases_of_one_task_exactly_one_wins() {
     let app = TestApp::spawn().await;
     app.register_worker("w1", 32).await;
     app.register_worker("w2", 32).await;
-    for round in 0..5 {
+    for round in 0..20 {
         let id = app.submit(&format!("race {round}")).await["id"].as_str().unwrap().to_owned();
         let path = format!("/api/runtime/llm-tasks/{id}/lease");
-        let calls: Vec<_> = (0..8).map(|_| app.post(&path, json!({}))).collect();
+        let calls: Vec<_> = (0..50).map(|_| app.post(&path, json!({}))).collect();
         let results = futures::future::join_all(calls).await;
         let won = results.iter().filter(|(s, _)| *s == StatusCode::CREATED).count();
         let conflicts = results.iter().filter(|(s, _)| *s == StatusCode::CONFLICT).count();
-        assert_eq!((won, conflicts), (1, 7), "{results:?}");
+        assert_eq!((won, conflicts), (1, 49), "{results:?}");
         assert_eq!(app.count(&format!("SELECT count(*) FROM leases WHERE task_id = '{id}'")).await, 1);
         let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM llm_tasks WHERE id = $1")
             .bind(&id)
