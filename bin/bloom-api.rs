@@ -61,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         trust_proxy: cli.api.trust_proxy,
         lease_ttl_secs: cli.nats.lease_ttl().as_secs() as i32,
         membridge_default: cli.membridge.endpoint(),
+        membridge_timeout: cli.membridge.timeout(),
     };
     let cancel = CancellationToken::new();
     bloom::process::cancel_on_signal(cancel.clone());

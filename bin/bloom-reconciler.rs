@@ -48,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
         worker_timeout: millis(r.worker_timeout_ms.max(1000)),
         membridge_interval: millis(r.membridge_sync_interval_ms.max(100)),
         membridge_default: cli.membridge.endpoint(),
+        membridge_timeout: cli.membridge.timeout(),
         leader_poll: millis(r.leader_poll_ms.max(50)),
         request_timeout: cli.nats.timeout(),
         ..ReconcilerSettings::default()

@@ -124,6 +124,11 @@ pub struct MembridgeArgs {
 }
 
 impl MembridgeArgs {
+    /// Timeout of one membridge request.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.membridge_timeout_ms.max(1))
+    }
+
     /// The membridge endpoint to use until one is saved in `runtime_settings`.
     pub fn endpoint(&self) -> crate::membridge::Endpoint {
         crate::membridge::Endpoint {

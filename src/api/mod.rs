@@ -52,6 +52,8 @@ pub struct ApiSettings {
     pub lease_ttl_secs: i32,
     /// Membridge endpoint used until one is saved in `runtime_settings`.
     pub membridge_default: membridge::Endpoint,
+    /// Timeout of one membridge request (the seed's 10 s).
+    pub membridge_timeout: Duration,
 }
 
 /// Shared state of all handlers.
@@ -288,7 +290,7 @@ pub async fn build_state(
     crate::bus::provision::apply(&js, &names, Duration::from_secs(settings.lease_ttl_secs.max(1) as u64)).await?;
     let dispatcher = Dispatcher::spawn(js, names, pool.clone(), metrics.clone(), cancel.clone());
     let submitter = Submitter::spawn(pool.clone(), dispatcher.clone(), metrics.clone(), 2, cancel);
-    let membridge = Arc::new(membridge::Client::new(Duration::from_secs(10)));
+    let membridge = Arc::new(membridge::Client::new(settings.membridge_timeout));
     Ok(AppState {
         pool,
         submitter,

@@ -51,6 +51,8 @@ pub struct ReconcilerSettings {
     /// Membridge workers absent from `/agents` and silent this long go offline (seed: 60 s).
     pub membridge_stale_after: Duration,
     pub membridge_default: membridge::Endpoint,
+    /// Timeout of one membridge request.
+    pub membridge_timeout: Duration,
     pub leader_poll: Duration,
     pub request_timeout: Duration,
 }
@@ -70,6 +72,7 @@ impl Default for ReconcilerSettings {
                 url: "http://127.0.0.1:8000".into(),
                 admin_key: Default::default(),
             },
+            membridge_timeout: Duration::from_secs(10),
             leader_poll: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
         }
@@ -104,7 +107,7 @@ impl Reconciler {
         let js = crate::bus::jetstream(client.clone(), settings.request_timeout);
         provision::apply(&js, &names, settings.lease_ttl).await?;
         let dispatcher = Dispatcher::spawn(js.clone(), names.clone(), pool.clone(), metrics.clone(), cancel.clone());
-        let membridge = Arc::new(membridge::Client::new(Duration::from_secs(10)));
+        let membridge = Arc::new(membridge::Client::new(settings.membridge_timeout));
         Ok(Reconciler {
             pool,
             client,

@@ -62,6 +62,7 @@ pub struct Opts {
     pub lease_ttl_secs: i32,
     pub production: bool,
     pub membridge: Option<Endpoint>,
+    pub membridge_timeout: Duration,
     pub s3: Option<S3Settings>,
 }
 
@@ -75,6 +76,7 @@ impl Default for Opts {
             lease_ttl_secs: 300,
             production: false,
             membridge: None,
+            membridge_timeout: Duration::from_secs(10),
             s3: None,
         }
     }
@@ -119,6 +121,7 @@ impl TestApp {
                 .membridge
                 .clone()
                 .unwrap_or(Endpoint { url: "http://127.0.0.1:9".into(), admin_key: Secret::default() }),
+            membridge_timeout: opts.membridge_timeout,
         };
         let cancel = CancellationToken::new();
         let state = api::build_state(
@@ -227,6 +230,7 @@ impl TestApp {
             membridge_interval: Duration::from_millis(300),
             membridge_stale_after: Duration::from_secs(60),
             membridge_default: self.state.settings.membridge_default.clone(),
+            membridge_timeout: self.opts.membridge_timeout,
             leader_poll: Duration::from_millis(200),
             request_timeout: Duration::from_secs(5),
         }

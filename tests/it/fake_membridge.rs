@@ -21,6 +21,8 @@ pub struct Inner {
     pub preferred: Option<String>,
     /// Answer this many requests with 503 before serving normally.
     pub fail_next: usize,
+    /// Delay every answer by this many milliseconds.
+    pub delay_ms: u64,
 }
 
 #[derive(Clone)]
@@ -82,6 +84,10 @@ pub async fn start(key: &str) -> Fake {
 
 async fn count(State(f): State<Fake>, req: Request, next: Next) -> Response {
     f.requests.fetch_add(1, Ordering::SeqCst);
+    let delay = f.inner.lock().unwrap().delay_ms;
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
     {
         let mut inner = f.inner.lock().unwrap();
         if inner.fail_next > 0 {

@@ -100,3 +100,28 @@ async fn unreachable_or_unauthorized_membridge_is_reported_not_connected() {
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     dead.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_membridge_times_out_with_retries_and_502() {
+    let fake = fake_membridge::start("k").await;
+    fake.inner.lock().unwrap().delay_ms = 1_000;
+    let app = TestApp::spawn_with(Opts {
+        membridge: Some(bloom::membridge::Endpoint { url: fake.url(), admin_key: bloom::config::Secret::new("k") }),
+        membridge_timeout: std::time::Duration::from_millis(200),
+        ..Opts::default()
+    })
+    .await;
+    let before = fake.requests.load(Ordering::SeqCst);
+    let (status, body) = app.get("/api/membridge/projects").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(body["error"], "Timeout after 200ms");
+    // One try and three retries.
+    assert_eq!(fake.requests.load(Ordering::SeqCst) - before, 4);
+    let (_, health) = app.get("/api/runtime/health").await;
+    assert_eq!(health["membridge"]["connected"], false);
+    // Membridge recovers: the next call succeeds.
+    fake.inner.lock().unwrap().delay_ms = 0;
+    let (status, _) = app.get("/api/membridge/projects").await;
+    assert_eq!(status, StatusCode::OK);
+    app.stop().await;
+}
