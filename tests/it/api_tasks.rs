@@ -230,13 +230,9 @@ async fn rest_worker_protocol_lease_heartbeat_complete() {
 
     let (_, artifacts) = app.get(&format!("/api/runtime/artifacts?task_id={id}")).await;
     assert_eq!(artifacts.as_array().unwrap().len(), 1);
-    let r = app
-        .http
-        .get(app.url(&format!("/api/runtime/artifacts/{}/content", done["artifact"]["id"].as_str().unwrap())))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.text().await.unwrap(), "42");
+    let content =
+        app.get_text(&format!("/api/runtime/artifacts/{}/content", done["artifact"]["id"].as_str().unwrap())).await;
+    assert_eq!(content, "42");
 
     let (_, stats) = app.get("/api/runtime/stats").await;
     assert_eq!(stats["tasks"], json!({"total": 1, "by_status": {"completed": 1}}));
@@ -249,8 +245,7 @@ async fn rest_worker_protocol_lease_heartbeat_complete() {
 async fn error_completion_fails_the_task_and_requeue_starts_over_with_history_kept() {
     let app = TestApp::spawn().await;
     app.register_worker("w1", 1).await;
-    let id = app.submit("x").await["id"].as_str().unwrap().to_owned();
-    app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({})).await;
+    let (id, _) = app.leased_task("x").await;
     let (status, done) = app
         .post(
             &format!("/api/runtime/llm-tasks/{id}/complete"),

@@ -184,6 +184,11 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// The body of a GET as text (artifact content, pages).
+    pub async fn get_text(&self, path: &str) -> String {
+        self.auth(self.http.get(self.url(path))).send().await.expect("GET").text().await.expect("body")
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
         let r = self.auth(self.http.post(self.url(path))).json(&body).send().await.expect("POST");
         let status = r.status();
@@ -205,6 +210,15 @@ impl TestApp {
         let (status, task) = self.post("/api/runtime/llm-tasks", body).await;
         assert_eq!(status, StatusCode::CREATED, "{task}");
         task
+    }
+
+    /// Creates a task with `prompt` and leases it over REST (a worker must be registered).
+    /// Returns the task id and the lease answer.
+    pub async fn leased_task(&self, prompt: &str) -> (String, Value) {
+        let id = self.submit(prompt).await["id"].as_str().expect("task id").to_owned();
+        let (status, leased) = self.post(&format!("/api/runtime/llm-tasks/{id}/lease"), serde_json::json!({})).await;
+        assert_eq!(status, StatusCode::CREATED, "{leased}");
+        (id, leased)
     }
 
     /// Registers an online REST worker.

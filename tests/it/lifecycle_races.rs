@@ -76,8 +76,7 @@ async fn concurrent_claims_of_one_dispatch_grant_one_lease() {
 async fn heartbeat_and_complete_by_a_caller_without_the_lease_are_409() {
     let app = TestApp::spawn().await;
     app.register_worker("w1", 1).await;
-    let id = app.submit("x").await["id"].as_str().unwrap().to_owned();
-    let (_, leased) = app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({})).await;
+    let (id, leased) = app.leased_task("x").await;
     let lease_id = leased["lease"]["id"].as_str().unwrap();
     for body in [json!({"lease_id": "not-mine"}), json!({"worker_id": "w2"})] {
         let (status, _) = app.post(&format!("/api/runtime/llm-tasks/{id}/heartbeat"), body.clone()).await;

@@ -37,7 +37,7 @@ async fn every_documented_operation_is_routed() {
     for schema in ["Task", "Lease", "Worker", "Artifact", "LlmResult", "AuditEntry", "CreateTask", "ErrorBody"] {
         assert!(doc["components"]["schemas"][schema].is_object(), "{schema} schema");
     }
-    let docs = app.http.get(app.url("/docs")).send().await.unwrap().text().await.unwrap();
+    let docs = app.get_text("/docs").await;
     assert!(docs.contains("/openapi.json"));
     app.stop().await;
 }

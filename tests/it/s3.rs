@@ -39,15 +39,7 @@ async fn artifacts_land_in_s3_and_stream_back_through_the_api() {
     let aid = art["id"].as_str().unwrap();
     let (status, one) = app.get(&format!("/api/runtime/artifacts/{aid}")).await;
     assert_eq!((status, one["id"].clone()), (StatusCode::OK, json!(aid)));
-    let body = app
-        .http
-        .get(app.url(&format!("/api/runtime/artifacts/{aid}/content")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = app.get_text(&format!("/api/runtime/artifacts/{aid}/content")).await;
     assert_eq!(body, "stored in s3");
     let (status, pre) = app.get(&format!("/api/runtime/artifacts/{aid}/content?presign=true")).await;
     assert_eq!(status, StatusCode::OK);
@@ -85,8 +77,7 @@ async fn large_outputs_are_uploaded_in_parts_and_streamed_back() {
     })
     .await;
     app.register_worker("w", 1).await;
-    let id = app.submit("big").await["id"].as_str().unwrap().to_owned();
-    app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({})).await;
+    let (id, _) = app.leased_task("big").await;
     // 20 MiB: three parts.
     let output: String = (0..20 * 1024 * 1024).map(|i| (b'a' + (i % 26) as u8) as char).collect();
     let (status, done) = app
@@ -181,8 +172,7 @@ async fn seed_minio_configuration_stores_artifacts() {
     .unwrap();
     let app = TestApp::spawn_with(Opts { s3: cli.s3.settings(), ..Opts::default() }).await;
     app.register_worker("w", 1).await;
-    let id = app.submit("minio").await["id"].as_str().unwrap().to_owned();
-    app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({})).await;
+    let (id, _) = app.leased_task("minio").await;
     let (status, done) = app
         .post(
             &format!("/api/runtime/llm-tasks/{id}/complete"),
@@ -192,15 +182,7 @@ async fn seed_minio_configuration_stores_artifacts() {
     assert_eq!(status, StatusCode::OK, "{done}");
     assert!(done["artifact"]["url"].as_str().unwrap().starts_with(&format!("s3://{bucket}/artifacts/{id}/")));
     let aid = done["artifact"]["id"].as_str().unwrap();
-    let body = app
-        .http
-        .get(app.url(&format!("/api/runtime/artifacts/{aid}/content")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = app.get_text(&format!("/api/runtime/artifacts/{aid}/content")).await;
     assert_eq!(body, "via minio vars");
     app.stop().await;
 }
