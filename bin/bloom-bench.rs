@@ -47,8 +47,9 @@ struct Opts {
     /// Tasks in the saturation phase.
     #[arg(long, default_value_t = 20_000)]
     tasks: u64,
-    /// Concurrent HTTP clients in the saturation and REST phases.
-    #[arg(long, default_value_t = 64)]
+    /// Concurrent HTTP clients in the saturation phase (and, up to 32, the REST phase):
+    /// enough that submissions queue up at every stage, which is what saturation means.
+    #[arg(long, default_value_t = 256)]
     clients: usize,
     /// Tasks in the REST-path phase.
     #[arg(long, default_value_t = 2_000)]

@@ -13,7 +13,10 @@
 //! * hot statements find rows by primary key and compare the status as `status || ''`:
 //!   the status indexes churn under load (every transition adds entries that only vacuum
 //!   removes), and a plan that scans them instead of the primary key slows down as the
-//!   table grows.
+//!   table grows;
+//! * batch statements also name their rows as `id = ANY($ids)`: the planner then sees
+//!   how many rows the batch touches and looks them up by key, where a join against
+//!   the batch's JSON rows (which it assumes to be 100) would scan the whole table.
 
 use std::collections::{HashMap, HashSet};
 
@@ -27,6 +30,110 @@ use crate::domain::{
     NewTask, ResultId, ResultStatus, Task, TaskId, TaskStatus, Worker, WorkerId,
 };
 use crate::time::now_ms;
+
+/// Batch creation: `$1` rows as JSON, `$2` now, `$3` actor, `$4` the rows' context ids.
+const CREATE_SQL: &str = "WITH r AS (
+            SELECT * FROM jsonb_to_recordset($1) AS r(id text, context_id text, agent_slug text, prompt text,
+                context_hints jsonb, policy jsonb, desired_format text, max_attempts int, audit_id text, audit text)),
+         recent AS (
+            SELECT DISTINCT ON (l.context_id) l.context_id, l.worker_id
+            FROM leases l
+            WHERE l.status = 'active' AND l.context_id = ANY($4)
+            ORDER BY l.context_id, l.started_at DESC),
+         busy AS (
+            SELECT worker_id, count(*) AS n FROM leases
+            WHERE status = 'active' AND worker_id IN (SELECT worker_id FROM recent) GROUP BY worker_id),
+         sticky AS (
+            SELECT recent.context_id, recent.worker_id
+            FROM recent JOIN workers w ON w.id = recent.worker_id LEFT JOIN busy b ON b.worker_id = w.id
+            WHERE w.status = 'online' AND w.source = 'nats'
+              AND COALESCE((w.capabilities->>'claude_cli')::boolean, true)
+              AND COALESCE(b.n, 0) < COALESCE((w.capabilities->>'max_concurrency')::int, 1)),
+         t AS (
+            INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+                                   created_at, updated_at, attempts, max_attempts, dispatch_seq, routed_to)
+            SELECT r.id, r.context_id, r.agent_slug, r.prompt, r.context_hints, r.policy, r.desired_format, 'queued',
+                   $2, $2, 0, r.max_attempts, 1, s.worker_id
+            FROM r LEFT JOIN sticky s ON s.context_id = r.context_id
+            RETURNING id, routed_to),
+         o AS (
+            INSERT INTO outbox (task_id, dispatch_seq, worker_id, created_at)
+            SELECT id, 1, routed_to, $2 FROM t RETURNING id, task_id, worker_id),
+         a AS (
+            INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+            SELECT r.audit_id, $2, 'task_created', 'llm_task', r.id, $3, r.audit FROM r)
+         SELECT task_id, id, worker_id FROM o";
+
+/// Batch claim: `$1` rows as JSON, `$2` now, `$3` the claimed task ids.
+const CLAIM_SQL: &str = "WITH r AS (
+            SELECT * FROM jsonb_to_recordset($1)
+                AS r(task_id text, seq bigint, worker_id text, lease_id text, ttl int, audit_id text)),
+         t AS (
+            UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = r.worker_id,
+                   attempts = t.attempts + 1, updated_at = $2, routed_to = NULL
+            FROM r WHERE t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued'
+                AND t.dispatch_seq = r.seq
+            RETURNING t.id, t.context_id, r.lease_id, r.worker_id, r.ttl, r.audit_id),
+         l AS (
+            INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
+                                context_id)
+            SELECT lease_id, id, worker_id, $2, $2 + ttl::bigint * 1000, ttl, 'active', $2, context_id FROM t),
+         a AS (
+            INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+            SELECT audit_id, $2, 'task_leased', 'lease', lease_id, 'router',
+                   'Task ' || id || ' leased to worker ' || worker_id || ', TTL ' || ttl || 's' FROM t)
+         SELECT lease_id, context_id FROM t";
+
+/// Batch lease heartbeat: `$1` task ids, `$2` lease ids, `$3` now.
+const HEARTBEAT_SQL: &str = "WITH r AS (SELECT * FROM UNNEST($1::text[], $2::text[]) AS r(task_id, lease_id)),
+         t AS (
+            UPDATE llm_tasks t SET status = 'running', updated_at = $3
+            FROM r WHERE t.id = r.task_id AND t.lease_id = r.lease_id AND (t.status || '') IN ('leased', 'running')
+            RETURNING t.lease_id)
+         UPDATE leases l SET last_heartbeat = $3, expires_at = $3 + l.ttl_seconds::bigint * 1000
+         FROM t WHERE l.id = t.lease_id AND (l.status || '') = 'active'
+         RETURNING l.*";
+
+/// Batch completion: `$1` rows as JSON, `$2` now, `$3` the completed task ids.
+const COMPLETE_SQL: &str = "WITH r AS (
+            SELECT * FROM jsonb_to_recordset($1) AS r(task_id text, lease_id text, final_status text, status text,
+                output text, error_message text, metrics jsonb, artifact_id text, artifact_type text, tags jsonb,
+                url text, content text, result_id text, audit_id text, done text, late text)),
+         t AS (
+            UPDATE llm_tasks t SET status = r.final_status, updated_at = $2, lease_id = r.lease_id,
+                   worker_id = COALESCE(t.worker_id, (SELECT l.worker_id FROM leases l WHERE l.id = r.lease_id)),
+                   routed_to = NULL
+            FROM r WHERE t.id = ANY($3) AND t.id = r.task_id AND (
+                (t.lease_id = r.lease_id AND (t.status || '') IN ('leased', 'running'))
+                -- The lease expired and the task was requeued, but nobody leased it again:
+                -- the result of the work done is still the task's only one.
+                OR ((t.status || '') = 'queued' AND EXISTS (
+                    SELECT 1 FROM leases l WHERE l.id = r.lease_id AND l.task_id = t.id AND (l.status || '') = 'expired')))
+            RETURNING t.*),
+         w AS (SELECT r.*, COALESCE(t.worker_id, 'unknown') AS worker FROM r JOIN t ON t.id = r.task_id),
+         l AS (
+            UPDATE leases SET status = 'released'
+            FROM w WHERE leases.id = w.lease_id AND (leases.status || '') = 'active'),
+         art AS (
+            INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags,
+                                           content)
+            SELECT artifact_id, task_id, NULL, artifact_type, $2, true, url, '[]'::jsonb, tags, content FROM w),
+         res AS (
+            INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
+                                     completed_at)
+            SELECT result_id, task_id, worker, artifact_id, status, output, error_message, metrics, $2 FROM w),
+         a AS (
+            INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+            SELECT audit_id, $2, 'task_completed', 'llm_task', task_id, worker, done FROM w
+            UNION ALL
+            SELECT audit_id, $2, 'result_late', 'llm_task', task_id, 'reconciler', late
+            FROM r WHERE NOT EXISTS (SELECT 1 FROM w WHERE w.task_id = r.task_id AND w.lease_id = r.lease_id))
+         SELECT * FROM t";
+
+/// The batch statements of the dispatch path, by name: they must find their rows by key
+/// whatever the size of the tables when Postgres planned them (see `db::connect`).
+pub const HOT_STATEMENTS: [(&str, &str); 4] =
+    [("create", CREATE_SQL), ("claim", CLAIM_SQL), ("heartbeat", HEARTBEAT_SQL), ("complete", COMPLETE_SQL)];
 
 /// Why a single-task transition was refused.
 #[derive(Debug, thiserror::Error)]
@@ -86,44 +193,13 @@ pub async fn create(pool: &PgPool, new: Vec<NewTask>, actor: &str) -> sqlx::Resu
         })
         .collect();
     // One statement, so one round trip and one commit for the whole batch.
-    let written: Vec<(TaskId, i64, Option<WorkerId>)> = sqlx::query_as(
-        "WITH r AS (
-            SELECT * FROM jsonb_to_recordset($1) AS r(id text, context_id text, agent_slug text, prompt text,
-                context_hints jsonb, policy jsonb, desired_format text, max_attempts int, audit_id text, audit text)),
-         recent AS (
-            SELECT DISTINCT ON (l.context_id) l.context_id, l.worker_id
-            FROM leases l
-            WHERE l.status = 'active' AND l.context_id IN (SELECT context_id FROM r)
-            ORDER BY l.context_id, l.started_at DESC),
-         busy AS (
-            SELECT worker_id, count(*) AS n FROM leases
-            WHERE status = 'active' AND worker_id IN (SELECT worker_id FROM recent) GROUP BY worker_id),
-         sticky AS (
-            SELECT recent.context_id, recent.worker_id
-            FROM recent JOIN workers w ON w.id = recent.worker_id LEFT JOIN busy b ON b.worker_id = w.id
-            WHERE w.status = 'online' AND w.source = 'nats'
-              AND COALESCE((w.capabilities->>'claude_cli')::boolean, true)
-              AND COALESCE(b.n, 0) < COALESCE((w.capabilities->>'max_concurrency')::int, 1)),
-         t AS (
-            INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
-                                   created_at, updated_at, attempts, max_attempts, dispatch_seq, routed_to)
-            SELECT r.id, r.context_id, r.agent_slug, r.prompt, r.context_hints, r.policy, r.desired_format, 'queued',
-                   $2, $2, 0, r.max_attempts, 1, s.worker_id
-            FROM r LEFT JOIN sticky s ON s.context_id = r.context_id
-            RETURNING id, routed_to),
-         o AS (
-            INSERT INTO outbox (task_id, dispatch_seq, worker_id, created_at)
-            SELECT id, 1, routed_to, $2 FROM t RETURNING id, task_id, worker_id),
-         a AS (
-            INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-            SELECT r.audit_id, $2, 'task_created', 'llm_task', r.id, $3, r.audit FROM r)
-         SELECT task_id, id, worker_id FROM o",
-    )
-    .bind(serde_json::Value::Array(rows))
-    .bind(now)
-    .bind(actor)
-    .fetch_all(pool)
-    .await?;
+    let written: Vec<(TaskId, i64, Option<WorkerId>)> = sqlx::query_as(CREATE_SQL)
+        .bind(serde_json::Value::Array(rows))
+        .bind(now)
+        .bind(actor)
+        .bind(created.iter().map(|t| t.context_id.as_str()).collect::<Vec<_>>())
+        .fetch_all(pool)
+        .await?;
     let mut by_task: HashMap<TaskId, (i64, Option<WorkerId>)> =
         written.into_iter().map(|(task, outbox, routed)| (task, (outbox, routed))).collect();
     Ok(created
@@ -268,29 +344,12 @@ pub async fn claim(pool: &PgPool, claims: &[Claim]) -> sqlx::Result<Vec<ClaimOut
                                "ttl": c.ttl_seconds, "audit_id": new_id()})
         })
         .collect();
-    let won: Vec<(LeaseId, String)> = sqlx::query_as(
-        "WITH r AS (
-            SELECT * FROM jsonb_to_recordset($1)
-                AS r(task_id text, seq bigint, worker_id text, lease_id text, ttl int, audit_id text)),
-         t AS (
-            UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = r.worker_id,
-                   attempts = t.attempts + 1, updated_at = $2, routed_to = NULL
-            FROM r WHERE t.id = r.task_id AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
-            RETURNING t.id, t.context_id, r.lease_id, r.worker_id, r.ttl, r.audit_id),
-         l AS (
-            INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
-                                context_id)
-            SELECT lease_id, id, worker_id, $2, $2 + ttl::bigint * 1000, ttl, 'active', $2, context_id FROM t),
-         a AS (
-            INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-            SELECT audit_id, $2, 'task_leased', 'lease', lease_id, 'router',
-                   'Task ' || id || ' leased to worker ' || worker_id || ', TTL ' || ttl || 's' FROM t)
-         SELECT lease_id, context_id FROM t",
-    )
-    .bind(serde_json::Value::Array(rows))
-    .bind(now)
-    .fetch_all(pool)
-    .await?;
+    let won: Vec<(LeaseId, String)> = sqlx::query_as(CLAIM_SQL)
+        .bind(serde_json::Value::Array(rows))
+        .bind(now)
+        .bind(claims.iter().map(|c| c.task_id.as_str()).collect::<Vec<_>>())
+        .fetch_all(pool)
+        .await?;
     let mut won: HashMap<LeaseId, String> = won.into_iter().collect();
     Ok(claims
         .iter()
@@ -319,21 +378,7 @@ pub async fn heartbeat(pool: &PgPool, beats: &[(TaskId, LeaseId)]) -> sqlx::Resu
     let now = now_ms();
     let tasks: Vec<&TaskId> = beats.iter().map(|(t, _)| t).collect();
     let leases: Vec<&LeaseId> = beats.iter().map(|(_, l)| l).collect();
-    sqlx::query_as(
-        "WITH r AS (SELECT * FROM UNNEST($1::text[], $2::text[]) AS r(task_id, lease_id)),
-         t AS (
-            UPDATE llm_tasks t SET status = 'running', updated_at = $3
-            FROM r WHERE t.id = r.task_id AND t.lease_id = r.lease_id AND (t.status || '') IN ('leased', 'running')
-            RETURNING t.lease_id)
-         UPDATE leases l SET last_heartbeat = $3, expires_at = $3 + l.ttl_seconds::bigint * 1000
-         FROM t WHERE l.id = t.lease_id AND (l.status || '') = 'active'
-         RETURNING l.*",
-    )
-    .bind(tasks)
-    .bind(leases)
-    .bind(now)
-    .fetch_all(pool)
-    .await
+    sqlx::query_as(HEARTBEAT_SQL).bind(tasks).bind(leases).bind(now).fetch_all(pool).await
 }
 
 /// Hands a lease back without a result (a worker shutting down): the lease is
@@ -439,46 +484,12 @@ pub async fn complete(pool: &PgPool, completions: &[Completion]) -> sqlx::Result
         .collect();
     // One statement: the task, lease, artifact, result and audit writes of the whole batch
     // commit together, in one round trip.
-    let done: Vec<Task> = sqlx::query_as(
-        "WITH r AS (
-            SELECT * FROM jsonb_to_recordset($1) AS r(task_id text, lease_id text, final_status text, status text,
-                output text, error_message text, metrics jsonb, artifact_id text, artifact_type text, tags jsonb,
-                url text, content text, result_id text, audit_id text, done text, late text)),
-         t AS (
-            UPDATE llm_tasks t SET status = r.final_status, updated_at = $2, lease_id = r.lease_id,
-                   worker_id = COALESCE(t.worker_id, (SELECT l.worker_id FROM leases l WHERE l.id = r.lease_id)),
-                   routed_to = NULL
-            FROM r WHERE t.id = r.task_id AND (
-                (t.lease_id = r.lease_id AND (t.status || '') IN ('leased', 'running'))
-                -- The lease expired and the task was requeued, but nobody leased it again:
-                -- the result of the work done is still the task's only one.
-                OR ((t.status || '') = 'queued' AND EXISTS (
-                    SELECT 1 FROM leases l WHERE l.id = r.lease_id AND l.task_id = t.id AND l.status = 'expired')))
-            RETURNING t.*),
-         w AS (SELECT r.*, COALESCE(t.worker_id, 'unknown') AS worker FROM r JOIN t ON t.id = r.task_id),
-         l AS (
-            UPDATE leases SET status = 'released'
-            FROM w WHERE leases.id = w.lease_id AND (leases.status || '') = 'active'),
-         art AS (
-            INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags,
-                                           content)
-            SELECT artifact_id, task_id, NULL, artifact_type, $2, true, url, '[]'::jsonb, tags, content FROM w),
-         res AS (
-            INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
-                                     completed_at)
-            SELECT result_id, task_id, worker, artifact_id, status, output, error_message, metrics, $2 FROM w),
-         a AS (
-            INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-            SELECT audit_id, $2, 'task_completed', 'llm_task', task_id, worker, done FROM w
-            UNION ALL
-            SELECT audit_id, $2, 'result_late', 'llm_task', task_id, 'reconciler', late
-            FROM r WHERE NOT EXISTS (SELECT 1 FROM w WHERE w.task_id = r.task_id AND w.lease_id = r.lease_id))
-         SELECT * FROM t",
-    )
-    .bind(serde_json::Value::Array(rows))
-    .bind(now)
-    .fetch_all(pool)
-    .await?;
+    let done: Vec<Task> = sqlx::query_as(COMPLETE_SQL)
+        .bind(serde_json::Value::Array(rows))
+        .bind(now)
+        .bind(completions.iter().map(|c| c.task_id.as_str()).collect::<Vec<_>>())
+        .fetch_all(pool)
+        .await?;
     let mut done: HashMap<(TaskId, LeaseId), Task> =
         done.into_iter().filter_map(|t| t.lease_id.clone().map(|l| ((t.id.clone(), l), t))).collect();
     Ok(completions

@@ -49,10 +49,13 @@ impl Default for PoolOptions {
 pub async fn connect(url: &str, opts: &PoolOptions) -> Result<PgPool, sqlx::Error> {
     let connect: PgConnectOptions = url.parse()?;
     let statement_timeout = opts.statement_timeout.as_millis().to_string();
-    // Hot statements take a JSON batch whose size the planner cannot see: a custom plan per
-    // execution would cost planning time and pick the same plan.
-    let connect =
-        connect.options([("statement_timeout", statement_timeout.as_str()), ("plan_cache_mode", "force_generic_plan")]);
+    // Statements are prepared once per connection and Postgres soon plans them once for
+    // all executions (a generic plan). A plan made while the tables are still small would
+    // read them sequentially for the connection's life: every claim and completion batch
+    // would scan all of `llm_tasks`. With sequential scans disabled the planner takes an
+    // index wherever one answers the query, whatever the table's size when it planned;
+    // tables without a usable index are still scanned.
+    let connect = connect.options([("statement_timeout", statement_timeout.as_str()), ("enable_seqscan", "off")]);
     PgPoolOptions::new()
         .max_connections(opts.max_connections)
         .acquire_timeout(opts.acquire_timeout)

@@ -14,6 +14,7 @@ mod dispatch;
 mod lifecycle_races;
 mod membridge;
 mod openapi;
+mod plans;
 mod reconciler;
 mod reroute;
 mod s3;
