@@ -6,7 +6,7 @@
 //! | `<ns>.ctl.claim` (request, reconciler queue group) | [`ClaimRequest`] | [`ClaimReply`] |
 //! | `<ns>.ctl.heartbeat` (request, reconciler queue group) | [`HeartbeatRequest`] | [`HeartbeatReply`] |
 //! | `<ns>.ctl.worker` (publish) | [`WorkerBeat`] | – |
-//! | `<ns>.results` (stream) | [`ResultMessage`] | – |
+//! | `<ns>.results` (stream) | [`ResultBatch`] (one or several [`ResultMessage`]s) | – |
 
 use serde::{Deserialize, Serialize};
 
@@ -144,11 +144,33 @@ pub struct ResultMessage {
     pub metrics: Metrics,
 }
 
-impl ResultMessage {
-    /// The JetStream de-duplication id: one result per lease.
-    pub fn msg_id(&self) -> String {
-        format!("result:{}", self.lease_id)
+/// The body of a results-stream message: the results a worker had ready when it
+/// published, as a JSON array, or (as older workers send) a single result object. Each
+/// result carries its own trace context, since the message's headers can carry only one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ResultBatch {
+    Many(Vec<TracedResult>),
+    One(TracedResult),
+}
+
+impl ResultBatch {
+    /// The results, in order.
+    pub fn into_results(self) -> Vec<TracedResult> {
+        match self {
+            ResultBatch::Many(v) => v,
+            ResultBatch::One(r) => vec![r],
+        }
     }
+}
+
+/// A result and the W3C trace context of the execution that produced it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TracedResult {
+    #[serde(flatten)]
+    pub result: ResultMessage,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trace: crate::telemetry::Carrier,
 }
 
 /// A worker hands a lease back without a result (graceful shutdown): the task becomes

@@ -120,6 +120,23 @@ pub fn inject(headers: &mut HeaderMap) {
     TraceContextPropagator::new().inject_context(&tracing::Span::current().context(), &mut HeaderInjector(headers));
 }
 
+struct CarrierExtractor<'a>(&'a Carrier);
+
+impl Extractor for CarrierExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.as_str())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_str()).collect()
+    }
+}
+
+/// Makes `span` a child of the trace context in `carrier`.
+pub fn extract_carrier(carrier: &Carrier, span: &tracing::Span) {
+    let cx = TraceContextPropagator::new().extract(&CarrierExtractor(carrier));
+    let _ = span.set_parent(cx);
+}
+
 /// Makes `span` a child of the trace context carried by `headers`, if any.
 pub fn extract(headers: Option<&HeaderMap>, span: &tracing::Span) {
     if let Some(h) = headers {

@@ -110,7 +110,8 @@ const COMPLETE_SQL: &str = "WITH r AS (
                 OR ((t.status || '') = 'queued' AND EXISTS (
                     SELECT 1 FROM leases l WHERE l.id = r.lease_id AND l.task_id = t.id AND (l.status || '') = 'expired')))
             RETURNING t.*),
-         w AS (SELECT r.*, COALESCE(t.worker_id, 'unknown') AS worker FROM r JOIN t ON t.id = r.task_id),
+         w AS (SELECT r.*, COALESCE(t.worker_id, 'unknown') AS worker
+               FROM r JOIN t ON t.id = r.task_id AND t.lease_id = r.lease_id),
          l AS (
             UPDATE leases SET status = 'released'
             FROM w WHERE leases.id = w.lease_id AND (leases.status || '') = 'active'),

@@ -1,6 +1,6 @@
 //! Consumes the results stream (one durable consumer shared by every replica) and
-//! completes tasks in Postgres. A batch of results is one transaction; each message is
-//! acknowledged only after that transaction committed, so a reconciler killed at any
+//! completes tasks in Postgres. A batch of messages (each holding one or more results) is
+//! one transaction; each message is acknowledged only after that transaction committed, so a reconciler killed at any
 //! point loses no result (JetStream redelivers it) and a redelivered result finds its
 //! lease no longer current and is recorded as late: never a second completion.
 
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::Reconciler;
 use crate::db::lifecycle::{self, Completion, CompletionOutcome};
 use crate::domain::ArtifactId;
-use crate::protocol::ResultMessage;
+use crate::protocol::ResultBatch;
 
 /// Largest batch of results per transaction.
 const MAX_BATCH: usize = 512;
@@ -79,22 +79,29 @@ fn without_nul(s: &str) -> String {
     s.replace('\0', "\u{FFFD}")
 }
 
-/// Stores one batch of result messages and acknowledges them.
+/// Stores the results of a batch of messages in one transaction, then acknowledges the
+/// messages. A message may carry several results (see [`ResultBatch`]).
 pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsReport> {
     let mut report = ResultsReport::default();
+    let mut accepted = Vec::with_capacity(msgs.len());
+    let mut results = Vec::with_capacity(msgs.len());
     // One span per result, continuing the task's trace, open until the batch committed.
-    let spans: Vec<tracing::Span> = msgs
-        .iter()
-        .map(|m| {
-            let span = tracing::info_span!("store result", subject = %m.subject);
-            crate::telemetry::extract(m.headers.as_ref(), &span);
-            span
-        })
-        .collect();
-    let mut parsed = Vec::with_capacity(msgs.len());
+    let mut spans = Vec::with_capacity(msgs.len());
     for msg in msgs {
-        match serde_json::from_slice::<ResultMessage>(&msg.payload) {
-            Ok(res) => parsed.push((msg, res)),
+        match serde_json::from_slice::<ResultBatch>(&msg.payload) {
+            Ok(batch) => {
+                for traced in batch.into_results() {
+                    let span = tracing::info_span!("store result", task.id = %traced.result.task_id);
+                    if traced.trace.is_empty() {
+                        crate::telemetry::extract(msg.headers.as_ref(), &span);
+                    } else {
+                        crate::telemetry::extract_carrier(&traced.trace, &span);
+                    }
+                    spans.push(span);
+                    results.push(traced.result);
+                }
+                accepted.push(msg);
+            }
             Err(e) => {
                 report.rejected += 1;
                 r.metrics.results_rejected_total.inc();
@@ -104,9 +111,9 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsR
         }
     }
     // Uploads of one batch run concurrently.
-    let uploads: Vec<_> = parsed
+    let uploads: Vec<_> = results
         .iter()
-        .map(|(_, res)| {
+        .map(|res| {
             let (store, task, lease, output) = (
                 r.artifacts.clone(),
                 res.task_id.clone(),
@@ -117,9 +124,10 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsR
         })
         .collect();
     let bodies: Vec<_> = futures::stream::iter(uploads).buffered(32).collect().await;
-    let mut completions = Vec::with_capacity(parsed.len());
-    for ((_, res), artifact) in parsed.iter().zip(bodies) {
-        completions.push(Completion {
+    let completions: Vec<Completion> = results
+        .iter()
+        .zip(bodies)
+        .map(|(res, artifact)| Completion {
             task_id: res.task_id.clone(),
             lease_id: res.lease_id.clone(),
             status: res.status,
@@ -131,18 +139,18 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsR
             artifact_tags: Vec::new(),
             artifact_id: ArtifactId::generate(),
             artifact,
-        });
-    }
+        })
+        .collect();
     let outcomes = match lifecycle::complete(&r.pool, &completions).await {
         Ok(o) => o,
         Err(e) => {
-            for (msg, _) in &parsed {
+            for msg in &accepted {
                 let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
             }
             return Err(e);
         }
     };
-    for ((msg, res), outcome) in parsed.iter().zip(outcomes) {
+    for (res, outcome) in results.iter().zip(outcomes) {
         match outcome {
             CompletionOutcome::Completed { .. } => {
                 report.completed += 1;
@@ -154,6 +162,8 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsR
                 r.metrics.results_late_total.inc();
             }
         }
+    }
+    for msg in &accepted {
         let _ = msg.ack().await;
     }
     drop(spans);

@@ -3,12 +3,14 @@
 //!
 //! Per message: claim (request/reply; a refused claim terminates the message so it is
 //! never executed twice) → execute, sending an in-progress ack and a lease heartbeat
-//! every TTL/3 → publish the result to the results stream → ack the task message only
-//! after the result's publish is acknowledged. On shutdown the worker stops pulling,
+//! every TTL/3 → publish the result to the results stream (with the other results ready
+//! at that moment, see [`results`]) → ack the task message only after the result's
+//! publish is acknowledged. On shutdown the worker stops pulling,
 //! lets in-flight tasks finish within the grace period and hands the others back
 //! (lease released, message nak'ed) so another worker takes them at once.
 
 pub mod executor;
+pub mod results;
 pub mod slots;
 
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use crate::protocol::{
     ResultMessage, TaskMessage, WorkerBeat,
 };
 pub use executor::Executor;
+use results::ResultPublisher;
 use slots::{Slot, Slots};
 
 /// Most messages asked for in one pull request.
@@ -53,11 +56,11 @@ pub struct WorkerSettings {
 #[derive(Clone)]
 struct Ctx {
     client: async_nats::Client,
-    js: jetstream::Context,
     names: Names,
     settings: Arc<WorkerSettings>,
     metrics: Arc<Metrics>,
     ttl_secs: i32,
+    results: ResultPublisher,
 }
 
 /// Runs the worker until `cancel` fires, then drains.
@@ -78,12 +81,13 @@ pub async fn run(
     // The lease TTL is the ack-wait the consumer really has.
     let ack_wait = pool.info().await.map(|i| i.config.ack_wait).unwrap_or(settings.lease_ttl);
     let ttl_secs = ack_wait.as_secs().clamp(1, 86_400) as i32;
-    let ctx = Ctx { client, js, names, settings: Arc::new(settings), metrics, ttl_secs };
+    // Tasks stop on `hard`, which fires when the grace period after `cancel` runs out.
+    let hard = CancellationToken::new();
+    let results = ResultPublisher::spawn(js.clone(), names.clone(), hard.clone());
+    let ctx = Ctx { client, names, settings: Arc::new(settings), metrics, ttl_secs, results };
     tracing::info!(worker.id = %ctx.settings.id, ttl_secs, "worker started");
 
     let slots = Slots::new(ctx.settings.capabilities.max_concurrency.max(1) as usize);
-    // Tasks stop on `hard`, which fires when the grace period after `cancel` runs out.
-    let hard = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let mut loops = JoinSet::new();
     let (exec_tx, mut exec_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -297,37 +301,9 @@ async fn execute(ctx: Ctx, msg: Message, task: TaskMessage, grant: LeaseGrant, s
         error_message: outcome.error_message,
         metrics: outcome.metrics,
     };
-    if publish_result(&ctx, &result, &hard).await {
-        let _ = msg.ack().await;
-    } else {
+    if !ctx.results.publish(msg, result).await {
         // Not acknowledged: the message is redelivered after the TTL and the lease expires.
         tracing::error!(task.id = %task.task_id, "result could not be published");
-    }
-}
-
-/// Publishes a result, retrying until JetStream acknowledges it or `hard` fires.
-async fn publish_result(ctx: &Ctx, result: &ResultMessage, hard: &CancellationToken) -> bool {
-    let body = Bytes::from(serde_json::to_vec(result).expect("result serializes"));
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", result.msg_id().as_str());
-        crate::telemetry::inject(&mut headers);
-        let attempt = async {
-            ctx.js.publish_with_headers(ctx.names.results_subject(), headers, body.clone()).await?.await?;
-            anyhow::Ok(())
-        };
-        match attempt.await {
-            Ok(()) => return true,
-            Err(e) => {
-                tracing::warn!(task.id = %result.task_id, error = %e, "publishing result failed; retrying")
-            }
-        }
-        tokio::select! {
-            _ = hard.cancelled() => return false,
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

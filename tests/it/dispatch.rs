@@ -239,3 +239,33 @@ async fn malformed_messages_on_every_subject_are_rejected_without_harm() {
     assert_eq!(app.status_of(&id).await, "completed");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn one_results_message_completes_each_of_its_tasks_and_records_stale_ones_as_late() {
+    let app = TestApp::spawn().await;
+    app.register_worker("rest", 4).await;
+    let (first, a) = app.leased_task("a").await;
+    let (second, b) = app.leased_task("b").await;
+    let result = |task: &str, lease: &str, output: &str| {
+        json!({"task_id": task, "lease_id": lease, "worker_id": "rest", "status": "success", "output": output,
+               "error_message": null, "metrics": {"duration_ms": 3}})
+    };
+    let batch = json!([
+        result(&first, a["lease"]["id"].as_str().unwrap(), "out-a"),
+        result(&second, b["lease"]["id"].as_str().unwrap(), "out-b"),
+        result(&first, "not-the-lease", "stale"),
+    ]);
+    let js = async_nats::jetstream::new(app.nats.clone());
+    js.publish(app.names.results_subject(), serde_json::to_vec(&batch).unwrap().into()).await.unwrap().await.unwrap();
+    let (r, _) = app.start_reconciler().await;
+    wait_for("both completed", Duration::from_secs(15), || all_final(&app, 2)).await;
+    for (id, output) in [(&first, "out-a"), (&second, "out-b")] {
+        let sql = format!("SELECT count(*) FROM llm_results WHERE task_id = '{id}' AND output = '{output}'");
+        assert_eq!(app.count(&sql).await, 1, "one result {output} for {id}");
+    }
+    assert_eq!(app.count("SELECT count(*) FROM llm_results").await, 2);
+    wait_for("late result counted", Duration::from_secs(5), || async { r.metrics.results_late_total.get() == 1 }).await;
+    assert_eq!(app.count("SELECT count(*) FROM audit_logs WHERE action = 'result_late'").await, 1);
+    assert_invariants(&app).await;
+    app.stop().await;
+}
