@@ -56,9 +56,20 @@ pub struct ApiSettings {
     pub membridge_timeout: Duration,
 }
 
-/// Shared state of all handlers.
+/// Shared state of all handlers; cloning it (every request does, once per layer) is
+/// one reference count.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppContext>);
+
+impl std::ops::Deref for AppState {
+    type Target = AppContext;
+    fn deref(&self) -> &AppContext {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+pub struct AppContext {
     pub pool: PgPool,
     pub submitter: Submitter,
     pub dispatcher: Dispatcher,
@@ -291,7 +302,7 @@ pub async fn build_state(
     let dispatcher = Dispatcher::spawn(js, names, pool.clone(), metrics.clone(), cancel.clone());
     let submitter = Submitter::spawn(pool.clone(), dispatcher.clone(), metrics.clone(), 2, cancel);
     let membridge = Arc::new(membridge::Client::new(settings.membridge_timeout));
-    Ok(AppState {
+    Ok(AppState(Arc::new(AppContext {
         pool,
         submitter,
         dispatcher,
@@ -302,5 +313,5 @@ pub async fn build_state(
         api_key: settings.api_key.clone(),
         settings: Arc::new(settings),
         started: Instant::now(),
-    })
+    })))
 }

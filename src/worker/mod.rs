@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::{self, AckKind, Message};
+use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::task::JoinSet;
@@ -127,13 +127,28 @@ pub async fn run(
 type Claimed = (Message, TaskMessage, LeaseGrant, Slot);
 
 /// Pulls from one consumer as many messages as slots are free, claims what arrives,
-/// and hands granted tasks to the executor.
+/// and hands granted tasks to the executor. Claims run beside the pull: messages that
+/// arrive while one is decided go out in the next claim without waiting for it.
 async fn pull_loop(
     ctx: Ctx,
     consumer: PullConsumer,
     slots: Slots,
     exec: tokio::sync::mpsc::UnboundedSender<Claimed>,
     cancel: CancellationToken,
+) {
+    let mut claims = JoinSet::new();
+    pull(&ctx, &consumer, &slots, &exec, &mut claims, &cancel).await;
+    // Granted tasks of claims still in flight reach the executor (or the hand-back).
+    while claims.join_next().await.is_some() {}
+}
+
+async fn pull(
+    ctx: &Ctx,
+    consumer: &PullConsumer,
+    slots: &Slots,
+    exec: &tokio::sync::mpsc::UnboundedSender<Claimed>,
+    claims: &mut JoinSet<()>,
+    cancel: &CancellationToken,
 ) {
     loop {
         let free = tokio::select! {
@@ -174,12 +189,16 @@ async fn pull_loop(
                     }
                 }
             }
-            for (msg, task, grant) in claim(&ctx, msgs).await {
-                let slot = taken.pop().expect("one slot per claimed message");
-                if exec.send((msg, task, grant, slot)).is_err() {
-                    return;
+            while claims.try_join_next().is_some() {}
+            let (ctx, exec) = (ctx.clone(), exec.clone());
+            claims.spawn(async move {
+                for (msg, task, grant) in claim(&ctx, msgs).await {
+                    let slot = taken.pop().expect("one slot per claimed message");
+                    if exec.send((msg, task, grant, slot)).is_err() {
+                        return;
+                    }
                 }
-            }
+            });
         }
         if cancel.is_cancelled() {
             return;
