@@ -171,16 +171,24 @@ async fn wait_completed(pool: &PgPool, tag: &str, n: u64, timeout: Duration) -> 
     }
 }
 
-fn task_body(tag: &str, i: u64) -> Value {
-    json!({"context_id": format!("ctx-{}", i % 1000), "agent_slug": tag, "prompt": "noop"})
+fn task_body(tag: &str, i: u64) -> Vec<u8> {
+    serde_json::to_vec(&json!({"context_id": format!("ctx-{}", i % 1000), "agent_slug": tag, "prompt": "noop"}))
+        .expect("task body serializes")
 }
 
-async fn submit(http: &reqwest::Client, base: &str, body: &Value) -> anyhow::Result<Value> {
-    let r = http.post(format!("{base}/api/runtime/llm-tasks")).json(body).send().await?;
+/// Submits a task; returns the answer's body (parsed only by callers that need it, so the
+/// load generator spends little of the machine).
+async fn submit(http: &reqwest::Client, base: &str, body: Vec<u8>) -> anyhow::Result<bytes::Bytes> {
+    let r = http
+        .post(format!("{base}/api/runtime/llm-tasks"))
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await?;
     if r.status().as_u16() != 201 {
         bail!("submit answered {}", r.status());
     }
-    Ok(r.json().await?)
+    Ok(r.bytes().await?)
 }
 
 /// Latencies (ms) from Postgres: dispatch = lease start - creation, e2e = completion - creation.
@@ -212,7 +220,7 @@ async fn fixed_rate(o: &Opts, http: &reqwest::Client, base: &str, pool: &PgPool)
         let (http, base, body) = (http.clone(), base.to_owned(), task_body(tag, i));
         handles.push(tokio::spawn(async move {
             let t = Instant::now();
-            submit(&http, &base, &body).await.map(|_| t.elapsed().as_secs_f64() * 1000.0)
+            submit(&http, &base, body).await.map(|_| t.elapsed().as_secs_f64() * 1000.0)
         }));
     }
     let offered_secs = started.elapsed().as_secs_f64();
@@ -243,7 +251,7 @@ async fn saturation(o: &Opts, http: &reqwest::Client, base: &str, pool: &PgPool)
                     return anyhow::Ok(lat);
                 }
                 let t = Instant::now();
-                submit(&http, &base, &task_body(tag, i)).await?;
+                submit(&http, &base, task_body(tag, i)).await?;
                 lat.push(t.elapsed().as_secs_f64() * 1000.0);
             }
         }));
@@ -284,7 +292,7 @@ async fn rest_path(o: &Opts, http: &reqwest::Client, base: &str) -> anyhow::Resu
                 if i >= n {
                     return anyhow::Ok(());
                 }
-                let task = submit(&http, &base, &task_body(tag, i)).await?;
+                let task: Value = serde_json::from_slice(&submit(&http, &base, task_body(tag, i)).await?)?;
                 let id = task["id"].as_str().context("task id")?;
                 let url = |step: &str| format!("{base}/api/runtime/llm-tasks/{id}/{step}");
                 let leased = http.post(url("lease")).json(&json!({"worker_id": "bench-rest-worker"})).send().await?;
@@ -614,7 +622,8 @@ fn print_table(r: &Value) {
     eprintln!("{:<38} {}", "seed REST path tasks/s", f(&r["rest_path"]["tasks_per_sec"]));
     eprintln!("{:<38} {}", "postgres limit tasks/s", f(&r["postgres_limit"]["tasks_per_sec"]));
     eprintln!("{:<38} {}", "nats limit msgs/s", f(&r["nats_limit"]["msgs_per_sec"]));
-    eprintln!("{:<38} {}", "ratio to the lower limit", f(&r["ratio_to_lower_limit"]));
+    let ratio = r["ratio_to_lower_limit"].as_f64().map_or("-".to_owned(), |x| format!("{x:.2}"));
+    eprintln!("{:<38} {}", "ratio to the lower limit", ratio);
     if let Some(m) = r["peak_memory_mib"].as_object() {
         for (k, v) in m {
             eprintln!("{:<38} {} MiB", format!("peak memory {k}"), f(v));
