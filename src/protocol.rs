@@ -14,6 +14,13 @@ use crate::domain::{
     Capabilities, DesiredFormat, LeaseId, Metrics, Policy, ResultStatus, Task, TaskId, WorkerId, WorkerStatus,
 };
 
+/// Whether a JSON body carries a NUL character (`\u0000`), which no Postgres text column
+/// can store: task, claim and control messages with one are malformed (ids, prompts and
+/// capabilities never hold NUL), so they are rejected before they can fail a batch.
+pub fn carries_nul(json: &[u8]) -> bool {
+    json.windows(6).any(|w| w == b"\\u0000")
+}
+
 /// One dispatch of a task, published to the tasks stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskMessage {
@@ -154,7 +161,24 @@ pub enum ResultBatch {
     One(TracedResult),
 }
 
+impl TracedResult {
+    /// Whether an id holds a NUL character, which Postgres cannot store (outputs may:
+    /// the reconciler replaces it).
+    pub fn has_nul_id(&self) -> bool {
+        let r = &self.result;
+        [r.task_id.as_str(), r.lease_id.as_str(), r.worker_id.as_str()].iter().any(|s| s.contains('\0'))
+    }
+}
+
 impl ResultBatch {
+    /// Whether one of the results has an id Postgres cannot store.
+    pub fn has_nul_id(&self) -> bool {
+        match self {
+            ResultBatch::Many(v) => v.iter().any(TracedResult::has_nul_id),
+            ResultBatch::One(r) => r.has_nul_id(),
+        }
+    }
+
     /// The results, in order.
     pub fn into_results(self) -> Vec<TracedResult> {
         match self {

@@ -73,6 +73,11 @@ async fn reply<T: serde::Serialize>(r: &Reconciler, msg: &Message, body: &T) {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(r: &Reconciler, msg: &Message) -> Option<T> {
+    if crate::protocol::carries_nul(&msg.payload) {
+        r.metrics.malformed_messages_total.inc();
+        tracing::warn!(subject = %msg.subject, "control message with a NUL character rejected");
+        return None;
+    }
     match serde_json::from_slice(&msg.payload) {
         Ok(v) => Some(v),
         Err(e) => {

@@ -88,7 +88,14 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsR
     // One span per result, continuing the task's trace, open until the batch committed.
     let mut spans = Vec::with_capacity(msgs.len());
     for msg in msgs {
-        match serde_json::from_slice::<ResultBatch>(&msg.payload) {
+        let parsed =
+            serde_json::from_slice::<ResultBatch>(&msg.payload).map_err(|e| e.to_string()).and_then(|b| {
+                match b.has_nul_id() {
+                    true => Err("an id holds a NUL character".to_owned()),
+                    false => Ok(b),
+                }
+            });
+        match parsed {
             Ok(batch) => {
                 for traced in batch.into_results() {
                     let span = tracing::info_span!("store result", task.id = %traced.result.task_id);
@@ -143,6 +150,21 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsR
         .collect();
     let outcomes = match lifecycle::complete(&r.pool, &completions).await {
         Ok(o) => o,
+        // One message may be what Postgres refuses: store the others one by one, so only
+        // that one waits for redelivery.
+        Err(e) if accepted.len() > 1 => {
+            tracing::warn!(error = %e, messages = accepted.len(), "storing a batch of results failed; storing them one by one");
+            drop(spans);
+            for msg in accepted {
+                // A message that fails alone has been nak'ed for redelivery.
+                if let Ok(one) = Box::pin(handle(r, vec![msg])).await {
+                    report.completed += one.completed;
+                    report.late += one.late;
+                    report.rejected += one.rejected;
+                }
+            }
+            return Ok(report);
+        }
         Err(e) => {
             for msg in &accepted {
                 let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;

@@ -214,7 +214,11 @@ async fn claim(ctx: &Ctx, msgs: Vec<Message>) -> Vec<(Message, TaskMessage, Leas
         if msg.info().is_ok_and(|i| i.delivered > 1) {
             ctx.metrics.redeliveries_total.inc();
         }
-        match serde_json::from_slice::<TaskMessage>(&msg.payload) {
+        let task = match crate::protocol::carries_nul(&msg.payload) {
+            true => Err(serde::de::Error::custom("a NUL character")),
+            false => serde_json::from_slice::<TaskMessage>(&msg.payload),
+        };
+        match task {
             Ok(task) => parsed.push((msg, task)),
             Err(e) => {
                 ctx.metrics.malformed_messages_total.inc();

@@ -269,3 +269,47 @@ async fn one_results_message_completes_each_of_its_tasks_and_records_stale_ones_
     assert_invariants(&app).await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn messages_with_nul_ids_are_rejected_and_do_not_hold_up_the_others() {
+    let app = TestApp::spawn().await;
+    app.register_worker("rest", 4).await;
+    let (id, leased) = app.leased_task("good").await;
+    let lease = leased["lease"]["id"].as_str().unwrap();
+    let js = async_nats::jetstream::new(app.nats.clone());
+    let result = |task: &str, lease: &str| {
+        json!({"task_id": task, "lease_id": lease, "worker_id": "rest", "status": "success", "output": "ok",
+               "error_message": null, "metrics": {"duration_ms": 1}})
+    };
+    // Postgres cannot store these ids: without the check they would fail every batch
+    // they are in, over and over.
+    for poison in [json!([result("bad\u{0}id", lease)]), result(&id, "bad\u{0}lease")] {
+        js.publish(app.names.results_subject(), serde_json::to_vec(&poison).unwrap().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let bad_task = json!({"task_id": "t\u{0}", "dispatch_seq": 1, "context_id": "c", "agent_slug": "a", "prompt": "p",
+                          "context_hints": [], "policy": {}, "desired_format": "text", "attempts": 0,
+                          "max_attempts": 3, "created_at": 0});
+    js.publish(app.names.pool_subject(), serde_json::to_vec(&bad_task).unwrap().into()).await.unwrap().await.unwrap();
+    js.publish(app.names.results_subject(), serde_json::to_vec(&json!([result(&id, lease)])).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (r, _) = app.start_reconciler().await;
+    app.start_worker("w", 2).await;
+    wait_for("the good result stored", Duration::from_secs(15), || all_final(&app, 1)).await;
+    let claim = json!({"worker_id": "w\u{0}", "ttl_seconds": 5, "items": [{"task_id": "x", "dispatch_seq": 1}]});
+    let reply = app.nats.request(app.names.claim_subject(), serde_json::to_vec(&claim).unwrap().into()).await.unwrap();
+    assert!(String::from_utf8_lossy(&reply.payload).contains("malformed"), "{:?}", reply.payload);
+    wait_for("poison rejected", Duration::from_secs(10), || async { r.metrics.results_rejected_total.get() == 2 })
+        .await;
+    // The worker terminated the bad task message; new work still flows.
+    app.submit("after").await;
+    wait_for("new task completed", Duration::from_secs(15), || all_final(&app, 2)).await;
+    assert_invariants(&app).await;
+    app.stop().await;
+}
