@@ -91,6 +91,49 @@ impl Drop for Proc {
     }
 }
 
+/// CPU time (user + system, in clock ticks) of every process on the machine, by pid and
+/// command name.
+fn cpu_ticks() -> Vec<(u32, String, u64)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| {
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // `pid (comm) state ppid ...`: comm may hold spaces, so split after the last ')'.
+        let (head, rest) = stat.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1.to_owned();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some((pid, comm, ticks))
+    })
+    .collect()
+}
+
+/// CPU milliseconds each component used between two [`cpu_ticks`] snapshots, divided by
+/// `tasks`: the runtime's processes by label, Postgres and nats-server by name.
+fn cpu_ms_per_task(before: &[(u32, String, u64)], after: &[(u32, String, u64)], procs: &[&Proc], tasks: u64) -> Value {
+    let tick_ms = 1000.0 / 100.0; // USER_HZ is 100 on Linux
+    let component = |pid: u32, comm: &str| -> Option<String> {
+        if let Some(p) = procs.iter().find(|p| p.child.id() == pid) {
+            return Some(p.name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '-').to_owned());
+        }
+        match comm {
+            "postgres" => Some("postgres".into()),
+            "nats-server" => Some("nats-server".into()),
+            "bloom-bench" => Some("load generator".into()),
+            _ => None,
+        }
+    };
+    let mut totals = std::collections::BTreeMap::<String, f64>::new();
+    for (pid, comm, ticks) in after {
+        let Some(name) = component(*pid, comm) else { continue };
+        let start = before.iter().find(|(p, c, _)| p == pid && c == comm).map_or(0, |b| b.2);
+        *totals.entry(name).or_default() += ticks.saturating_sub(start) as f64 * tick_ms / tasks.max(1) as f64;
+    }
+    let all: f64 = totals.values().sum();
+    totals.insert("total".into(), all);
+    json!(totals)
+}
+
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.parent().context("binary directory")?.join(name);
@@ -167,7 +210,8 @@ async fn wait_completed(pool: &PgPool, tag: &str, n: u64, timeout: Duration) -> 
         if Instant::now() > deadline {
             bail!("{tag}: only {done} of {n} tasks completed in {timeout:?}");
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Polling is load on the database under test: not too often.
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -570,7 +614,10 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("fixed rate: {} tasks/s for {} s", o.rate, o.rate_secs);
     let fixed = fixed_rate(&o, &http, &base, &pool).await?;
     eprintln!("saturation: {} tasks, {} clients", o.tasks, o.clients);
-    let sat = saturation(&o, &http, &base, &pool).await?;
+    let before = cpu_ticks();
+    let mut sat = saturation(&o, &http, &base, &pool).await?;
+    let all: Vec<&Proc> = workers.iter().chain(procs.iter()).collect();
+    sat["cpu_ms_per_task"] = cpu_ms_per_task(&before, &cpu_ticks(), &all, o.tasks);
     let mut memory = serde_json::Map::new();
     for p in workers.iter().chain(procs.iter()) {
         memory.insert(p.name.clone(), json!(p.peak_kib().map(|k| k / 1024)));
@@ -615,6 +662,10 @@ fn print_table(r: &Value) {
     eprintln!("{:<38} {}", "saturation submit latency", lat(&r["saturation"]["submit_ms"]));
     eprintln!("{:<38} {}", "saturation dispatch latency", lat(&r["saturation"]["dispatch_ms"]));
     eprintln!("{:<38} {}", "saturation end-to-end latency", lat(&r["saturation"]["end_to_end_ms"]));
+    if let Some(cpu) = r["saturation"]["cpu_ms_per_task"].as_object() {
+        let parts: Vec<String> = cpu.iter().map(|(k, v)| format!("{k} {:.3}", v.as_f64().unwrap_or(0.0))).collect();
+        eprintln!("{:<38} {}", "saturation CPU ms per task", parts.join(", "));
+    }
     eprintln!("{:<38} {}", "fixed-rate offered tasks/s", f(&r["fixed_rate"]["offered_rate"]));
     eprintln!("{:<38} {}", "fixed-rate submit latency", lat(&r["fixed_rate"]["submit_ms"]));
     eprintln!("{:<38} {}", "fixed-rate dispatch latency", lat(&r["fixed_rate"]["dispatch_ms"]));

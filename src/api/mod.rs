@@ -1,8 +1,8 @@
 //! The REST API, compatible with the original service's `routes.ts`: same paths, JSON
 //! shapes, status codes and validation rules.
 //!
-//! Layers, outermost first: metrics, production HTTPS redirect, body limit, then for
-//! `/api/*`: rate limit, API-key check. Handlers only parse, call `db`/`lifecycle`, and
+//! Layers, outermost first: [`edge`] (metrics, production HTTPS redirect, NUL refusal,
+//! JSON errors), body limit, then for `/api/*`: rate limit, API-key check. Handlers only parse, call `db`/`lifecycle`, and
 //! shape the response; they hold no SQL.
 
 pub mod auth;
@@ -169,10 +169,7 @@ pub fn router(state: AppState) -> Router {
         .route("/docs", get(docs_page))
         .merge(api)
         .layer(DefaultBodyLimit::max(s.body_limit_bytes))
-        .layer(middleware::from_fn(json_errors))
-        .layer(middleware::from_fn(refuse_nul))
-        .layer(middleware::from_fn_with_state(state.clone(), https_redirect))
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(middleware::from_fn_with_state(state.clone(), edge))
         .with_state(state)
 }
 
@@ -185,21 +182,46 @@ async fn docs_page() -> axum::response::Html<&'static str> {
     )
 }
 
-/// Postgres text cannot hold NUL: a path or query string carrying `%00` is refused with
-/// 400 before any handler or query sees it.
-async fn refuse_nul(req: Request, next: Next) -> Response {
-    let has_nul = |s: &str| s.as_bytes().windows(3).any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0');
-    if has_nul(req.uri().path()) || req.uri().query().is_some_and(has_nul) {
-        return ApiError::BadRequest("The request path or query contains a NUL (%00) byte".into()).into_response();
+/// What every request goes through, in one layer (each layer of its own would box and
+/// move the request's future once more), outermost first:
+/// * metrics and the `/api` request log;
+/// * in production, the HTTPS redirect;
+/// * a path or query carrying a NUL byte (`%00`) is refused with 400: Postgres text
+///   cannot hold it;
+/// * errors produced outside the handlers become JSON (see [`json_errors`]).
+async fn edge(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let resp = if let Some(redirect) = https_redirect(&state, &req) {
+        redirect
+    } else if carries_nul(&req) {
+        ApiError::BadRequest("The request path or query contains a NUL (%00) byte".into()).into_response()
+    } else {
+        json_errors(next.run(req).await).await
+    };
+    let elapsed = start.elapsed();
+    let m = &state.metrics;
+    m.http_requests_total.inc();
+    m.http_request_duration_seconds.observe(elapsed.as_secs_f64());
+    if resp.status().is_server_error() {
+        m.http_request_errors_total.inc();
     }
-    next.run(req).await
+    if path.starts_with("/api") {
+        tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request");
+    }
+    resp
+}
+
+fn carries_nul(req: &Request) -> bool {
+    let has_nul = |s: &str| s.as_bytes().windows(3).any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0');
+    has_nul(req.uri().path()) || req.uri().query().is_some_and(has_nul)
 }
 
 /// Errors produced outside the handlers (axum's extractor rejections: a malformed query
 /// string or path, a wrong method) come as plain text; clients get every error as
 /// `{"error": "..."}`.
-async fn json_errors(req: Request, next: Next) -> Response {
-    let resp = next.run(req).await;
+async fn json_errors(resp: Response) -> Response {
     let status = resp.status();
     let is_json =
         resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
@@ -254,35 +276,16 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 
 /// In production, a request that came over plain HTTP through a proxy is redirected to
 /// HTTPS with 301, as the seed does.
-async fn https_redirect(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if state.settings.production && req.headers().get("x-forwarded-proto").is_some_and(|v| v.as_bytes() == b"http") {
-        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-        let target = format!("https://{host}{}", req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
-        return match HeaderValue::from_str(&target) {
-            Ok(_) => (StatusCode::MOVED_PERMANENTLY, [(header::LOCATION, target)]).into_response(),
-            Err(_) => Redirect::permanent("/").into_response(),
-        };
+fn https_redirect(state: &AppState, req: &Request) -> Option<Response> {
+    if !(state.settings.production && req.headers().get("x-forwarded-proto").is_some_and(|v| v.as_bytes() == b"http")) {
+        return None;
     }
-    next.run(req).await
-}
-
-/// Counts and times every request and logs `/api` requests as the seed did.
-async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let resp = next.run(req).await;
-    let elapsed = start.elapsed();
-    let m = &state.metrics;
-    m.http_requests_total.inc();
-    m.http_request_duration_seconds.observe(elapsed.as_secs_f64());
-    if resp.status().is_server_error() {
-        m.http_request_errors_total.inc();
-    }
-    if path.starts_with("/api") {
-        tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request");
-    }
-    resp
+    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let target = format!("https://{host}{}", req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+    Some(match HeaderValue::from_str(&target) {
+        Ok(_) => (StatusCode::MOVED_PERMANENTLY, [(header::LOCATION, target)]).into_response(),
+        Err(_) => Redirect::permanent("/").into_response(),
+    })
 }
 
 /// Builds the API's state: provisions NATS, starts the dispatcher and the submission
