@@ -17,6 +17,14 @@ use tracing_subscriber::layer::{Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
+/// Whether spans are exported. Without an exporter there is no trace context to carry,
+/// and the propagation helpers skip their work (they run once or more per task).
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Keeps the exporter alive; dropping it flushes pending spans.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
@@ -54,6 +62,7 @@ pub fn init(format: &str, service: &str) -> Telemetry {
     } else {
         None
     };
+    EXPORTING.store(provider.is_some(), std::sync::atomic::Ordering::Relaxed);
     // RUST_LOG filters the logs only: spans are exported at INFO whatever the log level.
     let otel = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
@@ -103,6 +112,9 @@ impl Injector for CarrierInjector<'_> {
 /// The current span's trace context, to hand to code that publishes later.
 pub fn current_carrier() -> Carrier {
     let mut carrier = Carrier::new();
+    if !exporting() {
+        return carrier;
+    }
     TraceContextPropagator::new()
         .inject_context(&tracing::Span::current().context(), &mut CarrierInjector(&mut carrier));
     carrier
@@ -117,6 +129,9 @@ pub fn apply_carrier(carrier: &Carrier, headers: &mut HeaderMap) {
 
 /// Writes the current span's trace context into NATS headers.
 pub fn inject(headers: &mut HeaderMap) {
+    if !exporting() {
+        return;
+    }
     TraceContextPropagator::new().inject_context(&tracing::Span::current().context(), &mut HeaderInjector(headers));
 }
 
@@ -133,12 +148,18 @@ impl Extractor for CarrierExtractor<'_> {
 
 /// Makes `span` a child of the trace context in `carrier`.
 pub fn extract_carrier(carrier: &Carrier, span: &tracing::Span) {
+    if !exporting() {
+        return;
+    }
     let cx = TraceContextPropagator::new().extract(&CarrierExtractor(carrier));
     let _ = span.set_parent(cx);
 }
 
 /// Makes `span` a child of the trace context carried by `headers`, if any.
 pub fn extract(headers: Option<&HeaderMap>, span: &tracing::Span) {
+    if !exporting() {
+        return;
+    }
     if let Some(h) = headers {
         let cx = TraceContextPropagator::new().extract(&HeaderExtractor(h));
         let _ = span.set_parent(cx);

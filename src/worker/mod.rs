@@ -36,6 +36,8 @@ use slots::{Slot, Slots};
 
 /// Most messages asked for in one pull request.
 const MAX_PULL: usize = 256;
+/// Claim requests in flight at once per pull loop.
+const MAX_CLAIMS_IN_FLIGHT: usize = 2;
 
 /// How a worker runs.
 #[derive(Clone, Debug)]
@@ -168,6 +170,10 @@ async fn pull(
         };
         let mut chunks = batch.ready_chunks(free);
         loop {
+            // With enough claims in flight, messages wait and go out together in the next.
+            while claims.len() >= MAX_CLAIMS_IN_FLIGHT {
+                claims.join_next().await;
+            }
             let chunk = tokio::select! {
                 _ = cancel.cancelled() => None,
                 c = chunks.next() => c,
