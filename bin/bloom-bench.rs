@@ -14,7 +14,9 @@
 //! * `nats_limit`: publish with ack, then pull and ack, of task-sized messages, in msgs/s;
 //! * the peak memory (VmHWM) of every process it started.
 //!
-//! It prints a table on stderr and the JSON report on stdout; the ratio
+//! The limits are measured before the runtime and again after it, and the runtime is
+//! compared with their mean (the machine's speed drifts during a run). It prints a table
+//! on stderr and the JSON report on stdout; the ratio
 //! `saturation / min(postgres_limit, nats_limit)` is the headline.
 
 use std::path::PathBuf;
@@ -540,6 +542,12 @@ async fn nats_limit(url: &str, msgs: usize) -> anyhow::Result<Value> {
               "msgs_per_sec": 1.0 / (1.0 / publish + 1.0 / pull)}))
 }
 
+/// A limit measured twice: both measurements, and their mean under `key`.
+fn before_and_after(before: Value, after: Value, key: &str) -> Value {
+    let mean = (before[key].as_f64().unwrap_or(f64::NAN) + after[key].as_f64().unwrap_or(f64::NAN)) / 2.0;
+    json!({ key: mean, "before": before, "after": after })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let o = Opts::parse();
@@ -552,8 +560,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let pool = bloom::db::connect(&db_url, &bloom::db::PoolOptions::default()).await?;
     bloom::db::migrate(&pool).await?;
-    // The machine's limits first, on the fresh database, then the runtime on the same tables.
-    let (pg, nats) = if o.no_limits {
+    // The machine's limits first, on the fresh database, then the runtime on the same
+    // tables, then the limits again: the machine's speed drifts during a run, and the
+    // runtime is compared with the mean of the limits measured before and after it.
+    let (pg_before, nats_before) = if o.no_limits {
         (Value::Null, Value::Null)
     } else {
         eprintln!("limits: postgres, nats");
@@ -634,6 +644,17 @@ async fn main() -> anyhow::Result<()> {
         let _ = js.delete_stream(names.results_stream()).await;
     }
 
+    let (pg, nats) = if o.no_limits {
+        (Value::Null, Value::Null)
+    } else {
+        eprintln!("limits again: postgres, nats");
+        let pg_after = postgres_limit(&db_url, o.tasks, 8, 128).await?;
+        let nats_after = nats_limit(&o.nats, o.tasks as usize).await?;
+        (
+            before_and_after(pg_before, pg_after, "tasks_per_sec"),
+            before_and_after(nats_before, nats_after, "msgs_per_sec"),
+        )
+    };
     let lower = [pg["tasks_per_sec"].as_f64(), nats["msgs_per_sec"].as_f64()]
         .into_iter()
         .flatten()
@@ -671,8 +692,11 @@ fn print_table(r: &Value) {
     eprintln!("{:<38} {}", "fixed-rate dispatch latency", lat(&r["fixed_rate"]["dispatch_ms"]));
     eprintln!("{:<38} {}", "fixed-rate end-to-end latency", lat(&r["fixed_rate"]["end_to_end_ms"]));
     eprintln!("{:<38} {}", "seed REST path tasks/s", f(&r["rest_path"]["tasks_per_sec"]));
-    eprintln!("{:<38} {}", "postgres limit tasks/s", f(&r["postgres_limit"]["tasks_per_sec"]));
-    eprintln!("{:<38} {}", "nats limit msgs/s", f(&r["nats_limit"]["msgs_per_sec"]));
+    let limit = |l: &Value, key: &str| {
+        format!("{} (before {}, after {})", f(&l[key]), f(&l["before"][key]), f(&l["after"][key]))
+    };
+    eprintln!("{:<38} {}", "postgres limit tasks/s", limit(&r["postgres_limit"], "tasks_per_sec"));
+    eprintln!("{:<38} {}", "nats limit msgs/s", limit(&r["nats_limit"], "msgs_per_sec"));
     let ratio = r["ratio_to_lower_limit"].as_f64().map_or("-".to_owned(), |x| format!("{x:.2}"));
     eprintln!("{:<38} {}", "ratio to the lower limit", ratio);
     if let Some(m) = r["peak_memory_mib"].as_object() {
