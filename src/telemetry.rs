@@ -4,8 +4,9 @@
 //! When `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set,
 //! spans are also exported over OTLP/HTTP (protobuf); the standard `OTEL_*` variables
 //! (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_*`, headers, timeouts)
-//! apply. The W3C trace context travels in NATS message headers ([`inject`],
-//! [`extract`]), so one task is one trace across API, worker and reconciler.
+//! apply. The W3C trace context travels in NATS message headers and in result bodies
+//! ([`current_carrier`], [`apply_carrier`], [`extract`], [`extract_carrier`]), so one task
+//! is one trace across API, worker and reconciler.
 
 use async_nats::HeaderMap;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -79,14 +80,6 @@ pub fn init(format: &str, service: &str) -> Telemetry {
     Telemetry { provider }
 }
 
-struct HeaderInjector<'a>(&'a mut HeaderMap);
-
-impl Injector for HeaderInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key, value.as_str());
-    }
-}
-
 struct HeaderExtractor<'a>(&'a HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {
@@ -125,14 +118,6 @@ pub fn apply_carrier(carrier: &Carrier, headers: &mut HeaderMap) {
     for (k, v) in carrier {
         headers.insert(k.as_str(), v.as_str());
     }
-}
-
-/// Writes the current span's trace context into NATS headers.
-pub fn inject(headers: &mut HeaderMap) {
-    if !exporting() {
-        return;
-    }
-    TraceContextPropagator::new().inject_context(&tracing::Span::current().context(), &mut HeaderInjector(headers));
 }
 
 struct CarrierExtractor<'a>(&'a Carrier);

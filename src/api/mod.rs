@@ -2,8 +2,8 @@
 //! shapes, status codes and validation rules.
 //!
 //! Layers, outermost first: [`edge`] (metrics, production HTTPS redirect, NUL refusal,
-//! JSON errors), body limit, then for `/api/*`: rate limit, API-key check. Handlers only parse, call `db`/`lifecycle`, and
-//! shape the response; they hold no SQL.
+//! JSON errors), body limit, then for `/api/*`: rate limit, API-key check. Handlers
+//! only parse, call `db`/`lifecycle`, and shape the response; they hold no SQL.
 
 pub mod auth;
 pub mod error;

@@ -1,8 +1,9 @@
 //! Consumes the results stream (one durable consumer shared by every replica) and
 //! completes tasks in Postgres. A batch of messages (each holding one or more results) is
-//! one transaction; each message is acknowledged only after that transaction committed, so a reconciler killed at any
-//! point loses no result (JetStream redelivers it) and a redelivered result finds its
-//! lease no longer current and is recorded as late: never a second completion.
+//! one transaction; each message is acknowledged only after that transaction committed,
+//! so a reconciler killed at any point loses no result (JetStream redelivers it) and a
+//! redelivered result finds its lease no longer current and is recorded as late: never
+//! a second completion.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +28,14 @@ pub struct ResultsReport {
     pub completed: usize,
     pub late: usize,
     pub rejected: usize,
+}
+
+impl std::ops::AddAssign for ResultsReport {
+    fn add_assign(&mut self, other: ResultsReport) {
+        self.completed += other.completed;
+        self.late += other.late;
+        self.rejected += other.rejected;
+    }
 }
 
 /// Consumes results until `cancel` fires. Reconnects after NATS errors.
@@ -88,13 +97,10 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsR
     // One span per result, continuing the task's trace, open until the batch committed.
     let mut spans = Vec::with_capacity(msgs.len());
     for msg in msgs {
-        let parsed =
-            serde_json::from_slice::<ResultBatch>(&msg.payload).map_err(|e| e.to_string()).and_then(|b| {
-                match b.has_nul_id() {
-                    true => Err("an id holds a NUL character".to_owned()),
-                    false => Ok(b),
-                }
-            });
+        let parsed = match serde_json::from_slice::<ResultBatch>(&msg.payload) {
+            Ok(b) if b.has_nul_id() => Err("an id holds a NUL character".to_owned()),
+            other => other.map_err(|e| e.to_string()),
+        };
         match parsed {
             Ok(batch) => {
                 for traced in batch.into_results() {
@@ -150,17 +156,15 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsR
         .collect();
     let outcomes = match lifecycle::complete(&r.pool, &completions).await {
         Ok(o) => o,
-        // One message may be what Postgres refuses: store the others one by one, so only
-        // that one waits for redelivery.
-        Err(e) if accepted.len() > 1 => {
+        // Postgres refused the statement (not a lost connection): one message may be what
+        // it refuses, so store them one by one and only that one waits for redelivery.
+        Err(e @ sqlx::Error::Database(_)) if accepted.len() > 1 => {
             tracing::warn!(error = %e, messages = accepted.len(), "storing a batch of results failed; storing them one by one");
             drop(spans);
             for msg in accepted {
                 // A message that fails alone has been nak'ed for redelivery.
                 if let Ok(one) = Box::pin(handle(r, vec![msg])).await {
-                    report.completed += one.completed;
-                    report.late += one.late;
-                    report.rejected += one.rejected;
+                    report += one;
                 }
             }
             return Ok(report);

@@ -5,9 +5,9 @@
 //! never executed twice) → execute, sending an in-progress ack and a lease heartbeat
 //! every TTL/3 → publish the result to the results stream (with the other results ready
 //! at that moment, see [`results`]) → ack the task message only after the result's
-//! publish is acknowledged. On shutdown the worker stops pulling,
-//! lets in-flight tasks finish within the grace period and hands the others back
-//! (lease released, message nak'ed) so another worker takes them at once.
+//! publish is acknowledged. On shutdown the worker stops pulling, lets in-flight tasks
+//! finish within the grace period and hands the others back (lease released, message
+//! nak'ed) so another worker takes them at once.
 
 pub mod executor;
 pub mod results;
@@ -195,7 +195,6 @@ async fn pull(
                     }
                 }
             }
-            while claims.try_join_next().is_some() {}
             let (ctx, exec) = (ctx.clone(), exec.clone());
             claims.spawn(async move {
                 for (msg, task, grant) in claim(&ctx, msgs).await {
@@ -220,9 +219,10 @@ async fn claim(ctx: &Ctx, msgs: Vec<Message>) -> Vec<(Message, TaskMessage, Leas
         if msg.info().is_ok_and(|i| i.delivered > 1) {
             ctx.metrics.redeliveries_total.inc();
         }
-        let task = match crate::protocol::carries_nul(&msg.payload) {
-            true => Err(serde::de::Error::custom("a NUL character")),
-            false => serde_json::from_slice::<TaskMessage>(&msg.payload),
+        let task = if crate::protocol::carries_nul(&msg.payload) {
+            Err(serde::de::Error::custom("a NUL character"))
+        } else {
+            serde_json::from_slice::<TaskMessage>(&msg.payload)
         };
         match task {
             Ok(task) => parsed.push((msg, task)),
