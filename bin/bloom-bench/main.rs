@@ -19,8 +19,11 @@
 //! on stderr and the JSON report on stdout; the ratio
 //! `saturation / min(postgres_limit, nats_limit)` is the headline.
 
+mod http;
+mod limits;
+mod procs;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +32,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgPool};
+
+use limits::{nats_limit, postgres_limit};
+use procs::{cpu_ms_per_task, cpu_ticks, spawn, Proc};
 
 /// Benchmark options.
 #[derive(Parser, Debug, Clone)]
@@ -71,87 +77,6 @@ struct Opts {
     /// Write the JSON report here too.
     #[arg(long)]
     out: Option<PathBuf>,
-}
-
-struct Proc {
-    name: String,
-    child: Child,
-}
-
-impl Proc {
-    /// Peak resident memory in KiB.
-    fn peak_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// CPU time (user + system, in clock ticks) of every process on the machine, by pid and
-/// command name.
-fn cpu_ticks() -> Vec<(u32, String, u64)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| {
-        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // `pid (comm) state ppid ...`: comm may hold spaces, so split after the last ')'.
-        let (head, rest) = stat.rsplit_once(')')?;
-        let comm = head.split_once('(')?.1.to_owned();
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        Some((pid, comm, ticks))
-    })
-    .collect()
-}
-
-/// CPU milliseconds each component used between two [`cpu_ticks`] snapshots, divided by
-/// `tasks`: the runtime's processes by label, Postgres and nats-server by name.
-fn cpu_ms_per_task(before: &[(u32, String, u64)], after: &[(u32, String, u64)], procs: &[&Proc], tasks: u64) -> Value {
-    let tick_ms = 1000.0 / 100.0; // USER_HZ is 100 on Linux
-    let component = |pid: u32, comm: &str| -> Option<String> {
-        if let Some(p) = procs.iter().find(|p| p.child.id() == pid) {
-            return Some(p.name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '-').to_owned());
-        }
-        match comm {
-            "postgres" => Some("postgres".into()),
-            "nats-server" => Some("nats-server".into()),
-            "bloom-bench" => Some("load generator".into()),
-            _ => None,
-        }
-    };
-    let mut totals = std::collections::BTreeMap::<String, f64>::new();
-    for (pid, comm, ticks) in after {
-        let Some(name) = component(*pid, comm) else { continue };
-        let start = before.iter().find(|(p, c, _)| p == pid && c == comm).map_or(0, |b| b.2);
-        *totals.entry(name).or_default() += ticks.saturating_sub(start) as f64 * tick_ms / tasks.max(1) as f64;
-    }
-    let all: f64 = totals.values().sum();
-    totals.insert("total".into(), all);
-    json!(totals)
-}
-
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.parent().context("binary directory")?.join(name);
-    if !path.exists() {
-        bail!("{} not found next to bloom-bench: build all binaries first", path.display());
-    }
-    Ok(path)
-}
-
-fn spawn(name: &str, label: &str, env: &[(&str, String)]) -> anyhow::Result<Proc> {
-    let mut cmd = Command::new(sibling(name)?);
-    cmd.stdout(Stdio::null()).stderr(Stdio::null()).env("RUST_LOG", "warn");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Ok(Proc { name: label.to_owned(), child: cmd.spawn().with_context(|| format!("starting {name}"))? })
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -217,6 +142,8 @@ async fn wait_completed(pool: &PgPool, tag: &str, n: u64, timeout: Duration) -> 
     }
 }
 
+const SUBMIT_PATH: &str = "/api/runtime/llm-tasks";
+
 fn task_body(tag: &str, i: u64) -> Vec<u8> {
     serde_json::to_vec(&json!({"context_id": format!("ctx-{}", i % 1000), "agent_slug": tag, "prompt": "noop"}))
         .expect("task body serializes")
@@ -226,7 +153,7 @@ fn task_body(tag: &str, i: u64) -> Vec<u8> {
 /// load generator spends little of the machine).
 async fn submit(http: &reqwest::Client, base: &str, body: Vec<u8>) -> anyhow::Result<bytes::Bytes> {
     let r = http
-        .post(format!("{base}/api/runtime/llm-tasks"))
+        .post(format!("{base}{SUBMIT_PATH}"))
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(body)
         .send()
@@ -282,13 +209,14 @@ async fn fixed_rate(o: &Opts, http: &reqwest::Client, base: &str, pool: &PgPool)
     }))
 }
 
-async fn saturation(o: &Opts, http: &reqwest::Client, base: &str, pool: &PgPool) -> anyhow::Result<Value> {
+async fn saturation(o: &Opts, pool: &PgPool) -> anyhow::Result<Value> {
     let tag = "bench-saturation";
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut clients = Vec::new();
+    let addr = format!("127.0.0.1:{}", o.port);
     for _ in 0..o.clients {
-        let (http, base, next, n) = (http.clone(), base.to_owned(), next.clone(), o.tasks);
+        let (mut conn, addr, next, n) = (http::Connection::new(&addr), addr.clone(), next.clone(), o.tasks);
         clients.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
@@ -296,8 +224,12 @@ async fn saturation(o: &Opts, http: &reqwest::Client, base: &str, pool: &PgPool)
                 if i >= n {
                     return anyhow::Ok(lat);
                 }
+                let request = http::post_json(&addr, SUBMIT_PATH, &task_body(tag, i));
                 let t = Instant::now();
-                submit(&http, &base, task_body(tag, i)).await?;
+                let r = conn.send(&request).await?;
+                if r.status != 201 {
+                    bail!("submit answered {}: {}", r.status, String::from_utf8_lossy(&r.body));
+                }
                 lat.push(t.elapsed().as_secs_f64() * 1000.0);
             }
         }));
@@ -363,183 +295,6 @@ async fn rest_path(o: &Opts, http: &reqwest::Client, base: &str) -> anyhow::Resu
     }
     let secs = started.elapsed().as_secs_f64();
     Ok(json!({"tasks": o.rest_tasks, "seconds": secs, "tasks_per_sec": o.rest_tasks as f64 / secs}))
-}
-
-/// The writes of a task's life, batched as the runtime batches them, executed directly.
-async fn postgres_limit(url: &str, tasks: u64, connections: usize, batch: usize) -> anyhow::Result<Value> {
-    let pool =
-        bloom::db::connect(url, &bloom::db::PoolOptions { max_connections: connections as u32, ..Default::default() })
-            .await?;
-    sqlx::query("TRUNCATE llm_tasks, leases, outbox, audit_logs, runtime_artifacts, llm_results")
-        .execute(&pool)
-        .await?;
-    let next = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let mut loops = Vec::new();
-    for _ in 0..connections {
-        let (pool, next) = (pool.clone(), next.clone());
-        loops.push(tokio::spawn(async move {
-            loop {
-                let start = next.fetch_add(batch as u64, Ordering::Relaxed);
-                if start >= tasks {
-                    return anyhow::Ok(());
-                }
-                let n = (tasks - start).min(batch as u64) as i64;
-                let ids: Vec<String> = (0..n).map(|_| bloom::domain::new_id()).collect();
-                let leases: Vec<String> = (0..n).map(|_| bloom::domain::new_id()).collect();
-                let now = bloom::time::now_ms();
-                // 1. create: task + outbox + audit
-                let mut tx = pool.begin().await?;
-                sqlx::query(
-                    "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, created_at, updated_at, dispatch_seq)
-                     SELECT id, 'ctx', 'limit', 'noop', $2, $2, 1 FROM UNNEST($1::text[]) AS id",
-                )
-                .bind(&ids)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                let outbox: Vec<i64> = sqlx::query_scalar(
-                    "INSERT INTO outbox (task_id, dispatch_seq, created_at) SELECT id, 1, $2 FROM UNNEST($1::text[]) AS id RETURNING id",
-                )
-                .bind(&ids)
-                .bind(now)
-                .fetch_all(&mut *tx)
-                .await?;
-                audit(&mut tx, &ids, "task_created", now).await?;
-                tx.commit().await?;
-                // 2. outbox delete (asynchronous commit, as the dispatcher does)
-                let mut tx = pool.begin().await?;
-                sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
-                sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(&outbox).execute(&mut *tx).await?;
-                tx.commit().await?;
-                // 3. claim: task update + leases + audit
-                let mut tx = pool.begin().await?;
-                sqlx::query(
-                    "UPDATE llm_tasks t SET status = 'leased', lease_id = r.l, worker_id = 'w', attempts = attempts + 1
-                     FROM UNNEST($1::text[], $2::text[]) AS r(id, l) WHERE t.id = r.id AND t.status = 'queued'",
-                )
-                .bind(&ids)
-                .bind(&leases)
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, last_heartbeat, context_id)
-                     SELECT l, id, 'w', $3, $3 + 300000, 300, $3, 'ctx' FROM UNNEST($1::text[], $2::text[]) AS r(id, l)",
-                )
-                .bind(&ids)
-                .bind(&leases)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                audit(&mut tx, &ids, "task_leased", now).await?;
-                tx.commit().await?;
-                // 4. complete: task + lease + artifact + result + audit
-                let mut tx = pool.begin().await?;
-                sqlx::query("UPDATE llm_tasks SET status = 'completed' WHERE id = ANY($1) AND status = 'leased'")
-                    .bind(&ids)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("UPDATE leases SET status = 'released' WHERE id = ANY($1) AND status = 'active'")
-                    .bind(&leases)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(
-                    "INSERT INTO runtime_artifacts (id, task_id, type, created_at, finalized, content)
-                     SELECT l, id, 'LLM_RESULT', $3, true, 'noop' FROM UNNEST($1::text[], $2::text[]) AS r(id, l)",
-                )
-                .bind(&ids)
-                .bind(&leases)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, metrics, completed_at)
-                     SELECT l || 'r', id, 'w', l, 'success', 'noop', '{\"duration_ms\":0}', $3
-                     FROM UNNEST($1::text[], $2::text[]) AS r(id, l)",
-                )
-                .bind(&ids)
-                .bind(&leases)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                audit(&mut tx, &ids, "task_completed", now).await?;
-                tx.commit().await?;
-            }
-        }));
-    }
-    for l in loops {
-        l.await??;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    Ok(json!({"tasks": tasks, "connections": connections, "batch": batch, "seconds": secs,
-              "tasks_per_sec": tasks as f64 / secs}))
-}
-
-async fn audit(tx: &mut sqlx::PgConnection, ids: &[String], action: &str, now: i64) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-         SELECT gen_random_uuid()::text, $2, $3, 'llm_task', id, 'bench', 'limit' FROM UNNEST($1::text[]) AS id",
-    )
-    .bind(ids)
-    .bind(now)
-    .bind(action)
-    .execute(tx)
-    .await?;
-    Ok(())
-}
-
-/// Publish with ack, then pull and ack, of task-sized messages.
-async fn nats_limit(url: &str, msgs: usize) -> anyhow::Result<Value> {
-    use futures::StreamExt;
-    let client = async_nats::connect(url).await?;
-    let js = async_nats::jetstream::new(client);
-    let name = format!("benchlimit{}", &bloom::domain::new_id()[..8]);
-    let stream = js
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: name.clone(),
-            subjects: vec![format!("{name}.>")],
-            retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
-            ..Default::default()
-        })
-        .await?;
-    let payload = bytes::Bytes::from(vec![b'x'; 400]);
-    let started = Instant::now();
-    let mut acks = Vec::with_capacity(msgs);
-    for i in 0..msgs {
-        let mut h = async_nats::HeaderMap::new();
-        h.insert("Nats-Msg-Id", i.to_string().as_str());
-        acks.push(js.publish_with_headers(format!("{name}.t"), h, payload.clone()).await?);
-        if acks.len() >= 4096 {
-            for a in acks.drain(..) {
-                a.await?;
-            }
-        }
-    }
-    for a in acks {
-        a.await?;
-    }
-    let publish_secs = started.elapsed().as_secs_f64();
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            durable_name: Some("c".into()),
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
-            ..Default::default()
-        })
-        .await?;
-    let started = Instant::now();
-    let mut messages = consumer.stream().max_messages_per_batch(512).messages().await?;
-    let mut got = 0;
-    while got < msgs {
-        let m = messages.next().await.context("stream ended")?.map_err(|e| anyhow::anyhow!(e))?;
-        m.ack().await.map_err(|e| anyhow::anyhow!(e))?;
-        got += 1;
-    }
-    let pull_secs = started.elapsed().as_secs_f64();
-    let _ = js.delete_stream(&name).await;
-    let publish = msgs as f64 / publish_secs;
-    let pull = msgs as f64 / pull_secs;
-    Ok(json!({"messages": msgs, "publish_acked_per_sec": publish, "pull_ack_per_sec": pull,
-              "msgs_per_sec": 1.0 / (1.0 / publish + 1.0 / pull)}))
 }
 
 /// A limit measured twice: both measurements, and their mean under `key`.
@@ -625,7 +380,7 @@ async fn main() -> anyhow::Result<()> {
     let fixed = fixed_rate(&o, &http, &base, &pool).await?;
     eprintln!("saturation: {} tasks, {} clients", o.tasks, o.clients);
     let before = cpu_ticks();
-    let mut sat = saturation(&o, &http, &base, &pool).await?;
+    let mut sat = saturation(&o, &pool).await?;
     let all: Vec<&Proc> = workers.iter().chain(procs.iter()).collect();
     sat["cpu_ms_per_task"] = cpu_ms_per_task(&before, &cpu_ticks(), &all, o.tasks);
     let mut memory = serde_json::Map::new();
