@@ -60,9 +60,14 @@ impl DbArgs {
     pub fn pool_options(&self) -> crate::db::PoolOptions {
         crate::db::PoolOptions {
             max_connections: self.db_max_connections.max(1),
-            statement_timeout: Duration::from_millis(self.db_statement_timeout_ms.max(1)),
+            statement_timeout: self.statement_timeout(),
             ..Default::default()
         }
+    }
+
+    /// The statement timeout.
+    pub fn statement_timeout(&self) -> Duration {
+        Duration::from_millis(self.db_statement_timeout_ms.max(1))
     }
 }
 

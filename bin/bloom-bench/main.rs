@@ -377,11 +377,13 @@ async fn main() -> anyhow::Result<()> {
     wait_workers(&pool, o.workers).await?;
 
     eprintln!("fixed rate: {} tasks/s for {} s", o.rate, o.rate_secs);
-    let fixed = fixed_rate(&o, &http, &base, &pool).await?;
+    let all: Vec<&Proc> = workers.iter().chain(procs.iter()).collect();
+    let before = cpu_ticks();
+    let mut fixed = fixed_rate(&o, &http, &base, &pool).await?;
+    fixed["cpu_ms_per_task"] = cpu_ms_per_task(&before, &cpu_ticks(), &all, o.rate * o.rate_secs);
     eprintln!("saturation: {} tasks, {} clients", o.tasks, o.clients);
     let before = cpu_ticks();
     let mut sat = saturation(&o, &pool).await?;
-    let all: Vec<&Proc> = workers.iter().chain(procs.iter()).collect();
     sat["cpu_ms_per_task"] = cpu_ms_per_task(&before, &cpu_ticks(), &all, o.tasks);
     let mut memory = serde_json::Map::new();
     for p in workers.iter().chain(procs.iter()) {
@@ -443,6 +445,10 @@ fn print_table(r: &Value) {
         eprintln!("{:<38} {}", "saturation CPU ms per task", parts.join(", "));
     }
     eprintln!("{:<38} {}", "fixed-rate offered tasks/s", f(&r["fixed_rate"]["offered_rate"]));
+    if let Some(cpu) = r["fixed_rate"]["cpu_ms_per_task"].as_object() {
+        let parts: Vec<String> = cpu.iter().map(|(k, v)| format!("{k} {:.3}", v.as_f64().unwrap_or(0.0))).collect();
+        eprintln!("{:<38} {}", "fixed-rate CPU ms per task", parts.join(", "));
+    }
     eprintln!("{:<38} {}", "fixed-rate submit latency", lat(&r["fixed_rate"]["submit_ms"]));
     eprintln!("{:<38} {}", "fixed-rate dispatch latency", lat(&r["fixed_rate"]["dispatch_ms"]));
     eprintln!("{:<38} {}", "fixed-rate end-to-end latency", lat(&r["fixed_rate"]["end_to_end_ms"]));

@@ -54,6 +54,8 @@ pub struct ApiSettings {
     pub membridge_default: membridge::Endpoint,
     /// Timeout of one membridge request (the seed's 10 s).
     pub membridge_timeout: Duration,
+    /// Client-side bound of one database call (the statement timeout).
+    pub db_timeout: Duration,
 }
 
 /// Shared state of all handlers; cloning it (every request does, once per layer) is
@@ -303,7 +305,7 @@ pub async fn build_state(
     let js = crate::bus::jetstream(nats.clone(), nats_timeout);
     crate::bus::provision::apply(&js, &names, Duration::from_secs(settings.lease_ttl_secs.max(1) as u64)).await?;
     let dispatcher = Dispatcher::spawn(js, names, pool.clone(), metrics.clone(), cancel.clone());
-    let submitter = Submitter::spawn(pool.clone(), dispatcher.clone(), metrics.clone(), 2, cancel);
+    let submitter = Submitter::spawn(pool.clone(), dispatcher.clone(), metrics.clone(), 2, settings.db_timeout, cancel);
     let membridge = Arc::new(membridge::Client::new(settings.membridge_timeout));
     Ok(AppState(Arc::new(AppContext {
         pool,

@@ -3,16 +3,18 @@
 //! Concurrent `POST /llm-tasks` requests are gathered into batches: each batch is one
 //! transaction (tasks, outbox rows, audit entries), so N submissions cost one durable
 //! commit instead of N. Batching adds no delay: a loop takes whatever is waiting the
-//! moment it is free, and several loops commit in parallel.
+//! moment it is free, and several loops commit in parallel, each on its own connection
+//! (see [`Dedicated`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Dispatcher;
-use crate::db::lifecycle;
+use crate::db::{lifecycle, Dedicated};
 use crate::domain::{NewTask, Task};
 use crate::metrics::Metrics;
 use crate::telemetry::Carrier;
@@ -36,12 +38,14 @@ impl Submitter {
         dispatcher: Dispatcher,
         metrics: Arc<Metrics>,
         loops: usize,
+        db_timeout: Duration,
         cancel: CancellationToken,
     ) -> Submitter {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 16);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..loops.max(1) {
-            tokio::spawn(commit_loop(pool.clone(), dispatcher.clone(), metrics.clone(), rx.clone(), cancel.clone()));
+            let db = Dedicated::new(&pool, db_timeout);
+            tokio::spawn(commit_loop(db, dispatcher.clone(), metrics.clone(), rx.clone(), cancel.clone()));
         }
         Submitter { tx }
     }
@@ -56,7 +60,7 @@ impl Submitter {
 }
 
 async fn commit_loop(
-    pool: PgPool,
+    mut db: Dedicated,
     dispatcher: Dispatcher,
     metrics: Arc<Metrics>,
     rx: Arc<Mutex<mpsc::Receiver<Request>>>,
@@ -80,7 +84,7 @@ async fn commit_loop(
             traces.push(trace);
             replies.push(reply);
         }
-        match lifecycle::create(&pool, tasks, "api").await {
+        match db.run(move |c| Box::pin(lifecycle::create(c, tasks, "api"))).await {
             Ok(mut dispatches) => {
                 metrics.tasks_submitted_total.add(dispatches.len() as u64);
                 for ((d, reply), trace) in dispatches.iter_mut().zip(replies).zip(traces) {

@@ -21,7 +21,7 @@
 use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgExecutor, PgPool};
 
 use super::outbox::{self, Dispatch};
 use super::{audit, tasks, workers};
@@ -36,19 +36,19 @@ const CREATE_SQL: &str = "WITH r AS (
             SELECT * FROM jsonb_to_recordset($1) AS r(id text, context_id text, agent_slug text, prompt text,
                 context_hints jsonb, policy jsonb, desired_format text, max_attempts int, audit_id text, audit text)),
          recent AS (
-            SELECT DISTINCT ON (l.context_id) l.context_id, l.worker_id
-            FROM leases l
-            WHERE l.status = 'active' AND l.context_id = ANY($4)
-            ORDER BY l.context_id, l.started_at DESC),
-         busy AS (
-            SELECT worker_id, count(*) AS n FROM leases
-            WHERE status = 'active' AND worker_id IN (SELECT worker_id FROM recent) GROUP BY worker_id),
+            SELECT c.context_id, l.worker_id
+            FROM (SELECT DISTINCT unnest($4::text[]) AS context_id) c
+            CROSS JOIN LATERAL (
+                SELECT worker_id FROM leases
+                WHERE status = 'active' AND context_id = c.context_id
+                ORDER BY started_at DESC LIMIT 1) l),
          sticky AS (
             SELECT recent.context_id, recent.worker_id
-            FROM recent JOIN workers w ON w.id = recent.worker_id LEFT JOIN busy b ON b.worker_id = w.id
+            FROM recent JOIN workers w ON w.id = recent.worker_id
             WHERE w.status = 'online' AND w.source = 'nats'
               AND COALESCE((w.capabilities->>'claude_cli')::boolean, true)
-              AND COALESCE(b.n, 0) < COALESCE((w.capabilities->>'max_concurrency')::int, 1)),
+              AND (SELECT count(*) FROM leases b WHERE b.status = 'active' AND b.worker_id = w.id)
+                  < COALESCE((w.capabilities->>'max_concurrency')::int, 1)),
          t AS (
             INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
                                    created_at, updated_at, attempts, max_attempts, dispatch_seq, routed_to)
@@ -159,7 +159,7 @@ fn task_not_found() -> TransitionError {
 /// Creates tasks, their outbox rows and audit entries in one transaction. A task whose
 /// context has an active lease on an online NATS worker with free capacity is routed to
 /// that worker (sticky); the others go to the shared pool.
-pub async fn create(pool: &PgPool, new: Vec<NewTask>, actor: &str) -> sqlx::Result<Vec<Dispatch>> {
+pub async fn create<'c>(db: impl PgExecutor<'c>, new: Vec<NewTask>, actor: &str) -> sqlx::Result<Vec<Dispatch>> {
     let now = now_ms();
     let mut created: Vec<Task> = new
         .into_iter()
@@ -199,7 +199,7 @@ pub async fn create(pool: &PgPool, new: Vec<NewTask>, actor: &str) -> sqlx::Resu
         .bind(now)
         .bind(actor)
         .bind(created.iter().map(|t| t.context_id.as_str()).collect::<Vec<_>>())
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?;
     let mut by_task: HashMap<TaskId, (i64, Option<WorkerId>)> =
         written.into_iter().map(|(task, outbox, routed)| (task, (outbox, routed))).collect();
@@ -332,7 +332,7 @@ pub enum ClaimOutcome {
 
 /// Claims dispatches in one transaction: `queued -> leased` for each task whose current
 /// dispatch is the claimed one. Outcomes are in the order of `claims`.
-pub async fn claim(pool: &PgPool, claims: &[Claim]) -> sqlx::Result<Vec<ClaimOutcome>> {
+pub async fn claim<'c>(db: impl PgExecutor<'c>, claims: &[Claim]) -> sqlx::Result<Vec<ClaimOutcome>> {
     let now = now_ms();
     // Every claim gets its own prospective lease id. When several claims in the batch
     // match the same task, Postgres applies exactly one of them and returns its lease id.
@@ -349,7 +349,7 @@ pub async fn claim(pool: &PgPool, claims: &[Claim]) -> sqlx::Result<Vec<ClaimOut
         .bind(serde_json::Value::Array(rows))
         .bind(now)
         .bind(claims.iter().map(|c| c.task_id.as_str()).collect::<Vec<_>>())
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?;
     let mut won: HashMap<LeaseId, String> = won.into_iter().collect();
     Ok(claims
@@ -375,11 +375,11 @@ pub async fn claim(pool: &PgPool, claims: &[Claim]) -> sqlx::Result<Vec<ClaimOut
 /// Renews active leases (`expires_at = now + ttl`) and moves their tasks to `running`,
 /// in one transaction. A lease is renewed only while it is active and still the
 /// current lease of its task. Returns the renewed leases.
-pub async fn heartbeat(pool: &PgPool, beats: &[(TaskId, LeaseId)]) -> sqlx::Result<Vec<Lease>> {
+pub async fn heartbeat<'c>(db: impl PgExecutor<'c>, beats: &[(TaskId, LeaseId)]) -> sqlx::Result<Vec<Lease>> {
     let now = now_ms();
     let tasks: Vec<&TaskId> = beats.iter().map(|(t, _)| t).collect();
     let leases: Vec<&LeaseId> = beats.iter().map(|(_, l)| l).collect();
-    sqlx::query_as(HEARTBEAT_SQL).bind(tasks).bind(leases).bind(now).fetch_all(pool).await
+    sqlx::query_as(HEARTBEAT_SQL).bind(tasks).bind(leases).bind(now).fetch_all(db).await
 }
 
 /// Hands a lease back without a result (a worker shutting down): the lease is
@@ -459,7 +459,7 @@ pub enum CompletionOutcome {
 /// completes it (the requeued dispatch is then refused at claim); a result of a lease
 /// that another lease superseded is late and changes nothing.
 /// Outcomes are in the order of `completions`.
-pub async fn complete(pool: &PgPool, completions: &[Completion]) -> sqlx::Result<Vec<CompletionOutcome>> {
+pub async fn complete<'c>(db: impl PgExecutor<'c>, completions: &[Completion]) -> sqlx::Result<Vec<CompletionOutcome>> {
     let now = now_ms();
     // A (task, lease) pair reported twice in one batch: only its first report can win.
     let mut seen = HashSet::new();
@@ -489,7 +489,7 @@ pub async fn complete(pool: &PgPool, completions: &[Completion]) -> sqlx::Result
         .bind(serde_json::Value::Array(rows))
         .bind(now)
         .bind(completions.iter().map(|c| c.task_id.as_str()).collect::<Vec<_>>())
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?;
     let mut done: HashMap<(TaskId, LeaseId), Task> =
         done.into_iter().filter_map(|t| t.lease_id.clone().map(|l| ((t.id.clone(), l), t))).collect();

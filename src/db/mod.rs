@@ -4,7 +4,9 @@
 //! [`lifecycle`]; the other modules read and write the tables that have no state machine.
 
 pub mod artifacts;
+
 pub mod audit;
+pub mod dedicated;
 pub mod leader;
 pub mod leases;
 pub mod lifecycle;
@@ -21,6 +23,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
+pub use dedicated::Dedicated;
 pub use page::{Cursor, Page};
 
 /// The embedded migrations of `migrations/`.

@@ -3,17 +3,17 @@
 //! one transaction per kind.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use async_nats::{Message, Subscriber};
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::Reconciler;
 use crate::bus::names::RECONCILER_QUEUE;
 use crate::db::lifecycle::{self, Claim, ClaimOutcome};
 use crate::db::workers::{self, Beat};
+use crate::db::Dedicated;
 use crate::domain::{WorkerId, WorkerStatus};
 use crate::protocol::{
     ClaimReply, ClaimRequest, HeartbeatReply, HeartbeatRequest, LeaseGrant, ReleaseReply, ReleaseRequest, WorkerBeat,
@@ -40,27 +40,36 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Decides the requests of `sub` in batches, each on one of the replica's
+/// `PARALLEL_BATCHES` connections: a batch starts when a connection is free, and
+/// requests arriving meanwhile join the next one. Batches in flight finish on shutdown.
 async fn serve<F, Fut>(r: Reconciler, sub: Subscriber, cancel: CancellationToken, handle: F)
 where
-    F: Fn(Reconciler, Vec<Message>) -> Fut + Copy + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
+    F: Fn(Reconciler, Vec<Message>, Dedicated) -> Fut + Copy + Send + 'static,
+    Fut: std::future::Future<Output = Dedicated> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(PARALLEL_BATCHES));
+    let connect = || Dedicated::new(&r.pool, r.settings.db_timeout);
+    let mut idle: Vec<Dedicated> = (0..PARALLEL_BATCHES).map(|_| connect()).collect();
+    // Handlers are spawned, not owned: one in flight finishes (and replies) even if this
+    // loop is dropped, as a committed claim must be answered.
+    let mut running: FuturesUnordered<tokio::task::JoinHandle<Dedicated>> = FuturesUnordered::new();
     let mut batches = sub.ready_chunks(MAX_BATCH);
     loop {
+        while idle.is_empty() {
+            // A handler that panicked lost its connection with it.
+            match running.next().await {
+                Some(db) => idle.push(db.unwrap_or_else(|_| connect())),
+                None => idle.push(connect()),
+            }
+        }
         let batch = tokio::select! {
-            _ = cancel.cancelled() => return,
-            b = batches.next() => match b { Some(b) => b, None => return },
+            _ = cancel.cancelled() => break,
+            b = batches.next() => match b { Some(b) => b, None => break },
         };
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let r = r.clone();
-        tokio::spawn(async move {
-            handle(r, batch).await;
-            drop(permit);
-        });
+        let db = idle.pop().expect("a free connection");
+        running.push(tokio::spawn(handle(r.clone(), batch, db)));
     }
+    while running.next().await.is_some() {}
 }
 
 async fn reply<T: serde::Serialize>(r: &Reconciler, msg: &Message, body: &T) {
@@ -88,7 +97,7 @@ fn parse<T: serde::de::DeserializeOwned>(r: &Reconciler, msg: &Message) -> Optio
     }
 }
 
-async fn handle_claims(r: Reconciler, msgs: Vec<Message>) {
+async fn handle_claims(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated) -> Dedicated {
     let mut requests = Vec::with_capacity(msgs.len());
     for msg in msgs {
         match parse::<ClaimRequest>(&r, &msg) {
@@ -107,14 +116,14 @@ async fn handle_claims(r: Reconciler, msgs: Vec<Message>) {
             })
         })
         .collect();
-    let outcomes = match lifecycle::claim(&r.pool, &claims).await {
+    let outcomes = match db.run(move |c| Box::pin(async move { lifecycle::claim(c, &claims).await })).await {
         Ok(o) => o,
         Err(e) => {
             tracing::error!(error = %e, "claim transaction failed");
             for (msg, _) in &requests {
                 reply(&r, msg, &ClaimReply::Unavailable { reason: "database unavailable".into() }).await;
             }
-            return;
+            return db;
         }
     };
     let now = now_ms();
@@ -139,9 +148,10 @@ async fn handle_claims(r: Reconciler, msgs: Vec<Message>) {
             .collect();
         reply(&r, msg, &ClaimReply::Decided { items }).await;
     }
+    db
 }
 
-async fn handle_heartbeats(r: Reconciler, msgs: Vec<Message>) {
+async fn handle_heartbeats(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated) -> Dedicated {
     let mut requests = Vec::with_capacity(msgs.len());
     for msg in msgs {
         if let Some(req) = parse::<HeartbeatRequest>(&r, &msg) {
@@ -149,7 +159,7 @@ async fn handle_heartbeats(r: Reconciler, msgs: Vec<Message>) {
         }
     }
     let pairs: Vec<_> = requests.iter().map(|(_, q)| (q.task_id.clone(), q.lease_id.clone())).collect();
-    match lifecycle::heartbeat(&r.pool, &pairs).await {
+    match db.run(move |c| Box::pin(async move { lifecycle::heartbeat(c, &pairs).await })).await {
         Ok(renewed) => {
             let by_lease: HashMap<_, _> = renewed.iter().map(|l| (l.id.clone(), l.expires_at)).collect();
             for (msg, req) in &requests {
@@ -173,9 +183,12 @@ async fn handle_heartbeats(r: Reconciler, msgs: Vec<Message>) {
             }
         }
     }
+    db
 }
 
-async fn handle_releases(r: Reconciler, msgs: Vec<Message>) {
+/// Hand-backs and worker beats are rare: they use the pool, and their lane's connection
+/// is never opened.
+async fn handle_releases(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> Dedicated {
     for msg in msgs {
         let Some(req) = parse::<ReleaseRequest>(&r, &msg) else {
             continue;
@@ -189,9 +202,10 @@ async fn handle_releases(r: Reconciler, msgs: Vec<Message>) {
         };
         reply(&r, &msg, &ReleaseReply { released }).await;
     }
+    db
 }
 
-async fn handle_worker_beats(r: Reconciler, msgs: Vec<Message>) {
+async fn handle_worker_beats(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> Dedicated {
     // The last beat of each worker in the batch wins.
     let mut latest: HashMap<WorkerId, WorkerBeat> = HashMap::new();
     for msg in msgs {
@@ -205,9 +219,10 @@ async fn handle_worker_beats(r: Reconciler, msgs: Vec<Message>) {
         .collect();
     if let Err(e) = workers::record_beats(&r.pool, &beats, now_ms()).await {
         tracing::error!(error = %e, "recording worker beats failed");
-        return;
+        return db;
     }
     let gone: Vec<WorkerId> =
         beats.iter().filter(|b| b.status == WorkerStatus::Offline).map(|b| b.id.clone()).collect();
     super::sweeper::reroute(&r, &gone).await;
+    db
 }

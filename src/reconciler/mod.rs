@@ -55,6 +55,8 @@ pub struct ReconcilerSettings {
     pub membridge_timeout: Duration,
     pub leader_poll: Duration,
     pub request_timeout: Duration,
+    /// Client-side bound of one database call (the statement timeout).
+    pub db_timeout: Duration,
 }
 
 impl Default for ReconcilerSettings {
@@ -63,6 +65,7 @@ impl Default for ReconcilerSettings {
             lease_ttl: Duration::from_secs(300),
             expiry_grace: Duration::from_secs(2),
             sweep_interval: Duration::from_secs(1),
+            db_timeout: Duration::from_secs(30),
             relay_interval: Duration::from_millis(500),
             relay_min_age: Duration::from_secs(2),
             worker_timeout: Duration::from_secs(30),

@@ -5,17 +5,17 @@
 //! redelivered result finds its lease no longer current and is recorded as late: never
 //! a second completion.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
 use futures::StreamExt;
-use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Reconciler;
 use crate::db::lifecycle::{self, Completion, CompletionOutcome};
+use crate::db::Dedicated;
 use crate::domain::ArtifactId;
 use crate::protocol::ResultBatch;
 
@@ -40,7 +40,11 @@ impl std::ops::AddAssign for ResultsReport {
 
 /// Consumes results until `cancel` fires. Reconnects after NATS errors.
 pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()> {
-    let slots = Arc::new(Semaphore::new(1));
+    // One batch in flight, on the replica's own connection; messages arriving meanwhile
+    // go into the next batch.
+    let fresh = || Dedicated::new(&r.pool, r.settings.db_timeout);
+    let mut idle = Some(fresh());
+    let mut in_flight: Option<JoinHandle<Dedicated>> = None;
     while !cancel.is_cancelled() {
         let consumer: Result<PullConsumer, _> =
             async { r.js.get_stream(r.names.results_stream()).await?.get_consumer(&r.names.results_consumer()).await }
@@ -69,17 +73,23 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
                 // Errors only (e.g. missed heartbeats): start a fresh pull stream.
                 break;
             }
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                break;
+            let mut db = match (idle.take(), in_flight.take()) {
+                (Some(db), _) => db,
+                // A handler that panicked lost its connection with it.
+                (None, Some(h)) => h.await.unwrap_or_else(|_| fresh()),
+                (None, None) => fresh(),
             };
             let r = r.clone();
-            tokio::spawn(async move {
-                if let Err(e) = handle(&r, msgs).await {
+            in_flight = Some(tokio::spawn(async move {
+                if let Err(e) = handle(&r, msgs, &mut db).await {
                     tracing::error!(error = %e, "storing results failed; they will be redelivered");
                 }
-                drop(permit);
-            });
+                db
+            }));
         }
+    }
+    if let Some(h) = in_flight {
+        let _ = h.await;
     }
     Ok(())
 }
@@ -90,7 +100,7 @@ fn without_nul(s: &str) -> String {
 
 /// Stores the results of a batch of messages in one transaction, then acknowledges the
 /// messages. A message may carry several results (see [`ResultBatch`]).
-pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsReport> {
+pub async fn handle(r: &Reconciler, msgs: Vec<Message>, db: &mut Dedicated) -> sqlx::Result<ResultsReport> {
     let mut report = ResultsReport::default();
     let mut accepted = Vec::with_capacity(msgs.len());
     let mut results = Vec::with_capacity(msgs.len());
@@ -154,7 +164,7 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsR
             artifact,
         })
         .collect();
-    let outcomes = match lifecycle::complete(&r.pool, &completions).await {
+    let outcomes = match db.run(move |c| Box::pin(async move { lifecycle::complete(c, &completions).await })).await {
         Ok(o) => o,
         // Postgres refused the statement (not a lost connection): one message may be what
         // it refuses, so store them one by one and only that one waits for redelivery.
@@ -163,7 +173,7 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>) -> sqlx::Result<ResultsR
             drop(spans);
             for msg in accepted {
                 // A message that fails alone has been nak'ed for redelivery.
-                if let Ok(one) = Box::pin(handle(r, vec![msg])).await {
+                if let Ok(one) = Box::pin(handle(r, vec![msg], db)).await {
                     report += one;
                 }
             }
