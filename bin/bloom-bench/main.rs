@@ -14,8 +14,9 @@
 //! * `nats_limit`: publish with ack, then pull and ack, of task-sized messages, in msgs/s;
 //! * the peak memory (VmHWM) of every process it started.
 //!
-//! The limits are measured before the runtime and again after it, and the runtime is
-//! compared with their mean (the machine's speed drifts during a run). It prints a table
+//! The limits are measured three times before the runtime and three times after it, and
+//! the runtime is compared with their median (the machine's speed drifts during a run,
+//! and single measurements vary by a factor of two). It prints a table
 //! on stderr and the JSON report on stdout; the ratio
 //! `saturation / min(postgres_limit, nats_limit)` is the headline.
 
@@ -74,6 +75,9 @@ struct Opts {
     /// Skip the limit measurements.
     #[arg(long)]
     no_limits: bool,
+    /// Measurements of each limit before the runtime, and again after it.
+    #[arg(long, default_value_t = 3)]
+    limit_runs: usize,
     /// Write the JSON report here too.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -297,10 +301,27 @@ async fn rest_path(o: &Opts, http: &reqwest::Client, base: &str) -> anyhow::Resu
     Ok(json!({"tasks": o.rest_tasks, "seconds": secs, "tasks_per_sec": o.rest_tasks as f64 / secs}))
 }
 
-/// A limit measured twice: both measurements, and their mean under `key`.
-fn before_and_after(before: Value, after: Value, key: &str) -> Value {
-    let mean = (before[key].as_f64().unwrap_or(f64::NAN) + after[key].as_f64().unwrap_or(f64::NAN)) / 2.0;
-    json!({ key: mean, "before": before, "after": after })
+/// Measures the Postgres and NATS limits `o.limit_runs` times each.
+async fn limits(o: &Opts, db_url: &str) -> anyhow::Result<(Vec<Value>, Vec<Value>)> {
+    let (mut pg, mut nats) = (Vec::new(), Vec::new());
+    for _ in 0..o.limit_runs.max(1) {
+        pg.push(postgres_limit(db_url, o.tasks, 8, 128).await?);
+        nats.push(nats_limit(&o.nats, o.tasks as usize).await?);
+    }
+    Ok((pg, nats))
+}
+
+/// A limit measured before and after the runtime: every measurement, and their median
+/// under `key` (one slow or fast stretch of the machine does not move it).
+fn before_and_after(before: Vec<Value>, after: Vec<Value>, key: &str) -> Value {
+    let mut all: Vec<f64> = before.iter().chain(&after).filter_map(|v| v[key].as_f64()).collect();
+    all.sort_by(f64::total_cmp);
+    let median = match all.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => all[n / 2],
+        n => (all[n / 2 - 1] + all[n / 2]) / 2.0,
+    };
+    json!({ key: median, "before": before, "after": after })
 }
 
 #[tokio::main]
@@ -317,12 +338,12 @@ async fn main() -> anyhow::Result<()> {
     bloom::db::migrate(&pool).await?;
     // The machine's limits first, on the fresh database, then the runtime on the same
     // tables, then the limits again: the machine's speed drifts during a run, and the
-    // runtime is compared with the mean of the limits measured before and after it.
+    // runtime is compared with the median of the limits measured before and after it.
     let (pg_before, nats_before) = if o.no_limits {
-        (Value::Null, Value::Null)
+        (Vec::new(), Vec::new())
     } else {
-        eprintln!("limits: postgres, nats");
-        let limits = (postgres_limit(&db_url, o.tasks, 8, 128).await?, nats_limit(&o.nats, o.tasks as usize).await?);
+        eprintln!("limits: postgres, nats ({} runs each)", o.limit_runs);
+        let limits = limits(&o, &db_url).await?;
         sqlx::query("TRUNCATE llm_tasks, leases, outbox, audit_logs, runtime_artifacts, llm_results")
             .execute(&pool)
             .await?;
@@ -405,8 +426,7 @@ async fn main() -> anyhow::Result<()> {
         (Value::Null, Value::Null)
     } else {
         eprintln!("limits again: postgres, nats");
-        let pg_after = postgres_limit(&db_url, o.tasks, 8, 128).await?;
-        let nats_after = nats_limit(&o.nats, o.tasks as usize).await?;
+        let (pg_after, nats_after) = limits(&o, &db_url).await?;
         (
             before_and_after(pg_before, pg_after, "tasks_per_sec"),
             before_and_after(nats_before, nats_after, "msgs_per_sec"),
@@ -454,7 +474,10 @@ fn print_table(r: &Value) {
     eprintln!("{:<38} {}", "fixed-rate end-to-end latency", lat(&r["fixed_rate"]["end_to_end_ms"]));
     eprintln!("{:<38} {}", "seed REST path tasks/s", f(&r["rest_path"]["tasks_per_sec"]));
     let limit = |l: &Value, key: &str| {
-        format!("{} (before {}, after {})", f(&l[key]), f(&l["before"][key]), f(&l["after"][key]))
+        let runs = |v: &Value| {
+            v.as_array().map_or("-".to_owned(), |a| a.iter().map(|r| f(&r[key])).collect::<Vec<_>>().join(", "))
+        };
+        format!("{} (before {}; after {})", f(&l[key]), runs(&l["before"]), runs(&l["after"]))
     };
     eprintln!("{:<38} {}", "postgres limit tasks/s", limit(&r["postgres_limit"], "tasks_per_sec"));
     eprintln!("{:<38} {}", "nats limit msgs/s", limit(&r["nats_limit"], "msgs_per_sec"));
