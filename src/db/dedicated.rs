@@ -29,8 +29,8 @@ impl Dedicated {
     }
 
     /// Runs `f` on the connection. A failure other than Postgres refusing the statement
-    /// (a lost connection, a timeout) closes the connection; the next call opens a new
-    /// one.
+    /// (a lost connection, a timeout, a fatal error such as a terminated backend) closes
+    /// the connection; the next call opens a new one.
     pub async fn run<T, F>(&mut self, f: F) -> sqlx::Result<T>
     where
         F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, sqlx::Result<T>>,
@@ -46,7 +46,7 @@ impl Dedicated {
         .unwrap_or_else(|_| {
             Err(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "database call timed out")))
         });
-        if matches!(&result, Err(e) if !matches!(e, sqlx::Error::Database(_))) {
+        if matches!(&result, Err(e) if !super::is_refusal(e)) {
             self.conn = None;
         }
         result

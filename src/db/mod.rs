@@ -20,7 +20,7 @@ pub mod workers;
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions, PgSeverity};
 use sqlx::PgPool;
 
 pub use dedicated::Dedicated;
@@ -64,6 +64,18 @@ pub async fn connect(url: &str, opts: &PoolOptions) -> Result<PgPool, sqlx::Erro
         .acquire_timeout(opts.acquire_timeout)
         .connect_with(connect)
         .await
+}
+
+/// Whether Postgres refused a statement (a constraint, bad data) on a connection that is
+/// still usable, as opposed to a lost connection, a timeout, or a fatal error that ended
+/// the session (a terminated backend, a server shutting down).
+pub fn is_refusal(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => !d
+            .try_downcast_ref::<PgDatabaseError>()
+            .is_some_and(|p| matches!(p.severity(), PgSeverity::Fatal | PgSeverity::Panic)),
+        _ => false,
+    }
 }
 
 /// Applies pending migrations. Safe to run concurrently from several processes:

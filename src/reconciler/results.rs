@@ -168,7 +168,7 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>, db: &mut Dedicated) -> s
         Ok(o) => o,
         // Postgres refused the statement (not a lost connection): one message may be what
         // it refuses, so store them one by one and only that one waits for redelivery.
-        Err(e @ sqlx::Error::Database(_)) if accepted.len() > 1 => {
+        Err(e) if crate::db::is_refusal(&e) && accepted.len() > 1 => {
             tracing::warn!(error = %e, messages = accepted.len(), "storing a batch of results failed; storing them one by one");
             drop(spans);
             for msg in accepted {

@@ -10,6 +10,7 @@ mod api_auth;
 mod api_tasks;
 mod api_workers;
 mod bloomctl;
+mod dedicated;
 mod dispatch;
 mod lifecycle_races;
 mod membridge;

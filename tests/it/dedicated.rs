@@ -1,0 +1,44 @@
+//! A loop's own connection: kept across statements Postgres refuses, replaced after a
+//! lost connection or a call that ran past its timeout.
+
+use std::time::Duration;
+
+use bloom::db::Dedicated;
+use sqlx::PgConnection;
+
+use crate::common::fresh_db;
+
+/// The backend process serving the connection.
+async fn backend(db: &mut Dedicated) -> sqlx::Result<i32> {
+    db.run(|c: &mut PgConnection| {
+        Box::pin(async move { sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(c).await })
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_dedicated_connection_survives_refusals_and_is_replaced_after_failures() {
+    let (pool, _) = fresh_db().await;
+    let mut db = Dedicated::new(&pool, Duration::from_millis(500));
+    let first = backend(&mut db).await.unwrap();
+    assert_eq!(backend(&mut db).await.unwrap(), first, "one backend for successive statements");
+
+    // Postgres refuses a statement: the connection stays.
+    let refused = db.run(|c| Box::pin(async move { sqlx::query("SELECT 1 / 0").execute(c).await })).await;
+    assert!(matches!(refused, Err(sqlx::Error::Database(_))), "{refused:?}");
+    assert_eq!(backend(&mut db).await.unwrap(), first);
+
+    // The backend is terminated: the call on the dead connection fails, the next one
+    // runs on a new connection.
+    sqlx::query("SELECT pg_terminate_backend($1)").bind(first).execute(&pool).await.unwrap();
+    let lost = backend(&mut db).await;
+    assert!(lost.is_err(), "a call on a terminated backend must fail: {lost:?}");
+    let second = backend(&mut db).await.unwrap();
+    assert_ne!(second, first);
+
+    // A call past the timeout fails on the client side and the connection is replaced.
+    let slow = db.run(|c| Box::pin(async move { sqlx::query("SELECT pg_sleep(5)").execute(c).await })).await;
+    assert!(matches!(&slow, Err(sqlx::Error::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut), "{slow:?}");
+    let third = backend(&mut db).await.unwrap();
+    assert_ne!(third, second);
+}
