@@ -62,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
         lease_ttl_secs: cli.nats.lease_ttl().as_secs() as i32,
         membridge_default: cli.membridge.endpoint(),
         membridge_timeout: cli.membridge.timeout(),
-        db_timeout: cli.db.statement_timeout(),
+        db_timeout: cli.db.call_timeout(),
     };
     let cancel = CancellationToken::new();
     bloom::process::cancel_on_signal(cancel.clone());

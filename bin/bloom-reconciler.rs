@@ -51,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
         membridge_timeout: cli.membridge.timeout(),
         leader_poll: millis(r.leader_poll_ms.max(50)),
         request_timeout: cli.nats.timeout(),
-        db_timeout: cli.db.statement_timeout(),
+        db_timeout: cli.db.call_timeout(),
         ..ReconcilerSettings::default()
     };
 

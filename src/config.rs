@@ -69,6 +69,13 @@ impl DbArgs {
     pub fn statement_timeout(&self) -> Duration {
         Duration::from_millis(self.db_statement_timeout_ms.max(1))
     }
+
+    /// The client-side bound of one database call: the statement timeout and a margin
+    /// for connecting and the round trip, so that Postgres gives up on a statement
+    /// first (a statement the client abandoned could still commit).
+    pub fn call_timeout(&self) -> Duration {
+        self.statement_timeout() + Duration::from_secs(5)
+    }
 }
 
 /// NATS connection and naming.

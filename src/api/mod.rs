@@ -54,7 +54,8 @@ pub struct ApiSettings {
     pub membridge_default: membridge::Endpoint,
     /// Timeout of one membridge request (the seed's 10 s).
     pub membridge_timeout: Duration,
-    /// Client-side bound of one database call (the statement timeout).
+    /// Client-side bound of one database call (longer than the statement timeout, so
+    /// Postgres gives up first).
     pub db_timeout: Duration,
 }
 

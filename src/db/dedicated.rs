@@ -8,17 +8,30 @@
 //! loop's own connection runs one statement per batch, on a backend that already has it
 //! planned.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, PgConnection, PgPool};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+
+/// A connection idle this long is checked with a round trip before it is used (a server
+/// restarted meanwhile would otherwise fail the first statement). Busy loops never
+/// wait this long, so they never pay for the check.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// Connections are replaced after this long, like the pool's.
+const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
 
 /// One connection, opened on first use and again after it failed.
 pub struct Dedicated {
     options: PgConnectOptions,
-    conn: Option<PgConnection>,
+    conn: Option<Open>,
     timeout: Duration,
+}
+
+struct Open {
+    conn: PgConnection,
+    opened: Instant,
+    used: Instant,
 }
 
 impl Dedicated {
@@ -35,12 +48,24 @@ impl Dedicated {
     where
         F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, sqlx::Result<T>>,
     {
-        let (options, conn) = (&self.options, &mut self.conn);
+        let (options, slot) = (&self.options, &mut self.conn);
         let result = tokio::time::timeout(self.timeout, async move {
-            if conn.is_none() {
-                *conn = Some(options.connect().await?);
+            if let Some(open) = slot.as_mut() {
+                let stale = open.opened.elapsed() > MAX_LIFETIME
+                    || (open.used.elapsed() > IDLE_CHECK && open.conn.ping().await.is_err());
+                if stale {
+                    *slot = None;
+                }
             }
-            f(conn.as_mut().expect("connected above")).await
+            let open = match slot {
+                Some(open) => open,
+                None => {
+                    let now = Instant::now();
+                    slot.insert(Open { conn: options.connect().await?, opened: now, used: now })
+                }
+            };
+            open.used = Instant::now();
+            f(&mut open.conn).await
         })
         .await
         .unwrap_or_else(|_| {

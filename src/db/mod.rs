@@ -67,13 +67,21 @@ pub async fn connect(url: &str, opts: &PoolOptions) -> Result<PgPool, sqlx::Erro
 }
 
 /// Whether Postgres refused a statement (a constraint, bad data) on a connection that is
-/// still usable, as opposed to a lost connection, a timeout, or a fatal error that ended
-/// the session (a terminated backend, a server shutting down).
+/// still usable, as opposed to a lost connection, a timeout, a fatal error that ended
+/// the session (a terminated backend, a server shutting down), or an error that the
+/// session would repeat on every call: a prepared statement whose result type changed
+/// under it (a migration added a column), a missing prepared statement, a server that
+/// became read-only (a failover).
 pub fn is_refusal(e: &sqlx::Error) -> bool {
+    /// SQLSTATEs after which the session, not the statement, is what is wrong.
+    const SESSION_STATES: [&str; 3] = ["0A000", "26000", "25006"];
     match e {
-        sqlx::Error::Database(d) => !d
-            .try_downcast_ref::<PgDatabaseError>()
-            .is_some_and(|p| matches!(p.severity(), PgSeverity::Fatal | PgSeverity::Panic)),
+        sqlx::Error::Database(d) => !d.try_downcast_ref::<PgDatabaseError>().is_some_and(|p| {
+            matches!(p.severity(), PgSeverity::Fatal | PgSeverity::Panic)
+                || SESSION_STATES.contains(&p.code())
+                || p.code().starts_with("08")
+                || p.code().starts_with("57")
+        }),
         _ => false,
     }
 }

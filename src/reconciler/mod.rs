@@ -55,7 +55,8 @@ pub struct ReconcilerSettings {
     pub membridge_timeout: Duration,
     pub leader_poll: Duration,
     pub request_timeout: Duration,
-    /// Client-side bound of one database call (the statement timeout).
+    /// Client-side bound of one database call (longer than the statement timeout, so
+    /// Postgres gives up first).
     pub db_timeout: Duration,
 }
 
@@ -65,7 +66,7 @@ impl Default for ReconcilerSettings {
             lease_ttl: Duration::from_secs(300),
             expiry_grace: Duration::from_secs(2),
             sweep_interval: Duration::from_secs(1),
-            db_timeout: Duration::from_secs(30),
+            db_timeout: Duration::from_secs(35),
             relay_interval: Duration::from_millis(500),
             relay_min_age: Duration::from_secs(2),
             worker_timeout: Duration::from_secs(30),

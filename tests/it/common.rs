@@ -122,7 +122,7 @@ impl TestApp {
                 .clone()
                 .unwrap_or(Endpoint { url: "http://127.0.0.1:9".into(), admin_key: Secret::default() }),
             membridge_timeout: opts.membridge_timeout,
-            db_timeout: Duration::from_secs(30),
+            db_timeout: Duration::from_secs(35),
         };
         let cancel = CancellationToken::new();
         let state = api::build_state(
@@ -248,7 +248,7 @@ impl TestApp {
             membridge_timeout: self.opts.membridge_timeout,
             leader_poll: Duration::from_millis(200),
             request_timeout: Duration::from_secs(5),
-            db_timeout: Duration::from_secs(30),
+            db_timeout: Duration::from_secs(35),
         }
     }
 

@@ -1,5 +1,5 @@
 //! A loop's own connection: kept across statements Postgres refuses, replaced after a
-//! lost connection or a call that ran past its timeout.
+//! lost connection or a call that ran past its timeout, checked before use when idle.
 
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ async fn backend(db: &mut Dedicated) -> sqlx::Result<i32> {
 #[tokio::test]
 async fn a_dedicated_connection_survives_refusals_and_is_replaced_after_failures() {
     let (pool, _) = fresh_db().await;
-    let mut db = Dedicated::new(&pool, Duration::from_millis(500));
+    let mut db = Dedicated::new(&pool, Duration::from_secs(3));
     let first = backend(&mut db).await.unwrap();
     assert_eq!(backend(&mut db).await.unwrap(), first, "one backend for successive statements");
 
@@ -28,17 +28,25 @@ async fn a_dedicated_connection_survives_refusals_and_is_replaced_after_failures
     assert!(matches!(refused, Err(sqlx::Error::Database(_))), "{refused:?}");
     assert_eq!(backend(&mut db).await.unwrap(), first);
 
-    // The backend is terminated: the call on the dead connection fails, the next one
-    // runs on a new connection.
+    // The backend is terminated while the connection is busy: the next call fails (or,
+    // if it came after the idle check's delay, runs on a new connection), and the one
+    // after runs on a new connection.
     sqlx::query("SELECT pg_terminate_backend($1)").bind(first).execute(&pool).await.unwrap();
-    let lost = backend(&mut db).await;
-    assert!(lost.is_err(), "a call on a terminated backend must fail: {lost:?}");
-    let second = backend(&mut db).await.unwrap();
+    let second = match backend(&mut db).await {
+        Ok(pid) => pid,
+        Err(_) => backend(&mut db).await.unwrap(),
+    };
     assert_ne!(second, first);
 
-    // A call past the timeout fails on the client side and the connection is replaced.
-    let slow = db.run(|c| Box::pin(async move { sqlx::query("SELECT pg_sleep(5)").execute(c).await })).await;
-    assert!(matches!(&slow, Err(sqlx::Error::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut), "{slow:?}");
-    let third = backend(&mut db).await.unwrap();
+    // Terminated while idle: the check before use finds it dead and the call succeeds.
+    sqlx::query("SELECT pg_terminate_backend($1)").bind(second).execute(&pool).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let third = backend(&mut db).await.expect("an idle connection is checked before use");
     assert_ne!(third, second);
+
+    // A call past the timeout fails on the client side and the connection is replaced.
+    let slow = db.run(|c| Box::pin(async move { sqlx::query("SELECT pg_sleep(30)").execute(c).await })).await;
+    assert!(matches!(&slow, Err(sqlx::Error::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut), "{slow:?}");
+    let fourth = backend(&mut db).await.unwrap();
+    assert_ne!(fourth, third);
 }
