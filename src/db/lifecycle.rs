@@ -44,11 +44,15 @@ const CREATE_SQL: &str = "WITH r AS (
                 ORDER BY started_at DESC LIMIT 1) l),
          sticky AS (
             SELECT recent.context_id, recent.worker_id
-            FROM recent JOIN workers w ON w.id = recent.worker_id
-            WHERE w.status = 'online' AND w.source = 'nats'
-              AND COALESCE((w.capabilities->>'claude_cli')::boolean, true)
-              AND (SELECT count(*) FROM leases b WHERE b.status = 'active' AND b.worker_id = w.id)
-                  < COALESCE((w.capabilities->>'max_concurrency')::int, 1)),
+            FROM recent CROSS JOIN LATERAL (
+                -- LIMIT keeps this a lookup by key per context (no join order that walks
+                -- every worker), whatever the statistics of `workers` say.
+                SELECT 1 FROM workers w
+                WHERE w.id = recent.worker_id AND (w.status || '') = 'online' AND w.source = 'nats'
+                  AND COALESCE((w.capabilities->>'claude_cli')::boolean, true)
+                  AND (SELECT count(*) FROM leases b WHERE b.status = 'active' AND b.worker_id = w.id)
+                      < COALESCE((w.capabilities->>'max_concurrency')::int, 1)
+                LIMIT 1) w),
          t AS (
             INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
                                    created_at, updated_at, attempts, max_attempts, dispatch_seq, routed_to)

@@ -13,15 +13,16 @@ async fn explain(conn: &mut sqlx::PgConnection, statement: &str, args: &str) -> 
     rows.iter().map(|row| row.get::<String, _>(0)).collect::<Vec<_>>().join("\n")
 }
 
-/// The scans of the hot tables in a plan's text that do not look rows up by key:
-/// sequential scans, and index scans whose condition names no key (a pass over a whole
-/// index, or over every entry of one status: the planner believes these small, while
-/// between vacuums they hold thousands of dead entries).
+/// The scans of the hot tables (and of `workers`, which submissions consult) in a plan's
+/// text that do not look rows up by key: sequential scans, and index scans whose
+/// condition names no key (a pass over a whole index, or over every entry of one status:
+/// the planner believes these small, while between vacuums they hold thousands of dead
+/// entries).
 fn table_scans(plan: &str) -> Vec<String> {
     let lines: Vec<&str> = plan.lines().collect();
     let mut scans = Vec::new();
     for (i, line) in lines.iter().enumerate() {
-        if !(line.contains(" on llm_tasks") || line.contains(" on leases")) {
+        if !(line.contains(" on llm_tasks") || line.contains(" on leases") || line.contains(" on workers")) {
             continue;
         }
         // A node's details follow it up to the next node.
