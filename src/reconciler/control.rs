@@ -31,6 +31,9 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
     let beats = r.client.queue_subscribe(r.names.heartbeat_subject(), RECONCILER_QUEUE.into()).await?;
     let releases = r.client.queue_subscribe(r.names.release_subject(), RECONCILER_QUEUE.into()).await?;
     let workers = r.client.queue_subscribe(r.names.worker_beat_subject(), RECONCILER_QUEUE.into()).await?;
+    // The server has the subscriptions once a round trip after them has completed.
+    r.client.flush().await?;
+    r.serving.send_replace(true);
     tokio::join!(
         serve(r.clone(), claims, cancel.clone(), handle_claims),
         serve(r.clone(), beats, cancel.clone(), handle_heartbeats),

@@ -27,6 +27,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use sqlx::PgPool;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -95,6 +96,9 @@ pub struct Reconciler {
     pub membridge: Arc<membridge::Client>,
     pub metrics: Arc<Metrics>,
     pub settings: Arc<ReconcilerSettings>,
+    /// True once the control subjects are subscribed on the server: from then on a
+    /// claim sent to this replica is answered.
+    serving: Arc<watch::Sender<bool>>,
 }
 
 impl Reconciler {
@@ -122,7 +126,20 @@ impl Reconciler {
             membridge,
             metrics,
             settings: Arc::new(settings),
+            serving: Arc::new(watch::Sender::new(false)),
         })
+    }
+
+    /// Whether the control subjects are subscribed (part of `/readyz`).
+    pub fn is_serving(&self) -> bool {
+        *self.serving.borrow()
+    }
+
+    /// Waits until the control subjects are subscribed.
+    pub async fn serving(&self) {
+        let mut rx = self.serving.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = rx.wait_for(|s| *s).await;
     }
 
     /// Runs every duty until `cancel` fires.
@@ -168,8 +185,9 @@ pub fn router(r: Reconciler) -> Router {
 async fn ready(State(r): State<Reconciler>) -> impl IntoResponse {
     let db = sqlx::query("SELECT 1").execute(&r.pool).await.is_ok();
     let nats = r.client.connection_state() == async_nats::connection::State::Connected;
-    let code = if db && nats { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(serde_json::json!({ "database": db, "nats": nats })))
+    let serving = r.is_serving();
+    let code = if db && nats && serving { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(serde_json::json!({ "database": db, "nats": nats, "serving": serving })))
 }
 
 /// What the duties have done, for operators.

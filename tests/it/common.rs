@@ -267,6 +267,7 @@ impl TestApp {
         let cancel = self.cancel.child_token();
         let r = self.reconciler_with(self.reconciler_settings(), &cancel).await;
         tokio::spawn(r.clone().run(cancel.clone()));
+        tokio::time::timeout(Duration::from_secs(10), r.serving()).await.expect("reconciler subscribed");
         (r, cancel)
     }
 

@@ -104,6 +104,15 @@ async fn one_task_is_one_trace_across_api_worker_and_reconciler() {
         http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status().is_success())
     })
     .await;
+    // The reconciler is ready once its control subscriptions are on the server.
+    wait_for("reconciler ready", Duration::from_secs(30), || async {
+        let Ok(r) = http.get(format!("http://127.0.0.1:{rec_port}/readyz")).send().await else { return false };
+        let ok = r.status().is_success();
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(ok, body["serving"] == true && body["database"] == true && body["nats"] == true, "{body}");
+        ok
+    })
+    .await;
     wait_for("worker online", Duration::from_secs(30), || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM workers WHERE status = 'online'")
             .fetch_one(&pool)
