@@ -50,3 +50,25 @@ async fn a_dedicated_connection_survives_refusals_and_is_replaced_after_failures
     let fourth = backend(&mut db).await.unwrap();
     assert_ne!(fourth, third);
 }
+
+#[tokio::test]
+async fn a_dedicated_connection_keeps_the_pool_settings_and_uses_generic_plans() {
+    let (pool, _) = fresh_db().await;
+    let mut db = Dedicated::new(&pool, Duration::from_secs(3));
+    let settings: (String, String, String) = db
+        .run(|c| {
+            Box::pin(async move {
+                sqlx::query_as(
+                    "SELECT current_setting('plan_cache_mode'), current_setting('enable_seqscan'),
+                            current_setting('statement_timeout')",
+                )
+                .fetch_one(c)
+                .await
+            })
+        })
+        .await
+        .unwrap();
+    let pooled: String =
+        sqlx::query_scalar("SELECT current_setting('statement_timeout')").fetch_one(&pool).await.unwrap();
+    assert_eq!(settings, ("force_generic_plan".to_owned(), "off".to_owned(), pooled));
+}
