@@ -145,6 +145,7 @@ metrics! {
     results_completed_total: Counter = "Results that completed their task.",
     results_late_total: Counter = "Results for leases that were no longer current.",
     results_rejected_total: Counter = "Malformed result messages terminated.",
+    results_refused_total: Counter = "Result messages terminated after Postgres refused them on every delivery.",
     task_duration_seconds: Histogram = "Execution time of tasks as reported by workers.",
     leases_expired_total: Counter = "Leases expired by the sweeper.",
     tasks_requeued_total: Counter = "Tasks requeued after a lease expiry.",

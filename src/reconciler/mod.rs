@@ -59,6 +59,11 @@ pub struct ReconcilerSettings {
     /// Client-side bound of one database call (longer than the statement timeout, so
     /// Postgres gives up first).
     pub db_timeout: Duration,
+    /// A result message Postgres refuses on its own is redelivered after this delay times
+    /// its delivery count (at most 30 s)…
+    pub result_retry_delay: Duration,
+    /// …and terminated on this delivery if Postgres still refuses it.
+    pub result_max_deliveries: i64,
 }
 
 impl Default for ReconcilerSettings {
@@ -68,6 +73,8 @@ impl Default for ReconcilerSettings {
             expiry_grace: Duration::from_secs(2),
             sweep_interval: Duration::from_secs(1),
             db_timeout: Duration::from_secs(35),
+            result_retry_delay: Duration::from_secs(1),
+            result_max_deliveries: 10,
             relay_interval: Duration::from_millis(500),
             relay_min_age: Duration::from_secs(2),
             worker_timeout: Duration::from_secs(30),

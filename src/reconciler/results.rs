@@ -4,6 +4,13 @@
 //! so a reconciler killed at any point loses no result (JetStream redelivers it) and a
 //! redelivered result finds its lease no longer current and is recorded as late: never
 //! a second completion.
+//!
+//! A message Postgres refuses (a constraint, a value it cannot store; not a lost
+//! connection) is stored apart from its batch, so it holds up no other result, and is
+//! redelivered with a growing delay; after `result_max_deliveries` deliveries it is
+//! terminated and counted in `results_refused_total`. Its task's lease then expires and
+//! the task is retried, or dead after its last attempt, like any task whose result
+//! never arrived.
 
 use std::time::Duration;
 
@@ -21,6 +28,8 @@ use crate::protocol::ResultBatch;
 
 /// Largest batch of results per transaction.
 const MAX_BATCH: usize = 512;
+/// Longest wait before a refused or unstored result message is delivered again.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// What one batch did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -180,8 +189,19 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>, db: &mut Dedicated) -> s
             return Ok(report);
         }
         Err(e) => {
+            let refused = crate::db::is_refusal(&e);
             for msg in &accepted {
-                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                let delivered = msg.info().map_or(1, |i| i.delivered).max(1);
+                if refused && delivered >= r.settings.result_max_deliveries {
+                    r.metrics.results_refused_total.inc();
+                    let tasks: Vec<&str> = results.iter().map(|res| res.task_id.as_str()).collect();
+                    tracing::error!(error = %e, delivered, ?tasks,
+                        "Postgres refused a result message on every delivery; terminated");
+                    let _ = msg.ack_with(AckKind::Term).await;
+                } else {
+                    let delay = (r.settings.result_retry_delay * delivered as u32).min(MAX_RETRY_DELAY);
+                    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                }
             }
             return Err(e);
         }

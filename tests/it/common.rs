@@ -249,6 +249,8 @@ impl TestApp {
             leader_poll: Duration::from_millis(200),
             request_timeout: Duration::from_secs(5),
             db_timeout: Duration::from_secs(35),
+            result_retry_delay: Duration::from_millis(100),
+            result_max_deliveries: 10,
         }
     }
 
