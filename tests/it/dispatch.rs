@@ -46,7 +46,7 @@ async fn submitted_tasks_complete_through_jetstream_exactly_once() {
     assert_eq!(t["attempts"], 1);
     let (_, arts) = app.get(&format!("/api/runtime/artifacts?task_id={}", ids[7])).await;
     assert_eq!(arts[0]["content"], "task 7", "the builtin executor echoes the prompt");
-    wait_for("outbox drained", Duration::from_secs(5), || async {
+    wait_for("outbox drained", Duration::from_secs(15), || async {
         app.count("SELECT count(*) FROM outbox").await == 0
     })
     .await;
@@ -118,7 +118,7 @@ async fn tasks_of_a_context_stick_to_the_worker_holding_it() {
     assert_eq!(holder, "a");
     // A second worker joins; the next task of the same context must still go to `a`.
     app.start_worker("b", 4).await;
-    wait_for("b online", Duration::from_secs(5), || async {
+    wait_for("b online", Duration::from_secs(15), || async {
         app.count("SELECT count(*) FROM workers WHERE status = 'online'").await == 2
     })
     .await;
@@ -162,7 +162,7 @@ async fn the_relay_publishes_dispatches_nobody_published() {
     app.start_worker("w", 4).await;
     app.start_reconciler().await;
     wait_for("orphans completed", Duration::from_secs(20), || all_final(&app, 3)).await;
-    wait_for("outbox drained", Duration::from_secs(5), || async {
+    wait_for("outbox drained", Duration::from_secs(15), || async {
         app.count("SELECT count(*) FROM outbox").await == 0
     })
     .await;
@@ -205,7 +205,7 @@ async fn shutdown_hands_in_flight_tasks_back_to_another_worker() {
     wait_for("leased", Duration::from_secs(10), || async { app.status_of(&id).await != "queued" }).await;
     stop.cancel();
     handle.await.unwrap().unwrap();
-    wait_for("handed back", Duration::from_secs(5), || async { app.status_of(&id).await == "queued" }).await;
+    wait_for("handed back", Duration::from_secs(15), || async { app.status_of(&id).await == "queued" }).await;
     // The message was nak'ed: the next worker claims the same dispatch at once.
     app.start_worker("staying", 1).await;
     wait_for("completed elsewhere", Duration::from_secs(20), || all_final(&app, 1)).await;
@@ -264,7 +264,7 @@ async fn one_results_message_completes_each_of_its_tasks_and_records_stale_ones_
         assert_eq!(app.count(&sql).await, 1, "one result {output} for {id}");
     }
     assert_eq!(app.count("SELECT count(*) FROM llm_results").await, 2);
-    wait_for("late result counted", Duration::from_secs(5), || async { r.metrics.results_late_total.get() == 1 }).await;
+    wait_for("late result counted", Duration::from_secs(15), || async { r.metrics.results_late_total.get() == 1 }).await;
     assert_eq!(app.count("SELECT count(*) FROM audit_logs WHERE action = 'result_late'").await, 1);
     assert_invariants(&app).await;
     app.stop().await;

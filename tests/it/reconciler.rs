@@ -46,7 +46,7 @@ async fn one_leader_syncs_membridge_and_another_takes_over_when_it_dies() {
     assert!((last - bloom::time::now_ms()).abs() < 60_000, "last_seen converted from seconds: {last}");
     let (_, w2) = app.get("/api/runtime/workers/agent-2").await;
     assert_eq!(w2["status"], "unknown");
-    wait_for("ghost offline", Duration::from_secs(5), || async {
+    wait_for("ghost offline", Duration::from_secs(15), || async {
         app.count("SELECT count(*) FROM workers WHERE id = 'ghost' AND status = 'offline'").await == 1
     })
     .await;
