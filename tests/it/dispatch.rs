@@ -264,7 +264,8 @@ async fn one_results_message_completes_each_of_its_tasks_and_records_stale_ones_
         assert_eq!(app.count(&sql).await, 1, "one result {output} for {id}");
     }
     assert_eq!(app.count("SELECT count(*) FROM llm_results").await, 2);
-    wait_for("late result counted", Duration::from_secs(15), || async { r.metrics.results_late_total.get() == 1 }).await;
+    wait_for("late result counted", Duration::from_secs(15), || async { r.metrics.results_late_total.get() == 1 })
+        .await;
     assert_eq!(app.count("SELECT count(*) FROM audit_logs WHERE action = 'result_late'").await, 1);
     assert_invariants(&app).await;
     app.stop().await;
