@@ -81,6 +81,11 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = %cause, "request failed");
                 json!({ "error": "Internal Server Error" })
             }
+            // A body that could not be read: the original's error handler answered these
+            // as `{"message": ...}`; both keys are sent.
+            ApiError::BadRequest(_) | ApiError::PayloadTooLarge => {
+                json!({ "error": self.to_string(), "message": self.to_string() })
+            }
             other => json!({ "error": other.to_string() }),
         };
         (status, Json(body)).into_response()

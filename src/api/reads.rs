@@ -24,8 +24,9 @@ pub struct PageQuery {
 }
 
 impl PageQuery {
-    /// The page asked for; a malformed `limit` or `cursor` is a 400 naming it.
-    /// Limits above the maximum are capped.
+    /// The page asked for. `limit` is read as the original read it (`parseInt(limit) ||
+    /// default`: leading digits count, no digits or 0 mean the default), capped at the
+    /// maximum; a negative `limit` or a malformed `cursor` is a 400 naming it.
     pub fn page(&self) -> Result<Page, ApiError> {
         self.page_with_default(DEFAULT_LIMIT)
     }
@@ -33,15 +34,14 @@ impl PageQuery {
     /// As [`PageQuery::page`] with another default size.
     pub fn page_with_default(&self, default: i64) -> Result<Page, ApiError> {
         let mut errors = FieldErrors::default();
-        let limit = match self.limit.as_deref() {
-            None | Some("") => default,
-            Some(s) => match s.parse::<i64>() {
-                Ok(n) if n >= 1 => n.min(MAX_LIMIT),
-                _ => {
-                    errors.add("limit", format!("Expected an integer from 1 to {MAX_LIMIT}, received '{s}'"));
-                    default
-                }
-            },
+        let limit = match self.limit.as_deref().and_then(parse_int) {
+            None | Some(0) => default,
+            Some(n) if n > 0 => n.min(MAX_LIMIT),
+            Some(_) => {
+                let s = self.limit.as_deref().unwrap_or_default();
+                errors.add("limit", format!("Expected an integer from 1 to {MAX_LIMIT}, received '{s}'"));
+                default
+            }
         };
         let after = match self.cursor.as_deref() {
             None | Some("") => None,
@@ -55,6 +55,24 @@ impl PageQuery {
         };
         errors.finish(Page { limit, after })
     }
+}
+
+/// JavaScript's `parseInt(s, 10)`: optional leading whitespace and sign, then the
+/// leading decimal digits; `None` when there are none (`NaN`). Saturates instead of
+/// overflowing.
+fn parse_int(s: &str) -> Option<i64> {
+    let s = s.trim_start();
+    let (negative, digits) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let end = digits.bytes().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len());
+    if end == 0 {
+        return None;
+    }
+    let n = digits[..end].bytes().fold(0i64, |n, d| n.saturating_mul(10).saturating_add(i64::from(d - b'0')));
+    Some(if negative { -n } else { n })
 }
 
 /// A JSON array response with `X-Next-Cursor` when the page is full.
@@ -82,16 +100,15 @@ pub struct LeaseQuery {
 /// `GET /api/runtime/leases[?status=]`, most recent first.
 #[utoipa::path(get, path = "/api/runtime/leases", tag = "leases", params(("status" = Option<String>, Query, description = "active|expired|released|failed"), ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Lease>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn leases(State(state): State<AppState>, Query(q): Query<LeaseQuery>) -> Result<impl IntoResponse, ApiError> {
-    let status = match q.status.as_deref() {
-        None | Some("") => None,
-        Some(s) => Some(LeaseStatus::parse(s).ok_or_else(|| {
-            let mut e = FieldErrors::default();
-            e.add("status", format!("Unknown lease status '{s}'"));
-            ApiError::Validation(e)
-        })?),
-    };
     let page = q.page.page()?;
-    let rows = leases::list(&state.pool, status, &page).await?;
+    let rows = match q.status.as_deref() {
+        None | Some("") => leases::list(&state.pool, None, &page).await?,
+        Some(s) => match LeaseStatus::parse(s) {
+            Some(status) => leases::list(&state.pool, Some(status), &page).await?,
+            // As in the original, a status no lease can have matches none.
+            None => Vec::new(),
+        },
+    };
     Ok(paged(rows, &page, |l: &Lease| (l.started_at, l.id.0.clone())))
 }
 
@@ -187,4 +204,28 @@ pub async fn audit(State(state): State<AppState>, Query(q): Query<PageQuery>) ->
 #[utoipa::path(get, path = "/api/runtime/stats", tag = "stats", responses((status = 200, body = stats::Stats), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn stats(State(state): State<AppState>) -> Result<Json<stats::Stats>, ApiError> {
     Ok(Json(stats::load(&state.pool).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(s: &str) -> Result<i64, ApiError> {
+        PageQuery { limit: Some(s.to_owned()), cursor: None }.page().map(|p| p.limit)
+    }
+
+    #[test]
+    fn limit_reads_as_parse_int_or_the_default() {
+        assert_eq!(parse_int(" 10abc"), Some(10));
+        assert_eq!(parse_int("+7"), Some(7));
+        assert_eq!(parse_int("-3"), Some(-3));
+        assert_eq!(parse_int("abc"), None);
+        assert_eq!(parse_int("99999999999999999999999"), Some(i64::MAX));
+        assert_eq!(limit("10abc").unwrap(), 10);
+        assert_eq!(limit("abc").unwrap(), DEFAULT_LIMIT);
+        assert_eq!(limit("0").unwrap(), DEFAULT_LIMIT);
+        assert_eq!(limit("2.9").unwrap(), 2);
+        assert_eq!(limit("5000").unwrap(), MAX_LIMIT);
+        assert!(matches!(limit("-1"), Err(ApiError::Validation(_))));
+    }
 }

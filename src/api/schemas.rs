@@ -199,10 +199,13 @@ pub struct LeadershipSelect {
 }
 
 /// Any error: `error` is a message, or for a 400 zod's `flatten()` object
-/// (`{formErrors: [...], fieldErrors: {field: [...]}}`).
+/// (`{formErrors: [...], fieldErrors: {field: [...]}}`). A body that could not be read
+/// (invalid JSON, too large) also carries the message as `message`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub error: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// A JSON document passed through from membridge.

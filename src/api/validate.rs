@@ -1,9 +1,10 @@
 //! Request validation with the rules of the original service's zod schemas.
 //!
 //! Failures are collected per field and answered as zod's `flatten()` shape,
-//! `{"formErrors": [...], "fieldErrors": {"<field>": ["<message>"]}}`, with nested
-//! fields named by their dotted path (`policy.timeout_sec`). Unknown fields are ignored,
-//! as zod strips them.
+//! `{"formErrors": [...], "fieldErrors": {"<field>": ["<message>"]}}`: as in zod, a
+//! failure inside a nested value (`policy.timeout_sec`, `context_hints[1]`) is filed
+//! under its top-level field (`policy`, `context_hints`), and every failed check of a
+//! value is reported. Unknown fields are ignored, as zod strips them.
 
 use std::collections::BTreeMap;
 
@@ -77,10 +78,12 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// Reads fields of one JSON object, recording failures under `prefix.field`.
+/// Reads fields of one JSON object, recording failures under the top-level field they
+/// belong to.
 pub struct Fields<'a> {
     obj: Option<&'a Map<String, Value>>,
-    prefix: String,
+    /// The top-level field this object is (empty for the body itself).
+    top: String,
     pub errors: &'a mut FieldErrors,
 }
 
@@ -94,14 +97,15 @@ impl<'a> Fields<'a> {
                 None
             }
         };
-        Fields { obj, prefix: String::new(), errors }
+        Fields { obj, top: String::new(), errors }
     }
 
-    fn path(&self, key: &str) -> String {
-        if self.prefix.is_empty() {
+    /// The field a failure of `key` is filed under.
+    fn field(&self, key: &str) -> String {
+        if self.top.is_empty() {
             key.to_owned()
         } else {
-            format!("{}.{key}", self.prefix)
+            self.top.clone()
         }
     }
 
@@ -111,8 +115,8 @@ impl<'a> Fields<'a> {
     }
 
     fn fail(&mut self, key: &str, msg: impl Into<String>) {
-        let p = self.path(key);
-        self.errors.add(&p, msg);
+        let field = self.field(key);
+        self.errors.add(&field, msg);
     }
 
     fn required(&mut self, key: &str) -> Option<&'a Value> {
@@ -172,19 +176,21 @@ impl<'a> Fields<'a> {
             self.fail(key, format!("Expected number, received {}", type_name(v)));
             return None;
         };
+        // Every check runs, as zod's do.
+        let mut ok = true;
         if n.fract() != 0.0 || !n.is_finite() {
             self.fail(key, "Expected integer, received float");
-            return None;
+            ok = false;
         }
         if n < min as f64 {
             self.fail(key, format!("Number must be greater than or equal to {min}"));
-            return None;
+            ok = false;
         }
         if n > max as f64 {
             self.fail(key, format!("Number must be less than or equal to {max}"));
-            return None;
+            ok = false;
         }
-        Some(n as i64)
+        ok.then_some(n as i64)
     }
 
     /// An optional number `>= min`, `default` when absent.
@@ -227,15 +233,15 @@ impl<'a> Fields<'a> {
             return None;
         };
         let mut out = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
+        for item in items {
             match item {
                 Value::String(s) if s.contains('\0') => {
-                    self.fail(&format!("{key}.{i}"), NUL_MESSAGE);
+                    self.fail(key, NUL_MESSAGE);
                     return None;
                 }
                 Value::String(s) => out.push(s.clone()),
                 other => {
-                    self.fail(&format!("{key}.{i}"), format!("Expected string, received {}", type_name(other)));
+                    self.fail(key, format!("Expected string, received {}", type_name(other)));
                     return None;
                 }
             }
@@ -256,14 +262,17 @@ impl<'a> Fields<'a> {
             (Some(v), _) => v,
         };
         let expected = allowed.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(" | ");
-        match v.as_str().and_then(|s| allowed.iter().find(|a| **a == s)) {
-            Some(a) => Some(a),
-            None => {
-                let received = match v {
-                    Value::String(s) => format!("'{s}'"),
-                    other => type_name(other).to_owned(),
-                };
-                self.fail(key, format!("Invalid enum value. Expected {expected}, received {received}"));
+        match v {
+            Value::String(s) => match allowed.iter().find(|a| **a == s) {
+                Some(a) => Some(a),
+                None => {
+                    self.fail(key, format!("Invalid enum value. Expected {expected}, received '{s}'"));
+                    None
+                }
+            },
+            // zod's wording for a value that is not a string at all.
+            other => {
+                self.fail(key, format!("Expected {expected}, received {}", type_name(other)));
                 None
             }
         }
@@ -271,13 +280,13 @@ impl<'a> Fields<'a> {
 
     /// A nested optional object; `None` inside when absent.
     pub fn object(&mut self, key: &str) -> Option<Option<Fields<'_>>> {
-        let path = self.path(key);
+        let top = self.field(key);
         match self.raw(key) {
             None => Some(None),
-            Some(Value::Object(m)) => Some(Some(Fields { obj: Some(m), prefix: path, errors: &mut *self.errors })),
+            Some(Value::Object(m)) => Some(Some(Fields { obj: Some(m), top, errors: &mut *self.errors })),
             Some(v) => {
                 let msg = format!("Expected object, received {}", type_name(v));
-                self.errors.add(&path, msg);
+                self.errors.add(&top, msg);
                 None
             }
         }
@@ -291,20 +300,29 @@ mod tests {
 
     #[test]
     fn collects_every_failure_with_its_field() {
-        let body = json!({"a": "", "n": 4000, "e": "xml", "o": {"i": 1.5}});
+        let body = json!({"a": "", "n": 4000.5, "e": "xml", "f": null, "o": {"i": 1.5}, "l": ["x", 1]});
         let mut errs = FieldErrors::default();
         let mut f = Fields::root(&body, &mut errs);
         assert_eq!(f.string("a", 1, None), None);
         assert_eq!(f.string("missing", 1, None), None);
         assert_eq!(f.int("n", 1, 3600, Some(120)), None);
         assert_eq!(f.one_of("e", &["json", "text"], Some("text")), None);
+        assert_eq!(f.one_of("f", &["json", "text"], Some("text")), None);
+        assert_eq!(f.opt_strings("l"), None);
         let mut o = f.object("o").unwrap().unwrap();
         assert_eq!(o.int("i", 0, 10, None), None);
         assert_eq!(errs.fields["a"], vec!["String must contain at least 1 character(s)"]);
         assert_eq!(errs.fields["missing"], vec!["Required"]);
-        assert_eq!(errs.fields["n"], vec!["Number must be less than or equal to 3600"]);
-        assert!(errs.fields["e"][0].contains("Expected 'json' | 'text', received 'xml'"));
-        assert_eq!(errs.fields["o.i"], vec!["Expected integer, received float"]);
+        assert_eq!(
+            errs.fields["n"],
+            vec!["Expected integer, received float", "Number must be less than or equal to 3600"]
+        );
+        assert_eq!(errs.fields["e"], vec!["Invalid enum value. Expected 'json' | 'text', received 'xml'"]);
+        assert_eq!(errs.fields["f"], vec!["Expected 'json' | 'text', received null"]);
+        // Nested failures are filed under their top-level field, as zod's flatten() does.
+        assert_eq!(errs.fields["l"], vec!["Expected string, received number"]);
+        assert_eq!(errs.fields["o"], vec!["Expected integer, received float"]);
+        assert_eq!(errs.fields.len(), 7, "{errs:?}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod artifact;
 pub mod audit;
 pub mod ids;
+pub mod json_number;
 pub mod lease;
 pub mod result;
 pub mod task;

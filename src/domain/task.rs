@@ -102,7 +102,9 @@ impl DesiredFormat {
 pub struct Policy {
     /// Wall-clock limit of one execution, 1..=3600 seconds.
     pub timeout_sec: i64,
-    /// Spending budget handed to the executor; 0 means none.
+    /// Spending budget handed to the executor; 0 means none. Whole numbers are written
+    /// as integers (`0`, not `0.0`), as JavaScript writes them.
+    #[serde(serialize_with = "crate::domain::json_number::serialize")]
     pub budget: f64,
 }
 

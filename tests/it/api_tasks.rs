@@ -33,7 +33,8 @@ async fn create_fills_the_seed_defaults_and_returns_the_seed_shape() {
     assert_eq!(task["status"], "queued");
     assert_eq!(task["context_hints"], json!([]));
     assert_eq!(task["policy"]["timeout_sec"], 120);
-    assert_eq!(task["policy"]["budget"].as_f64(), Some(0.0));
+    // Written as JavaScript writes it: 0, not 0.0.
+    assert_eq!(task["policy"]["budget"], json!(0));
     assert_eq!(task["desired_format"], "text");
     assert_eq!(task["attempts"], 0);
     assert_eq!(task["max_attempts"], 3);
@@ -65,21 +66,19 @@ async fn create_validates_like_the_seed_and_names_each_field() {
     assert_eq!(fields["context_id"][0], "String must contain at least 1 character(s)");
     assert_eq!(fields["agent_slug"][0], "Required");
     assert_eq!(fields["prompt"][0], "Expected string, received number");
-    assert_eq!(fields["policy.timeout_sec"][0], "Number must be less than or equal to 3600");
-    assert!(fields["desired_format"][0].as_str().unwrap().contains("'json' | 'text'"));
+    // Failures inside nested values are filed under their top-level field, as zod's
+    // flatten() files them.
+    assert_eq!(fields["policy"][0], "Number must be less than or equal to 3600");
+    assert_eq!(fields["desired_format"][0], "Invalid enum value. Expected 'json' | 'text', received 'xml'");
     assert_eq!(fields["max_attempts"][0], "Number must be less than or equal to 10");
-    assert_eq!(fields["context_hints.1"][0], "Expected string, received number");
+    assert_eq!(fields["context_hints"][0], "Expected string, received number");
+    assert_eq!(fields.as_object().unwrap().len(), 7, "{fields}");
 
     for (body, field) in [
-        (
-            json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "policy": {"timeout_sec": 0}}),
-            "policy.timeout_sec",
-        ),
-        (
-            json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "policy": {"timeout_sec": 1.5}}),
-            "policy.timeout_sec",
-        ),
-        (json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "policy": {"budget": -1}}), "policy.budget"),
+        (json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "policy": {"timeout_sec": 0}}), "policy"),
+        (json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "policy": {"timeout_sec": 1.5}}), "policy"),
+        (json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "policy": {"budget": -1}}), "policy"),
+        (json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "desired_format": null}), "desired_format"),
         (json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "max_attempts": 0}), "max_attempts"),
     ] {
         let (status, resp) = app.post("/api/runtime/llm-tasks", body).await;
@@ -89,6 +88,10 @@ async fn create_validates_like_the_seed_and_names_each_field() {
     // Bodies that are not JSON objects are 400s, never 500s, and nothing is stored.
     let r = app.http.post(app.url("/api/runtime/llm-tasks")).body("{not json").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // The original's error handler answered unreadable bodies with `message`.
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(body["message"].as_str().unwrap().starts_with("Invalid JSON body"), "{body}");
+    assert_eq!(body["error"], body["message"]);
     let (status, body) = app.post("/api/runtime/llm-tasks", json!([1, 2])).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["error"]["formErrors"][0], "Expected object, received array");
@@ -116,9 +119,9 @@ async fn unknown_task_is_404_and_lists_are_newest_first_with_filters_and_cursor(
     assert_eq!(queued.as_array().unwrap().len(), 5);
     let (_, done) = app.get("/api/runtime/llm-tasks?status=completed").await;
     assert_eq!(done, json!([]));
-    let (status, bad) = app.get("/api/runtime/llm-tasks?status=bogus").await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(bad["error"]["fieldErrors"]["status"].is_array());
+    // A status no task can have matches none, as in the original.
+    let (status, none) = app.get("/api/runtime/llm-tasks?status=bogus").await;
+    assert_eq!((status, none), (StatusCode::OK, json!([])));
 
     // Pages of two, following X-Next-Cursor.
     let mut seen = Vec::new();
@@ -138,8 +141,14 @@ async fn unknown_task_is_404_and_lists_are_newest_first_with_filters_and_cursor(
         }
     }
     assert_eq!(seen, ids.iter().rev().cloned().collect::<Vec<_>>());
-    let (status, _) = app.get("/api/runtime/llm-tasks?limit=0").await;
+    // `limit` reads as the original's parseInt(limit) || 100; only a negative one is refused.
+    for (limit, expected) in [("0", 5), ("abc", 5), ("3abc", 3)] {
+        let (status, page) = app.get(&format!("/api/runtime/llm-tasks?limit={limit}")).await;
+        assert_eq!((status, page.as_array().unwrap().len()), (StatusCode::OK, expected), "limit={limit}");
+    }
+    let (status, bad) = app.get("/api/runtime/llm-tasks?limit=-1").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(bad["error"]["fieldErrors"]["limit"].is_array());
     let (_, runs) = app.get("/api/runtime/runs").await;
     assert_eq!(runs.as_array().unwrap().len(), 5);
     app.stop().await;
@@ -211,6 +220,7 @@ async fn rest_worker_protocol_lease_heartbeat_complete() {
     assert_eq!(done["result"]["metrics"], json!({"duration_ms": 7, "tokens_used": 3}));
     let (_, leases) = app.get("/api/runtime/leases?status=released").await;
     assert_eq!(leases[0]["id"], lease["id"]);
+    assert_eq!(app.get("/api/runtime/leases?status=bogus").await, (StatusCode::OK, json!([])));
 
     // A completed task cannot be completed, heartbeated or requeued.
     let (status, _) = app
