@@ -281,8 +281,8 @@ pub async fn lease(pool: &PgPool, task_id: &TaskId, req: &LeaseRequest) -> Resul
     )
     .await?;
     tx.commit().await?;
-    let mut worker = worker;
-    worker.active_leases += 1;
+    // The worker as it was chosen (its active leases before this one), as the original
+    // answered.
     Ok((lease, worker))
 }
 
