@@ -23,7 +23,12 @@ export BLOOM_RATE_LIMIT_PER_MIN=0 BLOOM_TEST_CONNECTION_RATE_LIMIT_PER_MIN=0 BLO
 export MEMBRIDGE_SERVER_URL=http://127.0.0.1:9 MEMBRIDGE_TIMEOUT_MS=1000 RUST_LOG=warn
 "$CARGO_TARGET_DIR/debug/bloom-api" &
 api=$!
-trap 'kill $api 2>/dev/null || true; psql "$pg" -qc "DROP DATABASE IF EXISTS bloom_fuzz WITH (FORCE)" >/dev/null 2>&1 || true' EXIT
+cleanup() {
+  kill $api 2>/dev/null || true
+  psql "$pg" -qc "DROP DATABASE IF EXISTS bloom_fuzz WITH (FORCE)" >/dev/null 2>&1 || true
+  "$CARGO_TARGET_DIR/debug/bloomctl" nats delete --yes >/dev/null || true
+}
+trap cleanup EXIT
 for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.2; done
 
 conformance=status_code_conformance,content_type_conformance,response_schema_conformance

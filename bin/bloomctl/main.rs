@@ -117,6 +117,15 @@ enum NatsCommand {
         #[arg(long)]
         check_config: bool,
     },
+    /// Delete the namespace's streams, their consumers and every message in them
+    /// (tasks not yet delivered are then only in Postgres, for the outbox relay).
+    Delete {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// Confirm the deletion.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -260,6 +269,16 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             nats_apply(&nats, &names).await.map_err(failure)?;
             println!("streams {} and {} applied", names.tasks_stream(), names.results_stream());
         }
+        Command::Nats { command: NatsCommand::Delete { nats, yes } } => {
+            let names = nats.names().map_err(|e| Failure::new(exit::USAGE, e))?;
+            if !yes {
+                let what = format!("{} and {}", names.tasks_stream(), names.results_stream());
+                return Err(Failure::new(exit::USAGE, format!("this deletes streams {what}; pass --yes")));
+            }
+            let _telemetry = bloom::telemetry::init("text", "bloomctl");
+            let deleted = nats_delete(&nats, &names).await.map_err(failure)?;
+            println!("streams deleted: {}", if deleted.is_empty() { "none".to_owned() } else { deleted.join(", ") });
+        }
         Command::Submit(args) => return submit(&api, args, json_out).await,
         Command::Tasks { command } => match command {
             TasksCommand::List { status, limit } => {
@@ -367,13 +386,20 @@ async fn migrate(db: &DbArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn nats_apply(nats: &NatsArgs, names: &bloom::bus::Names) -> anyhow::Result<()> {
+async fn jetstream(nats: &NatsArgs) -> anyhow::Result<async_nats::jetstream::Context> {
     let client = tokio::time::timeout(Duration::from_secs(10), bloom::bus::connect(&nats.nats_url, "bloomctl"))
         .await
         .context("timed out connecting to NATS")??;
-    let js = bloom::bus::jetstream(client, nats.timeout());
-    bloom::bus::provision::apply(&js, names, nats.lease_ttl()).await?;
+    Ok(bloom::bus::jetstream(client, nats.timeout()))
+}
+
+async fn nats_apply(nats: &NatsArgs, names: &bloom::bus::Names) -> anyhow::Result<()> {
+    bloom::bus::provision::apply(&jetstream(nats).await?, names, nats.lease_ttl()).await?;
     Ok(())
+}
+
+async fn nats_delete(nats: &NatsArgs, names: &bloom::bus::Names) -> anyhow::Result<Vec<String>> {
+    Ok(bloom::bus::provision::delete(&jetstream(nats).await?, names).await?)
 }
 
 fn read_prompt(args: &SubmitArgs) -> Result<String, Failure> {

@@ -27,6 +27,8 @@ pub enum ProvisionError {
     Stream { name: String, message: String },
     #[error("creating consumer {name}: {message}")]
     Consumer { name: String, message: String },
+    #[error("deleting stream {name}: {message}")]
+    Delete { name: String, message: String },
 }
 
 #[derive(Deserialize)]
@@ -79,6 +81,22 @@ pub async fn apply(js: &jetstream::Context, names: &Names, lease_ttl: Duration) 
 }
 
 /// Creates or updates one worker's direct consumer.
+/// Deletes the namespace's streams, and with them their consumers and every message
+/// in them; returns the names of those that existed. Streams already gone are skipped.
+pub async fn delete(js: &jetstream::Context, names: &Names) -> Result<Vec<String>, ProvisionError> {
+    let mut deleted = Vec::new();
+    for name in [names.tasks_stream(), names.results_stream()] {
+        match js.delete_stream(&name).await {
+            Ok(_) => deleted.push(name),
+            Err(e)
+                if matches!(e.kind(), jetstream::context::DeleteStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {}
+            Err(e) => return Err(ProvisionError::Delete { name, message: e.to_string() }),
+        }
+    }
+    Ok(deleted)
+}
+
 pub async fn apply_worker_consumer(
     js: &jetstream::Context,
     names: &Names,

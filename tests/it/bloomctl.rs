@@ -63,3 +63,33 @@ async fn submit_wait_list_show_and_exit_codes() {
     assert!(out.contains("tasks    total 3"), "{out}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn nats_delete_removes_the_namespace_streams_only_when_confirmed() {
+    let app = TestApp::spawn().await;
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_bloomctl"))
+            .args(args)
+            .env("NATS_URL", crate::common::nats_url())
+            .env("BLOOM_NATS_NAMESPACE", app.names.namespace())
+            .output()
+            .expect("run bloomctl");
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let js = async_nats::jetstream::new(app.nats.clone());
+    let streams = [app.names.tasks_stream(), app.names.results_stream()];
+    let (code, _) = run(&["nats", "delete"]);
+    assert_eq!(code, 2, "refused without --yes");
+    for s in &streams {
+        assert!(js.get_stream(s).await.is_ok(), "{s} still there");
+    }
+    let (code, out) = run(&["nats", "delete", "--yes"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&streams[0]) && out.contains(&streams[1]), "{out}");
+    for s in &streams {
+        assert!(js.get_stream(s).await.is_err(), "{s} deleted");
+    }
+    let (code, out) = run(&["nats", "delete", "--yes"]);
+    assert_eq!((code, out.trim()), (0, "streams deleted: none"), "deleting again is a no-op");
+    app.stop().await;
+}
