@@ -86,6 +86,19 @@ pub fn is_refusal(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether Postgres refused a statement because of the data it was given (SQLSTATE
+/// classes 22, data exception; 23, integrity constraint violation; 54, program limit
+/// exceeded): the same data is refused again, unlike a deadlock, a full disk or a lock
+/// timeout, which pass.
+pub fn is_data_refusal(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            d.code().is_some_and(|c| ["22", "23", "54"].iter().any(|class| c.starts_with(class)))
+        }
+        _ => false,
+    }
+}
+
 /// Applies pending migrations. Safe to run concurrently from several processes:
 /// sqlx serialises them with an advisory lock.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {

@@ -5,13 +5,15 @@
 //! redelivered result finds its lease no longer current and is recorded as late: never
 //! a second completion.
 //!
-//! A message Postgres refuses (a constraint, a value it cannot store; not a lost
-//! connection) is stored apart from its batch, so it holds up no other result, and is
-//! redelivered with a growing delay; after `result_max_deliveries` deliveries it is
-//! terminated and counted in `results_refused_total`. Its task's lease then expires and
-//! the task is retried, or dead after its last attempt, like any task whose result
-//! never arrived.
+//! When Postgres refuses a batch (not a lost connection), its results are stored one by
+//! one, so a result it refuses holds up no other, even one in the same message. A
+//! message with a result that could not be stored is redelivered with a growing delay;
+//! when Postgres refuses it for its data (a constraint, a value it cannot store) on the
+//! `result_max_deliveries`-th delivery, it is terminated and counted in
+//! `results_refused_total`. Its task's lease then expires and the task is retried, or
+//! dead after its last attempt, like any task whose result never arrived.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
@@ -24,7 +26,7 @@ use super::Reconciler;
 use crate::db::lifecycle::{self, Completion, CompletionOutcome};
 use crate::db::Dedicated;
 use crate::domain::ArtifactId;
-use crate::protocol::ResultBatch;
+use crate::protocol::{ResultBatch, ResultMessage};
 
 /// Largest batch of results per transaction.
 const MAX_BATCH: usize = 512;
@@ -113,6 +115,8 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>, db: &mut Dedicated) -> s
     let mut report = ResultsReport::default();
     let mut accepted = Vec::with_capacity(msgs.len());
     let mut results = Vec::with_capacity(msgs.len());
+    // The index in `accepted` of the message each result came in.
+    let mut owners = Vec::with_capacity(msgs.len());
     // One span per result, continuing the task's trace, open until the batch committed.
     let mut spans = Vec::with_capacity(msgs.len());
     for msg in msgs {
@@ -131,6 +135,7 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>, db: &mut Dedicated) -> s
                     }
                     spans.push(span);
                     results.push(traced.result);
+                    owners.push(accepted.len());
                 }
                 accepted.push(msg);
             }
@@ -173,39 +178,33 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>, db: &mut Dedicated) -> s
             artifact,
         })
         .collect();
-    let outcomes = match db.run(move |c| Box::pin(async move { lifecycle::complete(c, &completions).await })).await {
-        Ok(o) => o,
-        // Postgres refused the statement (not a lost connection): one message may be what
-        // it refuses, so store them one by one and only that one waits for redelivery.
-        Err(e) if crate::db::is_refusal(&e) && accepted.len() > 1 => {
-            tracing::warn!(error = %e, messages = accepted.len(), "storing a batch of results failed; storing them one by one");
+    let completions = Arc::new(completions);
+    let all = completions.clone();
+    match db.run(move |c| Box::pin(async move { lifecycle::complete(c, &all).await })).await {
+        Ok(outcomes) => record(r, &results, outcomes, &mut report),
+        Err(e) if crate::db::is_refusal(&e) && completions.len() > 1 => {
+            tracing::warn!(error = %e, results = completions.len(), "storing a batch of results failed; storing them one by one");
             drop(spans);
-            for msg in accepted {
-                // A message that fails alone has been nak'ed for redelivery.
-                if let Ok(one) = Box::pin(handle(r, vec![msg], db)).await {
-                    report += one;
-                }
-            }
+            store_one_by_one(r, &accepted, &owners, &results, &completions, db, &mut report).await;
             return Ok(report);
         }
         Err(e) => {
-            let refused = crate::db::is_refusal(&e);
+            let tasks: Vec<&str> = results.iter().map(|res| res.task_id.as_str()).collect();
             for msg in &accepted {
-                let delivered = msg.info().map_or(1, |i| i.delivered).max(1);
-                if refused && delivered >= r.settings.result_max_deliveries {
-                    r.metrics.results_refused_total.inc();
-                    let tasks: Vec<&str> = results.iter().map(|res| res.task_id.as_str()).collect();
-                    tracing::error!(error = %e, delivered, ?tasks,
-                        "Postgres refused a result message on every delivery; terminated");
-                    let _ = msg.ack_with(AckKind::Term).await;
-                } else {
-                    let delay = (r.settings.result_retry_delay * delivered as u32).min(MAX_RETRY_DELAY);
-                    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
-                }
+                settle_unstored(r, msg, &e, crate::db::is_data_refusal(&e), &tasks).await;
             }
             return Err(e);
         }
-    };
+    }
+    for msg in &accepted {
+        let _ = msg.ack().await;
+    }
+    drop(spans);
+    Ok(report)
+}
+
+/// Counts what storing `results` did.
+fn record(r: &Reconciler, results: &[ResultMessage], outcomes: Vec<CompletionOutcome>, report: &mut ResultsReport) {
     for (res, outcome) in results.iter().zip(outcomes) {
         match outcome {
             CompletionOutcome::Completed { .. } => {
@@ -219,9 +218,62 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>, db: &mut Dedicated) -> s
             }
         }
     }
-    for msg in &accepted {
-        let _ = msg.ack().await;
+}
+
+/// Stores each result in its own statement, then settles each message: acked when all
+/// its results were stored, otherwise redelivered or terminated (see the module doc).
+/// Results stored before a redelivery are recorded as late when they come again.
+async fn store_one_by_one(
+    r: &Reconciler,
+    accepted: &[Message],
+    owners: &[usize],
+    results: &[ResultMessage],
+    completions: &[Completion],
+    db: &mut Dedicated,
+    report: &mut ResultsReport,
+) {
+    // Per message: the first error, and whether every error was a refusal of its data.
+    let mut failures: Vec<Option<(sqlx::Error, bool)>> = accepted.iter().map(|_| None).collect();
+    for (i, completion) in completions.iter().enumerate() {
+        let one = vec![completion.clone()];
+        match db.run(move |c| Box::pin(async move { lifecycle::complete(c, &one).await })).await {
+            Ok(outcomes) => record(r, &results[i..=i], outcomes, report),
+            Err(e) => {
+                let data = crate::db::is_data_refusal(&e);
+                let failure = &mut failures[owners[i]];
+                match failure {
+                    Some((_, all_data)) => *all_data &= data,
+                    None => *failure = Some((e, data)),
+                }
+            }
+        }
     }
-    drop(spans);
-    Ok(report)
+    for (m, (msg, failure)) in accepted.iter().zip(failures).enumerate() {
+        match failure {
+            None => {
+                let _ = msg.ack().await;
+            }
+            Some((e, data)) => {
+                let tasks: Vec<&str> =
+                    results.iter().zip(owners).filter(|(_, o)| **o == m).map(|(res, _)| res.task_id.as_str()).collect();
+                settle_unstored(r, msg, &e, data, &tasks).await;
+            }
+        }
+    }
+}
+
+/// A message whose results could not all be stored: terminated when Postgres refused
+/// its data (`data`) on its last allowed delivery, otherwise redelivered after a delay
+/// growing with its delivery count.
+async fn settle_unstored(r: &Reconciler, msg: &Message, e: &sqlx::Error, data: bool, tasks: &[&str]) {
+    let delivered = msg.info().map_or(1, |i| i.delivered).max(1);
+    if data && delivered >= r.settings.result_max_deliveries {
+        r.metrics.results_refused_total.inc();
+        tracing::error!(error = %e, delivered, ?tasks, "Postgres refused a result message's data on every delivery; terminated");
+        let _ = msg.ack_with(AckKind::Term).await;
+    } else {
+        let factor = u32::try_from(delivered).unwrap_or(u32::MAX);
+        let delay = r.settings.result_retry_delay.saturating_mul(factor).min(MAX_RETRY_DELAY);
+        let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+    }
 }

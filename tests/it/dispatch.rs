@@ -277,17 +277,21 @@ async fn a_result_postgres_refuses_is_redelivered_then_terminated_and_holds_up_n
     app.register_worker("rest", 4).await;
     let (good, a) = app.leased_task("good").await;
     let (bad, b) = app.leased_task("bad").await;
+    let (beside, c) = app.leased_task("beside").await;
     // Postgres refuses this output; nothing checked before the statement does.
     sqlx::query("ALTER TABLE llm_results ADD CONSTRAINT refuse_me CHECK (output IS DISTINCT FROM 'refuse me')")
         .execute(&app.pool)
         .await
         .unwrap();
     let result = |task: &str, lease: &serde_json::Value, output: &str| {
-        json!([{"task_id": task, "lease_id": lease["lease"]["id"], "worker_id": "rest", "status": "success",
-                "output": output, "error_message": null, "metrics": {"duration_ms": 1}}])
+        json!({"task_id": task, "lease_id": lease["lease"]["id"], "worker_id": "rest", "status": "success",
+               "output": output, "error_message": null, "metrics": {"duration_ms": 1}})
     };
     let js = async_nats::jetstream::new(app.nats.clone());
-    for body in [result(&bad, &b, "refuse me"), result(&good, &a, "fine")] {
+    // The refused result shares its message with a good one.
+    for body in
+        [json!([result(&bad, &b, "refuse me"), result(&beside, &c, "fine too")]), json!([result(&good, &a, "fine")])]
+    {
         js.publish(app.names.results_subject(), serde_json::to_vec(&body).unwrap().into())
             .await
             .unwrap()
@@ -298,25 +302,26 @@ async fn a_result_postgres_refuses_is_redelivered_then_terminated_and_holds_up_n
     settings.result_max_deliveries = 3;
     let r = app.reconciler_with(settings, &app.cancel).await;
     tokio::spawn(r.clone().run(app.cancel.clone()));
-    wait_for("the good result stored", Duration::from_secs(15), || async { app.status_of(&good).await == "completed" })
-        .await;
+    wait_for("the good results stored", Duration::from_secs(15), || async {
+        app.status_of(&good).await == "completed" && app.status_of(&beside).await == "completed"
+    })
+    .await;
     wait_for("the refused message terminated", Duration::from_secs(15), || async {
         r.metrics.results_refused_total.get() == 1
     })
     .await;
-    assert_eq!(r.metrics.results_completed_total.get(), 1);
+    assert_eq!(r.metrics.results_completed_total.get(), 2);
     // The refused result completed nothing; its lease is left to expire, like a lost result.
     assert_eq!(app.status_of(&bad).await, "leased");
     assert_eq!(app.count(&format!("SELECT count(*) FROM llm_results WHERE task_id = '{bad}'")).await, 0);
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
-        .get_stream(app.names.results_stream())
-        .await
-        .unwrap()
-        .get_consumer(&app.names.results_consumer())
-        .await
-        .unwrap();
-    let info = consumer.info().await.unwrap();
-    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0), "nothing left to redeliver");
+    wait_for("nothing left to redeliver", Duration::from_secs(10), || async {
+        let stream = js.get_stream(app.names.results_stream()).await.unwrap();
+        let info = stream.consumer_info(app.names.results_consumer()).await.unwrap();
+        (info.num_pending, info.num_ack_pending) == (0, 0)
+    })
+    .await;
+    // The good result redelivered with the refused one was recorded as late, not stored twice.
+    assert_eq!(app.count(&format!("SELECT count(*) FROM llm_results WHERE task_id = '{beside}'")).await, 1);
     app.stop().await;
 }
 
