@@ -117,8 +117,9 @@ enum NatsCommand {
         #[arg(long)]
         check_config: bool,
     },
-    /// Delete the namespace's streams, their consumers and every message in them
-    /// (tasks not yet delivered are then only in Postgres, for the outbox relay).
+    /// Delete the namespace's streams, their consumers and every message in them, to tear
+    /// an installation down: stop its api, reconcilers and workers first. Queued tasks
+    /// whose messages are deleted are not sent again.
     Delete {
         #[command(flatten)]
         nats: NatsArgs,

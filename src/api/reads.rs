@@ -57,21 +57,25 @@ impl PageQuery {
     }
 }
 
-/// JavaScript's `parseInt(s, 10)`: optional leading whitespace and sign, then the
-/// leading decimal digits; `None` when there are none (`NaN`). Saturates instead of
-/// overflowing.
+/// JavaScript's `parseInt(s)` (no radix, as the original called it): optional leading
+/// whitespace and sign, then the leading digits, hexadecimal after `0x`; `None` when
+/// there are none (`NaN`). Saturates instead of overflowing.
 fn parse_int(s: &str) -> Option<i64> {
-    let s = s.trim_start();
-    let (negative, digits) = match s.as_bytes().first() {
+    let s = s.trim_start_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
+    let (negative, rest) = match s.as_bytes().first() {
         Some(b'-') => (true, &s[1..]),
         Some(b'+') => (false, &s[1..]),
         _ => (false, s),
     };
-    let end = digits.bytes().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len());
-    if end == 0 {
+    let (radix, digits) = match rest.get(..2) {
+        Some("0x" | "0X") => (16, &rest[2..]),
+        _ => (10, rest),
+    };
+    let values: Vec<u32> = digits.chars().map_while(|c| c.to_digit(radix)).collect();
+    if values.is_empty() {
         return None;
     }
-    let n = digits[..end].bytes().fold(0i64, |n, d| n.saturating_mul(10).saturating_add(i64::from(d - b'0')));
+    let n = values.iter().fold(0i64, |n, d| n.saturating_mul(i64::from(radix)).saturating_add(i64::from(*d)));
     Some(if negative { -n } else { n })
 }
 
@@ -220,6 +224,10 @@ mod tests {
         assert_eq!(parse_int("+7"), Some(7));
         assert_eq!(parse_int("-3"), Some(-3));
         assert_eq!(parse_int("abc"), None);
+        assert_eq!(parse_int("0x10"), Some(16));
+        assert_eq!(parse_int("0x"), None);
+        assert_eq!(parse_int("\u{feff}12"), Some(12));
+        assert_eq!(parse_int("٣"), None, "only ASCII digits");
         assert_eq!(parse_int("99999999999999999999999"), Some(i64::MAX));
         assert_eq!(limit("10abc").unwrap(), 10);
         assert_eq!(limit("abc").unwrap(), DEFAULT_LIMIT);

@@ -232,21 +232,23 @@ impl<'a> Fields<'a> {
             self.fail(key, format!("Expected array, received {}", type_name(v)));
             return None;
         };
+        // One failure per bad element, as zod reports them.
         let mut out = Vec::with_capacity(items.len());
+        let mut ok = true;
         for item in items {
             match item {
                 Value::String(s) if s.contains('\0') => {
                     self.fail(key, NUL_MESSAGE);
-                    return None;
+                    ok = false;
                 }
                 Value::String(s) => out.push(s.clone()),
                 other => {
                     self.fail(key, format!("Expected string, received {}", type_name(other)));
-                    return None;
+                    ok = false;
                 }
             }
         }
-        Some(Some(out))
+        ok.then_some(Some(out))
     }
 
     /// An optional enum value among `allowed`, `default` when absent.
@@ -300,7 +302,7 @@ mod tests {
 
     #[test]
     fn collects_every_failure_with_its_field() {
-        let body = json!({"a": "", "n": 4000.5, "e": "xml", "f": null, "o": {"i": 1.5}, "l": ["x", 1]});
+        let body = json!({"a": "", "n": 4000.5, "e": "xml", "f": null, "o": {"i": 1.5}, "l": ["x", 1, false]});
         let mut errs = FieldErrors::default();
         let mut f = Fields::root(&body, &mut errs);
         assert_eq!(f.string("a", 1, None), None);
@@ -320,7 +322,7 @@ mod tests {
         assert_eq!(errs.fields["e"], vec!["Invalid enum value. Expected 'json' | 'text', received 'xml'"]);
         assert_eq!(errs.fields["f"], vec!["Expected 'json' | 'text', received null"]);
         // Nested failures are filed under their top-level field, as zod's flatten() does.
-        assert_eq!(errs.fields["l"], vec!["Expected string, received number"]);
+        assert_eq!(errs.fields["l"], vec!["Expected string, received number", "Expected string, received boolean"]);
         assert_eq!(errs.fields["o"], vec!["Expected integer, received float"]);
         assert_eq!(errs.fields.len(), 7, "{errs:?}");
     }

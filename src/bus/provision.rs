@@ -80,7 +80,6 @@ pub async fn apply(js: &jetstream::Context, names: &Names, lease_ttl: Duration) 
     Ok(())
 }
 
-/// Creates or updates one worker's direct consumer.
 /// Deletes the namespace's streams, and with them their consumers and every message
 /// in them; returns the names of those that existed. Streams already gone are skipped.
 pub async fn delete(js: &jetstream::Context, names: &Names) -> Result<Vec<String>, ProvisionError> {
@@ -97,6 +96,7 @@ pub async fn delete(js: &jetstream::Context, names: &Names) -> Result<Vec<String
     Ok(deleted)
 }
 
+/// Creates or updates one worker's direct consumer.
 pub async fn apply_worker_consumer(
     js: &jetstream::Context,
     names: &Names,

@@ -31,9 +31,12 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
     let beats = r.client.queue_subscribe(r.names.heartbeat_subject(), RECONCILER_QUEUE.into()).await?;
     let releases = r.client.queue_subscribe(r.names.release_subject(), RECONCILER_QUEUE.into()).await?;
     let workers = r.client.queue_subscribe(r.names.worker_beat_subject(), RECONCILER_QUEUE.into()).await?;
-    // The server has the subscriptions once a round trip after them has completed.
-    r.client.flush().await?;
+    // The server has the subscriptions once a message sent after them has come back
+    // (it handles a connection's commands in order).
+    round_trip(&r.client, r.settings.request_timeout).await?;
     r.serving.send_replace(true);
+    // Not serving once this returns, whatever the reason.
+    let _serving = ServingGuard(r.clone());
     tokio::join!(
         serve(r.clone(), claims, cancel.clone(), handle_claims),
         serve(r.clone(), beats, cancel.clone(), handle_heartbeats),
@@ -41,6 +44,24 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
         serve(r.clone(), workers, cancel.clone(), handle_worker_beats),
     );
     Ok(())
+}
+
+/// Sends a message to a private inbox and waits for it.
+async fn round_trip(client: &async_nats::Client, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let inbox = client.new_inbox();
+    let mut probe = client.subscribe(inbox.clone()).await?;
+    client.publish(inbox, bytes::Bytes::new()).await?;
+    tokio::time::timeout(timeout, probe.next()).await?.ok_or_else(|| anyhow::anyhow!("probe subscription closed"))?;
+    Ok(())
+}
+
+/// Clears the replica's serving flag when dropped.
+struct ServingGuard(Reconciler);
+
+impl Drop for ServingGuard {
+    fn drop(&mut self) {
+        self.0.serving.send_replace(false);
+    }
 }
 
 /// Decides the requests of `sub` in batches, each on one of the replica's
