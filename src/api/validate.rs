@@ -151,7 +151,8 @@ impl<'a> Fields<'a> {
             self.fail(key, NUL_MESSAGE);
             return None;
         }
-        let len = s.chars().count();
+        // Lengths in UTF-16 code units, as JavaScript counts them.
+        let len = s.encode_utf16().count();
         if len < min {
             self.fail(key, format!("String must contain at least {min} character(s)"));
             return None;
@@ -325,6 +326,16 @@ mod tests {
         assert_eq!(errs.fields["l"], vec!["Expected string, received number", "Expected string, received boolean"]);
         assert_eq!(errs.fields["o"], vec!["Expected integer, received float"]);
         assert_eq!(errs.fields.len(), 7, "{errs:?}");
+    }
+
+    #[test]
+    fn string_lengths_count_utf16_units_as_javascript_does() {
+        let body = json!({"emoji": "😀".repeat(65), "accents": "é".repeat(128)});
+        let mut errs = FieldErrors::default();
+        let mut f = Fields::root(&body, &mut errs);
+        assert_eq!(f.string("emoji", 1, Some(128)), None, "65 emoji are 130 UTF-16 units");
+        assert_eq!(f.string("accents", 1, Some(128)).map(|s| s.chars().count()), Some(128));
+        assert_eq!(errs.fields["emoji"], vec!["String must contain at most 128 character(s)"]);
     }
 
     #[test]
