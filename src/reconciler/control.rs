@@ -32,8 +32,15 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
     let releases = r.client.queue_subscribe(r.names.release_subject(), RECONCILER_QUEUE.into()).await?;
     let workers = r.client.queue_subscribe(r.names.worker_beat_subject(), RECONCILER_QUEUE.into()).await?;
     // The server has the subscriptions once a message sent after them has come back
-    // (it handles a connection's commands in order).
-    round_trip(&r.client, r.settings.request_timeout).await?;
+    // (it handles a connection's commands in order). While NATS is unreachable the
+    // subscriptions wait in the client, and so does this.
+    while let Err(e) = round_trip(&r.client, r.settings.request_timeout).await {
+        tracing::warn!(error = %e, "control subscriptions not confirmed by NATS yet; retrying");
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
     r.serving.send_replace(true);
     // Not serving once this returns, whatever the reason.
     let _serving = ServingGuard(r.clone());
