@@ -4,7 +4,6 @@
 //! [`lifecycle`]; the other modules read and write the tables that have no state machine.
 
 pub mod artifacts;
-
 pub mod audit;
 pub mod dedicated;
 pub mod leader;

@@ -234,16 +234,40 @@ async fn store_one_by_one(
 ) {
     // Per message: the first error, and whether every error was a refusal of its data.
     let mut failures: Vec<Option<(sqlx::Error, bool)>> = accepted.iter().map(|_| None).collect();
+    let mut lost: Option<usize> = None;
     for (i, completion) in completions.iter().enumerate() {
         let one = vec![completion.clone()];
-        match db.run(move |c| Box::pin(async move { lifecycle::complete(c, &one).await })).await {
-            Ok(outcomes) => record(r, &results[i..=i], outcomes, report),
+        let (e, data) = match db.run(move |c| Box::pin(async move { lifecycle::complete(c, &one).await })).await {
+            Ok(outcomes) => {
+                record(r, &results[i..=i], outcomes, report);
+                continue;
+            }
             Err(e) => {
                 let data = crate::db::is_data_refusal(&e);
-                let failure = &mut failures[owners[i]];
-                match failure {
-                    Some((_, all_data)) => *all_data &= data,
-                    None => *failure = Some((e, data)),
+                (e, data)
+            }
+        };
+        let stop = !crate::db::is_refusal(&e);
+        let failure = &mut failures[owners[i]];
+        match failure {
+            Some((_, all_data)) => *all_data &= data,
+            None => *failure = Some((e, data)),
+        }
+        if stop {
+            // The database is gone: the rest wait for redelivery rather than for one
+            // timeout each.
+            lost = Some(i + 1);
+            break;
+        }
+    }
+    if let Some(from) = lost {
+        for &m in &owners[from..] {
+            match &mut failures[m] {
+                Some((_, data)) => *data = false,
+                none => {
+                    let gone =
+                        std::io::Error::new(std::io::ErrorKind::NotConnected, "not stored: the database was lost");
+                    *none = Some((sqlx::Error::Io(gone), false));
                 }
             }
         }
@@ -269,7 +293,7 @@ async fn settle_unstored(r: &Reconciler, msg: &Message, e: &sqlx::Error, data: b
     let delivered = msg.info().map_or(1, |i| i.delivered).max(1);
     if data && delivered >= r.settings.result_max_deliveries {
         r.metrics.results_refused_total.inc();
-        tracing::error!(error = %e, delivered, ?tasks, "Postgres refused a result message's data on every delivery; terminated");
+        tracing::error!(error = %e, delivered, ?tasks, "Postgres refused a result message's data on its last allowed delivery; terminated");
         let _ = msg.ack_with(AckKind::Term).await;
     } else {
         let factor = u32::try_from(delivered).unwrap_or(u32::MAX);
