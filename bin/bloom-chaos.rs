@@ -11,7 +11,12 @@
 //! * no lease left active, no outbox row left unsent;
 //! * the audit log agrees with the state (creation and completion entries);
 //!
-//! and reports redeliveries (leases per task beyond the first) and late results.
+//! and reports redeliveries (leases per task beyond the first), late results and the
+//! latency the runtime added to each task (submission to stored result less execution:
+//! median, p99, worst, and how much the worst adds to the median).
+//! `--scenario reconciler-kills` only kills reconcilers, with the default lease TTL:
+//! it measures what a dead reconciler costs the tasks it held (claims and results are
+//! retried within seconds, not after a lease TTL).
 //! Exit status 0 only when every invariant holds. `--seed` replays a run.
 
 use std::net::TcpListener;
@@ -46,6 +51,23 @@ struct Opts {
     /// Work directory (temporary by default).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Which faults to inject: `mixed` (every kind, with a 2 s lease TTL) or
+    /// `reconciler-kills` (only SIGKILLs of one of the three reconcilers at a time, with
+    /// the default lease TTL, to measure the latency a dead reconciler adds).
+    #[arg(long, value_enum, default_value_t = Scenario::Mixed)]
+    scenario: Scenario,
+    /// Fail when the worst latency the runtime added to a task (submission to stored
+    /// result, less execution) exceeds the median by more than this (milliseconds);
+    /// reported either way.
+    #[arg(long)]
+    max_added_latency_ms: Option<u64>,
+}
+
+/// A fault schedule.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    Mixed,
+    ReconcilerKills,
 }
 
 fn free_port() -> u16 {
@@ -250,7 +272,6 @@ async fn main() -> anyhow::Result<()> {
         ("DATABASE_URL".into(), db_url.clone()),
         ("NATS_URL".into(), format!("nats://127.0.0.1:{nats_port}")),
         ("BLOOM_NATS_NAMESPACE".into(), "chaos".into()),
-        ("BLOOM_LEASE_TTL_SECS".into(), "2".into()),
         ("BLOOM_S3_ENDPOINT".into(), format!("http://127.0.0.1:{s3_port}")),
         ("BLOOM_S3_BUCKET".into(), "chaos-artifacts".into()),
         ("BLOOM_S3_TIMEOUT_MS".into(), "2000".into()),
@@ -270,6 +291,11 @@ async fn main() -> anyhow::Result<()> {
         ("BLOOM_WORKER_SHUTDOWN_GRACE_SECS".into(), "1".into()),
         ("RUST_LOG".into(), "warn".into()),
     ];
+    let mut env = env;
+    if o.scenario == Scenario::Mixed {
+        // Short leases, so that tasks whose worker died are retried within the run.
+        env.push(("BLOOM_LEASE_TTL_SECS".into(), "2".into()));
+    }
     let service = |name: &str, binary: &str, extra: Vec<(String, String)>| -> anyhow::Result<Service> {
         let path = bin(binary)?;
         let env = env.clone();
@@ -350,7 +376,11 @@ async fn main() -> anyhow::Result<()> {
                 s.start()?;
             }
         }
-        match rng.below(10) {
+        let fault = match o.scenario {
+            Scenario::Mixed => rng.below(10),
+            Scenario::ReconcilerKills => 4,
+        };
+        match fault {
             0..=3 => {
                 let i = rng.below(workers.len() as u64) as usize;
                 eprintln!("[{:>5.1}s] SIGKILL {}", started.elapsed().as_secs_f64(), workers[i].name);
@@ -444,6 +474,18 @@ async fn main() -> anyhow::Result<()> {
         ("leases per task above attempts", q("SELECT count(*) FROM llm_tasks t WHERE (SELECT count(*) FROM leases l WHERE l.task_id = t.id) < t.attempts").await?),
     ];
     let submitted = q("SELECT count(*) FROM llm_tasks").await?;
+    // Latency the runtime added to each completed task: submission to stored result,
+    // less the task's own execution time, in ms.
+    let latency: (Option<f64>, Option<f64>, Option<i64>) = sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), percentile_cont(0.99) WITHIN GROUP (ORDER BY d), max(d)
+         FROM (SELECT r.completed_at - t.created_at - COALESCE((r.metrics->>'duration_ms')::bigint, 0) AS d
+               FROM llm_results r JOIN llm_tasks t ON t.id = r.task_id
+               WHERE r.status = 'success') x",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let (p50, p99, worst) = (latency.0.unwrap_or(0.0), latency.1.unwrap_or(0.0), latency.2.unwrap_or(0));
+    let added = (worst as f64 - p50).max(0.0) as u64;
     let report = json!({
         "seed": seed,
         "tasks_accepted": accepted,
@@ -456,9 +498,15 @@ async fn main() -> anyhow::Result<()> {
         "artifacts_in_s3": q("SELECT count(*) FROM runtime_artifacts WHERE url IS NOT NULL").await?,
         "artifacts_in_postgres": q("SELECT count(*) FROM runtime_artifacts WHERE url IS NULL").await?,
         "faults": faults,
+        "overhead_ms": {"p50": p50, "p99": p99, "max": worst},
+        "worst_added_latency_ms": added,
         "violations": checks.iter().filter(|(_, n)| *n != 0).map(|(k, n)| json!({k.to_string(): n})).collect::<Vec<_>>(),
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
+    let mut checks = checks;
+    if let Some(limit) = o.max_added_latency_ms {
+        checks.push(("tasks delayed beyond the added-latency limit", i64::from(added > limit)));
+    }
     let failed: Vec<_> = checks.iter().filter(|(_, n)| *n != 0).collect();
     let passed = checks.len() - failed.len();
     println!("chaos: {passed} passed, {} failed", failed.len());

@@ -53,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
         beat_interval: Duration::from_millis(w.beat_interval_ms.max(100)),
         shutdown_grace: Duration::from_secs(w.shutdown_grace_secs),
         request_timeout: cli.nats.timeout(),
+        claim_timeout: Duration::from_millis(w.claim_timeout_ms.max(100)),
     };
     let client = bloom::bus::connect(&cli.nats.nats_url, &format!("bloom-worker {}", settings.id))
         .await

@@ -119,16 +119,16 @@ impl ArtifactStore {
     /// Stores the output of one lease and says where it went.
     pub async fn store(&self, task: &TaskId, lease: &LeaseId, output: Option<&str>) -> ArtifactBody {
         let (Some(s3), Some(out)) = (&self.s3, output) else {
-            return ArtifactBody { url: None, content: output.map(str::to_owned) };
+            return ArtifactBody::Inline;
         };
         let key = Self::object_key(task, lease);
-        let fallback = || ArtifactBody { url: None, content: Some(out.to_owned()) };
+        let fallback = || ArtifactBody::Inline;
         if now_ms() < s3.skip_until.load(Ordering::Relaxed) {
             self.metrics.s3_fallbacks_total.inc();
             return fallback();
         }
         match s3.put(&key, out.as_bytes().to_vec()).await {
-            Ok(()) => ArtifactBody { url: Some(format!("s3://{}/{key}", s3.bucket)), content: None },
+            Ok(()) => ArtifactBody::S3 { url: format!("s3://{}/{key}", s3.bucket) },
             Err(e) => {
                 s3.skip_until.store(now_ms() + S3_COOLDOWN_MS, Ordering::Relaxed);
                 self.metrics.s3_fallbacks_total.inc();

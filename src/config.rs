@@ -361,6 +361,10 @@ pub struct WorkerArgs {
     /// Seconds in-flight tasks get to finish on SIGTERM before they are handed back.
     #[arg(long, env = "BLOOM_WORKER_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
+    /// Milliseconds a claim waits for a reconciler's answer before it is sent again
+    /// (claims are idempotent; a reconciler that died holding one costs this much).
+    #[arg(long, env = "BLOOM_CLAIM_TIMEOUT_MS", default_value_t = 1_500)]
+    pub claim_timeout_ms: u64,
     /// Port of `/healthz` and `/metrics`; 0 disables.
     #[arg(long, env = "BLOOM_WORKER_HTTP_PORT", default_value_t = 9091)]
     pub http_port: u16,

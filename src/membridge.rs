@@ -6,14 +6,14 @@
 //! failure (401/403) counts as "not connected", and a non-idempotent POST is only
 //! retried when the request provably never reached the server (connect errors).
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, Retryable};
 use bytes::Bytes;
-use serde::Serialize;
+use sqlx::PgPool;
 
 use crate::config::Secret;
+use crate::db::settings;
 use crate::time::now_ms;
 
 /// Where membridge is and how to authenticate.
@@ -23,15 +23,7 @@ pub struct Endpoint {
     pub admin_key: Secret,
 }
 
-/// Connection state, reported by health endpoints (the seed's field names).
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClientState {
-    pub consecutive_failures: u32,
-    pub last_success: Option<i64>,
-    pub last_error: Option<String>,
-    pub connected: bool,
-}
+pub use crate::domain::{ClientState, ConnectionStatus};
 
 /// A response from membridge.
 #[derive(Clone, Debug)]
@@ -106,40 +98,47 @@ enum Attempt {
     Failed { error: Error, connect: bool, last: Option<Response> },
 }
 
-/// The client. One per process; it keeps the connection state.
+/// Whether a call's success shows that membridge accepts the admin key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Auth {
+    /// An authenticated route: its answer decides the connection state.
+    Checked,
+    /// An open route (`/health`): it answers whatever the key, so only its failures
+    /// count.
+    Open,
+}
+
+/// The client. One per process; the connection state it records is persisted.
 pub struct Client {
     http: reqwest::Client,
     timeout: Duration,
-    state: Mutex<ClientState>,
+    pool: PgPool,
 }
 
 impl Client {
-    /// A client whose every request times out after `timeout`.
-    pub fn new(timeout: Duration) -> Client {
+    /// A client whose every request times out after `timeout`; it records the
+    /// connection state in `pool`.
+    pub fn new(timeout: Duration, pool: PgPool) -> Client {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .build()
             .expect("reqwest client with static settings");
-        Client { http, timeout, state: Mutex::new(ClientState::default()) }
+        Client { http, timeout, pool }
     }
 
-    /// The connection state.
-    pub fn state(&self) -> ClientState {
-        self.state.lock().expect("state lock").clone()
+    /// The connection state, as the last call of any process left it.
+    pub async fn state(&self) -> sqlx::Result<ClientState> {
+        settings::membridge_state(&self.pool).await
     }
 
-    fn record(&self, ok: bool, error: Option<String>) {
-        let mut s = self.state.lock().expect("state lock");
-        if ok {
-            s.consecutive_failures = 0;
-            s.last_success = Some(now_ms());
-            s.last_error = None;
-        } else {
-            s.consecutive_failures += 1;
-            s.last_error = error;
+    async fn record(&self, outcome: Result<(), String>) {
+        if let Err(e) =
+            settings::record_membridge_call(&self.pool, outcome.as_ref().map(|_| ()).map_err(String::as_str), now_ms())
+                .await
+        {
+            tracing::warn!(error = %e, "membridge connection state not saved");
         }
-        s.connected = s.consecutive_failures == 0 && s.last_success.is_some();
     }
 
     async fn once(
@@ -189,7 +188,7 @@ impl Client {
 
     /// Sends a request with the given retry policy. A response (any status) is `Ok`;
     /// a 5xx is returned once retries are exhausted. 401/403 and 5xx mark the client
-    /// not connected.
+    /// not connected; a success marks it connected unless the route is [`Auth::Open`].
     pub async fn call(
         &self,
         ep: &Endpoint,
@@ -197,6 +196,7 @@ impl Client {
         path: &str,
         body: Option<&serde_json::Value>,
         retry: Retry,
+        auth: Auth,
     ) -> Result<Response, Error> {
         let (times, connect_only) = match retry {
             Retry::Idempotent(n) => (n, false),
@@ -213,28 +213,45 @@ impl Client {
         .await;
         match outcome {
             Ok(r) if r.status == 401 || r.status == 403 => {
-                self.record(false, Some(format!("HTTP {}: authentication failed", r.status)));
+                self.record(Err(format!("HTTP {}: authentication failed", r.status))).await;
                 Ok(r)
             }
             Ok(r) => {
-                self.record(true, None);
+                if auth == Auth::Checked {
+                    self.record(Ok(())).await;
+                }
                 Ok(r)
             }
             Err((error, _, Some(last))) => {
-                self.record(false, Some(error.to_string()));
+                self.record(Err(error.to_string())).await;
                 Ok(last)
             }
             Err((error, _, None)) => {
-                self.record(false, Some(error.to_string()));
+                self.record(Err(error.to_string())).await;
                 Err(error)
             }
         }
     }
 }
 
+/// Characters of a path segment sent as they are: RFC 3986's unreserved set
+/// (`A-Z a-z 0-9 - . _ ~`); everything else is percent-encoded.
+const SEGMENT: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// Percent-encodes every character of `s` outside RFC 3986's unreserved set.
+pub fn encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
+}
+
 /// Percent-encodes one path segment, so a client-supplied id cannot change the path.
-pub fn segment(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+/// `None` for `.` and `..`, which are dot segments however they are encoded (and
+/// would make the request go to a parent path).
+pub fn segment(s: &str) -> Option<String> {
+    if s.is_empty() || s == "." || s == ".." {
+        return None;
+    }
+    Some(encode(s))
 }
 
 #[cfg(test)]
@@ -253,7 +270,11 @@ mod tests {
 
     #[test]
     fn segments_cannot_inject_path() {
-        assert_eq!(segment("../agents"), "%2E%2E%2Fagents");
-        assert_eq!(segment("abc123"), "abc123");
+        assert_eq!(segment("../agents").as_deref(), Some("..%2Fagents"));
+        assert_eq!(segment("abc123").as_deref(), Some("abc123"));
+        assert_eq!(segment("a-b.c_d~e f?#%").as_deref(), Some("a-b.c_d~e%20f%3F%23%25"));
+        for dots in ["", ".", ".."] {
+            assert_eq!(segment(dots), None, "{dots:?}");
+        }
     }
 }

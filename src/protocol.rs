@@ -5,6 +5,7 @@
 //! | `<ns>.tasks.pool`, `<ns>.tasks.worker.<id>` (stream) | [`TaskMessage`] | – |
 //! | `<ns>.ctl.claim` (request, reconciler queue group) | [`ClaimRequest`] | [`ClaimReply`] |
 //! | `<ns>.ctl.heartbeat` (request, reconciler queue group) | [`HeartbeatRequest`] | [`HeartbeatReply`] |
+//! | `<ns>.ctl.start` (request, reconciler queue group) | [`StartRequest`] | [`StartReply`] |
 //! | `<ns>.ctl.worker` (publish) | [`WorkerBeat`] | – |
 //! | `<ns>.results` (stream) | [`ResultBatch`] (one or several [`ResultMessage`]s) | – |
 
@@ -93,9 +94,23 @@ pub struct ClaimItem {
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum ClaimReply {
     /// The decisions, one per claimed item in request order.
-    Decided { items: Vec<Option<LeaseGrant>> },
+    Decided { items: Vec<ClaimDecision> },
     /// The reconciler could not decide (e.g. Postgres unavailable): retry later.
     Unavailable { reason: String },
+}
+
+/// The decision on one claimed dispatch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum ClaimDecision {
+    /// Execute under this lease. Claiming a dispatch again (after a lost reply) grants
+    /// the lease the worker already holds.
+    Granted(LeaseGrant),
+    /// The dispatch is not current: terminate the message without executing.
+    Refused,
+    /// The worker holds as many leases as its `max_concurrency`: hand the message back
+    /// for later; the dispatch stays current.
+    AtCapacity,
 }
 
 /// A granted lease.
@@ -125,6 +140,20 @@ pub enum HeartbeatReply {
     Unavailable {
         reason: String,
     },
+}
+
+/// A worker process starting, before it pulls: the leases its id still holds belong to
+/// a previous process of that worker, whose executions died with it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StartRequest {
+    pub worker_id: WorkerId,
+}
+
+/// The answer to a [`StartRequest`]: how many leases of the previous process were ended
+/// (their tasks requeued at once, or dead after their last attempt).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StartReply {
+    pub ended: usize,
 }
 
 /// A worker's liveness beat and self-description.

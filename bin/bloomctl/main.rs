@@ -222,7 +222,7 @@ fn print(json_out: bool, v: &Value, columns: &[(&str, &str)]) {
 
 fn query(pairs: &[(&str, Option<String>)]) -> String {
     let q: Vec<String> =
-        pairs.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", bloom::membridge::segment(v)))).collect();
+        pairs.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", bloom::membridge::encode(v)))).collect();
     if q.is_empty() {
         String::new()
     } else {
@@ -292,12 +292,12 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 print(json_out, &v, &TASK_COLUMNS);
             }
             TasksCommand::Show { id } => {
-                let v = api.get(&format!("/api/runtime/llm-tasks/{}", bloom::membridge::segment(&id))).await?;
+                let v = api.get(&format!("/api/runtime/llm-tasks/{}", bloom::membridge::encode(&id))).await?;
                 print(json_out, &v, &[]);
             }
             TasksCommand::Requeue { id } => {
                 let v = api
-                    .post(&format!("/api/runtime/llm-tasks/{}/requeue", bloom::membridge::segment(&id)), &json!({}))
+                    .post(&format!("/api/runtime/llm-tasks/{}/requeue", bloom::membridge::encode(&id)), &json!({}))
                     .await?;
                 print(json_out, &v, &[]);
             }
@@ -316,7 +316,7 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 print(json_out, &v, &cols);
             }
             ShowOrList::Show { id } => {
-                let v = api.get(&format!("/api/runtime/workers/{}", bloom::membridge::segment(&id))).await?;
+                let v = api.get(&format!("/api/runtime/workers/{}", bloom::membridge::encode(&id))).await?;
                 print(json_out, &v, &[]);
             }
         },
@@ -354,12 +354,12 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 print(json_out, &v, &cols);
             }
             ArtifactsCommand::Show { id } => {
-                let v = api.get(&format!("/api/runtime/artifacts/{}", bloom::membridge::segment(&id))).await?;
+                let v = api.get(&format!("/api/runtime/artifacts/{}", bloom::membridge::encode(&id))).await?;
                 print(json_out, &v, &[]);
             }
             ArtifactsCommand::Content { id } => {
                 let text =
-                    api.get_text(&format!("/api/runtime/artifacts/{}/content", bloom::membridge::segment(&id))).await?;
+                    api.get_text(&format!("/api/runtime/artifacts/{}/content", bloom::membridge::encode(&id))).await?;
                 println!("{text}");
             }
         },

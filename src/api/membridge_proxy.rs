@@ -1,5 +1,6 @@
 //! `/api/membridge/*`: a proxy to a few membridge routes. Path parameters are
-//! percent-encoded so a `cid` cannot change the upstream path.
+//! percent-encoded so a `cid` cannot change the upstream path; `.` and `..` are refused
+//! with 400.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -11,7 +12,7 @@ use super::validate::JsonBody;
 use super::{ApiError, AppState};
 use crate::db::{audit, settings};
 use crate::domain::{AuditAction, NewAudit};
-use crate::membridge::{segment, Response, Retry};
+use crate::membridge::{segment, Auth, Response, Retry};
 use crate::time::now_ms;
 
 async fn call(
@@ -20,9 +21,16 @@ async fn call(
     path: &str,
     body: Option<&Value>,
     retry: Retry,
+    auth: Auth,
 ) -> Result<Response, ApiError> {
     let ep = settings::membridge(&state.pool, &state.settings.membridge_default).await?.endpoint();
-    state.membridge.call(&ep, method, path, body, retry).await.map_err(|e| ApiError::BadGateway(e.to_string()))
+    state.membridge.call(&ep, method, path, body, retry, auth).await.map_err(|e| ApiError::BadGateway(e.to_string()))
+}
+
+/// The path of a project's route, or 400 when `cid` cannot be one path segment.
+fn project_path(cid: &str, rest: &str) -> Result<String, ApiError> {
+    let cid = segment(cid).ok_or_else(|| ApiError::BadRequest(format!("Invalid cid: '{cid}' is not a project id")))?;
+    Ok(format!("/projects/{cid}/{rest}"))
 }
 
 /// Passes a 2xx JSON body on; any other status becomes `{error}` with that status.
@@ -37,27 +45,27 @@ fn relay(r: Response) -> Result<Json<Value>, ApiError> {
 /// `GET /api/membridge/health` (open).
 #[utoipa::path(get, path = "/api/membridge/health", tag = "membridge", responses((status = 200, description = "membridge's JSON, passed through"), (status = 502, body = ErrorBody), (status = 404, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    relay(call(&state, reqwest::Method::GET, "/health", None, Retry::Idempotent(1)).await?)
+    relay(call(&state, reqwest::Method::GET, "/health", None, Retry::Idempotent(1), Auth::Open).await?)
 }
 
 /// `GET /api/membridge/projects`.
 #[utoipa::path(get, path = "/api/membridge/projects", tag = "membridge", responses((status = 200, description = "membridge's JSON, passed through"), (status = 502, body = ErrorBody), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn projects(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    relay(call(&state, reqwest::Method::GET, "/projects", None, Retry::Idempotent(3)).await?)
+    relay(call(&state, reqwest::Method::GET, "/projects", None, Retry::Idempotent(3), Auth::Checked).await?)
 }
 
 /// `GET /api/membridge/projects/:cid/leadership`.
 #[utoipa::path(get, path = "/api/membridge/projects/{cid}/leadership", tag = "membridge", params(("cid" = String, Path, description = "project canonical id")), responses((status = 200, description = "membridge's JSON, passed through"), (status = 502, body = ErrorBody), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn leadership(State(state): State<AppState>, Path(cid): Path<String>) -> Result<Json<Value>, ApiError> {
-    let path = format!("/projects/{}/leadership", segment(&cid));
-    relay(call(&state, reqwest::Method::GET, &path, None, Retry::Idempotent(3)).await?)
+    let path = project_path(&cid, "leadership")?;
+    relay(call(&state, reqwest::Method::GET, &path, None, Retry::Idempotent(3), Auth::Checked).await?)
 }
 
 /// `GET /api/membridge/projects/:cid/nodes`.
 #[utoipa::path(get, path = "/api/membridge/projects/{cid}/nodes", tag = "membridge", params(("cid" = String, Path, description = "project canonical id")), responses((status = 200, description = "membridge's JSON, passed through"), (status = 502, body = ErrorBody), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn nodes(State(state): State<AppState>, Path(cid): Path<String>) -> Result<Json<Value>, ApiError> {
-    let path = format!("/projects/{}/nodes", segment(&cid));
-    relay(call(&state, reqwest::Method::GET, &path, None, Retry::Idempotent(3)).await?)
+    let path = project_path(&cid, "nodes")?;
+    relay(call(&state, reqwest::Method::GET, &path, None, Retry::Idempotent(3), Auth::Checked).await?)
 }
 
 /// `POST /api/membridge/projects/:cid/leadership/select`: not idempotent, so only
@@ -69,8 +77,8 @@ pub async fn select_leader(
     Path(cid): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
-    let path = format!("/projects/{}/leadership/select", segment(&cid));
-    let r = call(&state, reqwest::Method::POST, &path, Some(&body), Retry::ConnectOnly(3)).await?;
+    let path = project_path(&cid, "leadership/select")?;
+    let r = call(&state, reqwest::Method::POST, &path, Some(&body), Retry::ConnectOnly(3), Auth::Checked).await?;
     if !r.is_success() {
         let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
         let text = String::from_utf8_lossy(&r.body).into_owned();

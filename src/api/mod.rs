@@ -307,7 +307,7 @@ pub async fn build_state(
     crate::bus::provision::apply(&js, &names, Duration::from_secs(settings.lease_ttl_secs.max(1) as u64)).await?;
     let dispatcher = Dispatcher::spawn(js, names, pool.clone(), metrics.clone(), cancel.clone());
     let submitter = Submitter::spawn(pool.clone(), dispatcher.clone(), metrics.clone(), 2, settings.db_timeout, cancel);
-    let membridge = Arc::new(membridge::Client::new(settings.membridge_timeout));
+    let membridge = Arc::new(membridge::Client::new(settings.membridge_timeout, pool.clone()));
     Ok(AppState(Arc::new(AppContext {
         pool,
         submitter,

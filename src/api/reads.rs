@@ -4,15 +4,16 @@
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::schemas::ErrorBody;
 use super::validate::FieldErrors;
 use super::{ApiError, AppState};
 use crate::artifacts::{ArtifactError, Content};
-use crate::db::page::{Cursor, DEFAULT_LIMIT, MAX_LIMIT};
+use crate::db::page::{Cursor, RowKey, DEFAULT_LIMIT, MAX_LIMIT};
 use crate::db::{artifacts, audit, leases, stats, tasks, Page};
 use crate::domain::{Artifact, ArtifactId, AuditEntry, Lease, LeaseStatus, Task, TaskId};
 
@@ -93,6 +94,152 @@ pub fn paged<T: Serialize>(rows: Vec<T>, page: &Page, key: impl Fn(&T) -> (i64, 
     (headers, Json(rows))
 }
 
+/// Bytes of rows a streamed listing reads and sends at a time.
+const STREAM_BUDGET: i64 = 1 << 20;
+/// Characters of a large text value read and sent at a time.
+const SLICE_CHARS: i32 = 256 * 1024;
+
+/// Writes a JSON array into a response body a piece at a time, waiting while the
+/// client reads (the body holds at most one piece besides the one being written).
+pub struct ArrayWriter {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    first: bool,
+}
+
+/// The client went away: stop producing the listing.
+#[derive(Debug, thiserror::Error)]
+#[error("the client closed the response")]
+pub struct Gone;
+
+impl ArrayWriter {
+    async fn send(&self, piece: Vec<u8>) -> Result<(), Gone> {
+        self.tx.send(Ok(Bytes::from(piece))).await.map_err(|_| Gone)
+    }
+
+    /// Starts the next element with `piece`.
+    pub async fn element(&mut self, mut piece: Vec<u8>) -> Result<(), Gone> {
+        if !std::mem::replace(&mut self.first, false) {
+            piece.insert(0, b',');
+        }
+        self.send(piece).await
+    }
+
+    /// Continues the current element.
+    pub async fn more(&mut self, piece: Vec<u8>) -> Result<(), Gone> {
+        self.send(piece).await
+    }
+}
+
+/// A listing of rows that can be large (prompts, artifact contents), answered as the
+/// same JSON array as [`paged`] but written as it is read: `keys` (the page without its
+/// content) decides the rows, their order and `X-Next-Cursor`; `write` gets the ids in
+/// runs of about [`STREAM_BUDGET`] bytes and writes each row, reading each run on a
+/// pooled connection given back before the run is sent. A response holds about one run
+/// in memory however large the page, and a slow client holds no connection.
+pub fn streamed<F, Fut>(keys: Vec<RowKey>, page: &Page, write: F) -> Response
+where
+    F: FnOnce(Vec<Vec<String>>, ArrayWriter) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let mut headers = HeaderMap::new();
+    if keys.len() as i64 == page.limit {
+        if let Some(v) = keys.last().and_then(|k| HeaderValue::from_str(&k.cursor().encode()).ok()) {
+            headers.insert("x-next-cursor", v);
+        }
+    }
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let runs = crate::db::page::runs(&keys, STREAM_BUDGET);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let writer = ArrayWriter { tx: tx.clone(), first: true };
+        let _ = tx.send(Ok(Bytes::from_static(b"["))).await;
+        match write(runs, writer).await {
+            Ok(()) => {
+                let _ = tx.send(Ok(Bytes::from_static(b"]"))).await;
+            }
+            Err(e) if e.is::<Gone>() => {}
+            Err(e) => {
+                // The status is sent: all that is left is to cut the body short.
+                tracing::error!(error = format!("{e:#}"), "reading a listing failed midway");
+                let _ = tx.send(Err(std::io::Error::other(e))).await;
+            }
+        }
+    });
+    let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|piece| (piece, rx)) });
+    (headers, axum::body::Body::from_stream(body)).into_response()
+}
+
+/// Writes the rows `fetch` reads for each run, in the order of the run's ids (a row
+/// deleted since the keys were read is left out).
+async fn write_rows<T, F, Fut>(
+    runs: Vec<Vec<String>>,
+    mut out: ArrayWriter,
+    id: fn(&T) -> &str,
+    fetch: F,
+) -> anyhow::Result<()>
+where
+    T: Serialize,
+    F: Fn(Vec<String>) -> Fut,
+    Fut: std::future::Future<Output = sqlx::Result<Vec<T>>>,
+{
+    for run in runs {
+        let mut found: std::collections::HashMap<String, T> =
+            fetch(run.clone()).await?.into_iter().map(|r| (id(&r).to_owned(), r)).collect();
+        for row in run.iter().filter_map(|i| found.remove(i)) {
+            out.element(serde_json::to_vec(&row)?).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes artifacts with their content read and escaped a slice at a time, so even one
+/// artifact of many megabytes is never whole in memory. `content` is the last field of
+/// an artifact's JSON: its `null` is replaced by the string, written in pieces.
+async fn write_artifacts(pool: sqlx::PgPool, runs: Vec<Vec<String>>, mut out: ArrayWriter) -> anyhow::Result<()> {
+    const NULL_CONTENT: &[u8] = b"null}";
+    for run in runs {
+        let mut found: std::collections::HashMap<String, artifacts::ArtifactHead> =
+            artifacts::heads(&pool, &run).await?.into_iter().map(|h| (h.artifact.id.0.clone(), h)).collect();
+        for head in run.iter().filter_map(|i| found.remove(i)) {
+            let mut json = serde_json::to_vec(&head.artifact)?;
+            let Some(chars) = head.content_chars else {
+                out.element(json).await?;
+                continue;
+            };
+            anyhow::ensure!(json.ends_with(NULL_CONTENT), "an artifact's JSON does not end with its content");
+            json.truncate(json.len() - NULL_CONTENT.len());
+            json.push(b'"');
+            out.element(json).await?;
+            let mut from = 1;
+            while from <= chars {
+                let slice = artifacts::content_slice(&pool, &head.artifact.id, from, SLICE_CHARS).await?;
+                let escaped = serde_json::to_vec(&slice)?;
+                // Without the quotes serde_json put around the slice.
+                out.more(escaped[1..escaped.len() - 1].to_vec()).await?;
+                from += SLICE_CHARS;
+            }
+            out.more(b"\"}".to_vec()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Tasks listed by `keys`, streamed.
+pub fn stream_tasks(pool: sqlx::PgPool, keys: Vec<RowKey>, page: &Page) -> Response {
+    streamed(keys, page, move |runs, out| async move {
+        write_rows(
+            runs,
+            out,
+            |t: &Task| t.id.as_str(),
+            |ids| {
+                let pool = pool.clone();
+                async move { tasks::get_many(&pool, &ids).await }
+            },
+        )
+        .await
+    })
+}
+
 /// Query of `GET /api/runtime/leases`.
 #[derive(Debug, Deserialize)]
 pub struct LeaseQuery {
@@ -120,8 +267,8 @@ pub async fn leases(State(state): State<AppState>, Query(q): Query<LeaseQuery>) 
 #[utoipa::path(get, path = "/api/runtime/runs", tag = "tasks", params(("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Task>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn runs(State(state): State<AppState>, Query(q): Query<PageQuery>) -> Result<impl IntoResponse, ApiError> {
     let page = q.page_with_default(50)?;
-    let rows = tasks::list(&state.pool, None, &page).await?;
-    Ok(paged(rows, &page, |t: &Task| (t.created_at, t.id.0.clone())))
+    let keys = tasks::list_keys(&state.pool, None, &page).await?;
+    Ok(stream_tasks(state.pool.clone(), keys, &page))
 }
 
 /// Query of `GET /api/runtime/artifacts`.
@@ -140,8 +287,9 @@ pub async fn artifacts(
 ) -> Result<impl IntoResponse, ApiError> {
     let page = q.page.page()?;
     let task = q.task_id.filter(|t| !t.is_empty()).map(TaskId);
-    let rows = artifacts::list(&state.pool, task.as_ref(), &page).await?;
-    Ok(paged(rows, &page, |a: &Artifact| (a.created_at, a.id.0.clone())))
+    let keys = artifacts::list_keys(&state.pool, task.as_ref(), &page).await?;
+    let pool = state.pool.clone();
+    Ok(streamed(keys, &page, move |runs, out| write_artifacts(pool, runs, out)))
 }
 
 async fn find_artifact(state: &AppState, id: String) -> Result<Artifact, ApiError> {
@@ -216,6 +364,24 @@ mod tests {
 
     fn limit(s: &str) -> Result<i64, ApiError> {
         PageQuery { limit: Some(s.to_owned()), cursor: None }.page().map(|p| p.limit)
+    }
+
+    #[test]
+    fn an_artifacts_content_is_the_last_field_of_its_json() {
+        // `write_artifacts` writes the content in slices in place of this `null`.
+        let a = Artifact {
+            id: ArtifactId("a".into()),
+            task_id: TaskId("t".into()),
+            job_id: None,
+            kind: "LLM_RESULT".into(),
+            created_at: 1,
+            finalized: true,
+            url: None,
+            entity_refs: vec![],
+            tags: vec![],
+            content: None,
+        };
+        assert!(serde_json::to_string(&a).unwrap().ends_with(r#","content":null}"#));
     }
 
     #[test]

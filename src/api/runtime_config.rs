@@ -12,7 +12,7 @@ use super::validate::{FieldErrors, Fields, JsonBody};
 use super::{ApiError, AppState};
 use crate::db::{audit, settings};
 use crate::domain::{AuditAction, NewAudit};
-use crate::membridge::Retry;
+use crate::membridge::{Auth, Retry};
 use crate::time::now_ms;
 
 /// The seed's `RuntimeConfig`.
@@ -55,13 +55,17 @@ fn view(s: &settings::MembridgeSettings) -> RuntimeConfig {
 #[utoipa::path(get, path = "/api/runtime/health", tag = "runtime", responses((status = 200, description = "service, storage, membridge, database and NATS state"), (status = 429, body = ErrorBody)))]
 pub async fn health(State(state): State<AppState>) -> Json<Value> {
     let db_ok = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
+    // The state every process shares; unknown when Postgres cannot tell.
+    let mut membridge = serde_json::to_value(state.membridge.state().await.unwrap_or_default()).unwrap_or_default();
+    membridge["sync"] =
+        serde_json::to_value(settings::membridge_sync(&state.pool).await.unwrap_or_default()).unwrap_or_default();
     let nats_ok = state.nats.connection_state() == async_nats::connection::State::Connected;
     Json(json!({
         "status": "ok",
         "service": "bloom-runtime",
         "uptime": state.started.elapsed().as_secs_f64(),
         "storage": "postgresql",
-        "membridge": state.membridge.state(),
+        "membridge": membridge,
         "database": { "connected": db_ok },
         "nats": { "connected": nats_ok },
     }))
@@ -117,13 +121,14 @@ pub async fn set_config(
 pub async fn test_connection(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let ep = load(&state).await?.endpoint();
     let client = &state.membridge;
-    let outcome = match client.call(&ep, reqwest::Method::GET, "/health", None, Retry::Idempotent(1)).await {
+    let outcome = match client.call(&ep, reqwest::Method::GET, "/health", None, Retry::Idempotent(1), Auth::Open).await
+    {
         Err(e) => Err(e.to_string()),
         Ok(r) if !r.is_success() => Err(format!("HTTP {}", r.status)),
         Ok(r) => {
             let health = r.json().unwrap_or(Value::Null);
             // `/health` needs no key: check the key on an authenticated route.
-            match client.call(&ep, reqwest::Method::GET, "/agents", None, Retry::Idempotent(1)).await {
+            match client.call(&ep, reqwest::Method::GET, "/agents", None, Retry::Idempotent(1), Auth::Checked).await {
                 Ok(a) if a.status == 401 || a.status == 403 => Err(format!("HTTP {}: admin key rejected", a.status)),
                 Ok(_) => Ok(health),
                 Err(e) => Err(e.to_string()),

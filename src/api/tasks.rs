@@ -9,7 +9,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::reads::{paged, PageQuery};
+use super::reads::{stream_tasks, PageQuery};
 use super::schemas::CreateTask;
 use super::schemas::{
     CompleteBody, CompleteResponse, ErrorBody, HeartbeatResponse, HolderBody, LeaseBody, LeaseResponse,
@@ -95,15 +95,15 @@ pub struct ListQuery {
 #[utoipa::path(get, path = "/api/runtime/llm-tasks", tag = "tasks", params(("status" = Option<String>, Query, description = "queued|leased|running|completed|failed|dead"), ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Task>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<impl IntoResponse, ApiError> {
     let page = q.page.page()?;
-    let rows = match q.status.as_deref() {
-        None | Some("") => tasks::list(&state.pool, None, &page).await?,
+    let keys = match q.status.as_deref() {
+        None | Some("") => tasks::list_keys(&state.pool, None, &page).await?,
         Some(s) => match TaskStatus::parse(s) {
-            Some(status) => tasks::list(&state.pool, Some(status), &page).await?,
+            Some(status) => tasks::list_keys(&state.pool, Some(status), &page).await?,
             // As in the original, a status no task can have matches none.
             None => Vec::new(),
         },
     };
-    Ok(paged(rows, &page, |t: &Task| (t.created_at, t.id.0.clone())))
+    Ok(stream_tasks(state.pool.clone(), keys, &page))
 }
 
 /// `GET /api/runtime/llm-tasks/:id`.
@@ -215,6 +215,15 @@ fn parse_completion(
     }
 }
 
+/// The answer to a completion, in the original's shape (the output appears in the
+/// result and, when kept in Postgres, as the artifact's content).
+#[derive(serde::Serialize)]
+struct Completed {
+    task: Task,
+    artifact: crate::domain::Artifact,
+    result: crate::domain::LlmResult,
+}
+
 /// `POST /api/runtime/llm-tasks/:id/complete` → `{task, artifact, result}`.
 #[utoipa::path(post, path = "/api/runtime/llm-tasks/{id}/complete", tag = "tasks", params(("id" = String, Path, description = "Task id")), request_body = CompleteBody, responses((status = 200, body = CompleteResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn complete(
@@ -228,6 +237,8 @@ pub async fn complete(
     }
     let (status, output, error_message, metrics, artifact_type, artifact_tags) = parse_completion(&body)?;
     check_holder(&task, &body)?;
+    // The output was copied out of the body: the body need not stay in memory.
+    drop(body);
     let lease_id: LeaseId = task.lease_id.clone().ok_or_else(|| ApiError::Conflict("Task has no lease".into()))?;
     let artifact = state.artifacts.store(&task.id, &lease_id, output.as_deref()).await;
     let completion = Completion {
@@ -243,8 +254,9 @@ pub async fn complete(
         artifact,
     };
     match lifecycle::complete(&state.pool, std::slice::from_ref(&completion)).await?.pop() {
-        Some(CompletionOutcome::Completed { task, artifact, result }) => {
-            Ok(Json(json!({ "task": task, "artifact": artifact, "result": result })))
+        Some(CompletionOutcome::Completed { task, result_id, completed_at }) => {
+            let (artifact, result) = completion.into_records(&task, result_id, completed_at);
+            Ok(Json(Completed { task, artifact, result }))
         }
         _ => Err(ApiError::Conflict(format!("Lease {lease_id} is no longer the current lease of task {}", task.id))),
     }

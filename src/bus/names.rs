@@ -96,6 +96,11 @@ impl Names {
         format!("{}.ctl.release", self.ns)
     }
 
+    /// Announcements of a worker process starting (request/reply).
+    pub fn start_subject(&self) -> String {
+        format!("{}.ctl.start", self.ns)
+    }
+
     /// Worker liveness beats.
     pub fn worker_beat_subject(&self) -> String {
         format!("{}.ctl.worker", self.ns)

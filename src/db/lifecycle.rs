@@ -68,14 +68,33 @@ const CREATE_SQL: &str = "WITH r AS (
             SELECT r.audit_id, $2, 'task_created', 'llm_task', r.id, $3, r.audit FROM r)
          SELECT task_id, id, worker_id FROM o";
 
-/// Batch claim: `$1` rows as JSON, `$2` now, `$3` the claimed task ids.
+/// Batch claim: `$1` rows as JSON, `$2` now, `$3` the claimed task ids. Runs after the
+/// claiming workers' rows were locked (see [`claim`]), so the active leases it counts
+/// include every lease committed before. Returns one row per decided claim: `granted`
+/// (a new lease), `held` (the worker already holds this dispatch: a retried claim gets
+/// the same lease) or `full` (the worker has no free slot).
 const CLAIM_SQL: &str = "WITH r AS (
             SELECT * FROM jsonb_to_recordset($1)
                 AS r(task_id text, seq bigint, worker_id text, lease_id text, ttl int, audit_id text)),
+         open AS (
+            -- Claims of current, still queued dispatches; one per task (the others lose).
+            SELECT DISTINCT ON (r.task_id) r.*
+            FROM r JOIN llm_tasks t ON t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued'
+                AND t.dispatch_seq = r.seq
+            ORDER BY r.task_id, r.lease_id),
+         room AS (
+            -- Free slots per claiming worker; one without a row has the default of one.
+            SELECT c.worker_id,
+                   COALESCE((SELECT (w.capabilities->>'max_concurrency')::int FROM workers w WHERE w.id = c.worker_id), 1)
+                   - (SELECT count(*) FROM leases b WHERE b.status = 'active' AND b.worker_id = c.worker_id) AS free
+            FROM (SELECT DISTINCT worker_id FROM open) c),
+         fits AS (
+            SELECT o.* FROM (SELECT open.*, row_number() OVER (PARTITION BY worker_id ORDER BY task_id) AS n FROM open) o
+            JOIN room ON room.worker_id = o.worker_id WHERE o.n <= room.free),
          t AS (
             UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = r.worker_id,
                    attempts = t.attempts + 1, updated_at = $2, routed_to = NULL
-            FROM r WHERE t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued'
+            FROM fits r WHERE t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued'
                 AND t.dispatch_seq = r.seq
             RETURNING t.id, t.context_id, r.lease_id, r.worker_id, r.ttl, r.audit_id),
          l AS (
@@ -85,8 +104,21 @@ const CLAIM_SQL: &str = "WITH r AS (
          a AS (
             INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
             SELECT audit_id, $2, 'task_leased', 'lease', lease_id, 'router',
-                   'Task ' || id || ' leased to worker ' || worker_id || ', TTL ' || ttl || 's' FROM t)
-         SELECT lease_id, context_id FROM t";
+                   'Task ' || id || ' leased to worker ' || worker_id || ', TTL ' || ttl || 's' FROM t),
+         held AS (
+            SELECT DISTINCT ON (r.task_id, r.worker_id) r.task_id, r.worker_id, l.id AS lease_id, l.started_at,
+                   l.expires_at, l.ttl_seconds, l.last_heartbeat, l.context_id
+            FROM r JOIN llm_tasks t ON t.id = ANY($3) AND t.id = r.task_id
+                AND (t.status || '') IN ('leased', 'running') AND t.dispatch_seq = r.seq AND t.worker_id = r.worker_id
+            JOIN leases l ON l.id = t.lease_id AND (l.status || '') = 'active')
+         SELECT 'granted' AS decision, id AS task_id, worker_id, lease_id, $2 AS started_at,
+                $2 + ttl::bigint * 1000 AS expires_at, ttl AS ttl_seconds, $2 AS last_heartbeat, context_id FROM t
+         UNION ALL
+         SELECT 'held', task_id, worker_id, lease_id, started_at, expires_at, ttl_seconds, last_heartbeat, context_id
+         FROM held
+         UNION ALL
+         SELECT 'full', task_id, worker_id, lease_id, NULL, NULL, NULL, NULL, NULL
+         FROM open WHERE NOT EXISTS (SELECT 1 FROM fits WHERE fits.task_id = open.task_id)";
 
 /// Batch lease heartbeat: `$1` task ids, `$2` lease ids, `$3` now.
 const HEARTBEAT_SQL: &str = "WITH r AS (SELECT * FROM UNNEST($1::text[], $2::text[]) AS r(task_id, lease_id)),
@@ -102,7 +134,7 @@ const HEARTBEAT_SQL: &str = "WITH r AS (SELECT * FROM UNNEST($1::text[], $2::tex
 const COMPLETE_SQL: &str = "WITH r AS (
             SELECT * FROM jsonb_to_recordset($1) AS r(task_id text, lease_id text, final_status text, status text,
                 output text, error_message text, metrics jsonb, artifact_id text, artifact_type text, tags jsonb,
-                url text, content text, result_id text, audit_id text, done text, late text)),
+                url text, inline boolean, result_id text, audit_id text, done text, late text)),
          t AS (
             UPDATE llm_tasks t SET status = r.final_status, updated_at = $2, lease_id = r.lease_id,
                    worker_id = COALESCE(t.worker_id, (SELECT l.worker_id FROM leases l WHERE l.id = r.lease_id)),
@@ -122,7 +154,8 @@ const COMPLETE_SQL: &str = "WITH r AS (
          art AS (
             INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags,
                                            content)
-            SELECT artifact_id, task_id, NULL, artifact_type, $2, true, url, '[]'::jsonb, tags, content FROM w),
+            SELECT artifact_id, task_id, NULL, artifact_type, $2, true, url, '[]'::jsonb, tags,
+                   CASE WHEN inline THEN output END FROM w),
          res AS (
             INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
                                      completed_at)
@@ -220,7 +253,7 @@ pub async fn create<'c>(db: impl PgExecutor<'c>, new: Vec<NewTask>, actor: &str)
 /// A REST lease request.
 #[derive(Clone, Debug)]
 pub struct LeaseRequest {
-    /// Lease to this worker regardless of its capacity (the seed honours it).
+    /// Lease to this worker, if it is eligible (online, Claude CLI, a free slot).
     pub worker_id: Option<WorkerId>,
     pub ttl_seconds: i32,
 }
@@ -240,24 +273,12 @@ pub async fn lease(pool: &PgPool, task_id: &TaskId, req: &LeaseRequest) -> Resul
         return Err(TransitionError::Conflict(format!("Task status is '{}', expected 'queued'", task.status)));
     }
     let worker = match &req.worker_id {
-        Some(id) => workers::get_for_update(&mut tx, id).await?.ok_or(TransitionError::NoWorker)?,
-        None => {
-            let sticky: Option<WorkerId> = sqlx::query_scalar(
-                "SELECT worker_id FROM leases WHERE status = 'active' AND context_id = $1
-                 ORDER BY started_at DESC LIMIT 1",
-            )
-            .bind(&task.context_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let candidates = workers::candidates(&mut *tx).await?;
-            let chosen = pick_worker(&candidates, sticky.as_ref()).ok_or(TransitionError::NoWorker)?.id.clone();
-            let locked = workers::get_for_update(&mut tx, &chosen).await?.ok_or(TransitionError::NoWorker)?;
-            if !locked.is_eligible() {
-                // Another lease took its last slot between the read and the lock.
-                return Err(TransitionError::NoWorker);
-            }
-            locked
+        // A named worker must be able to take the lease like a chosen one: online, with
+        // the Claude CLI and a free slot (the original leased to it regardless).
+        Some(id) => {
+            workers::get_for_update(&mut tx, id).await?.filter(Worker::is_eligible).ok_or(TransitionError::NoWorker)?
         }
+        None => choose_worker(&mut tx, &task).await?,
     };
     let now = now_ms();
     let lease = new_lease(&task, &worker.id, req.ttl_seconds, now);
@@ -284,6 +305,31 @@ pub async fn lease(pool: &PgPool, task_id: &TaskId, req: &LeaseRequest) -> Resul
     // The worker as it was chosen (its active leases before this one), as the original
     // answered.
     Ok((lease, worker))
+}
+
+/// Picks a worker as the seed's `pickWorker` does and locks its row. A worker that
+/// filled up between the read and the lock (concurrent leases) is passed over and the
+/// choice made again among the others.
+async fn choose_worker(tx: &mut sqlx::PgConnection, task: &Task) -> Result<Worker, TransitionError> {
+    const CHOICES: usize = 4;
+    let sticky: Option<WorkerId> = sqlx::query_scalar(
+        "SELECT worker_id FROM leases WHERE status = 'active' AND context_id = $1
+         ORDER BY started_at DESC LIMIT 1",
+    )
+    .bind(&task.context_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let mut full: Vec<WorkerId> = Vec::new();
+    for _ in 0..CHOICES {
+        let mut candidates = workers::candidates(&mut *tx).await?;
+        candidates.retain(|w| !full.contains(&w.id));
+        let chosen = pick_worker(&candidates, sticky.as_ref()).ok_or(TransitionError::NoWorker)?.id.clone();
+        match workers::get_for_update(&mut *tx, &chosen).await? {
+            Some(locked) if locked.is_eligible() => return Ok(locked),
+            _ => full.push(chosen),
+        }
+    }
+    Err(TransitionError::NoWorker)
 }
 
 fn new_lease(task: &Task, worker: &WorkerId, ttl_seconds: i32, now: i64) -> Lease {
@@ -327,16 +373,57 @@ pub struct Claim {
 /// The answer to a claim.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ClaimOutcome {
-    /// The worker holds this new lease: execute.
+    /// The worker holds this lease: execute. A claim the worker made before (its reply
+    /// was lost, or it asked again) is granted the lease it already holds.
     Granted(Lease),
     /// The dispatch is not current (task already leased, completed, requeued, or gone):
     /// drop the message without executing.
     Refused,
+    /// The worker already holds as many active leases as its `max_concurrency`: the
+    /// dispatch stays current, to be claimed later (by this worker or another).
+    AtCapacity,
+}
+
+/// One decided claim, as [`CLAIM_SQL`] returns it.
+#[derive(Clone, sqlx::FromRow)]
+struct Decision {
+    decision: String,
+    task_id: TaskId,
+    worker_id: WorkerId,
+    lease_id: LeaseId,
+    started_at: Option<i64>,
+    expires_at: Option<i64>,
+    ttl_seconds: Option<i32>,
+    last_heartbeat: Option<i64>,
+    context_id: Option<String>,
+}
+
+impl Decision {
+    fn lease(self) -> Lease {
+        Lease {
+            id: self.lease_id,
+            task_id: self.task_id,
+            worker_id: self.worker_id,
+            started_at: self.started_at.unwrap_or_default(),
+            expires_at: self.expires_at.unwrap_or_default(),
+            ttl_seconds: self.ttl_seconds.unwrap_or_default(),
+            status: LeaseStatus::Active,
+            last_heartbeat: self.last_heartbeat.unwrap_or_default(),
+            context_id: self.context_id,
+        }
+    }
 }
 
 /// Claims dispatches in one transaction: `queued -> leased` for each task whose current
-/// dispatch is the claimed one. Outcomes are in the order of `claims`.
-pub async fn claim<'c>(db: impl PgExecutor<'c>, claims: &[Claim]) -> sqlx::Result<Vec<ClaimOutcome>> {
+/// dispatch is the claimed one, as long as its worker has a free slot. The claiming
+/// workers' rows are locked first (in id order), so claims decided concurrently by
+/// several reconcilers cannot overfill a worker. Claiming again what the worker already
+/// holds returns the same lease, so a worker may safely retry a claim that got no answer.
+/// Outcomes are in the order of `claims`.
+pub async fn claim<'c>(
+    db: impl sqlx::Acquire<'c, Database = sqlx::Postgres>,
+    claims: &[Claim],
+) -> sqlx::Result<Vec<ClaimOutcome>> {
     let now = now_ms();
     // Every claim gets its own prospective lease id. When several claims in the batch
     // match the same task, Postgres applies exactly one of them and returns its lease id.
@@ -349,29 +436,52 @@ pub async fn claim<'c>(db: impl PgExecutor<'c>, claims: &[Claim]) -> sqlx::Resul
                                "ttl": c.ttl_seconds, "audit_id": new_id()})
         })
         .collect();
-    let won: Vec<(LeaseId, String)> = sqlx::query_as(CLAIM_SQL)
+    let mut workers: Vec<&str> = claims.iter().map(|c| c.worker_id.as_str()).collect();
+    workers.sort_unstable();
+    workers.dedup();
+    let mut tx = db.begin().await?;
+    // The lock comes in its own statement: under READ COMMITTED a statement sees the
+    // leases committed before it started, not those committed while it waited for a lock.
+    sqlx::query("SELECT 1 FROM workers WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(&workers)
+        .execute(&mut *tx)
+        .await?;
+    let decided: Vec<Decision> = sqlx::query_as(CLAIM_SQL)
         .bind(serde_json::Value::Array(rows))
         .bind(now)
         .bind(claims.iter().map(|c| c.task_id.as_str()).collect::<Vec<_>>())
-        .fetch_all(db)
+        .fetch_all(&mut *tx)
         .await?;
-    let mut won: HashMap<LeaseId, String> = won.into_iter().collect();
+    tx.commit().await?;
+    let mut granted: HashMap<LeaseId, Decision> = HashMap::new();
+    let mut held: HashMap<(TaskId, WorkerId), Decision> = HashMap::new();
+    let mut full: HashSet<LeaseId> = HashSet::new();
+    for d in decided {
+        match d.decision.as_str() {
+            "granted" => {
+                granted.insert(d.lease_id.clone(), d);
+            }
+            "held" => {
+                held.insert((d.task_id.clone(), d.worker_id.clone()), d);
+            }
+            _ => {
+                full.insert(d.lease_id);
+            }
+        }
+    }
     Ok(claims
         .iter()
         .zip(lease_ids)
-        .map(|(c, id)| match won.remove(&id) {
-            Some(context_id) => ClaimOutcome::Granted(Lease {
-                id,
-                task_id: c.task_id.clone(),
-                worker_id: c.worker_id.clone(),
-                started_at: now,
-                expires_at: now + i64::from(c.ttl_seconds) * 1000,
-                ttl_seconds: c.ttl_seconds,
-                status: LeaseStatus::Active,
-                last_heartbeat: now,
-                context_id: Some(context_id),
-            }),
-            None => ClaimOutcome::Refused,
+        .map(|(c, id)| {
+            if let Some(d) = granted.remove(&id) {
+                ClaimOutcome::Granted(d.lease())
+            } else if let Some(d) = held.get(&(c.task_id.clone(), c.worker_id.clone())) {
+                ClaimOutcome::Granted(d.clone().lease())
+            } else if full.contains(&id) {
+                ClaimOutcome::AtCapacity
+            } else {
+                ClaimOutcome::Refused
+            }
         })
         .collect())
 }
@@ -421,12 +531,13 @@ pub async fn release(pool: &PgPool, task_id: &TaskId, lease_id: &LeaseId) -> sql
 }
 
 /// Where an artifact's content went.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ArtifactBody {
-    /// Object URL when stored in S3.
-    pub url: Option<String>,
-    /// Inline content when stored in Postgres.
-    pub content: Option<String>,
+#[derive(Clone, Debug, PartialEq)]
+pub enum ArtifactBody {
+    /// Uploaded to S3: the object's URL.
+    S3 { url: String },
+    /// Kept in Postgres: the artifact's content is the result's output (written once to
+    /// the statement, not twice).
+    Inline,
 }
 
 /// A result reported for one lease.
@@ -446,14 +557,72 @@ pub struct Completion {
     pub artifact: ArtifactBody,
 }
 
+/// One row of [`COMPLETE_SQL`]'s `$1`; field names are its column names.
+#[derive(Serialize)]
+struct CompleteRow<'a> {
+    task_id: &'a TaskId,
+    lease_id: &'a LeaseId,
+    final_status: TaskStatus,
+    status: ResultStatus,
+    output: Option<&'a str>,
+    error_message: Option<&'a str>,
+    metrics: &'a Metrics,
+    artifact_id: &'a ArtifactId,
+    artifact_type: &'a str,
+    tags: &'a [String],
+    url: Option<&'a String>,
+    inline: bool,
+    result_id: &'a ResultId,
+    audit_id: String,
+    done: String,
+    late: String,
+}
+
 /// The answer to a completion.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CompletionOutcome {
-    /// The result was for the current lease: the task is final.
-    Completed { task: Task, artifact: Artifact, result: LlmResult },
+    /// The result was for the current lease: the task is final, and the result and
+    /// artifact rows were written (see [`Completion::into_records`]).
+    Completed { task: Task, result_id: ResultId, completed_at: i64 },
     /// The lease is no longer current (expired, requeued, already completed): the result
     /// was recorded as late in the audit log and changed nothing.
     Late,
+}
+
+impl Completion {
+    /// The artifact and result rows a completion of `task` wrote, built from the
+    /// completion itself: its output moves into the result (and is copied once into the
+    /// artifact when that keeps its content inline).
+    pub fn into_records(self, task: &Task, result_id: ResultId, completed_at: i64) -> (Artifact, LlmResult) {
+        let (url, content) = match self.artifact {
+            ArtifactBody::S3 { url } => (Some(url), None),
+            ArtifactBody::Inline => (None, self.output.clone()),
+        };
+        let artifact = Artifact {
+            id: self.artifact_id,
+            task_id: task.id.clone(),
+            job_id: None,
+            kind: self.artifact_type,
+            created_at: completed_at,
+            finalized: true,
+            url,
+            entity_refs: Vec::new(),
+            tags: self.artifact_tags,
+            content,
+        };
+        let result = LlmResult {
+            id: result_id,
+            task_id: task.id.clone(),
+            worker_id: task.worker_id.clone().unwrap_or_else(|| WorkerId::from("unknown")),
+            artifact_id: artifact.id.clone(),
+            status: self.status,
+            output: self.output,
+            error_message: self.error_message,
+            metrics: self.metrics,
+            completed_at,
+        };
+        (artifact, result)
+    }
 }
 
 /// Completes tasks in one transaction: for each completion whose lease is still the
@@ -469,28 +638,43 @@ pub async fn complete<'c>(db: impl PgExecutor<'c>, completions: &[Completion]) -
     let mut seen = HashSet::new();
     let first: Vec<bool> = completions.iter().map(|c| seen.insert((&c.task_id, &c.lease_id))).collect();
     let result_ids: Vec<ResultId> = completions.iter().map(|_| ResultId::generate()).collect();
-    let rows: Vec<serde_json::Value> = completions
+    let rows: Vec<CompleteRow> = completions
         .iter()
         .zip(&first)
         .zip(&result_ids)
         .filter(|((_, first), _)| **first)
-        .map(|((c, _), result_id)| {
-            serde_json::json!({
-                "task_id": c.task_id, "lease_id": c.lease_id, "final_status": c.status.final_task_status(),
-                "status": c.status, "output": c.output, "error_message": c.error_message, "metrics": c.metrics,
-                "artifact_id": c.artifact_id, "artifact_type": c.artifact_type, "tags": c.artifact_tags,
-                "url": c.artifact.url, "content": c.artifact.content, "result_id": result_id, "audit_id": new_id(),
-                "done": format!("Status: {}, artifact: {}, duration: {}ms", c.status.as_str(), c.artifact_id,
-                                c.metrics.duration_ms),
-                "late": format!("Late {} result for lease {} ignored: not the current lease", c.status.as_str(),
-                                c.lease_id),
-            })
+        .map(|((c, _), result_id)| CompleteRow {
+            task_id: &c.task_id,
+            lease_id: &c.lease_id,
+            final_status: c.status.final_task_status(),
+            status: c.status,
+            output: c.output.as_deref(),
+            error_message: c.error_message.as_deref(),
+            metrics: &c.metrics,
+            artifact_id: &c.artifact_id,
+            artifact_type: &c.artifact_type,
+            tags: &c.artifact_tags,
+            url: match &c.artifact {
+                ArtifactBody::S3 { url } => Some(url),
+                ArtifactBody::Inline => None,
+            },
+            inline: c.artifact == ArtifactBody::Inline,
+            result_id,
+            audit_id: new_id(),
+            done: format!(
+                "Status: {}, artifact: {}, duration: {}ms",
+                c.status.as_str(),
+                c.artifact_id,
+                c.metrics.duration_ms
+            ),
+            late: format!("Late {} result for lease {} ignored: not the current lease", c.status.as_str(), c.lease_id),
         })
         .collect();
     // One statement: the task, lease, artifact, result and audit writes of the whole batch
     // commit together, in one round trip.
+    // Serialized once, straight into the statement's parameter: the outputs are not copied.
     let done: Vec<Task> = sqlx::query_as(COMPLETE_SQL)
-        .bind(serde_json::Value::Array(rows))
+        .bind(sqlx::types::Json(&rows))
         .bind(now)
         .bind(completions.iter().map(|c| c.task_id.as_str()).collect::<Vec<_>>())
         .fetch_all(db)
@@ -503,32 +687,10 @@ pub async fn complete<'c>(db: impl PgExecutor<'c>, completions: &[Completion]) -
         .zip(result_ids)
         .map(|((c, first), result_id)| {
             let task = if first { done.remove(&(c.task_id.clone(), c.lease_id.clone())) } else { None };
-            let Some(task) = task else { return CompletionOutcome::Late };
-            let worker = task.worker_id.clone().unwrap_or_else(|| WorkerId::from("unknown"));
-            let artifact = Artifact {
-                id: c.artifact_id.clone(),
-                task_id: task.id.clone(),
-                job_id: None,
-                kind: c.artifact_type.clone(),
-                created_at: now,
-                finalized: true,
-                url: c.artifact.url.clone(),
-                entity_refs: Vec::new(),
-                tags: c.artifact_tags.clone(),
-                content: c.artifact.content.clone(),
-            };
-            let result = LlmResult {
-                id: result_id,
-                task_id: task.id.clone(),
-                worker_id: worker,
-                artifact_id: artifact.id.clone(),
-                status: c.status,
-                output: c.output.clone(),
-                error_message: c.error_message.clone(),
-                metrics: c.metrics.clone(),
-                completed_at: now,
-            };
-            CompletionOutcome::Completed { task, artifact, result }
+            match task {
+                Some(task) => CompletionOutcome::Completed { task, result_id, completed_at: now },
+                None => CompletionOutcome::Late,
+            }
         })
         .collect())
 }
@@ -544,16 +706,30 @@ pub struct Expiry {
     pub dead: usize,
 }
 
-/// Expires up to `limit` active leases whose `expires_at` is before `cutoff`, in one
-/// transaction: rows are taken with `FOR UPDATE SKIP LOCKED` so several sweepers share
-/// the work. A task whose current lease expired (in `leased` or `running`) is requeued
-/// through the outbox while attempts remain, else becomes `dead`.
-pub async fn expire(pool: &PgPool, cutoff: i64, limit: i64) -> sqlx::Result<Expiry> {
+/// Which active leases [`expire`] ends.
+#[derive(Clone, Copy, Debug)]
+pub enum Expiring<'a> {
+    /// Those whose `expires_at` is before this time (ms).
+    Before(i64),
+    /// Those a worker held before its process restarted: the executions died with the
+    /// previous process, so they need not wait for their TTL.
+    HeldBy(&'a WorkerId),
+}
+
+/// Expires up to `limit` active leases, in one transaction: rows are taken with
+/// `FOR UPDATE SKIP LOCKED` so several sweepers share the work. A task whose current
+/// lease expired (in `leased` or `running`) is requeued through the outbox while
+/// attempts remain, else becomes `dead`.
+pub async fn expire(pool: &PgPool, which: Expiring<'_>, limit: i64) -> sqlx::Result<Expiry> {
     let now = now_ms();
+    let (cutoff, holder, ended) = match which {
+        Expiring::Before(cutoff) => (cutoff, None, "expired"),
+        Expiring::HeldBy(worker) => (i64::MAX, Some(worker), "ended: its worker restarted"),
+    };
     let mut tx = pool.begin().await?;
     let rows: Vec<(LeaseId, TaskId, WorkerId, Option<TaskStatus>, Option<i32>, Option<i32>)> = sqlx::query_as(
         "WITH stale AS (
-            SELECT id FROM leases WHERE status = 'active' AND expires_at < $1
+            SELECT id FROM leases WHERE status = 'active' AND expires_at < $1 AND ($4::text IS NULL OR worker_id = $4)
             ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED),
          ex AS (
             UPDATE leases l SET status = 'expired' FROM stale WHERE l.id = stale.id
@@ -574,6 +750,7 @@ pub async fn expire(pool: &PgPool, cutoff: i64, limit: i64) -> sqlx::Result<Expi
     .bind(cutoff)
     .bind(limit)
     .bind(now)
+    .bind(holder)
     .fetch_all(&mut *tx)
     .await?;
     let mut report = Expiry { expired: rows.len(), ..Expiry::default() };
@@ -586,7 +763,7 @@ pub async fn expire(pool: &PgPool, cutoff: i64, limit: i64) -> sqlx::Result<Expi
             "lease",
             lease_id.as_str(),
             "reconciler",
-            format!("Lease of task {task_id} held by worker {worker_id} expired (attempt {attempts} of {max})"),
+            format!("Lease of task {task_id} held by worker {worker_id} {ended} (attempt {attempts} of {max})"),
         ));
         match status {
             Some(TaskStatus::Queued) => {
@@ -620,7 +797,8 @@ pub async fn expire(pool: &PgPool, cutoff: i64, limit: i64) -> sqlx::Result<Expi
 }
 
 /// Requeues a `failed` or `dead` task (administrator action): attempts start again from
-/// zero, the previous count is kept in the audit entry and the leases remain as history.
+/// zero, the previous count is kept in an `attempts_reset` audit entry beside the
+/// original's `task_requeued` one, and the leases remain as history.
 pub async fn requeue(pool: &PgPool, task_id: &TaskId, actor: &str) -> Result<Dispatch, TransitionError> {
     let now = now_ms();
     let mut tx = pool.begin().await?;
@@ -642,10 +820,15 @@ pub async fn requeue(pool: &PgPool, task_id: &TaskId, actor: &str) -> Result<Dis
     .bind(now)
     .fetch_one(&mut *tx)
     .await?;
-    let detail = format!("Requeued from {prev_status} after {prev_attempts} attempt(s)");
+    // The original's entry keeps its exact text; the count it reset is an entry of its own.
+    let reset = format!("Attempts reset to 0 from {prev_attempts}");
+    let detail = format!("Requeued from {prev_status}");
     audit::insert(
         &mut *tx,
-        &[NewAudit::new(AuditAction::TaskRequeued, "llm_task", task_id.as_str(), actor, detail)],
+        &[
+            NewAudit::new(AuditAction::AttemptsReset, "llm_task", task_id.as_str(), actor, reset),
+            NewAudit::new(AuditAction::TaskRequeued, "llm_task", task_id.as_str(), actor, detail),
+        ],
         now,
     )
     .await?;

@@ -53,9 +53,53 @@ impl Page {
     }
 }
 
+/// A row of a listing before it is read: its sort key, id, and about how many bytes
+/// its large columns hold (their raw length, read without fetching them).
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct RowKey {
+    pub key: i64,
+    pub id: String,
+    pub bytes: i64,
+}
+
+impl RowKey {
+    /// The cursor of the page after this row.
+    pub fn cursor(&self) -> Cursor {
+        Cursor { key: self.key, id: self.id.clone() }
+    }
+}
+
+/// Splits a listing into consecutive runs of ids holding at most `budget` bytes each
+/// (a larger row goes alone), so it can be read and sent a run at a time.
+pub fn runs(keys: &[RowKey], budget: i64) -> Vec<Vec<String>> {
+    let mut runs: Vec<Vec<String>> = Vec::new();
+    let mut used = 0;
+    for k in keys {
+        match runs.last_mut() {
+            Some(run) if used + k.bytes <= budget => {
+                run.push(k.id.clone());
+                used += k.bytes;
+            }
+            _ => {
+                runs.push(vec![k.id.clone()]);
+                used = k.bytes;
+            }
+        }
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_stay_within_the_budget_and_keep_the_order() {
+        let key = |id: &str, bytes| RowKey { key: 0, id: id.into(), bytes };
+        let keys = [key("a", 10), key("b", 50), key("c", 200), key("d", 40), key("e", 60)];
+        assert_eq!(runs(&keys, 100), vec![vec!["a", "b"], vec!["c"], vec!["d", "e"]]);
+        assert!(runs(&[], 100).is_empty());
+    }
 
     #[test]
     fn cursor_round_trips_ids_with_dots() {

@@ -2,7 +2,10 @@
 
 use std::collections::HashMap;
 
+use serde::{Deserialize, Serialize};
 use sqlx::PgExecutor;
+
+use crate::domain::{ClientState, ConnectionStatus};
 
 /// All settings.
 pub async fn all(db: impl PgExecutor<'_>) -> sqlx::Result<HashMap<String, String>> {
@@ -39,6 +42,8 @@ const URL: &str = "membridge_server_url";
 const ADMIN_KEY: &str = "admin_key";
 const CONNECTED: &str = "connected";
 const LAST_TEST: &str = "last_test";
+const STATE: &str = "membridge_state";
+const SYNC: &str = "membridge_sync";
 
 /// The saved membridge settings, falling back to `default` for what was never saved.
 pub async fn membridge(
@@ -64,9 +69,78 @@ impl MembridgeSettings {
     }
 }
 
-/// Saves the membridge URL and admin key.
+/// Saves the membridge URL and admin key. The connection state starts again as
+/// `unknown`: nothing is known of the new endpoint until a call to it succeeds.
 pub async fn save_membridge(db: impl PgExecutor<'_>, url: &str, admin_key: &str) -> sqlx::Result<()> {
-    put(db, &[(URL, url.to_owned()), (ADMIN_KEY, admin_key.to_owned())]).await
+    let unknown = serde_json::to_string(&ClientState::default()).expect("state serializes");
+    put(db, &[(URL, url.to_owned()), (ADMIN_KEY, admin_key.to_owned()), (CONNECTED, "false".into()), (STATE, unknown)])
+        .await
+}
+
+/// The membridge connection state as the last call of any process left it.
+pub async fn membridge_state(db: impl PgExecutor<'_>) -> sqlx::Result<ClientState> {
+    let saved: Option<String> =
+        sqlx::query_scalar("SELECT value FROM runtime_settings WHERE key = $1").bind(STATE).fetch_optional(db).await?;
+    Ok(saved.and_then(|v| serde_json::from_str(&v).ok()).unwrap_or_default())
+}
+
+/// Records the outcome of one membridge call in one statement: the connection state
+/// (failures counted across processes) and the original's `connected`/`last_test`.
+pub async fn record_membridge_call(db: impl PgExecutor<'_>, outcome: Result<(), &str>, now: i64) -> sqlx::Result<()> {
+    let ok = outcome.is_ok();
+    let first = ClientState {
+        consecutive_failures: u32::from(!ok),
+        last_success: ok.then_some(now),
+        last_error: outcome.err().map(str::to_owned),
+        connected: ok,
+        status: if ok { ConnectionStatus::Connected } else { ConnectionStatus::Disconnected },
+    };
+    sqlx::query(
+        "WITH s AS (
+            INSERT INTO runtime_settings (key, value) VALUES ($1, $2)
+            ON CONFLICT (key) DO UPDATE SET value = CASE WHEN $3 THEN EXCLUDED.value ELSE (
+                runtime_settings.value::jsonb || jsonb_build_object(
+                    'consecutiveFailures', COALESCE((runtime_settings.value::jsonb->>'consecutiveFailures')::int, 0) + 1,
+                    'lastError', $4::text, 'connected', false, 'status', 'disconnected'))::text END)
+         INSERT INTO runtime_settings (key, value) VALUES ($5, $3::text), ($6, $7::text)
+         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+    )
+    .bind(STATE)
+    .bind(serde_json::to_string(&first).expect("state serializes"))
+    .bind(ok)
+    .bind(&first.last_error)
+    .bind(CONNECTED)
+    .bind(LAST_TEST)
+    .bind(now)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// What the last membridge agent sync did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncState {
+    /// When the last sync ran (ms since the epoch).
+    pub last_run: Option<i64>,
+    /// When a sync last read `/agents` and stored it.
+    pub last_success: Option<i64>,
+    pub ok: bool,
+    pub error: Option<String>,
+    /// Agents membridge listed in the last successful sync.
+    pub agents: usize,
+}
+
+/// The state of the membridge agent sync.
+pub async fn membridge_sync(db: impl PgExecutor<'_>) -> sqlx::Result<SyncState> {
+    let saved: Option<String> =
+        sqlx::query_scalar("SELECT value FROM runtime_settings WHERE key = $1").bind(SYNC).fetch_optional(db).await?;
+    Ok(saved.and_then(|v| serde_json::from_str(&v).ok()).unwrap_or_default())
+}
+
+/// Saves the state of the membridge agent sync.
+pub async fn save_membridge_sync(db: impl PgExecutor<'_>, state: &SyncState) -> sqlx::Result<()> {
+    put(db, &[(SYNC, serde_json::to_string(state).expect("sync state serializes"))]).await
 }
 
 /// Saves the result of a connection test.

@@ -2,6 +2,7 @@
 
 use sqlx::PgExecutor;
 
+use super::page::RowKey;
 use super::Page;
 use crate::domain::{Task, TaskId, TaskStatus};
 
@@ -15,11 +16,13 @@ pub async fn get_many(db: impl PgExecutor<'_>, ids: &[String]) -> sqlx::Result<V
     sqlx::query_as("SELECT * FROM llm_tasks WHERE id = ANY($1)").bind(ids).fetch_all(db).await
 }
 
-/// Newest first, optionally of one status.
-pub async fn list(db: impl PgExecutor<'_>, status: Option<TaskStatus>, page: &Page) -> sqlx::Result<Vec<Task>> {
+/// A page of tasks, newest first, optionally of one status, without their content:
+/// key, id and size (read with [`get_many`]).
+pub async fn list_keys(db: impl PgExecutor<'_>, status: Option<TaskStatus>, page: &Page) -> sqlx::Result<Vec<RowKey>> {
     let (key, id) = page.bounds();
     sqlx::query_as(
-        "SELECT * FROM llm_tasks
+        "SELECT created_at AS key, id, (octet_length(prompt) + pg_column_size(context_hints))::bigint AS bytes
+         FROM llm_tasks
          WHERE ($1::text IS NULL OR status = $1) AND (created_at, id) < ($2, $3)
          ORDER BY created_at DESC, id DESC LIMIT $4",
     )

@@ -36,8 +36,18 @@ pub async fn get(db: impl PgExecutor<'_>, id: &WorkerId) -> sqlx::Result<Option<
 }
 
 /// One worker, its row locked until the transaction ends (serialises leases to it).
+///
+/// The lock is taken by a statement of its own and `active_leases` counted by the next:
+/// under READ COMMITTED a statement sees what was committed before it started, so a
+/// count made by the locking statement would miss the leases committed while it waited
+/// for the lock, and concurrent leases would overfill the worker.
 pub async fn get_for_update(db: &mut PgConnection, id: &WorkerId) -> sqlx::Result<Option<Worker>> {
-    sqlx::query_as(&format!("{SELECT_WORKERS} WHERE w.id = $1 FOR UPDATE OF w")).bind(id).fetch_optional(db).await
+    let locked =
+        sqlx::query("SELECT 1 FROM workers WHERE id = $1 FOR UPDATE").bind(id).fetch_optional(&mut *db).await?;
+    if locked.is_none() {
+        return Ok(None);
+    }
+    get(db, id).await
 }
 
 /// A REST registration (the seed's `POST /api/runtime/workers` after validation).
@@ -145,16 +155,23 @@ pub struct SyncedAgent {
     pub url: Option<String>,
     pub status: WorkerStatus,
     pub capabilities: Capabilities,
-    /// Milliseconds since the epoch.
-    pub last_heartbeat: i64,
+    /// Milliseconds since the epoch; `None` when membridge never saw the agent.
+    pub last_heartbeat: Option<i64>,
     pub ip_addrs: Option<Vec<String>>,
     pub obs_count: Option<i32>,
     pub db_sha: Option<String>,
 }
 
 /// Upserts the agents membridge reported and marks workers that vanished from it and
-/// were silent since `stale_cutoff` offline. Workers that beat over NATS are left alone
-/// while they are online: they are live regardless of membridge. Returns the ids marked offline.
+/// were silent since `stale_cutoff` offline. Returns the ids marked offline.
+///
+/// Who wins:
+/// * a `bloom-worker` beating over NATS is left alone while it is online (it is live
+///   regardless of membridge);
+/// * a node that registered itself over REST keeps its capabilities, URL and source;
+///   membridge supplies its liveness: its status (unless membridge says `unknown`, i.e.
+///   knows nothing yet) and its latest `last_seen`;
+/// * a worker known only from membridge takes membridge's view.
 pub async fn sync_agents(
     db: &mut PgConnection,
     agents: &[SyncedAgent],
@@ -170,14 +187,16 @@ pub async fn sync_agents(
                                           ip_addrs jsonb, obs_count int, db_sha text)
          ON CONFLICT (id) DO UPDATE SET
             node_id = EXCLUDED.node_id,
-            url = COALESCE(NULLIF(EXCLUDED.url, ''), workers.url),
-            status = EXCLUDED.status,
-            capabilities = EXCLUDED.capabilities,
-            last_heartbeat = EXCLUDED.last_heartbeat,
+            url = CASE WHEN workers.source = 'api' AND workers.url <> '' THEN workers.url
+                       ELSE COALESCE(NULLIF(EXCLUDED.url, ''), workers.url) END,
+            status = CASE WHEN workers.source = 'api' AND EXCLUDED.status = 'unknown' THEN workers.status
+                          ELSE EXCLUDED.status END,
+            capabilities = CASE WHEN workers.source = 'api' THEN workers.capabilities ELSE EXCLUDED.capabilities END,
+            last_heartbeat = GREATEST(EXCLUDED.last_heartbeat, workers.last_heartbeat),
             ip_addrs = CASE WHEN EXCLUDED.ip_addrs = '[]'::jsonb THEN workers.ip_addrs ELSE EXCLUDED.ip_addrs END,
             obs_count = CASE WHEN EXCLUDED.obs_count = 0 THEN workers.obs_count ELSE EXCLUDED.obs_count END,
             db_sha = COALESCE(NULLIF(EXCLUDED.db_sha, ''), workers.db_sha),
-            source = 'membridge'
+            source = CASE WHEN workers.source = 'api' THEN 'api' ELSE 'membridge' END
          WHERE NOT (workers.source = 'nats' AND workers.status = 'online')",
     )
     .bind(sqlx::types::Json(agents))
@@ -194,5 +213,15 @@ pub async fn sync_agents(
     .bind(seen)
     .bind(stale_cutoff)
     .fetch_all(&mut *db)
+    .await
+}
+
+/// Marks every online worker known only from membridge offline (membridge has not been
+/// readable for longer than the staleness limit). Returns their ids.
+pub async fn expire_membridge_workers(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<WorkerId>> {
+    sqlx::query_scalar(
+        "UPDATE workers SET status = 'offline' WHERE source = 'membridge' AND status = 'online' RETURNING id",
+    )
+    .fetch_all(db)
     .await
 }

@@ -11,12 +11,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::Reconciler;
 use crate::bus::names::RECONCILER_QUEUE;
-use crate::db::lifecycle::{self, Claim, ClaimOutcome};
+use crate::db::lifecycle::{self, Claim, ClaimOutcome, Expiring};
 use crate::db::workers::{self, Beat};
 use crate::db::Dedicated;
 use crate::domain::{WorkerId, WorkerStatus};
 use crate::protocol::{
-    ClaimReply, ClaimRequest, HeartbeatReply, HeartbeatRequest, LeaseGrant, ReleaseReply, ReleaseRequest, WorkerBeat,
+    ClaimDecision, ClaimReply, ClaimRequest, HeartbeatReply, HeartbeatRequest, LeaseGrant, ReleaseReply,
+    ReleaseRequest, StartReply, StartRequest, WorkerBeat,
 };
 use crate::time::now_ms;
 
@@ -31,6 +32,7 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
     let beats = r.client.queue_subscribe(r.names.heartbeat_subject(), RECONCILER_QUEUE.into()).await?;
     let releases = r.client.queue_subscribe(r.names.release_subject(), RECONCILER_QUEUE.into()).await?;
     let workers = r.client.queue_subscribe(r.names.worker_beat_subject(), RECONCILER_QUEUE.into()).await?;
+    let starts = r.client.queue_subscribe(r.names.start_subject(), RECONCILER_QUEUE.into()).await?;
     // The server has the subscriptions once a message sent after them has come back
     // (it handles a connection's commands in order). While NATS is unreachable the
     // subscriptions wait in the client, and so does this.
@@ -49,6 +51,7 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
         serve(r.clone(), beats, cancel.clone(), handle_heartbeats),
         serve(r.clone(), releases, cancel.clone(), handle_releases),
         serve(r.clone(), workers, cancel.clone(), handle_worker_beats),
+        serve(r.clone(), starts, cancel.clone(), handle_starts),
     );
     Ok(())
 }
@@ -160,7 +163,7 @@ async fn handle_claims(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated) -> 
     let now = now_ms();
     let mut outcomes = outcomes.into_iter();
     for (msg, req) in &requests {
-        let items: Vec<Option<LeaseGrant>> = req
+        let items: Vec<ClaimDecision> = req
             .items
             .iter()
             .map(|item| match outcomes.next() {
@@ -169,11 +172,15 @@ async fn handle_claims(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated) -> 
                     if item.created_at > 0 {
                         r.metrics.dispatch_latency_seconds.observe((now - item.created_at) as f64 / 1000.0);
                     }
-                    Some(LeaseGrant { lease_id: lease.id, expires_at: lease.expires_at, attempts: 0 })
+                    ClaimDecision::Granted(LeaseGrant { lease_id: lease.id, expires_at: lease.expires_at, attempts: 0 })
+                }
+                Some(ClaimOutcome::AtCapacity) => {
+                    r.metrics.claims_at_capacity_total.inc();
+                    ClaimDecision::AtCapacity
                 }
                 _ => {
                     r.metrics.claims_refused_total.inc();
-                    None
+                    ClaimDecision::Refused
                 }
             })
             .collect();
@@ -217,8 +224,8 @@ async fn handle_heartbeats(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated)
     db
 }
 
-/// Hand-backs and worker beats are rare: they use the pool, and their lane's connection
-/// is never opened.
+/// Hand-backs, starts and worker beats are rare: they use the pool, and their lane's
+/// connection is never opened.
 async fn handle_releases(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> Dedicated {
     for msg in msgs {
         let Some(req) = parse::<ReleaseRequest>(&r, &msg) else {
@@ -232,6 +239,40 @@ async fn handle_releases(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> De
             }
         };
         reply(&r, &msg, &ReleaseReply { released }).await;
+    }
+    db
+}
+
+/// Ends the leases a restarted worker's previous process held (see [`StartRequest`]).
+/// Rare: the pool, like hand-backs.
+async fn handle_starts(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> Dedicated {
+    for msg in msgs {
+        let Some(req) = parse::<StartRequest>(&r, &msg) else {
+            continue;
+        };
+        let mut ended = 0;
+        loop {
+            match lifecycle::expire(&r.pool, Expiring::HeldBy(&req.worker_id), 500).await {
+                Ok(expiry) => {
+                    ended += expiry.expired;
+                    r.metrics.leases_expired_total.add(expiry.expired as u64);
+                    r.metrics.tasks_requeued_total.add(expiry.requeued.len() as u64);
+                    r.metrics.tasks_dead_total.add(expiry.dead as u64);
+                    r.dispatcher.send(expiry.requeued);
+                    if expiry.expired < 500 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, worker.id = %req.worker_id, "ending a restarted worker's leases failed");
+                    break;
+                }
+            }
+        }
+        if ended > 0 {
+            tracing::info!(worker.id = %req.worker_id, ended, "worker restarted: its previous leases ended");
+        }
+        reply(&r, &msg, &StartReply { ended }).await;
     }
     db
 }

@@ -1,20 +1,30 @@
 //! Syncs membridge's `/agents` into the workers table (the seed's worker sync): runs
 //! every `membridge_interval` on the elected leader only.
 //!
-//! Mapping (as the seed): id and node_id from `name`; status as reported (new agents are
-//! `unknown`, so not eligible for work); capabilities default to
-//! `{claude_cli: true, max_concurrency: 1, labels: []}` since agents carry none;
-//! `last_heartbeat` from `last_seen`, converted from Unix seconds to milliseconds (the
-//! seed compared seconds with milliseconds). Workers absent from `/agents` and silent
-//! for `membridge_stale_after` become `offline`, and their routed tasks go to the pool.
+//! Mapping (as the seed): id and node_id from `name`, else `node_id`, else `id`; status
+//! as reported (new agents are `unknown`, so not eligible for work); capabilities from
+//! the agent's `capabilities` or top-level `max_concurrency`/`labels`, defaulting to
+//! `{claude_cli: true, max_concurrency: 1, labels: []}`; `last_heartbeat` from
+//! `last_seen`, converted from Unix seconds to milliseconds (the seed compared seconds
+//! with milliseconds), and left as it was when membridge never saw the agent.
+//!
+//! A node that registered itself (`POST /api/runtime/workers`) keeps what it said of
+//! itself: its capabilities and URL win, and membridge supplies liveness only (its
+//! status, unless `unknown`, and `last_seen`). See [`workers::sync_agents`].
+//!
+//! Staleness (the seed's 60 s rule, `membridge_stale_after`): workers absent from
+//! `/agents` and silent that long become `offline`; while membridge cannot be read
+//! (down, or the key rejected), the workers it reported become `offline` once its last
+//! successful sync is that old. Either way their routed tasks go to the pool. Every
+//! run's outcome is saved (`membridge.sync` in `GET /api/runtime/health`).
 
 use serde::Deserialize;
 
 use super::Reconciler;
-use crate::db::settings;
+use crate::db::settings::{self, SyncState};
 use crate::db::workers::{self, SyncedAgent};
 use crate::domain::{Capabilities, WorkerId, WorkerStatus};
-use crate::membridge::Retry;
+use crate::membridge::{Auth, Retry};
 use crate::time::now_ms;
 
 /// An agent as membridge reports it. Fields the seed fell back on are optional.
@@ -25,6 +35,8 @@ pub struct Agent {
     #[serde(default)]
     pub node_id: Option<String>,
     #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
     pub url: Option<String>,
     #[serde(default)]
     pub status: Option<String>,
@@ -33,6 +45,10 @@ pub struct Agent {
     #[serde(default)]
     pub capabilities: Option<serde_json::Value>,
     #[serde(default)]
+    pub max_concurrency: Option<serde_json::Value>,
+    #[serde(default)]
+    pub labels: Option<serde_json::Value>,
+    #[serde(default)]
     pub ip_addrs: Option<Vec<String>>,
     #[serde(default)]
     pub obs_count: Option<i32>,
@@ -40,19 +56,20 @@ pub struct Agent {
     pub db_sha: Option<String>,
 }
 
-/// Maps an agent onto a worker row; `None` when it has no name.
-pub fn map_agent(a: &Agent, now: i64) -> Option<SyncedAgent> {
-    let id = a.name.clone().or_else(|| a.node_id.clone()).filter(|s| !s.is_empty())?;
+/// Maps an agent onto a worker row; `None` when it has no name, node id or id.
+pub fn map_agent(a: &Agent) -> Option<SyncedAgent> {
+    let id = [&a.name, &a.node_id, &a.id].into_iter().flatten().find(|s| !s.is_empty())?.clone();
     let caps = a.capabilities.as_ref();
+    let field = |key: &str| caps.and_then(|c| c.get(key)).filter(|v| !v.is_null());
     let capabilities = Capabilities {
-        claude_cli: caps.and_then(|c| c.get("claude_cli")).and_then(|v| v.as_bool()).unwrap_or(true),
-        max_concurrency: caps
-            .and_then(|c| c.get("max_concurrency"))
+        claude_cli: field("claude_cli").and_then(|v| v.as_bool()).unwrap_or(true),
+        max_concurrency: field("max_concurrency")
+            .or(a.max_concurrency.as_ref())
             .and_then(|v| v.as_i64())
             .filter(|n| *n >= 1)
             .map_or(1, |n| n.min(32) as i32),
-        labels: caps
-            .and_then(|c| c.get("labels"))
+        labels: field("labels")
+            .or(a.labels.as_ref())
             .and_then(|v| serde_json::from_value(v.clone()).ok())
             .unwrap_or_default(),
     };
@@ -61,7 +78,7 @@ pub fn map_agent(a: &Agent, now: i64) -> Option<SyncedAgent> {
         url: a.url.clone(),
         status: a.status.as_deref().and_then(WorkerStatus::parse).unwrap_or(WorkerStatus::Unknown),
         capabilities,
-        last_heartbeat: a.last_seen.filter(|s| *s > 0.0).map_or(now, |s| (s * 1000.0) as i64),
+        last_heartbeat: a.last_seen.filter(|s| *s > 0.0).map(|s| (s * 1000.0) as i64),
         ip_addrs: a.ip_addrs.clone().filter(|v| !v.is_empty()),
         obs_count: a.obs_count,
         db_sha: a.db_sha.clone(),
@@ -76,30 +93,61 @@ pub struct SyncReport {
     pub rerouted: usize,
 }
 
-/// Runs one sync and logs/counts its outcome.
+/// Runs one sync, saves and counts its outcome; after a failed one, applies the
+/// staleness rule to the workers membridge reported.
 pub async fn run_logged(r: &Reconciler) {
-    match run_once(r).await {
+    let now = now_ms();
+    let previous = settings::membridge_sync(&r.pool).await.unwrap_or_default();
+    let state = match run_once(r).await {
         Ok(report) => {
             r.metrics.membridge_sync_runs_total.inc();
             tracing::debug!(?report, "membridge sync");
+            SyncState { last_run: Some(now), last_success: Some(now), ok: true, error: None, agents: report.agents }
         }
         Err(e) => {
             r.metrics.membridge_sync_errors_total.inc();
-            tracing::warn!(error = %e, "membridge sync failed");
+            tracing::warn!(error = format!("{e:#}"), "membridge sync failed");
+            if let Err(e) = expire_unobserved(r, previous.last_success, now).await {
+                tracing::warn!(error = %e, "marking workers membridge no longer reports offline failed");
+            }
+            SyncState { last_run: Some(now), ok: false, error: Some(format!("{e:#}")), ..previous }
         }
+    };
+    if let Err(e) = settings::save_membridge_sync(&r.pool, &state).await {
+        tracing::warn!(error = %e, "membridge sync state not saved");
     }
+}
+
+/// While membridge cannot be read, the workers it reported are as stale as its last
+/// successful sync: once that is older than `membridge_stale_after`, they go offline.
+async fn expire_unobserved(r: &Reconciler, last_success: Option<i64>, now: i64) -> anyhow::Result<()> {
+    let cutoff = now - r.settings.membridge_stale_after.as_millis() as i64;
+    if last_success.unwrap_or(0) >= cutoff {
+        return Ok(());
+    }
+    let offline = workers::expire_membridge_workers(&r.pool).await?;
+    if !offline.is_empty() {
+        tracing::warn!(
+            workers = offline.len(),
+            "membridge unreachable past the staleness limit: its workers are offline"
+        );
+        r.metrics.workers_marked_offline_total.add(offline.len() as u64);
+        super::sweeper::reroute(r, &offline).await;
+    }
+    Ok(())
 }
 
 /// One sync.
 pub async fn run_once(r: &Reconciler) -> anyhow::Result<SyncReport> {
     let ep = settings::membridge(&r.pool, &r.settings.membridge_default).await?.endpoint();
-    let resp = r.membridge.call(&ep, reqwest::Method::GET, "/agents", None, Retry::Idempotent(1)).await?;
+    let resp =
+        r.membridge.call(&ep, reqwest::Method::GET, "/agents", None, Retry::Idempotent(1), Auth::Checked).await?;
     if !resp.is_success() {
         anyhow::bail!("membridge /agents answered HTTP {}", resp.status);
     }
     let agents: Vec<Agent> = serde_json::from_slice(&resp.body)?;
     let now = now_ms();
-    let mapped: Vec<SyncedAgent> = agents.iter().filter_map(|a| map_agent(a, now)).collect();
+    let mapped: Vec<SyncedAgent> = agents.iter().filter_map(map_agent).collect();
     let stale_cutoff = now - r.settings.membridge_stale_after.as_millis() as i64;
     let mut tx = r.pool.begin().await?;
     let offline = workers::sync_agents(&mut tx, &mapped, now, stale_cutoff).await?;
@@ -119,16 +167,29 @@ mod tests {
             "registered_at": 1700000000.5, "last_seen": 1700000100.25
         }))
         .unwrap();
-        let w = map_agent(&a, 5).unwrap();
+        let w = map_agent(&a).unwrap();
         assert_eq!(w.id.as_str(), "node-a");
         assert_eq!(w.status, WorkerStatus::Online);
         assert_eq!(w.capabilities, Capabilities::default());
-        assert_eq!(w.last_heartbeat, 1_700_000_100_250);
+        assert_eq!(w.last_heartbeat, Some(1_700_000_100_250));
+        // Never seen by membridge: no heartbeat is made up.
         let fresh: Agent = serde_json::from_value(serde_json::json!({"name": "n", "url": "", "status": "unknown",
             "registered_at": 1.0, "last_seen": null}))
         .unwrap();
-        let w = map_agent(&fresh, 42).unwrap();
-        assert_eq!((w.status, w.last_heartbeat), (WorkerStatus::Unknown, 42));
-        assert!(map_agent(&serde_json::from_value::<Agent>(serde_json::json!({})).unwrap(), 0).is_none());
+        let w = map_agent(&fresh).unwrap();
+        assert_eq!((w.status, w.last_heartbeat), (WorkerStatus::Unknown, None));
+        assert!(map_agent(&serde_json::from_value::<Agent>(serde_json::json!({})).unwrap()).is_none());
+    }
+
+    #[test]
+    fn id_and_capabilities_fall_back_like_the_seed() {
+        let agent = |v: serde_json::Value| map_agent(&serde_json::from_value::<Agent>(v).unwrap()).unwrap();
+        assert_eq!(agent(serde_json::json!({"node_id": "n1", "id": "i1"})).id.as_str(), "n1");
+        assert_eq!(agent(serde_json::json!({"name": "", "id": "i1"})).id.as_str(), "i1");
+        let top = agent(serde_json::json!({"id": "i", "max_concurrency": 4, "labels": ["gpu"]}));
+        assert_eq!(top.capabilities, Capabilities { claude_cli: true, max_concurrency: 4, labels: vec!["gpu".into()] });
+        let nested = agent(serde_json::json!({"id": "i", "max_concurrency": 4,
+            "capabilities": {"claude_cli": false, "max_concurrency": 2}}));
+        assert_eq!(nested.capabilities, Capabilities { claude_cli: false, max_concurrency: 2, labels: vec![] });
     }
 }

@@ -122,7 +122,7 @@ impl Reconciler {
         let js = crate::bus::jetstream(client.clone(), settings.request_timeout);
         provision::apply(&js, &names, settings.lease_ttl).await?;
         let dispatcher = Dispatcher::spawn(js.clone(), names.clone(), pool.clone(), metrics.clone(), cancel.clone());
-        let membridge = Arc::new(membridge::Client::new(settings.membridge_timeout));
+        let membridge = Arc::new(membridge::Client::new(settings.membridge_timeout, pool.clone()));
         Ok(Reconciler {
             pool,
             client,
@@ -200,6 +200,8 @@ async fn ready(State(r): State<Reconciler>) -> impl IntoResponse {
 /// What the duties have done, for operators.
 async fn status(State(r): State<Reconciler>) -> Json<serde_json::Value> {
     let m = &r.metrics;
+    let client = r.membridge.state().await.unwrap_or_default();
+    let sync = crate::db::settings::membridge_sync(&r.pool).await.unwrap_or_default();
     Json(serde_json::json!({
         "leader": m.is_leader.get() == 1,
         "leader_changes": m.leader_changes_total.get(),
@@ -214,7 +216,7 @@ async fn status(State(r): State<Reconciler>) -> Json<serde_json::Value> {
         "workers_marked_offline": m.workers_marked_offline_total.get(),
         "outbox": { "relayed": m.outbox_rows_relayed.get(), "backlog": m.outbox_backlog.get() },
         "membridge_sync": { "runs": m.membridge_sync_runs_total.get(), "errors": m.membridge_sync_errors_total.get(),
-                            "client": r.membridge.state() },
+                            "client": client, "last": sync },
         "s3_fallbacks": m.s3_fallbacks_total.get(),
     }))
 }

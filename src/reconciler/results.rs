@@ -30,6 +30,8 @@ use crate::protocol::{ResultBatch, ResultMessage};
 
 /// Largest batch of results per transaction.
 const MAX_BATCH: usize = 512;
+/// Interval of in-progress acks for the result messages of a batch being stored.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// Longest wait before a refused or unstored result message is delivered again.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
@@ -105,8 +107,11 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
     Ok(())
 }
 
-fn without_nul(s: &str) -> String {
-    s.replace('\0', "\u{FFFD}")
+/// Executors may print NUL bytes, which Postgres text cannot hold.
+fn without_nul(s: &mut Option<String>) {
+    if let Some(text) = s.as_mut().filter(|t| t.contains('\0')) {
+        *text = text.replace('\0', "\u{FFFD}");
+    }
 }
 
 /// Stores the results of a batch of messages in one transaction, then acknowledges the
@@ -147,30 +152,58 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>, db: &mut Dedicated) -> s
             }
         }
     }
+    let stored = while_in_progress(&accepted, store(r, &accepted, &owners, results, db, &mut report)).await;
+    drop(spans);
+    stored.map(|()| report)
+}
+
+/// Runs `work` while telling JetStream every [`PROGRESS_EVERY`] that `msgs` are still
+/// being worked on: the results consumer's ack-wait is short (2 s), so that the
+/// messages a killed reconciler held go to another one at once, and only this keeps a
+/// slow batch (S3 uploads, a busy database) from being redelivered meanwhile.
+async fn while_in_progress<T>(msgs: &[Message], work: impl std::future::Future<Output = T>) -> T {
+    let keep_alive = async {
+        loop {
+            tokio::time::sleep(PROGRESS_EVERY).await;
+            for msg in msgs {
+                let _ = msg.ack_with(AckKind::Progress).await;
+            }
+        }
+    };
+    tokio::select! {
+        done = work => done,
+        _ = keep_alive => unreachable!("in-progress acks go on until the work is done"),
+    }
+}
+
+/// Uploads the batch's artifacts, completes its tasks in one statement and settles its
+/// messages.
+async fn store(
+    r: &Reconciler,
+    accepted: &[Message],
+    owners: &[usize],
+    mut results: Vec<ResultMessage>,
+    db: &mut Dedicated,
+    report: &mut ResultsReport,
+) -> sqlx::Result<()> {
+    for res in &mut results {
+        without_nul(&mut res.output);
+        without_nul(&mut res.error_message);
+    }
     // Uploads of one batch run concurrently.
-    let uploads: Vec<_> = results
-        .iter()
-        .map(|res| {
-            let (store, task, lease, output) = (
-                r.artifacts.clone(),
-                res.task_id.clone(),
-                res.lease_id.clone(),
-                res.output.as_deref().map(without_nul),
-            );
-            async move { store.store(&task, &lease, output.as_deref()).await }
-        })
-        .collect();
+    let uploads: Vec<_> =
+        results.iter().map(|res| r.artifacts.store(&res.task_id, &res.lease_id, res.output.as_deref())).collect();
     let bodies: Vec<_> = futures::stream::iter(uploads).buffered(32).collect().await;
+    // The outputs move into the completions; `results` keeps what the bookkeeping needs.
     let completions: Vec<Completion> = results
-        .iter()
+        .iter_mut()
         .zip(bodies)
         .map(|(res, artifact)| Completion {
             task_id: res.task_id.clone(),
             lease_id: res.lease_id.clone(),
             status: res.status,
-            // Executors may print NUL bytes, which Postgres text cannot hold.
-            output: res.output.as_deref().map(without_nul),
-            error_message: res.error_message.as_deref().map(without_nul),
+            output: res.output.take(),
+            error_message: res.error_message.take(),
             metrics: res.metrics.clone(),
             artifact_type: "LLM_RESULT".into(),
             artifact_tags: Vec::new(),
@@ -181,26 +214,24 @@ pub async fn handle(r: &Reconciler, msgs: Vec<Message>, db: &mut Dedicated) -> s
     let completions = Arc::new(completions);
     let all = completions.clone();
     match db.run(move |c| Box::pin(async move { lifecycle::complete(c, &all).await })).await {
-        Ok(outcomes) => record(r, &results, outcomes, &mut report),
+        Ok(outcomes) => record(r, &results, outcomes, report),
         Err(e) if crate::db::is_refusal(&e) && completions.len() > 1 => {
             tracing::warn!(error = %e, results = completions.len(), "storing a batch of results failed; storing them one by one");
-            drop(spans);
-            store_one_by_one(r, &accepted, &owners, &results, &completions, db, &mut report).await;
-            return Ok(report);
+            store_one_by_one(r, accepted, owners, &results, &completions, db, report).await;
+            return Ok(());
         }
         Err(e) => {
             let tasks: Vec<&str> = results.iter().map(|res| res.task_id.as_str()).collect();
-            for msg in &accepted {
+            for msg in accepted {
                 settle_unstored(r, msg, &e, crate::db::is_data_refusal(&e), &tasks).await;
             }
             return Err(e);
         }
     }
-    for msg in &accepted {
+    for msg in accepted {
         let _ = msg.ack().await;
     }
-    drop(spans);
-    Ok(report)
+    Ok(())
 }
 
 /// Counts what storing `results` did.

@@ -6,7 +6,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::Reconciler;
-use crate::db::{lifecycle, workers};
+use crate::db::lifecycle::{self, Expiring};
+use crate::db::workers;
 use crate::domain::WorkerId;
 use crate::time::now_ms;
 
@@ -44,7 +45,7 @@ pub async fn run_once(r: &Reconciler) -> sqlx::Result<SweepReport> {
     let mut report = SweepReport::default();
     let cutoff = now_ms() - r.settings.expiry_grace.as_millis() as i64;
     loop {
-        let expiry = lifecycle::expire(&r.pool, cutoff, BATCH).await?;
+        let expiry = lifecycle::expire(&r.pool, Expiring::Before(cutoff), BATCH).await?;
         report.leases_expired += expiry.expired;
         report.tasks_requeued += expiry.requeued.len();
         report.tasks_dead += expiry.dead;

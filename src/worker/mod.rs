@@ -13,6 +13,7 @@ pub mod executor;
 pub mod results;
 pub mod slots;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,8 +28,8 @@ use crate::bus::{provision, Names};
 use crate::domain::{Capabilities, LeaseId, WorkerId, WorkerStatus};
 use crate::metrics::Metrics;
 use crate::protocol::{
-    ClaimItem, ClaimReply, ClaimRequest, HeartbeatReply, HeartbeatRequest, LeaseGrant, ReleaseReply, ReleaseRequest,
-    ResultMessage, TaskMessage, WorkerBeat,
+    ClaimDecision, ClaimItem, ClaimReply, ClaimRequest, HeartbeatReply, HeartbeatRequest, LeaseGrant, ReleaseReply,
+    ReleaseRequest, ResultMessage, StartReply, StartRequest, TaskMessage, WorkerBeat,
 };
 pub use executor::Executor;
 use results::ResultPublisher;
@@ -38,6 +39,10 @@ use slots::{Slot, Slots};
 const MAX_PULL: usize = 256;
 /// Claim requests in flight at once per pull loop.
 const MAX_CLAIMS_IN_FLIGHT: usize = 2;
+/// Times a claim is sent before its messages are handed back for redelivery.
+const CLAIM_ATTEMPTS: u32 = 3;
+/// A dispatch claimed while the worker was at capacity is delivered again after this.
+const AT_CAPACITY_DELAY: Duration = Duration::from_secs(1);
 
 /// How a worker runs.
 #[derive(Clone, Debug)]
@@ -51,8 +56,10 @@ pub struct WorkerSettings {
     pub beat_interval: Duration,
     /// Time in-flight tasks get to finish on shutdown before they are handed back.
     pub shutdown_grace: Duration,
-    /// Timeout of claim/heartbeat requests and result publishes.
+    /// Timeout of heartbeat requests and result publishes.
     pub request_timeout: Duration,
+    /// Time a claim waits for its answer before it is sent again.
+    pub claim_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -89,6 +96,7 @@ pub async fn run(
     let ctx = Ctx { client, names, settings: Arc::new(settings), metrics, ttl_secs, results };
     tracing::info!(worker.id = %ctx.settings.id, ttl_secs, "worker started");
 
+    announce_start(&ctx).await;
     let slots = Slots::new(ctx.settings.capabilities.max_concurrency.max(1) as usize);
     let mut tasks = JoinSet::new();
     let mut loops = JoinSet::new();
@@ -101,19 +109,36 @@ pub async fn run(
     let mut beats = JoinSet::new();
     beats.spawn(beat_loop(ctx.clone(), slots.clone(), cancel.clone()));
 
+    // Leases executing here: a claim granted again a lease this worker already runs (a
+    // redelivery of its message) must not start a second execution.
+    let mut running: HashSet<LeaseId> = HashSet::new();
+    let start = |running: &mut HashSet<LeaseId>, tasks: &mut JoinSet<LeaseId>, (msg, task, grant, permit): Claimed| {
+        if !running.insert(grant.lease_id.clone()) {
+            tracing::debug!(task.id = %task.task_id, "dispatch delivered again while it runs here; ignored");
+            return;
+        }
+        let lease = grant.lease_id.clone();
+        let run = traced_execute(ctx.clone(), msg, task, grant, permit, hard.clone());
+        tasks.spawn(async move {
+            run.await;
+            lease
+        });
+    };
     loop {
         tokio::select! {
-            Some((msg, task, grant, permit)) = exec_rx.recv() => {
-                tasks.spawn(traced_execute(ctx.clone(), msg, task, grant, permit, hard.clone()));
+            Some(claimed) = exec_rx.recv() => start(&mut running, &mut tasks, claimed),
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Ok(lease) = done {
+                    running.remove(&lease);
+                }
             }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             _ = cancel.cancelled() => break,
         }
     }
     // Stop pulling; claimed messages still in the channel are handed back like in-flight ones.
     while loops.join_next().await.is_some() {}
-    while let Ok((msg, task, grant, permit)) = exec_rx.try_recv() {
-        tasks.spawn(traced_execute(ctx.clone(), msg, task, grant, permit, hard.clone()));
+    while let Ok(claimed) = exec_rx.try_recv() {
+        start(&mut running, &mut tasks, claimed);
     }
     tracing::info!(in_flight = tasks.len(), grace = ?ctx.settings.shutdown_grace, "draining");
     let drained =
@@ -248,8 +273,7 @@ async fn claim(ctx: &Ctx, msgs: Vec<Message>) -> Vec<(Message, TaskMessage, Leas
             })
             .collect(),
     };
-    let reply = request::<_, ClaimReply>(ctx, ctx.names.claim_subject(), &req).await;
-    let decisions = match reply {
+    let decisions = match claim_request(ctx, &req).await {
         Ok(ClaimReply::Decided { items }) if items.len() == parsed.len() => items,
         other => {
             tracing::warn!(reply = ?other, "claim undecided; messages will be redelivered");
@@ -262,14 +286,44 @@ async fn claim(ctx: &Ctx, msgs: Vec<Message>) -> Vec<(Message, TaskMessage, Leas
     let mut granted = Vec::new();
     for ((msg, task), decision) in parsed.into_iter().zip(decisions) {
         match decision {
-            Some(grant) => granted.push((msg, task, grant)),
-            None => {
+            ClaimDecision::Granted(grant) => granted.push((msg, task, grant)),
+            ClaimDecision::AtCapacity => {
+                tracing::debug!(task.id = %task.task_id, "claim deferred: this worker is at max_concurrency");
+                let _ = msg.ack_with(AckKind::Nak(Some(AT_CAPACITY_DELAY))).await;
+            }
+            ClaimDecision::Refused => {
                 tracing::debug!(task.id = %task.task_id, seq = task.dispatch_seq, "claim refused: dispatch not current");
                 let _ = msg.ack_with(AckKind::Term).await;
             }
         }
     }
     granted
+}
+
+/// Sends a claim, and sends it again when no reconciler answered within
+/// `claim_timeout` (one that died holding it, or a lost reply): claiming is idempotent,
+/// a dispatch the worker already holds is granted the same lease again.
+async fn claim_request(ctx: &Ctx, req: &ClaimRequest) -> anyhow::Result<ClaimReply> {
+    let body = Bytes::from(serde_json::to_vec(req)?);
+    let mut attempt = 1;
+    loop {
+        let sent = ctx.client.request(ctx.names.claim_subject(), body.clone());
+        let err = match tokio::time::timeout(ctx.settings.claim_timeout, sent).await {
+            Ok(Ok(msg)) => return Ok(serde_json::from_slice(&msg.payload)?),
+            Ok(Err(e)) => anyhow::Error::from(e),
+            Err(elapsed) => anyhow::Error::from(elapsed),
+        };
+        if attempt == CLAIM_ATTEMPTS {
+            return Err(err.context(format!("no answer to the claim after {attempt} attempts")));
+        }
+        attempt += 1;
+        ctx.metrics.claims_retried_total.inc();
+        tracing::debug!(error = %err, attempt, "claim unanswered; sending it again");
+        // No reconciler listening answers at once: give one time to (re)connect.
+        if err.downcast_ref::<async_nats::RequestError>().is_some() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 async fn request<Req: serde::Serialize, Rep: serde::de::DeserializeOwned>(
@@ -359,6 +413,19 @@ async fn heartbeat_loop(
             Ok(_) => {}
             Err(e) => tracing::warn!(task.id = %task_id, error = %e, "lease heartbeat failed"),
         }
+    }
+}
+
+/// Tells the reconcilers this worker (re)started, before it claims anything: the leases
+/// its id still holds belong to a process that died, and their tasks are requeued now
+/// instead of after their TTL (they would also count against its `max_concurrency`).
+/// Without an answer the worker starts anyway; those leases then expire as usual.
+async fn announce_start(ctx: &Ctx) {
+    let req = StartRequest { worker_id: ctx.settings.id.clone() };
+    match request::<_, StartReply>(ctx, ctx.names.start_subject(), &req).await {
+        Ok(StartReply { ended: 0 }) => {}
+        Ok(StartReply { ended }) => tracing::info!(ended, "leases of this worker's previous process ended"),
+        Err(e) => tracing::warn!(error = %e, "start not acknowledged by a reconciler; stale leases will expire"),
     }
 }
 

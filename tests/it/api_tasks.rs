@@ -272,9 +272,15 @@ async fn error_completion_fails_the_task_and_requeue_starts_over_with_history_ke
         (requeued["status"].clone(), requeued["attempts"].clone(), requeued["lease_id"].clone()),
         (json!("queued"), json!(0), json!(null))
     );
-    let (_, audit) = app.get("/api/runtime/audit?limit=1").await;
-    assert_eq!(audit[0]["action"], "task_requeued");
-    assert_eq!(audit[0]["detail"], "Requeued from failed after 1 attempt(s)");
+    let (_, audit) = app.get("/api/runtime/audit?limit=2").await;
+    assert_eq!(
+        (audit[0]["action"].clone(), audit[0]["detail"].clone()),
+        (json!("task_requeued"), json!("Requeued from failed"))
+    );
+    assert_eq!(
+        (audit[1]["action"].clone(), audit[1]["detail"].clone()),
+        (json!("attempts_reset"), json!("Attempts reset to 0 from 1"))
+    );
     // The earlier lease and result remain as history.
     assert_eq!(app.count("SELECT count(*) FROM leases").await, 1);
     assert_eq!(app.count("SELECT count(*) FROM llm_results").await, 1);

@@ -282,6 +282,7 @@ impl TestApp {
             beat_interval: Duration::from_millis(300),
             shutdown_grace: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
+            claim_timeout: Duration::from_millis(1500),
         }
     }
 
@@ -315,6 +316,10 @@ impl TestApp {
         sqlx::query_scalar("SELECT status FROM llm_tasks WHERE id = $1").bind(id).fetch_one(&self.pool).await.unwrap()
     }
 
+    pub async fn status_of_worker(&self, id: &str) -> String {
+        sqlx::query_scalar("SELECT status FROM workers WHERE id = $1").bind(id).fetch_one(&self.pool).await.unwrap()
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
     }
@@ -344,4 +349,19 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A child process, killed when dropped.
+pub struct Kill(pub std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port free at the time of the call.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

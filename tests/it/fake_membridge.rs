@@ -32,6 +32,8 @@ pub struct Fake {
     pub requests: Arc<AtomicUsize>,
     pub agent_calls: Arc<AtomicUsize>,
     pub select_calls: Arc<AtomicUsize>,
+    /// The path of every request, as sent (percent-encoding kept).
+    pub paths: Arc<Mutex<Vec<String>>>,
     pub addr: SocketAddr,
 }
 
@@ -66,6 +68,7 @@ pub async fn start(key: &str) -> Fake {
         requests: Arc::default(),
         agent_calls: Arc::default(),
         select_calls: Arc::default(),
+        paths: Arc::default(),
         addr,
     };
     let app = Router::new()
@@ -84,6 +87,7 @@ pub async fn start(key: &str) -> Fake {
 
 async fn count(State(f): State<Fake>, req: Request, next: Next) -> Response {
     f.requests.fetch_add(1, Ordering::SeqCst);
+    f.paths.lock().unwrap().push(req.uri().path().to_owned());
     let delay = f.inner.lock().unwrap().delay_ms;
     if delay > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(delay)).await;

@@ -114,7 +114,8 @@ async fn expiry_requeues_running_tasks_counts_attempts_and_kills_at_the_limit() 
         app.post(&format!("/api/runtime/llm-tasks/{id}/heartbeat"), json!({})).await;
         assert_eq!(app.status_of(&id).await, "running");
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        let expiry = lifecycle::expire(&app.pool, bloom::time::now_ms(), 100).await.unwrap();
+        let expiry =
+            lifecycle::expire(&app.pool, lifecycle::Expiring::Before(bloom::time::now_ms()), 100).await.unwrap();
         assert_eq!(expiry.expired, 1);
         let (_, t) = app.get(&format!("/api/runtime/llm-tasks/{id}")).await;
         assert_eq!(t["attempts"], attempt);
@@ -139,7 +140,10 @@ async fn expiry_requeues_running_tasks_counts_attempts_and_kills_at_the_limit() 
     assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'expired'").await, 2);
     assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'active'").await, 0);
     // A second sweep finds nothing.
-    assert_eq!(lifecycle::expire(&app.pool, bloom::time::now_ms(), 100).await.unwrap().expired, 0);
+    assert_eq!(
+        lifecycle::expire(&app.pool, lifecycle::Expiring::Before(bloom::time::now_ms()), 100).await.unwrap().expired,
+        0
+    );
     app.stop().await;
 }
 
@@ -151,5 +155,145 @@ async fn stats_count_in_sql() {
     }
     let (_, stats) = app.get("/api/runtime/stats").await;
     assert_eq!(stats["tasks"], json!({"total": 3, "by_status": {"queued": 3}}));
+    app.stop().await;
+}
+
+/// Concurrent leases of a context whose sticky worker has one slot left: the worker's
+/// active leases are counted after its row is locked, so it never exceeds its
+/// `max_concurrency`; the leases it cannot take go to the other worker.
+#[tokio::test]
+async fn concurrent_leases_never_overfill_a_worker() {
+    let app = TestApp::spawn().await;
+    for round in 0..20 {
+        let (small, big, context) = (format!("small-{round}"), format!("big-{round}"), format!("ctx-{round}"));
+        app.register_worker(&small, 2).await;
+        app.register_worker(&big, 32).await;
+        let task = |n: usize| {
+            let app = &app;
+            let context = context.clone();
+            async move {
+                app.submit_with(json!({"context_id": context, "agent_slug": "a", "prompt": format!("p{n}")})).await
+                    ["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            }
+        };
+        let first = task(0).await;
+        let (status, _) = app.post(&format!("/api/runtime/llm-tasks/{first}/lease"), json!({"worker_id": small})).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let ids = futures::future::join_all((1..=24).map(task)).await;
+        let paths: Vec<String> = ids.iter().map(|id| format!("/api/runtime/llm-tasks/{id}/lease")).collect();
+        let answers = futures::future::join_all(paths.iter().map(|p| app.post(p, json!({})))).await;
+        assert!(answers.iter().all(|(s, _)| *s == StatusCode::CREATED), "{answers:?}");
+        let active = |w: String| {
+            let app = &app;
+            async move {
+                app.count(&format!("SELECT count(*) FROM leases WHERE worker_id = '{w}' AND status = 'active'")).await
+            }
+        };
+        assert_eq!(active(small.clone()).await, 2, "round {round}");
+        assert_eq!(active(big.clone()).await, 23, "round {round}");
+        for w in [&small, &big] {
+            app.delete(&format!("/api/runtime/workers/{w}")).await;
+        }
+    }
+    app.stop().await;
+}
+
+/// A lease naming its worker is refused like one finding no worker (503) when that
+/// worker is offline, lacks the Claude CLI or has no free slot.
+#[tokio::test]
+async fn an_explicit_worker_must_be_eligible() {
+    let app = TestApp::spawn().await;
+    let register = |body: serde_json::Value| {
+        let app = &app;
+        async move {
+            let (status, w) = app.post("/api/runtime/workers", body).await;
+            assert!(status.is_success(), "{w}");
+        }
+    };
+    register(json!({"name": "off", "status": "offline"})).await;
+    register(json!({"name": "no-cli", "capabilities": {"claude_cli": false}})).await;
+    register(json!({"name": "one", "capabilities": {"max_concurrency": 1}})).await;
+    let lease_to = |worker: &'static str| {
+        let app = &app;
+        async move {
+            let id = app.submit(worker).await["id"].as_str().unwrap().to_owned();
+            app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({"worker_id": worker})).await
+        }
+    };
+    for worker in ["off", "no-cli", "ghost"] {
+        let (status, body) = lease_to(worker).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{worker}: {body}");
+        assert_eq!(body["error"], "No available worker with free capacity");
+    }
+    assert_eq!(lease_to("one").await.0, StatusCode::CREATED);
+    let (status, body) = lease_to("one").await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (StatusCode::SERVICE_UNAVAILABLE, json!("No available worker with free capacity"))
+    );
+    assert_eq!(app.count("SELECT count(*) FROM leases").await, 1);
+    app.stop().await;
+}
+
+/// NATS claims respect the worker's `max_concurrency` in Postgres, in one batch and
+/// across concurrent batches, even when the worker asks for more.
+#[tokio::test]
+async fn claims_never_exceed_the_workers_max_concurrency() {
+    let app = TestApp::spawn().await;
+    app.register_worker("w", 2).await;
+    let claim = |id: TaskId| Claim { task_id: id, dispatch_seq: 1, worker_id: "w".into(), ttl_seconds: 30 };
+    let submit = |n: usize| {
+        let app = &app;
+        async move { TaskId::from(app.submit(&format!("t{n}")).await["id"].as_str().unwrap()) }
+    };
+    let batch: Vec<Claim> = futures::future::join_all((0..3).map(submit)).await.into_iter().map(claim).collect();
+    let out = lifecycle::claim(&app.pool, &batch).await.unwrap();
+    assert_eq!(out.iter().filter(|o| matches!(o, ClaimOutcome::Granted(_))).count(), 2, "{out:?}");
+    assert_eq!(out.iter().filter(|o| **o == ClaimOutcome::AtCapacity).count(), 1, "{out:?}");
+    // The deferred dispatch stays current: it is still queued, to be claimed later.
+    assert_eq!(app.count("SELECT count(*) FROM llm_tasks WHERE status = 'queued'").await, 1);
+
+    for round in 0..10 {
+        let worker = format!("v{round}");
+        app.register_worker(&worker, 2).await;
+        let ids = futures::future::join_all((0..6).map(|n| submit(round * 10 + n))).await;
+        let calls = ids.into_iter().map(|id| {
+            let pool = app.pool.clone();
+            let c = Claim { task_id: id, dispatch_seq: 1, worker_id: worker.as_str().into(), ttl_seconds: 30 };
+            tokio::spawn(async move { lifecycle::claim(&pool, &[c]).await.unwrap() })
+        });
+        futures::future::join_all(calls).await;
+        let active =
+            app.count(&format!("SELECT count(*) FROM leases WHERE worker_id = '{worker}' AND status = 'active'")).await;
+        assert_eq!(active, 2, "round {round}");
+    }
+    app.stop().await;
+}
+
+/// A claim sent again (its answer was lost, or its reconciler died after committing)
+/// gets the lease it already holds; another worker's claim of that dispatch is refused.
+#[tokio::test]
+async fn a_repeated_claim_gets_the_same_lease() {
+    let app = TestApp::spawn().await;
+    let id = TaskId::from(app.submit("again").await["id"].as_str().unwrap());
+    let claim = |w: &str| Claim { task_id: id.clone(), dispatch_seq: 1, worker_id: w.into(), ttl_seconds: 30 };
+    let ClaimOutcome::Granted(first) = lifecycle::claim(&app.pool, &[claim("w")]).await.unwrap().remove(0) else {
+        panic!("first claim refused");
+    };
+    let ClaimOutcome::Granted(again) = lifecycle::claim(&app.pool, &[claim("w")]).await.unwrap().remove(0) else {
+        panic!("repeated claim refused");
+    };
+    assert_eq!((again.id, again.expires_at), (first.id, first.expires_at));
+    assert_eq!(lifecycle::claim(&app.pool, &[claim("x")]).await.unwrap(), vec![ClaimOutcome::Refused]);
+    assert_eq!(app.count("SELECT count(*) FROM leases").await, 1);
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM llm_tasks WHERE id = $1")
+        .bind(&id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 1);
     app.stop().await;
 }

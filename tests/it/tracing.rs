@@ -3,7 +3,7 @@
 //! the task's trace id. The Prometheus metrics of the processes move as the task runs.
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,23 +12,10 @@ use axum::routing::post;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 
-use crate::common::{fresh_db, nats_url, wait_for};
+use crate::common::{free_port, fresh_db, nats_url, wait_for, Kill};
 
 /// (service.name, trace id, span name) of every exported span.
 type Spans = Arc<Mutex<Vec<(String, Vec<u8>, String)>>>;
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 async fn receiver() -> (String, Spans) {
     let spans: Spans = Arc::default();
