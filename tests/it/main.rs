@@ -16,6 +16,7 @@ mod lifecycle_races;
 mod membridge;
 mod openapi;
 mod plans;
+mod processes;
 mod reconciler;
 mod reroute;
 mod s3;
