@@ -71,6 +71,17 @@ async fn submit_wait_list_show_and_exit_codes() {
     let (code, out, _) = tokio::task::spawn_blocking(move || bloomctl(&a, &["stats"])).await.unwrap();
     assert_eq!(code, 0);
     assert!(out.contains("tasks    total 3"), "{out}");
+    let a = app.clone_handle();
+    let (code, out, _) = tokio::task::spawn_blocking(move || bloomctl(&a, &["tasks", "list"])).await.unwrap();
+    assert_eq!(code, 0);
+    let (id, _) = out.lines().nth(1).unwrap().split_once(' ').unwrap();
+    let a = app.clone_handle();
+    let id = id.to_owned();
+    let (code, out, _) = tokio::task::spawn_blocking(move || bloomctl(&a, &["tasks", "show", &id])).await.unwrap();
+    assert_eq!(code, 0);
+    let created = out.lines().find(|l| l.starts_with("created_at")).unwrap();
+    let stamp = created.split_whitespace().nth(1).unwrap();
+    assert!(stamp.len() == 24 && stamp.starts_with("20") && stamp.ends_with('Z'), "ISO 8601 UTC: {created}");
     app.stop().await;
 }
 
