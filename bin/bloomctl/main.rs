@@ -9,6 +9,7 @@
 mod client;
 mod submit;
 mod table;
+mod up;
 
 use std::time::Duration;
 
@@ -91,7 +92,8 @@ enum Command {
     /// Task, lease and worker counts.
     Stats,
     /// Run the whole runtime locally: migrations, stream definitions, the API, two
-    /// reconcilers and one worker (binaries next to bloomctl). Ctrl-C stops it.
+    /// reconcilers and one worker (binaries next to bloomctl). Ctrl-C stops it; so does
+    /// any of them exiting (bloomctl then exits 1).
     Up {
         #[command(flatten)]
         db: DbArgs,
@@ -103,6 +105,12 @@ enum Command {
         /// Worker processes.
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// HTTP port of the first reconciler; the next ones count up by two; 0: none.
+        #[arg(long, env = "BLOOM_RECONCILER_HTTP_PORT", default_value_t = 9090)]
+        reconciler_port: u16,
+        /// HTTP port of the first worker; the next ones count up by two; 0: none.
+        #[arg(long, env = "BLOOM_WORKER_HTTP_PORT", default_value_t = 9091)]
+        worker_port: u16,
     },
 }
 
@@ -342,7 +350,10 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 println!("workers  total {}  online {}", v["workers"]["total"], v["workers"]["online"]);
             }
         }
-        Command::Up { db, nats, reconcilers, workers } => up(db, nats, reconcilers, workers).await.map_err(failure)?,
+        Command::Up { db, nats, reconcilers, workers, reconciler_port, worker_port } => {
+            let plan = up::Plan { reconcilers, workers, reconciler_port, worker_port };
+            up(&db, &nats, &plan).await.map_err(failure)?
+        }
     }
     Ok(exit::OK)
 }
@@ -411,44 +422,10 @@ async fn audit(api: &Client, limit: u32, follow: bool, json_out: bool) -> Result
     }
 }
 
-async fn up(db: DbArgs, nats: NatsArgs, reconcilers: usize, workers: usize) -> anyhow::Result<()> {
+async fn up(db: &DbArgs, nats: &NatsArgs, plan: &up::Plan) -> anyhow::Result<()> {
     let _telemetry = bloom::telemetry::init("text", "bloomctl");
     let names = nats.names().map_err(anyhow::Error::msg)?;
-    migrate(&db).await?;
-    nats_apply(&nats, &names).await?;
-    let dir = std::env::current_exe()?.parent().context("binary directory")?.to_owned();
-    let spawn = |bin: &str, env: &[(&str, String)]| -> anyhow::Result<tokio::process::Child> {
-        let mut c = tokio::process::Command::new(dir.join(bin));
-        c.kill_on_drop(true).envs(env.iter().map(|(k, v)| (*k, v.clone())));
-        c.spawn().with_context(|| format!("starting {bin} (build all binaries first)"))
-    };
-    let mut children = Vec::new();
-    for i in 0..reconcilers {
-        children.push(spawn("bloom-reconciler", &[("BLOOM_RECONCILER_HTTP_PORT", (9090 + 2 * i).to_string())])?);
-    }
-    for i in 0..workers {
-        children.push(spawn(
-            "bloom-worker",
-            &[("BLOOM_WORKER_ID", format!("local-worker-{i}")), ("BLOOM_WORKER_HTTP_PORT", (9091 + 2 * i).to_string())],
-        )?);
-    }
-    children.push(spawn("bloom-api", &[])?);
-    eprintln!("bloomctl up: API on BLOOM_RUNTIME_PORT (default 3002); Ctrl-C stops everything");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    for c in &mut children {
-        if let Some(pid) = c.id() {
-            // SIGTERM: let workers drain.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGTERM);
-            }
-        }
-    }
-    for c in &mut children {
-        let _ = tokio::time::timeout(Duration::from_secs(25), c.wait()).await;
-    }
-    Ok(())
+    migrate(db).await?;
+    nats_apply(nats, &names).await?;
+    up::run(plan).await
 }
