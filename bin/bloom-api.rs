@@ -33,7 +33,7 @@ struct Cli {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let _telemetry = bloom::telemetry::init(&cli.log.log_format, "bloom-api");
-    bloom::telemetry::exit_status(run(cli).await)
+    bloom::telemetry::exit_status("bloom-api", run(cli).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -115,13 +115,13 @@ pub fn without_credentials(mut e: reqwest::Error) -> reqwest::Error {
     e
 }
 
-/// The exit status of a binary whose `run` returned `result`: a failure is logged with
+/// The exit status of `service` whose `run` returned `result`: a failure is logged with
 /// its causes (through the log subscriber, so in the configured format) and exits 1.
-pub fn exit_status(result: anyhow::Result<()>) -> std::process::ExitCode {
+pub fn exit_status(service: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %format_args!("{e:#}"), "exiting");
+            tracing::error!(error = %format_args!("{e:#}"), "{service} stopped");
             std::process::ExitCode::FAILURE
         }
     }
