@@ -49,7 +49,9 @@ impl Up {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let stderr = std::env::temp_dir().join(format!("bloomctl-up-{mark}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_bloomctl"))
-            .args(["up", "--reconcilers", "1", "--workers", "1", "--reconciler-port", "0", "--worker-port", "0"])
+            .args(["up", "--reconcilers", "1", "--workers", "1"])
+            .env("BLOOM_RECONCILER_HTTP_PORT", "0")
+            .env("BLOOM_WORKER_HTTP_PORT", "0")
             .env("DATABASE_URL", &db_url)
             .env("NATS_URL", nats_url())
             .env("BLOOM_NATS_NAMESPACE", format!("u{}", &mark[..12]))
