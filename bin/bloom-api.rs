@@ -30,9 +30,13 @@ struct Cli {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let _telemetry = bloom::telemetry::init(&cli.log.log_format, "bloom-api");
+    bloom::telemetry::exit_status("bloom-api", run(cli).await)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     cli.api.validate().map_err(anyhow::Error::msg)?;
     let names = cli.nats.names().map_err(anyhow::Error::msg)?;
     let addr: SocketAddr = format!("{}:{}", cli.api.host, cli.api.port)
@@ -42,6 +46,8 @@ async fn main() -> anyhow::Result<()> {
         println!("{cli:#?}");
         return Ok(());
     }
+    // Bound first, so a port in use fails at once, before any connection is made.
+    let listener = bloom::process::bind(addr, "BLOOM_RUNTIME_HOST/BLOOM_RUNTIME_PORT").await?;
 
     let pool = bloom::db::connect(cli.db.database_url.expose(), &cli.db.pool_options())
         .await
@@ -69,6 +75,6 @@ async fn main() -> anyhow::Result<()> {
     let state =
         api::build_state(pool, nats, names, settings, artifacts, metrics, cli.nats.timeout(), cancel.clone()).await?;
     tracing::info!(%addr, "bloom-api serving");
-    bloom::process::serve(addr, api::router(state), cancel).await?;
+    bloom::process::serve_on(listener, api::router(state), cancel).await?;
     Ok(())
 }

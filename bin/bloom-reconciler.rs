@@ -8,6 +8,7 @@ use bloom::artifacts::ArtifactStore;
 use bloom::config::{millis, DbArgs, LogArgs, MembridgeArgs, NatsArgs, ReconcilerArgs, S3Args};
 use bloom::metrics::Metrics;
 use bloom::reconciler::{self, Reconciler, ReconcilerSettings};
+use bloom::telemetry::ErrorChain;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -30,9 +31,13 @@ struct Cli {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let _telemetry = bloom::telemetry::init(&cli.log.log_format, "bloom-reconciler");
+    bloom::telemetry::exit_status("bloom-reconciler", run(cli).await)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let names = cli.nats.names().map_err(anyhow::Error::msg)?;
     if cli.log.check_config {
         println!("{cli:#?}");
@@ -55,6 +60,14 @@ async fn main() -> anyhow::Result<()> {
         ..ReconcilerSettings::default()
     };
 
+    // Bound first, so a port in use fails at once, before any connection is made.
+    let listener = match r.http_port {
+        0 => None,
+        port => {
+            let addr = SocketAddr::from(([0, 0, 0, 0], port));
+            Some(bloom::process::bind(addr, "BLOOM_RECONCILER_HTTP_PORT").await?)
+        }
+    };
     let pool = bloom::db::connect(cli.db.database_url.expose(), &cli.db.pool_options())
         .await
         .context("connecting to Postgres (DATABASE_URL)")?;
@@ -65,13 +78,12 @@ async fn main() -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     bloom::process::cancel_on_signal(cancel.clone());
     let rec = Reconciler::new(pool, nats, names, artifacts, metrics, settings, &cancel).await?;
-    if r.http_port != 0 {
-        let addr = SocketAddr::from(([0, 0, 0, 0], r.http_port));
+    if let Some(listener) = listener {
         let router = reconciler::router(rec.clone());
         let c = cancel.clone();
         tokio::spawn(async move {
-            if let Err(e) = bloom::process::serve(addr, router, c).await {
-                tracing::error!(error = %e, "reconciler HTTP server failed");
+            if let Err(e) = bloom::process::serve_on(listener, router, c).await {
+                tracing::error!(error = %ErrorChain(&e), "reconciler HTTP server failed");
             }
         });
     }

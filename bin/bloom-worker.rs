@@ -10,6 +10,7 @@ use axum::routing::get;
 use bloom::config::{LogArgs, NatsArgs, WorkerArgs};
 use bloom::domain::{Capabilities, WorkerId};
 use bloom::metrics::Metrics;
+use bloom::telemetry::ErrorChain;
 use bloom::worker::{self, Executor, WorkerSettings};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -27,9 +28,13 @@ struct Cli {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let _telemetry = bloom::telemetry::init(&cli.log.log_format, "bloom-worker");
+    bloom::telemetry::exit_status("bloom-worker", run(cli).await)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     cli.worker.validate().map_err(anyhow::Error::msg)?;
     let names = cli.nats.names().map_err(anyhow::Error::msg)?;
     if cli.log.check_config {
@@ -55,22 +60,29 @@ async fn main() -> anyhow::Result<()> {
         request_timeout: cli.nats.timeout(),
         claim_timeout: Duration::from_millis(w.claim_timeout_ms.max(100)),
     };
+    // Bound first, so a port in use fails at once, before any connection is made.
+    let listener = match w.http_port {
+        0 => None,
+        port => {
+            let addr = SocketAddr::from(([0, 0, 0, 0], port));
+            Some(bloom::process::bind(addr, "BLOOM_WORKER_HTTP_PORT").await?)
+        }
+    };
     let client = bloom::bus::connect(&cli.nats.nats_url, &format!("bloom-worker {}", settings.id))
         .await
         .context("connecting to NATS (NATS_URL)")?;
     let metrics = Arc::new(Metrics::default());
     let cancel = CancellationToken::new();
     bloom::process::cancel_on_signal(cancel.clone());
-    if w.http_port != 0 {
+    if let Some(listener) = listener {
         let m = metrics.clone();
         let router = axum::Router::new()
             .route("/healthz", get(|| async { "ok" }))
             .route("/metrics", get(move || async move { m.render() }));
-        let addr = SocketAddr::from(([0, 0, 0, 0], w.http_port));
         let c = cancel.clone();
         tokio::spawn(async move {
-            if let Err(e) = bloom::process::serve(addr, router, c).await {
-                tracing::error!(error = %e, "worker HTTP server failed");
+            if let Err(e) = bloom::process::serve_on(listener, router, c).await {
+                tracing::error!(error = %ErrorChain(&e), "worker HTTP server failed");
             }
         });
     }

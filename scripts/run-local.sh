@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole runtime locally: PostgreSQL and NATS (started, and installed, if
 # needed), then `bloomctl up`: migrations, stream definitions, the API on :3002, two
-# reconcilers and one worker. Ctrl-C stops everything it started.
+# reconcilers and one worker. Ctrl-C stops everything it started; so does any of them
+# exiting (then the exit status is 1). bloomctl replaces this shell (exec), so signals
+# reach it directly and it stops its children; they also get SIGTERM if it is killed.
 #
 # The worker uses the built-in test executor unless BLOOM_EXECUTOR=command (then
 # BLOOM_EXECUTOR_COMMAND, by default the Claude CLI, runs each task).

@@ -82,8 +82,10 @@ impl Histogram {
     }
 }
 
+/// `field: Kind = "help"` exports `bloom_<field>`; `field: Kind as "name" = "help"`
+/// exports `bloom_<name>` (a Prometheus name that differs from the field's).
 macro_rules! metrics {
-    ($( $field:ident : $kind:ident = $help:literal ),* $(,)?) => {
+    ($( $field:ident : $kind:ident $(as $name:literal)? = $help:literal ),* $(,)?) => {
         /// Every metric the runtime exports. Each binary moves the ones that concern it.
         #[derive(Debug, Default)]
         pub struct Metrics {
@@ -94,11 +96,13 @@ macro_rules! metrics {
             /// Renders all metrics in the Prometheus text exposition format.
             pub fn render(&self) -> String {
                 let mut out = String::new();
-                $( render_one(&mut out, concat!("bloom_", stringify!($field)), $help, &self.$field); )*
+                $( render_one(&mut out, metrics!(@name $field $($name)?), $help, &self.$field); )*
                 out
             }
         }
     };
+    (@name $field:ident) => { concat!("bloom_", stringify!($field)) };
+    (@name $field:ident $name:literal) => { concat!("bloom_", $name) };
 }
 
 trait Render {
@@ -132,10 +136,10 @@ metrics! {
     http_request_errors_total: Counter = "HTTP requests answered with a 5xx status.",
     http_request_duration_seconds: Histogram = "HTTP request latency.",
     tasks_submitted_total: Counter = "Tasks created over REST.",
-    tasks_published: Counter = "Task dispatches acknowledged by JetStream.",
-    outbox_publish_failures: Counter = "Task dispatch publishes that failed or were not acknowledged.",
-    outbox_rows_deleted: Counter = "Outbox rows deleted after JetStream acknowledged them.",
-    outbox_rows_relayed: Counter = "Outbox rows republished by the relay.",
+    tasks_published: Counter as "tasks_published_total" = "Task dispatches acknowledged by JetStream.",
+    outbox_publish_failures: Counter as "outbox_publish_failures_total" = "Task dispatch publishes that failed or were not acknowledged.",
+    outbox_rows_deleted: Counter as "outbox_rows_deleted_total" = "Outbox rows deleted after JetStream acknowledged them.",
+    outbox_rows_relayed: Counter as "outbox_rows_relayed_total" = "Outbox rows republished by the relay.",
     outbox_backlog: Gauge = "Outbox rows not yet acknowledged by JetStream (last relay pass).",
     claims_granted_total: Counter = "Claims that created a lease.",
     claims_refused_total: Counter = "Claims refused because the dispatch was not current.",
@@ -181,5 +185,23 @@ mod tests {
         assert!(text.contains("bloom_dispatch_latency_seconds_bucket{le=\"0.001\"} 1"));
         assert!(text.contains("bloom_dispatch_latency_seconds_bucket{le=\"0.005\"} 2"));
         assert!(text.contains("bloom_dispatch_latency_seconds_count 2"));
+    }
+
+    /// Prometheus conventions: every counter ends in `_total`; durations are in seconds.
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let text = Metrics::default().render();
+        let types: Vec<(&str, &str)> =
+            text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_once(' ')).collect();
+        assert!(types.len() > 30, "{text}");
+        for (name, kind) in types {
+            assert!(!name.contains("_ms") && !name.ends_with("_millis"), "{name} is not in base units");
+            if kind == "counter" {
+                assert!(name.ends_with("_total"), "counter {name} does not end in _total");
+            } else {
+                assert!(!name.ends_with("_total"), "{kind} {name} ends in _total");
+            }
+        }
+        assert!(text.contains("bloom_tasks_published_total 0"));
     }
 }

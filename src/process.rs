@@ -3,7 +3,23 @@
 
 use std::net::SocketAddr;
 
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+/// A listen address that could not be bound, with the settings that chose it.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} (change {settings})")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub settings: &'static str,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds `addr`, chosen by the environment variables `settings` (named in the error).
+pub async fn bind(addr: SocketAddr, settings: &'static str) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|source| BindError { addr, settings, source })
+}
 
 /// Cancels `cancel` on SIGTERM or SIGINT.
 pub fn cancel_on_signal(cancel: CancellationToken) {
@@ -29,18 +45,8 @@ pub fn cancel_on_signal(cancel: CancellationToken) {
     });
 }
 
-/// Serves `router` on `addr` until `cancel` fires.
-pub async fn serve(addr: SocketAddr, router: axum::Router, cancel: CancellationToken) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    serve_on(listener, router, cancel).await
-}
-
 /// Serves `router` on a bound listener until `cancel` fires, with client addresses.
-pub async fn serve_on(
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    cancel: CancellationToken,
-) -> std::io::Result<()> {
+pub async fn serve_on(listener: TcpListener, router: axum::Router, cancel: CancellationToken) -> std::io::Result<()> {
     axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await

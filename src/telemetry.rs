@@ -7,6 +7,9 @@
 //! apply. The W3C trace context travels in NATS message headers and in result bodies
 //! ([`current_carrier`], [`apply_carrier`], [`extract`], [`extract_carrier`]), so one task
 //! is one trace across API, worker and reconciler.
+//!
+//! Text logs carry ANSI colours only when stderr is a terminal. Errors are logged with
+//! their causes ([`ErrorChain`]), so a failed request says where it went and why.
 
 use async_nats::HeaderMap;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -74,10 +77,54 @@ pub fn init(format: &str, service: &str) -> Telemetry {
     let logs = if json {
         tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr).boxed()
     };
     let _ = tracing_subscriber::registry().with(otel).with(logs.with_filter(filter)).try_init();
     Telemetry { provider }
+}
+
+/// Displays an error followed by its causes (`source()` chain), separated by `: `, as
+/// anyhow's `{:#}` does; a cause whose text its parent already ends with is not repeated.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut written = self.0.to_string();
+        f.write_str(&written)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !written.ends_with(&text) {
+                write!(f, ": {text}")?;
+                written = text;
+            }
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
+
+/// `e` with the user name and password removed from the URL it names, if any, so the
+/// error can be logged or printed.
+pub fn without_credentials(mut e: reqwest::Error) -> reqwest::Error {
+    if let Some(url) = e.url_mut() {
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+    }
+    e
+}
+
+/// The exit status of `service` whose `run` returned `result`: a failure is logged with
+/// its causes (through the log subscriber, so in the configured format) and exits 1.
+pub fn exit_status(service: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format_args!("{e:#}"), "{service} stopped");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 struct HeaderExtractor<'a>(&'a HeaderMap);
@@ -148,5 +195,36 @@ pub fn extract(headers: Option<&HeaderMap>, span: &tracing::Span) {
     if let Some(h) = headers {
         let cx = TraceContextPropagator::new().extract(&HeaderExtractor(h));
         let _ = span.set_parent(cx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] Middle);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("middle: {0}")]
+    struct Middle(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_lists_each_cause_once() {
+        let e = Outer(Middle(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)));
+        assert_eq!(ErrorChain(&e).to_string(), "outer: middle: connection refused");
+    }
+
+    #[tokio::test]
+    async fn request_errors_name_the_url_without_credentials() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let e = reqwest::get(format!("http://user:secret@{addr}/x")).await.unwrap_err();
+        let text = ErrorChain(&without_credentials(e)).to_string();
+        assert!(text.contains(&format!("http://{addr}/x")), "{text}");
+        assert!(text.to_lowercase().contains("connection refused"), "{text}");
+        assert!(!text.contains("secret") && !text.contains("user"), "{text}");
     }
 }

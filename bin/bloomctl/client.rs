@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use reqwest::header::HeaderMap;
+use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
 /// Exit codes scripts can rely on.
@@ -35,7 +37,17 @@ impl Failure {
     }
 }
 
-/// The REST client.
+/// A page of a list endpoint and the cursor of the next one (`X-Next-Cursor`).
+pub struct Page {
+    pub rows: Vec<Value>,
+    pub next: Option<String>,
+}
+
+/// Wait after a 429 that names no delay.
+const DEFAULT_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The REST client. A request refused with 429 (rate limited) is sent again after the
+/// delay the API names (`Retry-After`, else `RateLimit-Reset`), with a note on stderr.
 pub struct Client {
     http: reqwest::Client,
     base: String,
@@ -48,17 +60,31 @@ impl Client {
         Client { http, base: base.trim_end_matches('/').to_owned(), key }
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, Failure> {
-        let req = match &self.key {
-            Some(k) => req.header("X-Runtime-Api-Key", k),
-            None => req,
+    /// Sends a request until it is not rate limited; answers the response's headers and
+    /// body (JSON, or the text as a JSON string).
+    async fn send(&self, method: Method, path: &str, body: Option<&Value>) -> Result<(HeaderMap, Value), Failure> {
+        let resp = loop {
+            let mut req = self.http.request(method.clone(), format!("{}{path}", self.base));
+            if let Some(k) = &self.key {
+                req = req.header("X-Runtime-Api-Key", k);
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = req.send().await.map_err(transport)?;
+            if resp.status() != StatusCode::TOO_MANY_REQUESTS {
+                break resp;
+            }
+            let wait = retry_after(resp.headers());
+            eprintln!("bloomctl: rate limited by the API (HTTP 429); retrying in {}s", wait.as_secs());
+            tokio::time::sleep(wait).await;
         };
-        let resp = req.send().await.map_err(|e| Failure::new(exit::ERROR, format!("request failed: {e}")))?;
         let status = resp.status();
-        let text = resp.text().await.map_err(|e| Failure::new(exit::ERROR, e.to_string()))?;
+        let headers = resp.headers().clone();
+        let text = resp.text().await.map_err(transport)?;
         let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if status.is_success() {
-            return Ok(body);
+            return Ok((headers, body));
         }
         let message = match &body["error"] {
             Value::String(s) => s.clone(),
@@ -74,11 +100,21 @@ impl Client {
     }
 
     pub async fn get(&self, path: &str) -> Result<Value, Failure> {
-        self.send(self.http.get(format!("{}{path}", self.base))).await
+        Ok(self.send(Method::GET, path, None).await?.1)
+    }
+
+    /// One page of a list endpoint (`path` carries `limit` and `cursor`).
+    pub async fn get_page(&self, path: &str) -> Result<Page, Failure> {
+        let (headers, body) = self.send(Method::GET, path, None).await?;
+        let next = headers.get("x-next-cursor").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        match body {
+            Value::Array(rows) => Ok(Page { rows, next }),
+            other => Err(Failure::new(exit::ERROR, format!("expected a JSON array from {path}, got {other}"))),
+        }
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, Failure> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
+        Ok(self.send(Method::POST, path, Some(body)).await?.1)
     }
 
     /// The raw body of a GET (artifact content).
@@ -87,5 +123,37 @@ impl Client {
             Value::String(s) => Ok(s),
             other => Ok(other.to_string()),
         }
+    }
+}
+
+/// A transport failure, with its causes and the URL (without credentials).
+fn transport(e: reqwest::Error) -> Failure {
+    let e = bloom::telemetry::without_credentials(e);
+    Failure::new(exit::ERROR, format!("request failed: {}", bloom::telemetry::ErrorChain(&e)))
+}
+
+/// How long a 429 asks to wait: `Retry-After` seconds, else `RateLimit-Reset` seconds,
+/// else [`DEFAULT_BACKOFF`]; at least a second.
+fn retry_after(headers: &HeaderMap) -> Duration {
+    let seconds = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<u64>().ok();
+    let wait = seconds("retry-after").or_else(|| seconds("ratelimit-reset")).map(Duration::from_secs);
+    wait.unwrap_or(DEFAULT_BACKOFF).max(Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs.iter().map(|(k, v)| (reqwest::header::HeaderName::from_static(k), v.parse().unwrap())).collect()
+    }
+
+    #[test]
+    fn a_429_waits_as_long_as_the_api_asks() {
+        assert_eq!(retry_after(&headers(&[("retry-after", "7"), ("ratelimit-reset", "9")])), Duration::from_secs(7));
+        assert_eq!(retry_after(&headers(&[("ratelimit-reset", "9")])), Duration::from_secs(9));
+        assert_eq!(retry_after(&headers(&[("retry-after", "0")])), Duration::from_secs(1));
+        assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), DEFAULT_BACKOFF);
+        assert_eq!(retry_after(&HeaderMap::new()), DEFAULT_BACKOFF);
     }
 }

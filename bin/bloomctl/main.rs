@@ -7,11 +7,11 @@
 //! failed or died, 6 waiting timed out.
 
 mod client;
+mod submit;
 mod table;
+mod up;
 
-use std::io::Read;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use bloom::config::{DbArgs, NatsArgs};
@@ -58,7 +58,7 @@ enum Command {
         command: NatsCommand,
     },
     /// Submit tasks; optionally wait for and print their results.
-    Submit(SubmitArgs),
+    Submit(submit::SubmitArgs),
     /// Tasks.
     Tasks {
         #[command(subcommand)]
@@ -92,7 +92,8 @@ enum Command {
     /// Task, lease and worker counts.
     Stats,
     /// Run the whole runtime locally: migrations, stream definitions, the API, two
-    /// reconcilers and one worker (binaries next to bloomctl). Ctrl-C stops it.
+    /// reconcilers and one worker (binaries next to bloomctl). Ctrl-C stops it; so does
+    /// any of them exiting (bloomctl then exits 1).
     Up {
         #[command(flatten)]
         db: DbArgs,
@@ -104,6 +105,12 @@ enum Command {
         /// Worker processes.
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// HTTP port of the first reconciler; the next ones count up by two; 0: none.
+        #[arg(long, env = "BLOOM_RECONCILER_HTTP_PORT", default_value_t = 9090)]
+        reconciler_port: u16,
+        /// HTTP port of the first worker; the next ones count up by two; 0: none.
+        #[arg(long, env = "BLOOM_WORKER_HTTP_PORT", default_value_t = 9091)]
+        worker_port: u16,
     },
 }
 
@@ -127,37 +134,6 @@ enum NatsCommand {
         #[arg(long)]
         yes: bool,
     },
-}
-
-#[derive(Args, Debug)]
-struct SubmitArgs {
-    /// The prompt; `-` or absent with no --file reads stdin.
-    prompt: Option<String>,
-    /// Read the prompt from a file.
-    #[arg(long, conflicts_with = "prompt")]
-    file: Option<PathBuf>,
-    #[arg(long, default_value = "bloomctl")]
-    context_id: String,
-    #[arg(long, default_value = "default")]
-    agent_slug: String,
-    #[arg(long)]
-    timeout_sec: Option<u32>,
-    #[arg(long)]
-    budget: Option<f64>,
-    /// `json` or `text`.
-    #[arg(long)]
-    desired_format: Option<String>,
-    #[arg(long)]
-    max_attempts: Option<u32>,
-    /// Submit the prompt this many times.
-    #[arg(long, default_value_t = 1)]
-    count: u32,
-    /// Wait for the tasks to finish and print their results.
-    #[arg(long)]
-    wait: bool,
-    /// Give up waiting after this many seconds.
-    #[arg(long, default_value_t = 600)]
-    wait_timeout: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -280,7 +256,7 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             let deleted = nats_delete(&nats, &names).await.map_err(failure)?;
             println!("streams deleted: {}", if deleted.is_empty() { "none".to_owned() } else { deleted.join(", ") });
         }
-        Command::Submit(args) => return submit(&api, args, json_out).await,
+        Command::Submit(args) => return submit::run(&api, args, json_out).await,
         Command::Tasks { command } => match command {
             TasksCommand::List { status, limit } => {
                 let v = api
@@ -374,7 +350,10 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 println!("workers  total {}  online {}", v["workers"]["total"], v["workers"]["online"]);
             }
         }
-        Command::Up { db, nats, reconcilers, workers } => up(db, nats, reconcilers, workers).await.map_err(failure)?,
+        Command::Up { db, nats, reconcilers, workers, reconciler_port, worker_port } => {
+            let plan = up::Plan { reconcilers, workers, reconciler_port, worker_port };
+            up(&db, &nats, &plan).await.map_err(failure)?
+        }
     }
     Ok(exit::OK)
 }
@@ -401,114 +380,6 @@ async fn nats_apply(nats: &NatsArgs, names: &bloom::bus::Names) -> anyhow::Resul
 
 async fn nats_delete(nats: &NatsArgs, names: &bloom::bus::Names) -> anyhow::Result<Vec<String>> {
     Ok(bloom::bus::provision::delete(&jetstream(nats).await?, names).await?)
-}
-
-fn read_prompt(args: &SubmitArgs) -> Result<String, Failure> {
-    let prompt = match (&args.file, args.prompt.as_deref()) {
-        (Some(path), _) => std::fs::read_to_string(path)
-            .map_err(|e| Failure::new(exit::USAGE, format!("reading {}: {e}", path.display())))?,
-        (None, Some(p)) if p != "-" => p.to_owned(),
-        _ => {
-            let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
-            s
-        }
-    };
-    Ok(prompt)
-}
-
-async fn submit(api: &Client, args: SubmitArgs, json_out: bool) -> Result<i32, Failure> {
-    let prompt = read_prompt(&args)?;
-    let mut body = json!({"context_id": args.context_id, "agent_slug": args.agent_slug, "prompt": prompt});
-    if args.timeout_sec.is_some() || args.budget.is_some() {
-        body["policy"] = json!({"timeout_sec": args.timeout_sec.unwrap_or(120), "budget": args.budget.unwrap_or(0.0)});
-    }
-    if let Some(f) = &args.desired_format {
-        body["desired_format"] = json!(f);
-    }
-    if let Some(m) = args.max_attempts {
-        body["max_attempts"] = json!(m);
-    }
-    let mut ids = Vec::new();
-    for _ in 0..args.count.max(1) {
-        let task = api.post("/api/runtime/llm-tasks", &body).await?;
-        ids.push(task["id"].as_str().unwrap_or_default().to_owned());
-    }
-    if !args.wait {
-        if json_out {
-            println!("{}", json!(ids));
-        } else {
-            ids.iter().for_each(|id| println!("{id}"));
-        }
-        return Ok(exit::OK);
-    }
-    let deadline = Instant::now() + Duration::from_secs(args.wait_timeout);
-    let mut done: Vec<Option<Value>> = vec![None; ids.len()];
-    let show_progress = ids.len() > 1 && !json_out;
-    loop {
-        for (i, id) in ids.iter().enumerate() {
-            if done[i].is_some() {
-                continue;
-            }
-            let t = api.get(&format!("/api/runtime/llm-tasks/{id}")).await?;
-            if matches!(t["status"].as_str(), Some("completed" | "failed" | "dead")) {
-                done[i] = Some(t);
-            }
-        }
-        let finished = done.iter().filter(|d| d.is_some()).count();
-        if show_progress {
-            eprint!("\r{finished}/{} tasks finished", ids.len());
-        }
-        if finished == ids.len() {
-            break;
-        }
-        if Instant::now() > deadline {
-            if show_progress {
-                eprintln!();
-            }
-            return Err(Failure::new(
-                exit::TIMEOUT,
-                format!("{} of {} tasks unfinished", ids.len() - finished, ids.len()),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    if show_progress {
-        eprintln!();
-    }
-    let mut failed = false;
-    let mut out = Vec::new();
-    for t in done.into_iter().flatten() {
-        let id = t["id"].as_str().unwrap_or_default();
-        let artifacts = api.get(&format!("/api/runtime/artifacts?task_id={id}&limit=1")).await?;
-        let output = match artifacts[0]["id"].as_str() {
-            Some(aid) => match api.get_text(&format!("/api/runtime/artifacts/{aid}/content")).await {
-                Ok(text) => Some(text),
-                // An error result stores an artifact without content.
-                Err(f) if f.code == exit::NOT_FOUND => None,
-                Err(f) => return Err(f),
-            },
-            None => None,
-        };
-        failed |= t["status"] != "completed";
-        out.push(json!({"id": id, "status": t["status"], "attempts": t["attempts"], "output": output}));
-    }
-    if json_out {
-        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
-    } else if out.len() == 1 {
-        let o = &out[0];
-        eprintln!("{} {}", o["id"].as_str().unwrap_or_default(), o["status"].as_str().unwrap_or_default());
-        println!("{}", o["output"].as_str().unwrap_or_default());
-    } else {
-        print!(
-            "{}",
-            table::render(
-                &out,
-                &[("ID", "/id"), ("STATUS", "/status"), ("ATTEMPTS", "/attempts"), ("OUTPUT", "/output")]
-            )
-        );
-    }
-    Ok(if failed { exit::TASK_FAILED } else { exit::OK })
 }
 
 async fn audit(api: &Client, limit: u32, follow: bool, json_out: bool) -> Result<i32, Failure> {
@@ -551,44 +422,10 @@ async fn audit(api: &Client, limit: u32, follow: bool, json_out: bool) -> Result
     }
 }
 
-async fn up(db: DbArgs, nats: NatsArgs, reconcilers: usize, workers: usize) -> anyhow::Result<()> {
+async fn up(db: &DbArgs, nats: &NatsArgs, plan: &up::Plan) -> anyhow::Result<()> {
     let _telemetry = bloom::telemetry::init("text", "bloomctl");
     let names = nats.names().map_err(anyhow::Error::msg)?;
-    migrate(&db).await?;
-    nats_apply(&nats, &names).await?;
-    let dir = std::env::current_exe()?.parent().context("binary directory")?.to_owned();
-    let spawn = |bin: &str, env: &[(&str, String)]| -> anyhow::Result<tokio::process::Child> {
-        let mut c = tokio::process::Command::new(dir.join(bin));
-        c.kill_on_drop(true).envs(env.iter().map(|(k, v)| (*k, v.clone())));
-        c.spawn().with_context(|| format!("starting {bin} (build all binaries first)"))
-    };
-    let mut children = Vec::new();
-    for i in 0..reconcilers {
-        children.push(spawn("bloom-reconciler", &[("BLOOM_RECONCILER_HTTP_PORT", (9090 + 2 * i).to_string())])?);
-    }
-    for i in 0..workers {
-        children.push(spawn(
-            "bloom-worker",
-            &[("BLOOM_WORKER_ID", format!("local-worker-{i}")), ("BLOOM_WORKER_HTTP_PORT", (9091 + 2 * i).to_string())],
-        )?);
-    }
-    children.push(spawn("bloom-api", &[])?);
-    eprintln!("bloomctl up: API on BLOOM_RUNTIME_PORT (default 3002); Ctrl-C stops everything");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    for c in &mut children {
-        if let Some(pid) = c.id() {
-            // SIGTERM: let workers drain.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGTERM);
-            }
-        }
-    }
-    for c in &mut children {
-        let _ = tokio::time::timeout(Duration::from_secs(25), c.wait()).await;
-    }
-    Ok(())
+    migrate(db).await?;
+    nats_apply(nats, &names).await?;
+    up::run(plan).await
 }

@@ -6,6 +6,7 @@
 //! only parse, call `db`/`lifecycle`, and shape the response; they hold no SQL.
 
 pub mod auth;
+pub mod docs;
 pub mod error;
 pub mod membridge_proxy;
 pub mod rate_limit;
@@ -169,20 +170,11 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(runtime_config::ready))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }))
-        .route("/docs", get(docs_page))
+        .merge(docs::routes())
         .merge(api)
         .layer(DefaultBodyLimit::max(s.body_limit_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), edge))
         .with_state(state)
-}
-
-/// Interactive API documentation (Redoc) over `/openapi.json`.
-async fn docs_page() -> axum::response::Html<&'static str> {
-    axum::response::Html(
-        r#"<!doctype html><html><head><title>BLOOM runtime API</title><meta charset="utf-8"/></head>
-<body><redoc spec-url="/openapi.json"></redoc>
-<script src="https://cdn.redoc.ly/redoc/latest/bundles/redoc.standalone.js"></script></body></html>"#,
-    )
 }
 
 /// What every request goes through, in one layer (each layer of its own would box and

@@ -1,13 +1,23 @@
-//! `bloomctl` against a running installation: submit and wait, list, show, exit codes.
+//! `bloomctl` against a running installation: submit and wait, list, show, exit codes,
+//! rate limits.
 
 use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use reqwest::StatusCode;
 
 use crate::common::TestApp;
 
 fn bloomctl(app: &TestApp, args: &[&str]) -> (i32, String, String) {
+    bloomctl_at(&app.base, args)
+}
+
+fn bloomctl_at(api_url: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_bloomctl"))
         .args(args)
-        .env("BLOOM_API_URL", &app.base)
+        .env("BLOOM_API_URL", api_url)
         .env_remove("RUNTIME_API_KEY")
         .output()
         .expect("run bloomctl");
@@ -61,6 +71,103 @@ async fn submit_wait_list_show_and_exit_codes() {
     let (code, out, _) = tokio::task::spawn_blocking(move || bloomctl(&a, &["stats"])).await.unwrap();
     assert_eq!(code, 0);
     assert!(out.contains("tasks    total 3"), "{out}");
+    let a = app.clone_handle();
+    let (code, out, _) = tokio::task::spawn_blocking(move || bloomctl(&a, &["tasks", "list"])).await.unwrap();
+    assert_eq!(code, 0);
+    let (id, _) = out.lines().nth(1).unwrap().split_once(' ').unwrap();
+    let a = app.clone_handle();
+    let id = id.to_owned();
+    let (code, out, _) = tokio::task::spawn_blocking(move || bloomctl(&a, &["tasks", "show", &id])).await.unwrap();
+    assert_eq!(code, 0);
+    let created = out.lines().find(|l| l.starts_with("created_at")).unwrap();
+    let stamp = created.split_whitespace().nth(1).unwrap();
+    assert!(stamp.len() == 24 && stamp.starts_with("20") && stamp.ends_with('Z'), "ISO 8601 UTC: {created}");
+    app.stop().await;
+}
+
+/// A front of the API that answers every `every`-th request with 429 (as the API's rate
+/// limiter does, asking to retry in a second) and passes the others on, keeping the
+/// request lines it saw.
+struct RateLimitingFront {
+    target: String,
+    every: usize,
+    seen: Mutex<Vec<String>>,
+    http: reqwest::Client,
+}
+
+impl RateLimitingFront {
+    async fn spawn(target: &str, every: usize) -> (String, Arc<RateLimitingFront>) {
+        let front = Arc::new(RateLimitingFront {
+            target: target.to_owned(),
+            every,
+            seen: Mutex::new(Vec::new()),
+            http: reqwest::Client::new(),
+        });
+        let router = axum::Router::new().fallback(pass_or_refuse).with_state(front.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        (url, front)
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn pass_or_refuse(State(front): State<Arc<RateLimitingFront>>, req: Request) -> Response {
+    let n = {
+        let mut seen = front.seen.lock().unwrap();
+        seen.push(format!("{} {}", req.method(), req.uri()));
+        seen.len()
+    };
+    if n % front.every == 0 {
+        let headers = [("retry-after", "1"), ("ratelimit-reset", "1")];
+        return (StatusCode::TOO_MANY_REQUESTS, headers, r#"{"error":"Too many requests"}"#).into_response();
+    }
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    let resp = front
+        .http
+        .request(parts.method, format!("{}{}", front.target, parts.uri))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let mut out = (status, resp.bytes().await.unwrap()).into_response();
+    for (k, v) in headers.iter().filter(|(k, _)| *k != "content-length" && *k != "transfer-encoding") {
+        out.headers_mut().insert(k.clone(), v.clone());
+    }
+    out
+}
+
+#[tokio::test]
+async fn submit_waits_out_rate_limits_and_polls_by_listing() {
+    let app = TestApp::spawn().await;
+    app.start_reconciler().await;
+    app.start_worker("w", 4).await;
+    let (url, front) = RateLimitingFront::spawn(&app.base, 4).await;
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        bloomctl_at(&url, &["submit", "echo me", "--count", "6", "--wait", "--json"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("rate limited by the API (HTTP 429); retrying in 1s"), "{err}");
+    assert_eq!(err.lines().filter(|l| l.starts_with("submitted ")).count(), 6, "each id as created: {err}");
+    let results: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let results = results.as_array().unwrap();
+    assert_eq!(results.len(), 6);
+    for r in results {
+        assert_eq!((r["status"].as_str(), r["output"].as_str()), (Some("completed"), Some("echo me")), "{r}");
+        assert!(err.contains(&format!("submitted {}", r["id"].as_str().unwrap())), "{err}");
+    }
+    let seen = front.seen();
+    let per_task: Vec<&String> =
+        seen.iter().filter(|l| l.starts_with("GET /api/runtime/llm-tasks/") || l.contains("task_id=")).collect();
+    assert!(per_task.is_empty(), "no request per task while waiting: {per_task:?}");
     app.stop().await;
 }
 

@@ -17,6 +17,7 @@ mod membridge;
 mod openapi;
 mod payloads;
 mod plans;
+mod processes;
 mod reconciler;
 mod recovery;
 mod reroute;

@@ -1,5 +1,6 @@
 //! The published OpenAPI document matches the router: every documented operation is
 //! routed (router and document come from the same registrations; this checks the wiring).
+//! The documentation page loads nothing from outside the API.
 
 use reqwest::StatusCode;
 
@@ -39,5 +40,38 @@ async fn every_documented_operation_is_routed() {
     }
     let docs = app.get_text("/docs").await;
     assert!(docs.contains("/openapi.json"));
+    app.stop().await;
+}
+
+/// The `src`/`href` attribute values of an HTML page.
+fn linked(html: &str) -> Vec<String> {
+    ["src=\"", "href=\""]
+        .iter()
+        .flat_map(|attr| html.split(attr).skip(1).filter_map(|rest| rest.split('"').next().map(str::to_owned)))
+        .collect()
+}
+
+#[tokio::test]
+async fn docs_page_and_its_assets_are_served_by_the_api() {
+    let app = TestApp::spawn().await;
+    let page = app.http.get(app.url("/docs")).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("spec-url=\"/openapi.json\""), "{html}");
+    assert!(!html.contains("http://") && !html.contains("https://"), "the page loads nothing from elsewhere: {html}");
+    let assets = linked(&html);
+    assert!(!assets.is_empty(), "{html}");
+    for asset in assets {
+        assert!(asset.starts_with("/docs/assets/"), "{asset}");
+        let r = app.http.get(app.url(&asset)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{asset}");
+        let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        assert!(header("content-type").starts_with("text/javascript"), "{asset}");
+        assert!(header("cache-control").contains("max-age=31536000"), "{asset}");
+        let script = r.text().await.unwrap();
+        assert!(script.len() > 500_000 && script.contains("spec-url"), "{asset} is the Redoc bundle");
+    }
+    let notices = app.get_text("/docs/assets/redoc.standalone.js.LICENSE.txt").await;
+    assert!(notices.contains("MIT"), "{notices}");
     app.stop().await;
 }

@@ -153,7 +153,7 @@ async fn one_task_is_one_trace_across_api_worker_and_reconciler() {
     };
     let api_metrics = metrics(api_port).await;
     assert!(api_metrics.contains("bloom_tasks_submitted_total 1"), "{api_metrics}");
-    assert!(api_metrics.contains("bloom_tasks_published 1"));
+    assert!(api_metrics.contains("bloom_tasks_published_total 1"));
     assert!(api_metrics.contains("bloom_tasks{status=\"completed\"} 1"), "{api_metrics}");
     assert!(api_metrics.contains("bloom_queue_depth 0"));
     let rec = metrics(rec_port).await;
