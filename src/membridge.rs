@@ -181,8 +181,10 @@ impl Client {
         if e.is_timeout() {
             Error::Timeout(self.timeout.as_millis() as u64)
         } else {
-            // Without the URL: it could carry credentials.
-            Error::Network(e.without_url().to_string())
+            // With the URL (less any credentials) and every cause: "error sending request"
+            // alone does not say where or why.
+            let e = crate::telemetry::without_credentials(e);
+            Error::Network(crate::telemetry::ErrorChain(&e).to_string())
         }
     }
 

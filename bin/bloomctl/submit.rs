@@ -76,13 +76,13 @@ pub async fn run(api: &Client, args: SubmitArgs, json_out: bool) -> Result<i32, 
     let deadline = Instant::now() + Duration::from_secs(args.wait_timeout);
     let tasks = wait(api, &submitted, deadline, submitted.len() > 1 && !json_out).await?;
     let outputs = outputs(api, &tasks, oldest(&submitted)).await?;
-    let out: Vec<Value> = tasks
-        .iter()
-        .map(|t| {
-            let output = t["id"].as_str().and_then(|id| outputs.get(id)).cloned();
-            json!({"id": t["id"], "status": t["status"], "attempts": t["attempts"], "output": output})
-        })
-        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in &tasks {
+        let output = t["id"].as_str().and_then(|id| outputs.get(id)).cloned();
+        let error = if t["status"] == "completed" { None } else { error_of(api, t).await? };
+        out.push(json!({"id": t["id"], "status": t["status"], "attempts": t["attempts"], "output": output,
+                        "error": error}));
+    }
     print_results(&out, json_out);
     let failed = out.iter().any(|o| o["status"] != "completed");
     Ok(if failed { exit::TASK_FAILED } else { exit::OK })
@@ -184,7 +184,7 @@ async fn list_down_to(api: &Client, path: &str, limit: u32, oldest: i64) -> Resu
     let mut rows = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
-        let after = cursor.as_deref().map(|c| format!("&cursor={}", bloom::membridge::segment(c))).unwrap_or_default();
+        let after = cursor.as_deref().map(|c| format!("&cursor={}", bloom::membridge::encode(c))).unwrap_or_default();
         let page = api.get_page(&format!("{path}?limit={limit}{after}")).await?;
         let reached = match page.rows.last() {
             Some(last) => last["created_at"].as_i64().unwrap_or(0) < oldest,
@@ -218,6 +218,15 @@ async fn outputs(api: &Client, tasks: &[Value], oldest: i64) -> Result<HashMap<S
     Ok(outputs)
 }
 
+/// Why a task did not complete: the error message of its latest result, or for a task
+/// that died without one, that it ran out of attempts.
+async fn error_of(api: &Client, task: &Value) -> Result<Option<String>, Failure> {
+    let Some(id) = task["id"].as_str() else { return Ok(None) };
+    let results = api.get(&format!("/api/runtime/llm-tasks/{}/results", bloom::membridge::encode(id))).await?;
+    let message = results.get(0).and_then(|r| r["error_message"].as_str()).map(str::to_owned);
+    Ok(message.or_else(|| (task["status"] == "dead").then(|| "no result: every attempt's lease expired".to_owned())))
+}
+
 /// Inline content as listed, S3-stored content through the content route.
 async fn artifact_content(api: &Client, artifact: &Value) -> Result<Option<String>, Failure> {
     if let Some(content) = artifact["content"].as_str() {
@@ -225,7 +234,7 @@ async fn artifact_content(api: &Client, artifact: &Value) -> Result<Option<Strin
     }
     match (artifact["url"].as_str(), artifact["id"].as_str()) {
         (Some(_), Some(id)) => {
-            let path = format!("/api/runtime/artifacts/{}/content", bloom::membridge::segment(id));
+            let path = format!("/api/runtime/artifacts/{}/content", bloom::membridge::encode(id));
             api.get_text(&path).await.map(Some)
         }
         _ => Ok(None),
@@ -237,9 +246,18 @@ fn print_results(out: &[Value], json_out: bool) {
         println!("{}", serde_json::to_string_pretty(out).unwrap_or_default());
     } else if let [o] = out {
         eprintln!("{} {}", o["id"].as_str().unwrap_or_default(), o["status"].as_str().unwrap_or_default());
+        if let Some(error) = o["error"].as_str() {
+            eprintln!("error: {error}");
+        }
         println!("{}", o["output"].as_str().unwrap_or_default());
     } else {
-        let columns = [("ID", "/id"), ("STATUS", "/status"), ("ATTEMPTS", "/attempts"), ("OUTPUT", "/output")];
+        let columns = [
+            ("ID", "/id"),
+            ("STATUS", "/status"),
+            ("ATTEMPTS", "/attempts"),
+            ("OUTPUT", "/output"),
+            ("ERROR", "/error"),
+        ];
         print!("{}", table::render(out, &columns));
     }
 }

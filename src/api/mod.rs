@@ -103,6 +103,7 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         .routes(routes!(workers::show, workers::remove))
         .routes(routes!(tasks::list, tasks::create))
         .routes(routes!(tasks::show))
+        .routes(routes!(tasks::results))
         .routes(routes!(tasks::lease))
         .routes(routes!(tasks::heartbeat))
         .routes(routes!(tasks::complete))

@@ -112,6 +112,17 @@ pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Resu
     Ok(Json(lifecycle::current(&state.pool, &TaskId(id)).await?))
 }
 
+/// `GET /api/runtime/llm-tasks/:id/results`: the task's results, newest first, with
+/// their outputs and error messages (an addition to the original's routes).
+#[utoipa::path(get, path = "/api/runtime/llm-tasks/{id}/results", tag = "tasks", params(("id" = String, Path, description = "Task id")), responses((status = 200, body = Vec<crate::domain::LlmResult>), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn results(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<crate::domain::LlmResult>>, ApiError> {
+    let task = lifecycle::current(&state.pool, &TaskId(id)).await?;
+    Ok(Json(crate::db::results::for_task(&state.pool, &task.id).await?))
+}
+
 /// `POST /api/runtime/llm-tasks/:id/lease` `{worker_id?, ttl_seconds?}` → 201 `{lease, worker}`.
 #[utoipa::path(post, path = "/api/runtime/llm-tasks/{id}/lease", tag = "tasks", params(("id" = String, Path, description = "Task id")), request_body = LeaseBody, responses((status = 201, body = LeaseResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn lease(

@@ -68,7 +68,9 @@ const CREATE_SQL: &str = "WITH r AS (
             SELECT r.audit_id, $2, 'task_created', 'llm_task', r.id, $3, r.audit FROM r)
          SELECT task_id, id, worker_id FROM o";
 
-/// Batch claim: `$1` rows as JSON, `$2` now, `$3` the claimed task ids. Runs after the
+/// Batch claim: `$1` rows as JSON, `$2` now, `$3` the claimed task ids, `$4` leases the
+/// claiming workers report finished (result published, perhaps not stored yet: not
+/// counted against their capacity). Runs after the
 /// claiming workers' rows were locked (see [`claim`]), so the active leases it counts
 /// include every lease committed before. Returns one row per decided claim: `granted`
 /// (a new lease), `held` (the worker already holds this dispatch: a retried claim gets
@@ -86,7 +88,8 @@ const CLAIM_SQL: &str = "WITH r AS (
             -- Free slots per claiming worker; one without a row has the default of one.
             SELECT c.worker_id,
                    COALESCE((SELECT (w.capabilities->>'max_concurrency')::int FROM workers w WHERE w.id = c.worker_id), 1)
-                   - (SELECT count(*) FROM leases b WHERE b.status = 'active' AND b.worker_id = c.worker_id) AS free
+                   - (SELECT count(*) FROM leases b WHERE b.status = 'active' AND b.worker_id = c.worker_id
+                        AND NOT (b.id = ANY($4))) AS free
             FROM (SELECT DISTINCT worker_id FROM open) c),
          fits AS (
             SELECT o.* FROM (SELECT open.*, row_number() OVER (PARTITION BY worker_id ORDER BY task_id) AS n FROM open) o
@@ -417,12 +420,14 @@ impl Decision {
 /// Claims dispatches in one transaction: `queued -> leased` for each task whose current
 /// dispatch is the claimed one, as long as its worker has a free slot. The claiming
 /// workers' rows are locked first (in id order), so claims decided concurrently by
-/// several reconcilers cannot overfill a worker. Claiming again what the worker already
+/// several reconcilers cannot overfill a worker. `finished` are leases whose workers
+/// report their execution over (see [`crate::protocol::ClaimRequest::finished`]). Claiming again what the worker already
 /// holds returns the same lease, so a worker may safely retry a claim that got no answer.
 /// Outcomes are in the order of `claims`.
 pub async fn claim<'c>(
     db: impl sqlx::Acquire<'c, Database = sqlx::Postgres>,
     claims: &[Claim],
+    finished: &[LeaseId],
 ) -> sqlx::Result<Vec<ClaimOutcome>> {
     let now = now_ms();
     // Every claim gets its own prospective lease id. When several claims in the batch
@@ -450,6 +455,7 @@ pub async fn claim<'c>(
         .bind(serde_json::Value::Array(rows))
         .bind(now)
         .bind(claims.iter().map(|c| c.task_id.as_str()).collect::<Vec<_>>())
+        .bind(finished)
         .fetch_all(&mut *tx)
         .await?;
     tx.commit().await?;

@@ -14,7 +14,7 @@ use crate::bus::names::RECONCILER_QUEUE;
 use crate::db::lifecycle::{self, Claim, ClaimOutcome, Expiring};
 use crate::db::workers::{self, Beat};
 use crate::db::Dedicated;
-use crate::domain::{WorkerId, WorkerStatus};
+use crate::domain::{LeaseId, WorkerId, WorkerStatus};
 use crate::protocol::{
     ClaimDecision, ClaimReply, ClaimRequest, HeartbeatReply, HeartbeatRequest, LeaseGrant, ReleaseReply,
     ReleaseRequest, StartReply, StartRequest, WorkerBeat,
@@ -150,7 +150,8 @@ async fn handle_claims(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated) -> 
             })
         })
         .collect();
-    let outcomes = match db.run(move |c| Box::pin(async move { lifecycle::claim(c, &claims).await })).await {
+    let finished: Vec<LeaseId> = requests.iter().flat_map(|(_, req)| req.finished.iter().cloned()).collect();
+    let outcomes = match db.run(move |c| Box::pin(async move { lifecycle::claim(c, &claims, &finished).await })).await {
         Ok(o) => o,
         Err(e) => {
             tracing::error!(error = %e, "claim transaction failed");

@@ -41,6 +41,9 @@ const MAX_PULL: usize = 256;
 const MAX_CLAIMS_IN_FLIGHT: usize = 2;
 /// Times a claim is sent before its messages are handed back for redelivery.
 const CLAIM_ATTEMPTS: u32 = 3;
+/// Finished leases reported with claims: at least this many, or twice the worker's
+/// slots (a reconciler stores results within milliseconds; older ones are long stored).
+const FINISHED_KEPT: usize = 16;
 /// A dispatch claimed while the worker was at capacity is delivered again after this.
 const AT_CAPACITY_DELAY: Duration = Duration::from_secs(1);
 
@@ -64,6 +67,10 @@ pub struct WorkerSettings {
 
 #[derive(Clone)]
 struct Ctx {
+    /// Leases whose execution ended here and whose result is published, most recent
+    /// last: sent with claims, as Postgres counts them active until their result is
+    /// stored (see [`ClaimRequest::finished`]).
+    finished: Arc<std::sync::Mutex<std::collections::VecDeque<LeaseId>>>,
     client: async_nats::Client,
     names: Names,
     settings: Arc<WorkerSettings>,
@@ -93,7 +100,8 @@ pub async fn run(
     // Tasks stop on `hard`, which fires when the grace period after `cancel` runs out.
     let hard = CancellationToken::new();
     let results = ResultPublisher::spawn(js.clone(), names.clone(), hard.clone());
-    let ctx = Ctx { client, names, settings: Arc::new(settings), metrics, ttl_secs, results };
+    let finished = Arc::default();
+    let ctx = Ctx { finished, client, names, settings: Arc::new(settings), metrics, ttl_secs, results };
     tracing::info!(worker.id = %ctx.settings.id, ttl_secs, "worker started");
 
     announce_start(&ctx).await;
@@ -264,6 +272,7 @@ async fn claim(ctx: &Ctx, msgs: Vec<Message>) -> Vec<(Message, TaskMessage, Leas
     let req = ClaimRequest {
         worker_id: ctx.settings.id.clone(),
         ttl_seconds: ctx.ttl_secs,
+        finished: ctx.finished.lock().expect("finished leases lock").iter().cloned().collect(),
         items: parsed
             .iter()
             .map(|(_, t)| ClaimItem {
@@ -384,7 +393,13 @@ async fn execute(ctx: Ctx, msg: Message, task: TaskMessage, grant: LeaseGrant, s
         error_message: outcome.error_message,
         metrics: outcome.metrics,
     };
-    if !ctx.results.publish(msg, result).await {
+    if ctx.results.publish(msg, result).await {
+        let mut finished = ctx.finished.lock().expect("finished leases lock");
+        if finished.len() >= FINISHED_KEPT.max(2 * ctx.settings.capabilities.max_concurrency.max(1) as usize) {
+            finished.pop_front();
+        }
+        finished.push_back(grant.lease_id.clone());
+    } else {
         // Not acknowledged: the message is redelivered after the TTL and the lease expires.
         tracing::error!(task.id = %task.task_id, "result could not be published");
     }

@@ -47,12 +47,20 @@ async fn submit_wait_list_show_and_exit_codes() {
     assert_eq!(code, 5, "a failed task exits 5");
     let results: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(results.as_array().unwrap().len(), 2);
-    assert_eq!(results[0]["status"], "failed");
+    assert_eq!(
+        (results[0]["status"].clone(), results[0]["error"].clone()),
+        (serde_json::json!("failed"), serde_json::json!("nope"))
+    );
+    let a = app.clone_handle();
+    let (code, _, err) =
+        tokio::task::spawn_blocking(move || bloomctl(&a, &["submit", "fail: out of budget", "--wait"])).await.unwrap();
+    assert_eq!(code, 5);
+    assert!(err.contains("error: out of budget"), "{err}");
 
     let a = app.clone_handle();
     let (code, out, _) = tokio::task::spawn_blocking(move || bloomctl(&a, &["tasks", "list", "--json"])).await.unwrap();
     assert_eq!(code, 0);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap().as_array().unwrap().len(), 3);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap().as_array().unwrap().len(), 4);
     let a = app.clone_handle();
     let (code, out, _) =
         tokio::task::spawn_blocking(move || bloomctl(&a, &["tasks", "list", "--status", "completed"])).await.unwrap();
@@ -70,7 +78,7 @@ async fn submit_wait_list_show_and_exit_codes() {
     let a = app.clone_handle();
     let (code, out, _) = tokio::task::spawn_blocking(move || bloomctl(&a, &["stats"])).await.unwrap();
     assert_eq!(code, 0);
-    assert!(out.contains("tasks    total 3"), "{out}");
+    assert!(out.contains("tasks    total 4"), "{out}");
     let a = app.clone_handle();
     let (code, out, _) = tokio::task::spawn_blocking(move || bloomctl(&a, &["tasks", "list"])).await.unwrap();
     assert_eq!(code, 0);
