@@ -143,7 +143,6 @@ metrics! {
     outbox_backlog: Gauge = "Outbox rows not yet acknowledged by JetStream (last relay pass).",
     claims_granted_total: Counter = "Claims that created a lease.",
     claims_refused_total: Counter = "Claims refused because the dispatch was not current.",
-    claims_at_capacity_total: Counter = "Claims deferred because the worker already held max_concurrency leases.",
     claims_retried_total: Counter = "Claim requests sent again after no reconciler answered in time.",
     dispatch_latency_seconds: Histogram = "Time from task submission to its claim.",
     heartbeats_total: Counter = "Lease heartbeats renewed.",

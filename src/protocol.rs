@@ -77,11 +77,6 @@ pub struct ClaimRequest {
     /// Lease TTL: the ack-wait of the consumer the messages came from.
     pub ttl_seconds: i32,
     pub items: Vec<ClaimItem>,
-    /// Leases whose execution ended here and whose result is published (durably, on the
-    /// results stream) but perhaps not stored yet: they no longer take a slot, though
-    /// Postgres still counts them active until a reconciler stores their result.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub finished: Vec<LeaseId>,
 }
 
 /// One claimed dispatch.
@@ -113,9 +108,6 @@ pub enum ClaimDecision {
     Granted(LeaseGrant),
     /// The dispatch is not current: terminate the message without executing.
     Refused,
-    /// The worker holds as many leases as its `max_concurrency`: hand the message back
-    /// for later; the dispatch stays current.
-    AtCapacity,
 }
 
 /// A granted lease.

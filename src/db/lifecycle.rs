@@ -68,36 +68,16 @@ const CREATE_SQL: &str = "WITH r AS (
             SELECT r.audit_id, $2, 'task_created', 'llm_task', r.id, $3, r.audit FROM r)
          SELECT task_id, id, worker_id FROM o";
 
-/// Batch claim: `$1` rows as JSON, `$2` now, `$3` the claimed task ids, `$4` leases the
-/// claiming workers report finished (result published, perhaps not stored yet: not
-/// counted against their capacity). Runs after the
-/// claiming workers' rows were locked (see [`claim`]), so the active leases it counts
-/// include every lease committed before. Returns one row per decided claim: `granted`
-/// (a new lease), `held` (the worker already holds this dispatch: a retried claim gets
-/// the same lease) or `full` (the worker has no free slot).
+/// Batch claim: `$1` rows as JSON, `$2` now, `$3` the claimed task ids. Returns one row
+/// per decided claim: `granted` (a new lease) or `held` (the worker already holds this
+/// dispatch: a retried claim gets the same lease).
 const CLAIM_SQL: &str = "WITH r AS (
             SELECT * FROM jsonb_to_recordset($1)
                 AS r(task_id text, seq bigint, worker_id text, lease_id text, ttl int, audit_id text)),
-         open AS (
-            -- Claims of current, still queued dispatches; one per task (the others lose).
-            SELECT DISTINCT ON (r.task_id) r.*
-            FROM r JOIN llm_tasks t ON t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued'
-                AND t.dispatch_seq = r.seq
-            ORDER BY r.task_id, r.lease_id),
-         room AS (
-            -- Free slots per claiming worker; one without a row has the default of one.
-            SELECT c.worker_id,
-                   COALESCE((SELECT (w.capabilities->>'max_concurrency')::int FROM workers w WHERE w.id = c.worker_id), 1)
-                   - (SELECT count(*) FROM leases b WHERE b.status = 'active' AND b.worker_id = c.worker_id
-                        AND NOT (b.id = ANY($4))) AS free
-            FROM (SELECT DISTINCT worker_id FROM open) c),
-         fits AS (
-            SELECT o.* FROM (SELECT open.*, row_number() OVER (PARTITION BY worker_id ORDER BY task_id) AS n FROM open) o
-            JOIN room ON room.worker_id = o.worker_id WHERE o.n <= room.free),
          t AS (
             UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = r.worker_id,
                    attempts = t.attempts + 1, updated_at = $2, routed_to = NULL
-            FROM fits r WHERE t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued'
+            FROM r WHERE t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued'
                 AND t.dispatch_seq = r.seq
             RETURNING t.id, t.context_id, r.lease_id, r.worker_id, r.ttl, r.audit_id),
          l AS (
@@ -118,10 +98,7 @@ const CLAIM_SQL: &str = "WITH r AS (
                 $2 + ttl::bigint * 1000 AS expires_at, ttl AS ttl_seconds, $2 AS last_heartbeat, context_id FROM t
          UNION ALL
          SELECT 'held', task_id, worker_id, lease_id, started_at, expires_at, ttl_seconds, last_heartbeat, context_id
-         FROM held
-         UNION ALL
-         SELECT 'full', task_id, worker_id, lease_id, NULL, NULL, NULL, NULL, NULL
-         FROM open WHERE NOT EXISTS (SELECT 1 FROM fits WHERE fits.task_id = open.task_id)";
+         FROM held";
 
 /// Batch lease heartbeat: `$1` task ids, `$2` lease ids, `$3` now.
 const HEARTBEAT_SQL: &str = "WITH r AS (SELECT * FROM UNNEST($1::text[], $2::text[]) AS r(task_id, lease_id)),
@@ -382,9 +359,6 @@ pub enum ClaimOutcome {
     /// The dispatch is not current (task already leased, completed, requeued, or gone):
     /// drop the message without executing.
     Refused,
-    /// The worker already holds as many active leases as its `max_concurrency`: the
-    /// dispatch stays current, to be claimed later (by this worker or another).
-    AtCapacity,
 }
 
 /// One decided claim, as [`CLAIM_SQL`] returns it.
@@ -417,18 +391,12 @@ impl Decision {
     }
 }
 
-/// Claims dispatches in one transaction: `queued -> leased` for each task whose current
-/// dispatch is the claimed one, as long as its worker has a free slot. The claiming
-/// workers' rows are locked first (in id order), so claims decided concurrently by
-/// several reconcilers cannot overfill a worker. `finished` are leases whose workers
-/// report their execution over (see [`crate::protocol::ClaimRequest::finished`]). Claiming again what the worker already
-/// holds returns the same lease, so a worker may safely retry a claim that got no answer.
+/// Claims dispatches in one statement: `queued -> leased` for each task whose current
+/// dispatch is the claimed one. Claiming again what the worker already holds returns
+/// the same lease, so a worker may safely retry a claim that got no answer. A worker's
+/// capacity is its own to keep (its execution slots); Postgres does not count it here.
 /// Outcomes are in the order of `claims`.
-pub async fn claim<'c>(
-    db: impl sqlx::Acquire<'c, Database = sqlx::Postgres>,
-    claims: &[Claim],
-    finished: &[LeaseId],
-) -> sqlx::Result<Vec<ClaimOutcome>> {
+pub async fn claim<'c>(db: impl PgExecutor<'c>, claims: &[Claim]) -> sqlx::Result<Vec<ClaimOutcome>> {
     let now = now_ms();
     // Every claim gets its own prospective lease id. When several claims in the batch
     // match the same task, Postgres applies exactly one of them and returns its lease id.
@@ -441,38 +409,19 @@ pub async fn claim<'c>(
                                "ttl": c.ttl_seconds, "audit_id": new_id()})
         })
         .collect();
-    let mut workers: Vec<&str> = claims.iter().map(|c| c.worker_id.as_str()).collect();
-    workers.sort_unstable();
-    workers.dedup();
-    let mut tx = db.begin().await?;
-    // The lock comes in its own statement: under READ COMMITTED a statement sees the
-    // leases committed before it started, not those committed while it waited for a lock.
-    sqlx::query("SELECT 1 FROM workers WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-        .bind(&workers)
-        .execute(&mut *tx)
-        .await?;
     let decided: Vec<Decision> = sqlx::query_as(CLAIM_SQL)
         .bind(serde_json::Value::Array(rows))
         .bind(now)
         .bind(claims.iter().map(|c| c.task_id.as_str()).collect::<Vec<_>>())
-        .bind(finished)
-        .fetch_all(&mut *tx)
+        .fetch_all(db)
         .await?;
-    tx.commit().await?;
     let mut granted: HashMap<LeaseId, Decision> = HashMap::new();
     let mut held: HashMap<(TaskId, WorkerId), Decision> = HashMap::new();
-    let mut full: HashSet<LeaseId> = HashSet::new();
     for d in decided {
-        match d.decision.as_str() {
-            "granted" => {
-                granted.insert(d.lease_id.clone(), d);
-            }
-            "held" => {
-                held.insert((d.task_id.clone(), d.worker_id.clone()), d);
-            }
-            _ => {
-                full.insert(d.lease_id);
-            }
+        if d.decision == "held" {
+            held.insert((d.task_id.clone(), d.worker_id.clone()), d);
+        } else {
+            granted.insert(d.lease_id.clone(), d);
         }
     }
     Ok(claims
@@ -483,8 +432,6 @@ pub async fn claim<'c>(
                 ClaimOutcome::Granted(d.lease())
             } else if let Some(d) = held.get(&(c.task_id.clone(), c.worker_id.clone())) {
                 ClaimOutcome::Granted(d.clone().lease())
-            } else if full.contains(&id) {
-                ClaimOutcome::AtCapacity
             } else {
                 ClaimOutcome::Refused
             }

@@ -14,7 +14,7 @@ use crate::bus::names::RECONCILER_QUEUE;
 use crate::db::lifecycle::{self, Claim, ClaimOutcome, Expiring};
 use crate::db::workers::{self, Beat};
 use crate::db::Dedicated;
-use crate::domain::{LeaseId, WorkerId, WorkerStatus};
+use crate::domain::{WorkerId, WorkerStatus};
 use crate::protocol::{
     ClaimDecision, ClaimReply, ClaimRequest, HeartbeatReply, HeartbeatRequest, LeaseGrant, ReleaseReply,
     ReleaseRequest, StartReply, StartRequest, WorkerBeat,
@@ -150,8 +150,7 @@ async fn handle_claims(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated) -> 
             })
         })
         .collect();
-    let finished: Vec<LeaseId> = requests.iter().flat_map(|(_, req)| req.finished.iter().cloned()).collect();
-    let outcomes = match db.run(move |c| Box::pin(async move { lifecycle::claim(c, &claims, &finished).await })).await {
+    let outcomes = match db.run(move |c| Box::pin(async move { lifecycle::claim(c, &claims).await })).await {
         Ok(o) => o,
         Err(e) => {
             tracing::error!(error = %e, "claim transaction failed");
@@ -174,10 +173,6 @@ async fn handle_claims(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated) -> 
                         r.metrics.dispatch_latency_seconds.observe((now - item.created_at) as f64 / 1000.0);
                     }
                     ClaimDecision::Granted(LeaseGrant { lease_id: lease.id, expires_at: lease.expires_at, attempts: 0 })
-                }
-                Some(ClaimOutcome::AtCapacity) => {
-                    r.metrics.claims_at_capacity_total.inc();
-                    ClaimDecision::AtCapacity
                 }
                 _ => {
                     r.metrics.claims_refused_total.inc();

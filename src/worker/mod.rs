@@ -41,11 +41,6 @@ const MAX_PULL: usize = 256;
 const MAX_CLAIMS_IN_FLIGHT: usize = 2;
 /// Times a claim is sent before its messages are handed back for redelivery.
 const CLAIM_ATTEMPTS: u32 = 3;
-/// Finished leases reported with claims: at least this many, or twice the worker's
-/// slots (a reconciler stores results within milliseconds; older ones are long stored).
-const FINISHED_KEPT: usize = 16;
-/// A dispatch claimed while the worker was at capacity is delivered again after this.
-const AT_CAPACITY_DELAY: Duration = Duration::from_secs(1);
 
 /// How a worker runs.
 #[derive(Clone, Debug)]
@@ -67,10 +62,6 @@ pub struct WorkerSettings {
 
 #[derive(Clone)]
 struct Ctx {
-    /// Leases whose execution ended here and whose result is published, most recent
-    /// last: sent with claims, as Postgres counts them active until their result is
-    /// stored (see [`ClaimRequest::finished`]).
-    finished: Arc<std::sync::Mutex<std::collections::VecDeque<LeaseId>>>,
     client: async_nats::Client,
     names: Names,
     settings: Arc<WorkerSettings>,
@@ -100,8 +91,7 @@ pub async fn run(
     // Tasks stop on `hard`, which fires when the grace period after `cancel` runs out.
     let hard = CancellationToken::new();
     let results = ResultPublisher::spawn(js.clone(), names.clone(), hard.clone());
-    let finished = Arc::default();
-    let ctx = Ctx { finished, client, names, settings: Arc::new(settings), metrics, ttl_secs, results };
+    let ctx = Ctx { client, names, settings: Arc::new(settings), metrics, ttl_secs, results };
     tracing::info!(worker.id = %ctx.settings.id, ttl_secs, "worker started");
 
     announce_start(&ctx).await;
@@ -272,7 +262,6 @@ async fn claim(ctx: &Ctx, msgs: Vec<Message>) -> Vec<(Message, TaskMessage, Leas
     let req = ClaimRequest {
         worker_id: ctx.settings.id.clone(),
         ttl_seconds: ctx.ttl_secs,
-        finished: ctx.finished.lock().expect("finished leases lock").iter().cloned().collect(),
         items: parsed
             .iter()
             .map(|(_, t)| ClaimItem {
@@ -296,10 +285,6 @@ async fn claim(ctx: &Ctx, msgs: Vec<Message>) -> Vec<(Message, TaskMessage, Leas
     for ((msg, task), decision) in parsed.into_iter().zip(decisions) {
         match decision {
             ClaimDecision::Granted(grant) => granted.push((msg, task, grant)),
-            ClaimDecision::AtCapacity => {
-                tracing::debug!(task.id = %task.task_id, "claim deferred: this worker is at max_concurrency");
-                let _ = msg.ack_with(AckKind::Nak(Some(AT_CAPACITY_DELAY))).await;
-            }
             ClaimDecision::Refused => {
                 tracing::debug!(task.id = %task.task_id, seq = task.dispatch_seq, "claim refused: dispatch not current");
                 let _ = msg.ack_with(AckKind::Term).await;
@@ -393,13 +378,7 @@ async fn execute(ctx: Ctx, msg: Message, task: TaskMessage, grant: LeaseGrant, s
         error_message: outcome.error_message,
         metrics: outcome.metrics,
     };
-    if ctx.results.publish(msg, result).await {
-        let mut finished = ctx.finished.lock().expect("finished leases lock");
-        if finished.len() >= FINISHED_KEPT.max(2 * ctx.settings.capabilities.max_concurrency.max(1) as usize) {
-            finished.pop_front();
-        }
-        finished.push_back(grant.lease_id.clone());
-    } else {
+    if !ctx.results.publish(msg, result).await {
         // Not acknowledged: the message is redelivered after the TTL and the lease expires.
         tracing::error!(task.id = %task.task_id, "result could not be published");
     }

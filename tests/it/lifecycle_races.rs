@@ -47,7 +47,7 @@ async fn concurrent_claims_of_one_dispatch_grant_one_lease() {
                 worker_id: WorkerId::from(format!("w{i}")),
                 ttl_seconds: 30,
             };
-            tokio::spawn(async move { lifecycle::claim(&pool, &[c], &[]).await.unwrap() })
+            tokio::spawn(async move { lifecycle::claim(&pool, &[c]).await.unwrap() })
         })
         .collect();
     let mut granted = 0;
@@ -59,14 +59,14 @@ async fn concurrent_claims_of_one_dispatch_grant_one_lease() {
     assert_eq!(granted, 1);
     // A claim of a stale dispatch is refused even if the task were queued.
     let stale = Claim { task_id: id.clone(), dispatch_seq: 0, worker_id: "w9".into(), ttl_seconds: 30 };
-    assert_eq!(lifecycle::claim(&app.pool, &[stale], &[]).await.unwrap(), vec![ClaimOutcome::Refused]);
+    assert_eq!(lifecycle::claim(&app.pool, &[stale]).await.unwrap(), vec![ClaimOutcome::Refused]);
     // Two claims in one batch for the same task: one lease.
     let t2 = TaskId::from(app.submit("batch").await["id"].as_str().unwrap());
     let both = [
         Claim { task_id: t2.clone(), dispatch_seq: 1, worker_id: "a".into(), ttl_seconds: 30 },
         Claim { task_id: t2.clone(), dispatch_seq: 1, worker_id: "b".into(), ttl_seconds: 30 },
     ];
-    let out = lifecycle::claim(&app.pool, &both, &[]).await.unwrap();
+    let out = lifecycle::claim(&app.pool, &both).await.unwrap();
     assert_eq!(out.iter().filter(|o| matches!(o, ClaimOutcome::Granted(_))).count(), 1);
     assert_eq!(app.count(&format!("SELECT count(*) FROM leases WHERE task_id = '{t2}'")).await, 1);
     app.stop().await;
@@ -164,7 +164,7 @@ async fn stats_count_in_sql() {
 #[tokio::test]
 async fn concurrent_leases_never_overfill_a_worker() {
     let app = TestApp::spawn().await;
-    for round in 0..20 {
+    for round in 0..50 {
         let (small, big, context) = (format!("small-{round}"), format!("big-{round}"), format!("ctx-{round}"));
         app.register_worker(&small, 2).await;
         app.register_worker(&big, 32).await;
@@ -238,48 +238,6 @@ async fn an_explicit_worker_must_be_eligible() {
     app.stop().await;
 }
 
-/// NATS claims respect the worker's `max_concurrency` in Postgres, in one batch and
-/// across concurrent batches, even when the worker asks for more.
-#[tokio::test]
-async fn claims_never_exceed_the_workers_max_concurrency() {
-    let app = TestApp::spawn().await;
-    app.register_worker("w", 2).await;
-    let claim = |id: TaskId| Claim { task_id: id, dispatch_seq: 1, worker_id: "w".into(), ttl_seconds: 30 };
-    let submit = |n: usize| {
-        let app = &app;
-        async move { TaskId::from(app.submit(&format!("t{n}")).await["id"].as_str().unwrap()) }
-    };
-    let batch: Vec<Claim> = futures::future::join_all((0..3).map(submit)).await.into_iter().map(claim).collect();
-    let out = lifecycle::claim(&app.pool, &batch, &[]).await.unwrap();
-    assert_eq!(out.iter().filter(|o| matches!(o, ClaimOutcome::Granted(_))).count(), 2, "{out:?}");
-    assert_eq!(out.iter().filter(|o| **o == ClaimOutcome::AtCapacity).count(), 1, "{out:?}");
-    // The deferred dispatch stays current: it is still queued, to be claimed later.
-    assert_eq!(app.count("SELECT count(*) FROM llm_tasks WHERE status = 'queued'").await, 1);
-    // Once the worker reports one of its leases finished (result published, not yet
-    // stored), that lease no longer takes its slot.
-    let done = out.iter().find_map(|o| if let ClaimOutcome::Granted(l) = o { Some(l.id.clone()) } else { None });
-    let deferred = out.iter().position(|o| *o == ClaimOutcome::AtCapacity).unwrap();
-    let again =
-        lifecycle::claim(&app.pool, &batch[deferred..=deferred], std::slice::from_ref(&done.unwrap())).await.unwrap();
-    assert!(matches!(again[0], ClaimOutcome::Granted(_)), "{again:?}");
-
-    for round in 0..10 {
-        let worker = format!("v{round}");
-        app.register_worker(&worker, 2).await;
-        let ids = futures::future::join_all((0..6).map(|n| submit(round * 10 + n))).await;
-        let calls = ids.into_iter().map(|id| {
-            let pool = app.pool.clone();
-            let c = Claim { task_id: id, dispatch_seq: 1, worker_id: worker.as_str().into(), ttl_seconds: 30 };
-            tokio::spawn(async move { lifecycle::claim(&pool, &[c], &[]).await.unwrap() })
-        });
-        futures::future::join_all(calls).await;
-        let active =
-            app.count(&format!("SELECT count(*) FROM leases WHERE worker_id = '{worker}' AND status = 'active'")).await;
-        assert_eq!(active, 2, "round {round}");
-    }
-    app.stop().await;
-}
-
 /// A claim sent again (its answer was lost, or its reconciler died after committing)
 /// gets the lease it already holds; another worker's claim of that dispatch is refused.
 #[tokio::test]
@@ -287,14 +245,14 @@ async fn a_repeated_claim_gets_the_same_lease() {
     let app = TestApp::spawn().await;
     let id = TaskId::from(app.submit("again").await["id"].as_str().unwrap());
     let claim = |w: &str| Claim { task_id: id.clone(), dispatch_seq: 1, worker_id: w.into(), ttl_seconds: 30 };
-    let ClaimOutcome::Granted(first) = lifecycle::claim(&app.pool, &[claim("w")], &[]).await.unwrap().remove(0) else {
+    let ClaimOutcome::Granted(first) = lifecycle::claim(&app.pool, &[claim("w")]).await.unwrap().remove(0) else {
         panic!("first claim refused");
     };
-    let ClaimOutcome::Granted(again) = lifecycle::claim(&app.pool, &[claim("w")], &[]).await.unwrap().remove(0) else {
+    let ClaimOutcome::Granted(again) = lifecycle::claim(&app.pool, &[claim("w")]).await.unwrap().remove(0) else {
         panic!("repeated claim refused");
     };
     assert_eq!((again.id, again.expires_at), (first.id, first.expires_at));
-    assert_eq!(lifecycle::claim(&app.pool, &[claim("x")], &[]).await.unwrap(), vec![ClaimOutcome::Refused]);
+    assert_eq!(lifecycle::claim(&app.pool, &[claim("x")]).await.unwrap(), vec![ClaimOutcome::Refused]);
     assert_eq!(app.count("SELECT count(*) FROM leases").await, 1);
     let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM llm_tasks WHERE id = $1")
         .bind(&id)

@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use crate::common::{free_port, fresh_db, nats_url, wait_for, Kill};
 
+/// Growth of the API's peak RSS allowed for four concurrent 5 MB completions.
+const COMPLETE_LIMIT_MB: u64 = 120;
+
 /// Peak resident set of a process, in bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -86,5 +89,36 @@ async fn listing_large_artifacts_and_prompts_keeps_the_api_memory_flat() {
     // Four concurrent listings of 100 MB each: about a run of rows (1 MB) or a slice of
     // a content per response, not the page, nor one whole 5 MB artifact.
     assert!(grown < 40 * MB as u64, "API peak RSS grew by {} MB", grown / MB as u64);
+
+    // Four concurrent completions with 5 MB outputs: the answer holds the output twice
+    // (the result's, and the artifact's content, in the original's shape); nothing else
+    // copies it.
+    let post = |path: String, body: serde_json::Value| {
+        let (http, url) = (http.clone(), format!("{base}{path}"));
+        async move { http.post(url).json(&body).send().await.unwrap() }
+    };
+    post("/api/runtime/workers".into(), serde_json::json!({"name": "w", "capabilities": {"max_concurrency": 8}})).await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let body = serde_json::json!({"context_id": "big", "agent_slug": "a", "prompt": format!("p{i}")});
+        let task: serde_json::Value = post("/api/runtime/llm-tasks".into(), body).await.json().await.unwrap();
+        let id = task["id"].as_str().unwrap().to_owned();
+        assert!(post(format!("/api/runtime/llm-tasks/{id}/lease"), serde_json::json!({})).await.status().is_success());
+        ids.push(id);
+    }
+    let before = peak_rss(api.0.id());
+    let output = "o".repeat(5 * MB);
+    let completions = ids.iter().map(|id| {
+        let body = serde_json::json!({"status": "success", "output": output, "metrics": {"duration_ms": 1}});
+        let done = post(format!("/api/runtime/llm-tasks/{id}/complete"), body);
+        async move { done.await.json::<serde_json::Value>().await.unwrap() }
+    });
+    for done in futures::future::join_all(completions).await {
+        assert_eq!(done["result"]["output"].as_str().map(str::len), Some(5 * MB));
+        assert_eq!(done["artifact"]["content"].as_str().map(str::len), Some(5 * MB));
+    }
+    let grown = peak_rss(api.0.id()).saturating_sub(before);
+    eprintln!("API peak RSS grew by {} MB completing 4 tasks with 5 MB outputs at once", grown / MB as u64);
+    assert!(grown < COMPLETE_LIMIT_MB * MB as u64, "API peak RSS grew by {} MB", grown / MB as u64);
     drop(api);
 }

@@ -28,7 +28,7 @@ async fn queued_tasks_routed_to_a_silent_worker_go_to_the_pool() {
         worker_id: ghost.clone(),
         ttl_seconds: 300,
     };
-    assert!(matches!(lifecycle::claim(&app.pool, &[claim], &[]).await.unwrap()[0], ClaimOutcome::Granted(_)));
+    assert!(matches!(lifecycle::claim(&app.pool, &[claim]).await.unwrap()[0], ClaimOutcome::Granted(_)));
 
     // The next task of the context is routed to ghost's direct subject.
     let next = app.submit_with(json!({"context_id": "ctx", "agent_slug": "a", "prompt": "next"})).await;
