@@ -80,18 +80,24 @@ fn parse_int(s: &str) -> Option<i64> {
     Some(if negative { -n } else { n })
 }
 
-/// A JSON array response with `X-Next-Cursor` when the page is full.
-pub fn paged<T: Serialize>(rows: Vec<T>, page: &Page, key: impl Fn(&T) -> (i64, String)) -> impl IntoResponse {
+/// `X-Next-Cursor` naming the last row, when a page of `rows` rows is full.
+fn next_cursor(rows: usize, page: &Page, last: Option<Cursor>) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    if rows.len() as i64 == page.limit {
-        if let Some(last) = rows.last() {
-            let (k, id) = key(last);
-            if let Ok(v) = HeaderValue::from_str(&Cursor { key: k, id }.encode()) {
-                headers.insert("x-next-cursor", v);
-            }
+    if rows as i64 == page.limit {
+        if let Some(v) = last.and_then(|c| HeaderValue::from_str(&c.encode()).ok()) {
+            headers.insert("x-next-cursor", v);
         }
     }
-    (headers, Json(rows))
+    headers
+}
+
+/// A JSON array response with `X-Next-Cursor` when the page is full.
+pub fn paged<T: Serialize>(rows: Vec<T>, page: &Page, key: impl Fn(&T) -> (i64, String)) -> impl IntoResponse {
+    let last = rows.last().map(|r| {
+        let (key, id) = key(r);
+        Cursor { key, id }
+    });
+    (next_cursor(rows.len(), page, last), Json(rows))
 }
 
 /// Bytes of rows a streamed listing reads and sends at a time.
@@ -141,12 +147,7 @@ where
     F: FnOnce(Vec<Vec<String>>, ArrayWriter) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    let mut headers = HeaderMap::new();
-    if keys.len() as i64 == page.limit {
-        if let Some(v) = keys.last().and_then(|k| HeaderValue::from_str(&k.cursor().encode()).ok()) {
-            headers.insert("x-next-cursor", v);
-        }
-    }
+    let mut headers = next_cursor(keys.len(), page, keys.last().map(RowKey::cursor));
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     let runs = crate::db::page::runs(&keys, STREAM_BUDGET);
     let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -169,37 +170,19 @@ where
     (headers, axum::body::Body::from_stream(body)).into_response()
 }
 
-/// Writes the rows `fetch` reads for each run, in the order of the run's ids (a row
-/// deleted since the keys were read is left out).
-async fn write_rows<T, F, Fut>(
-    runs: Vec<Vec<String>>,
-    mut out: ArrayWriter,
-    id: fn(&T) -> &str,
-    fetch: F,
-) -> anyhow::Result<()>
-where
-    T: Serialize,
-    F: Fn(Vec<String>) -> Fut,
-    Fut: std::future::Future<Output = sqlx::Result<Vec<T>>>,
-{
-    for run in runs {
-        let mut found: std::collections::HashMap<String, T> =
-            fetch(run.clone()).await?.into_iter().map(|r| (id(&r).to_owned(), r)).collect();
-        for row in run.iter().filter_map(|i| found.remove(i)) {
-            out.element(serde_json::to_vec(&row)?).await?;
-        }
-    }
-    Ok(())
-}
-
-/// Writes artifacts with their content read and escaped a slice at a time, so even one
-/// artifact of many megabytes is never whole in memory. `content` is the last field of
-/// an artifact's JSON: its `null` is replaced by the string, written in pieces.
+/// Writes artifacts; a content longer than a slice is read and escaped a slice at a
+/// time, so even one artifact of many megabytes is never whole in memory. `content` is
+/// the last field of an artifact's JSON: its `null` is replaced by the string, written
+/// in pieces.
 async fn write_artifacts(pool: sqlx::PgPool, runs: Vec<Vec<String>>, mut out: ArrayWriter) -> anyhow::Result<()> {
     const NULL_CONTENT: &[u8] = b"null}";
     for run in runs {
         let mut found: std::collections::HashMap<String, artifacts::ArtifactHead> =
-            artifacts::heads(&pool, &run).await?.into_iter().map(|h| (h.artifact.id.0.clone(), h)).collect();
+            artifacts::heads(&pool, &run, SLICE_CHARS)
+                .await?
+                .into_iter()
+                .map(|h| (h.artifact.id.0.clone(), h))
+                .collect();
         for head in run.iter().filter_map(|i| found.remove(i)) {
             let mut json = serde_json::to_vec(&head.artifact)?;
             let Some(chars) = head.content_chars else {
@@ -224,19 +207,17 @@ async fn write_artifacts(pool: sqlx::PgPool, runs: Vec<Vec<String>>, mut out: Ar
     Ok(())
 }
 
-/// Tasks listed by `keys`, streamed.
+/// Tasks listed by `keys`, streamed (in the keys' order; a task deleted since is left out).
 pub fn stream_tasks(pool: sqlx::PgPool, keys: Vec<RowKey>, page: &Page) -> Response {
-    streamed(keys, page, move |runs, out| async move {
-        write_rows(
-            runs,
-            out,
-            |t: &Task| t.id.as_str(),
-            |ids| {
-                let pool = pool.clone();
-                async move { tasks::get_many(&pool, &ids).await }
-            },
-        )
-        .await
+    streamed(keys, page, move |runs, mut out| async move {
+        for run in runs {
+            let mut found: std::collections::HashMap<String, Task> =
+                tasks::get_many(&pool, &run).await?.into_iter().map(|t| (t.id.0.clone(), t)).collect();
+            for task in run.iter().filter_map(|i| found.remove(i)) {
+                out.element(serde_json::to_vec(&task)?).await?;
+            }
+        }
+        Ok(())
     })
 }
 

@@ -28,8 +28,8 @@ pub async fn list_keys(db: impl PgExecutor<'_>, task: Option<&TaskId>, page: &Pa
     .await
 }
 
-/// An artifact without its content, and the content's length in characters (`None`
-/// when it has none).
+/// An artifact whose content is left out when it is longer than a slice, and then the
+/// content's length in characters (read it with [`content_slice`]).
 #[derive(Debug, sqlx::FromRow)]
 pub struct ArtifactHead {
     #[sqlx(flatten)]
@@ -37,14 +37,17 @@ pub struct ArtifactHead {
     pub content_chars: Option<i32>,
 }
 
-/// Artifacts with the given ids, in no particular order, without their content.
-pub async fn heads(db: impl PgExecutor<'_>, ids: &[String]) -> sqlx::Result<Vec<ArtifactHead>> {
+/// Artifacts with the given ids, in no particular order; contents longer than `slice`
+/// characters are left out (see [`ArtifactHead`]).
+pub async fn heads(db: impl PgExecutor<'_>, ids: &[String], slice: i32) -> sqlx::Result<Vec<ArtifactHead>> {
     sqlx::query_as(
-        "SELECT id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags, NULL::text AS content,
-                length(content) AS content_chars
+        "SELECT id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags,
+                CASE WHEN length(content) > $2 THEN NULL ELSE content END AS content,
+                CASE WHEN length(content) > $2 THEN length(content) END AS content_chars
          FROM runtime_artifacts WHERE id = ANY($1)",
     )
     .bind(ids)
+    .bind(slice)
     .fetch_all(db)
     .await
 }

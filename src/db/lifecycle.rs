@@ -94,10 +94,13 @@ const CLAIM_SQL: &str = "WITH r AS (
             FROM r JOIN llm_tasks t ON t.id = ANY($3) AND t.id = r.task_id
                 AND (t.status || '') IN ('leased', 'running') AND t.dispatch_seq = r.seq AND t.worker_id = r.worker_id
             JOIN leases l ON l.id = t.lease_id AND (l.status || '') = 'active')
-         SELECT 'granted' AS decision, id AS task_id, worker_id, lease_id, $2 AS started_at,
-                $2 + ttl::bigint * 1000 AS expires_at, ttl AS ttl_seconds, $2 AS last_heartbeat, context_id FROM t
+         SELECT 'granted' AS decision, lease_id AS id, id AS task_id, worker_id, $2 AS started_at,
+                $2 + ttl::bigint * 1000 AS expires_at, ttl AS ttl_seconds, 'active' AS status, $2 AS last_heartbeat,
+                context_id
+         FROM t
          UNION ALL
-         SELECT 'held', task_id, worker_id, lease_id, started_at, expires_at, ttl_seconds, last_heartbeat, context_id
+         SELECT 'held', lease_id, task_id, worker_id, started_at, expires_at, ttl_seconds, 'active', last_heartbeat,
+                context_id
          FROM held";
 
 /// Batch lease heartbeat: `$1` task ids, `$2` lease ids, `$3` now.
@@ -361,34 +364,12 @@ pub enum ClaimOutcome {
     Refused,
 }
 
-/// One decided claim, as [`CLAIM_SQL`] returns it.
+/// One decided claim, as [`CLAIM_SQL`] returns it: `granted` or `held`, and the lease.
 #[derive(Clone, sqlx::FromRow)]
 struct Decision {
     decision: String,
-    task_id: TaskId,
-    worker_id: WorkerId,
-    lease_id: LeaseId,
-    started_at: Option<i64>,
-    expires_at: Option<i64>,
-    ttl_seconds: Option<i32>,
-    last_heartbeat: Option<i64>,
-    context_id: Option<String>,
-}
-
-impl Decision {
-    fn lease(self) -> Lease {
-        Lease {
-            id: self.lease_id,
-            task_id: self.task_id,
-            worker_id: self.worker_id,
-            started_at: self.started_at.unwrap_or_default(),
-            expires_at: self.expires_at.unwrap_or_default(),
-            ttl_seconds: self.ttl_seconds.unwrap_or_default(),
-            status: LeaseStatus::Active,
-            last_heartbeat: self.last_heartbeat.unwrap_or_default(),
-            context_id: self.context_id,
-        }
-    }
+    #[sqlx(flatten)]
+    lease: Lease,
 }
 
 /// Claims dispatches in one statement: `queued -> leased` for each task whose current
@@ -415,26 +396,24 @@ pub async fn claim<'c>(db: impl PgExecutor<'c>, claims: &[Claim]) -> sqlx::Resul
         .bind(claims.iter().map(|c| c.task_id.as_str()).collect::<Vec<_>>())
         .fetch_all(db)
         .await?;
-    let mut granted: HashMap<LeaseId, Decision> = HashMap::new();
-    let mut held: HashMap<(TaskId, WorkerId), Decision> = HashMap::new();
-    for d in decided {
-        if d.decision == "held" {
-            held.insert((d.task_id.clone(), d.worker_id.clone()), d);
+    let mut granted: HashMap<LeaseId, Lease> = HashMap::new();
+    let mut held: HashMap<(TaskId, WorkerId), Lease> = HashMap::new();
+    for Decision { decision, lease } in decided {
+        if decision == "held" {
+            held.insert((lease.task_id.clone(), lease.worker_id.clone()), lease);
         } else {
-            granted.insert(d.lease_id.clone(), d);
+            granted.insert(lease.id.clone(), lease);
         }
     }
     Ok(claims
         .iter()
         .zip(lease_ids)
-        .map(|(c, id)| {
-            if let Some(d) = granted.remove(&id) {
-                ClaimOutcome::Granted(d.lease())
-            } else if let Some(d) = held.get(&(c.task_id.clone(), c.worker_id.clone())) {
-                ClaimOutcome::Granted(d.clone().lease())
-            } else {
-                ClaimOutcome::Refused
-            }
+        .map(|(c, id)| match granted.remove(&id) {
+            Some(lease) => ClaimOutcome::Granted(lease),
+            None => match held.get(&(c.task_id.clone(), c.worker_id.clone())) {
+                Some(lease) => ClaimOutcome::Granted(lease.clone()),
+                None => ClaimOutcome::Refused,
+            },
         })
         .collect())
 }
