@@ -143,6 +143,7 @@ metrics! {
     outbox_backlog: Gauge = "Outbox rows not yet acknowledged by JetStream (last relay pass).",
     claims_granted_total: Counter = "Claims that created a lease.",
     claims_refused_total: Counter = "Claims refused because the dispatch was not current.",
+    claims_full_total: Counter = "Claims refused because the worker had no free slot in Postgres.",
     claims_retried_total: Counter = "Claim requests sent again after no reconciler answered in time.",
     dispatch_latency_seconds: Histogram = "Time from task submission to its claim.",
     heartbeats_total: Counter = "Lease heartbeats renewed.",

@@ -106,6 +106,10 @@ pub enum ClaimDecision {
     /// Execute under this lease. Claiming a dispatch again (after a lost reply) grants
     /// the lease the worker already holds.
     Granted(LeaseGrant),
+    /// The worker has no free slot in Postgres (its finished leases are not all recorded
+    /// yet, or it claimed beyond its `max_concurrency`): keep the message, claim again
+    /// shortly.
+    Full,
     /// The dispatch is not current: terminate the message without executing.
     Refused,
 }
@@ -140,10 +144,14 @@ pub enum HeartbeatReply {
 }
 
 /// A worker process starting, before it pulls: the leases its id still holds belong to
-/// a previous process of that worker, whose executions died with it.
+/// a previous process of that worker, whose executions died with it. With its
+/// capabilities, the worker is registered (online) before its first claim, so Postgres
+/// knows its `max_concurrency`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StartRequest {
     pub worker_id: WorkerId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Capabilities>,
 }
 
 /// The answer to a [`StartRequest`]: how many leases of the previous process were ended

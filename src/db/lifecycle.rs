@@ -50,8 +50,7 @@ const CREATE_SQL: &str = "WITH r AS (
                 SELECT 1 FROM workers w
                 WHERE w.id = recent.worker_id AND (w.status || '') = 'online' AND w.source = 'nats'
                   AND COALESCE((w.capabilities->>'claude_cli')::boolean, true)
-                  AND (SELECT count(*) FROM leases b WHERE b.status = 'active' AND b.worker_id = w.id)
-                      < COALESCE((w.capabilities->>'max_concurrency')::int, 1)
+                  AND w.active_leases < COALESCE((w.capabilities->>'max_concurrency')::int, 1)
                 LIMIT 1) w),
          t AS (
             INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
@@ -68,17 +67,31 @@ const CREATE_SQL: &str = "WITH r AS (
             SELECT r.audit_id, $2, 'task_created', 'llm_task', r.id, $3, r.audit FROM r)
          SELECT task_id, id, worker_id FROM o";
 
-/// Batch claim: `$1` rows as JSON, `$2` now, `$3` the claimed task ids. Returns one row
-/// per decided claim: `granted` (a new lease) or `held` (the worker already holds this
-/// dispatch: a retried claim gets the same lease).
+/// Batch claim: `$1` rows as JSON, `$2` now, `$3` the claimed task ids, `$4` the
+/// claiming worker ids. Returns one row
+/// per decided claim: `granted` (a new lease), `held` (the worker already holds this
+/// dispatch: a retried claim gets the same lease) or `full` (the dispatch is current but
+/// the worker has no free slot in Postgres, or no row).
+///
+/// The claiming workers' rows are locked in id order and their free slots
+/// (`max_concurrency - active_leases`, kept by triggers) read after the lock, so
+/// concurrent claims never take a worker beyond its capacity; a worker's current claims
+/// take its free slots in task id order.
 const CLAIM_SQL: &str = "WITH r AS (
             SELECT * FROM jsonb_to_recordset($1)
                 AS r(task_id text, seq bigint, worker_id text, lease_id text, ttl int, audit_id text)),
+         room AS MATERIALIZED (
+            SELECT w.id, COALESCE((w.capabilities->>'max_concurrency')::int, 1) - w.active_leases AS free
+            FROM workers w WHERE w.id = ANY($4) ORDER BY w.id FOR UPDATE),
+         fresh AS (
+            SELECT r.*, row_number() OVER (PARTITION BY r.worker_id ORDER BY r.task_id) AS pos
+            FROM r JOIN llm_tasks t ON t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued'
+                AND t.dispatch_seq = r.seq),
          t AS (
             UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = r.worker_id,
                    attempts = t.attempts + 1, updated_at = $2, routed_to = NULL
-            FROM r WHERE t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued'
-                AND t.dispatch_seq = r.seq
+            FROM fresh r JOIN room ON room.id = r.worker_id AND r.pos <= room.free
+            WHERE t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
             RETURNING t.id, t.context_id, r.lease_id, r.worker_id, r.ttl, r.audit_id),
          l AS (
             INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
@@ -93,15 +106,18 @@ const CLAIM_SQL: &str = "WITH r AS (
                    l.expires_at, l.ttl_seconds, l.last_heartbeat, l.context_id
             FROM r JOIN llm_tasks t ON t.id = ANY($3) AND t.id = r.task_id
                 AND (t.status || '') IN ('leased', 'running') AND t.dispatch_seq = r.seq AND t.worker_id = r.worker_id
-            JOIN leases l ON l.id = t.lease_id AND (l.status || '') = 'active')
-         SELECT 'granted' AS decision, lease_id AS id, id AS task_id, worker_id, $2 AS started_at,
-                $2 + ttl::bigint * 1000 AS expires_at, ttl AS ttl_seconds, 'active' AS status, $2 AS last_heartbeat,
-                context_id
+            JOIN leases l ON l.id = t.lease_id AND (l.status || '') = 'active'),
+         full_ AS (
+            SELECT r.task_id, r.worker_id FROM fresh r LEFT JOIN room ON room.id = r.worker_id
+            WHERE room.id IS NULL OR r.pos > room.free)
+         SELECT 'granted' AS decision, id AS task_id, worker_id, lease_id AS id, $2 AS started_at,
+                $2 + ttl::bigint * 1000 AS expires_at, ttl AS ttl_seconds, $2 AS last_heartbeat, context_id
          FROM t
          UNION ALL
-         SELECT 'held', lease_id, task_id, worker_id, started_at, expires_at, ttl_seconds, 'active', last_heartbeat,
-                context_id
-         FROM held";
+         SELECT 'held', task_id, worker_id, lease_id, started_at, expires_at, ttl_seconds, last_heartbeat, context_id
+         FROM held
+         UNION ALL
+         SELECT 'full', task_id, worker_id, NULL, NULL, NULL, NULL, NULL, NULL FROM full_";
 
 /// Batch lease heartbeat: `$1` task ids, `$2` lease ids, `$3` now.
 const HEARTBEAT_SQL: &str = "WITH r AS (SELECT * FROM UNNEST($1::text[], $2::text[]) AS r(task_id, lease_id)),
@@ -242,18 +258,17 @@ pub struct LeaseRequest {
 }
 
 /// Leases a queued task to a worker chosen as the seed's `pickWorker` does (or the
-/// explicitly named one). The task row is locked first, so of two concurrent leases
-/// exactly one wins and the other gets a conflict; the chosen worker's row is locked
-/// and its capacity re-checked, so concurrent leases cannot overfill it.
+/// explicitly named one). The chosen worker's row is locked and its free slots read
+/// after the lock, so concurrent leases cannot overfill it; the task is then updated
+/// only if still `queued`, so of two concurrent leases exactly one wins and the other
+/// gets a conflict.
 pub async fn lease(pool: &PgPool, task_id: &TaskId, req: &LeaseRequest) -> Result<(Lease, Worker), TransitionError> {
     let mut tx = pool.begin().await?;
-    let task: Task = sqlx::query_as("SELECT * FROM llm_tasks WHERE id = $1 FOR UPDATE")
-        .bind(task_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(task_not_found)?;
+    // Rows are locked worker first, then task, as claims lock them: the task is read
+    // here and its `queued` status checked again by the guarded update below.
+    let task: Task = tasks::get(&mut *tx, task_id).await?.ok_or_else(task_not_found)?;
     if task.status != TaskStatus::Queued {
-        return Err(TransitionError::Conflict(format!("Task status is '{}', expected 'queued'", task.status)));
+        return Err(conflict_on(task.status));
     }
     let worker = match &req.worker_id {
         // A named worker must be able to take the lease like a chosen one: online, with
@@ -265,7 +280,8 @@ pub async fn lease(pool: &PgPool, task_id: &TaskId, req: &LeaseRequest) -> Resul
     };
     let now = now_ms();
     let lease = new_lease(&task, &worker.id, req.ttl_seconds, now);
-    sqlx::query(
+    // Of two concurrent leases of the task, the one that updates it first wins.
+    let won = sqlx::query(
         "UPDATE llm_tasks SET status = 'leased', lease_id = $2, worker_id = $3, attempts = attempts + 1,
                 updated_at = $4
          WHERE id = $1 AND status = 'queued'",
@@ -275,7 +291,14 @@ pub async fn lease(pool: &PgPool, task_id: &TaskId, req: &LeaseRequest) -> Resul
     .bind(&worker.id)
     .bind(now)
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected()
+        == 1;
+    if !won {
+        // A statement of its own sees what the winner committed.
+        let now_status = tasks::get(&mut *tx, task_id).await?.ok_or_else(task_not_found)?.status;
+        return Err(conflict_on(now_status));
+    }
     insert_leases(&mut tx, std::slice::from_ref(&lease)).await?;
     let detail = format!("Task {} leased to worker {}, TTL {}s", task.id, worker.id, req.ttl_seconds);
     audit::insert(
@@ -290,9 +313,14 @@ pub async fn lease(pool: &PgPool, task_id: &TaskId, req: &LeaseRequest) -> Resul
     Ok((lease, worker))
 }
 
+fn conflict_on(status: TaskStatus) -> TransitionError {
+    TransitionError::Conflict(format!("Task status is '{status}', expected 'queued'"))
+}
+
 /// Picks a worker as the seed's `pickWorker` does and locks its row. A worker that
-/// filled up between the read and the lock (concurrent leases) is passed over and the
-/// choice made again among the others.
+/// filled up between the read and the lock (concurrent leases) is passed over, its lock
+/// given back (so no two worker locks are ever held out of id order), and the choice
+/// made again among the others.
 async fn choose_worker(tx: &mut sqlx::PgConnection, task: &Task) -> Result<Worker, TransitionError> {
     const CHOICES: usize = 4;
     let sticky: Option<WorkerId> = sqlx::query_scalar(
@@ -307,9 +335,17 @@ async fn choose_worker(tx: &mut sqlx::PgConnection, task: &Task) -> Result<Worke
         let mut candidates = workers::candidates(&mut *tx).await?;
         candidates.retain(|w| !full.contains(&w.id));
         let chosen = pick_worker(&candidates, sticky.as_ref()).ok_or(TransitionError::NoWorker)?.id.clone();
-        match workers::get_for_update(&mut *tx, &chosen).await? {
-            Some(locked) if locked.is_eligible() => return Ok(locked),
-            _ => full.push(chosen),
+        // A savepoint: rolling back to it releases the lock of a worker passed over.
+        let mut attempt = sqlx::Connection::begin(&mut *tx).await?;
+        match workers::get_for_update(&mut attempt, &chosen).await? {
+            Some(locked) if locked.is_eligible() => {
+                attempt.commit().await?;
+                return Ok(locked);
+            }
+            _ => {
+                attempt.rollback().await?;
+                full.push(chosen);
+            }
         }
     }
     Err(TransitionError::NoWorker)
@@ -359,24 +395,50 @@ pub enum ClaimOutcome {
     /// The worker holds this lease: execute. A claim the worker made before (its reply
     /// was lost, or it asked again) is granted the lease it already holds.
     Granted(Lease),
+    /// The dispatch is current but the worker has no free slot in Postgres (the leases
+    /// it finished are not all recorded yet, or it claimed beyond its capacity), or is
+    /// not registered yet: claim again later.
+    Full,
     /// The dispatch is not current (task already leased, completed, requeued, or gone):
     /// drop the message without executing.
     Refused,
 }
 
-/// One decided claim, as [`CLAIM_SQL`] returns it: `granted` or `held`, and the lease.
+/// One decided claim, as [`CLAIM_SQL`] returns it: `granted`, `held` or `full`, and the
+/// lease unless `full`.
 #[derive(Clone, sqlx::FromRow)]
 struct Decision {
     decision: String,
-    #[sqlx(flatten)]
-    lease: Lease,
+    task_id: TaskId,
+    worker_id: WorkerId,
+    id: Option<LeaseId>,
+    started_at: Option<i64>,
+    expires_at: Option<i64>,
+    ttl_seconds: Option<i32>,
+    last_heartbeat: Option<i64>,
+    context_id: Option<String>,
+}
+
+impl Decision {
+    fn into_lease(self) -> Option<Lease> {
+        Some(Lease {
+            id: self.id?,
+            task_id: self.task_id,
+            worker_id: self.worker_id,
+            started_at: self.started_at?,
+            expires_at: self.expires_at?,
+            ttl_seconds: self.ttl_seconds?,
+            status: LeaseStatus::Active,
+            last_heartbeat: self.last_heartbeat?,
+            context_id: self.context_id,
+        })
+    }
 }
 
 /// Claims dispatches in one statement: `queued -> leased` for each task whose current
-/// dispatch is the claimed one. Claiming again what the worker already holds returns
-/// the same lease, so a worker may safely retry a claim that got no answer. A worker's
-/// capacity is its own to keep (its execution slots); Postgres does not count it here.
-/// Outcomes are in the order of `claims`.
+/// dispatch is the claimed one, while the worker has a free slot in Postgres. Claiming
+/// again what the worker already holds returns the same lease, so a worker may safely
+/// retry a claim that got no answer. Outcomes are in the order of `claims`.
 pub async fn claim<'c>(db: impl PgExecutor<'c>, claims: &[Claim]) -> sqlx::Result<Vec<ClaimOutcome>> {
     let now = now_ms();
     // Every claim gets its own prospective lease id. When several claims in the batch
@@ -394,26 +456,37 @@ pub async fn claim<'c>(db: impl PgExecutor<'c>, claims: &[Claim]) -> sqlx::Resul
         .bind(serde_json::Value::Array(rows))
         .bind(now)
         .bind(claims.iter().map(|c| c.task_id.as_str()).collect::<Vec<_>>())
+        .bind(claims.iter().map(|c| c.worker_id.as_str()).collect::<HashSet<_>>().into_iter().collect::<Vec<_>>())
         .fetch_all(db)
         .await?;
     let mut granted: HashMap<LeaseId, Lease> = HashMap::new();
     let mut held: HashMap<(TaskId, WorkerId), Lease> = HashMap::new();
-    for Decision { decision, lease } in decided {
-        if decision == "held" {
-            held.insert((lease.task_id.clone(), lease.worker_id.clone()), lease);
-        } else {
-            granted.insert(lease.id.clone(), lease);
+    let mut full: HashSet<(TaskId, WorkerId)> = HashSet::new();
+    for d in decided {
+        match d.decision.as_str() {
+            "held" => {
+                let key = (d.task_id.clone(), d.worker_id.clone());
+                held.extend(d.into_lease().map(|l| (key, l)));
+            }
+            "granted" => granted.extend(d.into_lease().map(|l| (l.id.clone(), l))),
+            _ => {
+                full.insert((d.task_id, d.worker_id));
+            }
         }
     }
     Ok(claims
         .iter()
         .zip(lease_ids)
-        .map(|(c, id)| match granted.remove(&id) {
-            Some(lease) => ClaimOutcome::Granted(lease),
-            None => match held.get(&(c.task_id.clone(), c.worker_id.clone())) {
-                Some(lease) => ClaimOutcome::Granted(lease.clone()),
-                None => ClaimOutcome::Refused,
-            },
+        .map(|(c, id)| {
+            let key = (c.task_id.clone(), c.worker_id.clone());
+            match granted.remove(&id) {
+                Some(lease) => ClaimOutcome::Granted(lease),
+                None => match held.get(&key) {
+                    Some(lease) => ClaimOutcome::Granted(lease.clone()),
+                    None if full.contains(&key) => ClaimOutcome::Full,
+                    None => ClaimOutcome::Refused,
+                },
+            }
         })
         .collect())
 }

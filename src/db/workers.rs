@@ -1,17 +1,16 @@
 //! `workers`: registration over REST, liveness beats over NATS, and membridge sync.
 //!
-//! `active_leases` is always computed from the active leases, never read from the
-//! stored column, so it cannot drift.
+//! `active_leases` is kept equal to the worker's active leases by triggers on `leases`
+//! (migration 0005): every statement that starts or ends a lease updates it.
 
 use sqlx::{PgConnection, PgExecutor};
 
 use super::audit;
 use crate::domain::{AuditAction, Capabilities, NewAudit, Worker, WorkerId, WorkerStatus};
 
-/// The worker columns with `active_leases` computed.
+/// The worker columns.
 const SELECT_WORKERS: &str = "SELECT w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat,
-        w.ip_addrs, w.obs_count, w.db_sha, w.registered_at, w.source,
-        (SELECT count(*)::int FROM leases l WHERE l.worker_id = w.id AND l.status = 'active') AS active_leases
+        w.ip_addrs, w.obs_count, w.db_sha, w.registered_at, w.source, w.active_leases
     FROM workers w";
 
 /// All workers, by id.
@@ -36,18 +35,10 @@ pub async fn get(db: impl PgExecutor<'_>, id: &WorkerId) -> sqlx::Result<Option<
 }
 
 /// One worker, its row locked until the transaction ends (serialises leases to it).
-///
-/// The lock is taken by a statement of its own and `active_leases` counted by the next:
-/// under READ COMMITTED a statement sees what was committed before it started, so a
-/// count made by the locking statement would miss the leases committed while it waited
-/// for the lock, and concurrent leases would overfill the worker.
+/// A row updated while the lock was awaited is read as it is once locked, so
+/// `active_leases` counts the leases committed meanwhile.
 pub async fn get_for_update(db: &mut PgConnection, id: &WorkerId) -> sqlx::Result<Option<Worker>> {
-    let locked =
-        sqlx::query("SELECT 1 FROM workers WHERE id = $1 FOR UPDATE").bind(id).fetch_optional(&mut *db).await?;
-    if locked.is_none() {
-        return Ok(None);
-    }
-    get(db, id).await
+    sqlx::query_as(&format!("{SELECT_WORKERS} WHERE w.id = $1 FOR UPDATE")).bind(id).fetch_optional(db).await
 }
 
 /// A REST registration (the seed's `POST /api/runtime/workers` after validation).

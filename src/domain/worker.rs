@@ -74,7 +74,7 @@ impl Default for Capabilities {
 
 /// A row of `workers`, serialized exactly as the seed's `WorkerNode`.
 ///
-/// `active_leases` is never trusted from the row: queries compute it from the active leases.
+/// `active_leases` is kept equal to the worker's active leases by the database.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Worker {
     pub id: WorkerId,

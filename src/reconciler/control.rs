@@ -174,6 +174,10 @@ async fn handle_claims(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated) -> 
                     }
                     ClaimDecision::Granted(LeaseGrant { lease_id: lease.id, expires_at: lease.expires_at, attempts: 0 })
                 }
+                Some(ClaimOutcome::Full) => {
+                    r.metrics.claims_full_total.inc();
+                    ClaimDecision::Full
+                }
                 _ => {
                     r.metrics.claims_refused_total.inc();
                     ClaimDecision::Refused
@@ -246,6 +250,13 @@ async fn handle_starts(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> Dedi
         let Some(req) = parse::<StartRequest>(&r, &msg) else {
             continue;
         };
+        if let Some(capabilities) = req.capabilities.clone() {
+            let beat =
+                Beat { id: req.worker_id.clone(), status: WorkerStatus::Online, capabilities, ip_addrs: Vec::new() };
+            if let Err(e) = workers::record_beats(&r.pool, &[beat], now_ms()).await {
+                tracing::error!(error = %e, worker.id = %req.worker_id, "registering a starting worker failed");
+            }
+        }
         let mut ended = 0;
         loop {
             match lifecycle::expire(&r.pool, Expiring::HeldBy(&req.worker_id), 500).await {

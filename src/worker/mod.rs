@@ -41,6 +41,11 @@ const MAX_PULL: usize = 256;
 const MAX_CLAIMS_IN_FLIGHT: usize = 2;
 /// Times a claim is sent before its messages are handed back for redelivery.
 const CLAIM_ATTEMPTS: u32 = 3;
+/// First wait before claiming again what Postgres refused for want of a free slot
+/// (doubling each time): long enough for this worker's last results to be recorded.
+const FULL_BACKOFF: Duration = Duration::from_millis(20);
+/// Longest of those waits; past it the messages are handed back.
+const FULL_BACKOFF_MAX: Duration = Duration::from_millis(640);
 
 /// How a worker runs.
 #[derive(Clone, Debug)]
@@ -220,12 +225,12 @@ async fn pull(
             }
             let (ctx, exec) = (ctx.clone(), exec.clone());
             claims.spawn(async move {
-                for (msg, task, grant) in claim(&ctx, msgs).await {
+                // A message keeps its slot until it is granted or given up.
+                claim(&ctx, msgs, |msg, task, grant| {
                     let slot = taken.pop().expect("one slot per claimed message");
-                    if exec.send((msg, task, grant, slot)).is_err() {
-                        return;
-                    }
-                }
+                    let _ = exec.send((msg, task, grant, slot));
+                })
+                .await;
             });
         }
         if cancel.is_cancelled() {
@@ -234,10 +239,13 @@ async fn pull(
     }
 }
 
-/// Claims a batch of messages in one request. Malformed messages and refused claims
-/// are terminated; if the reconcilers cannot decide, the messages are nak'ed for later.
-async fn claim(ctx: &Ctx, msgs: Vec<Message>) -> Vec<(Message, TaskMessage, LeaseGrant)> {
-    let mut parsed = Vec::with_capacity(msgs.len());
+/// Claims a batch of messages in one request and hands each granted one to `granted`
+/// as soon as it is decided. Malformed messages and refused claims are terminated;
+/// claims refused for want of a free slot in Postgres (results of this worker not yet
+/// recorded) are sent again after a short back-off; if the reconcilers cannot decide,
+/// or the worker stays full, the messages are nak'ed for later.
+async fn claim(ctx: &Ctx, msgs: Vec<Message>, mut granted: impl FnMut(Message, TaskMessage, LeaseGrant)) {
+    let mut pending = Vec::with_capacity(msgs.len());
     for msg in msgs {
         if msg.info().is_ok_and(|i| i.delivered > 1) {
             ctx.metrics.redeliveries_total.inc();
@@ -248,7 +256,7 @@ async fn claim(ctx: &Ctx, msgs: Vec<Message>) -> Vec<(Message, TaskMessage, Leas
             serde_json::from_slice::<TaskMessage>(&msg.payload)
         };
         match task {
-            Ok(task) => parsed.push((msg, task)),
+            Ok(task) => pending.push((msg, task)),
             Err(e) => {
                 ctx.metrics.malformed_messages_total.inc();
                 tracing::warn!(subject = %msg.subject, error = %e, "malformed task message terminated");
@@ -256,42 +264,57 @@ async fn claim(ctx: &Ctx, msgs: Vec<Message>) -> Vec<(Message, TaskMessage, Leas
             }
         }
     }
-    if parsed.is_empty() {
-        return Vec::new();
-    }
-    let req = ClaimRequest {
-        worker_id: ctx.settings.id.clone(),
-        ttl_seconds: ctx.ttl_secs,
-        items: parsed
-            .iter()
-            .map(|(_, t)| ClaimItem {
-                task_id: t.task_id.clone(),
-                dispatch_seq: t.dispatch_seq,
-                created_at: t.created_at,
-            })
-            .collect(),
-    };
-    let decisions = match claim_request(ctx, &req).await {
-        Ok(ClaimReply::Decided { items }) if items.len() == parsed.len() => items,
-        other => {
-            tracing::warn!(reply = ?other, "claim undecided; messages will be redelivered");
-            for (msg, _) in parsed {
-                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+    let mut backoff = FULL_BACKOFF;
+    while !pending.is_empty() {
+        let req = ClaimRequest {
+            worker_id: ctx.settings.id.clone(),
+            ttl_seconds: ctx.ttl_secs,
+            items: pending
+                .iter()
+                .map(|(_, t)| ClaimItem {
+                    task_id: t.task_id.clone(),
+                    dispatch_seq: t.dispatch_seq,
+                    created_at: t.created_at,
+                })
+                .collect(),
+        };
+        let decisions = match claim_request(ctx, &req).await {
+            Ok(ClaimReply::Decided { items }) if items.len() == pending.len() => items,
+            other => {
+                tracing::warn!(reply = ?other, "claim undecided; messages will be redelivered");
+                nak_all(pending, Duration::from_secs(1)).await;
+                return;
             }
-            return Vec::new();
-        }
-    };
-    let mut granted = Vec::new();
-    for ((msg, task), decision) in parsed.into_iter().zip(decisions) {
-        match decision {
-            ClaimDecision::Granted(grant) => granted.push((msg, task, grant)),
-            ClaimDecision::Refused => {
-                tracing::debug!(task.id = %task.task_id, seq = task.dispatch_seq, "claim refused: dispatch not current");
-                let _ = msg.ack_with(AckKind::Term).await;
+        };
+        let mut full = Vec::new();
+        for ((msg, task), decision) in pending.into_iter().zip(decisions) {
+            match decision {
+                ClaimDecision::Granted(grant) => granted(msg, task, grant),
+                ClaimDecision::Full => full.push((msg, task)),
+                ClaimDecision::Refused => {
+                    tracing::debug!(task.id = %task.task_id, seq = task.dispatch_seq, "claim refused: dispatch not current");
+                    let _ = msg.ack_with(AckKind::Term).await;
+                }
             }
         }
+        if !full.is_empty() {
+            ctx.metrics.claims_full_total.add(full.len() as u64);
+            if backoff > FULL_BACKOFF_MAX {
+                tracing::warn!(claims = full.len(), "no free slot in Postgres for this worker; messages handed back");
+                nak_all(full, Duration::from_secs(1)).await;
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        }
+        pending = full;
     }
-    granted
+}
+
+async fn nak_all(msgs: Vec<(Message, TaskMessage)>, delay: Duration) {
+    for (msg, _) in msgs {
+        let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+    }
 }
 
 /// Sends a claim, and sends it again when no reconciler answered within
@@ -415,7 +438,8 @@ async fn heartbeat_loop(
 /// instead of after their TTL (they would also count against its `max_concurrency`).
 /// Without an answer the worker starts anyway; those leases then expire as usual.
 async fn announce_start(ctx: &Ctx) {
-    let req = StartRequest { worker_id: ctx.settings.id.clone() };
+    let req =
+        StartRequest { worker_id: ctx.settings.id.clone(), capabilities: Some(ctx.settings.capabilities.clone()) };
     match request::<_, StartReply>(ctx, ctx.names.start_subject(), &req).await {
         Ok(StartReply { ended: 0 }) => {}
         Ok(StartReply { ended }) => tracing::info!(ended, "leases of this worker's previous process ended"),

@@ -368,3 +368,62 @@ async fn messages_with_nul_ids_are_rejected_and_do_not_hold_up_the_others() {
     assert_invariants(&app).await;
     app.stop().await;
 }
+
+/// Over NATS, claims beyond the worker's capacity in Postgres are answered `full`
+/// (in the same reply as the granted ones), and counted.
+#[tokio::test]
+async fn claims_beyond_a_workers_capacity_are_answered_full() {
+    use bloom::protocol::{ClaimDecision, ClaimItem, ClaimReply, ClaimRequest};
+    let app = TestApp::spawn().await;
+    let (r, _rc) = app.start_reconciler().await;
+    app.register_worker("two-slots", 2).await;
+    let mut items = Vec::new();
+    for i in 0..5 {
+        let id = app.submit(&format!("t{i}")).await["id"].as_str().unwrap().to_owned();
+        items.push(ClaimItem { task_id: id.as_str().into(), dispatch_seq: 1, created_at: 0 });
+    }
+    let req = ClaimRequest { worker_id: "two-slots".into(), ttl_seconds: 30, items };
+    let answer = app.nats.request(app.names.claim_subject(), serde_json::to_vec(&req).unwrap().into()).await.unwrap();
+    let ClaimReply::Decided { items } = serde_json::from_slice(&answer.payload).unwrap() else {
+        panic!("undecided: {:?}", String::from_utf8_lossy(&answer.payload));
+    };
+    let granted = items.iter().filter(|d| matches!(d, ClaimDecision::Granted(_))).count();
+    let full = items.iter().filter(|d| **d == ClaimDecision::Full).count();
+    assert_eq!((granted, full), (2, 3), "{items:?}");
+    assert_eq!(r.metrics.claims_full_total.get(), 3);
+    assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'active'").await, 2);
+    app.stop().await;
+}
+
+/// A worker whose slots Postgres sees taken (here by a lease row of another task)
+/// keeps a message answered `full` and claims it again, handing it back between rounds,
+/// until a slot frees: the task then runs, and the worker never held more leases than
+/// its capacity.
+#[tokio::test]
+async fn a_worker_postgres_sees_full_claims_again_once_a_slot_frees() {
+    let app = TestApp::spawn().await;
+    let (r, _rc) = app.start_reconciler().await;
+    let (_w, _) = app.start_worker("busy", 1).await;
+    wait_for("worker registered", Duration::from_secs(10), || async {
+        app.count("SELECT count(*) FROM workers WHERE id = 'busy' AND status = 'online'").await == 1
+    })
+    .await;
+    let now = bloom::time::now_ms();
+    sqlx::query(
+        "INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat)
+         VALUES ('other', 'another-task', 'busy', $1, $1 + 300000, 300, 'active', $1)",
+    )
+    .bind(now)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let id = app.submit("waits for the slot").await["id"].as_str().unwrap().to_owned();
+    wait_for("claims answered full", Duration::from_secs(10), || async { r.metrics.claims_full_total.get() >= 3 })
+        .await;
+    assert_eq!(app.status_of(&id).await, "queued");
+    sqlx::query("UPDATE leases SET status = 'released' WHERE id = 'other'").execute(&app.pool).await.unwrap();
+    wait_for("task completed", Duration::from_secs(15), || async { app.status_of(&id).await == "completed" }).await;
+    assert_eq!(app.count(&format!("SELECT count(*) FROM leases WHERE task_id = '{id}'")).await, 1);
+    assert_eq!(app.count("SELECT active_leases::bigint FROM workers WHERE id = 'busy'").await, 0);
+    app.stop().await;
+}

@@ -31,6 +31,9 @@ async fn two_concurrent_leases_of_one_task_exactly_one_wins() {
 #[tokio::test]
 async fn concurrent_claims_of_one_dispatch_grant_one_lease() {
     let app = TestApp::spawn().await;
+    for w in ["w0", "w1", "w2", "w3", "w4", "w5", "w9", "a", "b"] {
+        app.register_worker(w, 4).await;
+    }
     let task = app.submit("claim me").await;
     let id = TaskId::from(task["id"].as_str().unwrap());
     let claims: Vec<_> = (0..6)
@@ -238,6 +241,8 @@ async fn an_explicit_worker_must_be_eligible() {
 #[tokio::test]
 async fn a_repeated_claim_gets_the_same_lease() {
     let app = TestApp::spawn().await;
+    app.register_worker("w", 1).await;
+    app.register_worker("x", 1).await;
     let id = TaskId::from(app.submit("again").await["id"].as_str().unwrap());
     let claim = |w: &str| Claim { task_id: id.clone(), dispatch_seq: 1, worker_id: w.into(), ttl_seconds: 30 };
     let ClaimOutcome::Granted(first) = lifecycle::claim(&app.pool, &[claim("w")]).await.unwrap().remove(0) else {
@@ -250,5 +255,103 @@ async fn a_repeated_claim_gets_the_same_lease() {
     assert_eq!(lifecycle::claim(&app.pool, &[claim("x")]).await.unwrap(), vec![ClaimOutcome::Refused]);
     assert_eq!(app.count("SELECT count(*) FROM leases").await, 1);
     assert_eq!(app.count(&format!("SELECT attempts::bigint FROM llm_tasks WHERE id = '{id}'")).await, 1);
+    app.stop().await;
+}
+
+/// The workers whose `active_leases` differs from their active leases.
+async fn miscounted_workers(app: &TestApp) -> i64 {
+    app.count(
+        "SELECT count(*) FROM workers w
+         WHERE w.active_leases <> (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active')",
+    )
+    .await
+}
+
+/// NATS claims beyond a worker's `max_concurrency` in Postgres are answered `Full`
+/// (claim again later), whether they arrive in one batch or in many concurrent ones,
+/// even from a worker that claims more than it has slots for. Ending leases frees
+/// their slots. A worker Postgres does not know is full.
+#[tokio::test]
+async fn claims_never_take_a_worker_beyond_its_capacity() {
+    let app = TestApp::spawn().await;
+    app.register_worker("w", 3).await;
+    let claim = |id: &TaskId| Claim { task_id: id.clone(), dispatch_seq: 1, worker_id: "w".into(), ttl_seconds: 30 };
+    for round in 0..20 {
+        let mut ids = Vec::new();
+        for i in 0..12 {
+            ids.push(TaskId::from(app.submit(&format!("r{round} t{i}")).await["id"].as_str().unwrap()));
+        }
+        // Eight single claims and one batch of four, all at once.
+        let singles = ids[..8].iter().map(|id| {
+            let (pool, c) = (app.pool.clone(), claim(id));
+            tokio::spawn(async move { lifecycle::claim(&pool, &[c]).await.unwrap() })
+        });
+        let batch: Vec<Claim> = ids[8..].iter().map(claim).collect();
+        let pool = app.pool.clone();
+        let batch = tokio::spawn(async move { lifecycle::claim(&pool, &batch).await.unwrap() });
+        let mut outcomes: Vec<ClaimOutcome> = Vec::new();
+        for single in singles.collect::<Vec<_>>() {
+            outcomes.extend(single.await.unwrap());
+        }
+        outcomes.extend(batch.await.unwrap());
+        let granted = outcomes.iter().filter(|o| matches!(o, ClaimOutcome::Granted(_))).count();
+        let full = outcomes.iter().filter(|o| **o == ClaimOutcome::Full).count();
+        assert_eq!((granted, full), (3, 9), "round {round}: {outcomes:?}");
+        assert_eq!(app.count("SELECT count(*) FROM leases WHERE worker_id = 'w' AND status = 'active'").await, 3);
+        assert_eq!(app.count("SELECT active_leases::bigint FROM workers WHERE id = 'w'").await, 3);
+        // The worker's previous process ends: its slots are free again.
+        let ended = lifecycle::expire(&app.pool, lifecycle::Expiring::HeldBy(&WorkerId::from("w")), 100).await.unwrap();
+        assert_eq!(ended.expired, 3);
+        assert_eq!(app.count("SELECT active_leases::bigint FROM workers WHERE id = 'w'").await, 0);
+    }
+    // A batch larger than the free slots gets them in task id order.
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(TaskId::from(app.submit(&format!("batch {i}")).await["id"].as_str().unwrap()));
+    }
+    ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    let outcomes = lifecycle::claim(&app.pool, &ids.iter().map(claim).collect::<Vec<_>>()).await.unwrap();
+    let granted: Vec<bool> = outcomes.iter().map(|o| matches!(o, ClaimOutcome::Granted(_))).collect();
+    assert_eq!(granted, [true, true, true, false, false]);
+    assert_eq!(outcomes[3..], [ClaimOutcome::Full, ClaimOutcome::Full]);
+    // A held lease is granted again even when the worker is full.
+    let again = lifecycle::claim(&app.pool, &[claim(&ids[0])]).await.unwrap();
+    assert!(matches!(again[0], ClaimOutcome::Granted(_)), "{again:?}");
+    let unknown = Claim { task_id: ids[4].clone(), dispatch_seq: 1, worker_id: "nobody".into(), ttl_seconds: 30 };
+    assert_eq!(lifecycle::claim(&app.pool, &[unknown]).await.unwrap(), [ClaimOutcome::Full]);
+    assert_eq!(miscounted_workers(&app).await, 0);
+    app.stop().await;
+}
+
+/// `active_leases` follows every way a lease starts and ends: REST lease, heartbeat,
+/// complete, hand-back, expiry, and a worker removed and registered again while its
+/// leases are active.
+#[tokio::test]
+async fn active_leases_follow_every_transition() {
+    let app = TestApp::spawn().await;
+    app.register_worker("r", 8).await;
+    let mut leased = Vec::new();
+    for i in 0..4 {
+        let (id, answer) = app.leased_task(&format!("t{i}")).await;
+        leased.push((id, answer["lease"]["id"].as_str().unwrap().to_owned()));
+    }
+    let active = || app.count("SELECT active_leases::bigint FROM workers WHERE id = 'r'");
+    assert_eq!(active().await, 4);
+    let (id, lease) = &leased[0];
+    app.post(&format!("/api/runtime/llm-tasks/{id}/heartbeat"), json!({"lease_id": lease})).await;
+    assert_eq!(active().await, 4);
+    let done = json!({"lease_id": lease, "status": "success", "output": "ok", "metrics": {"duration_ms": 1}});
+    assert_eq!(app.post(&format!("/api/runtime/llm-tasks/{id}/complete"), done).await.0, StatusCode::OK);
+    assert_eq!(active().await, 3);
+    let (id, lease) = &leased[1];
+    assert!(lifecycle::release(&app.pool, &TaskId::from(id.as_str()), &lease.as_str().into()).await.unwrap());
+    assert_eq!(active().await, 2);
+    app.delete("/api/runtime/workers/r").await;
+    app.register_worker("r", 8).await;
+    assert_eq!(active().await, 2);
+    let ended = lifecycle::expire(&app.pool, lifecycle::Expiring::HeldBy(&WorkerId::from("r")), 100).await.unwrap();
+    assert_eq!(ended.expired, 2);
+    assert_eq!(active().await, 0);
+    assert_eq!(miscounted_workers(&app).await, 0);
     app.stop().await;
 }

@@ -98,6 +98,6 @@ async fn the_same_plans_scan_without_the_connection_settings() {
         .unwrap();
     let (_, claim) = bloom::db::lifecycle::HOT_STATEMENTS.iter().find(|(n, _)| *n == "claim").unwrap();
     sqlx::raw_sql(&format!("PREPARE hot_claim AS {claim}")).execute(&mut *conn).await.unwrap();
-    let plan = explain(&mut conn, "hot_claim", "NULL, NULL, NULL").await;
+    let plan = explain(&mut conn, "hot_claim", "NULL, NULL, NULL, NULL").await;
     assert!(table_scans(&plan).iter().any(|s| s.contains("Seq Scan on llm_tasks")), "expected a scan:\n{plan}");
 }

@@ -65,6 +65,7 @@ async fn a_claim_committed_but_never_answered_is_sent_again_and_granted_the_same
 async fn a_restarted_worker_ends_the_leases_of_its_previous_process() {
     let app = TestApp::spawn().await;
     let (_r, _rc) = app.start_reconciler().await;
+    app.register_worker("w1", 1).await;
     let id = TaskId::from(app.submit("held by a dead process").await["id"].as_str().unwrap());
     // The previous process of `w1` claimed it and died.
     let claim = Claim { task_id: id.clone(), dispatch_seq: 1, worker_id: "w1".into(), ttl_seconds: 300 };
