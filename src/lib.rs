@@ -6,7 +6,8 @@
 //!   task state machine. No I/O.
 //! * [`protocol`]: the messages that cross NATS between API, worker and reconciler.
 //! * [`db`]: the Postgres pool, migrations and all SQL. [`db::lifecycle`] holds every
-//!   guarded state transition of a task or lease; every other module goes through it.
+//!   guarded state transition of a task or lease, one file each, each given the time it
+//!   happens at; every other module goes through it.
 //! * [`bus`]: NATS connection, subject and stream names, provisioning from `nats/*.json`,
 //!   and the outbox dispatcher that publishes task messages.
 //! * [`artifacts`]: artifact storage in S3 with a Postgres fallback.

@@ -18,6 +18,7 @@ use crate::db::{lifecycle, Dedicated};
 use crate::domain::{NewTask, Task};
 use crate::metrics::Metrics;
 use crate::telemetry::Carrier;
+use crate::time::now_ms;
 
 type Reply = oneshot::Sender<Result<Task, String>>;
 type Request = (NewTask, Carrier, Reply);
@@ -84,7 +85,7 @@ async fn commit_loop(
             traces.push(trace);
             replies.push(reply);
         }
-        match db.run(move |c| Box::pin(lifecycle::create(c, tasks, "api"))).await {
+        match db.run(move |c| Box::pin(lifecycle::create(c, tasks, "api", now_ms()))).await {
             Ok(mut dispatches) => {
                 metrics.tasks_submitted_total.add(dispatches.len() as u64);
                 for ((d, reply), trace) in dispatches.iter_mut().zip(replies).zip(traces) {

@@ -150,7 +150,7 @@ async fn handle_claims(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated) -> 
             })
         })
         .collect();
-    let outcomes = match db.run(move |c| Box::pin(async move { lifecycle::claim(c, &claims).await })).await {
+    let outcomes = match db.run(move |c| Box::pin(async move { lifecycle::claim(c, &claims, now_ms()).await })).await {
         Ok(o) => o,
         Err(e) => {
             tracing::error!(error = %e, "claim transaction failed");
@@ -197,7 +197,7 @@ async fn handle_heartbeats(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated)
         }
     }
     let pairs: Vec<_> = requests.iter().map(|(_, q)| (q.task_id.clone(), q.lease_id.clone())).collect();
-    match db.run(move |c| Box::pin(async move { lifecycle::heartbeat(c, &pairs).await })).await {
+    match db.run(move |c| Box::pin(async move { lifecycle::heartbeat(c, &pairs, now_ms()).await })).await {
         Ok(renewed) => {
             let by_lease: HashMap<_, _> = renewed.iter().map(|l| (l.id.clone(), l.expires_at)).collect();
             for (msg, req) in &requests {
@@ -231,7 +231,7 @@ async fn handle_releases(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> De
         let Some(req) = parse::<ReleaseRequest>(&r, &msg) else {
             continue;
         };
-        let released = match lifecycle::release(&r.pool, &req.task_id, &req.lease_id).await {
+        let released = match lifecycle::release(&r.pool, &req.task_id, &req.lease_id, now_ms()).await {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, task.id = %req.task_id, "release failed");
@@ -259,7 +259,7 @@ async fn handle_starts(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> Dedi
         }
         let mut ended = 0;
         loop {
-            match lifecycle::expire(&r.pool, Expiring::HeldBy(&req.worker_id), 500).await {
+            match lifecycle::expire(&r.pool, Expiring::HeldBy(&req.worker_id), 500, now_ms()).await {
                 Ok(expiry) => {
                     ended += expiry.expired;
                     r.metrics.leases_expired_total.add(expiry.expired as u64);

@@ -43,9 +43,10 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
 /// workers offline and moves their routed tasks to the pool.
 pub async fn run_once(r: &Reconciler) -> sqlx::Result<SweepReport> {
     let mut report = SweepReport::default();
-    let cutoff = now_ms() - r.settings.expiry_grace.as_millis() as i64;
+    let now = now_ms();
+    let cutoff = now - r.settings.expiry_grace.as_millis() as i64;
     loop {
-        let expiry = lifecycle::expire(&r.pool, Expiring::Before(cutoff), BATCH).await?;
+        let expiry = lifecycle::expire(&r.pool, Expiring::Before(cutoff), BATCH, now).await?;
         report.leases_expired += expiry.expired;
         report.tasks_requeued += expiry.requeued.len();
         report.tasks_dead += expiry.dead;
@@ -73,7 +74,7 @@ pub async fn reroute(r: &Reconciler, offline: &[WorkerId]) -> usize {
     if offline.is_empty() {
         return 0;
     }
-    match lifecycle::reroute(&r.pool, offline).await {
+    match lifecycle::reroute(&r.pool, offline, now_ms()).await {
         Ok(moved) => {
             let n = moved.len();
             r.metrics.tasks_rerouted_total.add(n as u64);

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bloom::db::lifecycle;
 use bloom::domain::{DesiredFormat, NewTask, Policy};
+use bloom::time::now_ms;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -157,7 +158,7 @@ async fn the_relay_publishes_dispatches_nobody_published() {
         desired_format: DesiredFormat::Text,
         max_attempts: 3,
     };
-    lifecycle::create(&app.pool, vec![new.clone(), new.clone(), new], "test").await.unwrap();
+    lifecycle::create(&app.pool, vec![new.clone(), new.clone(), new], "test", now_ms()).await.unwrap();
     assert_eq!(app.count("SELECT count(*) FROM outbox").await, 3);
     app.start_worker("w", 4).await;
     app.start_reconciler().await;

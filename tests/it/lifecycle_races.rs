@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use bloom::db::lifecycle::{self, Claim, ClaimOutcome};
 use bloom::domain::{TaskId, WorkerId};
+use bloom::time::now_ms;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -45,7 +46,7 @@ async fn concurrent_claims_of_one_dispatch_grant_one_lease() {
                 worker_id: WorkerId::from(format!("w{i}")),
                 ttl_seconds: 30,
             };
-            tokio::spawn(async move { lifecycle::claim(&pool, &[c]).await.unwrap() })
+            tokio::spawn(async move { lifecycle::claim(&pool, &[c], now_ms()).await.unwrap() })
         })
         .collect();
     let mut granted = 0;
@@ -57,14 +58,14 @@ async fn concurrent_claims_of_one_dispatch_grant_one_lease() {
     assert_eq!(granted, 1);
     // A claim of a stale dispatch is refused even if the task were queued.
     let stale = Claim { task_id: id.clone(), dispatch_seq: 0, worker_id: "w9".into(), ttl_seconds: 30 };
-    assert_eq!(lifecycle::claim(&app.pool, &[stale]).await.unwrap(), vec![ClaimOutcome::Refused]);
+    assert_eq!(lifecycle::claim(&app.pool, &[stale], now_ms()).await.unwrap(), vec![ClaimOutcome::Refused]);
     // Two claims in one batch for the same task: one lease.
     let t2 = TaskId::from(app.submit("batch").await["id"].as_str().unwrap());
     let both = [
         Claim { task_id: t2.clone(), dispatch_seq: 1, worker_id: "a".into(), ttl_seconds: 30 },
         Claim { task_id: t2.clone(), dispatch_seq: 1, worker_id: "b".into(), ttl_seconds: 30 },
     ];
-    let out = lifecycle::claim(&app.pool, &both).await.unwrap();
+    let out = lifecycle::claim(&app.pool, &both, now_ms()).await.unwrap();
     assert_eq!(out.iter().filter(|o| matches!(o, ClaimOutcome::Granted(_))).count(), 1);
     assert_eq!(app.count(&format!("SELECT count(*) FROM leases WHERE task_id = '{t2}'")).await, 1);
     app.stop().await;
@@ -112,8 +113,9 @@ async fn expiry_requeues_running_tasks_counts_attempts_and_kills_at_the_limit() 
         app.post(&format!("/api/runtime/llm-tasks/{id}/heartbeat"), json!({})).await;
         assert_eq!(app.status_of(&id).await, "running");
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        let expiry =
-            lifecycle::expire(&app.pool, lifecycle::Expiring::Before(bloom::time::now_ms()), 100).await.unwrap();
+        let expiry = lifecycle::expire(&app.pool, lifecycle::Expiring::Before(bloom::time::now_ms()), 100, now_ms())
+            .await
+            .unwrap();
         assert_eq!(expiry.expired, 1);
         let (_, t) = app.get(&format!("/api/runtime/llm-tasks/{id}")).await;
         assert_eq!(t["attempts"], attempt);
@@ -139,7 +141,10 @@ async fn expiry_requeues_running_tasks_counts_attempts_and_kills_at_the_limit() 
     assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'active'").await, 0);
     // A second sweep finds nothing.
     assert_eq!(
-        lifecycle::expire(&app.pool, lifecycle::Expiring::Before(bloom::time::now_ms()), 100).await.unwrap().expired,
+        lifecycle::expire(&app.pool, lifecycle::Expiring::Before(bloom::time::now_ms()), 100, now_ms())
+            .await
+            .unwrap()
+            .expired,
         0
     );
     app.stop().await;
@@ -245,14 +250,16 @@ async fn a_repeated_claim_gets_the_same_lease() {
     app.register_worker("x", 1).await;
     let id = TaskId::from(app.submit("again").await["id"].as_str().unwrap());
     let claim = |w: &str| Claim { task_id: id.clone(), dispatch_seq: 1, worker_id: w.into(), ttl_seconds: 30 };
-    let ClaimOutcome::Granted(first) = lifecycle::claim(&app.pool, &[claim("w")]).await.unwrap().remove(0) else {
+    let ClaimOutcome::Granted(first) = lifecycle::claim(&app.pool, &[claim("w")], now_ms()).await.unwrap().remove(0)
+    else {
         panic!("first claim refused");
     };
-    let ClaimOutcome::Granted(again) = lifecycle::claim(&app.pool, &[claim("w")]).await.unwrap().remove(0) else {
+    let ClaimOutcome::Granted(again) = lifecycle::claim(&app.pool, &[claim("w")], now_ms()).await.unwrap().remove(0)
+    else {
         panic!("repeated claim refused");
     };
     assert_eq!((again.id, again.expires_at), (first.id, first.expires_at));
-    assert_eq!(lifecycle::claim(&app.pool, &[claim("x")]).await.unwrap(), vec![ClaimOutcome::Refused]);
+    assert_eq!(lifecycle::claim(&app.pool, &[claim("x")], now_ms()).await.unwrap(), vec![ClaimOutcome::Refused]);
     assert_eq!(app.count("SELECT count(*) FROM leases").await, 1);
     assert_eq!(app.count(&format!("SELECT attempts::bigint FROM llm_tasks WHERE id = '{id}'")).await, 1);
     app.stop().await;
@@ -284,11 +291,11 @@ async fn claims_never_take_a_worker_beyond_its_capacity() {
         // Eight single claims and one batch of four, all at once.
         let singles = ids[..8].iter().map(|id| {
             let (pool, c) = (app.pool.clone(), claim(id));
-            tokio::spawn(async move { lifecycle::claim(&pool, &[c]).await.unwrap() })
+            tokio::spawn(async move { lifecycle::claim(&pool, &[c], now_ms()).await.unwrap() })
         });
         let batch: Vec<Claim> = ids[8..].iter().map(claim).collect();
         let pool = app.pool.clone();
-        let batch = tokio::spawn(async move { lifecycle::claim(&pool, &batch).await.unwrap() });
+        let batch = tokio::spawn(async move { lifecycle::claim(&pool, &batch, now_ms()).await.unwrap() });
         let mut outcomes: Vec<ClaimOutcome> = Vec::new();
         for single in singles.collect::<Vec<_>>() {
             outcomes.extend(single.await.unwrap());
@@ -300,7 +307,9 @@ async fn claims_never_take_a_worker_beyond_its_capacity() {
         assert_eq!(app.count("SELECT count(*) FROM leases WHERE worker_id = 'w' AND status = 'active'").await, 3);
         assert_eq!(app.count("SELECT active_leases::bigint FROM workers WHERE id = 'w'").await, 3);
         // The worker's previous process ends: its slots are free again.
-        let ended = lifecycle::expire(&app.pool, lifecycle::Expiring::HeldBy(&WorkerId::from("w")), 100).await.unwrap();
+        let ended = lifecycle::expire(&app.pool, lifecycle::Expiring::HeldBy(&WorkerId::from("w")), 100, now_ms())
+            .await
+            .unwrap();
         assert_eq!(ended.expired, 3);
         assert_eq!(app.count("SELECT active_leases::bigint FROM workers WHERE id = 'w'").await, 0);
     }
@@ -310,15 +319,15 @@ async fn claims_never_take_a_worker_beyond_its_capacity() {
         ids.push(TaskId::from(app.submit(&format!("batch {i}")).await["id"].as_str().unwrap()));
     }
     ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-    let outcomes = lifecycle::claim(&app.pool, &ids.iter().map(claim).collect::<Vec<_>>()).await.unwrap();
+    let outcomes = lifecycle::claim(&app.pool, &ids.iter().map(claim).collect::<Vec<_>>(), now_ms()).await.unwrap();
     let granted: Vec<bool> = outcomes.iter().map(|o| matches!(o, ClaimOutcome::Granted(_))).collect();
     assert_eq!(granted, [true, true, true, false, false]);
     assert_eq!(outcomes[3..], [ClaimOutcome::Full, ClaimOutcome::Full]);
     // A held lease is granted again even when the worker is full.
-    let again = lifecycle::claim(&app.pool, &[claim(&ids[0])]).await.unwrap();
+    let again = lifecycle::claim(&app.pool, &[claim(&ids[0])], now_ms()).await.unwrap();
     assert!(matches!(again[0], ClaimOutcome::Granted(_)), "{again:?}");
     let unknown = Claim { task_id: ids[4].clone(), dispatch_seq: 1, worker_id: "nobody".into(), ttl_seconds: 30 };
-    assert_eq!(lifecycle::claim(&app.pool, &[unknown]).await.unwrap(), [ClaimOutcome::Full]);
+    assert_eq!(lifecycle::claim(&app.pool, &[unknown], now_ms()).await.unwrap(), [ClaimOutcome::Full]);
     assert_eq!(miscounted_workers(&app).await, 0);
     app.stop().await;
 }
@@ -344,12 +353,13 @@ async fn active_leases_follow_every_transition() {
     assert_eq!(app.post(&format!("/api/runtime/llm-tasks/{id}/complete"), done).await.0, StatusCode::OK);
     assert_eq!(active().await, 3);
     let (id, lease) = &leased[1];
-    assert!(lifecycle::release(&app.pool, &TaskId::from(id.as_str()), &lease.as_str().into()).await.unwrap());
+    assert!(lifecycle::release(&app.pool, &TaskId::from(id.as_str()), &lease.as_str().into(), now_ms()).await.unwrap());
     assert_eq!(active().await, 2);
     app.delete("/api/runtime/workers/r").await;
     app.register_worker("r", 8).await;
     assert_eq!(active().await, 2);
-    let ended = lifecycle::expire(&app.pool, lifecycle::Expiring::HeldBy(&WorkerId::from("r")), 100).await.unwrap();
+    let ended =
+        lifecycle::expire(&app.pool, lifecycle::Expiring::HeldBy(&WorkerId::from("r")), 100, now_ms()).await.unwrap();
     assert_eq!(ended.expired, 2);
     assert_eq!(active().await, 0);
     assert_eq!(miscounted_workers(&app).await, 0);

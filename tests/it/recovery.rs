@@ -8,6 +8,7 @@ use bloom::bus::names::RECONCILER_QUEUE;
 use bloom::db::lifecycle::{self, Claim, ClaimOutcome};
 use bloom::domain::TaskId;
 use bloom::protocol::ClaimRequest;
+use bloom::time::now_ms;
 use futures::StreamExt;
 
 use crate::common::{wait_for, TestApp};
@@ -31,7 +32,7 @@ async fn silent_claimer(app: &TestApp) -> tokio::task::JoinHandle<()> {
                     ttl_seconds: req.ttl_seconds,
                 })
                 .collect();
-            let _ = lifecycle::claim(&pool, &batch).await;
+            let _ = lifecycle::claim(&pool, &batch, now_ms()).await;
         }
     })
 }
@@ -69,7 +70,7 @@ async fn a_restarted_worker_ends_the_leases_of_its_previous_process() {
     let id = TaskId::from(app.submit("held by a dead process").await["id"].as_str().unwrap());
     // The previous process of `w1` claimed it and died.
     let claim = Claim { task_id: id.clone(), dispatch_seq: 1, worker_id: "w1".into(), ttl_seconds: 300 };
-    assert!(matches!(lifecycle::claim(&app.pool, &[claim]).await.unwrap()[0], ClaimOutcome::Granted(_)));
+    assert!(matches!(lifecycle::claim(&app.pool, &[claim], now_ms()).await.unwrap()[0], ClaimOutcome::Granted(_)));
     let (_w, _) = app.start_worker("w1", 1).await;
     wait_for("task completed", Duration::from_secs(20), || async { app.status_of(id.as_str()).await == "completed" })
         .await;

@@ -5,6 +5,7 @@ use std::time::Duration;
 use bloom::db::lifecycle::{self, Claim, ClaimOutcome};
 use bloom::db::workers::{self, Beat};
 use bloom::domain::{Capabilities, TaskId, WorkerId, WorkerStatus};
+use bloom::time::now_ms;
 use serde_json::json;
 
 use crate::common::{wait_for, TestApp};
@@ -28,7 +29,7 @@ async fn queued_tasks_routed_to_a_silent_worker_go_to_the_pool() {
         worker_id: ghost.clone(),
         ttl_seconds: 300,
     };
-    assert!(matches!(lifecycle::claim(&app.pool, &[claim]).await.unwrap()[0], ClaimOutcome::Granted(_)));
+    assert!(matches!(lifecycle::claim(&app.pool, &[claim], now_ms()).await.unwrap()[0], ClaimOutcome::Granted(_)));
 
     // The next task of the context is routed to ghost's direct subject.
     let next = app.submit_with(json!({"context_id": "ctx", "agent_slug": "a", "prompt": "next"})).await;

@@ -1,0 +1,107 @@
+//! `expire`: leases past their time (or of a restarted worker) ended; tasks requeued or dead (batch).
+
+use sqlx::PgPool;
+
+use crate::db::outbox::{self, Dispatch};
+use crate::db::{audit, tasks};
+use crate::domain::{AuditAction, LeaseId, NewAudit, TaskId, TaskStatus, WorkerId};
+
+/// What one sweep of expired leases did.
+#[derive(Debug, Default)]
+pub struct Expiry {
+    /// Leases marked expired.
+    pub expired: usize,
+    /// Tasks requeued (attempts remained), with their new dispatches.
+    pub requeued: Vec<Dispatch>,
+    /// Tasks that ran out of attempts and are now `dead`.
+    pub dead: usize,
+}
+
+/// Which active leases [`expire`] ends.
+#[derive(Clone, Copy, Debug)]
+pub enum Expiring<'a> {
+    /// Those whose `expires_at` is before this time (ms).
+    Before(i64),
+    /// Those a worker held before its process restarted: the executions died with the
+    /// previous process, so they need not wait for their TTL.
+    HeldBy(&'a WorkerId),
+}
+
+/// Expires up to `limit` active leases, in one transaction: rows are taken with
+/// `FOR UPDATE SKIP LOCKED` so several sweepers share the work. A task whose current
+/// lease expired (in `leased` or `running`) is requeued through the outbox while
+/// attempts remain, else becomes `dead`.
+pub async fn expire(pool: &PgPool, which: Expiring<'_>, limit: i64, now: i64) -> sqlx::Result<Expiry> {
+    let (cutoff, holder, ended) = match which {
+        Expiring::Before(cutoff) => (cutoff, None, "expired"),
+        Expiring::HeldBy(worker) => (i64::MAX, Some(worker), "ended: its worker restarted"),
+    };
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(LeaseId, TaskId, WorkerId, Option<TaskStatus>, Option<i32>, Option<i32>)> = sqlx::query_as(
+        "WITH stale AS (
+            SELECT id FROM leases WHERE status = 'active' AND expires_at < $1 AND ($4::text IS NULL OR worker_id = $4)
+            ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+         ex AS (
+            UPDATE leases l SET status = 'expired' FROM stale WHERE l.id = stale.id
+            RETURNING l.id, l.task_id, l.worker_id),
+         t AS (
+            UPDATE llm_tasks t SET
+                status = CASE WHEN t.attempts < t.max_attempts THEN 'queued' ELSE 'dead' END,
+                lease_id = CASE WHEN t.attempts < t.max_attempts THEN NULL ELSE t.lease_id END,
+                worker_id = CASE WHEN t.attempts < t.max_attempts THEN NULL ELSE t.worker_id END,
+                dispatch_seq = t.dispatch_seq + 1,
+                routed_to = NULL,
+                updated_at = $3
+            FROM ex WHERE t.id = ex.task_id AND t.lease_id = ex.id AND (t.status || '') IN ('leased', 'running')
+            RETURNING t.id, t.status, t.attempts, t.max_attempts)
+         SELECT ex.id, ex.task_id, ex.worker_id, t.status, t.attempts, t.max_attempts
+         FROM ex LEFT JOIN t ON t.id = ex.task_id",
+    )
+    .bind(cutoff)
+    .bind(limit)
+    .bind(now)
+    .bind(holder)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut report = Expiry { expired: rows.len(), ..Expiry::default() };
+    let mut entries = Vec::new();
+    let mut requeued_ids = Vec::new();
+    for (lease_id, task_id, worker_id, status, attempts, max) in rows {
+        let (attempts, max) = (attempts.unwrap_or(0), max.unwrap_or(0));
+        entries.push(NewAudit::new(
+            AuditAction::LeaseExpired,
+            "lease",
+            lease_id.as_str(),
+            "reconciler",
+            format!("Lease of task {task_id} held by worker {worker_id} {ended} (attempt {attempts} of {max})"),
+        ));
+        match status {
+            Some(TaskStatus::Queued) => {
+                entries.push(NewAudit::new(
+                    AuditAction::TaskRequeued,
+                    "llm_task",
+                    task_id.as_str(),
+                    "reconciler",
+                    format!("Requeued after lease expiry, {attempts} of {max} attempts used"),
+                ));
+                requeued_ids.push(task_id.0);
+            }
+            Some(TaskStatus::Dead) => {
+                report.dead += 1;
+                entries.push(NewAudit::new(
+                    AuditAction::TaskDead,
+                    "llm_task",
+                    task_id.as_str(),
+                    "reconciler",
+                    format!("Dead after lease expiry, all {max} attempts used"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    audit::insert(&mut *tx, &entries, now).await?;
+    let requeued = tasks::get_many(&mut *tx, &requeued_ids).await?;
+    report.requeued = outbox::insert(&mut tx, requeued, now).await?;
+    tx.commit().await?;
+    Ok(report)
+}

@@ -1,0 +1,140 @@
+//! `lease`: a REST lease, `queued -> leased`, to a chosen or named worker.
+
+use sqlx::PgPool;
+
+use super::{conflict_on, task_not_found, TransitionError};
+use crate::db::{audit, tasks, workers};
+use crate::domain::{
+    pick_worker, AuditAction, Lease, LeaseId, LeaseStatus, NewAudit, Task, TaskId, TaskStatus, Worker, WorkerId,
+};
+
+/// A REST lease request.
+#[derive(Clone, Debug)]
+pub struct LeaseRequest {
+    /// Lease to this worker, if it is eligible (online, Claude CLI, a free slot).
+    pub worker_id: Option<WorkerId>,
+    pub ttl_seconds: i32,
+}
+
+/// Leases a queued task to a worker chosen as the seed's `pickWorker` does (or the
+/// explicitly named one). The chosen worker's row is locked and its free slots read
+/// after the lock, so concurrent leases cannot overfill it; the task is then updated
+/// only if still `queued`, so of two concurrent leases exactly one wins and the other
+/// gets a conflict.
+pub async fn lease(
+    pool: &PgPool,
+    task_id: &TaskId,
+    req: &LeaseRequest,
+    now: i64,
+) -> Result<(Lease, Worker), TransitionError> {
+    let mut tx = pool.begin().await?;
+    // Rows are locked worker first, then task, as claims lock them: the task is read
+    // here and its `queued` status checked again by the guarded update below.
+    let task: Task = tasks::get(&mut *tx, task_id).await?.ok_or_else(task_not_found)?;
+    if task.status != TaskStatus::Queued {
+        return Err(conflict_on(task.status));
+    }
+    let worker = match &req.worker_id {
+        // A named worker must be able to take the lease like a chosen one: online, with
+        // the Claude CLI and a free slot (the original leased to it regardless).
+        Some(id) => {
+            workers::get_for_update(&mut tx, id).await?.filter(Worker::is_eligible).ok_or(TransitionError::NoWorker)?
+        }
+        None => choose_worker(&mut tx, &task).await?,
+    };
+    let lease = new_lease(&task, &worker.id, req.ttl_seconds, now);
+    // Of two concurrent leases of the task, the one that updates it first wins.
+    let won = sqlx::query(
+        "UPDATE llm_tasks SET status = 'leased', lease_id = $2, worker_id = $3, attempts = attempts + 1,
+                updated_at = $4
+         WHERE id = $1 AND status = 'queued'",
+    )
+    .bind(&task.id)
+    .bind(&lease.id)
+    .bind(&worker.id)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !won {
+        // A statement of its own sees what the winner committed.
+        let now_status = tasks::get(&mut *tx, task_id).await?.ok_or_else(task_not_found)?.status;
+        return Err(conflict_on(now_status));
+    }
+    insert_leases(&mut tx, std::slice::from_ref(&lease)).await?;
+    let detail = format!("Task {} leased to worker {}, TTL {}s", task.id, worker.id, req.ttl_seconds);
+    audit::insert(
+        &mut *tx,
+        &[NewAudit::new(AuditAction::TaskLeased, "lease", lease.id.as_str(), "router", detail)],
+        now,
+    )
+    .await?;
+    tx.commit().await?;
+    // The worker as it was chosen (its active leases before this one), as the original
+    // answered.
+    Ok((lease, worker))
+}
+
+/// Picks a worker as the seed's `pickWorker` does and locks its row. A worker that
+/// filled up between the read and the lock (concurrent leases) is passed over, its lock
+/// given back (so no two worker locks are ever held out of id order), and the choice
+/// made again among the others.
+async fn choose_worker(tx: &mut sqlx::PgConnection, task: &Task) -> Result<Worker, TransitionError> {
+    const CHOICES: usize = 4;
+    let sticky: Option<WorkerId> = sqlx::query_scalar(
+        "SELECT worker_id FROM leases WHERE status = 'active' AND context_id = $1
+         ORDER BY started_at DESC LIMIT 1",
+    )
+    .bind(&task.context_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let mut full: Vec<WorkerId> = Vec::new();
+    for _ in 0..CHOICES {
+        let mut candidates = workers::candidates(&mut *tx).await?;
+        candidates.retain(|w| !full.contains(&w.id));
+        let chosen = pick_worker(&candidates, sticky.as_ref()).ok_or(TransitionError::NoWorker)?.id.clone();
+        // A savepoint: rolling back to it releases the lock of a worker passed over.
+        let mut attempt = sqlx::Connection::begin(&mut *tx).await?;
+        match workers::get_for_update(&mut attempt, &chosen).await? {
+            Some(locked) if locked.is_eligible() => {
+                attempt.commit().await?;
+                return Ok(locked);
+            }
+            _ => {
+                attempt.rollback().await?;
+                full.push(chosen);
+            }
+        }
+    }
+    Err(TransitionError::NoWorker)
+}
+
+fn new_lease(task: &Task, worker: &WorkerId, ttl_seconds: i32, now: i64) -> Lease {
+    Lease {
+        id: LeaseId::generate(),
+        task_id: task.id.clone(),
+        worker_id: worker.clone(),
+        started_at: now,
+        expires_at: now + i64::from(ttl_seconds) * 1000,
+        ttl_seconds,
+        status: LeaseStatus::Active,
+        last_heartbeat: now,
+        context_id: Some(task.context_id.clone()),
+    }
+}
+
+async fn insert_leases(db: &mut sqlx::PgConnection, leases: &[Lease]) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
+                             context_id)
+         SELECT r.id, r.task_id, r.worker_id, r.started_at, r.expires_at, r.ttl_seconds, 'active',
+                r.last_heartbeat, r.context_id
+         FROM jsonb_to_recordset($1) AS r(id text, task_id text, worker_id text, started_at bigint,
+              expires_at bigint, ttl_seconds int, last_heartbeat bigint, context_id text)",
+    )
+    .bind(sqlx::types::Json(leases))
+    .execute(db)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! The task and lease state machine: every transition, for every path (REST, NATS,
+//! sweeper, relay), is one function of this module, in a file named after it. Each
+//! takes the time it happens at (`now`, milliseconds since the epoch) from its caller.
+//!
+//! Invariants:
+//! * each call is one transaction; a transition only happens when the row is still in
+//!   the expected state (`UPDATE ... WHERE status = ... AND lease_id = ...`), so no race
+//!   can lease a task twice or lose a completion;
+//! * each transition writes its audit entries in the same transaction;
+//! * every (re)queue writes an outbox row in the same transaction, so a queued task is
+//!   always either on the bus or in the outbox;
+//! * batch functions take many requests and commit once, in one statement: that is what
+//!   lets the runtime go beyond one durable commit per task;
+//! * hot statements find rows by primary key and compare the status as `status || ''`:
+//!   the status indexes churn under load (every transition adds entries that only vacuum
+//!   removes), and a plan that scans them instead of the primary key slows down as the
+//!   table grows;
+//! * batch statements also name their rows as `id = ANY($ids)`: the planner then sees
+//!   how many rows the batch touches and looks them up by key, where a join against
+//!   the batch's JSON rows (which it assumes to be 100) would scan the whole table.
+
+mod claim;
+mod complete;
+mod create;
+mod expire;
+mod heartbeat;
+mod lease;
+mod release;
+mod requeue;
+mod reroute;
+
+use sqlx::PgPool;
+
+pub use claim::{claim, Claim, ClaimOutcome};
+pub use complete::{complete, ArtifactBody, Completion, CompletionOutcome};
+pub use create::create;
+pub use expire::{expire, Expiring, Expiry};
+pub use heartbeat::heartbeat;
+pub use lease::{lease, LeaseRequest};
+pub use release::release;
+pub use requeue::requeue;
+pub use reroute::reroute;
+
+use super::tasks;
+use crate::domain::{Task, TaskId, TaskStatus};
+
+/// The batch statements of the dispatch path, by name: they must find their rows by key
+/// whatever the size of the tables when Postgres planned them (see `db::connect`).
+pub const HOT_STATEMENTS: [(&str, &str); 4] = [
+    ("create", create::CREATE_SQL),
+    ("claim", claim::CLAIM_SQL),
+    ("heartbeat", heartbeat::HEARTBEAT_SQL),
+    ("complete", complete::COMPLETE_SQL),
+];
+
+/// Why a single-task transition was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TransitionError {
+    /// No such task (or, for heartbeats, no lease on it).
+    #[error("{0}")]
+    NotFound(String),
+    /// The task or lease is not in the state the transition expects.
+    #[error("{0}")]
+    Conflict(String),
+    /// No worker can take the lease.
+    #[error("No available worker with free capacity")]
+    NoWorker,
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+fn task_not_found() -> TransitionError {
+    TransitionError::NotFound("Task not found".into())
+}
+
+fn conflict_on(status: TaskStatus) -> TransitionError {
+    TransitionError::Conflict(format!("Task status is '{status}', expected 'queued'"))
+}
+
+/// Reads a task, for transitions that first decide on its current state.
+pub async fn current(pool: &PgPool, task_id: &TaskId) -> Result<Task, TransitionError> {
+    tasks::get(pool, task_id).await?.ok_or_else(task_not_found)
+}
