@@ -69,11 +69,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         membridge_default: cli.membridge.endpoint(),
         membridge_timeout: cli.membridge.timeout(),
         db_timeout: cli.db.call_timeout(),
+        nats_timeout: cli.nats.timeout(),
     };
     let cancel = CancellationToken::new();
     bloom::process::cancel_on_signal(cancel.clone());
-    let state =
-        api::build_state(pool, nats, names, settings, artifacts, metrics, cli.nats.timeout(), cancel.clone()).await?;
+    let state = api::build_state(pool, nats, names, settings, artifacts, metrics, cancel.clone()).await?;
     tracing::info!(%addr, "bloom-api serving");
     bloom::process::serve_on(listener, api::router(state), cancel).await?;
     Ok(())

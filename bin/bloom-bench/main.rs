@@ -455,7 +455,7 @@ async fn main() -> anyhow::Result<()> {
 fn print_table(r: &Value) {
     let f = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.1}"));
     let lat = |v: &Value| format!("p50 {} / p95 {} / p99 {} ms", f(&v["p50"]), f(&v["p95"]), f(&v["p99"]));
-    eprintln!("\n{:<38} {}", "measure", "value");
+    eprintln!("\n{:<38} value", "measure");
     eprintln!("{:<38} {}", "saturation tasks/s (submit→completed)", f(&r["saturation"]["tasks_per_sec"]));
     eprintln!("{:<38} {}", "saturation submit latency", lat(&r["saturation"]["submit_ms"]));
     eprintln!("{:<38} {}", "saturation dispatch latency", lat(&r["saturation"]["dispatch_ms"]));

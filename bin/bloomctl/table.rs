@@ -111,7 +111,10 @@ mod tests {
         assert_eq!(iso8601(1_767_225_599_999), "2025-12-31T23:59:59.999Z");
         assert_eq!(iso8601(-1), "1969-12-31T23:59:59.999Z");
         let row = json!({"id": "t1", "created_at": 0, "attempts": 2, "last_heartbeat": null});
-        let table = render(&[row.clone()], &[("ID", "/id"), ("CREATED_AT", "/created_at"), ("ATTEMPTS", "/attempts")]);
+        let table = render(
+            std::slice::from_ref(&row),
+            &[("ID", "/id"), ("CREATED_AT", "/created_at"), ("ATTEMPTS", "/attempts")],
+        );
         assert_eq!(table.lines().nth(1), Some("t1  1970-01-01T00:00:00.000Z  2"));
         let rec = record(&row);
         assert!(rec.contains("created_at      1970-01-01T00:00:00.000Z\n"), "{rec}");

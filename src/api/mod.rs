@@ -58,6 +58,8 @@ pub struct ApiSettings {
     /// Client-side bound of one database call (longer than the statement timeout, so
     /// Postgres gives up first).
     pub db_timeout: Duration,
+    /// Bound of one JetStream request (provisioning, publish acknowledgements).
+    pub nats_timeout: Duration,
 }
 
 /// Shared state of all handlers; cloning it (every request does, once per layer) is
@@ -293,10 +295,9 @@ pub async fn build_state(
     settings: ApiSettings,
     artifacts: ArtifactStore,
     metrics: Arc<Metrics>,
-    nats_timeout: Duration,
     cancel: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<AppState> {
-    let js = crate::bus::jetstream(nats.clone(), nats_timeout);
+    let js = crate::bus::jetstream(nats.clone(), settings.nats_timeout);
     crate::bus::provision::apply(&js, &names, Duration::from_secs(settings.lease_ttl_secs.max(1) as u64)).await?;
     let dispatcher = Dispatcher::spawn(js, names, pool.clone(), metrics.clone(), cancel.clone());
     let submitter = Submitter::spawn(pool.clone(), dispatcher.clone(), metrics.clone(), 2, settings.db_timeout, cancel);

@@ -189,10 +189,18 @@ pub async fn heartbeat(
     }
 }
 
+/// A complete body, validated: the result as the caller reported it.
+struct Reported {
+    status: ResultStatus,
+    output: Option<String>,
+    error_message: Option<String>,
+    metrics: Metrics,
+    artifact_type: String,
+    artifact_tags: Vec<String>,
+}
+
 /// Validates a complete body with the seed's `completeTaskSchema`.
-fn parse_completion(
-    body: &Value,
-) -> Result<(ResultStatus, Option<String>, Option<String>, Metrics, String, Vec<String>), ApiError> {
+fn parse_completion(body: &Value) -> Result<Reported, ApiError> {
     let mut errors = FieldErrors::default();
     let mut f = Fields::root(body, &mut errors);
     let status = f.one_of("status", &["success", "error"], None).map(|s| {
@@ -222,7 +230,9 @@ fn parse_completion(
     let artifact_type = f.opt_string("artifact_type", 0, None, false).map(|t| t.unwrap_or_else(|| "LLM_RESULT".into()));
     let tags = f.opt_strings("artifact_tags").map(Option::unwrap_or_default);
     match (status, output, error_message, metrics, artifact_type, tags) {
-        (Some(s), Some(o), Some(e), Some(m), Some(t), Some(tags)) => errors.finish((s, o, e, m, t, tags)),
+        (Some(status), Some(output), Some(error_message), Some(metrics), Some(artifact_type), Some(artifact_tags)) => {
+            errors.finish(Reported { status, output, error_message, metrics, artifact_type, artifact_tags })
+        }
         _ => Err(ApiError::Validation(errors)),
     }
 }
@@ -247,7 +257,7 @@ pub async fn complete(
     if !task.status.is_leased() {
         return Err(ApiError::Conflict(format!("Task status is '{}', expected 'leased' or 'running'", task.status)));
     }
-    let (status, output, error_message, metrics, artifact_type, artifact_tags) = parse_completion(&body)?;
+    let Reported { status, output, error_message, metrics, artifact_type, artifact_tags } = parse_completion(&body)?;
     check_holder(&task, &body)?;
     // The output was copied out of the body: the body need not stay in memory.
     drop(body);
@@ -268,7 +278,7 @@ pub async fn complete(
     match lifecycle::complete(&state.pool, std::slice::from_ref(&completion), now_ms()).await?.pop() {
         Some(CompletionOutcome::Completed { task, result_id, completed_at }) => {
             let (artifact, result) = completion.into_records(&task, result_id, completed_at);
-            Ok(Json(Completed { task, artifact, result }))
+            Ok(Json(Completed { task: *task, artifact, result }))
         }
         _ => Err(ApiError::Conflict(format!("Lease {lease_id} is no longer the current lease of task {}", task.id))),
     }

@@ -123,6 +123,7 @@ impl TestApp {
                 .unwrap_or(Endpoint { url: "http://127.0.0.1:9".into(), admin_key: Secret::default() }),
             membridge_timeout: opts.membridge_timeout,
             db_timeout: Duration::from_secs(35),
+            nats_timeout: Duration::from_secs(5),
         };
         let cancel = CancellationToken::new();
         let state = api::build_state(
@@ -132,7 +133,6 @@ impl TestApp {
             settings,
             artifacts,
             metrics.clone(),
-            Duration::from_secs(5),
             cancel.clone(),
         )
         .await

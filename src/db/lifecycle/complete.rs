@@ -101,7 +101,7 @@ struct CompleteRow<'a> {
 pub enum CompletionOutcome {
     /// The result was for the current lease: the task is final, and the result and
     /// artifact rows were written (see [`Completion::into_records`]).
-    Completed { task: Task, result_id: ResultId, completed_at: i64 },
+    Completed { task: Box<Task>, result_id: ResultId, completed_at: i64 },
     /// The lease is no longer current (expired, requeued, already completed): the result
     /// was recorded as late in the audit log and changed nothing.
     Late,
@@ -209,7 +209,7 @@ pub async fn complete<'c>(
         .map(|((c, first), result_id)| {
             let task = if first { done.remove(&(c.task_id.clone(), c.lease_id.clone())) } else { None };
             match task {
-                Some(task) => CompletionOutcome::Completed { task, result_id, completed_at: now },
+                Some(task) => CompletionOutcome::Completed { task: Box::new(task), result_id, completed_at: now },
                 None => CompletionOutcome::Late,
             }
         })

@@ -27,6 +27,18 @@ pub enum Expiring<'a> {
     HeldBy(&'a WorkerId),
 }
 
+/// One ended lease, and what became of its task (nothing when the lease was no longer
+/// the task's current one).
+#[derive(sqlx::FromRow)]
+struct Ended {
+    lease_id: LeaseId,
+    task_id: TaskId,
+    worker_id: WorkerId,
+    status: Option<TaskStatus>,
+    attempts: Option<i32>,
+    max_attempts: Option<i32>,
+}
+
 /// Expires up to `limit` active leases, in one transaction: rows are taken with
 /// `FOR UPDATE SKIP LOCKED` so several sweepers share the work. A task whose current
 /// lease expired (in `leased` or `running`) is requeued through the outbox while
@@ -37,7 +49,7 @@ pub async fn expire(pool: &PgPool, which: Expiring<'_>, limit: i64, now: i64) ->
         Expiring::HeldBy(worker) => (i64::MAX, Some(worker), "ended: its worker restarted"),
     };
     let mut tx = pool.begin().await?;
-    let rows: Vec<(LeaseId, TaskId, WorkerId, Option<TaskStatus>, Option<i32>, Option<i32>)> = sqlx::query_as(
+    let rows: Vec<Ended> = sqlx::query_as(
         "WITH stale AS (
             SELECT id FROM leases WHERE status = 'active' AND expires_at < $1 AND ($4::text IS NULL OR worker_id = $4)
             ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED),
@@ -54,7 +66,7 @@ pub async fn expire(pool: &PgPool, which: Expiring<'_>, limit: i64, now: i64) ->
                 updated_at = $3
             FROM ex WHERE t.id = ex.task_id AND t.lease_id = ex.id AND (t.status || '') IN ('leased', 'running')
             RETURNING t.id, t.status, t.attempts, t.max_attempts)
-         SELECT ex.id, ex.task_id, ex.worker_id, t.status, t.attempts, t.max_attempts
+         SELECT ex.id AS lease_id, ex.task_id, ex.worker_id, t.status, t.attempts, t.max_attempts
          FROM ex LEFT JOIN t ON t.id = ex.task_id",
     )
     .bind(cutoff)
@@ -66,8 +78,8 @@ pub async fn expire(pool: &PgPool, which: Expiring<'_>, limit: i64, now: i64) ->
     let mut report = Expiry { expired: rows.len(), ..Expiry::default() };
     let mut entries = Vec::new();
     let mut requeued_ids = Vec::new();
-    for (lease_id, task_id, worker_id, status, attempts, max) in rows {
-        let (attempts, max) = (attempts.unwrap_or(0), max.unwrap_or(0));
+    for Ended { lease_id, task_id, worker_id, status, attempts, max_attempts } in rows {
+        let (attempts, max) = (attempts.unwrap_or(0), max_attempts.unwrap_or(0));
         entries.push(NewAudit::new(
             AuditAction::LeaseExpired,
             "lease",
