@@ -10,22 +10,20 @@ pub async fn insert(db: impl PgExecutor<'_>, entries: &[NewAudit], now: i64) -> 
     if entries.is_empty() {
         return Ok(());
     }
-    let rows: Vec<serde_json::Value> = entries
-        .iter()
-        .map(|e| {
-            serde_json::json!({
-                "id": new_id(), "action": e.action, "entity_type": e.entity_type,
-                "entity_id": e.entity_id, "actor": e.actor, "detail": e.detail,
-            })
-        })
-        .collect();
+    let ids: Vec<String> = entries.iter().map(|_| new_id()).collect();
     sqlx::query(
         "INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-         SELECT r.id, $2, r.action, r.entity_type, r.entity_id, r.actor, r.detail
-         FROM jsonb_to_recordset($1) AS r(id text, action text, entity_type text, entity_id text, actor text, detail text)",
+         SELECT r.id, $1, r.action, r.entity_type, r.entity_id, r.actor, r.detail
+         FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+              AS r(id, action, entity_type, entity_id, actor, detail)",
     )
-    .bind(serde_json::Value::Array(rows))
     .bind(now)
+    .bind(ids)
+    .bind(entries.iter().map(|e| e.action).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.entity_type).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.entity_id.as_str()).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.actor.as_str()).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.detail.as_str()).collect::<Vec<_>>())
     .execute(db)
     .await?;
     Ok(())

@@ -25,18 +25,16 @@ pub async fn insert(db: &mut PgConnection, tasks: Vec<Task>, now: i64) -> sqlx::
     if tasks.is_empty() {
         return Ok(Vec::new());
     }
-    let rows: Vec<serde_json::Value> = tasks
-        .iter()
-        .map(|t| serde_json::json!({"task_id": t.id, "dispatch_seq": t.dispatch_seq, "worker_id": t.routed_to}))
-        .collect();
     let ids: Vec<(i64, String)> = sqlx::query_as(
         "INSERT INTO outbox (task_id, dispatch_seq, worker_id, created_at)
-         SELECT r.task_id, r.dispatch_seq, r.worker_id, $2
-         FROM jsonb_to_recordset($1) AS r(task_id text, dispatch_seq bigint, worker_id text)
+         SELECT r.task_id, r.dispatch_seq, r.worker_id, $1
+         FROM UNNEST($2::text[], $3::bigint[], $4::text[]) AS r(task_id, dispatch_seq, worker_id)
          RETURNING id, task_id",
     )
-    .bind(serde_json::Value::Array(rows))
     .bind(now)
+    .bind(tasks.iter().map(|t| t.id.as_str()).collect::<Vec<_>>())
+    .bind(tasks.iter().map(|t| t.dispatch_seq).collect::<Vec<_>>())
+    .bind(tasks.iter().map(|t| t.routed_to.as_ref().map(|w| w.as_str())).collect::<Vec<_>>())
     .fetch_all(&mut *db)
     .await?;
     let mut by_task: HashMap<String, i64> = ids.into_iter().map(|(id, task)| (task, id)).collect();

@@ -3,6 +3,7 @@
 //! `active_leases` is kept equal to the worker's active leases by triggers on `leases`
 //! (migration 0005): every statement that starts or ends a lease updates it.
 
+use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor};
 
 use super::audit;
@@ -115,14 +116,17 @@ pub async fn record_beats(db: impl PgExecutor<'_>, beats: &[Beat], now: i64) -> 
     }
     sqlx::query(
         "INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, registered_at, source)
-         SELECT r.id, r.id, '', r.status, r.capabilities, $2, r.ip_addrs, $2, 'nats'
-         FROM jsonb_to_recordset($1) AS r(id text, status text, capabilities jsonb, ip_addrs jsonb)
+         SELECT r.id, r.id, '', r.status, r.capabilities, $1, r.ip_addrs, $1, 'nats'
+         FROM UNNEST($2::text[], $3::text[], $4::jsonb[], $5::jsonb[]) AS r(id, status, capabilities, ip_addrs)
          ON CONFLICT (id) DO UPDATE SET
             status = EXCLUDED.status, capabilities = EXCLUDED.capabilities,
             last_heartbeat = EXCLUDED.last_heartbeat, ip_addrs = EXCLUDED.ip_addrs, source = 'nats'",
     )
-    .bind(sqlx::types::Json(beats))
     .bind(now)
+    .bind(beats.iter().map(|b| b.id.as_str()).collect::<Vec<_>>())
+    .bind(beats.iter().map(|b| b.status.as_str()).collect::<Vec<_>>())
+    .bind(beats.iter().map(|b| Json(&b.capabilities)).collect::<Vec<_>>())
+    .bind(beats.iter().map(|b| Json(&b.ip_addrs)).collect::<Vec<_>>())
     .execute(db)
     .await?;
     Ok(())
@@ -173,9 +177,9 @@ pub async fn sync_agents(
         "INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, obs_count, db_sha,
                               registered_at, source)
          SELECT r.id, r.id, COALESCE(NULLIF(r.url, ''), ''), r.status, r.capabilities, r.last_heartbeat,
-                COALESCE(r.ip_addrs, '[]'::jsonb), COALESCE(r.obs_count, 0), COALESCE(r.db_sha, ''), $2, 'membridge'
-         FROM jsonb_to_recordset($1) AS r(id text, url text, status text, capabilities jsonb, last_heartbeat bigint,
-                                          ip_addrs jsonb, obs_count int, db_sha text)
+                COALESCE(r.ip_addrs, '[]'::jsonb), COALESCE(r.obs_count, 0), COALESCE(r.db_sha, ''), $1, 'membridge'
+         FROM UNNEST($2::text[], $3::text[], $4::text[], $5::jsonb[], $6::bigint[], $7::jsonb[], $8::int[], $9::text[])
+              AS r(id, url, status, capabilities, last_heartbeat, ip_addrs, obs_count, db_sha)
          ON CONFLICT (id) DO UPDATE SET
             node_id = EXCLUDED.node_id,
             url = CASE WHEN workers.source = 'api' AND workers.url <> '' THEN workers.url
@@ -190,8 +194,15 @@ pub async fn sync_agents(
             source = CASE WHEN workers.source = 'api' THEN 'api' ELSE 'membridge' END
          WHERE NOT (workers.source = 'nats' AND workers.status = 'online')",
     )
-    .bind(sqlx::types::Json(agents))
     .bind(now)
+    .bind(agents.iter().map(|a| a.id.as_str()).collect::<Vec<_>>())
+    .bind(agents.iter().map(|a| a.url.as_deref()).collect::<Vec<_>>())
+    .bind(agents.iter().map(|a| a.status.as_str()).collect::<Vec<_>>())
+    .bind(agents.iter().map(|a| Json(&a.capabilities)).collect::<Vec<_>>())
+    .bind(agents.iter().map(|a| a.last_heartbeat).collect::<Vec<_>>())
+    .bind(agents.iter().map(|a| a.ip_addrs.as_ref().map(Json)).collect::<Vec<_>>())
+    .bind(agents.iter().map(|a| a.obs_count).collect::<Vec<_>>())
+    .bind(agents.iter().map(|a| a.db_sha.as_deref()).collect::<Vec<_>>())
     .execute(&mut *db)
     .await?;
     let seen: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();

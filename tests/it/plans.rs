@@ -38,12 +38,21 @@ fn table_scans(plan: &str) -> Vec<String> {
     scans
 }
 
+/// The number of parameters of a statement (its highest `$n`).
+fn params(sql: &str) -> usize {
+    sql.split('$')
+        .skip(1)
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
 /// Prepares every hot statement with a generic plan and checks it looks rows up by key.
 async fn check_hot_statements(conn: &mut sqlx::PgConnection) {
     sqlx::raw_sql("DEALLOCATE ALL; SET plan_cache_mode = force_generic_plan").execute(&mut *conn).await.unwrap();
     for (name, sql) in bloom::db::lifecycle::HOT_STATEMENTS {
         // Every parameter is NULL: a generic plan does not look at the values.
-        let max_param = (1..=9).rev().find(|n| sql.contains(&format!("${n}"))).unwrap_or(0);
+        let max_param = params(sql);
         sqlx::raw_sql(&format!("PREPARE hot_{name} AS {sql}")).execute(&mut *conn).await.unwrap();
         let nulls = vec!["NULL"; max_param].join(", ");
         let plan = explain(&mut *conn, &format!("hot_{name}"), &nulls).await;
@@ -98,6 +107,6 @@ async fn the_same_plans_scan_without_the_connection_settings() {
         .unwrap();
     let (_, claim) = bloom::db::lifecycle::HOT_STATEMENTS.iter().find(|(n, _)| *n == "claim").unwrap();
     sqlx::raw_sql(&format!("PREPARE hot_claim AS {claim}")).execute(&mut *conn).await.unwrap();
-    let plan = explain(&mut conn, "hot_claim", "NULL, NULL, NULL, NULL").await;
+    let plan = explain(&mut conn, "hot_claim", &vec!["NULL"; params(claim)].join(", ")).await;
     assert!(table_scans(&plan).iter().any(|s| s.contains("Seq Scan on llm_tasks")), "expected a scan:\n{plan}");
 }

@@ -7,8 +7,8 @@ use sqlx::PgExecutor;
 
 use crate::domain::{new_id, Lease, LeaseId, LeaseStatus, TaskId, WorkerId};
 
-/// Batch claim: `$1` rows as JSON, `$2` now, `$3` the claimed task ids, `$4` the
-/// claiming worker ids. Returns one row
+/// Batch claim: `$1` now, `$2` the claiming worker ids (each once), then one array per
+/// column of the claims (`$3` the task ids). Returns one row
 /// per decided claim: `granted` (a new lease), `held` (the worker already holds this
 /// dispatch: a retried claim gets the same lease) or `full` (the dispatch is current but
 /// the worker has no free slot in Postgres, or no row).
@@ -18,28 +18,28 @@ use crate::domain::{new_id, Lease, LeaseId, LeaseStatus, TaskId, WorkerId};
 /// concurrent claims never take a worker beyond its capacity; a worker's current claims
 /// take its free slots in task id order.
 pub(super) const CLAIM_SQL: &str = "WITH r AS (
-            SELECT * FROM jsonb_to_recordset($1)
-                AS r(task_id text, seq bigint, worker_id text, lease_id text, ttl int, audit_id text)),
+            SELECT * FROM UNNEST($3::text[], $4::bigint[], $5::text[], $6::text[], $7::int[], $8::text[])
+                AS r(task_id, seq, worker_id, lease_id, ttl, audit_id)),
          room AS MATERIALIZED (
             SELECT w.id, COALESCE((w.capabilities->>'max_concurrency')::int, 1) - w.active_leases AS free
-            FROM workers w WHERE w.id = ANY($4) ORDER BY w.id FOR UPDATE),
+            FROM workers w WHERE w.id = ANY($2) ORDER BY w.id FOR UPDATE),
          fresh AS (
             SELECT r.*, row_number() OVER (PARTITION BY r.worker_id ORDER BY r.task_id) AS pos
             FROM r JOIN llm_tasks t ON t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued'
                 AND t.dispatch_seq = r.seq),
          t AS (
             UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = r.worker_id,
-                   attempts = t.attempts + 1, updated_at = $2, routed_to = NULL
+                   attempts = t.attempts + 1, updated_at = $1, routed_to = NULL
             FROM fresh r JOIN room ON room.id = r.worker_id AND r.pos <= room.free
             WHERE t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
             RETURNING t.id, t.context_id, r.lease_id, r.worker_id, r.ttl, r.audit_id),
          l AS (
             INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
                                 context_id)
-            SELECT lease_id, id, worker_id, $2, $2 + ttl::bigint * 1000, ttl, 'active', $2, context_id FROM t),
+            SELECT lease_id, id, worker_id, $1, $1 + ttl::bigint * 1000, ttl, 'active', $1, context_id FROM t),
          a AS (
             INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-            SELECT audit_id, $2, 'task_leased', 'lease', lease_id, 'router',
+            SELECT audit_id, $1, 'task_leased', 'lease', lease_id, 'router',
                    'Task ' || id || ' leased to worker ' || worker_id || ', TTL ' || ttl || 's' FROM t),
          held AS (
             SELECT DISTINCT ON (r.task_id, r.worker_id) r.task_id, r.worker_id, l.id AS lease_id, l.started_at,
@@ -50,8 +50,8 @@ pub(super) const CLAIM_SQL: &str = "WITH r AS (
          full_ AS (
             SELECT r.task_id, r.worker_id FROM fresh r LEFT JOIN room ON room.id = r.worker_id
             WHERE room.id IS NULL OR r.pos > room.free)
-         SELECT 'granted' AS decision, id AS task_id, worker_id, lease_id AS id, $2 AS started_at,
-                $2 + ttl::bigint * 1000 AS expires_at, ttl AS ttl_seconds, $2 AS last_heartbeat, context_id
+         SELECT 'granted' AS decision, id AS task_id, worker_id, lease_id AS id, $1 AS started_at,
+                $1 + ttl::bigint * 1000 AS expires_at, ttl AS ttl_seconds, $1 AS last_heartbeat, context_id
          FROM t
          UNION ALL
          SELECT 'held', task_id, worker_id, lease_id, started_at, expires_at, ttl_seconds, last_heartbeat, context_id
@@ -122,19 +122,16 @@ pub async fn claim<'c>(db: impl PgExecutor<'c>, claims: &[Claim], now: i64) -> s
     // Every claim gets its own prospective lease id. When several claims in the batch
     // match the same task, Postgres applies exactly one of them and returns its lease id.
     let lease_ids: Vec<LeaseId> = claims.iter().map(|_| LeaseId::generate()).collect();
-    let rows: Vec<serde_json::Value> = claims
-        .iter()
-        .zip(&lease_ids)
-        .map(|(c, l)| {
-            serde_json::json!({"task_id": c.task_id, "seq": c.dispatch_seq, "worker_id": c.worker_id, "lease_id": l,
-                               "ttl": c.ttl_seconds, "audit_id": new_id()})
-        })
-        .collect();
+    let workers: HashSet<&str> = claims.iter().map(|c| c.worker_id.as_str()).collect();
     let decided: Vec<Decision> = sqlx::query_as(CLAIM_SQL)
-        .bind(serde_json::Value::Array(rows))
         .bind(now)
+        .bind(workers.into_iter().collect::<Vec<_>>())
         .bind(claims.iter().map(|c| c.task_id.as_str()).collect::<Vec<_>>())
-        .bind(claims.iter().map(|c| c.worker_id.as_str()).collect::<HashSet<_>>().into_iter().collect::<Vec<_>>())
+        .bind(claims.iter().map(|c| c.dispatch_seq).collect::<Vec<_>>())
+        .bind(claims.iter().map(|c| c.worker_id.as_str()).collect::<Vec<_>>())
+        .bind(lease_ids.iter().map(|l| l.as_str()).collect::<Vec<_>>())
+        .bind(claims.iter().map(|c| c.ttl_seconds).collect::<Vec<_>>())
+        .bind(claims.iter().map(|_| new_id()).collect::<Vec<_>>())
         .fetch_all(db)
         .await?;
     let mut granted: HashMap<LeaseId, Lease> = HashMap::new();

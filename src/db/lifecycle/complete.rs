@@ -2,24 +2,26 @@
 
 use std::collections::{HashMap, HashSet};
 
-use serde::Serialize;
+use sqlx::types::Json;
 use sqlx::PgExecutor;
 
 use crate::domain::{
-    new_id, Artifact, ArtifactId, LeaseId, LlmResult, Metrics, ResultId, ResultStatus, Task, TaskId, TaskStatus,
-    WorkerId,
+    new_id, Artifact, ArtifactId, LeaseId, LlmResult, Metrics, ResultId, ResultStatus, Task, TaskId, WorkerId,
 };
 
-/// Batch completion: `$1` rows as JSON, `$2` now, `$3` the completed task ids.
+/// Batch completion: `$1` now, then one array per column of [`CompleteRows`] (`$2` the
+/// completed task ids).
 pub(super) const COMPLETE_SQL: &str = "WITH r AS (
-            SELECT * FROM jsonb_to_recordset($1) AS r(task_id text, lease_id text, final_status text, status text,
-                output text, error_message text, metrics jsonb, artifact_id text, artifact_type text, tags jsonb,
-                url text, inline boolean, result_id text, audit_id text, done text, late text)),
+            SELECT * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::jsonb[],
+                                 $9::text[], $10::text[], $11::jsonb[], $12::text[], $13::boolean[], $14::text[],
+                                 $15::text[], $16::text[], $17::text[])
+                AS r(task_id, lease_id, final_status, status, output, error_message, metrics, artifact_id,
+                     artifact_type, tags, url, inline, result_id, audit_id, done, late)),
          t AS (
-            UPDATE llm_tasks t SET status = r.final_status, updated_at = $2, lease_id = r.lease_id,
+            UPDATE llm_tasks t SET status = r.final_status, updated_at = $1, lease_id = r.lease_id,
                    worker_id = COALESCE(t.worker_id, (SELECT l.worker_id FROM leases l WHERE l.id = r.lease_id)),
                    routed_to = NULL
-            FROM r WHERE t.id = ANY($3) AND t.id = r.task_id AND (
+            FROM r WHERE t.id = ANY($2) AND t.id = r.task_id AND (
                 (t.lease_id = r.lease_id AND (t.status || '') IN ('leased', 'running'))
                 -- The lease expired and the task was requeued, but nobody leased it again:
                 -- the result of the work done is still the task's only one.
@@ -34,17 +36,17 @@ pub(super) const COMPLETE_SQL: &str = "WITH r AS (
          art AS (
             INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags,
                                            content)
-            SELECT artifact_id, task_id, NULL, artifact_type, $2, true, url, '[]'::jsonb, tags,
+            SELECT artifact_id, task_id, NULL, artifact_type, $1, true, url, '[]'::jsonb, tags,
                    CASE WHEN inline THEN output END FROM w),
          res AS (
             INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
                                      completed_at)
-            SELECT result_id, task_id, worker, artifact_id, status, output, error_message, metrics, $2 FROM w),
+            SELECT result_id, task_id, worker, artifact_id, status, output, error_message, metrics, $1 FROM w),
          a AS (
             INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-            SELECT audit_id, $2, 'task_completed', 'llm_task', task_id, worker, done FROM w
+            SELECT audit_id, $1, 'task_completed', 'llm_task', task_id, worker, done FROM w
             UNION ALL
-            SELECT audit_id, $2, 'result_late', 'llm_task', task_id, 'reconciler', late
+            SELECT audit_id, $1, 'result_late', 'llm_task', task_id, 'reconciler', late
             FROM r WHERE NOT EXISTS (SELECT 1 FROM w WHERE w.task_id = r.task_id AND w.lease_id = r.lease_id))
          SELECT * FROM t";
 
@@ -75,25 +77,50 @@ pub struct Completion {
     pub artifact: ArtifactBody,
 }
 
-/// One row of [`COMPLETE_SQL`]'s `$1`; field names are its column names.
-#[derive(Serialize)]
-struct CompleteRow<'a> {
-    task_id: &'a TaskId,
-    lease_id: &'a LeaseId,
-    final_status: TaskStatus,
-    status: ResultStatus,
-    output: Option<&'a str>,
-    error_message: Option<&'a str>,
-    metrics: &'a Metrics,
-    artifact_id: &'a ArtifactId,
-    artifact_type: &'a str,
-    tags: &'a [String],
-    url: Option<&'a String>,
-    inline: bool,
-    result_id: &'a ResultId,
-    audit_id: String,
-    done: String,
-    late: String,
+/// The columns of [`COMPLETE_SQL`]'s rows, one entry per completion, in its order.
+#[derive(Default)]
+struct CompleteRows<'a> {
+    task_id: Vec<&'a str>,
+    lease_id: Vec<&'a str>,
+    final_status: Vec<&'static str>,
+    status: Vec<&'static str>,
+    output: Vec<Option<&'a str>>,
+    error_message: Vec<Option<&'a str>>,
+    metrics: Vec<Json<&'a Metrics>>,
+    artifact_id: Vec<&'a str>,
+    artifact_type: Vec<&'a str>,
+    tags: Vec<Json<&'a [String]>>,
+    url: Vec<Option<&'a str>>,
+    inline: Vec<bool>,
+    result_id: Vec<&'a str>,
+    audit_id: Vec<String>,
+    done: Vec<String>,
+    late: Vec<String>,
+}
+
+impl<'a> CompleteRows<'a> {
+    fn push(&mut self, c: &'a Completion, result_id: &'a ResultId) {
+        self.task_id.push(c.task_id.as_str());
+        self.lease_id.push(c.lease_id.as_str());
+        self.final_status.push(c.status.final_task_status().as_str());
+        self.status.push(c.status.as_str());
+        self.output.push(c.output.as_deref());
+        self.error_message.push(c.error_message.as_deref());
+        self.metrics.push(Json(&c.metrics));
+        self.artifact_id.push(c.artifact_id.as_str());
+        self.artifact_type.push(&c.artifact_type);
+        self.tags.push(Json(c.artifact_tags.as_slice()));
+        self.url.push(match &c.artifact {
+            ArtifactBody::S3 { url } => Some(url.as_str()),
+            ArtifactBody::Inline => None,
+        });
+        self.inline.push(c.artifact == ArtifactBody::Inline);
+        self.result_id.push(result_id.as_str());
+        self.audit_id.push(new_id());
+        let status = c.status.as_str();
+        self.done.push(format!("Status: {status}, artifact: {}, duration: {}ms", c.artifact_id, c.metrics.duration_ms));
+        self.late.push(format!("Late {status} result for lease {} ignored: not the current lease", c.lease_id));
+    }
 }
 
 /// The answer to a completion.
@@ -159,45 +186,33 @@ pub async fn complete<'c>(
     let mut seen = HashSet::new();
     let first: Vec<bool> = completions.iter().map(|c| seen.insert((&c.task_id, &c.lease_id))).collect();
     let result_ids: Vec<ResultId> = completions.iter().map(|_| ResultId::generate()).collect();
-    let rows: Vec<CompleteRow> = completions
-        .iter()
-        .zip(&first)
-        .zip(&result_ids)
-        .filter(|((_, first), _)| **first)
-        .map(|((c, _), result_id)| CompleteRow {
-            task_id: &c.task_id,
-            lease_id: &c.lease_id,
-            final_status: c.status.final_task_status(),
-            status: c.status,
-            output: c.output.as_deref(),
-            error_message: c.error_message.as_deref(),
-            metrics: &c.metrics,
-            artifact_id: &c.artifact_id,
-            artifact_type: &c.artifact_type,
-            tags: &c.artifact_tags,
-            url: match &c.artifact {
-                ArtifactBody::S3 { url } => Some(url),
-                ArtifactBody::Inline => None,
-            },
-            inline: c.artifact == ArtifactBody::Inline,
-            result_id,
-            audit_id: new_id(),
-            done: format!(
-                "Status: {}, artifact: {}, duration: {}ms",
-                c.status.as_str(),
-                c.artifact_id,
-                c.metrics.duration_ms
-            ),
-            late: format!("Late {} result for lease {} ignored: not the current lease", c.status.as_str(), c.lease_id),
-        })
-        .collect();
+    let mut rows = CompleteRows::default();
+    for ((c, first), result_id) in completions.iter().zip(&first).zip(&result_ids) {
+        if *first {
+            rows.push(c, result_id);
+        }
+    }
     // One statement: the task, lease, artifact, result and audit writes of the whole batch
-    // commit together, in one round trip.
-    // Serialized once, straight into the statement's parameter: the outputs are not copied.
+    // commit together, in one round trip. The outputs are borrowed into the statement's
+    // parameters, not copied.
     let done: Vec<Task> = sqlx::query_as(COMPLETE_SQL)
-        .bind(sqlx::types::Json(&rows))
         .bind(now)
-        .bind(completions.iter().map(|c| c.task_id.as_str()).collect::<Vec<_>>())
+        .bind(rows.task_id)
+        .bind(rows.lease_id)
+        .bind(rows.final_status)
+        .bind(rows.status)
+        .bind(rows.output)
+        .bind(rows.error_message)
+        .bind(rows.metrics)
+        .bind(rows.artifact_id)
+        .bind(rows.artifact_type)
+        .bind(rows.tags)
+        .bind(rows.url)
+        .bind(rows.inline)
+        .bind(rows.result_id)
+        .bind(rows.audit_id)
+        .bind(rows.done)
+        .bind(rows.late)
         .fetch_all(db)
         .await?;
     let mut done: HashMap<(TaskId, LeaseId), Task> =

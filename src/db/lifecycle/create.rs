@@ -2,15 +2,18 @@
 
 use std::collections::HashMap;
 
+use sqlx::types::Json;
 use sqlx::PgExecutor;
 
 use crate::db::outbox::Dispatch;
 use crate::domain::{new_id, NewTask, Task, TaskId, TaskStatus, WorkerId};
 
-/// Batch creation: `$1` rows as JSON, `$2` now, `$3` actor, `$4` the rows' context ids.
+/// Batch creation: `$1` now, `$2` actor, then one array per column of the new tasks.
 pub(super) const CREATE_SQL: &str = "WITH r AS (
-            SELECT * FROM jsonb_to_recordset($1) AS r(id text, context_id text, agent_slug text, prompt text,
-                context_hints jsonb, policy jsonb, desired_format text, max_attempts int, audit_id text, audit text)),
+            SELECT * FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::jsonb[], $8::jsonb[],
+                                 $9::text[], $10::int[], $11::text[], $12::text[])
+                AS r(id, context_id, agent_slug, prompt, context_hints, policy, desired_format, max_attempts, audit_id,
+                     audit)),
          recent AS (
             SELECT c.context_id, l.worker_id
             FROM (SELECT DISTINCT unnest($4::text[]) AS context_id) c
@@ -32,15 +35,15 @@ pub(super) const CREATE_SQL: &str = "WITH r AS (
             INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
                                    created_at, updated_at, attempts, max_attempts, dispatch_seq, routed_to)
             SELECT r.id, r.context_id, r.agent_slug, r.prompt, r.context_hints, r.policy, r.desired_format, 'queued',
-                   $2, $2, 0, r.max_attempts, 1, s.worker_id
+                   $1, $1, 0, r.max_attempts, 1, s.worker_id
             FROM r LEFT JOIN sticky s ON s.context_id = r.context_id
             RETURNING id, routed_to),
          o AS (
             INSERT INTO outbox (task_id, dispatch_seq, worker_id, created_at)
-            SELECT id, 1, routed_to, $2 FROM t RETURNING id, task_id, worker_id),
+            SELECT id, 1, routed_to, $1 FROM t RETURNING id, task_id, worker_id),
          a AS (
             INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-            SELECT r.audit_id, $2, 'task_created', 'llm_task', r.id, $3, r.audit FROM r)
+            SELECT r.audit_id, $1, 'task_created', 'llm_task', r.id, $2, r.audit FROM r)
          SELECT task_id, id, worker_id FROM o";
 
 /// Creates tasks, their outbox rows and audit entries in one transaction. A task whose
@@ -73,23 +76,26 @@ pub async fn create<'c>(
             dispatch_seq: 1,
         })
         .collect();
-    let rows: Vec<serde_json::Value> = created
-        .iter()
-        .map(|t| {
-            serde_json::json!({
-                "id": t.id, "context_id": t.context_id, "agent_slug": t.agent_slug, "prompt": t.prompt,
-                "context_hints": t.context_hints, "policy": t.policy, "desired_format": t.desired_format,
-                "max_attempts": t.max_attempts, "audit_id": new_id(),
-                "audit": format!("Task for agent {}, context {}", t.agent_slug, t.context_id),
-            })
-        })
-        .collect();
+    let column = |f: fn(&Task) -> &str| created.iter().map(f).collect::<Vec<_>>();
     // One statement, so one round trip and one commit for the whole batch.
     let written: Vec<(TaskId, i64, Option<WorkerId>)> = sqlx::query_as(CREATE_SQL)
-        .bind(serde_json::Value::Array(rows))
         .bind(now)
         .bind(actor)
-        .bind(created.iter().map(|t| t.context_id.as_str()).collect::<Vec<_>>())
+        .bind(column(|t| t.id.as_str()))
+        .bind(column(|t| &t.context_id))
+        .bind(column(|t| &t.agent_slug))
+        .bind(column(|t| &t.prompt))
+        .bind(created.iter().map(|t| Json(&t.context_hints)).collect::<Vec<_>>())
+        .bind(created.iter().map(|t| Json(&t.policy)).collect::<Vec<_>>())
+        .bind(column(|t| t.desired_format.as_str()))
+        .bind(created.iter().map(|t| t.max_attempts).collect::<Vec<_>>())
+        .bind(created.iter().map(|_| new_id()).collect::<Vec<_>>())
+        .bind(
+            created
+                .iter()
+                .map(|t| format!("Task for agent {}, context {}", t.agent_slug, t.context_id))
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(db)
         .await?;
     let mut by_task: HashMap<TaskId, (i64, Option<WorkerId>)> =

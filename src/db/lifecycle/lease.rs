@@ -62,7 +62,7 @@ pub async fn lease(
         let now_status = tasks::get(&mut *tx, task_id).await?.ok_or_else(task_not_found)?.status;
         return Err(conflict_on(now_status));
     }
-    insert_leases(&mut tx, std::slice::from_ref(&lease)).await?;
+    insert_lease(&mut tx, &lease).await?;
     let detail = format!("Task {} leased to worker {}, TTL {}s", task.id, worker.id, req.ttl_seconds);
     audit::insert(
         &mut *tx,
@@ -124,16 +124,20 @@ fn new_lease(task: &Task, worker: &WorkerId, ttl_seconds: i32, now: i64) -> Leas
     }
 }
 
-async fn insert_leases(db: &mut sqlx::PgConnection, leases: &[Lease]) -> sqlx::Result<()> {
+async fn insert_lease(db: &mut sqlx::PgConnection, lease: &Lease) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
                              context_id)
-         SELECT r.id, r.task_id, r.worker_id, r.started_at, r.expires_at, r.ttl_seconds, 'active',
-                r.last_heartbeat, r.context_id
-         FROM jsonb_to_recordset($1) AS r(id text, task_id text, worker_id text, started_at bigint,
-              expires_at bigint, ttl_seconds int, last_heartbeat bigint, context_id text)",
+         VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8)",
     )
-    .bind(sqlx::types::Json(leases))
+    .bind(&lease.id)
+    .bind(&lease.task_id)
+    .bind(&lease.worker_id)
+    .bind(lease.started_at)
+    .bind(lease.expires_at)
+    .bind(lease.ttl_seconds)
+    .bind(lease.last_heartbeat)
+    .bind(&lease.context_id)
     .execute(db)
     .await?;
     Ok(())

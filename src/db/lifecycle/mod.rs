@@ -15,9 +15,11 @@
 //!   the status indexes churn under load (every transition adds entries that only vacuum
 //!   removes), and a plan that scans them instead of the primary key slows down as the
 //!   table grows;
-//! * batch statements also name their rows as `id = ANY($ids)`: the planner then sees
+//! * batch statements take their rows as one typed array per column
+//!   (`UNNEST($n::text[], ...)`, bound from the Rust types: no JSON to keep in step with
+//!   the SQL by hand), and also name them as `id = ANY($ids)`: the planner then sees
 //!   how many rows the batch touches and looks them up by key, where a join against
-//!   the batch's JSON rows (which it assumes to be 100) would scan the whole table.
+//!   the unnested rows (which it assumes to be many) could scan the whole table.
 
 mod claim;
 mod complete;
