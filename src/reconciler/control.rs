@@ -19,7 +19,6 @@ use crate::protocol::{
     ClaimDecision, ClaimReply, ClaimRequest, HeartbeatReply, HeartbeatRequest, LeaseGrant, ReleaseReply,
     ReleaseRequest, StartReply, StartRequest, WorkerBeat,
 };
-use crate::time::now_ms;
 
 /// Largest number of requests decided in one transaction.
 const MAX_BATCH: usize = 512;
@@ -150,7 +149,8 @@ async fn handle_claims(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated) -> 
             })
         })
         .collect();
-    let outcomes = match db.run(move |c| Box::pin(async move { lifecycle::claim(c, &claims, now_ms()).await })).await {
+    let now = r.clock.now_ms();
+    let outcomes = match db.run(move |c| Box::pin(async move { lifecycle::claim(c, &claims, now).await })).await {
         Ok(o) => o,
         Err(e) => {
             tracing::error!(error = %e, "claim transaction failed");
@@ -160,7 +160,6 @@ async fn handle_claims(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated) -> 
             return db;
         }
     };
-    let now = now_ms();
     let mut outcomes = outcomes.into_iter();
     for (msg, req) in &requests {
         let items: Vec<ClaimDecision> = req
@@ -197,7 +196,8 @@ async fn handle_heartbeats(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated)
         }
     }
     let pairs: Vec<_> = requests.iter().map(|(_, q)| (q.task_id.clone(), q.lease_id.clone())).collect();
-    match db.run(move |c| Box::pin(async move { lifecycle::heartbeat(c, &pairs, now_ms()).await })).await {
+    let now = r.clock.now_ms();
+    match db.run(move |c| Box::pin(async move { lifecycle::heartbeat(c, &pairs, now).await })).await {
         Ok(renewed) => {
             let by_lease: HashMap<_, _> = renewed.iter().map(|l| (l.id.clone(), l.expires_at)).collect();
             for (msg, req) in &requests {
@@ -231,7 +231,7 @@ async fn handle_releases(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> De
         let Some(req) = parse::<ReleaseRequest>(&r, &msg) else {
             continue;
         };
-        let released = match lifecycle::release(&r.pool, &req.task_id, &req.lease_id, now_ms()).await {
+        let released = match lifecycle::release(&r.pool, &req.task_id, &req.lease_id, r.clock.now_ms()).await {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, task.id = %req.task_id, "release failed");
@@ -253,13 +253,13 @@ async fn handle_starts(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> Dedi
         if let Some(capabilities) = req.capabilities.clone() {
             let beat =
                 Beat { id: req.worker_id.clone(), status: WorkerStatus::Online, capabilities, ip_addrs: Vec::new() };
-            if let Err(e) = workers::record_beats(&r.pool, &[beat], now_ms()).await {
+            if let Err(e) = workers::record_beats(&r.pool, &[beat], r.clock.now_ms()).await {
                 tracing::error!(error = %e, worker.id = %req.worker_id, "registering a starting worker failed");
             }
         }
         let mut ended = 0;
         loop {
-            match lifecycle::expire(&r.pool, Expiring::HeldBy(&req.worker_id), 500, now_ms()).await {
+            match lifecycle::expire(&r.pool, Expiring::HeldBy(&req.worker_id), 500, r.clock.now_ms()).await {
                 Ok(expiry) => {
                     ended += expiry.expired;
                     r.metrics.leases_expired_total.add(expiry.expired as u64);
@@ -296,7 +296,7 @@ async fn handle_worker_beats(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -
         .into_values()
         .map(|b| Beat { id: b.worker_id, status: b.status, capabilities: b.capabilities, ip_addrs: b.ip_addrs })
         .collect();
-    if let Err(e) = workers::record_beats(&r.pool, &beats, now_ms()).await {
+    if let Err(e) = workers::record_beats(&r.pool, &beats, r.clock.now_ms()).await {
         tracing::error!(error = %e, "recording worker beats failed");
         return db;
     }

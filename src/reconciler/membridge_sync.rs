@@ -25,7 +25,6 @@ use crate::db::settings::{self, SyncState};
 use crate::db::workers::{self, SyncedAgent};
 use crate::domain::{Capabilities, WorkerId, WorkerStatus};
 use crate::membridge::{Auth, Retry};
-use crate::time::now_ms;
 
 /// An agent as membridge reports it. Fields the seed fell back on are optional.
 #[derive(Clone, Debug, Deserialize)]
@@ -96,7 +95,7 @@ pub struct SyncReport {
 /// Runs one sync, saves and counts its outcome; after a failed one, applies the
 /// staleness rule to the workers membridge reported.
 pub async fn run_logged(r: &Reconciler) {
-    let now = now_ms();
+    let now = r.clock.now_ms();
     let previous = settings::membridge_sync(&r.pool).await.unwrap_or_default();
     let state = match run_once(r).await {
         Ok(report) => {
@@ -146,7 +145,7 @@ pub async fn run_once(r: &Reconciler) -> anyhow::Result<SyncReport> {
         anyhow::bail!("membridge /agents answered HTTP {}", resp.status);
     }
     let agents: Vec<Agent> = serde_json::from_slice(&resp.body)?;
-    let now = now_ms();
+    let now = r.clock.now_ms();
     let mapped: Vec<SyncedAgent> = agents.iter().filter_map(map_agent).collect();
     let stale_cutoff = now - r.settings.membridge_stale_after.as_millis() as i64;
     let mut tx = r.pool.begin().await?;

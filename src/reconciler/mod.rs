@@ -35,6 +35,7 @@ use crate::artifacts::ArtifactStore;
 use crate::bus::{provision, Dispatcher, Names};
 use crate::membridge;
 use crate::metrics::Metrics;
+use crate::time::Clock;
 
 /// Settings of the reconciler's duties.
 #[derive(Clone, Debug)]
@@ -103,6 +104,8 @@ pub struct Reconciler {
     pub membridge: Arc<membridge::Client>,
     pub metrics: Arc<Metrics>,
     pub settings: Arc<ReconcilerSettings>,
+    /// The time every duty and transition uses (the system clock; tests move their own).
+    pub clock: Clock,
     /// True once the control subjects are subscribed on the server: from then on a
     /// claim sent to this replica is answered.
     serving: Arc<watch::Sender<bool>>,
@@ -133,6 +136,7 @@ impl Reconciler {
             membridge,
             metrics,
             settings: Arc::new(settings),
+            clock: Clock::system(),
             serving: Arc::new(watch::Sender::new(false)),
         })
     }

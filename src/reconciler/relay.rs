@@ -10,7 +10,6 @@ use tokio_util::sync::CancellationToken;
 use super::Reconciler;
 use crate::bus::dispatcher::publish;
 use crate::db::{outbox, stats};
-use crate::time::now_ms;
 
 /// Rows taken per pass.
 const BATCH: i64 = 500;
@@ -47,7 +46,7 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
 
 /// Publishes one batch of unsent outbox rows older than `relay_min_age`.
 pub async fn run_once(r: &Reconciler) -> sqlx::Result<RelayReport> {
-    let now = now_ms();
+    let now = r.clock.now_ms();
     let older_than = now - r.settings.relay_min_age.as_millis() as i64;
     let taken = {
         let mut conn = r.pool.acquire().await?;

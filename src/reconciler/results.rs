@@ -27,7 +27,6 @@ use crate::db::lifecycle::{self, Completion, CompletionOutcome};
 use crate::db::Dedicated;
 use crate::domain::ArtifactId;
 use crate::protocol::{ResultBatch, ResultMessage};
-use crate::time::now_ms;
 
 /// Largest batch of results per transaction.
 const MAX_BATCH: usize = 512;
@@ -214,7 +213,8 @@ async fn store(
         .collect();
     let completions = Arc::new(completions);
     let all = completions.clone();
-    match db.run(move |c| Box::pin(async move { lifecycle::complete(c, &all, now_ms()).await })).await {
+    let now = r.clock.now_ms();
+    match db.run(move |c| Box::pin(async move { lifecycle::complete(c, &all, now).await })).await {
         Ok(outcomes) => record(r, &results, outcomes, report),
         Err(e) if crate::db::is_refusal(&e) && completions.len() > 1 => {
             tracing::warn!(error = %e, results = completions.len(), "storing a batch of results failed; storing them one by one");
@@ -269,17 +269,17 @@ async fn store_one_by_one(
     let mut lost: Option<usize> = None;
     for (i, completion) in completions.iter().enumerate() {
         let one = vec![completion.clone()];
-        let (e, data) =
-            match db.run(move |c| Box::pin(async move { lifecycle::complete(c, &one, now_ms()).await })).await {
-                Ok(outcomes) => {
-                    record(r, &results[i..=i], outcomes, report);
-                    continue;
-                }
-                Err(e) => {
-                    let data = crate::db::is_data_refusal(&e);
-                    (e, data)
-                }
-            };
+        let now = r.clock.now_ms();
+        let (e, data) = match db.run(move |c| Box::pin(async move { lifecycle::complete(c, &one, now).await })).await {
+            Ok(outcomes) => {
+                record(r, &results[i..=i], outcomes, report);
+                continue;
+            }
+            Err(e) => {
+                let data = crate::db::is_data_refusal(&e);
+                (e, data)
+            }
+        };
         let stop = !crate::db::is_refusal(&e);
         let failure = &mut failures[owners[i]];
         match failure {

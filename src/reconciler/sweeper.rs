@@ -9,7 +9,6 @@ use super::Reconciler;
 use crate::db::lifecycle::{self, Expiring};
 use crate::db::workers;
 use crate::domain::WorkerId;
-use crate::time::now_ms;
 
 /// Leases expired per transaction.
 const BATCH: i64 = 500;
@@ -43,7 +42,7 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
 /// workers offline and moves their routed tasks to the pool.
 pub async fn run_once(r: &Reconciler) -> sqlx::Result<SweepReport> {
     let mut report = SweepReport::default();
-    let now = now_ms();
+    let now = r.clock.now_ms();
     let cutoff = now - r.settings.expiry_grace.as_millis() as i64;
     loop {
         let expiry = lifecycle::expire(&r.pool, Expiring::Before(cutoff), BATCH, now).await?;
@@ -60,7 +59,7 @@ pub async fn run_once(r: &Reconciler) -> sqlx::Result<SweepReport> {
     m.tasks_requeued_total.add(report.tasks_requeued as u64);
     m.tasks_dead_total.add(report.tasks_dead as u64);
 
-    let silent_since = now_ms() - r.settings.worker_timeout.as_millis() as i64;
+    let silent_since = now - r.settings.worker_timeout.as_millis() as i64;
     let offline = workers::expire_silent_nats_workers(&r.pool, silent_since).await?;
     report.workers_offline = offline.len();
     m.workers_marked_offline_total.add(offline.len() as u64);
@@ -74,7 +73,7 @@ pub async fn reroute(r: &Reconciler, offline: &[WorkerId]) -> usize {
     if offline.is_empty() {
         return 0;
     }
-    match lifecycle::reroute(&r.pool, offline, now_ms()).await {
+    match lifecycle::reroute(&r.pool, offline, r.clock.now_ms()).await {
         Ok(moved) => {
             let n = moved.len();
             r.metrics.tasks_rerouted_total.add(n as u64);

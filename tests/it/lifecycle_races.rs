@@ -1,7 +1,5 @@
 //! The guarded transitions under races: the seed's holes, each with a test.
 
-use std::time::Duration;
-
 use bloom::db::lifecycle::{self, Claim, ClaimOutcome};
 use bloom::domain::{TaskId, WorkerId};
 use bloom::time::now_ms;
@@ -112,10 +110,9 @@ async fn expiry_requeues_running_tasks_counts_attempts_and_kills_at_the_limit() 
         // The seed only expired `leased` tasks: a heartbeat made it `running`.
         app.post(&format!("/api/runtime/llm-tasks/{id}/heartbeat"), json!({})).await;
         assert_eq!(app.status_of(&id).await, "running");
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        let expiry = lifecycle::expire(&app.pool, lifecycle::Expiring::Before(bloom::time::now_ms()), 100, now_ms())
-            .await
-            .unwrap();
+        // The sweep as it runs once the 1 s TTL has passed.
+        let later = now_ms() + 1_100;
+        let expiry = lifecycle::expire(&app.pool, lifecycle::Expiring::Before(later), 100, later).await.unwrap();
         assert_eq!(expiry.expired, 1);
         let (_, t) = app.get(&format!("/api/runtime/llm-tasks/{id}")).await;
         assert_eq!(t["attempts"], attempt);

@@ -251,7 +251,8 @@ async fn workers_of_an_unreadable_membridge_go_offline_after_the_staleness_limit
         membridge_stale_after: std::time::Duration::from_millis(300),
         ..app.reconciler_settings()
     };
-    let r = app.reconciler_with(settings, &cancel).await;
+    let mut r = app.reconciler_with(settings, &cancel).await;
+    r.clock = bloom::time::Clock::manual(bloom::time::now_ms());
     bloom::reconciler::membridge_sync::run_logged(&r).await;
     assert_eq!(app.status_of_worker("a1").await, "online");
     // The key is rejected from now on: within the limit nothing changes...
@@ -259,7 +260,7 @@ async fn workers_of_an_unreadable_membridge_go_offline_after_the_staleness_limit
     bloom::reconciler::membridge_sync::run_logged(&r).await;
     assert_eq!(app.status_of_worker("a1").await, "online");
     // ...past it, the workers membridge reported are offline.
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    r.clock.advance(std::time::Duration::from_millis(400));
     bloom::reconciler::membridge_sync::run_logged(&r).await;
     assert_eq!(app.status_of_worker("a1").await, "offline");
     let (_, health) = app.get("/api/runtime/health").await;

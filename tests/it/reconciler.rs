@@ -147,3 +147,55 @@ async fn expiry_and_redelivery_racing_leave_one_lease_and_one_counted_attempt() 
     assert_eq!(app.count("SELECT count(*) FROM llm_results WHERE status = 'success'").await, 4);
     app.stop().await;
 }
+
+/// The sweeper's duty one pass at a time, on a manual clock: a lease expires once its
+/// TTL and the grace have passed, not before; a NATS worker silent past the worker
+/// timeout goes offline, and the task routed to it goes back to the pool.
+#[tokio::test]
+async fn the_sweeper_acts_when_the_time_has_come_and_not_before() {
+    use bloom::db::lifecycle::{self, Claim, ClaimOutcome};
+    use bloom::db::workers::{self, Beat};
+    use bloom::domain::{Capabilities, WorkerStatus};
+    use bloom::reconciler::sweeper::{self, SweepReport};
+
+    let app = TestApp::spawn().await;
+    let settings = bloom::reconciler::ReconcilerSettings {
+        expiry_grace: Duration::from_secs(2),
+        worker_timeout: Duration::from_secs(30),
+        ..app.reconciler_settings()
+    };
+    let mut r = app.reconciler_with(settings, &app.cancel).await;
+    let start = bloom::time::now_ms();
+    r.clock = bloom::time::Clock::manual(start);
+    let capabilities = Capabilities { claude_cli: true, max_concurrency: 4, labels: vec![] };
+    let beat = Beat { id: "w".into(), status: WorkerStatus::Online, capabilities, ip_addrs: vec![] };
+    workers::record_beats(&app.pool, &[beat], start).await.unwrap();
+    let claimed = app.submit_with(json!({"context_id": "c", "agent_slug": "a", "prompt": "claimed"})).await;
+    let claim = Claim {
+        task_id: claimed["id"].as_str().unwrap().into(),
+        dispatch_seq: 1,
+        worker_id: "w".into(),
+        ttl_seconds: 60,
+    };
+    assert!(matches!(lifecycle::claim(&app.pool, &[claim], start).await.unwrap()[0], ClaimOutcome::Granted(_)));
+    // The next task of the context is routed to `w` (it holds the context).
+    let routed = app.submit_with(json!({"context_id": "c", "agent_slug": "a", "prompt": "routed"})).await;
+    let routed = routed["id"].as_str().unwrap().to_owned();
+    let routed_sql = format!("SELECT count(*) FROM llm_tasks WHERE id = '{routed}' AND routed_to = 'w'");
+    let routed_to = || app.count(&routed_sql);
+    assert_eq!(routed_to().await, 1);
+
+    r.clock.advance(Duration::from_secs(10));
+    assert_eq!(sweeper::run_once(&r).await.unwrap(), SweepReport::default());
+    r.clock.advance(Duration::from_secs(25));
+    let silent = sweeper::run_once(&r).await.unwrap();
+    assert_eq!((silent.workers_offline, silent.tasks_rerouted, silent.leases_expired), (1, 1, 0), "{silent:?}");
+    assert_eq!(routed_to().await, 0);
+    r.clock.advance(Duration::from_secs(26));
+    assert_eq!(sweeper::run_once(&r).await.unwrap().leases_expired, 0, "61 s: within the grace");
+    r.clock.advance(Duration::from_secs(2));
+    let expired = sweeper::run_once(&r).await.unwrap();
+    assert_eq!((expired.leases_expired, expired.tasks_requeued), (1, 1), "{expired:?}");
+    assert_eq!(app.status_of(claimed["id"].as_str().unwrap()).await, "queued");
+    app.stop().await;
+}
