@@ -19,7 +19,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use tokio::sync::OnceCell;
 
 use crate::config::S3Settings;
-use crate::db::lifecycle::ArtifactBody;
+use crate::domain::ArtifactBody;
 use crate::domain::{Artifact, LeaseId, TaskId};
 use crate::metrics::Metrics;
 use crate::time::now_ms;

@@ -3,43 +3,11 @@
 //! service (`DATABASE_URL`, `RUNTIME_API_KEY`, `MEMBRIDGE_*`, `MINIO_*`, `NODE_ENV`,
 //! `BLOOM_RUNTIME_PORT`) keep working.
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Args;
 
-/// A secret value: never printed by `Debug` or `Display`.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret.
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    /// The secret itself, for the one place that needs it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-    /// No value was configured.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"****\"" })
-    }
-}
-
-impl FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Secret(s.to_owned()))
-    }
-}
+use crate::domain::Secret;
 
 /// Postgres connection.
 #[derive(Args, Clone, Debug)]
@@ -142,11 +110,8 @@ impl MembridgeArgs {
     }
 
     /// The membridge endpoint to use until one is saved in `runtime_settings`.
-    pub fn endpoint(&self) -> crate::membridge::Endpoint {
-        crate::membridge::Endpoint {
-            url: self.membridge_server_url.clone(),
-            admin_key: self.membridge_admin_key.clone(),
-        }
+    pub fn endpoint(&self) -> crate::domain::Endpoint {
+        crate::domain::Endpoint { url: self.membridge_server_url.clone(), admin_key: self.membridge_admin_key.clone() }
     }
 }
 
@@ -331,6 +296,10 @@ mod tests {
     }
 }
 
+/// The executor's default command: the Claude CLI in print mode with JSON output,
+/// prompt on stdin.
+pub const DEFAULT_EXECUTOR_COMMAND: &str = "claude -p --output-format json";
+
 /// A `bloom-worker` process.
 #[derive(Args, Clone, Debug)]
 pub struct WorkerArgs {
@@ -350,7 +319,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "BLOOM_EXECUTOR", default_value = "command", value_parser = ["command", "builtin"])]
     pub executor: String,
     /// Command run through `sh -c`, prompt on stdin.
-    #[arg(long, env = "BLOOM_EXECUTOR_COMMAND", default_value = crate::worker::executor::DEFAULT_COMMAND)]
+    #[arg(long, env = "BLOOM_EXECUTOR_COMMAND", default_value = DEFAULT_EXECUTOR_COMMAND)]
     pub executor_command: String,
     /// Largest output accepted from the executor, in bytes (must fit a NATS message).
     #[arg(long, env = "BLOOM_EXECUTOR_MAX_OUTPUT_BYTES", default_value_t = 512 * 1024)]

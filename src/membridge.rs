@@ -12,18 +12,10 @@ use backon::{BackoffBuilder, Retryable};
 use bytes::Bytes;
 use sqlx::PgPool;
 
-use crate::config::Secret;
 use crate::db::settings;
 use crate::time::now_ms;
 
-/// Where membridge is and how to authenticate.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Endpoint {
-    pub url: String,
-    pub admin_key: Secret,
-}
-
-pub use crate::domain::{ClientState, ConnectionStatus};
+pub use crate::domain::{ClientState, ConnectionStatus, Endpoint};
 
 /// A response from membridge.
 #[derive(Clone, Debug)]

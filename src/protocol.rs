@@ -15,6 +15,10 @@ use crate::domain::{
     Capabilities, DesiredFormat, LeaseId, Metrics, Policy, ResultStatus, Task, TaskId, WorkerId, WorkerStatus,
 };
 
+/// A W3C trace context as header pairs (`traceparent`, `tracestate`): how a message
+/// carries the span it was sent from (empty when not tracing).
+pub type Carrier = Vec<(String, String)>;
+
 /// Whether a JSON body carries a NUL character (`\u0000`), which no Postgres text column
 /// can store: task, claim and control messages with one are malformed (ids, prompts and
 /// capabilities never hold NUL), so they are rejected before they can fail a batch.
@@ -228,7 +232,7 @@ pub struct TracedResult {
     #[serde(flatten)]
     pub result: ResultMessage,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub trace: crate::telemetry::Carrier,
+    pub trace: Carrier,
 }
 
 /// A worker hands a lease back without a result (graceful shutdown): the task becomes

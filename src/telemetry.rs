@@ -138,8 +138,7 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// The W3C trace context of the current span, as header pairs (empty when not tracing).
-pub type Carrier = Vec<(String, String)>;
+pub use crate::protocol::Carrier;
 
 struct CarrierInjector<'a>(&'a mut Carrier);
 

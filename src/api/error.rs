@@ -34,6 +34,12 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl From<FieldErrors> for ApiError {
+    fn from(errors: FieldErrors) -> Self {
+        ApiError::Validation(errors)
+    }
+}
+
 impl ApiError {
     /// An internal error; the message is logged, not sent.
     pub fn internal(e: impl std::fmt::Display) -> ApiError {

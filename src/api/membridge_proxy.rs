@@ -7,8 +7,8 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde_json::Value;
 
+use super::body::JsonBody;
 use super::schemas::{ErrorBody, LeadershipSelect};
-use super::validate::JsonBody;
 use super::{ApiError, AppState};
 use crate::db::{audit, settings};
 use crate::domain::{AuditAction, NewAudit};

@@ -6,6 +6,7 @@
 //! only parse, call `db`/`lifecycle`, and shape the response; they hold no SQL.
 
 pub mod auth;
+pub mod body;
 pub mod docs;
 pub mod error;
 pub mod membridge_proxy;
@@ -33,7 +34,7 @@ use utoipa_axum::routes;
 
 use crate::artifacts::ArtifactStore;
 use crate::bus::Dispatcher;
-use crate::config::Secret;
+use crate::domain::Secret;
 use crate::membridge;
 use crate::metrics::Metrics;
 pub use error::ApiError;

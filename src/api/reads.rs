@@ -54,7 +54,7 @@ impl PageQuery {
                 c
             }
         };
-        errors.finish(Page { limit, after })
+        Ok(errors.finish(Page { limit, after })?)
     }
 }
 

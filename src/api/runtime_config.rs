@@ -7,8 +7,9 @@ use axum::Json;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::body::JsonBody;
 use super::schemas::{ConfigInput, ErrorBody, RuntimeConfigView, TestConnection};
-use super::validate::{FieldErrors, Fields, JsonBody};
+use super::validate::{FieldErrors, Fields};
 use super::{ApiError, AppState};
 use crate::db::{audit, settings};
 use crate::domain::{AuditAction, NewAudit};
@@ -54,7 +55,7 @@ fn view(s: &settings::MembridgeSettings) -> RuntimeConfig {
 /// `GET /api/runtime/health` (open).
 #[utoipa::path(get, path = "/api/runtime/health", tag = "runtime", responses((status = 200, description = "service, storage, membridge, database and NATS state"), (status = 429, body = ErrorBody)))]
 pub async fn health(State(state): State<AppState>) -> Json<Value> {
-    let db_ok = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
+    let db_ok = crate::db::ping(&state.pool).await;
     // The state every process shares; unknown when Postgres cannot tell.
     let mut membridge = serde_json::to_value(state.membridge.state().await.unwrap_or_default()).unwrap_or_default();
     membridge["sync"] =
@@ -73,7 +74,7 @@ pub async fn health(State(state): State<AppState>) -> Json<Value> {
 
 /// `GET /readyz`: 200 when Postgres and NATS are reachable, else 503.
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    let db_ok = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
+    let db_ok = crate::db::ping(&state.pool).await;
     let nats_ok = state.nats.connection_state() == async_nats::connection::State::Connected;
     let status = if db_ok && nats_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({ "database": db_ok, "nats": nats_ok })))

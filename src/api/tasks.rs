@@ -9,12 +9,13 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::body::JsonBody;
 use super::reads::{stream_tasks, PageQuery};
 use super::schemas::CreateTask;
 use super::schemas::{
     CompleteBody, CompleteResponse, ErrorBody, HeartbeatResponse, HolderBody, LeaseBody, LeaseResponse,
 };
-use super::validate::{FieldErrors, Fields, JsonBody};
+use super::validate::{FieldErrors, Fields};
 use super::{ApiError, AppState};
 use crate::db::lifecycle::{self, Completion, CompletionOutcome, LeaseRequest};
 use crate::db::tasks;
@@ -69,7 +70,7 @@ pub fn parse_new_task(body: &Value) -> Result<NewTask, ApiError> {
         _ => None,
     };
     match task {
-        Some(t) => errors.finish(t),
+        Some(t) => Ok(errors.finish(t)?),
         None => Err(ApiError::Validation(errors)),
     }
 }
@@ -231,7 +232,7 @@ fn parse_completion(body: &Value) -> Result<Reported, ApiError> {
     let tags = f.opt_strings("artifact_tags").map(Option::unwrap_or_default);
     match (status, output, error_message, metrics, artifact_type, tags) {
         (Some(status), Some(output), Some(error_message), Some(metrics), Some(artifact_type), Some(artifact_tags)) => {
-            errors.finish(Reported { status, output, error_message, metrics, artifact_type, artifact_tags })
+            Ok(errors.finish(Reported { status, output, error_message, metrics, artifact_type, artifact_tags })?)
         }
         _ => Err(ApiError::Validation(errors)),
     }

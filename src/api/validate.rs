@@ -8,12 +8,8 @@
 
 use std::collections::BTreeMap;
 
-use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
 use serde::Serialize;
 use serde_json::{Map, Value};
-
-use super::error::ApiError;
 
 /// Postgres text cannot hold NUL characters: they are refused up front.
 const NUL_MESSAGE: &str = "String must not contain NUL (\\u0000) characters";
@@ -33,37 +29,13 @@ impl FieldErrors {
         self.fields.entry(field.to_owned()).or_default().push(msg.into());
     }
 
-    /// `Ok(value)` when nothing failed.
-    pub fn finish<T>(self, value: T) -> Result<T, ApiError> {
+    /// `Ok(value)` when nothing failed (a 400 once it reaches a handler's answer).
+    pub fn finish<T>(self, value: T) -> Result<T, FieldErrors> {
         if self.form.is_empty() && self.fields.is_empty() {
             Ok(value)
         } else {
-            Err(ApiError::Validation(self))
+            Err(self)
         }
-    }
-}
-
-/// A JSON request body. An empty body reads as `{}`; invalid JSON (including invalid
-/// UTF-8 and nesting deeper than 128) is a 400, an oversized body a 413.
-pub struct JsonBody(pub Value);
-
-impl<S: Send + Sync> FromRequest<S> for JsonBody {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::BadRequest(format!("Could not read request body: {e}"))
-            }
-        })?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(JsonBody(Value::Object(Map::new())));
-        }
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| ApiError::BadRequest(format!("Invalid JSON body: {e}")))
     }
 }
 

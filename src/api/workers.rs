@@ -6,9 +6,10 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::{json, Value};
 
+use super::body::JsonBody;
 use super::reads::PageQuery;
 use super::schemas::{ErrorBody, RegisterWorker, Removed, WorkerDetail};
-use super::validate::{FieldErrors, Fields, JsonBody};
+use super::validate::{FieldErrors, Fields};
 use super::{ApiError, AppState};
 use crate::db::{leases, workers};
 use crate::domain::Worker;
@@ -71,7 +72,7 @@ pub fn parse_registration(body: &Value) -> Result<workers::Registration, ApiErro
     let ip_addrs = f.opt_strings("ip_addrs").map(Option::unwrap_or_default);
     match (name, url, status, capabilities, ip_addrs) {
         (Some(name), Some(url), Some(status), Some(capabilities), Some(ip_addrs)) => {
-            errors.finish(workers::Registration { name: WorkerId(name), url, status, capabilities, ip_addrs })
+            Ok(errors.finish(workers::Registration { name: WorkerId(name), url, status, capabilities, ip_addrs })?)
         }
         _ => Err(ApiError::Validation(errors)),
     }

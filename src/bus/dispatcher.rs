@@ -10,7 +10,7 @@ use std::sync::Arc;
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use sqlx::{ConnectOptions, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -136,8 +136,10 @@ async fn delete_loop(
             n = rx.recv_many(&mut ids, 4096) => if n == 0 { return },
         }
         if conn.is_none() {
-            conn =
-                async_commit_connection(&pool).await.map_err(|e| tracing::warn!(error = %e, "outbox connection")).ok();
+            conn = crate::db::async_commit_connection(&pool)
+                .await
+                .map_err(|e| tracing::warn!(error = %e, "outbox connection"))
+                .ok();
         }
         let Some(c) = conn.as_mut() else { continue };
         match outbox::delete(&mut *c, &ids).await {
@@ -148,10 +150,4 @@ async fn delete_loop(
             }
         }
     }
-}
-
-async fn async_commit_connection(pool: &PgPool) -> sqlx::Result<PgConnection> {
-    let mut conn = pool.connect_options().connect().await?;
-    sqlx::query("SET synchronous_commit = off").execute(&mut conn).await?;
-    Ok(conn)
 }

@@ -100,6 +100,22 @@ pub fn is_data_refusal(e: &sqlx::Error) -> bool {
 
 /// Applies pending migrations. Safe to run concurrently from several processes:
 /// sqlx serialises them with an advisory lock.
+/// Whether Postgres answers a trivial query (health and readiness).
+pub async fn ping(pool: &PgPool) -> bool {
+    sqlx::query("SELECT 1").execute(pool).await.is_ok()
+}
+
+/// A connection of its own (outside the pool) whose commits do not wait for the WAL
+/// flush: for writes whose loss in a crash is harmless (the outbox deletes of the
+/// dispatcher: a lost delete means one redundant publish, which claims refuse).
+pub async fn async_commit_connection(pool: &PgPool) -> sqlx::Result<sqlx::PgConnection> {
+    use sqlx::ConnectOptions;
+    let mut conn = pool.connect_options().connect().await?;
+    sqlx::query("SET synchronous_commit = off").execute(&mut conn).await?;
+    Ok(conn)
+}
+
+/// Applies the migrations.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }

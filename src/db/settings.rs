@@ -32,7 +32,7 @@ pub async fn put(db: impl PgExecutor<'_>, pairs: &[(&str, String)]) -> sqlx::Res
 #[derive(Clone, Debug, PartialEq)]
 pub struct MembridgeSettings {
     pub url: String,
-    pub admin_key: crate::config::Secret,
+    pub admin_key: crate::domain::Secret,
     pub connected: bool,
     pub last_test: Option<i64>,
 }
@@ -46,16 +46,13 @@ const STATE: &str = "membridge_state";
 const SYNC: &str = "membridge_sync";
 
 /// The saved membridge settings, falling back to `default` for what was never saved.
-pub async fn membridge(
-    db: impl PgExecutor<'_>,
-    default: &crate::membridge::Endpoint,
-) -> sqlx::Result<MembridgeSettings> {
+pub async fn membridge(db: impl PgExecutor<'_>, default: &crate::domain::Endpoint) -> sqlx::Result<MembridgeSettings> {
     let all = all(db).await?;
     Ok(MembridgeSettings {
         url: all.get(URL).cloned().unwrap_or_else(|| default.url.clone()),
         admin_key: all
             .get(ADMIN_KEY)
-            .map(|k| crate::config::Secret::new(k.clone()))
+            .map(|k| crate::domain::Secret::new(k.clone()))
             .unwrap_or_else(|| default.admin_key.clone()),
         connected: all.get(CONNECTED).is_some_and(|v| v == "true"),
         last_test: all.get(LAST_TEST).and_then(|v| v.parse().ok()),
@@ -64,8 +61,8 @@ pub async fn membridge(
 
 impl MembridgeSettings {
     /// The endpoint to call.
-    pub fn endpoint(&self) -> crate::membridge::Endpoint {
-        crate::membridge::Endpoint { url: self.url.clone(), admin_key: self.admin_key.clone() }
+    pub fn endpoint(&self) -> crate::domain::Endpoint {
+        crate::domain::Endpoint { url: self.url.clone(), admin_key: self.admin_key.clone() }
     }
 }
 

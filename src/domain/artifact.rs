@@ -22,3 +22,13 @@ pub struct Artifact {
     pub tags: Vec<String>,
     pub content: Option<String>,
 }
+
+/// Where an artifact's content went.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ArtifactBody {
+    /// Uploaded to S3: the object's URL.
+    S3 { url: String },
+    /// Kept in Postgres: the artifact's content is the result's output (written once to
+    /// the statement, not twice).
+    Inline,
+}

@@ -27,3 +27,10 @@ pub enum ConnectionStatus {
     Connected,
     Disconnected,
 }
+
+/// Where membridge is and how to authenticate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Endpoint {
+    pub url: String,
+    pub admin_key: super::Secret,
+}

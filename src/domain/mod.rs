@@ -11,14 +11,16 @@ pub mod json_number;
 pub mod lease;
 pub mod membridge;
 pub mod result;
+pub mod secret;
 pub mod task;
 pub mod worker;
 
-pub use artifact::Artifact;
+pub use artifact::{Artifact, ArtifactBody};
 pub use audit::{AuditAction, AuditEntry, NewAudit};
 pub use ids::{new_id, ArtifactId, LeaseId, ResultId, TaskId, WorkerId};
 pub use lease::{Lease, LeaseStatus};
-pub use membridge::{ClientState, ConnectionStatus};
+pub use membridge::{ClientState, ConnectionStatus, Endpoint};
 pub use result::{LlmResult, Metrics, ResultStatus};
+pub use secret::Secret;
 pub use task::{DesiredFormat, NewTask, Policy, Task, TaskStatus};
 pub use worker::{pick_worker, Capabilities, Worker, WorkerSource, WorkerStatus};

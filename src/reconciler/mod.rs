@@ -194,7 +194,7 @@ pub fn router(r: Reconciler) -> Router {
 }
 
 async fn ready(State(r): State<Reconciler>) -> impl IntoResponse {
-    let db = sqlx::query("SELECT 1").execute(&r.pool).await.is_ok();
+    let db = crate::db::ping(&r.pool).await;
     let nats = r.client.connection_state() == async_nats::connection::State::Connected;
     let serving = r.is_serving();
     let code = if db && nats && serving { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

@@ -30,8 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::{DesiredFormat, Metrics, ResultStatus};
 use crate::protocol::TaskMessage;
 
-/// Default command: the Claude CLI in print mode with JSON output, prompt on stdin.
-pub const DEFAULT_COMMAND: &str = "claude -p --output-format json";
+pub use crate::config::DEFAULT_EXECUTOR_COMMAND as DEFAULT_COMMAND;
 
 /// What executes tasks.
 #[derive(Clone, Debug, PartialEq, Eq)]

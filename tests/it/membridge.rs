@@ -10,7 +10,7 @@ use crate::fake_membridge::{self, now_secs};
 
 async fn app_with(fake: &fake_membridge::Fake, key: &str) -> TestApp {
     TestApp::spawn_with(Opts {
-        membridge: Some(bloom::membridge::Endpoint { url: fake.url(), admin_key: bloom::config::Secret::new(key) }),
+        membridge: Some(bloom::domain::Endpoint { url: fake.url(), admin_key: bloom::domain::Secret::new(key) }),
         ..Opts::default()
     })
     .await
@@ -106,7 +106,7 @@ async fn a_slow_membridge_times_out_with_retries_and_502() {
     let fake = fake_membridge::start("k").await;
     fake.inner.lock().unwrap().delay_ms = 1_000;
     let app = TestApp::spawn_with(Opts {
-        membridge: Some(bloom::membridge::Endpoint { url: fake.url(), admin_key: bloom::config::Secret::new("k") }),
+        membridge: Some(bloom::domain::Endpoint { url: fake.url(), admin_key: bloom::domain::Secret::new("k") }),
         membridge_timeout: std::time::Duration::from_millis(200),
         ..Opts::default()
     })

@@ -16,7 +16,7 @@ async fn one_leader_syncs_membridge_and_another_takes_over_when_it_dies() {
         json!({"name": "agent-2", "url": "http://a2:8001", "status": "unknown", "registered_at": now_secs(), "last_seen": null}),
     ]);
     let app = TestApp::spawn_with(Opts {
-        membridge: Some(bloom::membridge::Endpoint { url: fake.url(), admin_key: bloom::config::Secret::new("k") }),
+        membridge: Some(bloom::domain::Endpoint { url: fake.url(), admin_key: bloom::domain::Secret::new("k") }),
         ..Opts::default()
     })
     .await;

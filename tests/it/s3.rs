@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use bloom::config::{S3Args, S3Settings, Secret};
+use bloom::config::{S3Args, S3Settings};
+use bloom::domain::Secret;
 use reqwest::StatusCode;
 use serde_json::json;
 

@@ -6,7 +6,8 @@ use sqlx::types::Json;
 use sqlx::PgExecutor;
 
 use crate::domain::{
-    new_id, Artifact, ArtifactId, LeaseId, LlmResult, Metrics, ResultId, ResultStatus, Task, TaskId, WorkerId,
+    new_id, Artifact, ArtifactBody, ArtifactId, LeaseId, LlmResult, Metrics, ResultId, ResultStatus, Task, TaskId,
+    WorkerId,
 };
 
 /// Batch completion: `$1` now, then one array per column of [`CompleteRows`] (`$2` the
@@ -49,16 +50,6 @@ pub(super) const COMPLETE_SQL: &str = "WITH r AS (
             SELECT audit_id, $1, 'result_late', 'llm_task', task_id, 'reconciler', late
             FROM r WHERE NOT EXISTS (SELECT 1 FROM w WHERE w.task_id = r.task_id AND w.lease_id = r.lease_id))
          SELECT * FROM t";
-
-/// Where an artifact's content went.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ArtifactBody {
-    /// Uploaded to S3: the object's URL.
-    S3 { url: String },
-    /// Kept in Postgres: the artifact's content is the result's output (written once to
-    /// the statement, not twice).
-    Inline,
-}
 
 /// A result reported for one lease.
 #[derive(Clone, Debug)]

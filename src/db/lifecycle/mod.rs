@@ -34,7 +34,7 @@ mod reroute;
 use sqlx::PgPool;
 
 pub use claim::{claim, Claim, ClaimOutcome};
-pub use complete::{complete, ArtifactBody, Completion, CompletionOutcome};
+pub use complete::{complete, Completion, CompletionOutcome};
 pub use create::create;
 pub use expire::{expire, Expiring, Expiry};
 pub use heartbeat::heartbeat;
