@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use bloom::artifacts::ArtifactStore;
-use bloom::config::{millis, DbArgs, LogArgs, MembridgeArgs, NatsArgs, ReconcilerArgs, S3Args};
+use bloom::config::{DbArgs, LogArgs, MembridgeArgs, NatsArgs, ReconcilerArgs, S3Args};
 use bloom::metrics::Metrics;
 use bloom::reconciler::{self, Reconciler, ReconcilerSettings};
 use bloom::telemetry::ErrorChain;
@@ -43,25 +43,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("{cli:#?}");
         return Ok(());
     }
-    let r = &cli.reconciler;
-    let settings = ReconcilerSettings {
-        lease_ttl: cli.nats.lease_ttl(),
-        expiry_grace: millis(r.expiry_grace_ms),
-        sweep_interval: millis(r.sweep_interval_ms.max(10)),
-        relay_interval: millis(r.relay_interval_ms.max(10)),
-        relay_min_age: millis(r.relay_min_age_ms),
-        worker_timeout: millis(r.worker_timeout_ms.max(1000)),
-        membridge_interval: millis(r.membridge_sync_interval_ms.max(100)),
-        membridge_default: cli.membridge.endpoint(),
-        membridge_timeout: cli.membridge.timeout(),
-        leader_poll: millis(r.leader_poll_ms.max(50)),
-        request_timeout: cli.nats.timeout(),
-        db_timeout: cli.db.call_timeout(),
-        ..ReconcilerSettings::default()
-    };
+    let settings = ReconcilerSettings::from_args(&cli.reconciler, &cli.nats, &cli.membridge, &cli.db);
 
     // Bound first, so a port in use fails at once, before any connection is made.
-    let listener = match r.http_port {
+    let listener = match cli.reconciler.http_port {
         0 => None,
         port => {
             let addr = SocketAddr::from(([0, 0, 0, 0], port));

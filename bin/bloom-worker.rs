@@ -3,15 +3,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use axum::routing::get;
 use bloom::config::{LogArgs, NatsArgs, WorkerArgs};
-use bloom::domain::{Capabilities, WorkerId};
 use bloom::metrics::Metrics;
 use bloom::telemetry::ErrorChain;
-use bloom::worker::{self, Executor, WorkerSettings};
+use bloom::worker::{self, WorkerSettings};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -35,33 +33,14 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    cli.worker.validate().map_err(anyhow::Error::msg)?;
+    let settings = WorkerSettings::from_args(&cli.worker, &cli.nats).map_err(anyhow::Error::msg)?;
     let names = cli.nats.names().map_err(anyhow::Error::msg)?;
     if cli.log.check_config {
         println!("{cli:#?}");
         return Ok(());
     }
-    let w = &cli.worker;
-    let executor = match w.executor.as_str() {
-        "builtin" => Executor::Builtin,
-        _ => Executor::Command { command: w.executor_command.clone(), max_output_bytes: w.executor_max_output_bytes },
-    };
-    let settings = WorkerSettings {
-        id: WorkerId(w.id()),
-        capabilities: Capabilities {
-            claude_cli: w.claude_cli,
-            max_concurrency: w.max_concurrency,
-            labels: w.labels.iter().filter(|l| !l.is_empty()).cloned().collect(),
-        },
-        executor,
-        lease_ttl: cli.nats.lease_ttl(),
-        beat_interval: Duration::from_millis(w.beat_interval_ms.max(100)),
-        shutdown_grace: Duration::from_secs(w.shutdown_grace_secs),
-        request_timeout: cli.nats.timeout(),
-        claim_timeout: Duration::from_millis(w.claim_timeout_ms.max(100)),
-    };
     // Bound first, so a port in use fails at once, before any connection is made.
-    let listener = match w.http_port {
+    let listener = match cli.worker.http_port {
         0 => None,
         port => {
             let addr = SocketAddr::from(([0, 0, 0, 0], port));

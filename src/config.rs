@@ -260,11 +260,6 @@ impl ApiArgs {
     }
 }
 
-/// Reads a duration given in milliseconds.
-pub fn millis(ms: u64) -> Duration {
-    Duration::from_millis(ms)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::artifacts::ArtifactStore;
 use crate::bus::{provision, Dispatcher, Names};
+use crate::config::{DbArgs, MembridgeArgs, NatsArgs, ReconcilerArgs};
 use crate::membridge;
 use crate::metrics::Metrics;
 use crate::time::Clock;
@@ -65,6 +66,33 @@ pub struct ReconcilerSettings {
     pub result_retry_delay: Duration,
     /// …and terminated on this delivery if Postgres still refuses it.
     pub result_max_deliveries: i64,
+}
+
+impl ReconcilerSettings {
+    /// The settings a `bloom-reconciler` runs with, from its configuration: the clamps of
+    /// every value are here, and only here.
+    pub fn from_args(
+        r: &ReconcilerArgs,
+        nats: &NatsArgs,
+        membridge: &MembridgeArgs,
+        db: &DbArgs,
+    ) -> ReconcilerSettings {
+        ReconcilerSettings {
+            lease_ttl: nats.lease_ttl(),
+            expiry_grace: Duration::from_millis(r.expiry_grace_ms),
+            sweep_interval: Duration::from_millis(r.sweep_interval_ms.max(10)),
+            relay_interval: Duration::from_millis(r.relay_interval_ms.max(10)),
+            relay_min_age: Duration::from_millis(r.relay_min_age_ms),
+            worker_timeout: Duration::from_millis(r.worker_timeout_ms.max(1000)),
+            membridge_interval: Duration::from_millis(r.membridge_sync_interval_ms.max(100)),
+            membridge_default: membridge.endpoint(),
+            membridge_timeout: membridge.timeout(),
+            leader_poll: Duration::from_millis(r.leader_poll_ms.max(50)),
+            request_timeout: nats.timeout(),
+            db_timeout: db.call_timeout(),
+            ..ReconcilerSettings::default()
+        }
+    }
 }
 
 impl Default for ReconcilerSettings {

@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{provision, Names};
+use crate::config::{NatsArgs, WorkerArgs};
 use crate::domain::{Capabilities, LeaseId, WorkerId, WorkerStatus};
 use crate::metrics::Metrics;
 use crate::protocol::{
@@ -63,6 +64,34 @@ pub struct WorkerSettings {
     pub request_timeout: Duration,
     /// Time a claim waits for its answer before it is sent again.
     pub claim_timeout: Duration,
+}
+
+impl WorkerSettings {
+    /// The settings a `bloom-worker` runs with, from its configuration: the clamps and
+    /// checks of every value are here, and only here.
+    pub fn from_args(w: &WorkerArgs, nats: &NatsArgs) -> Result<WorkerSettings, String> {
+        w.validate()?;
+        let executor = match w.executor.as_str() {
+            "builtin" => Executor::Builtin,
+            _ => {
+                Executor::Command { command: w.executor_command.clone(), max_output_bytes: w.executor_max_output_bytes }
+            }
+        };
+        Ok(WorkerSettings {
+            id: WorkerId(w.id()),
+            capabilities: Capabilities {
+                claude_cli: w.claude_cli,
+                max_concurrency: w.max_concurrency,
+                labels: w.labels.iter().filter(|l| !l.is_empty()).cloned().collect(),
+            },
+            executor,
+            lease_ttl: nats.lease_ttl(),
+            beat_interval: Duration::from_millis(w.beat_interval_ms.max(100)),
+            shutdown_grace: Duration::from_secs(w.shutdown_grace_secs),
+            request_timeout: nats.timeout(),
+            claim_timeout: Duration::from_millis(w.claim_timeout_ms.max(100)),
+        })
+    }
 }
 
 #[derive(Clone)]

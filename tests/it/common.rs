@@ -9,13 +9,13 @@ use std::time::Duration;
 use bloom::api::{self, ApiSettings};
 use bloom::artifacts::ArtifactStore;
 use bloom::bus::Names;
-use bloom::config::S3Settings;
+use bloom::config::{DbArgs, MembridgeArgs, NatsArgs, ReconcilerArgs, S3Settings, WorkerArgs};
 use bloom::domain::Endpoint;
 use bloom::domain::Secret;
-use bloom::domain::{Capabilities, WorkerId};
+
 use bloom::metrics::Metrics;
 use bloom::reconciler::{Reconciler, ReconcilerSettings};
-use bloom::worker::{Executor, WorkerSettings};
+use bloom::worker::WorkerSettings;
 use reqwest::StatusCode;
 use serde_json::Value;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -235,23 +235,39 @@ impl TestApp {
         w
     }
 
+    /// A reconciler's settings as `bloom-reconciler` maps them from its configuration,
+    /// with the test's shorter intervals.
     pub fn reconciler_settings(&self) -> ReconcilerSettings {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            reconciler: ReconcilerArgs,
+            #[command(flatten)]
+            nats: NatsArgs,
+            #[command(flatten)]
+            membridge: MembridgeArgs,
+            #[command(flatten)]
+            db: DbArgs,
+        }
+        let ep = &self.state.settings.membridge_default;
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "bloom-reconciler".to_owned(),
+            format!("--lease-ttl-secs={}", self.opts.lease_ttl_secs),
+            "--expiry-grace-ms=0".into(),
+            "--sweep-interval-ms=200".into(),
+            "--relay-interval-ms=200".into(),
+            "--relay-min-age-ms=500".into(),
+            "--worker-timeout-ms=5000".into(),
+            "--membridge-sync-interval-ms=300".into(),
+            "--leader-poll-ms=200".into(),
+            format!("--membridge-server-url={}", ep.url),
+            format!("--membridge-admin-key={}", ep.admin_key.expose()),
+            format!("--membridge-timeout-ms={}", self.opts.membridge_timeout.as_millis()),
+        ])
+        .expect("reconciler arguments");
         ReconcilerSettings {
-            lease_ttl: Duration::from_secs(self.opts.lease_ttl_secs as u64),
-            expiry_grace: Duration::from_millis(0),
-            sweep_interval: Duration::from_millis(200),
-            relay_interval: Duration::from_millis(200),
-            relay_min_age: Duration::from_millis(500),
-            worker_timeout: Duration::from_secs(5),
-            membridge_interval: Duration::from_millis(300),
-            membridge_stale_after: Duration::from_secs(60),
-            membridge_default: self.state.settings.membridge_default.clone(),
-            membridge_timeout: self.opts.membridge_timeout,
-            leader_poll: Duration::from_millis(200),
-            request_timeout: Duration::from_secs(5),
-            db_timeout: Duration::from_secs(35),
             result_retry_delay: Duration::from_millis(100),
-            result_max_deliveries: 10,
+            ..ReconcilerSettings::from_args(&cli.reconciler, &cli.nats, &cli.membridge, &cli.db)
         }
     }
 
@@ -274,17 +290,27 @@ impl TestApp {
         (r, cancel)
     }
 
+    /// A worker's settings as `bloom-worker` maps them from its configuration: the
+    /// built-in executor, faster beats.
     pub fn worker_settings(&self, id: &str, max_concurrency: i32) -> WorkerSettings {
-        WorkerSettings {
-            id: WorkerId::from(id),
-            capabilities: Capabilities { claude_cli: true, max_concurrency, labels: vec![] },
-            executor: Executor::Builtin,
-            lease_ttl: Duration::from_secs(self.opts.lease_ttl_secs as u64),
-            beat_interval: Duration::from_millis(300),
-            shutdown_grace: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(5),
-            claim_timeout: Duration::from_millis(1500),
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            worker: WorkerArgs,
+            #[command(flatten)]
+            nats: NatsArgs,
         }
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "bloom-worker".to_owned(),
+            format!("--worker-id={id}"),
+            format!("--max-concurrency={max_concurrency}"),
+            "--executor=builtin".into(),
+            "--beat-interval-ms=300".into(),
+            "--shutdown-grace-secs=5".into(),
+            format!("--lease-ttl-secs={}", self.opts.lease_ttl_secs),
+        ])
+        .expect("worker arguments");
+        WorkerSettings::from_args(&cli.worker, &cli.nats).expect("worker settings")
     }
 
     /// Starts a worker; returns its stop token and join handle.
