@@ -37,7 +37,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    cli.api.validate().map_err(anyhow::Error::msg)?;
+    let settings = ApiSettings::from_args(&cli.api, &cli.nats, &cli.membridge, &cli.db).map_err(anyhow::Error::msg)?;
     let names = cli.nats.names().map_err(anyhow::Error::msg)?;
     let addr: SocketAddr = format!("{}:{}", cli.api.host, cli.api.port)
         .parse()
@@ -58,19 +58,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let nats = bloom::bus::connect(&cli.nats.nats_url, "bloom-api").await.context("connecting to NATS (NATS_URL)")?;
     let metrics = Arc::new(Metrics::default());
     let artifacts = ArtifactStore::from_settings(cli.s3.settings(), metrics.clone()).await;
-    let settings = ApiSettings {
-        api_key: cli.api.api_key().cloned(),
-        production: cli.api.is_production(),
-        rate_limit_per_min: cli.api.rate_limit_per_min,
-        test_connection_rate_limit_per_min: cli.api.test_connection_rate_limit_per_min,
-        body_limit_bytes: cli.api.body_limit_bytes,
-        trust_proxy: cli.api.trust_proxy,
-        lease_ttl_secs: cli.nats.lease_ttl().as_secs() as i32,
-        membridge_default: cli.membridge.endpoint(),
-        membridge_timeout: cli.membridge.timeout(),
-        db_timeout: cli.db.call_timeout(),
-        nats_timeout: cli.nats.timeout(),
-    };
     let cancel = CancellationToken::new();
     bloom::process::cancel_on_signal(cancel.clone());
     let state = api::build_state(pool, nats, names, settings, artifacts, metrics, cancel.clone()).await?;

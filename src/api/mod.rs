@@ -34,6 +34,7 @@ use utoipa_axum::routes;
 
 use crate::artifacts::ArtifactStore;
 use crate::bus::Dispatcher;
+use crate::config::{ApiArgs, DbArgs, MembridgeArgs, NatsArgs};
 use crate::domain::Secret;
 use crate::membridge;
 use crate::metrics::Metrics;
@@ -61,6 +62,32 @@ pub struct ApiSettings {
     pub db_timeout: Duration,
     /// Bound of one JetStream request (provisioning, publish acknowledgements).
     pub nats_timeout: Duration,
+}
+
+impl ApiSettings {
+    /// The settings `bloom-api` runs with, from its configuration: the checks and clamps
+    /// of every value are here, and only here.
+    pub fn from_args(
+        api: &ApiArgs,
+        nats: &NatsArgs,
+        membridge: &MembridgeArgs,
+        db: &DbArgs,
+    ) -> Result<ApiSettings, String> {
+        api.validate()?;
+        Ok(ApiSettings {
+            api_key: api.api_key().cloned(),
+            production: api.is_production(),
+            rate_limit_per_min: api.rate_limit_per_min,
+            test_connection_rate_limit_per_min: api.test_connection_rate_limit_per_min,
+            body_limit_bytes: api.body_limit_bytes,
+            trust_proxy: api.trust_proxy,
+            lease_ttl_secs: nats.lease_ttl().as_secs() as i32,
+            membridge_default: membridge.endpoint(),
+            membridge_timeout: membridge.timeout(),
+            db_timeout: db.call_timeout(),
+            nats_timeout: nats.timeout(),
+        })
+    }
 }
 
 /// Shared state of all handlers; cloning it (every request does, once per layer) is

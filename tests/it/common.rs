@@ -9,7 +9,7 @@ use std::time::Duration;
 use bloom::api::{self, ApiSettings};
 use bloom::artifacts::ArtifactStore;
 use bloom::bus::Names;
-use bloom::config::{DbArgs, MembridgeArgs, NatsArgs, ReconcilerArgs, S3Settings, WorkerArgs};
+use bloom::config::{ApiArgs, DbArgs, MembridgeArgs, NatsArgs, ReconcilerArgs, S3Settings, WorkerArgs};
 use bloom::domain::Endpoint;
 use bloom::domain::Secret;
 
@@ -83,6 +83,38 @@ impl Default for Opts {
     }
 }
 
+/// The API's settings as `bloom-api` maps them from its configuration.
+fn api_settings(opts: &Opts) -> ApiSettings {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        nats: NatsArgs,
+        #[command(flatten)]
+        membridge: MembridgeArgs,
+        #[command(flatten)]
+        db: DbArgs,
+    }
+    let membridge =
+        opts.membridge.clone().unwrap_or(Endpoint { url: "http://127.0.0.1:9".into(), admin_key: Secret::default() });
+    let mut args = vec![
+        "bloom-api".to_owned(),
+        format!("--rate-limit-per-min={}", opts.rate_limit),
+        format!("--test-connection-rate-limit-per-min={}", opts.test_connection_limit),
+        format!("--body-limit-bytes={}", opts.body_limit),
+        format!("--lease-ttl-secs={}", opts.lease_ttl_secs),
+        format!("--membridge-server-url={}", membridge.url),
+        format!("--membridge-admin-key={}", membridge.admin_key.expose()),
+        format!("--membridge-timeout-ms={}", opts.membridge_timeout.as_millis()),
+        format!("--runtime-api-key={}", opts.api_key.unwrap_or("")),
+        format!("--bloom-env={}", if opts.production { "production" } else { "test" }),
+    ];
+    args.extend(["--node-env=".into(), "--trust-proxy=false".into()]);
+    let cli = <Cli as clap::Parser>::try_parse_from(args).expect("API arguments");
+    ApiSettings::from_args(&cli.api, &cli.nats, &cli.membridge, &cli.db).expect("API settings")
+}
+
 /// One test installation.
 pub struct TestApp {
     pub base: String,
@@ -110,22 +142,7 @@ impl TestApp {
         let nats = bloom::bus::connect(&nats_url(), "bloom-test").await.expect("connect to NATS");
         let metrics = Arc::new(Metrics::default());
         let artifacts = ArtifactStore::from_settings(opts.s3.clone(), metrics.clone()).await;
-        let settings = ApiSettings {
-            api_key: opts.api_key.map(Secret::new),
-            production: opts.production,
-            rate_limit_per_min: opts.rate_limit,
-            test_connection_rate_limit_per_min: opts.test_connection_limit,
-            body_limit_bytes: opts.body_limit,
-            trust_proxy: false,
-            lease_ttl_secs: opts.lease_ttl_secs,
-            membridge_default: opts
-                .membridge
-                .clone()
-                .unwrap_or(Endpoint { url: "http://127.0.0.1:9".into(), admin_key: Secret::default() }),
-            membridge_timeout: opts.membridge_timeout,
-            db_timeout: Duration::from_secs(35),
-            nats_timeout: Duration::from_secs(5),
-        };
+        let settings = api_settings(&opts);
         let cancel = CancellationToken::new();
         let state = api::build_state(
             pool.clone(),
