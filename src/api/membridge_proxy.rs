@@ -13,7 +13,6 @@ use super::{ApiError, AppState};
 use crate::db::{audit, settings};
 use crate::domain::{AuditAction, NewAudit};
 use crate::membridge::{segment, Auth, Response, Retry};
-use crate::time::now_ms;
 
 async fn call(
     state: &AppState,
@@ -91,7 +90,7 @@ pub async fn select_leader(
     audit::insert(
         &state.pool,
         &[NewAudit::new(AuditAction::LeadershipPromote, "membridge_project", cid.as_str(), "admin", detail)],
-        now_ms(),
+        state.clock.now_ms(),
     )
     .await?;
     Ok(Json(data))

@@ -38,6 +38,7 @@ use crate::config::{ApiArgs, DbArgs, MembridgeArgs, NatsArgs};
 use crate::domain::Secret;
 use crate::membridge;
 use crate::metrics::Metrics;
+use crate::time::Clock;
 pub use error::ApiError;
 use rate_limit::RateLimiter;
 use submit::Submitter;
@@ -113,6 +114,8 @@ pub struct AppContext {
     pub metrics: Arc<Metrics>,
     pub api_key: Option<Secret>,
     pub settings: Arc<ApiSettings>,
+    /// The time handlers and transitions use (the system clock).
+    pub clock: Clock,
     pub started: Instant,
 }
 
@@ -328,7 +331,16 @@ pub async fn build_state(
     let js = crate::bus::jetstream(nats.clone(), settings.nats_timeout);
     crate::bus::provision::apply(&js, &names, Duration::from_secs(settings.lease_ttl_secs.max(1) as u64)).await?;
     let dispatcher = Dispatcher::spawn(js, names, pool.clone(), metrics.clone(), cancel.clone());
-    let submitter = Submitter::spawn(pool.clone(), dispatcher.clone(), metrics.clone(), 2, settings.db_timeout, cancel);
+    let clock = Clock::system();
+    let submitter = Submitter::spawn(
+        pool.clone(),
+        dispatcher.clone(),
+        metrics.clone(),
+        2,
+        settings.db_timeout,
+        clock.clone(),
+        cancel,
+    );
     let membridge = Arc::new(membridge::Client::new(settings.membridge_timeout, pool.clone()));
     Ok(AppState(Arc::new(AppContext {
         pool,
@@ -340,6 +352,7 @@ pub async fn build_state(
         metrics,
         api_key: settings.api_key.clone(),
         settings: Arc::new(settings),
+        clock,
         started: Instant::now(),
     })))
 }

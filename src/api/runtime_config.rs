@@ -14,7 +14,6 @@ use super::{ApiError, AppState};
 use crate::db::{audit, settings};
 use crate::domain::{AuditAction, NewAudit};
 use crate::membridge::{Auth, Retry};
-use crate::time::now_ms;
 
 /// The seed's `RuntimeConfig`.
 #[derive(Debug, Serialize)]
@@ -102,7 +101,7 @@ pub async fn set_config(
         }
     }
     let (url, key) = errors.finish(url.zip(key))?.ok_or_else(|| ApiError::BadRequest("invalid config".into()))?;
-    let now = now_ms();
+    let now = state.clock.now_ms();
     let mut tx = state.pool.begin().await?;
     settings::save_membridge(&mut *tx, &url, &key).await?;
     let detail = format!("Updated membridge URL to {url}");
@@ -136,7 +135,7 @@ pub async fn test_connection(State(state): State<AppState>) -> Result<Json<Value
             }
         }
     };
-    let now = now_ms();
+    let now = state.clock.now_ms();
     let connected = outcome.is_ok();
     let mut tx = state.pool.begin().await?;
     settings::save_connection(&mut *tx, connected, now).await?;

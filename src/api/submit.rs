@@ -18,7 +18,7 @@ use crate::db::{lifecycle, Dedicated};
 use crate::domain::{NewTask, Task};
 use crate::metrics::Metrics;
 use crate::telemetry::Carrier;
-use crate::time::now_ms;
+use crate::time::Clock;
 
 type Reply = oneshot::Sender<Result<Task, String>>;
 type Request = (NewTask, Carrier, Reply);
@@ -40,13 +40,16 @@ impl Submitter {
         metrics: Arc<Metrics>,
         loops: usize,
         db_timeout: Duration,
+        clock: Clock,
         cancel: CancellationToken,
     ) -> Submitter {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 16);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..loops.max(1) {
             let db = Dedicated::new(&pool, db_timeout);
-            tokio::spawn(commit_loop(db, dispatcher.clone(), metrics.clone(), rx.clone(), cancel.clone()));
+            let (dispatcher, metrics, rx, clock, cancel) =
+                (dispatcher.clone(), metrics.clone(), rx.clone(), clock.clone(), cancel.clone());
+            tokio::spawn(commit_loop(db, dispatcher, metrics, rx, clock, cancel));
         }
         Submitter { tx }
     }
@@ -65,6 +68,7 @@ async fn commit_loop(
     dispatcher: Dispatcher,
     metrics: Arc<Metrics>,
     rx: Arc<Mutex<mpsc::Receiver<Request>>>,
+    clock: Clock,
     cancel: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -85,7 +89,8 @@ async fn commit_loop(
             traces.push(trace);
             replies.push(reply);
         }
-        match db.run(move |c| Box::pin(lifecycle::create(c, tasks, "api", now_ms()))).await {
+        let now = clock.now_ms();
+        match db.run(move |c| Box::pin(lifecycle::create(c, tasks, "api", now))).await {
             Ok(mut dispatches) => {
                 metrics.tasks_submitted_total.add(dispatches.len() as u64);
                 for ((d, reply), trace) in dispatches.iter_mut().zip(replies).zip(traces) {

@@ -22,7 +22,6 @@ use crate::db::tasks;
 use crate::domain::{
     ArtifactId, DesiredFormat, LeaseId, Metrics, NewTask, Policy, ResultStatus, Task, TaskId, TaskStatus, WorkerId,
 };
-use crate::time::now_ms;
 
 /// Largest accepted prompt, in bytes: a task must fit in one NATS message.
 pub const MAX_PROMPT_BYTES: usize = 512 * 1024;
@@ -143,7 +142,7 @@ pub async fn lease(
     };
     let ttl = errors.finish(ttl)?.unwrap_or(300);
     let req = LeaseRequest { worker_id: worker_id.map(WorkerId), ttl_seconds: ttl as i32 };
-    let (lease, worker) = lifecycle::lease(&state.pool, &TaskId(id), &req, now_ms()).await?;
+    let (lease, worker) = lifecycle::lease(&state.pool, &TaskId(id), &req, state.clock.now_ms()).await?;
     Ok((StatusCode::CREATED, Json(json!({ "lease": lease, "worker": worker }))))
 }
 
@@ -180,7 +179,7 @@ pub async fn heartbeat(
         return Err(ApiError::NotFound("Task or lease not found".into()));
     };
     check_holder(&task, &body)?;
-    let renewed = lifecycle::heartbeat(&state.pool, &[(task.id.clone(), lease_id)], now_ms()).await?;
+    let renewed = lifecycle::heartbeat(&state.pool, &[(task.id.clone(), lease_id)], state.clock.now_ms()).await?;
     match renewed.into_iter().next() {
         Some(lease) => {
             let expires_at = lease.expires_at;
@@ -276,7 +275,7 @@ pub async fn complete(
         artifact_id: ArtifactId::generate(),
         artifact,
     };
-    match lifecycle::complete(&state.pool, std::slice::from_ref(&completion), now_ms()).await?.pop() {
+    match lifecycle::complete(&state.pool, std::slice::from_ref(&completion), state.clock.now_ms()).await?.pop() {
         Some(CompletionOutcome::Completed { task, result_id, completed_at }) => {
             let (artifact, result) = completion.into_records(&task, result_id, completed_at);
             Ok(Json(Completed { task: *task, artifact, result }))
@@ -288,7 +287,7 @@ pub async fn complete(
 /// `POST /api/runtime/llm-tasks/:id/requeue` → the requeued task.
 #[utoipa::path(post, path = "/api/runtime/llm-tasks/{id}/requeue", tag = "tasks", params(("id" = String, Path, description = "Task id")), responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn requeue(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Task>, ApiError> {
-    let dispatch = lifecycle::requeue(&state.pool, &TaskId(id), "admin", now_ms()).await?;
+    let dispatch = lifecycle::requeue(&state.pool, &TaskId(id), "admin", state.clock.now_ms()).await?;
     let task = dispatch.task.clone();
     state.dispatcher.send(vec![dispatch]);
     Ok(Json(task))

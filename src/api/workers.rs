@@ -14,7 +14,6 @@ use super::{ApiError, AppState};
 use crate::db::{leases, workers};
 use crate::domain::Worker;
 use crate::domain::{Capabilities, WorkerId, WorkerStatus};
-use crate::time::now_ms;
 
 /// `GET /api/runtime/workers`: every worker with its active lease count.
 #[utoipa::path(get, path = "/api/runtime/workers", tag = "workers", params(("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Worker>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
@@ -83,7 +82,7 @@ pub fn parse_registration(body: &Value) -> Result<workers::Registration, ApiErro
 pub async fn register(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<impl IntoResponse, ApiError> {
     let reg = parse_registration(&body)?;
     let mut tx = state.pool.begin().await?;
-    let (worker, created) = workers::register(&mut tx, &reg, now_ms()).await?;
+    let (worker, created) = workers::register(&mut tx, &reg, state.clock.now_ms()).await?;
     tx.commit().await?;
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(worker)))
 }
@@ -93,7 +92,7 @@ pub async fn register(State(state): State<AppState>, JsonBody(body): JsonBody) -
 pub async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let wid = WorkerId(id.clone());
     let mut tx = state.pool.begin().await?;
-    if !workers::remove(&mut tx, &wid, now_ms()).await? {
+    if !workers::remove(&mut tx, &wid, state.clock.now_ms()).await? {
         return Err(ApiError::NotFound("Worker not found".into()));
     }
     tx.commit().await?;
