@@ -5,7 +5,8 @@
 //! `s3://<bucket>/artifacts/<task>/<lease>.json`: the key is deterministic per task and
 //! lease, so a retried upload overwrites instead of duplicating. Without S3, or when an
 //! upload fails, the content stays inline in Postgres (the original service's fallback),
-//! and the fallback is counted in `bloom_s3_fallbacks_total`. Outputs above 8 MiB are
+//! and the fallback is counted in `bloom_s3_fallbacks_total`; the reconciler moves such
+//! content to S3 later ([`ArtifactStore::upload_moved`]). Outputs above 8 MiB are
 //! uploaded in parts; content is streamed back from S3 without loading it whole. After a failure S3 is skipped
 //! for a few seconds, so an outage costs one timeout, not one per artifact.
 
@@ -20,7 +21,7 @@ use tokio::sync::OnceCell;
 
 use crate::config::S3Settings;
 use crate::domain::ArtifactBody;
-use crate::domain::{Artifact, LeaseId, TaskId};
+use crate::domain::{Artifact, ArtifactId, LeaseId, TaskId};
 use crate::metrics::Metrics;
 use crate::time::now_ms;
 
@@ -134,6 +135,31 @@ impl ArtifactStore {
                 self.metrics.s3_fallbacks_total.inc();
                 tracing::warn!(task.id = %task, error = %e, "artifact upload failed, storing in PostgreSQL");
                 fallback()
+            }
+        }
+    }
+
+    /// Uploads the content of an artifact kept in Postgres to S3, under a key that is
+    /// deterministic per artifact (`artifacts/<task>/<artifact>.json`: a retried move
+    /// overwrites), and returns its URL. While S3 cools down after a failure this fails
+    /// at once, and a failure starts the cooldown, as for live uploads: moves never
+    /// stall completions behind an outage.
+    pub async fn upload_moved(
+        &self,
+        task: &TaskId,
+        artifact: &ArtifactId,
+        content: String,
+    ) -> Result<String, ArtifactError> {
+        let s3 = self.s3.as_ref().ok_or(ArtifactError::NoS3)?;
+        if now_ms() < s3.skip_until.load(Ordering::Relaxed) {
+            return Err(ArtifactError::S3("cooling down after a failure".into()));
+        }
+        let key = format!("artifacts/{task}/{artifact}.json");
+        match s3.put(&key, content.into_bytes()).await {
+            Ok(()) => Ok(format!("s3://{}/{key}", s3.bucket)),
+            Err(e) => {
+                s3.skip_until.store(now_ms() + S3_COOLDOWN_MS, Ordering::Relaxed);
+                Err(ArtifactError::S3(e))
             }
         }
     }

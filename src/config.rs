@@ -368,6 +368,10 @@ pub struct ReconcilerArgs {
     /// Lease sweep interval in milliseconds.
     #[arg(long, env = "BLOOM_SWEEP_INTERVAL_MS", default_value_t = 1_000)]
     pub sweep_interval_ms: u64,
+    /// How often (ms) artifacts whose content stayed in Postgres because S3 failed are
+    /// moved to S3, at most 32 artifacts and 16 MiB per pass (with S3 configured).
+    #[arg(long, env = "BLOOM_ARTIFACT_MOVE_INTERVAL_MS", default_value_t = 1_000)]
+    pub artifact_move_interval_ms: u64,
     /// Grace past `expires_at` before a lease is expired, in milliseconds.
     #[arg(long, env = "BLOOM_EXPIRY_GRACE_MS", default_value_t = 2_000)]
     pub expiry_grace_ms: u64,

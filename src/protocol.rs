@@ -11,9 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{
-    Capabilities, DesiredFormat, LeaseId, Metrics, Policy, ResultStatus, Task, TaskId, WorkerId, WorkerStatus,
-};
+use crate::domain::{Capabilities, DesiredFormat, LeaseId, Outcome, Policy, Task, TaskId, WorkerId, WorkerStatus};
 
 /// A W3C trace context as header pairs (`traceparent`, `tracestate`): how a message
 /// carries the span it was sent from (empty when not tracing).
@@ -183,10 +181,9 @@ pub struct ResultMessage {
     pub task_id: TaskId,
     pub lease_id: LeaseId,
     pub worker_id: WorkerId,
-    pub status: ResultStatus,
-    pub output: Option<String>,
-    pub error_message: Option<String>,
-    pub metrics: Metrics,
+    /// On the wire, its fields sit beside the ids (`status`, `output`, ...).
+    #[serde(flatten)]
+    pub outcome: Outcome,
 }
 
 /// The body of a results-stream message: the results a worker had ready when it

@@ -8,105 +8,91 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::{json, Value};
 
-/// The writes of a task's life, batched as the runtime batches them, executed directly.
+/// The writes of a task's life, executed directly with the runtime's own statements
+/// (`db::lifecycle`), batched as the runtime batches them: create (task, outbox row,
+/// audit), the outbox delete after the publish (asynchronous commit, as the dispatcher
+/// does), claim (task, lease, audit) and complete (task, lease, artifact, result,
+/// audit). Each connection claims for a worker of its own, registered first.
 pub async fn postgres_limit(url: &str, tasks: u64, connections: usize, batch: usize) -> anyhow::Result<Value> {
-    let pool =
-        bloom::db::connect(url, &bloom::db::PoolOptions { max_connections: connections as u32, ..Default::default() })
-            .await?;
-    sqlx::query("TRUNCATE llm_tasks, leases, outbox, audit_logs, runtime_artifacts, llm_results")
+    use bloom::db::lifecycle::{self, Claim, ClaimOutcome, Completion};
+    use bloom::db::{outbox, workers};
+    use bloom::domain::{
+        ArtifactBody, ArtifactId, Capabilities, DesiredFormat, Metrics, NewTask, Outcome, Policy, WorkerId,
+        WorkerStatus,
+    };
+
+    let pool = bloom::db::connect(
+        url,
+        &bloom::db::PoolOptions { max_connections: connections as u32 * 2, ..Default::default() },
+    )
+    .await?;
+    sqlx::query("TRUNCATE llm_tasks, leases, outbox, audit_logs, runtime_artifacts, llm_results, workers")
         .execute(&pool)
         .await?;
+    let beats: Vec<workers::Beat> = (0..connections)
+        .map(|i| workers::Beat {
+            id: WorkerId::from(format!("bench-limit-{i}")),
+            status: WorkerStatus::Online,
+            capabilities: Capabilities { max_concurrency: batch as i32, ..Capabilities::default() },
+            ip_addrs: Vec::new(),
+        })
+        .collect();
+    workers::record_beats(&pool, &beats, bloom::time::now_ms()).await?;
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut loops = Vec::new();
-    for _ in 0..connections {
-        let (pool, next) = (pool.clone(), next.clone());
+    for beat in beats {
+        let (pool, next, worker) = (pool.clone(), next.clone(), beat.id);
         loops.push(tokio::spawn(async move {
+            let mut async_commit = bloom::db::async_commit_connection(&pool).await?;
             loop {
                 let start = next.fetch_add(batch as u64, Ordering::Relaxed);
                 if start >= tasks {
                     return anyhow::Ok(());
                 }
-                let n = (tasks - start).min(batch as u64) as i64;
-                let ids: Vec<String> = (0..n).map(|_| bloom::domain::new_id()).collect();
-                let leases: Vec<String> = (0..n).map(|_| bloom::domain::new_id()).collect();
+                let n = (tasks - start).min(batch as u64) as usize;
                 let now = bloom::time::now_ms();
-                // 1. create: task + outbox + audit
-                let mut tx = pool.begin().await?;
-                sqlx::query(
-                    "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, created_at, updated_at, dispatch_seq)
-                     SELECT id, 'ctx', 'limit', 'noop', $2, $2, 1 FROM UNNEST($1::text[]) AS id",
-                )
-                .bind(&ids)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                let outbox: Vec<i64> = sqlx::query_scalar(
-                    "INSERT INTO outbox (task_id, dispatch_seq, created_at) SELECT id, 1, $2 FROM UNNEST($1::text[]) AS id RETURNING id",
-                )
-                .bind(&ids)
-                .bind(now)
-                .fetch_all(&mut *tx)
-                .await?;
-                audit(&mut tx, &ids, "task_created", now).await?;
-                tx.commit().await?;
-                // 2. outbox delete (asynchronous commit, as the dispatcher does)
-                let mut tx = pool.begin().await?;
-                sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
-                sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(&outbox).execute(&mut *tx).await?;
-                tx.commit().await?;
-                // 3. claim: task update + leases + audit
-                let mut tx = pool.begin().await?;
-                sqlx::query(
-                    "UPDATE llm_tasks t SET status = 'leased', lease_id = r.l, worker_id = 'w', attempts = attempts + 1
-                     FROM UNNEST($1::text[], $2::text[]) AS r(id, l) WHERE t.id = r.id AND t.status = 'queued'",
-                )
-                .bind(&ids)
-                .bind(&leases)
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, last_heartbeat, context_id)
-                     SELECT l, id, 'w', $3, $3 + 300000, 300, $3, 'ctx' FROM UNNEST($1::text[], $2::text[]) AS r(id, l)",
-                )
-                .bind(&ids)
-                .bind(&leases)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                audit(&mut tx, &ids, "task_leased", now).await?;
-                tx.commit().await?;
-                // 4. complete: task + lease + artifact + result + audit
-                let mut tx = pool.begin().await?;
-                sqlx::query("UPDATE llm_tasks SET status = 'completed' WHERE id = ANY($1) AND status = 'leased'")
-                    .bind(&ids)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("UPDATE leases SET status = 'released' WHERE id = ANY($1) AND status = 'active'")
-                    .bind(&leases)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(
-                    "INSERT INTO runtime_artifacts (id, task_id, type, created_at, finalized, content)
-                     SELECT l, id, 'LLM_RESULT', $3, true, 'noop' FROM UNNEST($1::text[], $2::text[]) AS r(id, l)",
-                )
-                .bind(&ids)
-                .bind(&leases)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, metrics, completed_at)
-                     SELECT l || 'r', id, 'w', l, 'success', 'noop', '{\"duration_ms\":0}', $3
-                     FROM UNNEST($1::text[], $2::text[]) AS r(id, l)",
-                )
-                .bind(&ids)
-                .bind(&leases)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                audit(&mut tx, &ids, "task_completed", now).await?;
-                tx.commit().await?;
+                let new = (0..n)
+                    .map(|_| NewTask {
+                        context_id: "ctx".into(),
+                        agent_slug: "limit".into(),
+                        prompt: "noop".into(),
+                        context_hints: Vec::new(),
+                        policy: Policy::default(),
+                        desired_format: DesiredFormat::Text,
+                        max_attempts: 3,
+                    })
+                    .collect();
+                let dispatches = lifecycle::create(&pool, new, "bench", now).await?;
+                let sent: Vec<i64> = dispatches.iter().map(|d| d.outbox_id).collect();
+                outbox::delete(&mut async_commit, &sent).await?;
+                let claims: Vec<Claim> = dispatches
+                    .iter()
+                    .map(|d| Claim {
+                        task_id: d.task.id.clone(),
+                        dispatch_seq: d.task.dispatch_seq,
+                        worker_id: worker.clone(),
+                        ttl_seconds: 300,
+                    })
+                    .collect();
+                let completions: Vec<Completion> = lifecycle::claim(&pool, &claims, now)
+                    .await?
+                    .into_iter()
+                    .filter_map(|outcome| match outcome {
+                        ClaimOutcome::Granted(lease) => Some(Completion {
+                            task_id: lease.task_id,
+                            lease_id: lease.id,
+                            outcome: Outcome::success("noop".into(), Metrics::default()),
+                            artifact_type: "LLM_RESULT".into(),
+                            artifact_tags: Vec::new(),
+                            artifact_id: ArtifactId::generate(),
+                            artifact: ArtifactBody::Inline,
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                anyhow::ensure!(completions.len() == n, "{} of {n} claims granted", completions.len());
+                lifecycle::complete(&pool, &completions, now).await?;
             }
         }));
     }
@@ -116,19 +102,6 @@ pub async fn postgres_limit(url: &str, tasks: u64, connections: usize, batch: us
     let secs = started.elapsed().as_secs_f64();
     Ok(json!({"tasks": tasks, "connections": connections, "batch": batch, "seconds": secs,
               "tasks_per_sec": tasks as f64 / secs}))
-}
-
-async fn audit(tx: &mut sqlx::PgConnection, ids: &[String], action: &str, now: i64) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-         SELECT gen_random_uuid()::text, $2, $3, 'llm_task', id, 'bench', 'limit' FROM UNNEST($1::text[]) AS id",
-    )
-    .bind(ids)
-    .bind(now)
-    .bind(action)
-    .execute(tx)
-    .await?;
-    Ok(())
 }
 
 /// Publish with ack, then pull and ack, of task-sized messages.

@@ -336,7 +336,12 @@ pub async fn audit(State(state): State<AppState>, Query(q): Query<PageQuery>) ->
 /// `GET /api/runtime/stats`, computed in SQL.
 #[utoipa::path(get, path = "/api/runtime/stats", tag = "stats", responses((status = 200, body = stats::Stats), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn stats(State(state): State<AppState>) -> Result<Json<stats::Stats>, ApiError> {
-    Ok(Json(stats::load(&state.pool).await?))
+    let mut stats = stats::load(&state.pool).await?;
+    if state.artifacts.uses_s3() {
+        let inline_backlog = crate::db::artifacts::inline_backlog(&state.pool).await?;
+        stats.artifacts = Some(stats::ArtifactStats { inline_backlog });
+    }
+    Ok(Json(stats))
 }
 
 #[cfg(test)]

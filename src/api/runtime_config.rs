@@ -118,7 +118,7 @@ pub async fn set_config(
 /// `POST /api/runtime/test-connection` (open, strictly rate limited): checks membridge's
 /// `/health`, then that the admin key is accepted. Always 200 with `{connected, ...}`.
 #[utoipa::path(post, path = "/api/runtime/test-connection", tag = "runtime", responses((status = 200, body = TestConnection), (status = 429, body = ErrorBody)))]
-pub async fn test_connection(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn test_connection(State(state): State<AppState>) -> Result<Json<TestConnection>, ApiError> {
     let ep = load(&state).await?.endpoint();
     let client = &state.membridge;
     let outcome = match client.call(&ep, reqwest::Method::GET, "/health", None, Retry::Idempotent(1), Auth::Open).await
@@ -150,8 +150,8 @@ pub async fn test_connection(State(state): State<AppState>) -> Result<Json<Value
     }
     tx.commit().await?;
     Ok(Json(match outcome {
-        Ok(health) => json!({ "connected": true, "health": health }),
-        Err(error) => json!({ "connected": false, "error": error }),
+        Ok(health) => TestConnection { connected: true, health: Some(health), error: None },
+        Err(error) => TestConnection { connected: false, health: None, error: Some(error) },
     }))
 }
 

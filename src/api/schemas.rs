@@ -183,10 +183,10 @@ pub struct RuntimeConfigView {
 pub struct TestConnection {
     pub connected: bool,
     /// Membridge's `/health` when connected.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<serde_json::Value>,
     /// Why not, when not connected.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::body::JsonBody;
 use super::reads::{stream_tasks, PageQuery};
@@ -20,7 +20,8 @@ use super::{ApiError, AppState};
 use crate::db::lifecycle::{self, Completion, CompletionOutcome, LeaseRequest};
 use crate::db::tasks;
 use crate::domain::{
-    ArtifactId, DesiredFormat, LeaseId, Metrics, NewTask, Policy, ResultStatus, Task, TaskId, TaskStatus, WorkerId,
+    ArtifactId, DesiredFormat, LeaseId, Metrics, NewTask, Outcome, Policy, ResultStatus, Task, TaskId, TaskStatus,
+    WorkerId,
 };
 
 /// Largest accepted prompt, in bytes: a task must fit in one NATS message.
@@ -143,7 +144,7 @@ pub async fn lease(
     let ttl = errors.finish(ttl)?.unwrap_or(300);
     let req = LeaseRequest { worker_id: worker_id.map(WorkerId), ttl_seconds: ttl as i32 };
     let (lease, worker) = lifecycle::lease(&state.pool, &TaskId(id), &req, state.clock.now_ms()).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "lease": lease, "worker": worker }))))
+    Ok((StatusCode::CREATED, Json(LeaseResponse { lease, worker })))
 }
 
 /// Who claims to hold the lease: optional `lease_id` / `worker_id` in the body. When
@@ -183,7 +184,7 @@ pub async fn heartbeat(
     match renewed.into_iter().next() {
         Some(lease) => {
             let expires_at = lease.expires_at;
-            Ok(Json(json!({ "lease": lease, "expires_at": expires_at })))
+            Ok(Json(HeartbeatResponse { lease, expires_at }))
         }
         None => Err(ApiError::NotFound("Lease not found or already expired".into())),
     }
@@ -191,10 +192,7 @@ pub async fn heartbeat(
 
 /// A complete body, validated: the result as the caller reported it.
 struct Reported {
-    status: ResultStatus,
-    output: Option<String>,
-    error_message: Option<String>,
-    metrics: Metrics,
+    outcome: Outcome,
     artifact_type: String,
     artifact_tags: Vec<String>,
 }
@@ -231,19 +229,11 @@ fn parse_completion(body: &Value) -> Result<Reported, ApiError> {
     let tags = f.opt_strings("artifact_tags").map(Option::unwrap_or_default);
     match (status, output, error_message, metrics, artifact_type, tags) {
         (Some(status), Some(output), Some(error_message), Some(metrics), Some(artifact_type), Some(artifact_tags)) => {
-            Ok(errors.finish(Reported { status, output, error_message, metrics, artifact_type, artifact_tags })?)
+            let outcome = Outcome { status, output, error_message, metrics };
+            Ok(errors.finish(Reported { outcome, artifact_type, artifact_tags })?)
         }
         _ => Err(ApiError::Validation(errors)),
     }
-}
-
-/// The answer to a completion, in the original's shape (the output appears in the
-/// result and, when kept in Postgres, as the artifact's content).
-#[derive(serde::Serialize)]
-struct Completed {
-    task: Task,
-    artifact: crate::domain::Artifact,
-    result: crate::domain::LlmResult,
 }
 
 /// `POST /api/runtime/llm-tasks/:id/complete` → `{task, artifact, result}`.
@@ -257,19 +247,16 @@ pub async fn complete(
     if !task.status.is_leased() {
         return Err(ApiError::Conflict(format!("Task status is '{}', expected 'leased' or 'running'", task.status)));
     }
-    let Reported { status, output, error_message, metrics, artifact_type, artifact_tags } = parse_completion(&body)?;
+    let Reported { outcome, artifact_type, artifact_tags } = parse_completion(&body)?;
     check_holder(&task, &body)?;
     // The output was copied out of the body: the body need not stay in memory.
     drop(body);
     let lease_id: LeaseId = task.lease_id.clone().ok_or_else(|| ApiError::Conflict("Task has no lease".into()))?;
-    let artifact = state.artifacts.store(&task.id, &lease_id, output.as_deref()).await;
+    let artifact = state.artifacts.store(&task.id, &lease_id, outcome.output.as_deref()).await;
     let completion = Completion {
         task_id: task.id.clone(),
         lease_id: lease_id.clone(),
-        status,
-        output,
-        error_message,
-        metrics,
+        outcome,
         artifact_type,
         artifact_tags,
         artifact_id: ArtifactId::generate(),
@@ -278,7 +265,9 @@ pub async fn complete(
     match lifecycle::complete(&state.pool, std::slice::from_ref(&completion), state.clock.now_ms()).await?.pop() {
         Some(CompletionOutcome::Completed { task, result_id, completed_at }) => {
             let (artifact, result) = completion.into_records(&task, result_id, completed_at);
-            Ok(Json(Completed { task: *task, artifact, result }))
+            // The original's shape: the output appears in the result and, when kept in
+            // Postgres, as the artifact's content.
+            Ok(Json(CompleteResponse { task: *task, artifact, result }))
         }
         _ => Err(ApiError::Conflict(format!("Lease {lease_id} is no longer the current lease of task {}", task.id))),
     }

@@ -4,7 +4,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::body::JsonBody;
 use super::reads::PageQuery;
@@ -89,12 +89,12 @@ pub async fn register(State(state): State<AppState>, JsonBody(body): JsonBody) -
 
 /// `DELETE /api/runtime/workers/:id` → `{removed: true, id}`.
 #[utoipa::path(delete, path = "/api/runtime/workers/{id}", tag = "workers", params(("id" = String, Path, description = "Worker id")), responses((status = 200, body = Removed), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
-pub async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Removed>, ApiError> {
     let wid = WorkerId(id.clone());
     let mut tx = state.pool.begin().await?;
     if !workers::remove(&mut tx, &wid, state.clock.now_ms()).await? {
         return Err(ApiError::NotFound("Worker not found".into()));
     }
     tx.commit().await?;
-    Ok(Json(json!({ "removed": true, "id": id })))
+    Ok(Json(Removed { removed: true, id }))
 }

@@ -11,19 +11,22 @@ pub async fn insert(db: impl PgExecutor<'_>, entries: &[NewAudit], now: i64) -> 
         return Ok(());
     }
     let ids: Vec<String> = entries.iter().map(|_| new_id()).collect();
-    sqlx::query(
+    // Borrowed text arrays are bound as they are (`as _`): the macro's check wants owned
+    // strings, Postgres checks the array's type.
+    let text = |f: fn(&NewAudit) -> &str| entries.iter().map(f).collect::<Vec<&str>>();
+    sqlx::query!(
         "INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
          SELECT r.id, $1, r.action, r.entity_type, r.entity_id, r.actor, r.detail
          FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
               AS r(id, action, entity_type, entity_id, actor, detail)",
+        now,
+        &ids,
+        text(|e| e.action) as _,
+        text(|e| e.entity_type) as _,
+        text(|e| &e.entity_id) as _,
+        text(|e| &e.actor) as _,
+        text(|e| &e.detail) as _,
     )
-    .bind(now)
-    .bind(ids)
-    .bind(entries.iter().map(|e| e.action).collect::<Vec<_>>())
-    .bind(entries.iter().map(|e| e.entity_type).collect::<Vec<_>>())
-    .bind(entries.iter().map(|e| e.entity_id.as_str()).collect::<Vec<_>>())
-    .bind(entries.iter().map(|e| e.actor.as_str()).collect::<Vec<_>>())
-    .bind(entries.iter().map(|e| e.detail.as_str()).collect::<Vec<_>>())
     .execute(db)
     .await?;
     Ok(())
@@ -32,13 +35,15 @@ pub async fn insert(db: impl PgExecutor<'_>, entries: &[NewAudit], now: i64) -> 
 /// Newest first.
 pub async fn list(db: impl PgExecutor<'_>, page: &Page) -> sqlx::Result<Vec<AuditEntry>> {
     let (key, id) = page.bounds();
-    sqlx::query_as(
-        "SELECT * FROM audit_logs WHERE (timestamp, id) < ($1, $2)
+    sqlx::query_as!(
+        AuditEntry,
+        "SELECT id, timestamp, action, entity_type, entity_id, actor, detail FROM audit_logs
+         WHERE (timestamp, id) < ($1, $2)
          ORDER BY timestamp DESC, id DESC LIMIT $3",
+        key,
+        id,
+        page.limit
     )
-    .bind(key)
-    .bind(id)
-    .bind(page.limit)
     .fetch_all(db)
     .await
 }

@@ -15,7 +15,7 @@ pub struct Leadership {
 /// Tries to become leader for `key` without waiting, on a new connection.
 pub async fn try_acquire(pool: &PgPool, key: i64) -> sqlx::Result<Option<Leadership>> {
     let mut conn = pool.connect_options().connect().await?;
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(key).fetch_one(&mut conn).await?;
+    let got = sqlx::query_scalar!(r#"SELECT pg_try_advisory_lock($1) AS "got!""#, key).fetch_one(&mut conn).await?;
     if got {
         Ok(Some(Leadership { conn, key }))
     } else {
@@ -27,12 +27,12 @@ pub async fn try_acquire(pool: &PgPool, key: i64) -> sqlx::Result<Option<Leaders
 impl Leadership {
     /// Checks that the connection is alive and still owns the lock.
     pub async fn still_held(&mut self) -> bool {
-        let held: sqlx::Result<bool> = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()
+        let held = sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()
                 AND classid = (($1::bigint >> 32) & x'FFFFFFFF'::bigint)::oid
-                AND objid = ($1::bigint & x'FFFFFFFF'::bigint)::oid AND granted)",
+                AND objid = ($1::bigint & x'FFFFFFFF'::bigint)::oid AND granted) AS "held!""#,
+            self.key
         )
-        .bind(self.key)
         .fetch_one(&mut self.conn)
         .await;
         held.unwrap_or(false)
@@ -40,7 +40,7 @@ impl Leadership {
 
     /// Gives up leadership explicitly.
     pub async fn release(mut self) {
-        let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(self.key).execute(&mut self.conn).await;
+        let _ = sqlx::query_scalar!("SELECT pg_advisory_unlock($1)", self.key).fetch_one(&mut self.conn).await;
         let _ = self.conn.close().await;
     }
 }

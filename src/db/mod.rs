@@ -12,6 +12,7 @@ pub mod lifecycle;
 pub mod outbox;
 pub mod page;
 pub mod results;
+mod rows;
 pub mod settings;
 pub mod stats;
 pub mod tasks;
@@ -98,11 +99,9 @@ pub fn is_data_refusal(e: &sqlx::Error) -> bool {
     }
 }
 
-/// Applies pending migrations. Safe to run concurrently from several processes:
-/// sqlx serialises them with an advisory lock.
 /// Whether Postgres answers a trivial query (health and readiness).
 pub async fn ping(pool: &PgPool) -> bool {
-    sqlx::query("SELECT 1").execute(pool).await.is_ok()
+    sqlx::query_scalar!("SELECT 1 AS one").fetch_one(pool).await.is_ok()
 }
 
 /// A connection of its own (outside the pool) whose commits do not wait for the WAL
@@ -111,11 +110,85 @@ pub async fn ping(pool: &PgPool) -> bool {
 pub async fn async_commit_connection(pool: &PgPool) -> sqlx::Result<sqlx::PgConnection> {
     use sqlx::ConnectOptions;
     let mut conn = pool.connect_options().connect().await?;
-    sqlx::query("SET synchronous_commit = off").execute(&mut conn).await?;
+    sqlx::query!("SET synchronous_commit = off").execute(&mut conn).await?;
     Ok(conn)
 }
 
-/// Applies the migrations.
+/// Applies pending migrations. Safe to run concurrently from several processes:
+/// sqlx serialises them with an advisory lock.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::domain::{LeaseStatus, ResultStatus, TaskStatus, WorkerStatus};
+
+    /// Every file with statements of the runtime, as written (`mod.rs` has none with a state).
+    const STATEMENTS: [(&str, &str); 19] = [
+        ("artifacts.rs", include_str!("artifacts.rs")),
+        ("audit.rs", include_str!("audit.rs")),
+        ("leases.rs", include_str!("leases.rs")),
+        ("outbox.rs", include_str!("outbox.rs")),
+        ("results.rs", include_str!("results.rs")),
+        ("stats.rs", include_str!("stats.rs")),
+        ("tasks.rs", include_str!("tasks.rs")),
+        ("workers.rs", include_str!("workers.rs")),
+        ("lifecycle/claim.sql", include_str!("lifecycle/claim.sql")),
+        ("lifecycle/complete.sql", include_str!("lifecycle/complete.sql")),
+        ("lifecycle/create.sql", include_str!("lifecycle/create.sql")),
+        ("lifecycle/heartbeat.sql", include_str!("lifecycle/heartbeat.sql")),
+        ("lifecycle/expire.rs", include_str!("lifecycle/expire.rs")),
+        ("lifecycle/lease.rs", include_str!("lifecycle/lease.rs")),
+        ("lifecycle/release.rs", include_str!("lifecycle/release.rs")),
+        ("lifecycle/requeue.rs", include_str!("lifecycle/requeue.rs")),
+        ("lifecycle/reroute.rs", include_str!("lifecycle/reroute.rs")),
+        ("settings.rs", include_str!("settings.rs")),
+        ("leader.rs", include_str!("leader.rs")),
+    ];
+
+    /// The states compared with or written to a `status` column, as literals: in
+    /// `status = 'x'`, `status <> 'x'`, `status IN ('x', 'y')` and `(status || '') = 'x'`.
+    fn status_literals(sql: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        for (at, _) in sql.match_indices("status") {
+            let rest = sql[at + "status".len()..].trim_start();
+            let rest = rest.strip_prefix("|| '')").unwrap_or(rest).trim_start();
+            let Some(rest) = ["=", "<>", "IN"].iter().find_map(|op| rest.strip_prefix(op)) else { continue };
+            let mut rest = rest.trim_start();
+            rest = rest.strip_prefix('(').unwrap_or(rest).trim_start();
+            while let Some(quoted) = rest.strip_prefix('\'') {
+                let Some(end) = quoted.find('\'') else { break };
+                found.push(quoted[..end].to_owned());
+                rest = quoted[end + 1..].trim_start();
+                rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
+            }
+        }
+        found
+    }
+
+    /// States are literals in the SQL where the planner needs them (the partial indexes
+    /// on active leases and queued tasks only serve statements that name the state), so
+    /// every literal must be a state the Rust enums know.
+    #[test]
+    fn every_status_literal_in_the_sql_is_a_known_state() {
+        let known = |s: &str| {
+            TaskStatus::parse(s).is_some()
+                || LeaseStatus::parse(s).is_some()
+                || WorkerStatus::parse(s).is_some()
+                || [ResultStatus::Success, ResultStatus::Error].iter().any(|r| r.as_str() == s)
+        };
+        let mut seen = 0;
+        for (file, sql) in STATEMENTS {
+            for literal in status_literals(sql) {
+                assert!(known(&literal), "{file}: '{literal}' is not a state of any status enum");
+                seen += 1;
+            }
+        }
+        assert!(seen > 40, "the scan found only {seen} literals");
+        assert_eq!(
+            status_literals("WHERE (t.status || '') IN ('leased', 'running') AND status = 'qeued'"),
+            ["leased", "running", "qeued"]
+        );
+    }
 }

@@ -25,19 +25,19 @@ pub async fn insert(db: &mut PgConnection, tasks: Vec<Task>, now: i64) -> sqlx::
     if tasks.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<(i64, String)> = sqlx::query_as(
+    let rows = sqlx::query!(
         "INSERT INTO outbox (task_id, dispatch_seq, worker_id, created_at)
          SELECT r.task_id, r.dispatch_seq, r.worker_id, $1
          FROM UNNEST($2::text[], $3::bigint[], $4::text[]) AS r(task_id, dispatch_seq, worker_id)
          RETURNING id, task_id",
+        now,
+        tasks.iter().map(|t| t.id.as_str()).collect::<Vec<_>>() as _,
+        &tasks.iter().map(|t| t.dispatch_seq).collect::<Vec<_>>(),
+        tasks.iter().map(|t| t.routed_to.as_ref().map(|w| w.as_str())).collect::<Vec<_>>() as _,
     )
-    .bind(now)
-    .bind(tasks.iter().map(|t| t.id.as_str()).collect::<Vec<_>>())
-    .bind(tasks.iter().map(|t| t.dispatch_seq).collect::<Vec<_>>())
-    .bind(tasks.iter().map(|t| t.routed_to.as_ref().map(|w| w.as_str())).collect::<Vec<_>>())
     .fetch_all(&mut *db)
     .await?;
-    let mut by_task: HashMap<String, i64> = ids.into_iter().map(|(id, task)| (task, id)).collect();
+    let mut by_task: HashMap<String, i64> = rows.into_iter().map(|r| (r.task_id, r.id)).collect();
     Ok(tasks
         .into_iter()
         .filter_map(|task| {
@@ -48,7 +48,7 @@ pub async fn insert(db: &mut PgConnection, tasks: Vec<Task>, now: i64) -> sqlx::
 
 /// Deletes rows whose publish JetStream acknowledged.
 pub async fn delete(db: impl PgExecutor<'_>, ids: &[i64]) -> sqlx::Result<u64> {
-    Ok(sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(ids).execute(db).await?.rows_affected())
+    Ok(sqlx::query!("DELETE FROM outbox WHERE id = ANY($1)", ids).execute(db).await?.rows_affected())
 }
 
 /// What the relay took from the outbox.
@@ -71,34 +71,34 @@ pub async fn take_unsent(
     claim_until: i64,
     limit: i64,
 ) -> sqlx::Result<Taken> {
-    let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+    let rows = sqlx::query!(
         "WITH c AS (
             SELECT id FROM outbox
             WHERE created_at < $1 AND (claimed_until IS NULL OR claimed_until < $2)
             ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
          UPDATE outbox o SET claimed_until = $4 FROM c WHERE o.id = c.id
          RETURNING o.id, o.task_id, o.dispatch_seq",
+        older_than,
+        now,
+        limit,
+        claim_until
     )
-    .bind(older_than)
-    .bind(now)
-    .bind(limit)
-    .bind(claim_until)
     .fetch_all(&mut *db)
     .await?;
     if rows.is_empty() {
         return Ok(Taken::default());
     }
-    let ids: Vec<String> = rows.iter().map(|(_, t, _)| t.clone()).collect();
+    let ids: Vec<String> = rows.iter().map(|r| r.task_id.clone()).collect();
     let mut tasks: HashMap<String, Task> =
         tasks::get_many(&mut *db, &ids).await?.into_iter().map(|t| (t.id.0.clone(), t)).collect();
     let mut taken = Taken::default();
     let mut stale = Vec::new();
-    for (outbox_id, task_id, seq) in rows {
-        match tasks.remove(&task_id) {
-            Some(task) if task.status == TaskStatus::Queued && task.dispatch_seq == seq => {
-                taken.current.push(Dispatch { outbox_id, task, trace: Vec::new() })
+    for row in rows {
+        match tasks.remove(&row.task_id) {
+            Some(task) if task.status == TaskStatus::Queued && task.dispatch_seq == row.dispatch_seq => {
+                taken.current.push(Dispatch { outbox_id: row.id, task, trace: Vec::new() })
             }
-            _ => stale.push(outbox_id),
+            _ => stale.push(row.id),
         }
     }
     taken.stale = delete(&mut *db, &stale).await?;

@@ -55,7 +55,7 @@ impl Page {
 
 /// A row of a listing before it is read: its sort key, id, and about how many bytes
 /// its large columns hold (their raw length, read without fetching them).
-#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RowKey {
     pub key: i64,
     pub id: String,

@@ -9,20 +9,20 @@ use crate::domain::{ClientState, ConnectionStatus};
 
 /// All settings.
 pub async fn all(db: impl PgExecutor<'_>) -> sqlx::Result<HashMap<String, String>> {
-    let rows: Vec<(String, String)> = sqlx::query_as("SELECT key, value FROM runtime_settings").fetch_all(db).await?;
-    Ok(rows.into_iter().collect())
+    let rows = sqlx::query!("SELECT key, value FROM runtime_settings").fetch_all(db).await?;
+    Ok(rows.into_iter().map(|r| (r.key, r.value)).collect())
 }
 
 /// Sets several keys in one statement.
 pub async fn put(db: impl PgExecutor<'_>, pairs: &[(&str, String)]) -> sqlx::Result<()> {
     let keys: Vec<&str> = pairs.iter().map(|(k, _)| *k).collect();
     let values: Vec<&str> = pairs.iter().map(|(_, v)| v.as_str()).collect();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO runtime_settings (key, value) SELECT * FROM UNNEST($1::text[], $2::text[])
          ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        keys as _,
+        values as _
     )
-    .bind(keys)
-    .bind(values)
     .execute(db)
     .await?;
     Ok(())
@@ -76,8 +76,8 @@ pub async fn save_membridge(db: impl PgExecutor<'_>, url: &str, admin_key: &str)
 
 /// The membridge connection state as the last call of any process left it.
 pub async fn membridge_state(db: impl PgExecutor<'_>) -> sqlx::Result<ClientState> {
-    let saved: Option<String> =
-        sqlx::query_scalar("SELECT value FROM runtime_settings WHERE key = $1").bind(STATE).fetch_optional(db).await?;
+    let saved =
+        sqlx::query_scalar!("SELECT value FROM runtime_settings WHERE key = $1", STATE).fetch_optional(db).await?;
     Ok(saved.and_then(|v| serde_json::from_str(&v).ok()).unwrap_or_default())
 }
 
@@ -92,7 +92,7 @@ pub async fn record_membridge_call(db: impl PgExecutor<'_>, outcome: Result<(), 
         connected: ok,
         status: if ok { ConnectionStatus::Connected } else { ConnectionStatus::Disconnected },
     };
-    sqlx::query(
+    sqlx::query!(
         "WITH s AS (
             INSERT INTO runtime_settings (key, value) VALUES ($1, $2)
             ON CONFLICT (key) DO UPDATE SET value = CASE WHEN $3 THEN EXCLUDED.value ELSE (
@@ -101,14 +101,14 @@ pub async fn record_membridge_call(db: impl PgExecutor<'_>, outcome: Result<(), 
                     'lastError', $4::text, 'connected', false, 'status', 'disconnected'))::text END)
          INSERT INTO runtime_settings (key, value) VALUES ($5, $3::text), ($6, $7::text)
          ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        STATE,
+        serde_json::to_string(&first).expect("state serializes"),
+        ok,
+        first.last_error,
+        CONNECTED,
+        LAST_TEST,
+        now.to_string()
     )
-    .bind(STATE)
-    .bind(serde_json::to_string(&first).expect("state serializes"))
-    .bind(ok)
-    .bind(&first.last_error)
-    .bind(CONNECTED)
-    .bind(LAST_TEST)
-    .bind(now)
     .execute(db)
     .await?;
     Ok(())
@@ -130,8 +130,8 @@ pub struct SyncState {
 
 /// The state of the membridge agent sync.
 pub async fn membridge_sync(db: impl PgExecutor<'_>) -> sqlx::Result<SyncState> {
-    let saved: Option<String> =
-        sqlx::query_scalar("SELECT value FROM runtime_settings WHERE key = $1").bind(SYNC).fetch_optional(db).await?;
+    let saved =
+        sqlx::query_scalar!("SELECT value FROM runtime_settings WHERE key = $1", SYNC).fetch_optional(db).await?;
     Ok(saved.and_then(|v| serde_json::from_str(&v).ok()).unwrap_or_default())
 }
 

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
+use sqlx::types::Json;
 use sqlx::PgExecutor;
 
 /// The seed's stats shape.
@@ -11,6 +12,17 @@ pub struct Stats {
     pub tasks: TaskStats,
     pub leases: LeaseStats,
     pub workers: WorkerStats,
+    /// With S3 configured only (an addition to the seed's shape).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<ArtifactStats>,
+}
+
+/// Artifact counts.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct ArtifactStats {
+    /// Artifacts whose content is in Postgres (S3 failed when they were stored) and
+    /// waits to be moved to S3.
+    pub inline_backlog: i64,
 }
 
 /// Task counts.
@@ -36,32 +48,28 @@ pub struct WorkerStats {
 
 /// Computes all counts in one round trip.
 pub async fn load(db: impl PgExecutor<'_>) -> sqlx::Result<Stats> {
-    let (by_status, leases_total, leases_active, workers_total, workers_online): (
-        serde_json::Value,
-        i64,
-        i64,
-        i64,
-        i64,
-    ) = sqlx::query_as(
-        "SELECT
+    let counts = sqlx::query!(
+        r#"SELECT
             COALESCE((SELECT jsonb_object_agg(status, n) FROM
-                (SELECT status, count(*) AS n FROM llm_tasks GROUP BY status) s), '{}'::jsonb),
-            (SELECT count(*) FROM leases),
-            (SELECT count(*) FROM leases WHERE status = 'active'),
-            (SELECT count(*) FROM workers),
-            (SELECT count(*) FROM workers WHERE status = 'online')",
+                (SELECT status, count(*) AS n FROM llm_tasks GROUP BY status) s), '{}'::jsonb)
+                AS "by_status!: Json<BTreeMap<String, i64>>",
+            (SELECT count(*) FROM leases) AS "leases_total!",
+            (SELECT count(*) FROM leases WHERE status = 'active') AS "leases_active!",
+            (SELECT count(*) FROM workers) AS "workers_total!",
+            (SELECT count(*) FROM workers WHERE status = 'online') AS "workers_online!""#
     )
     .fetch_one(db)
     .await?;
-    let by_status: BTreeMap<String, i64> = serde_json::from_value(by_status).unwrap_or_default();
+    let by_status = counts.by_status.0;
     Ok(Stats {
         tasks: TaskStats { total: by_status.values().sum(), by_status },
-        leases: LeaseStats { total: leases_total, active: leases_active },
-        workers: WorkerStats { total: workers_total, online: workers_online },
+        leases: LeaseStats { total: counts.leases_total, active: counts.leases_active },
+        workers: WorkerStats { total: counts.workers_total, online: counts.workers_online },
+        artifacts: None,
     })
 }
 
 /// Rows of the outbox not yet acknowledged by JetStream.
 pub async fn outbox_backlog(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
-    sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(db).await
+    sqlx::query_scalar!(r#"SELECT count(*) AS "rows!" FROM outbox"#).fetch_one(db).await
 }

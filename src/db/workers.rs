@@ -7,39 +7,73 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor};
 
 use super::audit;
-use crate::domain::{AuditAction, Capabilities, NewAudit, Worker, WorkerId, WorkerStatus};
-
-/// The worker columns.
-const SELECT_WORKERS: &str = "SELECT w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat,
-        w.ip_addrs, w.obs_count, w.db_sha, w.registered_at, w.source, w.active_leases
-    FROM workers w";
+use super::rows::WorkerRow;
+use crate::domain::{AuditAction, Capabilities, NewAudit, Worker, WorkerId, WorkerSource, WorkerStatus};
 
 /// All workers, by id.
 pub async fn list(db: impl PgExecutor<'_>, limit: i64, after: Option<&str>) -> sqlx::Result<Vec<Worker>> {
-    sqlx::query_as(&format!("{SELECT_WORKERS} WHERE w.id > $1 ORDER BY w.id LIMIT $2"))
-        .bind(after.unwrap_or(""))
-        .bind(limit)
-        .fetch_all(db)
-        .await
+    let rows = sqlx::query_as!(
+        WorkerRow,
+        r#"SELECT w.id, w.node_id, w.url, w.status AS "status: WorkerStatus",
+                  w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
+                  w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
+                  w.source AS "source: WorkerSource", w.active_leases
+           FROM workers w WHERE w.id > $1 ORDER BY w.id LIMIT $2"#,
+        after.unwrap_or(""),
+        limit
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(Worker::from).collect())
 }
 
 /// Every worker that could take a lease (the candidates of [`crate::domain::pick_worker`]).
 pub async fn candidates(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<Worker>> {
-    sqlx::query_as(&format!("{SELECT_WORKERS} WHERE w.status = 'online' ORDER BY w.registered_at, w.id"))
-        .fetch_all(db)
-        .await
+    let rows = sqlx::query_as!(
+        WorkerRow,
+        r#"SELECT w.id, w.node_id, w.url, w.status AS "status: WorkerStatus",
+                  w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
+                  w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
+                  w.source AS "source: WorkerSource", w.active_leases
+           FROM workers w WHERE w.status = 'online' ORDER BY w.registered_at, w.id"#
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(Worker::from).collect())
 }
 
 /// One worker.
 pub async fn get(db: impl PgExecutor<'_>, id: &WorkerId) -> sqlx::Result<Option<Worker>> {
-    sqlx::query_as(&format!("{SELECT_WORKERS} WHERE w.id = $1")).bind(id).fetch_optional(db).await
+    let row = sqlx::query_as!(
+        WorkerRow,
+        r#"SELECT w.id, w.node_id, w.url, w.status AS "status: WorkerStatus",
+                  w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
+                  w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
+                  w.source AS "source: WorkerSource", w.active_leases
+           FROM workers w WHERE w.id = $1"#,
+        id.as_str()
+    )
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(Worker::from))
 }
 
 /// One worker, its row locked until the transaction ends (serialises leases to it).
 /// A row updated while the lock was awaited is read as it is once locked, so
 /// `active_leases` counts the leases committed meanwhile.
 pub async fn get_for_update(db: &mut PgConnection, id: &WorkerId) -> sqlx::Result<Option<Worker>> {
-    sqlx::query_as(&format!("{SELECT_WORKERS} WHERE w.id = $1 FOR UPDATE")).bind(id).fetch_optional(db).await
+    let row = sqlx::query_as!(
+        WorkerRow,
+        r#"SELECT w.id, w.node_id, w.url, w.status AS "status: WorkerStatus",
+                  w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
+                  w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
+                  w.source AS "source: WorkerSource", w.active_leases
+           FROM workers w WHERE w.id = $1 FOR UPDATE"#,
+        id.as_str()
+    )
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(Worker::from))
 }
 
 /// A REST registration (the seed's `POST /api/runtime/workers` after validation).
@@ -55,9 +89,9 @@ pub struct Registration {
 /// Inserts or updates a worker and writes its audit entry, in one transaction.
 /// Returns the worker and whether it was new.
 pub async fn register(db: &mut PgConnection, reg: &Registration, now: i64) -> sqlx::Result<(Worker, bool)> {
-    let (inserted,): (bool,) = sqlx::query_as(
-        "INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, registered_at, source)
-         VALUES ($1, $1, COALESCE($2, ''), $3, $4, $5, $6, $5, 'api')
+    let inserted = sqlx::query_scalar!(
+        r#"INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, registered_at, source)
+         VALUES ($1::text, $1::text, COALESCE($2, ''), $3, $4, $5, $6, $5, 'api')
          ON CONFLICT (id) DO UPDATE SET
             node_id = EXCLUDED.node_id,
             url = COALESCE(NULLIF($2, ''), workers.url),
@@ -66,14 +100,14 @@ pub async fn register(db: &mut PgConnection, reg: &Registration, now: i64) -> sq
             last_heartbeat = EXCLUDED.last_heartbeat,
             ip_addrs = EXCLUDED.ip_addrs,
             source = 'api'
-         RETURNING (xmax = 0)",
+         RETURNING (xmax = 0) AS "inserted!""#,
+        reg.name.as_str(),
+        reg.url,
+        reg.status.as_str(),
+        Json(&reg.capabilities) as _,
+        now,
+        Json(&reg.ip_addrs) as _,
     )
-    .bind(&reg.name)
-    .bind(&reg.url)
-    .bind(reg.status)
-    .bind(sqlx::types::Json(&reg.capabilities))
-    .bind(now)
-    .bind(sqlx::types::Json(&reg.ip_addrs))
     .fetch_one(&mut *db)
     .await?;
     let worker = get(&mut *db, &reg.name).await?.ok_or(sqlx::Error::RowNotFound)?;
@@ -90,7 +124,8 @@ pub async fn register(db: &mut PgConnection, reg: &Registration, now: i64) -> sq
 
 /// Deletes a worker and writes its audit entry. Returns false when it did not exist.
 pub async fn remove(db: &mut PgConnection, id: &WorkerId, now: i64) -> sqlx::Result<bool> {
-    let deleted = sqlx::query("DELETE FROM workers WHERE id = $1").bind(id).execute(&mut *db).await?.rows_affected();
+    let deleted =
+        sqlx::query!("DELETE FROM workers WHERE id = $1", id.as_str()).execute(&mut *db).await?.rows_affected();
     if deleted == 0 {
         return Ok(false);
     }
@@ -114,19 +149,19 @@ pub async fn record_beats(db: impl PgExecutor<'_>, beats: &[Beat], now: i64) -> 
     if beats.is_empty() {
         return Ok(());
     }
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, registered_at, source)
          SELECT r.id, r.id, '', r.status, r.capabilities, $1, r.ip_addrs, $1, 'nats'
          FROM UNNEST($2::text[], $3::text[], $4::jsonb[], $5::jsonb[]) AS r(id, status, capabilities, ip_addrs)
          ON CONFLICT (id) DO UPDATE SET
             status = EXCLUDED.status, capabilities = EXCLUDED.capabilities,
             last_heartbeat = EXCLUDED.last_heartbeat, ip_addrs = EXCLUDED.ip_addrs, source = 'nats'",
+        now,
+        beats.iter().map(|b| b.id.as_str()).collect::<Vec<_>>() as _,
+        beats.iter().map(|b| b.status.as_str()).collect::<Vec<_>>() as _,
+        beats.iter().map(|b| Json(&b.capabilities)).collect::<Vec<_>>() as _,
+        beats.iter().map(|b| Json(&b.ip_addrs)).collect::<Vec<_>>() as _,
     )
-    .bind(now)
-    .bind(beats.iter().map(|b| b.id.as_str()).collect::<Vec<_>>())
-    .bind(beats.iter().map(|b| b.status.as_str()).collect::<Vec<_>>())
-    .bind(beats.iter().map(|b| Json(&b.capabilities)).collect::<Vec<_>>())
-    .bind(beats.iter().map(|b| Json(&b.ip_addrs)).collect::<Vec<_>>())
     .execute(db)
     .await?;
     Ok(())
@@ -134,13 +169,14 @@ pub async fn record_beats(db: impl PgExecutor<'_>, beats: &[Beat], now: i64) -> 
 
 /// Marks NATS workers whose last beat is older than `cutoff` offline. Returns their ids.
 pub async fn expire_silent_nats_workers(db: impl PgExecutor<'_>, cutoff: i64) -> sqlx::Result<Vec<WorkerId>> {
-    sqlx::query_scalar(
+    let ids = sqlx::query_scalar!(
         "UPDATE workers SET status = 'offline'
          WHERE source = 'nats' AND status = 'online' AND COALESCE(last_heartbeat, 0) < $1 RETURNING id",
+        cutoff
     )
-    .bind(cutoff)
     .fetch_all(db)
-    .await
+    .await?;
+    Ok(ids.into_iter().map(WorkerId::from).collect())
 }
 
 /// One membridge agent mapped onto a worker row (the seed's field mapping).
@@ -173,7 +209,7 @@ pub async fn sync_agents(
     now: i64,
     stale_cutoff: i64,
 ) -> sqlx::Result<Vec<WorkerId>> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, obs_count, db_sha,
                               registered_at, source)
          SELECT r.id, r.id, COALESCE(NULLIF(r.url, ''), ''), r.status, r.capabilities, r.last_heartbeat,
@@ -193,37 +229,39 @@ pub async fn sync_agents(
             db_sha = COALESCE(NULLIF(EXCLUDED.db_sha, ''), workers.db_sha),
             source = CASE WHEN workers.source = 'api' THEN 'api' ELSE 'membridge' END
          WHERE NOT (workers.source = 'nats' AND workers.status = 'online')",
+        now,
+        agents.iter().map(|a| a.id.as_str()).collect::<Vec<_>>() as _,
+        agents.iter().map(|a| a.url.as_deref()).collect::<Vec<_>>() as _,
+        agents.iter().map(|a| a.status.as_str()).collect::<Vec<_>>() as _,
+        agents.iter().map(|a| Json(&a.capabilities)).collect::<Vec<_>>() as _,
+        agents.iter().map(|a| a.last_heartbeat).collect::<Vec<_>>() as _,
+        agents.iter().map(|a| a.ip_addrs.as_ref().map(Json)).collect::<Vec<_>>() as _,
+        agents.iter().map(|a| a.obs_count).collect::<Vec<_>>() as _,
+        agents.iter().map(|a| a.db_sha.as_deref()).collect::<Vec<_>>() as _,
     )
-    .bind(now)
-    .bind(agents.iter().map(|a| a.id.as_str()).collect::<Vec<_>>())
-    .bind(agents.iter().map(|a| a.url.as_deref()).collect::<Vec<_>>())
-    .bind(agents.iter().map(|a| a.status.as_str()).collect::<Vec<_>>())
-    .bind(agents.iter().map(|a| Json(&a.capabilities)).collect::<Vec<_>>())
-    .bind(agents.iter().map(|a| a.last_heartbeat).collect::<Vec<_>>())
-    .bind(agents.iter().map(|a| a.ip_addrs.as_ref().map(Json)).collect::<Vec<_>>())
-    .bind(agents.iter().map(|a| a.obs_count).collect::<Vec<_>>())
-    .bind(agents.iter().map(|a| a.db_sha.as_deref()).collect::<Vec<_>>())
     .execute(&mut *db)
     .await?;
     let seen: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
-    sqlx::query_scalar(
+    let ids = sqlx::query_scalar!(
         "UPDATE workers SET status = 'offline'
          WHERE status = 'online' AND source <> 'nats' AND NOT (id = ANY($1))
            AND COALESCE(last_heartbeat, 0) < $2
          RETURNING id",
+        seen as _,
+        stale_cutoff
     )
-    .bind(seen)
-    .bind(stale_cutoff)
     .fetch_all(&mut *db)
-    .await
+    .await?;
+    Ok(ids.into_iter().map(WorkerId::from).collect())
 }
 
 /// Marks every online worker known only from membridge offline (membridge has not been
 /// readable for longer than the staleness limit). Returns their ids.
 pub async fn expire_membridge_workers(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<WorkerId>> {
-    sqlx::query_scalar(
+    let ids = sqlx::query_scalar!(
         "UPDATE workers SET status = 'offline' WHERE source = 'membridge' AND status = 'online' RETURNING id",
     )
     .fetch_all(db)
-    .await
+    .await?;
+    Ok(ids.into_iter().map(WorkerId::from).collect())
 }

@@ -5,20 +5,17 @@ use serde::{Deserialize, Serialize};
 use super::ids::{ArtifactId, TaskId};
 
 /// A row of `runtime_artifacts`, serialized exactly as the seed's `RuntimeArtifact`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Artifact {
     pub id: ArtifactId,
     pub task_id: TaskId,
     pub job_id: Option<String>,
     #[serde(rename = "type")]
-    #[sqlx(rename = "type")]
     pub kind: String,
     pub created_at: i64,
     pub finalized: bool,
     pub url: Option<String>,
-    #[sqlx(json)]
     pub entity_refs: Vec<String>,
-    #[sqlx(json)]
     pub tags: Vec<String>,
     pub content: Option<String>,
 }

@@ -22,6 +22,7 @@ pub enum AuditAction {
     ConfigUpdated,
     ConnectionTest,
     LeadershipPromote,
+    ArtifactMoved,
 }
 
 impl AuditAction {
@@ -44,12 +45,13 @@ impl AuditAction {
             AuditAction::ConfigUpdated => "config_updated",
             AuditAction::ConnectionTest => "connection_test",
             AuditAction::LeadershipPromote => "leadership_promote",
+            AuditAction::ArtifactMoved => "artifact_moved",
         }
     }
 }
 
 /// A row of `audit_logs`, serialized exactly as the seed's `AuditLogEntry`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub id: String,
     pub timestamp: i64,

@@ -37,7 +37,7 @@ impl LeaseStatus {
 }
 
 /// A row of `leases`, serialized exactly as the seed's `Lease`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Lease {
     pub id: LeaseId,
     pub task_id: TaskId,

@@ -1,8 +1,10 @@
 //! Domain types of the runtime and the pure rules of the task state machine.
 //!
-//! Every type here maps one-to-one onto a Postgres row (`sqlx::FromRow`) and serializes
-//! to the JSON shape of the original service, so there is exactly one mapping between
-//! rows, types and API bodies. Nothing in this module performs I/O.
+//! Every row type here maps one-to-one onto a Postgres row (decoded by the checked
+//! statements of `db`, through `db::rows` where a column is JSON) and serializes to the
+//! JSON shape of the original service, so there is exactly one mapping between rows,
+//! types and API bodies. Ids and states are stored as text (`sqlx::Type`). Nothing in
+//! this module performs I/O.
 
 pub mod artifact;
 pub mod audit;
@@ -20,7 +22,7 @@ pub use audit::{AuditAction, AuditEntry, NewAudit};
 pub use ids::{new_id, ArtifactId, LeaseId, ResultId, TaskId, WorkerId};
 pub use lease::{Lease, LeaseStatus};
 pub use membridge::{ClientState, ConnectionStatus, Endpoint};
-pub use result::{LlmResult, Metrics, ResultStatus};
+pub use result::{LlmResult, Metrics, Outcome, ResultStatus};
 pub use secret::Secret;
 pub use task::{DesiredFormat, NewTask, Policy, Task, TaskStatus};
 pub use worker::{pick_worker, Capabilities, Worker, WorkerSource, WorkerStatus};

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::ids::{ArtifactId, ResultId, TaskId, WorkerId};
 use super::task::TaskStatus;
 
-/// Outcome of one execution as reported by a worker.
+/// Whether an execution succeeded, as reported by a worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 #[sqlx(type_name = "text", rename_all = "lowercase")]
@@ -32,6 +32,29 @@ impl ResultStatus {
     }
 }
 
+/// What one execution of a task produced. Defined once: the executor returns it, the
+/// results stream and the REST `complete` body carry it, the lifecycle stores it and the
+/// result row (and its JSON) holds it, with the same fields everywhere.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Outcome {
+    pub status: ResultStatus,
+    pub output: Option<String>,
+    pub error_message: Option<String>,
+    pub metrics: Metrics,
+}
+
+impl Outcome {
+    /// A successful execution and its output.
+    pub fn success(output: String, metrics: Metrics) -> Outcome {
+        Outcome { status: ResultStatus::Success, output: Some(output), error_message: None, metrics }
+    }
+
+    /// A failed execution: why, and what it printed when that is worth keeping.
+    pub fn error(message: impl Into<String>, output: Option<String>, metrics: Metrics) -> Outcome {
+        Outcome { status: ResultStatus::Error, output, error_message: Some(message.into()), metrics }
+    }
+}
+
 /// Execution metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Metrics {
@@ -41,16 +64,13 @@ pub struct Metrics {
 }
 
 /// A row of `llm_results`, serialized exactly as the seed's `LLMResult`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LlmResult {
     pub id: ResultId,
     pub task_id: TaskId,
     pub worker_id: WorkerId,
     pub artifact_id: ArtifactId,
-    pub status: ResultStatus,
-    pub output: Option<String>,
-    pub error_message: Option<String>,
-    #[sqlx(json)]
-    pub metrics: Metrics,
+    #[serde(flatten)]
+    pub outcome: Outcome,
     pub completed_at: i64,
 }

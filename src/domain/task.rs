@@ -127,15 +127,13 @@ pub struct NewTask {
 }
 
 /// A row of `llm_tasks`, serialized exactly as the seed's `LLMTask`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Task {
     pub id: TaskId,
     pub context_id: String,
     pub agent_slug: String,
     pub prompt: String,
-    #[sqlx(json)]
     pub context_hints: Vec<String>,
-    #[sqlx(json)]
     pub policy: Policy,
     pub desired_format: DesiredFormat,
     pub status: TaskStatus,

@@ -75,16 +75,14 @@ impl Default for Capabilities {
 /// A row of `workers`, serialized exactly as the seed's `WorkerNode`.
 ///
 /// `active_leases` is kept equal to the worker's active leases by the database.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Worker {
     pub id: WorkerId,
     pub node_id: String,
     pub url: String,
     pub status: WorkerStatus,
-    #[sqlx(json)]
     pub capabilities: Capabilities,
     pub last_heartbeat: Option<i64>,
-    #[sqlx(json)]
     pub ip_addrs: Vec<String>,
     pub obs_count: i32,
     pub db_sha: String,

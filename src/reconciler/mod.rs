@@ -6,11 +6,13 @@
 //! | results → completed/failed tasks, artifacts | [`results`] | every replica (shared durable consumer) |
 //! | outbox relay | [`relay`] | every replica (`FOR UPDATE SKIP LOCKED` batches) |
 //! | lease expiry, silent workers, rerouting | [`sweeper`] | every replica (`SKIP LOCKED` / guarded updates) |
+//! | artifacts left in Postgres by an S3 failure → S3 | [`artifact_moves`] | every replica (`SKIP LOCKED`), with S3 only |
 //! | membridge agent sync | [`membridge_sync`] | the elected leader only ([`leader`]) |
 //!
 //! Every duty is a loop around a `run_once` that returns what it did, so tests drive
 //! them directly.
 
+pub mod artifact_moves;
 pub mod control;
 pub mod leader;
 pub mod membridge_sync;
@@ -45,6 +47,8 @@ pub struct ReconcilerSettings {
     /// Extra time past `expires_at` before a lease is expired.
     pub expiry_grace: Duration,
     pub sweep_interval: Duration,
+    /// How often artifacts kept in Postgres are moved to S3 (a bounded batch each time).
+    pub artifact_move_interval: Duration,
     pub relay_interval: Duration,
     /// Outbox rows younger than this are left to the process that wrote them.
     pub relay_min_age: Duration,
@@ -81,6 +85,7 @@ impl ReconcilerSettings {
             lease_ttl: nats.lease_ttl(),
             expiry_grace: Duration::from_millis(r.expiry_grace_ms),
             sweep_interval: Duration::from_millis(r.sweep_interval_ms.max(10)),
+            artifact_move_interval: Duration::from_millis(r.artifact_move_interval_ms.max(10)),
             relay_interval: Duration::from_millis(r.relay_interval_ms.max(10)),
             relay_min_age: Duration::from_millis(r.relay_min_age_ms),
             worker_timeout: Duration::from_millis(r.worker_timeout_ms.max(1000)),
@@ -101,6 +106,7 @@ impl Default for ReconcilerSettings {
             lease_ttl: Duration::from_secs(300),
             expiry_grace: Duration::from_secs(2),
             sweep_interval: Duration::from_secs(1),
+            artifact_move_interval: Duration::from_secs(1),
             db_timeout: Duration::from_secs(35),
             result_retry_delay: Duration::from_secs(1),
             result_max_deliveries: 10,
@@ -188,6 +194,7 @@ impl Reconciler {
         duties.spawn(results::run(self.clone(), cancel.clone()));
         duties.spawn(relay::run(self.clone(), cancel.clone()));
         duties.spawn(sweeper::run(self.clone(), cancel.clone()));
+        duties.spawn(artifact_moves::run(self.clone(), cancel.clone()));
         duties.spawn(leader::run_as_leader(self.clone(), cancel.clone()));
         while let Some(done) = duties.join_next().await {
             match done {
@@ -250,5 +257,7 @@ async fn status(State(r): State<Reconciler>) -> Json<serde_json::Value> {
         "membridge_sync": { "runs": m.membridge_sync_runs_total.get(), "errors": m.membridge_sync_errors_total.get(),
                             "client": client, "last": sync },
         "s3_fallbacks": m.s3_fallbacks_total.get(),
+        "artifacts": { "moved_to_s3": m.artifacts_moved_total.get(), "move_failures": m.artifact_moves_failed_total.get(),
+                       "inline_backlog": m.artifacts_inline_backlog.get() },
     }))
 }

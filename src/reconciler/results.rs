@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::Reconciler;
 use crate::db::lifecycle::{self, Completion, CompletionOutcome};
 use crate::db::Dedicated;
-use crate::domain::ArtifactId;
+use crate::domain::{ArtifactId, Outcome};
 use crate::protocol::{ResultBatch, ResultMessage};
 
 /// Largest batch of results per transaction.
@@ -187,12 +187,14 @@ async fn store(
     report: &mut ResultsReport,
 ) -> sqlx::Result<()> {
     for res in &mut results {
-        without_nul(&mut res.output);
-        without_nul(&mut res.error_message);
+        without_nul(&mut res.outcome.output);
+        without_nul(&mut res.outcome.error_message);
     }
     // Uploads of one batch run concurrently.
-    let uploads: Vec<_> =
-        results.iter().map(|res| r.artifacts.store(&res.task_id, &res.lease_id, res.output.as_deref())).collect();
+    let uploads: Vec<_> = results
+        .iter()
+        .map(|res| r.artifacts.store(&res.task_id, &res.lease_id, res.outcome.output.as_deref()))
+        .collect();
     let bodies: Vec<_> = futures::stream::iter(uploads).buffered(32).collect().await;
     // The outputs move into the completions; `results` keeps what the bookkeeping needs.
     let completions: Vec<Completion> = results
@@ -201,10 +203,12 @@ async fn store(
         .map(|(res, artifact)| Completion {
             task_id: res.task_id.clone(),
             lease_id: res.lease_id.clone(),
-            status: res.status,
-            output: res.output.take(),
-            error_message: res.error_message.take(),
-            metrics: res.metrics.clone(),
+            outcome: Outcome {
+                status: res.outcome.status,
+                output: res.outcome.output.take(),
+                error_message: res.outcome.error_message.take(),
+                metrics: res.outcome.metrics.clone(),
+            },
             artifact_type: "LLM_RESULT".into(),
             artifact_tags: Vec::new(),
             artifact_id: ArtifactId::generate(),
@@ -242,7 +246,7 @@ fn record(r: &Reconciler, results: &[ResultMessage], outcomes: Vec<CompletionOut
             CompletionOutcome::Completed { .. } => {
                 report.completed += 1;
                 r.metrics.results_completed_total.inc();
-                r.metrics.task_duration_seconds.observe(res.metrics.duration_ms as f64 / 1000.0);
+                r.metrics.task_duration_seconds.observe(res.outcome.metrics.duration_ms as f64 / 1000.0);
             }
             CompletionOutcome::Late => {
                 report.late += 1;

@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{DesiredFormat, Metrics, ResultStatus};
+use crate::domain::{DesiredFormat, Metrics, Outcome, ResultStatus};
 use crate::protocol::TaskMessage;
 
 pub use crate::config::DEFAULT_EXECUTOR_COMMAND as DEFAULT_COMMAND;
@@ -43,33 +43,14 @@ pub enum Executor {
     Builtin,
 }
 
-/// The outcome of one execution.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Outcome {
-    pub status: ResultStatus,
-    pub output: Option<String>,
-    pub error_message: Option<String>,
-    pub metrics: Metrics,
+/// A success that took since `started`.
+fn success(output: String, started: Instant, tokens_used: Option<i64>) -> Outcome {
+    Outcome::success(output, Metrics { duration_ms: started.elapsed().as_millis() as i64, tokens_used })
 }
 
-impl Outcome {
-    fn success(output: String, started: Instant, tokens_used: Option<i64>) -> Outcome {
-        Outcome {
-            status: ResultStatus::Success,
-            output: Some(output),
-            error_message: None,
-            metrics: Metrics { duration_ms: started.elapsed().as_millis() as i64, tokens_used },
-        }
-    }
-
-    fn error(message: impl Into<String>, output: Option<String>, started: Instant) -> Outcome {
-        Outcome {
-            status: ResultStatus::Error,
-            output,
-            error_message: Some(message.into()),
-            metrics: Metrics { duration_ms: started.elapsed().as_millis() as i64, tokens_used: None },
-        }
-    }
+/// A failure that took since `started`.
+fn failure(message: impl Into<String>, output: Option<String>, started: Instant) -> Outcome {
+    Outcome::error(message, output, Metrics { duration_ms: started.elapsed().as_millis() as i64, tokens_used: None })
 }
 
 impl Executor {
@@ -81,7 +62,7 @@ impl Executor {
             Executor::Builtin => tokio::select! {
                 _ = cancel.cancelled() => return None,
                 r = tokio::time::timeout(timeout, builtin(task, started)) => r.unwrap_or_else(|_| {
-                    Outcome::error(format!("timed out after {}s", timeout.as_secs()), None, started)
+                    failure(format!("timed out after {}s", timeout.as_secs()), None, started)
                 }),
             },
             Executor::Command { command, max_output_bytes } => {
@@ -97,28 +78,24 @@ async fn builtin(task: &TaskMessage, started: Instant) -> Outcome {
     if let Some(ms) = prompt.strip_prefix("sleep:") {
         let ms: u64 = ms.trim().parse().unwrap_or(0);
         tokio::time::sleep(Duration::from_millis(ms)).await;
-        return Outcome::success(format!("slept {ms}ms"), started, None);
+        return success(format!("slept {ms}ms"), started, None);
     }
     if prompt == "fail" || prompt.starts_with("fail:") {
         let msg = prompt.strip_prefix("fail:").unwrap_or("builtin executor asked to fail").trim();
-        return Outcome::error(msg, None, started);
+        return failure(msg, None, started);
     }
     if prompt == "crash" {
         tracing::error!(task.id = %task.task_id, "builtin executor asked to crash: aborting the worker process");
         std::process::abort();
     }
-    Outcome::success(task.prompt.clone(), started, None)
+    success(task.prompt.clone(), started, None)
 }
 
 fn check_format(outcome: Outcome, format: DesiredFormat, started: Instant) -> Outcome {
     if outcome.status == ResultStatus::Success && format == DesiredFormat::Json {
         let out = outcome.output.as_deref().unwrap_or("");
         if let Err(e) = serde_json::from_str::<serde_json::Value>(out) {
-            return Outcome::error(
-                format!("output is not valid JSON (desired_format json): {e}"),
-                outcome.output,
-                started,
-            );
+            return failure(format!("output is not valid JSON (desired_format json): {e}"), outcome.output, started);
         }
     }
     outcome
@@ -176,7 +153,7 @@ async fn run_command(
         .env("BLOOM_ATTEMPT", (task.attempts + 1).to_string());
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return Some(Outcome::error(format!("could not start executor: {e}"), None, started)),
+        Err(e) => return Some(failure(format!("could not start executor: {e}"), None, started)),
     };
     let pid = child.id();
     let mut stdin = child.stdin.take();
@@ -199,7 +176,7 @@ async fn run_command(
             Ok(r) => r,
             Err(_) => {
                 kill_group(pid);
-                return Some(Outcome::error(format!("timed out after {}s", timeout.as_secs()), None, started));
+                return Some(failure(format!("timed out after {}s", timeout.as_secs()), None, started));
             }
         },
         _ = cancel.cancelled() => {
@@ -210,7 +187,7 @@ async fn run_command(
     // Children the command left behind in its group.
     kill_group(pid);
     let Ok(out) = out else {
-        return Some(Outcome::error(format!("output exceeded {max_output} bytes"), None, started));
+        return Some(failure(format!("output exceeded {max_output} bytes"), None, started));
     };
     let stdout = String::from_utf8_lossy(&out).into_owned();
     let stderr_tail = err.map(|e| String::from_utf8_lossy(&e).trim().to_owned()).unwrap_or_default();
@@ -223,31 +200,30 @@ async fn run_command(
             } else {
                 format!("executor exited with {code}: {stderr_tail}")
             };
-            Some(Outcome::error(msg, Some(stdout), started))
+            Some(failure(msg, Some(stdout), started))
         }
-        Err(e) => Some(Outcome::error(format!("waiting for executor failed: {e}"), None, started)),
+        Err(e) => Some(failure(format!("waiting for executor failed: {e}"), None, started)),
     }
 }
 
 /// Unwraps the Claude CLI's JSON envelope when stdout is one.
 fn parse_stdout(stdout: String, started: Instant) -> Outcome {
     let Ok(serde_json::Value::Object(env)) = serde_json::from_str::<serde_json::Value>(&stdout) else {
-        return Outcome::success(stdout, started, None);
+        return success(stdout, started, None);
     };
     if env.get("type").and_then(|t| t.as_str()) != Some("result") {
-        return Outcome::success(stdout, started, None);
+        return success(stdout, started, None);
     }
     let tokens = env.get("usage").map(|u| {
         ["input_tokens", "output_tokens"].iter().filter_map(|k| u.get(*k).and_then(|v| v.as_i64())).sum::<i64>()
     });
     let result = env.get("result").and_then(|r| r.as_str()).map(str::to_owned);
     if env.get("is_error").and_then(|e| e.as_bool()) == Some(true) {
-        let mut o =
-            Outcome::error(result.clone().unwrap_or_else(|| "executor reported an error".into()), result, started);
+        let mut o = failure(result.clone().unwrap_or_else(|| "executor reported an error".into()), result, started);
         o.metrics.tokens_used = tokens;
         return o;
     }
-    Outcome::success(result.unwrap_or(stdout), started, tokens)
+    success(result.unwrap_or(stdout), started, tokens)
 }
 
 #[cfg(test)]

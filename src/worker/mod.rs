@@ -425,10 +425,7 @@ async fn execute(ctx: Ctx, msg: Message, task: TaskMessage, grant: LeaseGrant, s
         task_id: task.task_id.clone(),
         lease_id: grant.lease_id.clone(),
         worker_id: ctx.settings.id.clone(),
-        status: outcome.status,
-        output: outcome.output,
-        error_message: outcome.error_message,
-        metrics: outcome.metrics,
+        outcome,
     };
     if !ctx.results.publish(msg, result).await {
         // Not acknowledged: the message is redelivered after the TTL and the lease expires.

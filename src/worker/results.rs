@@ -122,7 +122,7 @@ async fn publish(js: &jetstream::Context, names: &Names, batch: &[Finished], har
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Metrics, ResultStatus};
+    use crate::domain::{Metrics, Outcome};
     use crate::protocol::ResultBatch;
 
     fn result(lease: &str) -> TracedResult {
@@ -131,10 +131,7 @@ mod tests {
                 task_id: "t".into(),
                 lease_id: lease.into(),
                 worker_id: "w".into(),
-                status: ResultStatus::Success,
-                output: Some("out".into()),
-                error_message: None,
-                metrics: Metrics { duration_ms: 1, ..Default::default() },
+                outcome: Outcome::success("out".into(), Metrics { duration_ms: 1, ..Default::default() }),
             },
             trace: vec![("traceparent".into(), "00-abc-def-01".into())],
         }

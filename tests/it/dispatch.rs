@@ -107,7 +107,9 @@ async fn a_crashed_workers_task_is_redelivered_and_completed_once() {
 async fn tasks_of_a_context_stick_to_the_worker_holding_it() {
     let app = TestApp::spawn().await;
     app.start_reconciler().await;
-    app.start_worker("a", 4).await;
+    // Room for all five tasks: a task is routed to its context's worker only while that
+    // worker has a free slot when the task is created.
+    app.start_worker("a", 8).await;
     let first = app.submit_with(json!({"context_id": "sticky", "agent_slug": "x", "prompt": "sleep:3000"})).await;
     let first_id = first["id"].as_str().unwrap().to_owned();
     wait_for("first leased", Duration::from_secs(10), || async { app.status_of(&first_id).await != "queued" }).await;

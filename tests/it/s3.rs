@@ -187,3 +187,71 @@ async fn seed_minio_configuration_stores_artifacts() {
     assert_eq!(body, "via minio vars");
     app.stop().await;
 }
+
+/// Artifacts an S3 outage left in Postgres move to S3 once it is back: content readable
+/// throughout, each moved exactly once by two concurrent movers, audited and counted.
+#[tokio::test]
+async fn artifacts_left_in_postgres_by_an_outage_move_to_s3_once_it_is_back() {
+    use bloom::artifacts::ArtifactStore;
+    use bloom::reconciler::artifact_moves::{self, MoveReport};
+
+    // The API's S3 is down: completions keep their content in Postgres.
+    let app =
+        TestApp::spawn_with(Opts { s3: Some(settings("http://127.0.0.1:9".into(), "down")), ..Opts::default() }).await;
+    app.register_worker("w", 8).await;
+    let mut outputs = Vec::new();
+    for i in 0..5 {
+        let (id, _) = app.leased_task(&format!("task {i}")).await;
+        let output = format!("output {i} ").repeat(1000 * (i + 1));
+        let body = json!({"status": "success", "output": output, "metrics": {"duration_ms": 1}});
+        let (status, done) = app.post(&format!("/api/runtime/llm-tasks/{id}/complete"), body).await;
+        assert_eq!(status, StatusCode::OK, "{done}");
+        assert_eq!(done["artifact"]["url"], json!(null));
+        outputs.push((id, done["artifact"]["id"].as_str().unwrap().to_owned(), output));
+    }
+    let (_, stats) = app.get("/api/runtime/stats").await;
+    assert_eq!(stats["artifacts"]["inline_backlog"], 5);
+
+    // A mover whose S3 is still down moves nothing and loses nothing.
+    let cancel = app.cancel.child_token();
+    let down = app.reconciler_with(app.reconciler_settings(), &cancel).await;
+    assert_eq!(artifact_moves::run_once(&down).await.unwrap(), MoveReport { moved: 0, failed: 1, backlog: 5 });
+    for (_, aid, output) in &outputs {
+        assert_eq!(&app.get_text(&format!("/api/runtime/artifacts/{aid}/content")).await, output);
+    }
+
+    // S3 is back: two movers share the backlog; every artifact moves once.
+    let bucket = format!("moved-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut movers = Vec::new();
+    for _ in 0..2 {
+        let mut r = app.reconciler_with(app.reconciler_settings(), &cancel).await;
+        r.artifacts = ArtifactStore::from_settings(Some(settings(s3_endpoint(), &bucket)), r.metrics.clone()).await;
+        movers.push(r);
+    }
+    let (a, b) = tokio::join!(artifact_moves::run_once(&movers[0]), artifact_moves::run_once(&movers[1]));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.moved + b.moved, a.failed + b.failed), (5, 0), "{a:?} {b:?}");
+    assert_eq!(movers[0].metrics.artifacts_moved_total.get() + movers[1].metrics.artifacts_moved_total.get(), 5);
+    assert_eq!(artifact_moves::run_once(&movers[0]).await.unwrap(), MoveReport::default());
+    assert_eq!(movers[0].metrics.artifacts_inline_backlog.get(), 0);
+
+    for (task, aid, output) in &outputs {
+        let (_, art) = app.get(&format!("/api/runtime/artifacts/{aid}")).await;
+        assert_eq!(art["url"], format!("s3://{bucket}/artifacts/{task}/{aid}.json"));
+        assert_eq!(art["content"], json!(null));
+        // The API reads it from the bucket now (its own S3 settings name another bucket:
+        // the content route needs the bucket the URL names).
+        let mover = &movers[0];
+        let artifact = bloom::db::artifacts::get(&app.pool, &aid.as_str().into()).await.unwrap().unwrap();
+        match mover.artifacts.content(&artifact).await.unwrap() {
+            bloom::artifacts::Content::Stream(body) => {
+                assert_eq!(&body.collect().await.unwrap().into_bytes()[..], output.as_bytes())
+            }
+            bloom::artifacts::Content::Inline(_) => panic!("still inline"),
+        }
+    }
+    assert_eq!(app.count("SELECT count(*) FROM audit_logs WHERE action = 'artifact_moved'").await, 5);
+    let (_, stats) = app.get("/api/runtime/stats").await;
+    assert_eq!(stats["artifacts"]["inline_backlog"], 0);
+    app.stop().await;
+}

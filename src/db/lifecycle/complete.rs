@@ -5,61 +5,22 @@ use std::collections::{HashMap, HashSet};
 use sqlx::types::Json;
 use sqlx::PgExecutor;
 
+use crate::db::rows::TaskRow;
 use crate::domain::{
-    new_id, Artifact, ArtifactBody, ArtifactId, LeaseId, LlmResult, Metrics, ResultId, ResultStatus, Task, TaskId,
-    WorkerId,
+    new_id, Artifact, ArtifactBody, ArtifactId, DesiredFormat, LeaseId, LlmResult, Metrics, Outcome, Policy, ResultId,
+    Task, TaskId, TaskStatus, WorkerId,
 };
 
 /// Batch completion: `$1` now, then one array per column of [`CompleteRows`] (`$2` the
 /// completed task ids).
-pub(super) const COMPLETE_SQL: &str = "WITH r AS (
-            SELECT * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::jsonb[],
-                                 $9::text[], $10::text[], $11::jsonb[], $12::text[], $13::boolean[], $14::text[],
-                                 $15::text[], $16::text[], $17::text[])
-                AS r(task_id, lease_id, final_status, status, output, error_message, metrics, artifact_id,
-                     artifact_type, tags, url, inline, result_id, audit_id, done, late)),
-         t AS (
-            UPDATE llm_tasks t SET status = r.final_status, updated_at = $1, lease_id = r.lease_id,
-                   worker_id = COALESCE(t.worker_id, (SELECT l.worker_id FROM leases l WHERE l.id = r.lease_id)),
-                   routed_to = NULL
-            FROM r WHERE t.id = ANY($2) AND t.id = r.task_id AND (
-                (t.lease_id = r.lease_id AND (t.status || '') IN ('leased', 'running'))
-                -- The lease expired and the task was requeued, but nobody leased it again:
-                -- the result of the work done is still the task's only one.
-                OR ((t.status || '') = 'queued' AND EXISTS (
-                    SELECT 1 FROM leases l WHERE l.id = r.lease_id AND l.task_id = t.id AND (l.status || '') = 'expired')))
-            RETURNING t.*),
-         w AS (SELECT r.*, COALESCE(t.worker_id, 'unknown') AS worker
-               FROM r JOIN t ON t.id = r.task_id AND t.lease_id = r.lease_id),
-         l AS (
-            UPDATE leases SET status = 'released'
-            FROM w WHERE leases.id = w.lease_id AND (leases.status || '') = 'active'),
-         art AS (
-            INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags,
-                                           content)
-            SELECT artifact_id, task_id, NULL, artifact_type, $1, true, url, '[]'::jsonb, tags,
-                   CASE WHEN inline THEN output END FROM w),
-         res AS (
-            INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
-                                     completed_at)
-            SELECT result_id, task_id, worker, artifact_id, status, output, error_message, metrics, $1 FROM w),
-         a AS (
-            INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-            SELECT audit_id, $1, 'task_completed', 'llm_task', task_id, worker, done FROM w
-            UNION ALL
-            SELECT audit_id, $1, 'result_late', 'llm_task', task_id, 'reconciler', late
-            FROM r WHERE NOT EXISTS (SELECT 1 FROM w WHERE w.task_id = r.task_id AND w.lease_id = r.lease_id))
-         SELECT * FROM t";
+pub(super) const COMPLETE_SQL: &str = include_str!("complete.sql");
 
 /// A result reported for one lease.
 #[derive(Clone, Debug)]
 pub struct Completion {
     pub task_id: TaskId,
     pub lease_id: LeaseId,
-    pub status: ResultStatus,
-    pub output: Option<String>,
-    pub error_message: Option<String>,
-    pub metrics: Metrics,
+    pub outcome: Outcome,
     pub artifact_type: String,
     pub artifact_tags: Vec<String>,
     /// Id of the artifact to create: deterministic per lease so a redelivered result
@@ -93,11 +54,12 @@ impl<'a> CompleteRows<'a> {
     fn push(&mut self, c: &'a Completion, result_id: &'a ResultId) {
         self.task_id.push(c.task_id.as_str());
         self.lease_id.push(c.lease_id.as_str());
-        self.final_status.push(c.status.final_task_status().as_str());
-        self.status.push(c.status.as_str());
-        self.output.push(c.output.as_deref());
-        self.error_message.push(c.error_message.as_deref());
-        self.metrics.push(Json(&c.metrics));
+        let o = &c.outcome;
+        self.final_status.push(o.status.final_task_status().as_str());
+        self.status.push(o.status.as_str());
+        self.output.push(o.output.as_deref());
+        self.error_message.push(o.error_message.as_deref());
+        self.metrics.push(Json(&o.metrics));
         self.artifact_id.push(c.artifact_id.as_str());
         self.artifact_type.push(&c.artifact_type);
         self.tags.push(Json(c.artifact_tags.as_slice()));
@@ -108,8 +70,8 @@ impl<'a> CompleteRows<'a> {
         self.inline.push(c.artifact == ArtifactBody::Inline);
         self.result_id.push(result_id.as_str());
         self.audit_id.push(new_id());
-        let status = c.status.as_str();
-        self.done.push(format!("Status: {status}, artifact: {}, duration: {}ms", c.artifact_id, c.metrics.duration_ms));
+        let status = o.status.as_str();
+        self.done.push(format!("Status: {status}, artifact: {}, duration: {}ms", c.artifact_id, o.metrics.duration_ms));
         self.late.push(format!("Late {status} result for lease {} ignored: not the current lease", c.lease_id));
     }
 }
@@ -132,7 +94,7 @@ impl Completion {
     pub fn into_records(self, task: &Task, result_id: ResultId, completed_at: i64) -> (Artifact, LlmResult) {
         let (url, content) = match self.artifact {
             ArtifactBody::S3 { url } => (Some(url), None),
-            ArtifactBody::Inline => (None, self.output.clone()),
+            ArtifactBody::Inline => (None, self.outcome.output.clone()),
         };
         let artifact = Artifact {
             id: self.artifact_id,
@@ -151,10 +113,7 @@ impl Completion {
             task_id: task.id.clone(),
             worker_id: task.worker_id.clone().unwrap_or_else(|| WorkerId::from("unknown")),
             artifact_id: artifact.id.clone(),
-            status: self.status,
-            output: self.output,
-            error_message: self.error_message,
-            metrics: self.metrics,
+            outcome: self.outcome,
             completed_at,
         };
         (artifact, result)
@@ -186,28 +145,34 @@ pub async fn complete<'c>(
     // One statement: the task, lease, artifact, result and audit writes of the whole batch
     // commit together, in one round trip. The outputs are borrowed into the statement's
     // parameters, not copied.
-    let done: Vec<Task> = sqlx::query_as(COMPLETE_SQL)
-        .bind(now)
-        .bind(rows.task_id)
-        .bind(rows.lease_id)
-        .bind(rows.final_status)
-        .bind(rows.status)
-        .bind(rows.output)
-        .bind(rows.error_message)
-        .bind(rows.metrics)
-        .bind(rows.artifact_id)
-        .bind(rows.artifact_type)
-        .bind(rows.tags)
-        .bind(rows.url)
-        .bind(rows.inline)
-        .bind(rows.result_id)
-        .bind(rows.audit_id)
-        .bind(rows.done)
-        .bind(rows.late)
-        .fetch_all(db)
-        .await?;
+    // Borrowed columns are bound as they are (`as _`): the macro's check wants owned
+    // values, Postgres checks the array types.
+    let done = sqlx::query_file_as!(
+        TaskRow,
+        "src/db/lifecycle/complete.sql",
+        now,
+        rows.task_id as _,
+        rows.lease_id as _,
+        rows.final_status as _,
+        rows.status as _,
+        rows.output as _,
+        rows.error_message as _,
+        rows.metrics as _,
+        rows.artifact_id as _,
+        rows.artifact_type as _,
+        rows.tags as _,
+        rows.url as _,
+        &rows.inline,
+        rows.result_id as _,
+        &rows.audit_id,
+        &rows.done,
+        &rows.late,
+    )
+    .fetch_all(db)
+    .await?;
+    let done = done.into_iter().map(Task::from);
     let mut done: HashMap<(TaskId, LeaseId), Task> =
-        done.into_iter().filter_map(|t| t.lease_id.clone().map(|l| ((t.id.clone(), l), t))).collect();
+        done.filter_map(|t| t.lease_id.clone().map(|l| ((t.id.clone(), l), t))).collect();
     Ok(completions
         .iter()
         .zip(first)

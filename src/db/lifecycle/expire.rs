@@ -4,7 +4,7 @@ use sqlx::PgPool;
 
 use crate::db::outbox::{self, Dispatch};
 use crate::db::{audit, tasks};
-use crate::domain::{AuditAction, LeaseId, NewAudit, TaskId, TaskStatus, WorkerId};
+use crate::domain::{AuditAction, NewAudit, TaskStatus, WorkerId};
 
 /// What one sweep of expired leases did.
 #[derive(Debug, Default)]
@@ -29,11 +29,10 @@ pub enum Expiring<'a> {
 
 /// One ended lease, and what became of its task (nothing when the lease was no longer
 /// the task's current one).
-#[derive(sqlx::FromRow)]
 struct Ended {
-    lease_id: LeaseId,
-    task_id: TaskId,
-    worker_id: WorkerId,
+    lease_id: String,
+    task_id: String,
+    worker_id: String,
     status: Option<TaskStatus>,
     attempts: Option<i32>,
     max_attempts: Option<i32>,
@@ -49,8 +48,9 @@ pub async fn expire(pool: &PgPool, which: Expiring<'_>, limit: i64, now: i64) ->
         Expiring::HeldBy(worker) => (i64::MAX, Some(worker), "ended: its worker restarted"),
     };
     let mut tx = pool.begin().await?;
-    let rows: Vec<Ended> = sqlx::query_as(
-        "WITH stale AS (
+    let rows = sqlx::query_as!(
+        Ended,
+        r#"WITH stale AS (
             SELECT id FROM leases WHERE status = 'active' AND expires_at < $1 AND ($4::text IS NULL OR worker_id = $4)
             ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED),
          ex AS (
@@ -66,13 +66,14 @@ pub async fn expire(pool: &PgPool, which: Expiring<'_>, limit: i64, now: i64) ->
                 updated_at = $3
             FROM ex WHERE t.id = ex.task_id AND t.lease_id = ex.id AND (t.status || '') IN ('leased', 'running')
             RETURNING t.id, t.status, t.attempts, t.max_attempts)
-         SELECT ex.id AS lease_id, ex.task_id, ex.worker_id, t.status, t.attempts, t.max_attempts
-         FROM ex LEFT JOIN t ON t.id = ex.task_id",
+         SELECT ex.id AS "lease_id!", ex.task_id AS "task_id!", ex.worker_id AS "worker_id!",
+                t.status AS "status?: TaskStatus", t.attempts AS "attempts?", t.max_attempts AS "max_attempts?"
+         FROM ex LEFT JOIN t ON t.id = ex.task_id"#,
+        cutoff,
+        limit,
+        now,
+        holder.map(WorkerId::as_str)
     )
-    .bind(cutoff)
-    .bind(limit)
-    .bind(now)
-    .bind(holder)
     .fetch_all(&mut *tx)
     .await?;
     let mut report = Expiry { expired: rows.len(), ..Expiry::default() };
@@ -83,7 +84,7 @@ pub async fn expire(pool: &PgPool, which: Expiring<'_>, limit: i64, now: i64) ->
         entries.push(NewAudit::new(
             AuditAction::LeaseExpired,
             "lease",
-            lease_id.as_str(),
+            &lease_id,
             "reconciler",
             format!("Lease of task {task_id} held by worker {worker_id} {ended} (attempt {attempts} of {max})"),
         ));
@@ -92,18 +93,18 @@ pub async fn expire(pool: &PgPool, which: Expiring<'_>, limit: i64, now: i64) ->
                 entries.push(NewAudit::new(
                     AuditAction::TaskRequeued,
                     "llm_task",
-                    task_id.as_str(),
+                    &task_id,
                     "reconciler",
                     format!("Requeued after lease expiry, {attempts} of {max} attempts used"),
                 ));
-                requeued_ids.push(task_id.0);
+                requeued_ids.push(task_id);
             }
             Some(TaskStatus::Dead) => {
                 report.dead += 1;
                 entries.push(NewAudit::new(
                     AuditAction::TaskDead,
                     "llm_task",
-                    task_id.as_str(),
+                    &task_id,
                     "reconciler",
                     format!("Dead after lease expiry, all {max} attempts used"),
                 ));

@@ -44,15 +44,15 @@ pub async fn lease(
     };
     let lease = new_lease(&task, &worker.id, req.ttl_seconds, now);
     // Of two concurrent leases of the task, the one that updates it first wins.
-    let won = sqlx::query(
+    let won = sqlx::query!(
         "UPDATE llm_tasks SET status = 'leased', lease_id = $2, worker_id = $3, attempts = attempts + 1,
                 updated_at = $4
          WHERE id = $1 AND status = 'queued'",
+        task.id.as_str(),
+        lease.id.as_str(),
+        worker.id.as_str(),
+        now
     )
-    .bind(&task.id)
-    .bind(&lease.id)
-    .bind(&worker.id)
-    .bind(now)
     .execute(&mut *tx)
     .await?
     .rows_affected()
@@ -82,13 +82,14 @@ pub async fn lease(
 /// made again among the others.
 async fn choose_worker(tx: &mut sqlx::PgConnection, task: &Task) -> Result<Worker, TransitionError> {
     const CHOICES: usize = 4;
-    let sticky: Option<WorkerId> = sqlx::query_scalar(
+    let sticky = sqlx::query_scalar!(
         "SELECT worker_id FROM leases WHERE status = 'active' AND context_id = $1
          ORDER BY started_at DESC LIMIT 1",
+        task.context_id
     )
-    .bind(&task.context_id)
     .fetch_optional(&mut *tx)
-    .await?;
+    .await?
+    .map(WorkerId::from);
     let mut full: Vec<WorkerId> = Vec::new();
     for _ in 0..CHOICES {
         let mut candidates = workers::candidates(&mut *tx).await?;
@@ -125,19 +126,20 @@ fn new_lease(task: &Task, worker: &WorkerId, ttl_seconds: i32, now: i64) -> Leas
 }
 
 async fn insert_lease(db: &mut sqlx::PgConnection, lease: &Lease) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
                              context_id)
-         VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        lease.id.as_str(),
+        lease.task_id.as_str(),
+        lease.worker_id.as_str(),
+        lease.started_at,
+        lease.expires_at,
+        lease.ttl_seconds,
+        lease.status.as_str(),
+        lease.last_heartbeat,
+        lease.context_id
     )
-    .bind(&lease.id)
-    .bind(&lease.task_id)
-    .bind(&lease.worker_id)
-    .bind(lease.started_at)
-    .bind(lease.expires_at)
-    .bind(lease.ttl_seconds)
-    .bind(lease.last_heartbeat)
-    .bind(&lease.context_id)
     .execute(db)
     .await?;
     Ok(())

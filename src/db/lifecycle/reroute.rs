@@ -4,7 +4,9 @@ use sqlx::PgPool;
 
 use crate::db::audit;
 use crate::db::outbox::{self, Dispatch};
-use crate::domain::{AuditAction, NewAudit, Task, WorkerId};
+use crate::db::rows::TaskRow;
+use crate::domain::{AuditAction, DesiredFormat, NewAudit, Policy, Task, TaskStatus, WorkerId};
+use sqlx::types::Json;
 
 /// Moves queued tasks routed to workers that went offline back to the shared pool (a new
 /// dispatch through the outbox).
@@ -13,14 +15,23 @@ pub async fn reroute(pool: &PgPool, offline: &[WorkerId], now: i64) -> sqlx::Res
         return Ok(Vec::new());
     }
     let mut tx = pool.begin().await?;
-    let moved: Vec<Task> = sqlx::query_as(
-        "UPDATE llm_tasks SET dispatch_seq = dispatch_seq + 1, routed_to = NULL, updated_at = $2
-         WHERE status = 'queued' AND routed_to = ANY($1) RETURNING *",
+    let offline: Vec<&str> = offline.iter().map(WorkerId::as_str).collect();
+    let moved: Vec<Task> = sqlx::query_as!(
+        TaskRow,
+        r#"UPDATE llm_tasks SET dispatch_seq = dispatch_seq + 1, routed_to = NULL, updated_at = $2
+           WHERE status = 'queued' AND routed_to = ANY($1)
+           RETURNING id, context_id, agent_slug, prompt, context_hints AS "context_hints: Json<Vec<String>>",
+                     policy AS "policy: Json<Policy>", desired_format AS "desired_format: DesiredFormat",
+                     status AS "status: TaskStatus", created_at, updated_at, lease_id, worker_id, attempts,
+                     max_attempts, dispatch_seq, routed_to"#,
+        offline as _,
+        now
     )
-    .bind(offline)
-    .bind(now)
     .fetch_all(&mut *tx)
-    .await?;
+    .await?
+    .into_iter()
+    .map(Task::from)
+    .collect();
     let entries: Vec<NewAudit> = moved
         .iter()
         .map(|t| {

@@ -1,0 +1,42 @@
+WITH r AS (
+   SELECT * FROM UNNEST($3::text[], $4::bigint[], $5::text[], $6::text[], $7::int[], $8::text[])
+       AS r(task_id, seq, worker_id, lease_id, ttl, audit_id)),
+room AS MATERIALIZED (
+   SELECT w.id, COALESCE((w.capabilities->>'max_concurrency')::int, 1) - w.active_leases AS free
+   FROM workers w WHERE w.id = ANY($2) ORDER BY w.id FOR UPDATE),
+fresh AS (
+   SELECT r.*, row_number() OVER (PARTITION BY r.worker_id ORDER BY r.task_id) AS pos
+   FROM r JOIN llm_tasks t ON t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued'
+       AND t.dispatch_seq = r.seq),
+t AS (
+   UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = r.worker_id,
+          attempts = t.attempts + 1, updated_at = $1, routed_to = NULL
+   FROM fresh r JOIN room ON room.id = r.worker_id AND r.pos <= room.free
+   WHERE t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
+   RETURNING t.id, t.context_id, r.lease_id, r.worker_id, r.ttl, r.audit_id),
+l AS (
+   INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
+                       context_id)
+   SELECT lease_id, id, worker_id, $1, $1 + ttl::bigint * 1000, ttl, 'active', $1, context_id FROM t),
+a AS (
+   INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+   SELECT audit_id, $1, 'task_leased', 'lease', lease_id, 'router',
+          'Task ' || id || ' leased to worker ' || worker_id || ', TTL ' || ttl || 's' FROM t),
+held AS (
+   SELECT DISTINCT ON (r.task_id, r.worker_id) r.task_id, r.worker_id, l.id AS lease_id, l.started_at,
+          l.expires_at, l.ttl_seconds, l.last_heartbeat, l.context_id
+   FROM r JOIN llm_tasks t ON t.id = ANY($3) AND t.id = r.task_id
+       AND (t.status || '') IN ('leased', 'running') AND t.dispatch_seq = r.seq AND t.worker_id = r.worker_id
+   JOIN leases l ON l.id = t.lease_id AND (l.status || '') = 'active'),
+full_ AS (
+   SELECT r.task_id, r.worker_id FROM fresh r LEFT JOIN room ON room.id = r.worker_id
+   WHERE room.id IS NULL OR r.pos > room.free)
+SELECT 'granted' AS "decision!", id AS "task_id!", worker_id AS "worker_id!", lease_id AS "id?",
+       $1 AS "started_at?", $1 + ttl::bigint * 1000 AS "expires_at?", ttl AS "ttl_seconds?",
+       $1 AS "last_heartbeat?", context_id AS "context_id?"
+FROM t
+UNION ALL
+SELECT 'held', task_id, worker_id, lease_id, started_at, expires_at, ttl_seconds, last_heartbeat, context_id
+FROM held
+UNION ALL
+SELECT 'full', task_id, worker_id, NULL, NULL, NULL, NULL, NULL, NULL FROM full_

@@ -1,0 +1,36 @@
+WITH r AS (
+   SELECT * FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::jsonb[], $8::jsonb[],
+                        $9::text[], $10::int[], $11::text[], $12::text[])
+       AS r(id, context_id, agent_slug, prompt, context_hints, policy, desired_format, max_attempts, audit_id,
+            audit)),
+recent AS (
+   SELECT c.context_id, l.worker_id
+   FROM (SELECT DISTINCT unnest($4::text[]) AS context_id) c
+   CROSS JOIN LATERAL (
+       SELECT worker_id FROM leases
+       WHERE status = 'active' AND context_id = c.context_id
+       ORDER BY started_at DESC LIMIT 1) l),
+sticky AS (
+   SELECT recent.context_id, recent.worker_id
+   FROM recent CROSS JOIN LATERAL (
+       -- LIMIT keeps this a lookup by key per context (no join order that walks
+       -- every worker), whatever the statistics of `workers` say.
+       SELECT 1 FROM workers w
+       WHERE w.id = recent.worker_id AND (w.status || '') = 'online' AND w.source = 'nats'
+         AND COALESCE((w.capabilities->>'claude_cli')::boolean, true)
+         AND w.active_leases < COALESCE((w.capabilities->>'max_concurrency')::int, 1)
+       LIMIT 1) w),
+t AS (
+   INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+                          created_at, updated_at, attempts, max_attempts, dispatch_seq, routed_to)
+   SELECT r.id, r.context_id, r.agent_slug, r.prompt, r.context_hints, r.policy, r.desired_format, 'queued',
+          $1, $1, 0, r.max_attempts, 1, s.worker_id
+   FROM r LEFT JOIN sticky s ON s.context_id = r.context_id
+   RETURNING id, routed_to),
+o AS (
+   INSERT INTO outbox (task_id, dispatch_seq, worker_id, created_at)
+   SELECT id, 1, routed_to, $1 FROM t RETURNING id, task_id, worker_id),
+a AS (
+   INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+   SELECT r.audit_id, $1, 'task_created', 'llm_task', r.id, $2, r.audit FROM r)
+SELECT task_id AS "task_id!", id AS "outbox_id!", worker_id AS "routed_to?" FROM o

@@ -1,0 +1,91 @@
+//! Artifact moves, on every replica: the content of artifacts that stayed in Postgres
+//! because S3 failed when they were stored is uploaded to S3 and their rows pointed at
+//! the copy, oldest first, a bounded batch per pass, so a backlog never competes with
+//! live uploads for long. Replicas lock the rows they move (`SKIP LOCKED`) and so share
+//! the work; a row is switched to its S3 URL only after the upload succeeded, in one
+//! statement guarded by the row still being inline, so a reader always finds the content
+//! in one place or the other, and a crash between the two leaves it inline (the next
+//! pass uploads it again to the same key).
+
+use tokio_util::sync::CancellationToken;
+
+use super::Reconciler;
+use crate::db::{artifacts, audit};
+use crate::domain::{AuditAction, NewAudit};
+
+/// Artifacts locked per pass.
+const BATCH: i64 = 32;
+/// Content uploaded per pass, at most (a larger artifact goes alone).
+const BYTES_PER_PASS: i64 = 16 * 1024 * 1024;
+
+/// What one pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MoveReport {
+    /// Artifacts whose content is now in S3.
+    pub moved: usize,
+    /// Uploads that failed (the pass stops at the first: S3 is likely down).
+    pub failed: usize,
+    /// Artifacts still in Postgres after the pass.
+    pub backlog: i64,
+}
+
+/// Runs [`run_once`] every `artifact_move_interval` until `cancel` fires; nothing to do
+/// without S3.
+pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()> {
+    if !r.artifacts.uses_s3() {
+        return Ok(());
+    }
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(r.settings.artifact_move_interval) => {}
+        }
+        match run_once(&r).await {
+            Ok(report) if report.moved > 0 || report.failed > 0 => tracing::info!(?report, "artifact moves"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "artifact moves failed"),
+        }
+    }
+}
+
+/// Moves up to a batch of artifacts kept in Postgres to S3, in one transaction.
+pub async fn run_once(r: &Reconciler) -> sqlx::Result<MoveReport> {
+    let mut report = MoveReport::default();
+    if !r.artifacts.uses_s3() {
+        return Ok(report);
+    }
+    let mut tx = r.pool.begin().await?;
+    let inline = artifacts::lock_inline(&mut tx, BATCH).await?;
+    let mut entries = Vec::new();
+    let mut budget = BYTES_PER_PASS;
+    for artifact in inline {
+        if budget <= 0 {
+            break;
+        }
+        budget -= artifact.bytes;
+        let Some(content) = artifacts::inline_content(&mut *tx, &artifact.id).await? else { continue };
+        match r.artifacts.upload_moved(&artifact.task_id, &artifact.id, content).await {
+            Ok(url) => {
+                if artifacts::moved_to_s3(&mut *tx, &artifact.id, &url).await? {
+                    report.moved += 1;
+                    let detail = format!("Content moved from PostgreSQL to {url}");
+                    let id = artifact.id.as_str();
+                    entries.push(NewAudit::new(AuditAction::ArtifactMoved, "artifact", id, "reconciler", detail));
+                }
+            }
+            Err(e) => {
+                report.failed += 1;
+                tracing::warn!(artifact.id = %artifact.id, error = %e, "moving an artifact to S3 failed; retried later");
+                break;
+            }
+        }
+    }
+    audit::insert(&mut *tx, &entries, r.clock.now_ms()).await?;
+    tx.commit().await?;
+    report.backlog = artifacts::inline_backlog(&r.pool).await?;
+    let m = &r.metrics;
+    m.artifacts_moved_total.add(report.moved as u64);
+    m.artifact_moves_failed_total.add(report.failed as u64);
+    m.artifacts_inline_backlog.set(report.backlog.max(0) as u64);
+    Ok(report)
+}
