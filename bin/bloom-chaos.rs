@@ -10,6 +10,8 @@
 //! * exactly one `success` result per completed task, none for the others;
 //! * no lease left active, no outbox row left unsent;
 //! * the audit log agrees with the state (creation and completion entries);
+//! * with S3 (the mixed scenario), no artifact left in Postgres once S3 is back: those
+//!   an outage kept there have moved to S3 (counted as `artifacts_moved_to_s3`);
 //!
 //! and reports redeliveries (leases per task beyond the first), late results and the
 //! latency the runtime added to each task (submission to stored result less execution:
@@ -441,21 +443,24 @@ async fn main() -> anyhow::Result<()> {
     }
     eprintln!("all {accepted} submissions accepted after {:.1}s; settling", started.elapsed().as_secs_f64());
 
-    // Settle: every task final, outbox drained.
+    // Settle: every task final, outbox drained, and with S3 (up again by now) every
+    // artifact an outage left in Postgres moved to S3.
+    let with_s3 = o.scenario == Scenario::Mixed;
     let pool = bloom::db::connect(&db_url, &bloom::db::PoolOptions::default()).await?;
     let deadline = Instant::now() + Duration::from_secs(o.settle_secs);
     loop {
-        let (open, outbox): (i64, i64) = sqlx::query_as(
+        let (open, outbox, inline): (i64, i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM llm_tasks WHERE status NOT IN ('completed', 'dead')),
-                    (SELECT count(*) FROM outbox)",
+                    (SELECT count(*) FROM outbox),
+                    (SELECT count(*) FROM runtime_artifacts WHERE url IS NULL AND content IS NOT NULL)",
         )
         .fetch_one(&pool)
         .await?;
-        if open == 0 && outbox == 0 {
+        if open == 0 && outbox == 0 && (!with_s3 || inline == 0) {
             break;
         }
         if Instant::now() > deadline {
-            eprintln!("not settled: {open} open tasks, {outbox} outbox rows");
+            eprintln!("not settled: {open} open tasks, {outbox} outbox rows, {inline} artifacts in Postgres");
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -466,7 +471,9 @@ async fn main() -> anyhow::Result<()> {
         let pool = pool.clone();
         async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await }
     };
-    let checks: Vec<(&str, i64)> = vec![
+    let inline_artifacts =
+        q("SELECT count(*) FROM runtime_artifacts WHERE url IS NULL AND content IS NOT NULL").await?;
+    let mut checks: Vec<(&str, i64)> = vec![
         ("tasks not completed nor dead", q("SELECT count(*) FROM llm_tasks WHERE status NOT IN ('completed', 'dead')").await?),
         ("dead tasks with attempts left", q("SELECT count(*) FROM llm_tasks WHERE status = 'dead' AND attempts < max_attempts").await?),
         ("completed tasks without exactly one success", q("SELECT count(*) FROM llm_tasks t WHERE status = 'completed' AND (SELECT count(*) FROM llm_results r WHERE r.task_id = t.id AND r.status = 'success') <> 1").await?),
@@ -477,6 +484,9 @@ async fn main() -> anyhow::Result<()> {
         ("completed tasks without a completion audit entry", q("SELECT count(*) FROM llm_tasks t WHERE status = 'completed' AND NOT EXISTS (SELECT 1 FROM audit_logs a WHERE a.entity_id = t.id AND a.action = 'task_completed')").await?),
         ("leases per task above attempts", q("SELECT count(*) FROM llm_tasks t WHERE (SELECT count(*) FROM leases l WHERE l.task_id = t.id) < t.attempts").await?),
     ];
+    if with_s3 {
+        checks.push(("artifacts left in Postgres while S3 is up", inline_artifacts));
+    }
     let submitted = q("SELECT count(*) FROM llm_tasks").await?;
     // Latency the runtime added to each completed task: submission to stored result,
     // less the task's own execution time, in ms.
@@ -500,14 +510,14 @@ async fn main() -> anyhow::Result<()> {
         "duplicate_executions_reported_late": q("SELECT count(*) FROM audit_logs WHERE action = 'result_late'").await?,
         "leases_expired": q("SELECT count(*) FROM leases WHERE status = 'expired'").await?,
         "artifacts_in_s3": q("SELECT count(*) FROM runtime_artifacts WHERE url IS NOT NULL").await?,
-        "artifacts_in_postgres": q("SELECT count(*) FROM runtime_artifacts WHERE url IS NULL").await?,
+        "artifacts_in_postgres": inline_artifacts,
+        "artifacts_moved_to_s3": q("SELECT count(*) FROM audit_logs WHERE action = 'artifact_moved'").await?,
         "faults": faults,
         "overhead_ms": {"p50": p50, "p99": p99, "max": worst},
         "worst_added_latency_ms": added,
         "violations": checks.iter().filter(|(_, n)| *n != 0).map(|(k, n)| json!({k.to_string(): n})).collect::<Vec<_>>(),
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
-    let mut checks = checks;
     if let Some(limit) = o.max_added_latency_ms {
         checks.push(("tasks delayed beyond the added-latency limit", i64::from(added > limit)));
     }

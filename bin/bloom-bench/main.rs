@@ -78,6 +78,11 @@ struct Opts {
     /// Measurements of each limit before the runtime, and again after it.
     #[arg(long, default_value_t = 3)]
     limit_runs: usize,
+    /// Store artifacts in this S3-compatible server (the tests' moto on loopback:
+    /// `http://127.0.0.1:9311`), in a bucket of the run's own; without it, artifacts
+    /// stay in Postgres.
+    #[arg(long, env = "BLOOM_BENCH_S3")]
+    s3_endpoint: Option<String>,
     /// Write the JSON report here too.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -350,12 +355,20 @@ async fn main() -> anyhow::Result<()> {
         limits
     };
     let ns = format!("bench{}", &bloom::domain::new_id()[..8]);
-    let common = vec![
+    let mut common = vec![
         ("DATABASE_URL", db_url.clone()),
         ("NATS_URL", o.nats.clone()),
         ("BLOOM_NATS_NAMESPACE", ns.clone()),
         ("BLOOM_LEASE_TTL_SECS", "60".into()),
     ];
+    if let Some(endpoint) = &o.s3_endpoint {
+        common.extend([
+            ("BLOOM_S3_ENDPOINT", endpoint.clone()),
+            ("BLOOM_S3_BUCKET", ns.clone()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        ]);
+    }
     let with = |extra: &[(&'static str, String)]| {
         let mut v = common.clone();
         v.extend_from_slice(extra);
@@ -437,7 +450,15 @@ async fn main() -> anyhow::Result<()> {
         .flatten()
         .fold(f64::INFINITY, f64::min);
     let sat_tps = sat["tasks_per_sec"].as_f64().unwrap_or(0.0);
+    let (in_s3, inline): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE url IS NOT NULL), count(*) FILTER (WHERE content IS NOT NULL)
+         FROM runtime_artifacts",
+    )
+    .fetch_one(&pool)
+    .await?;
     let report = json!({
+        "s3": o.s3_endpoint.is_some(),
+        "artifacts": {"in_s3": in_s3, "in_postgres": inline},
         "fixed_rate": fixed, "saturation": sat, "rest_path": rest,
         "postgres_limit": pg, "nats_limit": nats,
         "ratio_to_lower_limit": if lower.is_finite() { json!(sat_tps / lower) } else { Value::Null },
