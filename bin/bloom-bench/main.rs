@@ -427,6 +427,14 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("REST path: {} tasks", o.rest_tasks);
     let rest = rest_path(&o, &http, &base).await?;
     drop(procs);
+    // Where the runtime's artifacts went (the limit runs below replace the tables).
+    let (in_s3, inline): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE url IS NOT NULL), count(*) FILTER (WHERE content IS NOT NULL)
+         FROM runtime_artifacts",
+    )
+    .fetch_one(&pool)
+    .await?;
+
     // Leave no streams behind on a shared server.
     if let Ok(client) = async_nats::connect(&o.nats).await {
         let js = async_nats::jetstream::new(client);
@@ -450,12 +458,6 @@ async fn main() -> anyhow::Result<()> {
         .flatten()
         .fold(f64::INFINITY, f64::min);
     let sat_tps = sat["tasks_per_sec"].as_f64().unwrap_or(0.0);
-    let (in_s3, inline): (i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE url IS NOT NULL), count(*) FILTER (WHERE content IS NOT NULL)
-         FROM runtime_artifacts",
-    )
-    .fetch_one(&pool)
-    .await?;
     let report = json!({
         "s3": o.s3_endpoint.is_some(),
         "artifacts": {"in_s3": in_s3, "in_postgres": inline},

@@ -88,9 +88,13 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Starts a runtime binary; its warnings and errors go to `<temp dir>/bloom-bench/<label>.log`.
 pub fn spawn(name: &str, label: &str, env: &[(&str, String)]) -> anyhow::Result<Proc> {
+    let logs = std::env::temp_dir().join("bloom-bench");
+    std::fs::create_dir_all(&logs)?;
+    let log = std::fs::File::create(logs.join(format!("{label}.log")))?;
     let mut cmd = Command::new(sibling(name)?);
-    cmd.stdout(Stdio::null()).stderr(Stdio::null()).env("RUST_LOG", "warn");
+    cmd.stdout(Stdio::null()).stderr(log).env("RUST_LOG", "warn");
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -8,8 +8,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::body::JsonBody;
-use super::schemas::{ConfigInput, ErrorBody, RuntimeConfigView, TestConnection};
-use super::validate::{FieldErrors, Fields};
+use super::schemas::{ConfigInput, ErrorBody, RequestBody, RuntimeConfigView, TestConnection};
 use super::{ApiError, AppState};
 use crate::db::{audit, settings};
 use crate::domain::{AuditAction, NewAudit};
@@ -91,16 +90,7 @@ pub async fn set_config(
     State(state): State<AppState>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<RuntimeConfig>, ApiError> {
-    let mut errors = FieldErrors::default();
-    let mut f = Fields::root(&body, &mut errors);
-    let url = f.string("membridge_server_url", 0, None);
-    let key = f.string("admin_key", 1, None);
-    if let Some(u) = &url {
-        if reqwest::Url::parse(u).is_err() {
-            errors.add("membridge_server_url", "Invalid url");
-        }
-    }
-    let (url, key) = errors.finish(url.zip(key))?.ok_or_else(|| ApiError::BadRequest("invalid config".into()))?;
+    let ConfigInput { membridge_server_url: url, admin_key: key } = ConfigInput::parse(&body)?;
     let now = state.clock.now_ms();
     let mut tx = state.pool.begin().await?;
     settings::save_membridge(&mut *tx, &url, &key).await?;

@@ -1,48 +1,83 @@
-//! Request and response shapes for the OpenAPI document. Handlers validate bodies with
-//! [`super::validate`] (the original zod rules); these types describe the same rules.
+//! The bodies of requests and answers, as the OpenAPI document shows them: every
+//! handler reads its request body into exactly the type the document describes
+//! ([`RequestBody::parse`], with the seed's zod rules of [`super::validate`]) and answers
+//! with one of these types or a domain type.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::domain::{Artifact, Lease, LlmResult, Task, Worker};
+use super::validate::{FieldErrors, Fields};
+use super::ApiError;
+use crate::domain::{
+    Artifact, Capabilities, DesiredFormat, Lease, LlmResult, Metrics, NewTask, Outcome, Policy, Registration,
+    ResultStatus, Task, Worker, WorkerId, WorkerStatus,
+};
 
-/// Body of `POST /api/runtime/llm-tasks` (the seed's `insertLLMTaskSchema`).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct CreateTask {
-    #[schema(min_length = 1)]
-    pub context_id: String,
-    #[schema(min_length = 1)]
-    pub agent_slug: String,
-    /// At most 512 KiB.
-    #[schema(min_length = 1)]
-    pub prompt: String,
-    #[serde(default)]
-    pub context_hints: Option<Vec<String>>,
-    #[serde(default)]
-    pub policy: Option<PolicyInput>,
-    #[serde(default)]
-    #[schema(pattern = "^(json|text)$")]
-    pub desired_format: Option<String>,
-    #[serde(default)]
-    #[schema(minimum = 1, maximum = 10)]
-    pub max_attempts: Option<i64>,
+/// Largest accepted prompt, in bytes: a task must fit in one NATS message.
+pub const MAX_PROMPT_BYTES: usize = 512 * 1024;
+
+/// A request body read with the seed's zod rules: every field's failures are collected
+/// and answered as one 400 in zod's `flatten()` shape.
+pub trait RequestBody: Sized {
+    /// Reads the body's fields, recording each failure in `f.errors`; `None` when a
+    /// field could not be read.
+    fn read(f: &mut Fields<'_>) -> Option<Self>;
+
+    /// Reads a JSON body: the value, or a 400 naming every failed field.
+    fn parse(body: &Value) -> Result<Self, ApiError> {
+        let mut errors = FieldErrors::default();
+        let read = Self::read(&mut Fields::root(body, &mut errors));
+        match read {
+            Some(value) => Ok(errors.finish(value)?),
+            None => Err(ApiError::Validation(errors)),
+        }
+    }
 }
 
-/// Execution policy; defaults `{timeout_sec: 120, budget: 0}`.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct PolicyInput {
-    #[serde(default)]
-    #[schema(minimum = 1, maximum = 3600)]
-    pub timeout_sec: Option<i64>,
-    #[serde(default)]
-    #[schema(minimum = 0)]
-    pub budget: Option<f64>,
+/// `POST /api/runtime/llm-tasks` (the seed's `insertLLMTaskSchema`).
+impl RequestBody for NewTask {
+    fn read(f: &mut Fields<'_>) -> Option<NewTask> {
+        let context_id = f.string("context_id", 1, None);
+        let agent_slug = f.string("agent_slug", 1, None);
+        let prompt = f.string("prompt", 1, None);
+        let context_hints = f.opt_strings("context_hints").map(Option::unwrap_or_default);
+        let policy = match f.object("policy") {
+            Some(Some(mut p)) => {
+                let timeout_sec = p.int("timeout_sec", 1, 3600, Some(Policy::default().timeout_sec));
+                let budget = p.number("budget", 0.0, 0.0);
+                timeout_sec.zip(budget).map(|(timeout_sec, budget)| Policy { timeout_sec, budget })
+            }
+            Some(None) => Some(Policy::default()),
+            None => None,
+        };
+        let desired_format = f.one_of("desired_format", &["json", "text"], Some("text")).map(|s| {
+            if s == "json" {
+                DesiredFormat::Json
+            } else {
+                DesiredFormat::Text
+            }
+        });
+        let max_attempts = f.int("max_attempts", 1, 10, Some(i64::from(NewTask::DEFAULT_MAX_ATTEMPTS)));
+        if prompt.as_ref().is_some_and(|p| p.len() > MAX_PROMPT_BYTES) {
+            f.errors.add("prompt", format!("String must contain at most {MAX_PROMPT_BYTES} bytes"));
+        }
+        Some(NewTask {
+            context_id: context_id?,
+            agent_slug: agent_slug?,
+            prompt: prompt?,
+            context_hints: context_hints?,
+            policy: policy?,
+            desired_format: desired_format?,
+            max_attempts: max_attempts? as i32,
+        })
+    }
 }
 
 /// Body of `POST .../lease`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct LeaseBody {
-    /// Lease to this worker (regardless of its capacity).
+    /// Lease to this worker, if it can take it (online, Claude CLI, a free slot).
     #[serde(default)]
     #[schema(min_length = 1)]
     pub worker_id: Option<String>,
@@ -52,6 +87,19 @@ pub struct LeaseBody {
     pub ttl_seconds: Option<i64>,
 }
 
+impl RequestBody for LeaseBody {
+    fn read(f: &mut Fields<'_>) -> Option<LeaseBody> {
+        let worker_id = f.opt_string("worker_id", 1, None, true);
+        // The seed falls back to its default for a missing or zero TTL.
+        let ttl_seconds = match f.raw("ttl_seconds") {
+            None | Some(Value::Null) => Some(None),
+            Some(v) if v.as_f64() == Some(0.0) => Some(None),
+            Some(_) => f.int("ttl_seconds", 1, 86_400, None).map(Some),
+        };
+        Some(LeaseBody { worker_id: worker_id?, ttl_seconds: ttl_seconds? })
+    }
+}
+
 /// Answer of `POST .../lease`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct LeaseResponse {
@@ -59,8 +107,9 @@ pub struct LeaseResponse {
     pub worker: Worker,
 }
 
-/// Optional proof of holding the lease (heartbeat and complete).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+/// Optional proof of holding the lease (heartbeat and complete): when given and not the
+/// task's current holder, the call is refused with 409.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
 pub struct HolderBody {
     #[serde(default)]
     #[schema(min_length = 1)]
@@ -70,6 +119,14 @@ pub struct HolderBody {
     pub worker_id: Option<String>,
 }
 
+impl RequestBody for HolderBody {
+    fn read(f: &mut Fields<'_>) -> Option<HolderBody> {
+        let lease_id = f.opt_string("lease_id", 1, None, true);
+        let worker_id = f.opt_string("worker_id", 1, None, true);
+        Some(HolderBody { lease_id: lease_id?, worker_id: worker_id? })
+    }
+}
+
 /// Answer of `POST .../heartbeat`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct HeartbeatResponse {
@@ -77,36 +134,64 @@ pub struct HeartbeatResponse {
     pub expires_at: i64,
 }
 
-/// Body of `POST .../complete` (the seed's `completeTaskSchema`).
+/// Body of `POST .../complete` (the seed's `completeTaskSchema`): the outcome, where its
+/// artifact goes, and who claims to hold the lease.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CompleteBody {
-    #[schema(pattern = "^(success|error)$")]
-    pub status: String,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    /// Default `LLM_RESULT`.
+    #[serde(default = "CompleteBody::default_artifact_type")]
+    pub artifact_type: String,
     #[serde(default)]
-    pub output: Option<String>,
-    #[serde(default)]
-    pub error_message: Option<String>,
-    pub metrics: MetricsInput,
-    #[serde(default)]
-    pub artifact_type: Option<String>,
-    #[serde(default)]
-    pub artifact_tags: Option<Vec<String>>,
-    #[serde(default)]
-    #[schema(min_length = 1)]
-    pub lease_id: Option<String>,
-    #[serde(default)]
-    #[schema(min_length = 1)]
-    pub worker_id: Option<String>,
+    pub artifact_tags: Vec<String>,
+    #[serde(flatten)]
+    pub holder: HolderBody,
 }
 
-/// Execution metrics reported by a worker.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct MetricsInput {
-    #[schema(minimum = 0)]
-    pub duration_ms: i64,
-    #[serde(default)]
-    #[schema(minimum = 0)]
-    pub tokens_used: Option<i64>,
+impl CompleteBody {
+    fn default_artifact_type() -> String {
+        "LLM_RESULT".into()
+    }
+}
+
+impl RequestBody for CompleteBody {
+    fn read(f: &mut Fields<'_>) -> Option<CompleteBody> {
+        let status = f.one_of("status", &["success", "error"], None).map(|s| {
+            if s == "success" {
+                ResultStatus::Success
+            } else {
+                ResultStatus::Error
+            }
+        });
+        let output = f.opt_string("output", 0, None, true);
+        let error_message = f.opt_string("error_message", 0, None, true);
+        let metrics = match f.object("metrics") {
+            Some(Some(mut m)) => {
+                let duration_ms = m.int("duration_ms", 0, i64::MAX, None);
+                let tokens = match m.raw("tokens_used") {
+                    None => Some(None),
+                    Some(_) => m.int("tokens_used", 0, i64::MAX, None).map(Some),
+                };
+                duration_ms.zip(tokens).map(|(duration_ms, tokens_used)| Metrics { duration_ms, tokens_used })
+            }
+            Some(None) => {
+                f.errors.add("metrics", "Required");
+                None
+            }
+            None => None,
+        };
+        let artifact_type =
+            f.opt_string("artifact_type", 0, None, false).map(|t| t.unwrap_or_else(Self::default_artifact_type));
+        let artifact_tags = f.opt_strings("artifact_tags").map(Option::unwrap_or_default);
+        let holder = HolderBody::read(f);
+        Some(CompleteBody {
+            outcome: Outcome { status: status?, output: output?, error_message: error_message?, metrics: metrics? },
+            artifact_type: artifact_type?,
+            artifact_tags: artifact_tags?,
+            holder: holder?,
+        })
+    }
 }
 
 /// Answer of `POST .../complete`.
@@ -117,32 +202,38 @@ pub struct CompleteResponse {
     pub result: LlmResult,
 }
 
-/// Body of `POST /api/runtime/workers` (the seed's `registerWorkerSchema`).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct RegisterWorker {
-    #[schema(min_length = 1, max_length = 128)]
-    pub name: String,
-    #[serde(default)]
-    pub url: Option<String>,
-    #[serde(default)]
-    #[schema(pattern = "^(online|offline|syncing|error|unknown)$")]
-    pub status: Option<String>,
-    #[serde(default)]
-    pub capabilities: Option<CapabilitiesInput>,
-    #[serde(default)]
-    pub ip_addrs: Option<Vec<String>>,
-}
-
-/// Worker capabilities; defaults `{claude_cli: true, max_concurrency: 1, labels: []}`.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct CapabilitiesInput {
-    #[serde(default)]
-    pub claude_cli: Option<bool>,
-    #[serde(default)]
-    #[schema(minimum = 1, maximum = 32)]
-    pub max_concurrency: Option<i64>,
-    #[serde(default)]
-    pub labels: Option<Vec<String>>,
+/// `POST /api/runtime/workers` (the seed's `registerWorkerSchema`).
+impl RequestBody for Registration {
+    fn read(f: &mut Fields<'_>) -> Option<Registration> {
+        let name = f.string("name", 1, Some(128));
+        let url = f.opt_string("url", 0, None, false);
+        let status = f
+            .one_of("status", &["online", "offline", "syncing", "error", "unknown"], Some("online"))
+            .and_then(WorkerStatus::parse);
+        let capabilities = match f.object("capabilities") {
+            Some(Some(mut c)) => {
+                let claude_cli = c.boolean("claude_cli", true);
+                let max_concurrency = c.int("max_concurrency", 1, 32, Some(1));
+                let labels = c.opt_strings("labels").map(Option::unwrap_or_default);
+                match (claude_cli, max_concurrency, labels) {
+                    (Some(claude_cli), Some(m), Some(labels)) => {
+                        Some(Capabilities { claude_cli, max_concurrency: m as i32, labels })
+                    }
+                    _ => None,
+                }
+            }
+            Some(None) => Some(Capabilities::default()),
+            None => None,
+        };
+        let ip_addrs = f.opt_strings("ip_addrs").map(Option::unwrap_or_default);
+        Some(Registration {
+            name: WorkerId(name?),
+            url: url?,
+            status: status?,
+            capabilities: capabilities?,
+            ip_addrs: ip_addrs?,
+        })
+    }
 }
 
 /// A worker with its active leases.
@@ -167,6 +258,17 @@ pub struct ConfigInput {
     pub membridge_server_url: String,
     #[schema(min_length = 1)]
     pub admin_key: String,
+}
+
+impl RequestBody for ConfigInput {
+    fn read(f: &mut Fields<'_>) -> Option<ConfigInput> {
+        let url = f.string("membridge_server_url", 0, None);
+        let key = f.string("admin_key", 1, None);
+        if url.as_deref().is_some_and(|u| reqwest::Url::parse(u).is_err()) {
+            f.errors.add("membridge_server_url", "Invalid url");
+        }
+        Some(ConfigInput { membridge_server_url: url?, admin_key: key? })
+    }
 }
 
 /// The membridge configuration as returned (the key masked).

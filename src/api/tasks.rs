@@ -7,79 +7,22 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::Deserialize;
-use serde_json::Value;
 
 use super::body::JsonBody;
 use super::reads::{stream_tasks, PageQuery};
-use super::schemas::CreateTask;
 use super::schemas::{
-    CompleteBody, CompleteResponse, ErrorBody, HeartbeatResponse, HolderBody, LeaseBody, LeaseResponse,
+    CompleteBody, CompleteResponse, ErrorBody, HeartbeatResponse, HolderBody, LeaseBody, LeaseResponse, RequestBody,
 };
-use super::validate::{FieldErrors, Fields};
 use super::{ApiError, AppState};
 use crate::db::lifecycle::{self, Completion, CompletionOutcome, LeaseRequest};
 use crate::db::tasks;
-use crate::domain::{
-    ArtifactId, DesiredFormat, LeaseId, Metrics, NewTask, Outcome, Policy, ResultStatus, Task, TaskId, TaskStatus,
-    WorkerId,
-};
-
-/// Largest accepted prompt, in bytes: a task must fit in one NATS message.
-pub const MAX_PROMPT_BYTES: usize = 512 * 1024;
-
-/// Validates a create body with the seed's `insertLLMTaskSchema`.
-pub fn parse_new_task(body: &Value) -> Result<NewTask, ApiError> {
-    let mut errors = FieldErrors::default();
-    let mut f = Fields::root(body, &mut errors);
-    let context_id = f.string("context_id", 1, None);
-    let agent_slug = f.string("agent_slug", 1, None);
-    let prompt = f.string("prompt", 1, None);
-    let context_hints = f.opt_strings("context_hints").map(Option::unwrap_or_default);
-    let policy = match f.object("policy") {
-        Some(Some(mut p)) => {
-            let timeout_sec = p.int("timeout_sec", 1, 3600, Some(120));
-            let budget = p.number("budget", 0.0, 0.0);
-            timeout_sec.zip(budget).map(|(timeout_sec, budget)| Policy { timeout_sec, budget })
-        }
-        Some(None) => Some(Policy::default()),
-        None => None,
-    };
-    let desired_format = f.one_of("desired_format", &["json", "text"], Some("text")).map(|s| {
-        if s == "json" {
-            DesiredFormat::Json
-        } else {
-            DesiredFormat::Text
-        }
-    });
-    let max_attempts = f.int("max_attempts", 1, 10, Some(3));
-    if prompt.as_ref().is_some_and(|p| p.len() > MAX_PROMPT_BYTES) {
-        errors.add("prompt", format!("String must contain at most {MAX_PROMPT_BYTES} bytes"));
-    }
-    let task = match (context_id, agent_slug, prompt, context_hints, policy, desired_format, max_attempts) {
-        (Some(context_id), Some(agent_slug), Some(prompt), Some(context_hints), Some(policy), Some(df), Some(ma)) => {
-            Some(NewTask {
-                context_id,
-                agent_slug,
-                prompt,
-                context_hints,
-                policy,
-                desired_format: df,
-                max_attempts: ma as i32,
-            })
-        }
-        _ => None,
-    };
-    match task {
-        Some(t) => Ok(errors.finish(t)?),
-        None => Err(ApiError::Validation(errors)),
-    }
-}
+use crate::domain::{ArtifactId, LeaseId, NewTask, Task, TaskId, TaskStatus, WorkerId};
 
 /// `POST /api/runtime/llm-tasks` → 201 task.
-#[utoipa::path(post, path = "/api/runtime/llm-tasks", tag = "tasks", request_body = CreateTask, responses((status = 201, body = Task), (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/runtime/llm-tasks", tag = "tasks", request_body = NewTask, responses((status = 201, body = Task), (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 #[tracing::instrument(name = "submit task", skip_all, fields(task.id))]
 pub async fn create(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<impl IntoResponse, ApiError> {
-    let new = parse_new_task(&body)?;
+    let new = NewTask::parse(&body)?;
     let task = state.submitter.submit(new, crate::telemetry::current_carrier()).await.map_err(ApiError::internal)?;
     tracing::Span::current().record("task.id", tracing::field::display(&task.id));
     Ok((StatusCode::CREATED, Json(task)))
@@ -132,35 +75,22 @@ pub async fn lease(
     Path(id): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<impl IntoResponse, ApiError> {
-    let mut errors = FieldErrors::default();
-    let mut f = Fields::root(&body, &mut errors);
-    let worker_id = f.opt_string("worker_id", 1, None, true).flatten();
-    // The seed falls back to its default for a missing or zero TTL.
-    let ttl = match f.raw("ttl_seconds") {
-        None | Some(Value::Null) => Some(state.settings.lease_ttl_secs as i64),
-        Some(v) if v.as_f64() == Some(0.0) => Some(state.settings.lease_ttl_secs as i64),
-        Some(_) => f.int("ttl_seconds", 1, 86_400, None),
-    };
-    let ttl = errors.finish(ttl)?.unwrap_or(300);
-    let req = LeaseRequest { worker_id: worker_id.map(WorkerId), ttl_seconds: ttl as i32 };
+    let body = LeaseBody::parse(&body)?;
+    let ttl = body.ttl_seconds.unwrap_or(state.settings.lease_ttl_secs as i64);
+    let req = LeaseRequest { worker_id: body.worker_id.map(WorkerId), ttl_seconds: ttl as i32 };
     let (lease, worker) = lifecycle::lease(&state.pool, &TaskId(id), &req, state.clock.now_ms()).await?;
     Ok((StatusCode::CREATED, Json(LeaseResponse { lease, worker })))
 }
 
-/// Who claims to hold the lease: optional `lease_id` / `worker_id` in the body. When
-/// given and not the task's current holder, the call is refused with 409.
-fn check_holder(task: &Task, body: &Value) -> Result<(), ApiError> {
-    let mut errors = FieldErrors::default();
-    let mut f = Fields::root(body, &mut errors);
-    let lease_id = f.opt_string("lease_id", 1, None, true).flatten();
-    let worker_id = f.opt_string("worker_id", 1, None, true).flatten();
-    errors.finish(())?;
-    if let Some(l) = lease_id {
+/// Refuses with 409 a call whose body names a lease or worker that does not hold the
+/// task's current lease.
+fn check_holder(task: &Task, holder: &HolderBody) -> Result<(), ApiError> {
+    if let Some(l) = &holder.lease_id {
         if task.lease_id.as_ref().map(|x| x.as_str()) != Some(l.as_str()) {
             return Err(ApiError::Conflict(format!("Lease {l} is not the current lease of task {}", task.id)));
         }
     }
-    if let Some(w) = worker_id {
+    if let Some(w) = &holder.worker_id {
         if task.worker_id.as_ref().map(|x| x.as_str()) != Some(w.as_str()) {
             return Err(ApiError::Conflict(format!("Worker {w} does not hold the lease of task {}", task.id)));
         }
@@ -179,7 +109,7 @@ pub async fn heartbeat(
     let Some((task, lease_id)) = task.and_then(|t| t.lease_id.clone().map(|l| (t, l))) else {
         return Err(ApiError::NotFound("Task or lease not found".into()));
     };
-    check_holder(&task, &body)?;
+    check_holder(&task, &HolderBody::parse(&body)?)?;
     let renewed = lifecycle::heartbeat(&state.pool, &[(task.id.clone(), lease_id)], state.clock.now_ms()).await?;
     match renewed.into_iter().next() {
         Some(lease) => {
@@ -187,52 +117,6 @@ pub async fn heartbeat(
             Ok(Json(HeartbeatResponse { lease, expires_at }))
         }
         None => Err(ApiError::NotFound("Lease not found or already expired".into())),
-    }
-}
-
-/// A complete body, validated: the result as the caller reported it.
-struct Reported {
-    outcome: Outcome,
-    artifact_type: String,
-    artifact_tags: Vec<String>,
-}
-
-/// Validates a complete body with the seed's `completeTaskSchema`.
-fn parse_completion(body: &Value) -> Result<Reported, ApiError> {
-    let mut errors = FieldErrors::default();
-    let mut f = Fields::root(body, &mut errors);
-    let status = f.one_of("status", &["success", "error"], None).map(|s| {
-        if s == "success" {
-            ResultStatus::Success
-        } else {
-            ResultStatus::Error
-        }
-    });
-    let output = f.opt_string("output", 0, None, true);
-    let error_message = f.opt_string("error_message", 0, None, true);
-    let metrics = match f.object("metrics") {
-        Some(Some(mut m)) => {
-            let duration_ms = m.int("duration_ms", 0, i64::MAX, None);
-            let tokens = match m.raw("tokens_used") {
-                None => Some(None),
-                Some(_) => m.int("tokens_used", 0, i64::MAX, None).map(Some),
-            };
-            duration_ms.zip(tokens).map(|(duration_ms, tokens_used)| Metrics { duration_ms, tokens_used })
-        }
-        Some(None) => {
-            f.errors.add("metrics", "Required");
-            None
-        }
-        None => None,
-    };
-    let artifact_type = f.opt_string("artifact_type", 0, None, false).map(|t| t.unwrap_or_else(|| "LLM_RESULT".into()));
-    let tags = f.opt_strings("artifact_tags").map(Option::unwrap_or_default);
-    match (status, output, error_message, metrics, artifact_type, tags) {
-        (Some(status), Some(output), Some(error_message), Some(metrics), Some(artifact_type), Some(artifact_tags)) => {
-            let outcome = Outcome { status, output, error_message, metrics };
-            Ok(errors.finish(Reported { outcome, artifact_type, artifact_tags })?)
-        }
-        _ => Err(ApiError::Validation(errors)),
     }
 }
 
@@ -247,8 +131,8 @@ pub async fn complete(
     if !task.status.is_leased() {
         return Err(ApiError::Conflict(format!("Task status is '{}', expected 'leased' or 'running'", task.status)));
     }
-    let Reported { outcome, artifact_type, artifact_tags } = parse_completion(&body)?;
-    check_holder(&task, &body)?;
+    let CompleteBody { outcome, artifact_type, artifact_tags, holder } = CompleteBody::parse(&body)?;
+    check_holder(&task, &holder)?;
     // The output was copied out of the body: the body need not stay in memory.
     drop(body);
     let lease_id: LeaseId = task.lease_id.clone().ok_or_else(|| ApiError::Conflict("Task has no lease".into()))?;

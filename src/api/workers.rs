@@ -4,16 +4,13 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use serde_json::Value;
 
 use super::body::JsonBody;
 use super::reads::PageQuery;
-use super::schemas::{ErrorBody, RegisterWorker, Removed, WorkerDetail};
-use super::validate::{FieldErrors, Fields};
+use super::schemas::{ErrorBody, Removed, RequestBody, WorkerDetail};
 use super::{ApiError, AppState};
 use crate::db::{leases, workers};
-use crate::domain::Worker;
-use crate::domain::{Capabilities, WorkerId, WorkerStatus};
+use crate::domain::{Registration, Worker, WorkerId};
 
 /// `GET /api/runtime/workers`: every worker with its active lease count.
 #[utoipa::path(get, path = "/api/runtime/workers", tag = "workers", params(("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Worker>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
@@ -35,52 +32,17 @@ pub async fn list(State(state): State<AppState>, Query(q): Query<PageQuery>) -> 
 
 /// `GET /api/runtime/workers/:id`: the worker and its active leases.
 #[utoipa::path(get, path = "/api/runtime/workers/{id}", tag = "workers", params(("id" = String, Path, description = "Worker id")), responses((status = 200, body = WorkerDetail), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
-pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<WorkerDetail>, ApiError> {
     let id = WorkerId(id);
     let worker = workers::get(&state.pool, &id).await?.ok_or_else(|| ApiError::NotFound("Worker not found".into()))?;
-    let active = leases::active_for_worker(&state.pool, &id).await?;
-    let mut body = serde_json::to_value(worker).map_err(ApiError::internal)?;
-    body["leases"] = serde_json::to_value(active).map_err(ApiError::internal)?;
-    Ok(Json(body))
-}
-
-/// Validates a registration with the seed's `registerWorkerSchema`.
-pub fn parse_registration(body: &Value) -> Result<workers::Registration, ApiError> {
-    let mut errors = FieldErrors::default();
-    let mut f = Fields::root(body, &mut errors);
-    let name = f.string("name", 1, Some(128));
-    let url = f.opt_string("url", 0, None, false);
-    let status = f
-        .one_of("status", &["online", "offline", "syncing", "error", "unknown"], Some("online"))
-        .and_then(WorkerStatus::parse);
-    let capabilities = match f.object("capabilities") {
-        Some(Some(mut c)) => {
-            let claude_cli = c.boolean("claude_cli", true);
-            let max_concurrency = c.int("max_concurrency", 1, 32, Some(1));
-            let labels = c.opt_strings("labels").map(Option::unwrap_or_default);
-            match (claude_cli, max_concurrency, labels) {
-                (Some(claude_cli), Some(m), Some(labels)) => {
-                    Some(Capabilities { claude_cli, max_concurrency: m as i32, labels })
-                }
-                _ => None,
-            }
-        }
-        Some(None) => Some(Capabilities::default()),
-        None => None,
-    };
-    let ip_addrs = f.opt_strings("ip_addrs").map(Option::unwrap_or_default);
-    match (name, url, status, capabilities, ip_addrs) {
-        (Some(name), Some(url), Some(status), Some(capabilities), Some(ip_addrs)) => {
-            Ok(errors.finish(workers::Registration { name: WorkerId(name), url, status, capabilities, ip_addrs })?)
-        }
-        _ => Err(ApiError::Validation(errors)),
-    }
+    let leases = leases::active_for_worker(&state.pool, &id).await?;
+    Ok(Json(WorkerDetail { worker, leases }))
 }
 
 /// `POST /api/runtime/workers` → 201 when new, 200 when updated.
-#[utoipa::path(post, path = "/api/runtime/workers", tag = "workers", request_body = RegisterWorker, responses((status = 201, body = Worker), (status = 200, body = Worker), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/runtime/workers", tag = "workers", request_body = Registration, responses((status = 201, body = Worker), (status = 200, body = Worker), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn register(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<impl IntoResponse, ApiError> {
-    let reg = parse_registration(&body)?;
+    let reg = Registration::parse(&body)?;
     let mut tx = state.pool.begin().await?;
     let (worker, created) = workers::register(&mut tx, &reg, state.clock.now_ms()).await?;
     tx.commit().await?;

@@ -8,7 +8,7 @@ use sqlx::{PgConnection, PgExecutor};
 
 use super::audit;
 use super::rows::WorkerRow;
-use crate::domain::{AuditAction, Capabilities, NewAudit, Worker, WorkerId, WorkerSource, WorkerStatus};
+use crate::domain::{AuditAction, Capabilities, NewAudit, Registration, Worker, WorkerId, WorkerSource, WorkerStatus};
 
 /// All workers, by id.
 pub async fn list(db: impl PgExecutor<'_>, limit: i64, after: Option<&str>) -> sqlx::Result<Vec<Worker>> {
@@ -74,16 +74,6 @@ pub async fn get_for_update(db: &mut PgConnection, id: &WorkerId) -> sqlx::Resul
     .fetch_optional(db)
     .await?;
     Ok(row.map(Worker::from))
-}
-
-/// A REST registration (the seed's `POST /api/runtime/workers` after validation).
-#[derive(Clone, Debug)]
-pub struct Registration {
-    pub name: WorkerId,
-    pub url: Option<String>,
-    pub status: WorkerStatus,
-    pub capabilities: Capabilities,
-    pub ip_addrs: Vec<String>,
 }
 
 /// Inserts or updates a worker and writes its audit entry, in one transaction.

@@ -58,8 +58,10 @@ impl Outcome {
 /// Execution metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Metrics {
+    #[schema(minimum = 0)]
     pub duration_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
     pub tokens_used: Option<i64>,
 }
 

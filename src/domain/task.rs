@@ -97,14 +97,17 @@ impl DesiredFormat {
     }
 }
 
-/// Execution policy of a task.
+/// Execution policy of a task; each field defaults when absent (`{timeout_sec: 120, budget: 0}`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default)]
 pub struct Policy {
     /// Wall-clock limit of one execution, 1..=3600 seconds.
+    #[schema(minimum = 1, maximum = 3600)]
     pub timeout_sec: i64,
     /// Spending budget handed to the executor; 0 means none. Whole numbers are written
     /// as integers (`0`, not `0.0`), as JavaScript writes them.
     #[serde(serialize_with = "crate::domain::json_number::serialize")]
+    #[schema(minimum = 0)]
     pub budget: f64,
 }
 
@@ -114,16 +117,36 @@ impl Default for Policy {
     }
 }
 
-/// A validated request to create a task (the seed's `insertLLMTaskSchema` after defaults).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A request to create a task: the body of `POST /api/runtime/llm-tasks` as the seed's
+/// `insertLLMTaskSchema` reads it (absent fields take their defaults).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = CreateTask)]
 pub struct NewTask {
+    #[schema(min_length = 1)]
     pub context_id: String,
+    #[schema(min_length = 1)]
     pub agent_slug: String,
+    /// At most 512 KiB.
+    #[schema(min_length = 1)]
     pub prompt: String,
+    #[serde(default)]
     pub context_hints: Vec<String>,
+    #[serde(default)]
     pub policy: Policy,
+    #[serde(default)]
     pub desired_format: DesiredFormat,
+    #[serde(default = "NewTask::default_max_attempts")]
+    #[schema(minimum = 1, maximum = 10)]
     pub max_attempts: i32,
+}
+
+impl NewTask {
+    /// Attempts of a task that names none.
+    pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
+
+    fn default_max_attempts() -> i32 {
+        Self::DEFAULT_MAX_ATTEMPTS
+    }
 }
 
 /// A row of `llm_tasks`, serialized exactly as the seed's `LLMTask`.

@@ -58,10 +58,14 @@ pub enum WorkerSource {
     Membridge,
 }
 
-/// What a worker can do.
+/// What a worker can do; each field defaults when absent
+/// (`{claude_cli: true, max_concurrency: 1, labels: []}`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default)]
 pub struct Capabilities {
     pub claude_cli: bool,
+    /// 1..=32 when registered over REST (a `bloom-worker` announces up to 256).
+    #[schema(minimum = 1)]
     pub max_concurrency: i32,
     pub labels: Vec<String>,
 }
@@ -69,6 +73,29 @@ pub struct Capabilities {
 impl Default for Capabilities {
     fn default() -> Self {
         Capabilities { claude_cli: true, max_concurrency: 1, labels: Vec::new() }
+    }
+}
+
+/// A REST registration: the body of `POST /api/runtime/workers` as the seed's
+/// `registerWorkerSchema` reads it (absent fields take their defaults).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = RegisterWorker)]
+pub struct Registration {
+    #[schema(value_type = String, min_length = 1, max_length = 128)]
+    pub name: WorkerId,
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default = "Registration::default_status")]
+    pub status: WorkerStatus,
+    #[serde(default)]
+    pub capabilities: Capabilities,
+    #[serde(default)]
+    pub ip_addrs: Vec<String>,
+}
+
+impl Registration {
+    fn default_status() -> WorkerStatus {
+        WorkerStatus::Online
     }
 }
 
