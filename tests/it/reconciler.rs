@@ -199,3 +199,32 @@ async fn the_sweeper_acts_when_the_time_has_come_and_not_before() {
     assert_eq!(app.status_of(claimed["id"].as_str().unwrap()).await, "queued");
     app.stop().await;
 }
+
+/// The relay leaves a dispatch to its writer while it is young, publishes it once it is
+/// older than `relay_min_age`, and deletes its row once JetStream acknowledged it.
+#[tokio::test]
+async fn the_relay_publishes_what_its_writer_left_once_it_is_old_enough() {
+    use bloom::db::lifecycle;
+    use bloom::domain::NewTask;
+    use bloom::reconciler::relay::{self, RelayReport};
+
+    let app = TestApp::spawn().await;
+    let settings =
+        bloom::reconciler::ReconcilerSettings { relay_min_age: Duration::from_secs(2), ..app.reconciler_settings() };
+    let mut r = app.reconciler_with(settings, &app.cancel).await;
+    let start = bloom::time::now_ms();
+    r.clock = bloom::time::Clock::manual(start);
+    let new: NewTask =
+        serde_json::from_value(json!({"context_id": "c", "agent_slug": "a", "prompt": "orphan"})).unwrap();
+    // Committed, never handed to a dispatcher: as if the API died before publishing.
+    lifecycle::create(&app.pool, vec![new.clone(), new], "test", start).await.unwrap();
+
+    r.clock.advance(Duration::from_millis(1_500));
+    assert_eq!(relay::run_once(&r).await.unwrap(), RelayReport::default(), "1.5 s: the writer's");
+    r.clock.advance(Duration::from_millis(1_000));
+    assert_eq!(relay::run_once(&r).await.unwrap(), RelayReport { published: 2, failed: 0, stale: 0 });
+    assert_eq!(app.count("SELECT count(*) FROM outbox").await, 0);
+    assert_eq!(r.metrics.outbox_rows_relayed.get(), 2);
+    assert_eq!(relay::run_once(&r).await.unwrap(), RelayReport::default());
+    app.stop().await;
+}
