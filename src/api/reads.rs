@@ -309,7 +309,7 @@ pub async fn artifact_content(
             .presign(&artifact, std::time::Duration::from_secs(PRESIGN_SECS))
             .await
             .map_err(|e| ApiError::Conflict(format!("Cannot presign this artifact: {e}")))?;
-        return Ok(Json(serde_json::json!({ "url": url, "expires_in": PRESIGN_SECS })).into_response());
+        return Ok(Json(super::schemas::Presigned { url, expires_in: PRESIGN_SECS }).into_response());
     }
     let content = state.artifacts.content(&artifact).await.map_err(|e| match e {
         ArtifactError::Empty => ApiError::NotFound("Artifact has no content".into()),

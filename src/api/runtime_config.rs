@@ -5,10 +5,10 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::body::JsonBody;
-use super::schemas::{ConfigInput, ErrorBody, RequestBody, RuntimeConfigView, TestConnection};
+use super::schemas::{ConfigInput, Connected, ErrorBody, Health, RequestBody, RuntimeConfigView, TestConnection};
 use super::{ApiError, AppState};
 use crate::db::{audit, settings};
 use crate::domain::{AuditAction, NewAudit};
@@ -51,23 +51,23 @@ fn view(s: &settings::MembridgeSettings) -> RuntimeConfig {
 }
 
 /// `GET /api/runtime/health` (open).
-#[utoipa::path(get, path = "/api/runtime/health", tag = "runtime", responses((status = 200, description = "service, storage, membridge, database and NATS state"), (status = 429, body = ErrorBody)))]
-pub async fn health(State(state): State<AppState>) -> Json<Value> {
+#[utoipa::path(get, path = "/api/runtime/health", tag = "runtime", responses((status = 200, body = Health), (status = 429, body = ErrorBody)))]
+pub async fn health(State(state): State<AppState>) -> Json<Health> {
     let db_ok = crate::db::ping(&state.pool).await;
     // The state every process shares; unknown when Postgres cannot tell.
     let mut membridge = serde_json::to_value(state.membridge.state().await.unwrap_or_default()).unwrap_or_default();
     membridge["sync"] =
         serde_json::to_value(settings::membridge_sync(&state.pool).await.unwrap_or_default()).unwrap_or_default();
     let nats_ok = state.nats.connection_state() == async_nats::connection::State::Connected;
-    Json(json!({
-        "status": "ok",
-        "service": "bloom-runtime",
-        "uptime": state.started.elapsed().as_secs_f64(),
-        "storage": "postgresql",
-        "membridge": membridge,
-        "database": { "connected": db_ok },
-        "nats": { "connected": nats_ok },
-    }))
+    Json(Health {
+        database: Connected { connected: db_ok },
+        membridge,
+        nats: Connected { connected: nats_ok },
+        service: "bloom-runtime",
+        status: "ok",
+        storage: "postgresql",
+        uptime: state.started.elapsed().as_secs_f64(),
+    })
 }
 
 /// `GET /readyz`: 200 when Postgres and NATS are reachable, else 503.
@@ -75,7 +75,7 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     let db_ok = crate::db::ping(&state.pool).await;
     let nats_ok = state.nats.connection_state() == async_nats::connection::State::Connected;
     let status = if db_ok && nats_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({ "database": db_ok, "nats": nats_ok })))
+    (status, Json(super::schemas::Readiness { database: db_ok, nats: nats_ok }))
 }
 
 /// `GET /api/runtime/config`: the admin key is masked.

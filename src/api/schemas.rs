@@ -300,6 +300,42 @@ pub struct LeadershipSelect {
     pub lease_seconds: Option<i64>,
 }
 
+/// Answer of `GET /api/runtime/artifacts/:id/content?presign=true`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Presigned {
+    /// A GET URL of the object in S3.
+    pub url: String,
+    /// Seconds the URL stays valid.
+    pub expires_in: u64,
+}
+
+/// Answer of `GET /api/runtime/health` (fields in the order the original wrote them).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub database: Connected,
+    /// The membridge connection state every process shares, and the agent sync's.
+    pub membridge: Value,
+    pub nats: Connected,
+    pub service: &'static str,
+    pub status: &'static str,
+    pub storage: &'static str,
+    /// Seconds since this process started.
+    pub uptime: f64,
+}
+
+/// Whether a dependency answers.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Connected {
+    pub connected: bool,
+}
+
+/// Answer of `GET /readyz`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    pub database: bool,
+    pub nats: bool,
+}
+
 /// Any error: `error` is a message, or for a 400 zod's `flatten()` object
 /// (`{formErrors: [...], fieldErrors: {field: [...]}}`). A body that could not be read
 /// (invalid JSON, too large) also carries the message as `message`.
