@@ -8,7 +8,6 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 use super::AppState;
 
@@ -45,7 +44,7 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
     if ok {
         next.run(req).await
     } else {
-        (StatusCode::UNAUTHORIZED, Json(json!({ "error": "Unauthorized" }))).into_response()
+        (StatusCode::UNAUTHORIZED, Json(super::error::ErrorBody::message("Unauthorized"))).into_response()
     }
 }
 

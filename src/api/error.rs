@@ -5,7 +5,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
 use super::validate::FieldErrors;
 use crate::db::lifecycle::TransitionError;
@@ -78,21 +78,40 @@ impl From<TransitionError> for ApiError {
     }
 }
 
+/// Any error: `error` is a message, or for a 400 zod's `flatten()` object
+/// (`{formErrors: [...], fieldErrors: {field: [...]}}`). A body that could not be read
+/// (invalid JSON, too large) also carries the message as `message`.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl ErrorBody {
+    /// `{"error": message}`.
+    pub fn message(message: impl Into<String>) -> ErrorBody {
+        ErrorBody { error: serde_json::Value::String(message.into()), message: None }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let body = match &self {
-            ApiError::Validation(errors) => json!({ "error": errors }),
+            ApiError::Validation(errors) => {
+                ErrorBody { error: serde_json::to_value(errors).unwrap_or(serde_json::Value::Null), message: None }
+            }
             ApiError::Internal(cause) => {
                 tracing::error!(error = %cause, "request failed");
-                json!({ "error": "Internal Server Error" })
+                ErrorBody::message("Internal Server Error")
             }
             // A body that could not be read: the original's error handler answered these
             // as `{"message": ...}`; both keys are sent.
             ApiError::BadRequest(_) | ApiError::PayloadTooLarge => {
-                json!({ "error": self.to_string(), "message": self.to_string() })
+                ErrorBody { message: Some(self.to_string()), ..ErrorBody::message(self.to_string()) }
             }
-            other => json!({ "error": other.to_string() }),
+            other => ErrorBody::message(other.to_string()),
         };
         (status, Json(body)).into_response()
     }

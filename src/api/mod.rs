@@ -263,7 +263,7 @@ async fn json_errors(resp: Response) -> Response {
         Err(_) => status.canonical_reason().unwrap_or("error").to_owned(),
     };
     let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_owned() } else { text };
-    let mut out = (status, Json(serde_json::json!({ "error": message }))).into_response();
+    let mut out = (status, Json(error::ErrorBody::message(message))).into_response();
     for (name, value) in parts.headers.iter() {
         if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
             out.headers_mut().insert(name.clone(), value.clone());

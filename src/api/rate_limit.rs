@@ -6,12 +6,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::error::ErrorBody;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 /// Entries kept before expired windows are purged.
 const PURGE_AT: usize = 10_000;
@@ -96,7 +96,7 @@ pub async fn limit(State(limiter): State<Arc<RateLimiter>>, req: Request, next: 
         next.run(req).await
     } else {
         let mut r =
-            (StatusCode::TOO_MANY_REQUESTS, Json(json!({"error": "Too many requests, please try again later"})))
+            (StatusCode::TOO_MANY_REQUESTS, Json(ErrorBody::message("Too many requests, please try again later")))
                 .into_response();
         if let Ok(v) = HeaderValue::from_str(&decision.reset_secs.to_string()) {
             r.headers_mut().insert("retry-after", v);

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
+pub use super::error::ErrorBody;
 use super::validate::{FieldErrors, Fields};
 use super::ApiError;
 use crate::domain::{
@@ -334,16 +335,6 @@ pub struct Connected {
 pub struct Readiness {
     pub database: bool,
     pub nats: bool,
-}
-
-/// Any error: `error` is a message, or for a 400 zod's `flatten()` object
-/// (`{formErrors: [...], fieldErrors: {field: [...]}}`). A body that could not be read
-/// (invalid JSON, too large) also carries the message as `message`.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: serde_json::Value,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
 }
 
 /// A JSON document passed through from membridge.
