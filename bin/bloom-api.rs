@@ -60,7 +60,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let artifacts = ArtifactStore::from_settings(cli.s3.settings(), metrics.clone()).await;
     let cancel = CancellationToken::new();
     bloom::process::cancel_on_signal(cancel.clone());
-    let state = api::build_state(pool, nats, names, settings, artifacts, metrics, cancel.clone()).await?;
+    let clock = bloom::time::Clock::system();
+    let state = api::build_state(pool, nats, names, settings, artifacts, metrics, clock, cancel.clone()).await?;
     tracing::info!(%addr, "bloom-api serving");
     bloom::process::serve_on(listener, api::router(state), cancel).await?;
     Ok(())

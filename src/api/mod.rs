@@ -114,7 +114,7 @@ pub struct AppContext {
     pub metrics: Arc<Metrics>,
     pub api_key: Option<Secret>,
     pub settings: Arc<ApiSettings>,
-    /// The time handlers and transitions use (the system clock).
+    /// The time handlers and transitions use (the system clock when deployed).
     pub clock: Clock,
     pub started: Instant,
 }
@@ -318,7 +318,9 @@ fn https_redirect(state: &AppState, req: &Request) -> Option<Response> {
 }
 
 /// Builds the API's state: provisions NATS, starts the dispatcher and the submission
-/// batcher (both stop with `cancel`).
+/// batcher (both stop with `cancel`). Handlers and transitions read the time from
+/// `clock` (the system clock when deployed).
+#[allow(clippy::too_many_arguments)] // each is one part the binary and the tests build
 pub async fn build_state(
     pool: PgPool,
     nats: async_nats::Client,
@@ -326,12 +328,12 @@ pub async fn build_state(
     settings: ApiSettings,
     artifacts: ArtifactStore,
     metrics: Arc<Metrics>,
+    clock: Clock,
     cancel: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<AppState> {
     let js = crate::bus::jetstream(nats.clone(), settings.nats_timeout);
     crate::bus::provision::apply(&js, &names, Duration::from_secs(settings.lease_ttl_secs.max(1) as u64)).await?;
     let dispatcher = Dispatcher::spawn(js, names, pool.clone(), metrics.clone(), cancel.clone());
-    let clock = Clock::system();
     let submitter = Submitter::spawn(
         pool.clone(),
         dispatcher.clone(),

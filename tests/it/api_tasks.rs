@@ -3,7 +3,7 @@
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::common::TestApp;
+use crate::common::{Opts, TestApp};
 
 #[tokio::test]
 async fn create_fills_the_seed_defaults_and_returns_the_seed_shape() {
@@ -101,14 +101,15 @@ async fn create_validates_like_the_seed_and_names_each_field() {
 
 #[tokio::test]
 async fn unknown_task_is_404_and_lists_are_newest_first_with_filters_and_cursor() {
-    let app = TestApp::spawn().await;
+    let clock = bloom::time::Clock::manual(bloom::time::now_ms());
+    let app = TestApp::spawn_with(Opts { clock: Some(clock.clone()), ..Opts::default() }).await;
     let (status, body) = app.get("/api/runtime/llm-tasks/nope").await;
     assert_eq!((status, body), (StatusCode::NOT_FOUND, json!({"error": "Task not found"})));
 
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(app.submit(&format!("p{i}")).await["id"].as_str().unwrap().to_owned());
-        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        clock.advance(std::time::Duration::from_millis(3));
     }
     let (_, all) = app.get("/api/runtime/llm-tasks").await;
     let listed: Vec<&str> = all.as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();

@@ -65,6 +65,8 @@ pub struct Opts {
     pub membridge: Option<Endpoint>,
     pub membridge_timeout: Duration,
     pub s3: Option<S3Settings>,
+    /// The API's clock (the system clock when `None`).
+    pub clock: Option<bloom::time::Clock>,
 }
 
 impl Default for Opts {
@@ -79,6 +81,7 @@ impl Default for Opts {
             membridge: None,
             membridge_timeout: Duration::from_secs(10),
             s3: None,
+            clock: None,
         }
     }
 }
@@ -151,6 +154,7 @@ impl TestApp {
             settings,
             artifacts,
             metrics.clone(),
+            opts.clock.clone().unwrap_or_else(bloom::time::Clock::system),
             cancel.clone(),
         )
         .await
