@@ -101,6 +101,10 @@ pub struct MembridgeArgs {
     /// Timeout of one membridge request, in milliseconds.
     #[arg(long, env = "MEMBRIDGE_TIMEOUT_MS", default_value_t = 10_000)]
     pub membridge_timeout_ms: u64,
+    /// The key membridge agents require (`X-MEMBRIDGE-AGENT`) on every call the runtime
+    /// makes to them.
+    #[arg(long, env = "MEMBRIDGE_AGENT_KEY", default_value = "")]
+    pub membridge_agent_key: Secret,
 }
 
 impl MembridgeArgs {
@@ -372,6 +376,14 @@ pub struct ReconcilerArgs {
     /// moved to S3, at most 32 artifacts and 16 MiB per pass (with S3 configured).
     #[arg(long, env = "BLOOM_ARTIFACT_MOVE_INTERVAL_MS", default_value_t = 1_000)]
     pub artifact_move_interval_ms: u64,
+    /// How often (ms) queued tasks are leased to HTTP agents with free slots and sent to
+    /// their `/execute-task`.
+    #[arg(long, env = "BLOOM_AGENT_DISPATCH_INTERVAL_MS", default_value_t = 500)]
+    pub agent_dispatch_interval_ms: u64,
+    /// The API's URL as HTTP agents reach it: they send their heartbeat and `complete`
+    /// callbacks there (`runtime_url` of `/execute-task`).
+    #[arg(long, env = "BLOOM_RUNTIME_URL", default_value = "http://127.0.0.1:3002")]
+    pub runtime_url: String,
     /// Grace past `expires_at` before a lease is expired, in milliseconds.
     #[arg(long, env = "BLOOM_EXPIRY_GRACE_MS", default_value_t = 2_000)]
     pub expiry_grace_ms: u64,

@@ -13,6 +13,7 @@
 //!   and the outbox dispatcher that publishes task messages.
 //! * [`artifacts`]: artifact storage in S3 with a Postgres fallback.
 //! * [`membridge`]: the HTTP client for the membridge control plane.
+//! * [`agent`]: the HTTP client for membridge agents, the workers reached over HTTP.
 //! * [`api`]: the REST API (axum), compatible with the original TypeScript service; its
 //!   request and answer types are the ones its OpenAPI document shows.
 //! * [`worker`]: pulls tasks from JetStream, claims them and runs the executor.
@@ -21,6 +22,7 @@
 //! * [`config`]: command-line and environment configuration of every binary.
 //! * [`process`], [`metrics`], [`telemetry`]: signals, HTTP serving, metrics and logs.
 
+pub mod agent;
 pub mod api;
 pub mod artifacts;
 pub mod bus;

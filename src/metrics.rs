@@ -163,6 +163,8 @@ metrics! {
     artifacts_moved_total: Counter = "Artifacts whose content was moved from Postgres to S3.",
     artifact_moves_failed_total: Counter = "Uploads of artifacts kept in Postgres that failed (retried later).",
     artifacts_inline_backlog: Gauge = "Artifacts whose content is in Postgres while S3 is configured (last move pass).",
+    agent_dispatches_total: Counter = "Tasks sent to HTTP agents.",
+    agent_dispatch_failures_total: Counter = "Tasks an HTTP agent refused, or that never reached it (the attempt is abandoned).",
     membridge_sync_runs_total: Counter = "Membridge agent syncs completed.",
     membridge_sync_errors_total: Counter = "Membridge agent syncs that failed.",
     leader_changes_total: Counter = "Times this process gained or lost leadership.",

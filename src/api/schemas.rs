@@ -170,8 +170,9 @@ impl RequestBody for CompleteBody {
         let metrics = match f.object("metrics") {
             Some(Some(mut m)) => {
                 let duration_ms = m.int("duration_ms", 0, i64::MAX, None);
+                // The membridge agent always sends `tokens_used: null`: absent.
                 let tokens = match m.raw("tokens_used") {
-                    None => Some(None),
+                    None | Some(Value::Null) => Some(None),
                     Some(_) => m.int("tokens_used", 0, i64::MAX, None).map(Some),
                 };
                 duration_ms.zip(tokens).map(|(duration_ms, tokens_used)| Metrics { duration_ms, tokens_used })
@@ -227,12 +228,19 @@ impl RequestBody for Registration {
             None => None,
         };
         let ip_addrs = f.opt_strings("ip_addrs").map(Option::unwrap_or_default);
+        // What an agent says of itself (upstream dropped these; they are stored).
+        let agent_version = f.opt_string("agent_version", 1, Some(64), true);
+        let os_info = f.opt_string("os_info", 0, Some(512), true);
+        let install_method = f.opt_string("install_method", 1, Some(64), true);
         Some(Registration {
             name: WorkerId(name?),
             url: url?,
             status: status?,
             capabilities: capabilities?,
             ip_addrs: ip_addrs?,
+            agent_version: agent_version?,
+            os_info: os_info?,
+            install_method: install_method?,
         })
     }
 }

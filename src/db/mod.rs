@@ -125,7 +125,7 @@ mod tests {
     use crate::domain::{LeaseStatus, ResultStatus, TaskStatus, WorkerStatus};
 
     /// Every file with statements of the runtime, as written (`mod.rs` has none with a state).
-    const STATEMENTS: [(&str, &str); 19] = [
+    const STATEMENTS: [(&str, &str); 21] = [
         ("artifacts.rs", include_str!("artifacts.rs")),
         ("audit.rs", include_str!("audit.rs")),
         ("leases.rs", include_str!("leases.rs")),
@@ -139,6 +139,8 @@ mod tests {
         ("lifecycle/create.sql", include_str!("lifecycle/create.sql")),
         ("lifecycle/heartbeat.sql", include_str!("lifecycle/heartbeat.sql")),
         ("lifecycle/expire.rs", include_str!("lifecycle/expire.rs")),
+        ("lifecycle/assign.rs", include_str!("lifecycle/assign.rs")),
+        ("lifecycle/abandon.rs", include_str!("lifecycle/abandon.rs")),
         ("lifecycle/lease.rs", include_str!("lifecycle/lease.rs")),
         ("lifecycle/release.rs", include_str!("lifecycle/release.rs")),
         ("lifecycle/requeue.rs", include_str!("lifecycle/requeue.rs")),

@@ -10,7 +10,7 @@ use sqlx::types::Json;
 
 use crate::domain::{
     Artifact, Capabilities, DesiredFormat, LlmResult, Metrics, Outcome, Policy, ResultStatus, Task, TaskStatus, Worker,
-    WorkerSource, WorkerStatus,
+    WorkerSource, WorkerStatus, WorkerTransport,
 };
 
 /// A row of `llm_tasks`.
@@ -69,6 +69,10 @@ pub(crate) struct WorkerRow {
     pub db_sha: String,
     pub registered_at: i64,
     pub active_leases: i32,
+    pub agent_version: String,
+    pub os_info: String,
+    pub install_method: String,
+    pub transport: WorkerTransport,
     pub source: WorkerSource,
 }
 
@@ -86,6 +90,10 @@ impl From<WorkerRow> for Worker {
             db_sha: r.db_sha,
             registered_at: r.registered_at,
             active_leases: r.active_leases,
+            agent_version: r.agent_version,
+            os_info: r.os_info,
+            install_method: r.install_method,
+            transport: r.transport,
             source: r.source,
         }
     }

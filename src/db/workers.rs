@@ -8,7 +8,9 @@ use sqlx::{PgConnection, PgExecutor};
 
 use super::audit;
 use super::rows::WorkerRow;
-use crate::domain::{AuditAction, Capabilities, NewAudit, Registration, Worker, WorkerId, WorkerSource, WorkerStatus};
+use crate::domain::{
+    AuditAction, Capabilities, NewAudit, Registration, Worker, WorkerId, WorkerSource, WorkerStatus, WorkerTransport,
+};
 
 /// All workers, by id.
 pub async fn list(db: impl PgExecutor<'_>, limit: i64, after: Option<&str>) -> sqlx::Result<Vec<Worker>> {
@@ -17,7 +19,8 @@ pub async fn list(db: impl PgExecutor<'_>, limit: i64, after: Option<&str>) -> s
         r#"SELECT w.id, w.node_id, w.url, w.status AS "status: WorkerStatus",
                   w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
                   w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
-                  w.source AS "source: WorkerSource", w.active_leases
+                  w.source AS "source: WorkerSource", w.active_leases, w.agent_version, w.os_info,
+                  w.install_method, w.transport AS "transport!: WorkerTransport"
            FROM workers w WHERE w.id > $1 ORDER BY w.id LIMIT $2"#,
         after.unwrap_or(""),
         limit
@@ -34,7 +37,8 @@ pub async fn candidates(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<Worker>> {
         r#"SELECT w.id, w.node_id, w.url, w.status AS "status: WorkerStatus",
                   w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
                   w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
-                  w.source AS "source: WorkerSource", w.active_leases
+                  w.source AS "source: WorkerSource", w.active_leases, w.agent_version, w.os_info,
+                  w.install_method, w.transport AS "transport!: WorkerTransport"
            FROM workers w WHERE w.status = 'online' ORDER BY w.registered_at, w.id"#
     )
     .fetch_all(db)
@@ -49,7 +53,8 @@ pub async fn get(db: impl PgExecutor<'_>, id: &WorkerId) -> sqlx::Result<Option<
         r#"SELECT w.id, w.node_id, w.url, w.status AS "status: WorkerStatus",
                   w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
                   w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
-                  w.source AS "source: WorkerSource", w.active_leases
+                  w.source AS "source: WorkerSource", w.active_leases, w.agent_version, w.os_info,
+                  w.install_method, w.transport AS "transport!: WorkerTransport"
            FROM workers w WHERE w.id = $1"#,
         id.as_str()
     )
@@ -67,7 +72,8 @@ pub async fn get_for_update(db: &mut PgConnection, id: &WorkerId) -> sqlx::Resul
         r#"SELECT w.id, w.node_id, w.url, w.status AS "status: WorkerStatus",
                   w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
                   w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
-                  w.source AS "source: WorkerSource", w.active_leases
+                  w.source AS "source: WorkerSource", w.active_leases, w.agent_version, w.os_info,
+                  w.install_method, w.transport AS "transport!: WorkerTransport"
            FROM workers w WHERE w.id = $1 FOR UPDATE"#,
         id.as_str()
     )
@@ -76,12 +82,49 @@ pub async fn get_for_update(db: &mut PgConnection, id: &WorkerId) -> sqlx::Resul
     Ok(row.map(Worker::from))
 }
 
+/// An HTTP agent that can take a lease, and where to reach it.
+#[derive(Clone, Debug)]
+pub struct HttpAgent {
+    pub id: WorkerId,
+    pub url: String,
+}
+
+/// HTTP agents that can take a lease now (online, Claude CLI, a free slot), the least
+/// busy first.
+pub async fn http_agents_with_room(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<HttpAgent>> {
+    let rows = sqlx::query!(
+        "SELECT id, url FROM workers
+         WHERE transport = 'http' AND status = 'online' AND COALESCE((capabilities->>'claude_cli')::boolean, true)
+           AND active_leases < COALESCE((capabilities->>'max_concurrency')::int, 1)
+         ORDER BY active_leases, id"
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| HttpAgent { id: r.id.into(), url: r.url }).collect())
+}
+
+/// Marks a worker offline (an HTTP agent that could not be reached or refuses every
+/// task), unless it is a
+/// `bloom-worker`, whose own beats say whether it is alive. Returns whether it changed.
+pub async fn mark_unreachable(db: impl PgExecutor<'_>, id: &WorkerId) -> sqlx::Result<bool> {
+    let changed = sqlx::query!(
+        "UPDATE workers SET status = 'offline' WHERE id = $1 AND source <> 'nats' AND status <> 'offline'",
+        id.as_str()
+    )
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(changed == 1)
+}
+
 /// Inserts or updates a worker and writes its audit entry, in one transaction.
 /// Returns the worker and whether it was new.
 pub async fn register(db: &mut PgConnection, reg: &Registration, now: i64) -> sqlx::Result<(Worker, bool)> {
     let inserted = sqlx::query_scalar!(
-        r#"INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, registered_at, source)
-         VALUES ($1::text, $1::text, COALESCE($2, ''), $3, $4, $5, $6, $5, 'api')
+        r#"INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, registered_at, source,
+                                agent_version, os_info, install_method)
+         VALUES ($1::text, $1::text, COALESCE($2, ''), $3, $4, $5, $6, $5, 'api',
+                 COALESCE($7, 'unknown'), COALESCE($8, ''), COALESCE($9, 'manual'))
          ON CONFLICT (id) DO UPDATE SET
             node_id = EXCLUDED.node_id,
             url = COALESCE(NULLIF($2, ''), workers.url),
@@ -89,7 +132,10 @@ pub async fn register(db: &mut PgConnection, reg: &Registration, now: i64) -> sq
             capabilities = EXCLUDED.capabilities,
             last_heartbeat = EXCLUDED.last_heartbeat,
             ip_addrs = EXCLUDED.ip_addrs,
-            source = 'api'
+            source = 'api',
+            agent_version = COALESCE($7, workers.agent_version),
+            os_info = COALESCE($8, workers.os_info),
+            install_method = COALESCE($9, workers.install_method)
          RETURNING (xmax = 0) AS "inserted!""#,
         reg.name.as_str(),
         reg.url,
@@ -97,6 +143,9 @@ pub async fn register(db: &mut PgConnection, reg: &Registration, now: i64) -> sq
         Json(&reg.capabilities) as _,
         now,
         Json(&reg.ip_addrs) as _,
+        reg.agent_version,
+        reg.os_info,
+        reg.install_method,
     )
     .fetch_one(&mut *db)
     .await?;

@@ -23,6 +23,8 @@ pub enum AuditAction {
     ConnectionTest,
     LeadershipPromote,
     ArtifactMoved,
+    TaskDispatched,
+    DispatchFailed,
 }
 
 impl AuditAction {
@@ -46,6 +48,8 @@ impl AuditAction {
             AuditAction::ConnectionTest => "connection_test",
             AuditAction::LeadershipPromote => "leadership_promote",
             AuditAction::ArtifactMoved => "artifact_moved",
+            AuditAction::TaskDispatched => "task_dispatched",
+            AuditAction::DispatchFailed => "dispatch_failed",
         }
     }
 }

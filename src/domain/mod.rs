@@ -25,4 +25,4 @@ pub use membridge::{ClientState, ConnectionStatus, Endpoint};
 pub use result::{LlmResult, Metrics, Outcome, ResultStatus};
 pub use secret::Secret;
 pub use task::{DesiredFormat, NewTask, Policy, Task, TaskStatus};
-pub use worker::{pick_worker, Capabilities, Registration, Worker, WorkerSource, WorkerStatus};
+pub use worker::{pick_worker, Capabilities, Registration, Worker, WorkerSource, WorkerStatus, WorkerTransport};

@@ -58,6 +58,21 @@ pub enum WorkerSource {
     Membridge,
 }
 
+/// How a worker is reached (derived by Postgres from the row: a `bloom-worker`, or a
+/// URL).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum WorkerTransport {
+    /// A `bloom-worker`: tasks reach it over NATS JetStream.
+    Nats,
+    /// An HTTP agent (the membridge agent): the reconcilers call its `/execute-task`.
+    Http,
+    /// A worker without a URL that leases its tasks itself over REST.
+    #[default]
+    Rest,
+}
+
 /// What a worker can do; each field defaults when absent
 /// (`{claude_cli: true, max_concurrency: 1, labels: []}`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -91,6 +106,18 @@ pub struct Registration {
     pub capabilities: Capabilities,
     #[serde(default)]
     pub ip_addrs: Vec<String>,
+    /// Kept when absent (`unknown` for a new worker).
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 64)]
+    pub agent_version: Option<String>,
+    /// Kept when absent (empty for a new worker).
+    #[serde(default)]
+    #[schema(max_length = 512)]
+    pub os_info: Option<String>,
+    /// Kept when absent (`manual` for a new worker).
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 64)]
+    pub install_method: Option<String>,
 }
 
 impl Registration {
@@ -115,6 +142,14 @@ pub struct Worker {
     pub db_sha: String,
     pub registered_at: i64,
     pub active_leases: i32,
+    /// The agent's version; `unknown` until it says, `uninstalled` after agent-uninstall.
+    pub agent_version: String,
+    /// Free text, e.g. `<hostname> / <PRETTY_NAME>`.
+    pub os_info: String,
+    /// `manual` or `script`.
+    pub install_method: String,
+    /// How the runtime reaches it (an addition to the upstream shape).
+    pub transport: WorkerTransport,
     #[serde(skip)]
     pub source: WorkerSource,
 }
@@ -168,6 +203,10 @@ mod tests {
             db_sha: String::new(),
             registered_at: 0,
             active_leases: active,
+            agent_version: "unknown".into(),
+            os_info: String::new(),
+            install_method: "manual".into(),
+            transport: WorkerTransport::Rest,
             source: WorkerSource::Api,
         }
     }

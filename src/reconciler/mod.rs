@@ -7,11 +7,13 @@
 //! | outbox relay | [`relay`] | every replica (`FOR UPDATE SKIP LOCKED` batches) |
 //! | lease expiry, silent workers, rerouting | [`sweeper`] | every replica (`SKIP LOCKED` / guarded updates) |
 //! | artifacts left in Postgres by an S3 failure → S3 | [`artifact_moves`] | every replica (`SKIP LOCKED`), with S3 only |
+//! | queued tasks → HTTP agents' `/execute-task` | [`agent_dispatch`] | every replica (worker row locks, `SKIP LOCKED`) |
 //! | membridge agent sync | [`membridge_sync`] | the elected leader only ([`leader`]) |
 //!
 //! Every duty is a loop around a `run_once` that returns what it did, so tests drive
 //! them directly.
 
+pub mod agent_dispatch;
 pub mod artifact_moves;
 pub mod control;
 pub mod leader;
@@ -33,6 +35,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::AgentClient;
 use crate::artifacts::ArtifactStore;
 use crate::bus::{provision, Dispatcher, Names};
 use crate::config::{DbArgs, MembridgeArgs, NatsArgs, ReconcilerArgs};
@@ -49,6 +52,12 @@ pub struct ReconcilerSettings {
     pub sweep_interval: Duration,
     /// How often artifacts kept in Postgres are moved to S3 (a bounded batch each time).
     pub artifact_move_interval: Duration,
+    /// How often queued tasks are leased to HTTP agents with free slots and sent to them.
+    pub agent_dispatch_interval: Duration,
+    /// The API's URL as HTTP agents reach it (their callbacks go there).
+    pub runtime_url: String,
+    /// The key HTTP agents require.
+    pub agent_key: crate::domain::Secret,
     pub relay_interval: Duration,
     /// Outbox rows younger than this are left to the process that wrote them.
     pub relay_min_age: Duration,
@@ -86,6 +95,9 @@ impl ReconcilerSettings {
             expiry_grace: Duration::from_millis(r.expiry_grace_ms),
             sweep_interval: Duration::from_millis(r.sweep_interval_ms.max(10)),
             artifact_move_interval: Duration::from_millis(r.artifact_move_interval_ms.max(10)),
+            agent_dispatch_interval: Duration::from_millis(r.agent_dispatch_interval_ms.max(10)),
+            runtime_url: r.runtime_url.trim_end_matches('/').to_owned(),
+            agent_key: membridge.membridge_agent_key.clone(),
             relay_interval: Duration::from_millis(r.relay_interval_ms.max(10)),
             relay_min_age: Duration::from_millis(r.relay_min_age_ms),
             worker_timeout: Duration::from_millis(r.worker_timeout_ms.max(1000)),
@@ -107,6 +119,9 @@ impl Default for ReconcilerSettings {
             expiry_grace: Duration::from_secs(2),
             sweep_interval: Duration::from_secs(1),
             artifact_move_interval: Duration::from_secs(1),
+            agent_dispatch_interval: Duration::from_millis(500),
+            runtime_url: "http://127.0.0.1:3002".into(),
+            agent_key: Default::default(),
             db_timeout: Duration::from_secs(35),
             result_retry_delay: Duration::from_secs(1),
             result_max_deliveries: 10,
@@ -136,6 +151,8 @@ pub struct Reconciler {
     pub dispatcher: Dispatcher,
     pub artifacts: ArtifactStore,
     pub membridge: Arc<membridge::Client>,
+    /// Calls HTTP agents.
+    pub agents: AgentClient,
     pub metrics: Arc<Metrics>,
     pub settings: Arc<ReconcilerSettings>,
     /// The time every duty and transition uses (the system clock; tests move their own).
@@ -160,6 +177,7 @@ impl Reconciler {
         provision::apply(&js, &names, settings.lease_ttl).await?;
         let dispatcher = Dispatcher::spawn(js.clone(), names.clone(), pool.clone(), metrics.clone(), cancel.clone());
         let membridge = Arc::new(membridge::Client::new(settings.membridge_timeout, pool.clone()));
+        let agents = AgentClient::new(settings.agent_key.clone());
         Ok(Reconciler {
             pool,
             client,
@@ -168,6 +186,7 @@ impl Reconciler {
             dispatcher,
             artifacts,
             membridge,
+            agents,
             metrics,
             settings: Arc::new(settings),
             clock: Clock::system(),
@@ -195,6 +214,7 @@ impl Reconciler {
         duties.spawn(relay::run(self.clone(), cancel.clone()));
         duties.spawn(sweeper::run(self.clone(), cancel.clone()));
         duties.spawn(artifact_moves::run(self.clone(), cancel.clone()));
+        duties.spawn(agent_dispatch::run(self.clone(), cancel.clone()));
         duties.spawn(leader::run_as_leader(self.clone(), cancel.clone()));
         while let Some(done) = duties.join_next().await {
             match done {

@@ -18,8 +18,13 @@ async fn register_update_show_and_remove_workers() {
     assert_eq!(w["capabilities"], json!({"claude_cli": true, "max_concurrency": 1, "labels": []}));
     assert_eq!(w["ip_addrs"], json!(["10.0.0.5"]));
     assert_eq!(w["active_leases"], 0);
+    // The upstream runtime's agent fields, with their defaults, and the transport.
+    assert_eq!(
+        (&w["agent_version"], &w["os_info"], &w["install_method"], &w["transport"]),
+        (&json!("unknown"), &json!(""), &json!("manual"), &json!("http"))
+    );
     let keys: Vec<&str> = w.as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(keys.len(), 11, "{keys:?}");
+    assert_eq!(keys.len(), 15, "{keys:?}");
 
     // Re-registering updates (200) and keeps the URL when none is given.
     let (status, w2) = app

@@ -4,8 +4,10 @@
 //! Each test gets its own database and NATS namespace, so tests run in parallel.
 
 mod common;
+mod fake_agent;
 mod fake_membridge;
 
+mod agents;
 mod api_auth;
 mod api_tasks;
 mod api_workers;

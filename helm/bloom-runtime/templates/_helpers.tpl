@@ -179,6 +179,7 @@ Secret data of the chart's Secret (key: value, not yet encoded), as YAML.
 {{- if $v.nats.urlFromSecret }}{{- $_ := set $d "NATS_URL" $v.nats.url }}{{- end }}
 {{- if $v.api.apiKey }}{{- $_ := set $d "RUNTIME_API_KEY" $v.api.apiKey }}{{- end }}
 {{- if $v.membridge.adminKey }}{{- $_ := set $d "MEMBRIDGE_ADMIN_KEY" $v.membridge.adminKey }}{{- end }}
+{{- if $v.membridge.agentKey }}{{- $_ := set $d "MEMBRIDGE_AGENT_KEY" $v.membridge.agentKey }}{{- end }}
 {{- if $v.s3.accessKeyId }}{{- $_ := set $d "AWS_ACCESS_KEY_ID" $v.s3.accessKeyId }}{{- end }}
 {{- if $v.s3.secretAccessKey }}{{- $_ := set $d "AWS_SECRET_ACCESS_KEY" $v.s3.secretAccessKey }}{{- end }}
 {{- if $v.s3.minio.accessKey }}{{- $_ := set $d "MINIO_ACCESS_KEY" $v.s3.minio.accessKey }}{{- end }}
@@ -229,6 +230,9 @@ Environment shared by api and reconciler: Postgres, NATS, membridge, S3, logging
 {{- end }}
 {{- if include "bloom.hasSecretKey" (dict "ctx" . "value" $v.membridge.adminKey) }}
 {{ include "bloom.secretEnv" (dict "name" "MEMBRIDGE_ADMIN_KEY" "secret" $secret "optional" true) }}
+{{- end }}
+{{- if include "bloom.hasSecretKey" (dict "ctx" . "value" $v.membridge.agentKey) }}
+{{ include "bloom.secretEnv" (dict "name" "MEMBRIDGE_AGENT_KEY" "secret" $secret "optional" true) }}
 {{- end }}
 - name: MEMBRIDGE_TIMEOUT_MS
   value: {{ $v.membridge.timeoutMs | int64 | quote }}

@@ -111,7 +111,8 @@ async fn choose_worker(tx: &mut sqlx::PgConnection, task: &Task) -> Result<Worke
     Err(TransitionError::NoWorker)
 }
 
-fn new_lease(task: &Task, worker: &WorkerId, ttl_seconds: i32, now: i64) -> Lease {
+/// A new active lease of `task` to `worker`, starting `now`.
+pub(super) fn new_lease(task: &Task, worker: &WorkerId, ttl_seconds: i32, now: i64) -> Lease {
     Lease {
         id: LeaseId::generate(),
         task_id: task.id.clone(),

@@ -21,6 +21,8 @@
 //!   how many rows the batch touches and looks them up by key, where a join against
 //!   the unnested rows (which it assumes to be many) could scan the whole table.
 
+mod abandon;
+mod assign;
 mod claim;
 mod complete;
 mod create;
@@ -33,6 +35,8 @@ mod reroute;
 
 use sqlx::PgPool;
 
+pub use abandon::{abandon, Abandoned};
+pub use assign::{assign, Assigned};
 pub use claim::{claim, Claim, ClaimOutcome};
 pub use complete::{complete, Completion, CompletionOutcome};
 pub use create::create;

@@ -1,0 +1,103 @@
+//! `assign`: queued tasks leased to an HTTP agent's free slots, `queued -> leased`, for
+//! the reconcilers to send them to it (batch).
+
+use sqlx::types::Json;
+use sqlx::PgPool;
+
+use crate::db::rows::TaskRow;
+use crate::db::workers;
+use crate::domain::{new_id, DesiredFormat, Lease, LeaseId, Policy, Task, TaskStatus, WorkerId, WorkerTransport};
+
+/// A task leased to an HTTP agent, to be sent to it.
+#[derive(Clone, Debug)]
+pub struct Assigned {
+    pub task: Task,
+    pub lease: Lease,
+}
+
+/// Leases the oldest queued tasks that no NATS worker was routed to `worker`'s free
+/// slots, in one transaction. The worker must be an HTTP agent that can take a lease
+/// (online, Claude CLI); its row is locked first, as every lease locks it, and its free
+/// slots read after the lock. Tasks are taken `FOR UPDATE SKIP LOCKED` and updated only
+/// while `queued`, so concurrent replicas, REST leases and NATS claims never lease one
+/// twice (a NATS claim of a task leased here is refused). A lease lasts the task's
+/// timeout plus `margin_secs`: an agent sends one heartbeat, not one per TTL/3.
+pub async fn assign(pool: &PgPool, worker: &WorkerId, margin_secs: i32, now: i64) -> sqlx::Result<Vec<Assigned>> {
+    let mut tx = pool.begin().await?;
+    let Some(agent) = workers::get_for_update(&mut tx, worker).await? else { return Ok(Vec::new()) };
+    if agent.transport != WorkerTransport::Http || !agent.is_eligible() {
+        return Ok(Vec::new());
+    }
+    let ids = sqlx::query_scalar!(
+        "SELECT id FROM llm_tasks WHERE status = 'queued' AND routed_to IS NULL
+         ORDER BY created_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        i64::from(agent.free_capacity())
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let lease_ids: Vec<String> = ids.iter().map(|_| LeaseId::generate().0).collect();
+    let audit_ids: Vec<String> = ids.iter().map(|_| new_id()).collect();
+    let rows = sqlx::query!(
+        r#"WITH r AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) AS r(task_id, lease_id, audit_id)),
+           t AS (
+              UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = $4,
+                     attempts = t.attempts + 1, updated_at = $5, routed_to = NULL
+              FROM r WHERE t.id = r.task_id AND t.status = 'queued'
+              RETURNING t.*, r.audit_id,
+                        LEAST(GREATEST(COALESCE((t.policy->>'timeout_sec')::int, 120), 1), 3600) + $6 AS ttl),
+           l AS (
+              INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
+                                  last_heartbeat, context_id)
+              SELECT lease_id, id, $4, $5, $5 + ttl::bigint * 1000, ttl, 'active', $5, context_id FROM t),
+           a AS (
+              INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+              SELECT audit_id, $5, 'task_dispatched', 'llm_task', id, 'router',
+                     'Task ' || id || ' dispatched to worker ' || $4 FROM t)
+           SELECT id AS "id!", context_id AS "context_id!", agent_slug AS "agent_slug!", prompt AS "prompt!",
+                  context_hints AS "context_hints!: Json<Vec<String>>", policy AS "policy!: Json<Policy>",
+                  desired_format AS "desired_format!: DesiredFormat", status AS "status!: TaskStatus",
+                  created_at AS "created_at!", updated_at AS "updated_at!", lease_id AS "lease_id?",
+                  worker_id AS "worker_id?", attempts AS "attempts!", max_attempts AS "max_attempts!",
+                  dispatch_seq AS "dispatch_seq!", routed_to AS "routed_to?", ttl AS "ttl!"
+           FROM t"#,
+        &ids,
+        &lease_ids,
+        &audit_ids,
+        worker.as_str(),
+        now,
+        margin_secs
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let ttl_seconds = r.ttl;
+            let task = Task::from(TaskRow {
+                id: r.id,
+                context_id: r.context_id,
+                agent_slug: r.agent_slug,
+                prompt: r.prompt,
+                context_hints: r.context_hints,
+                policy: r.policy,
+                desired_format: r.desired_format,
+                status: r.status,
+                created_at: r.created_at,
+                updated_at: r.updated_at,
+                lease_id: r.lease_id,
+                worker_id: r.worker_id,
+                attempts: r.attempts,
+                max_attempts: r.max_attempts,
+                dispatch_seq: r.dispatch_seq,
+                routed_to: r.routed_to,
+            });
+            let fresh = super::lease::new_lease(&task, worker, ttl_seconds, now);
+            let lease = Lease { id: task.lease_id.clone().unwrap_or(fresh.id.clone()), ..fresh };
+            Assigned { task, lease }
+        })
+        .collect())
+}

@@ -1,0 +1,95 @@
+//! Dispatch to HTTP agents, on every replica: queued tasks are leased to the free slots
+//! of online HTTP agents (membridge agents, synced or registered with a URL) and sent to
+//! their `POST /execute-task`. The agent's heartbeat and `complete` callbacks then drive
+//! the task over REST, as any REST worker's do. HTTP agents and NATS workers serve the
+//! same queue: a task leased here has left `queued`, so a NATS claim of it is refused.
+//!
+//! The lease is committed before the call and no transaction is held during it. An
+//! agent that refuses the task (non-2xx: no Claude CLI, a wrong key), cannot be reached,
+//! or does not answer within the task's timeout plus 30 s has its attempt abandoned: the
+//! lease is `failed` and the task requeued, or `dead` after its last attempt. An agent
+//! that could not be reached, or refused with 401, 403 or 503, is marked offline until
+//! membridge or its own registration says otherwise, so it does not burn the attempts
+//! of the tasks behind.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Reconciler;
+use crate::agent::{AgentError, ExecuteTask, EXECUTE_MARGIN};
+use crate::db::lifecycle::{self, Abandoned, Assigned};
+use crate::db::workers::{self, HttpAgent};
+
+/// What one pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DispatchReport {
+    /// Tasks leased to agents and sent (the calls run on after the pass).
+    pub sent: usize,
+}
+
+/// Runs [`run_once`] every `agent_dispatch_interval` until `cancel` fires.
+pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(r.settings.agent_dispatch_interval) => {}
+        }
+        match run_once(&r).await {
+            Ok(report) if report.sent > 0 => tracing::debug!(?report, "agent dispatch"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "agent dispatch failed"),
+        }
+    }
+}
+
+/// Leases queued tasks to every HTTP agent with free slots and starts sending them.
+/// Returns once the leases are committed; each call runs on in a task of its own.
+pub async fn run_once(r: &Reconciler) -> sqlx::Result<DispatchReport> {
+    let mut report = DispatchReport::default();
+    for agent in workers::http_agents_with_room(&r.pool).await? {
+        let margin = (EXECUTE_MARGIN + LEASE_MARGIN).as_secs() as i32;
+        let assigned = lifecycle::assign(&r.pool, &agent.id, margin, r.clock.now_ms()).await?;
+        report.sent += assigned.len();
+        for a in assigned {
+            tokio::spawn(send(r.clone(), agent.clone(), a));
+        }
+    }
+    r.metrics.agent_dispatches_total.add(report.sent as u64);
+    Ok(report)
+}
+
+/// Time a lease to an agent outlasts the call to it: the agent's `complete` callback
+/// arrives before its answer, and may be slow.
+const LEASE_MARGIN: Duration = Duration::from_secs(30);
+
+/// Sends one leased task to its agent; abandons the attempt when the agent did not take it.
+async fn send(r: Reconciler, agent: HttpAgent, a: Assigned) {
+    let body = ExecuteTask::new(&a.task, &r.settings.runtime_url);
+    let failure = match r.agents.execute(&agent.url, &body).await {
+        // The agent ran it: its callbacks completed the task (or will).
+        Ok(_) => return,
+        Err(e) => e,
+    };
+    r.metrics.agent_dispatch_failures_total.inc();
+    tracing::warn!(task.id = %a.task.id, worker.id = %agent.id, error = %failure, "dispatch to an HTTP agent failed");
+    // An agent that cannot be reached, or refuses every task (no Claude CLI, a wrong
+    // key), takes no more until membridge or its own registration says it is back.
+    let down = match &failure {
+        AgentError::Unreachable(_) => true,
+        AgentError::Refused { status, .. } => [401, 403, 503].contains(status),
+        AgentError::InvalidJson(_) => false,
+    };
+    if down {
+        if let Err(e) = workers::mark_unreachable(&r.pool, &agent.id).await {
+            tracing::warn!(worker.id = %agent.id, error = %e, "could not mark a failing agent offline");
+        }
+    }
+    let now = r.clock.now_ms();
+    match lifecycle::abandon(&r.pool, &a.task.id, &a.lease.id, &agent.id, &failure.to_string(), now).await {
+        Ok(Abandoned::Requeued(dispatch)) => r.dispatcher.send(vec![*dispatch]),
+        Ok(Abandoned::Dead | Abandoned::NotCurrent) => {}
+        // The lease stays active: it expires after its TTL and the sweeper requeues the task.
+        Err(e) => tracing::warn!(task.id = %a.task.id, error = %e, "could not abandon a failed dispatch"),
+    }
+}

@@ -1,0 +1,155 @@
+//! HTTP agents (membridge agents) as workers: tasks submitted over REST reach them with
+//! no manual step, their callbacks complete the tasks, and failed dispatches are retried
+//! or dead-lettered.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::common::{wait_for, TestApp};
+use crate::fake_agent::{self, Mode};
+
+const AGENT_KEY: &str = "agent-secret";
+
+/// A reconciler whose agent calls carry `AGENT_KEY` and name this app's URL for callbacks.
+async fn start_reconciler(app: &TestApp) -> bloom::reconciler::Reconciler {
+    let settings = bloom::reconciler::ReconcilerSettings {
+        runtime_url: app.url(""),
+        agent_key: bloom::domain::Secret::new(AGENT_KEY),
+        agent_dispatch_interval: Duration::from_millis(50),
+        ..app.reconciler_settings()
+    };
+    let cancel = app.cancel.child_token();
+    let r = app.reconciler_with(settings, &cancel).await;
+    tokio::spawn(r.clone().run(cancel));
+    r
+}
+
+#[tokio::test]
+async fn tasks_submitted_over_rest_run_on_an_http_agent_without_a_manual_step() {
+    let app = TestApp::spawn().await;
+    let agent = fake_agent::start(AGENT_KEY, Mode::Run).await;
+    // The agent registers itself as the real one does at start-up.
+    let (status, worker) = app
+        .post(
+            "/api/runtime/workers",
+            json!({"name": "agent-1", "url": agent.url(), "status": "online",
+                   "capabilities": {"claude_cli": true, "max_concurrency": 2, "labels": ["systemd", "x86_64"]},
+                   "ip_addrs": ["10.0.0.7"], "agent_version": "0.4.0", "os_info": "node / Debian 12",
+                   "install_method": "script"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{worker}");
+    assert_eq!(
+        (&worker["transport"], &worker["agent_version"], &worker["os_info"], &worker["install_method"]),
+        (&json!("http"), &json!("0.4.0"), &json!("node / Debian 12"), &json!("script"))
+    );
+    let r = start_reconciler(&app).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(app.submit(&format!("question {i}")).await["id"].as_str().unwrap().to_owned());
+    }
+    wait_for("completed by the agent", Duration::from_secs(20), || async {
+        app.count("SELECT count(*) FROM llm_tasks WHERE status = 'completed'").await == 3
+    })
+    .await;
+    for id in &ids {
+        let (_, results) = app.get(&format!("/api/runtime/llm-tasks/{id}/results")).await;
+        assert_eq!(results[0]["worker_id"], "agent-1");
+        assert!(results[0]["output"].as_str().unwrap().starts_with("agent: question"), "{results}");
+        assert_eq!(results[0]["metrics"], json!({"duration_ms": 5}));
+    }
+    let executed = agent.executed.lock().unwrap().clone();
+    assert_eq!(executed.len(), 3);
+    for (body, key_ok) in &executed {
+        assert!(key_ok, "the agent key was sent");
+        assert_eq!(body["runtime_url"], app.url(""));
+        assert_eq!(body["policy"], json!({"timeout_sec": 120, "budget": 0}));
+        assert_eq!(body["desired_format"], "text");
+        assert!(ids.contains(&body["task_id"].as_str().unwrap().to_owned()));
+    }
+    assert_eq!(app.count("SELECT count(*) FROM audit_logs WHERE action = 'task_dispatched'").await, 3);
+    assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'released' AND ttl_seconds = 180").await, 3);
+    assert_eq!(app.count("SELECT active_leases::bigint FROM workers WHERE id = 'agent-1'").await, 0);
+    assert_eq!(r.metrics.agent_dispatches_total.get(), 3);
+    assert_eq!(r.metrics.agent_dispatch_failures_total.get(), 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_refusing_or_unreachable_agent_fails_the_attempt_and_takes_no_more_tasks() {
+    let app = TestApp::spawn().await;
+    let agent = fake_agent::start(AGENT_KEY, Mode::NoCli).await;
+    let register = |name: &str, url: String| {
+        app.post("/api/runtime/workers", json!({"name": name, "url": url, "capabilities": {"max_concurrency": 4}}))
+    };
+    assert_eq!(register("no-cli", agent.url()).await.0, StatusCode::CREATED);
+    let last =
+        app.submit_with(json!({"context_id": "c", "agent_slug": "a", "prompt": "once", "max_attempts": 1})).await;
+    let last = last["id"].as_str().unwrap().to_owned();
+    let r = start_reconciler(&app).await;
+    wait_for("refused", Duration::from_secs(10), || async { app.status_of(&last).await == "dead" }).await;
+    let detail: String = sqlx::query_scalar("SELECT detail FROM audit_logs WHERE action = 'dispatch_failed'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(detail.contains("Dispatch to no-cli failed: Agent returned 503"), "{detail}");
+    assert!(detail.contains("Claude CLI is not installed"), "{detail}");
+    assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'failed'").await, 1);
+    assert_eq!(app.status_of_worker("no-cli").await, "offline");
+
+    // Nothing listens on port 9: the attempt fails, attempts remain, the task is queued
+    // again and the agent offline.
+    assert_eq!(register("gone", "http://127.0.0.1:9".into()).await.0, StatusCode::CREATED);
+    let retried = app.submit("retried").await["id"].as_str().unwrap().to_owned();
+    wait_for("unreachable agent offline", Duration::from_secs(10), || async {
+        app.status_of_worker("gone").await == "offline"
+    })
+    .await;
+    wait_for("requeued", Duration::from_secs(10), || async {
+        let sql =
+            format!("SELECT count(*) FROM llm_tasks WHERE id = '{retried}' AND status = 'queued' AND attempts = 1");
+        app.count(&sql).await == 1
+    })
+    .await;
+    assert_eq!(r.metrics.agent_dispatch_failures_total.get(), 2);
+    assert_eq!(agent.executed.lock().unwrap().len(), 1, "an agent marked offline gets no more tasks");
+    app.stop().await;
+}
+
+/// An agent known only from membridge's `/agents` runs tasks submitted over REST: the
+/// sync imports it with its URL, and dispatch finds it.
+#[tokio::test]
+async fn an_agent_synced_from_membridge_runs_tasks_submitted_over_rest() {
+    use crate::common::Opts;
+    use crate::fake_membridge::{self, now_secs};
+
+    let membridge = fake_membridge::start("admin").await;
+    let agent = fake_agent::start(AGENT_KEY, Mode::Run).await;
+    membridge.set_agents(vec![json!({"name": "synced-1", "url": agent.url(), "status": "online",
+                                     "max_concurrency": 2, "last_seen": now_secs()})]);
+    let app = TestApp::spawn_with(Opts {
+        membridge: Some(bloom::domain::Endpoint {
+            url: membridge.url(),
+            admin_key: bloom::domain::Secret::new("admin"),
+        }),
+        ..Opts::default()
+    })
+    .await;
+    let r = start_reconciler(&app).await;
+    bloom::reconciler::membridge_sync::run_once(&r).await.unwrap();
+    let (_, w) = app.get("/api/runtime/workers/synced-1").await;
+    assert_eq!((&w["transport"], &w["status"]), (&json!("http"), &json!("online")), "{w}");
+    let id = app.submit("from the queue").await["id"].as_str().unwrap().to_owned();
+    wait_for("completed by the synced agent", Duration::from_secs(20), || async {
+        app.status_of(&id).await == "completed"
+    })
+    .await;
+    let (_, results) = app.get(&format!("/api/runtime/llm-tasks/{id}/results")).await;
+    assert_eq!(
+        (&results[0]["worker_id"], &results[0]["output"]),
+        (&json!("synced-1"), &json!("agent: from the queue"))
+    );
+    app.stop().await;
+}

@@ -1,0 +1,97 @@
+//! A fake membridge agent speaking the agent's HTTP API (upstream `agent/main.py`) on a
+//! real socket: `X-MEMBRIDGE-AGENT` auth, `/health`, and `/execute-task`, which sends
+//! the agent's callbacks to the runtime as the real agent does (one heartbeat with
+//! `Content-Type: application/json` and an empty body, then `complete` with
+//! `tokens_used: null`) before it answers.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+/// How the agent answers `/execute-task`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mode {
+    /// Runs the task: heartbeat, `complete` with `agent: <prompt>`, then `ok: true`.
+    Run,
+    /// `503 {"detail": "Claude CLI is not installed on this node"}`, no callbacks.
+    NoCli,
+}
+
+#[derive(Clone)]
+pub struct FakeAgent {
+    pub key: String,
+    pub mode: Arc<Mutex<Mode>>,
+    /// Every `/execute-task` body received, and whether its key was right.
+    pub executed: Arc<Mutex<Vec<(Value, bool)>>>,
+    pub addr: SocketAddr,
+    http: reqwest::Client,
+}
+
+impl FakeAgent {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+pub async fn start(key: &str, mode: Mode) -> FakeAgent {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = FakeAgent {
+        key: key.into(),
+        mode: Arc::new(Mutex::new(mode)),
+        executed: Arc::default(),
+        addr: listener.local_addr().unwrap(),
+        http: reqwest::Client::new(),
+    };
+    let app =
+        Router::new().route("/health", get(health)).route("/execute-task", post(execute)).with_state(agent.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    agent
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok", "service": "membridge-agent", "version": "0.4.0", "hostname": "fake",
+                "os_info": "fake / Test Linux",
+                "capabilities": {"self_update": true, "restart": true, "uninstall": true, "clone": true,
+                                 "sync": true, "process_control": false}}))
+}
+
+async fn execute(State(agent): State<FakeAgent>, req: Request) -> Response {
+    let key_ok = req.headers().get("x-membridge-agent").is_some_and(|v| v.as_bytes() == agent.key.as_bytes());
+    let bytes = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    agent.executed.lock().unwrap().push((body.clone(), key_ok));
+    if !key_ok {
+        let detail = "Unauthorized — invalid or missing X-MEMBRIDGE-AGENT header";
+        return (StatusCode::UNAUTHORIZED, Json(json!({"detail": detail}))).into_response();
+    }
+    let mode = *agent.mode.lock().unwrap();
+    if mode == Mode::NoCli {
+        let detail = "Claude CLI is not installed on this node";
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"detail": detail}))).into_response();
+    }
+    let (Some(task), Some(rt)) = (body["task_id"].as_str(), body["runtime_url"].as_str()) else {
+        return (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"detail": []}))).into_response();
+    };
+    let base = format!("{rt}/api/runtime/llm-tasks/{task}");
+    // The agent's one heartbeat: a JSON content type and no body at all.
+    let beat = agent
+        .http
+        .post(format!("{base}/heartbeat"))
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    let output = format!("agent: {}", body["prompt"].as_str().unwrap_or(""));
+    let complete = json!({"status": "success", "output": output, "error_message": null,
+                          "metrics": {"duration_ms": 5, "tokens_used": null}});
+    let done = agent.http.post(format!("{base}/complete")).json(&complete).send().await.map(|r| r.status().as_u16());
+    Json(json!({"ok": true, "task_id": task, "output": output, "duration_ms": 5, "returncode": 0,
+                "heartbeat_status": beat.ok(), "complete_status": done.ok()}))
+    .into_response()
+}
