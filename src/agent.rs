@@ -29,9 +29,14 @@ pub enum AgentError {
 }
 
 impl AgentError {
-    /// The agent was never reached (as opposed to an answer it gave).
-    pub fn is_unreachable(&self) -> bool {
-        matches!(self, AgentError::Unreachable(_))
+    /// The agent cannot take tasks now: it could not be reached, or refuses every task
+    /// (401/403: a wrong key; 503: no Claude CLI).
+    pub fn agent_is_down(&self) -> bool {
+        match self {
+            AgentError::Unreachable(_) => true,
+            AgentError::Refused { status, .. } => [401, 403, 503].contains(status),
+            AgentError::InvalidJson(_) => false,
+        }
     }
 }
 

@@ -21,6 +21,10 @@ pub enum ApiError {
     Validation(FieldErrors),
     #[error("{0}")]
     BadRequest(String),
+    /// A request the API cannot act on, answered 400 `{"error": ...}` (unlike
+    /// [`ApiError::BadRequest`], a body that could not be read).
+    #[error("{0}")]
+    Invalid(String),
     #[error("request body too large")]
     PayloadTooLarge,
     #[error("{0}")]
@@ -51,7 +55,7 @@ impl ApiError {
         match self {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Validation(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Validation(_) | ApiError::BadRequest(_) | ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
@@ -73,6 +77,7 @@ impl From<TransitionError> for ApiError {
             TransitionError::NotFound(m) => ApiError::NotFound(m),
             TransitionError::Conflict(m) => ApiError::Conflict(m),
             TransitionError::NoWorker => ApiError::Unavailable(e.to_string()),
+            TransitionError::NoUrl(_) => ApiError::Invalid(e.to_string()),
             TransitionError::Db(e) => ApiError::internal(e),
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod dispatch;
 pub mod docs;
 pub mod error;
 pub mod membridge_proxy;
@@ -63,6 +64,8 @@ pub struct ApiSettings {
     pub db_timeout: Duration,
     /// Bound of one JetStream request (provisioning, publish acknowledgements).
     pub nats_timeout: Duration,
+    /// The key membridge agents require (`X-MEMBRIDGE-AGENT`).
+    pub agent_key: Secret,
 }
 
 impl ApiSettings {
@@ -87,6 +90,7 @@ impl ApiSettings {
             membridge_timeout: membridge.timeout(),
             db_timeout: db.call_timeout(),
             nats_timeout: nats.timeout(),
+            agent_key: membridge.membridge_agent_key.clone(),
         })
     }
 }
@@ -111,6 +115,8 @@ pub struct AppContext {
     pub nats: async_nats::Client,
     pub membridge: Arc<membridge::Client>,
     pub artifacts: ArtifactStore,
+    /// Calls HTTP agents (dispatch, agent operations).
+    pub agents: crate::agent::AgentClient,
     pub metrics: Arc<Metrics>,
     pub api_key: Option<Secret>,
     pub settings: Arc<ApiSettings>,
@@ -141,6 +147,7 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         .routes(routes!(tasks::heartbeat))
         .routes(routes!(tasks::complete))
         .routes(routes!(tasks::requeue))
+        .routes(routes!(dispatch::dispatch))
         .routes(routes!(reads::leases))
         .routes(routes!(reads::runs))
         .routes(routes!(reads::artifacts))
@@ -344,6 +351,7 @@ pub async fn build_state(
         cancel,
     );
     let membridge = Arc::new(membridge::Client::new(settings.membridge_timeout, pool.clone()));
+    let agents = crate::agent::AgentClient::new(settings.agent_key.clone());
     Ok(AppState(Arc::new(AppContext {
         pool,
         submitter,
@@ -351,6 +359,7 @@ pub async fn build_state(
         nats,
         membridge,
         artifacts,
+        agents,
         metrics,
         api_key: settings.api_key.clone(),
         settings: Arc::new(settings),

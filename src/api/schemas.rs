@@ -196,6 +196,24 @@ impl RequestBody for CompleteBody {
     }
 }
 
+/// Answer of `POST .../dispatch`: `execution` is the agent's answer as it gave it (its
+/// `{detail}` when it refused); `error` says why no agent answered (502).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Dispatched {
+    pub dispatched: bool,
+    #[schema(value_type = String)]
+    pub task_id: crate::domain::TaskId,
+    #[schema(value_type = String)]
+    pub worker_id: WorkerId,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub lease_id: Option<crate::domain::LeaseId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub execution: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// Answer of `POST .../complete`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CompleteResponse {
@@ -264,6 +282,7 @@ pub struct Removed {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ConfigInput {
     /// An absolute URL.
+    #[schema(pattern = "^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")]
     pub membridge_server_url: String,
     #[schema(min_length = 1)]
     pub admin_key: String,

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::Reconciler;
-use crate::agent::{AgentError, ExecuteTask, EXECUTE_MARGIN};
+use crate::agent::{ExecuteTask, EXECUTE_MARGIN};
 use crate::db::lifecycle::{self, Abandoned, Assigned};
 use crate::db::workers::{self, HttpAgent};
 
@@ -75,12 +75,7 @@ async fn send(r: Reconciler, agent: HttpAgent, a: Assigned) {
     tracing::warn!(task.id = %a.task.id, worker.id = %agent.id, error = %failure, "dispatch to an HTTP agent failed");
     // An agent that cannot be reached, or refuses every task (no Claude CLI, a wrong
     // key), takes no more until membridge or its own registration says it is back.
-    let down = match &failure {
-        AgentError::Unreachable(_) => true,
-        AgentError::Refused { status, .. } => [401, 403, 503].contains(status),
-        AgentError::InvalidJson(_) => false,
-    };
-    if down {
+    if failure.agent_is_down() {
         if let Err(e) = workers::mark_unreachable(&r.pool, &agent.id).await {
             tracing::warn!(worker.id = %agent.id, error = %e, "could not mark a failing agent offline");
         }

@@ -153,3 +153,78 @@ async fn an_agent_synced_from_membridge_runs_tasks_submitted_over_rest() {
     );
     app.stop().await;
 }
+
+/// `POST .../dispatch` as the upstream web client sends it (no body, no content type):
+/// the agent runs the task before the answer; the error cases answer as upstream's.
+#[tokio::test]
+async fn dispatch_sends_a_task_to_an_agent_and_answers_with_its_execution() {
+    use crate::common::Opts;
+
+    let app = TestApp::spawn_with(Opts::default()).await;
+    let agent = fake_agent::start("", Mode::Run).await;
+    let post_empty = |path: String| app.http.post(app.url(&path)).send();
+    let (status, body) = app.post("/api/runtime/llm-tasks/nope/dispatch", json!({})).await;
+    assert_eq!((status, body), (StatusCode::NOT_FOUND, json!({"error": "Task not found"})));
+    let id = app.submit("sent by hand").await["id"].as_str().unwrap().to_owned();
+    let resp = post_empty(format!("/api/runtime/llm-tasks/{id}/dispatch")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE, "no agent yet");
+
+    app.register_worker("rest-only", 2).await;
+    let (status, body) =
+        app.post(&format!("/api/runtime/llm-tasks/{id}/dispatch"), json!({"worker_id": "rest-only"})).await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::BAD_REQUEST, json!({"error": "Worker \"rest-only\" has no URL configured"}))
+    );
+    assert_eq!(app.status_of(&id).await, "queued", "no lease without a URL");
+
+    let (status, _) = app
+        .post(
+            "/api/runtime/workers",
+            json!({"name": "agent-1", "url": agent.url(), "capabilities": {"max_concurrency": 2}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let resp = post_empty(format!("/api/runtime/llm-tasks/{id}/dispatch")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        (&answer["dispatched"], &answer["task_id"], &answer["worker_id"]),
+        (&json!(true), &json!(id), &json!("agent-1"))
+    );
+    assert_eq!(answer["execution"]["ok"], true, "{answer}");
+    assert_eq!(answer["execution"]["heartbeat_status"], 200, "an empty JSON heartbeat is accepted");
+    assert_eq!(answer["execution"]["complete_status"], 200, "tokens_used: null is accepted");
+    assert_eq!(app.status_of(&id).await, "completed");
+    let lease: String = sqlx::query_scalar("SELECT lease_id FROM llm_tasks WHERE id = $1")
+        .bind(&id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(answer["lease_id"], lease);
+    assert_eq!(app.count("SELECT count(*) FROM audit_logs WHERE action = 'task_dispatched'").await, 1);
+    let (status, body) = app.post(&format!("/api/runtime/llm-tasks/{id}/dispatch"), json!({})).await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::CONFLICT, json!({"error": "Task status is 'completed', expected 'queued'"}))
+    );
+
+    // An agent that refuses: 200, its answer as the execution, the attempt abandoned.
+    *agent.mode.lock().unwrap() = Mode::NoCli;
+    let refused = app.submit("refused").await["id"].as_str().unwrap().to_owned();
+    let (status, answer) = app.post(&format!("/api/runtime/llm-tasks/{refused}/dispatch"), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["execution"]["detail"], "Claude CLI is not installed on this node");
+    assert_eq!(app.status_of(&refused).await, "queued", "attempts remain: queued again");
+    assert_eq!(app.status_of_worker("agent-1").await, "offline");
+
+    // No agent answers: 502, not dispatched.
+    app.post("/api/runtime/workers", json!({"name": "gone", "url": "http://127.0.0.1:9"})).await;
+    let (status, answer) =
+        app.post(&format!("/api/runtime/llm-tasks/{refused}/dispatch"), json!({"worker_id": "gone"})).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!((&answer["dispatched"], &answer["worker_id"]), (&json!(false), &json!("gone")));
+    assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()), "{answer}");
+    assert!(answer.get("lease_id").is_none());
+    app.stop().await;
+}

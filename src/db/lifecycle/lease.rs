@@ -6,6 +6,7 @@ use super::{conflict_on, task_not_found, TransitionError};
 use crate::db::{audit, tasks, workers};
 use crate::domain::{
     pick_worker, AuditAction, Lease, LeaseId, LeaseStatus, NewAudit, Task, TaskId, TaskStatus, Worker, WorkerId,
+    WorkerTransport,
 };
 
 /// A REST lease request.
@@ -14,6 +15,9 @@ pub struct LeaseRequest {
     /// Lease to this worker, if it is eligible (online, Claude CLI, a free slot).
     pub worker_id: Option<WorkerId>,
     pub ttl_seconds: i32,
+    /// A lease to send the task to an HTTP agent (`POST .../dispatch`): only agents are
+    /// chosen, a named worker must have a URL, and it is audited as `task_dispatched`.
+    pub dispatch: bool,
 }
 
 /// Leases a queued task to a worker chosen as the seed's `pickWorker` does (or the
@@ -40,8 +44,11 @@ pub async fn lease(
         Some(id) => {
             workers::get_for_update(&mut tx, id).await?.filter(Worker::is_eligible).ok_or(TransitionError::NoWorker)?
         }
-        None => choose_worker(&mut tx, &task).await?,
+        None => choose_worker(&mut tx, &task, req.dispatch).await?,
     };
+    if req.dispatch && worker.url.is_empty() {
+        return Err(TransitionError::NoUrl(worker.id));
+    }
     let lease = new_lease(&task, &worker.id, req.ttl_seconds, now);
     // Of two concurrent leases of the task, the one that updates it first wins.
     let won = sqlx::query!(
@@ -63,24 +70,25 @@ pub async fn lease(
         return Err(conflict_on(now_status));
     }
     insert_lease(&mut tx, &lease).await?;
-    let detail = format!("Task {} leased to worker {}, TTL {}s", task.id, worker.id, req.ttl_seconds);
-    audit::insert(
-        &mut *tx,
-        &[NewAudit::new(AuditAction::TaskLeased, "lease", lease.id.as_str(), "router", detail)],
-        now,
-    )
-    .await?;
+    let entry = if req.dispatch {
+        let detail = format!("Task {} dispatched to worker {}", task.id, worker.id);
+        NewAudit::new(AuditAction::TaskDispatched, "llm_task", task.id.as_str(), "router", detail)
+    } else {
+        let detail = format!("Task {} leased to worker {}, TTL {}s", task.id, worker.id, req.ttl_seconds);
+        NewAudit::new(AuditAction::TaskLeased, "lease", lease.id.as_str(), "router", detail)
+    };
+    audit::insert(&mut *tx, &[entry], now).await?;
     tx.commit().await?;
     // The worker as it was chosen (its active leases before this one), as the original
     // answered.
     Ok((lease, worker))
 }
 
-/// Picks a worker as the seed's `pickWorker` does and locks its row. A worker that
-/// filled up between the read and the lock (concurrent leases) is passed over, its lock
-/// given back (so no two worker locks are ever held out of id order), and the choice
-/// made again among the others.
-async fn choose_worker(tx: &mut sqlx::PgConnection, task: &Task) -> Result<Worker, TransitionError> {
+/// Picks a worker as the seed's `pickWorker` does (among HTTP agents only when
+/// `agents_only`) and locks its row. A worker that filled up between the read and the
+/// lock (concurrent leases) is passed over, its lock given back (so no two worker locks
+/// are ever held out of id order), and the choice made again among the others.
+async fn choose_worker(tx: &mut sqlx::PgConnection, task: &Task, agents_only: bool) -> Result<Worker, TransitionError> {
     const CHOICES: usize = 4;
     let sticky = sqlx::query_scalar!(
         "SELECT worker_id FROM leases WHERE status = 'active' AND context_id = $1
@@ -93,7 +101,7 @@ async fn choose_worker(tx: &mut sqlx::PgConnection, task: &Task) -> Result<Worke
     let mut full: Vec<WorkerId> = Vec::new();
     for _ in 0..CHOICES {
         let mut candidates = workers::candidates(&mut *tx).await?;
-        candidates.retain(|w| !full.contains(&w.id));
+        candidates.retain(|w| !full.contains(&w.id) && (!agents_only || w.transport == WorkerTransport::Http));
         let chosen = pick_worker(&candidates, sticky.as_ref()).ok_or(TransitionError::NoWorker)?.id.clone();
         // A savepoint: rolling back to it releases the lock of a worker passed over.
         let mut attempt = sqlx::Connection::begin(&mut *tx).await?;

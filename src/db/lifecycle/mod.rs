@@ -71,6 +71,9 @@ pub enum TransitionError {
     /// No worker can take the lease.
     #[error("No available worker with free capacity")]
     NoWorker,
+    /// A task can be sent only to a worker with a URL (an HTTP agent).
+    #[error("Worker \"{0}\" has no URL configured")]
+    NoUrl(crate::domain::WorkerId),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
