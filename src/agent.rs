@@ -95,6 +95,20 @@ impl AgentClient {
         self.post(url, "/execute-task", Some(body), timeout).await
     }
 
+    /// `GET {url}/health` (open on the agent: no key sent), within 10 s. Any JSON answer
+    /// counts, whatever its status, as upstream reads it.
+    pub async fn health(&self, url: &str) -> Result<Value, AgentError> {
+        let resp = self
+            .http
+            .get(format!("{url}/health"))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| AgentError::Unreachable(describe(&e)))?;
+        let text = resp.text().await.map_err(|e| AgentError::Unreachable(describe(&e)))?;
+        serde_json::from_str(&text).map_err(|e| AgentError::InvalidJson(e.to_string()))
+    }
+
     /// `POST {url}{path}` with an optional JSON body, within `timeout`.
     pub async fn post<B: Serialize + ?Sized>(
         &self,

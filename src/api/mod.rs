@@ -5,6 +5,7 @@
 //! JSON errors), body limit, then for `/api/*`: rate limit, API-key check. Handlers
 //! only parse, call `db`/`lifecycle`, and shape the response; they hold no SQL.
 
+pub mod agent_ops;
 pub mod auth;
 pub mod body;
 pub mod dispatch;
@@ -140,6 +141,11 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         .routes(test_connection)
         .routes(routes!(workers::list, workers::register))
         .routes(routes!(workers::show, workers::remove))
+        .routes(routes!(agent_ops::health))
+        .routes(routes!(agent_ops::update))
+        .routes(routes!(agent_ops::restart))
+        .routes(routes!(agent_ops::uninstall))
+        .routes(routes!(agent_ops::install_script))
         .routes(routes!(tasks::list, tasks::create))
         .routes(routes!(tasks::show))
         .routes(routes!(tasks::results))

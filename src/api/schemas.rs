@@ -364,6 +364,12 @@ pub struct Readiness {
     pub nats: bool,
 }
 
+/// An agent's answer passed on: `{status, ...answer}` for an operation, `{reachable,
+/// ...health}` or `{reachable: false, error}` for a health check.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(value_type = Object)]
+pub struct AgentAnswer(pub serde_json::Map<String, Value>);
+
 /// A JSON document passed through from membridge.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[schema(value_type = Object)]

@@ -117,6 +117,68 @@ pub async fn mark_unreachable(db: impl PgExecutor<'_>, id: &WorkerId) -> sqlx::R
     Ok(changed == 1)
 }
 
+/// What an agent's `/health` said of itself; absent fields keep what is stored.
+#[derive(Clone, Debug, Default)]
+pub struct AgentReport {
+    pub version: Option<String>,
+    pub os_info: Option<String>,
+    /// Merged into the stored capabilities (an object: the agent's flags).
+    pub capabilities: Option<serde_json::Value>,
+    pub ip_addrs: Option<Vec<String>>,
+}
+
+/// Records a successful health check of an agent: online, seen `now`, and what it said.
+pub async fn record_agent_health(
+    db: impl PgExecutor<'_>,
+    id: &WorkerId,
+    report: &AgentReport,
+    now: i64,
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "UPDATE workers SET status = 'online', last_heartbeat = $2,
+                agent_version = COALESCE($3, agent_version), os_info = COALESCE($4, os_info),
+                capabilities = capabilities || COALESCE($5::jsonb, '{}'::jsonb),
+                ip_addrs = COALESCE($6::jsonb, ip_addrs)
+         WHERE id = $1",
+        id.as_str(),
+        now,
+        report.version,
+        report.os_info,
+        report.capabilities.as_ref().filter(|c| c.is_object()),
+        report.ip_addrs.as_ref().map(Json) as _,
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Records a failed health check of an agent: offline, checked `now`.
+pub async fn record_agent_unreachable(db: impl PgExecutor<'_>, id: &WorkerId, now: i64) -> sqlx::Result<()> {
+    sqlx::query!("UPDATE workers SET status = 'offline', last_heartbeat = $2 WHERE id = $1", id.as_str(), now)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Sets an agent's version (after a self-update), and its status when given
+/// (`offline` after an uninstall).
+pub async fn set_agent_version(
+    db: impl PgExecutor<'_>,
+    id: &WorkerId,
+    version: &str,
+    status: Option<WorkerStatus>,
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "UPDATE workers SET agent_version = $2, status = COALESCE($3, status) WHERE id = $1",
+        id.as_str(),
+        version,
+        status.map(WorkerStatus::as_str)
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 /// Inserts or updates a worker and writes its audit entry, in one transaction.
 /// Returns the worker and whether it was new.
 pub async fn register(db: &mut PgConnection, reg: &Registration, now: i64) -> sqlx::Result<(Worker, bool)> {

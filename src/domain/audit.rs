@@ -25,6 +25,9 @@ pub enum AuditAction {
     ArtifactMoved,
     TaskDispatched,
     DispatchFailed,
+    AgentUpdated,
+    AgentRestarted,
+    AgentUninstalled,
 }
 
 impl AuditAction {
@@ -50,6 +53,9 @@ impl AuditAction {
             AuditAction::ArtifactMoved => "artifact_moved",
             AuditAction::TaskDispatched => "task_dispatched",
             AuditAction::DispatchFailed => "dispatch_failed",
+            AuditAction::AgentUpdated => "agent_updated",
+            AuditAction::AgentRestarted => "agent_restarted",
+            AuditAction::AgentUninstalled => "agent_uninstalled",
         }
     }
 }

@@ -228,3 +228,99 @@ async fn dispatch_sends_a_task_to_an_agent_and_answers_with_its_execution() {
     assert!(answer.get("lease_id").is_none());
     app.stop().await;
 }
+
+/// Health check, self-update, restart and uninstall of an agent, with upstream's
+/// answers, the worker fields they change and their audit entries.
+#[tokio::test]
+async fn agent_operations_reach_the_agent_and_record_what_it_says() {
+    let app = TestApp::spawn().await;
+    let agent = fake_agent::start("", Mode::Run).await;
+    let (status, body) = app.get("/api/runtime/workers/nope/agent-health").await;
+    assert_eq!((status, body), (StatusCode::NOT_FOUND, json!({"error": "Worker not found"})));
+    app.register_worker("no-url", 1).await;
+    let (status, body) = app.post("/api/runtime/workers/no-url/agent-restart", json!({})).await;
+    assert_eq!((status, body), (StatusCode::BAD_REQUEST, json!({"error": "Worker has no URL configured"})));
+
+    app.post("/api/runtime/workers", json!({"name": "a1", "url": agent.url(), "status": "unknown"})).await;
+    let (status, health) = app.get("/api/runtime/workers/a1/agent-health").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (&health["reachable"], &health["version"], &health["hostname"]),
+        (&json!(true), &json!("0.4.0"), &json!("fake"))
+    );
+    let (_, w) = app.get("/api/runtime/workers/a1").await;
+    assert_eq!(
+        (&w["status"], &w["agent_version"], &w["os_info"], &w["capabilities"]["max_concurrency"]),
+        (&json!("online"), &json!("0.4.0"), &json!("fake / Test Linux"), &json!(1))
+    );
+
+    // No body and no content type, as the web client sends them.
+    let resp = app.http.post(app.url("/api/runtime/workers/a1/agent-update")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let updated: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!((&updated["status"], &updated["version"]), (&json!("updated"), &json!("0.4.1")));
+    let (_, restarted) = app.post("/api/runtime/workers/a1/agent-restart", json!({})).await;
+    assert_eq!((&restarted["status"], &restarted["detail"]), (&json!("restarted"), &json!("restarting")));
+    let (_, gone) = app.post("/api/runtime/workers/a1/agent-uninstall", json!({})).await;
+    assert_eq!(gone["status"], "uninstalled");
+    let (_, w) = app.get("/api/runtime/workers/a1").await;
+    assert_eq!((&w["status"], &w["agent_version"]), (&json!("offline"), &json!("uninstalled")), "the row is kept");
+    for action in ["agent_updated", "agent_restarted", "agent_uninstalled"] {
+        let sql = format!("SELECT count(*) FROM audit_logs WHERE action = '{action}' AND entity_id = 'a1'");
+        assert_eq!(app.count(&sql).await, 1, "{action}");
+    }
+
+    // A key the agent refuses, and an agent that does not answer.
+    let picky = fake_agent::start("other-key", Mode::Run).await;
+    app.post("/api/runtime/workers", json!({"name": "a2", "url": picky.url()})).await;
+    let (status, body) = app.post("/api/runtime/workers/a2/agent-restart", json!({})).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(body["error"].as_str().unwrap().starts_with("Agent returned 401"), "{body}");
+    app.post("/api/runtime/workers", json!({"name": "a3", "url": "http://127.0.0.1:9"})).await;
+    let (status, health) = app.get("/api/runtime/workers/a3/agent-health").await;
+    assert_eq!((status, &health["reachable"]), (StatusCode::OK, &json!(false)));
+    assert!(health["error"].as_str().is_some_and(|e| !e.is_empty()));
+    assert_eq!(app.status_of_worker("a3").await, "offline");
+    app.stop().await;
+}
+
+/// The install script quotes every value it is given (nothing in a query parameter can
+/// run on the node) and carries the real agent key only when asked for it.
+#[tokio::test]
+async fn the_install_script_quotes_what_it_is_given_and_keeps_the_key_back() {
+    let app = TestApp::spawn().await;
+    let evil = "n1'; touch /tmp/bloom-pwned; echo '";
+    let url = app.url(&format!(
+        "/api/runtime/agent-install-script?node_id={}&port=8002&server_url={}",
+        percent_encode(evil),
+        percent_encode("http://runtime:3002")
+    ));
+    let resp = app.http.get(url).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let script = resp.text().await.unwrap();
+    assert!(script.starts_with("#!/usr/bin/env bash"));
+    assert!(script.contains("AGENT_KEY='YOUR_AGENT_KEY'"), "no real key unless asked");
+    // The assignments, run by bash, give back exactly the values sent.
+    let assignments: String = script
+        .lines()
+        .filter(|l| l.starts_with("NODE_ID=") || l.starts_with("SERVER_URL=") || l.starts_with("AGENT_PORT="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("{assignments}printf '%s|%s|%s' \"$NODE_ID\" \"$SERVER_URL\" \"$AGENT_PORT\""))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{evil}|http://runtime:3002|8002"));
+    assert!(!std::path::Path::new("/tmp/bloom-pwned").exists());
+    let check = std::process::Command::new("bash").arg("-n").arg("-c").arg(&script).status().unwrap();
+    assert!(check.success(), "the script parses");
+    let (status, body) = app.get("/api/runtime/agent-install-script?port=http").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    app.stop().await;
+}
+
+fn percent_encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}

@@ -48,8 +48,13 @@ pub async fn start(key: &str, mode: Mode) -> FakeAgent {
         addr: listener.local_addr().unwrap(),
         http: reqwest::Client::new(),
     };
-    let app =
-        Router::new().route("/health", get(health)).route("/execute-task", post(execute)).with_state(agent.clone());
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/execute-task", post(execute))
+        .route("/self-update", post(self_update))
+        .route("/restart", post(restart))
+        .route("/uninstall", post(uninstall))
+        .with_state(agent.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
     agent
 }
@@ -94,4 +99,29 @@ async fn execute(State(agent): State<FakeAgent>, req: Request) -> Response {
     Json(json!({"ok": true, "task_id": task, "output": output, "duration_ms": 5, "returncode": 0,
                 "heartbeat_status": beat.ok(), "complete_status": done.ok()}))
     .into_response()
+}
+
+/// The agent's process-control endpoints, behind its key.
+fn operation(agent: &FakeAgent, req: &Request, reply: Value) -> Response {
+    let key_ok = req.headers().get("x-membridge-agent").is_some_and(|v| v.as_bytes() == agent.key.as_bytes());
+    if !key_ok {
+        let detail = "Unauthorized — invalid or missing X-MEMBRIDGE-AGENT header";
+        return (StatusCode::UNAUTHORIZED, Json(json!({"detail": detail}))).into_response();
+    }
+    Json(reply).into_response()
+}
+
+async fn self_update(State(agent): State<FakeAgent>, req: Request) -> Response {
+    let reply = json!({"ok": true, "version": "0.4.1", "new_commit": "abc123", "steps": [], "detail": "updated"});
+    operation(&agent, &req, reply)
+}
+
+async fn restart(State(agent): State<FakeAgent>, req: Request) -> Response {
+    let reply = json!({"ok": true, "init_system": "systemd", "service": "membridge-agent", "detail": "restarting"});
+    operation(&agent, &req, reply)
+}
+
+async fn uninstall(State(agent): State<FakeAgent>, req: Request) -> Response {
+    let reply = json!({"ok": true, "node_id": "fake", "init_system": "systemd", "steps": [], "detail": "uninstalled"});
+    operation(&agent, &req, reply)
 }
