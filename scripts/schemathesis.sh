@@ -35,11 +35,12 @@ conformance=status_code_conformance,content_type_conformance,response_schema_con
 schemathesis run "http://127.0.0.1:$port/openapi.json" \
   --checks "not_a_server_error,$conformance" \
   --max-examples "$examples" --generation-deterministic --workers 2 \
-  --exclude-path-regex '^/api/membridge/|^/api/runtime/test-connection$|/lease$|/dispatch$' \
+  --exclude-path-regex '^/api/membridge/|^/api/runtime/test-connection$|/lease$|/dispatch$|/agent-(update|restart|uninstall)$|/projects/[^/]+/(clone|sync-memory)$' \
   --request-timeout 20
-# Leasing and dispatch answer the documented 503 when no worker has capacity, and
-# dispatch the documented 502 when no agent answers (the original service's behaviour):
-# conformance checks only.
+# Leasing and dispatch answer the documented 503 when no worker has capacity; dispatch,
+# the agent operations, clone and sync-memory the documented 502 when no agent or
+# membridge answers (the original services' behaviour): conformance checks only.
 schemathesis run "http://127.0.0.1:$port/openapi.json" \
   --checks "$conformance" --max-examples "$examples" --generation-deterministic \
-  --include-path-regex '/lease$|/dispatch$' --request-timeout 20
+  --include-path-regex '/lease$|/dispatch$|/agent-(update|restart|uninstall)$|/projects/[^/]+/(clone|sync-memory)$' \
+  --request-timeout 20

@@ -14,7 +14,7 @@ use crate::db::{audit, settings};
 use crate::domain::{AuditAction, NewAudit};
 use crate::membridge::{segment, Auth, Response, Retry};
 
-async fn call(
+pub(super) async fn call(
     state: &AppState,
     method: reqwest::Method,
     path: &str,

@@ -12,6 +12,7 @@ pub mod dispatch;
 pub mod docs;
 pub mod error;
 pub mod membridge_proxy;
+pub mod projects;
 pub mod rate_limit;
 pub mod reads;
 pub mod runtime_config;
@@ -161,6 +162,12 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         .routes(routes!(reads::artifact_content))
         .routes(routes!(reads::audit))
         .routes(routes!(reads::stats))
+        .routes(routes!(projects::list, projects::create))
+        .routes(routes!(projects::show, projects::remove))
+        .routes(routes!(projects::node_status))
+        .routes(routes!(projects::clone))
+        .routes(routes!(projects::propagate))
+        .routes(routes!(projects::sync_memory))
         .routes(routes!(membridge_proxy::health))
         .routes(routes!(membridge_proxy::projects))
         .routes(routes!(membridge_proxy::leadership))

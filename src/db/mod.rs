@@ -11,6 +11,7 @@ pub mod leases;
 pub mod lifecycle;
 pub mod outbox;
 pub mod page;
+pub mod projects;
 pub mod results;
 mod rows;
 pub mod settings;

@@ -28,6 +28,12 @@ pub enum AuditAction {
     AgentUpdated,
     AgentRestarted,
     AgentUninstalled,
+    ProjectCreated,
+    ProjectDeleted,
+    ProjectCloned,
+    ProjectPropagated,
+    MemorySyncPush,
+    MemorySyncPull,
 }
 
 impl AuditAction {
@@ -56,6 +62,12 @@ impl AuditAction {
             AuditAction::AgentUpdated => "agent_updated",
             AuditAction::AgentRestarted => "agent_restarted",
             AuditAction::AgentUninstalled => "agent_uninstalled",
+            AuditAction::ProjectCreated => "project_created",
+            AuditAction::ProjectDeleted => "project_deleted",
+            AuditAction::ProjectCloned => "project_cloned",
+            AuditAction::ProjectPropagated => "project_propagated",
+            AuditAction::MemorySyncPush => "memory_sync_push",
+            AuditAction::MemorySyncPull => "memory_sync_pull",
         }
     }
 }

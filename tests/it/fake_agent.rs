@@ -54,6 +54,7 @@ pub async fn start(key: &str, mode: Mode) -> FakeAgent {
         .route("/self-update", post(self_update))
         .route("/restart", post(restart))
         .route("/uninstall", post(uninstall))
+        .route("/clone", post(clone))
         .with_state(agent.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
     agent
@@ -124,4 +125,24 @@ async fn restart(State(agent): State<FakeAgent>, req: Request) -> Response {
 async fn uninstall(State(agent): State<FakeAgent>, req: Request) -> Response {
     let reply = json!({"ok": true, "node_id": "fake", "init_system": "systemd", "steps": [], "detail": "uninstalled"});
     operation(&agent, &req, reply)
+}
+
+/// `POST /clone`: the agent's name rule (no spaces), and a git failure (`ok: false`,
+/// still 200) for a project named `broken`.
+async fn clone(State(agent): State<FakeAgent>, req: Request) -> Response {
+    let bytes = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    agent.executed.lock().unwrap().push((body.clone(), true));
+    let name = body["project_name"].as_str().unwrap_or("");
+    if name.is_empty() || name.contains(' ') {
+        return (StatusCode::BAD_REQUEST, Json(json!({"detail": "Invalid project_name"}))).into_response();
+    }
+    if name == "broken" {
+        return Json(json!({"ok": false, "action": "clone", "path": null, "project_name": name,
+                           "stderr": "fatal: repository not found", "detail": "git clone failed"}))
+        .into_response();
+    }
+    Json(json!({"ok": true, "action": "clone", "path": format!("/home/agent/projects/{name}"), "project_name": name,
+                "stdout": "", "stderr": null, "detail": "cloned"}))
+    .into_response()
 }

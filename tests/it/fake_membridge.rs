@@ -77,6 +77,7 @@ pub async fn start(key: &str) -> Fake {
         .route("/projects/{cid}/nodes", get(nodes))
         .route("/projects/{cid}/leadership", get(leadership))
         .route("/projects/{cid}/leadership/select", post(select))
+        .route("/sync/{direction}", post(sync))
         .layer(middleware::from_fn_with_state(fake.clone(), auth))
         .route("/health", get(health))
         .layer(middleware::from_fn_with_state(fake.clone(), count))
@@ -191,4 +192,14 @@ async fn select(State(f): State<Fake>, Path(cid): Path<String>, Json(body): Json
     Json(json!({"ok": true, "canonical_id": cid, "primary_node_id": primary, "lease_seconds": lease,
                 "detail": "primary selected"}))
     .into_response()
+}
+
+/// `POST /sync/{push,pull}`: membridge's body is `{project, agent}` (422 without them).
+async fn sync(Path(direction): Path<String>, Json(body): Json<Value>) -> Response {
+    match (body["project"].as_str(), body["agent"].as_str()) {
+        (Some(project), Some(agent)) => {
+            Json(json!({"ok": true, "direction": direction, "project": project, "agent": agent})).into_response()
+        }
+        _ => (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"detail": [{"msg": "Field required"}]}))).into_response(),
+    }
 }

@@ -20,6 +20,7 @@ mod openapi;
 mod payloads;
 mod plans;
 mod processes;
+mod projects;
 mod reconciler;
 mod recovery;
 mod reroute;
