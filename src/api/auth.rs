@@ -34,7 +34,9 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
     let Some(expected) = state.api_key.as_ref() else {
         return next.run(req).await;
     };
-    if !is_protected(req.uri().path()) {
+    let path = req.uri().path();
+    // The web client's files are public (its API calls are not).
+    if !is_protected(path) || (state.settings.web_dir.is_some() && super::web::is_web_path(path)) {
         return next.run(req).await;
     }
     let ok = req

@@ -20,6 +20,7 @@ pub mod schemas;
 pub mod submit;
 pub mod tasks;
 pub mod validate;
+pub mod web;
 pub mod workers;
 
 use std::sync::Arc;
@@ -68,6 +69,8 @@ pub struct ApiSettings {
     pub nats_timeout: Duration,
     /// The key membridge agents require (`X-MEMBRIDGE-AGENT`).
     pub agent_key: Secret,
+    /// A built web client served at `/` (see [`web`]).
+    pub web_dir: Option<std::path::PathBuf>,
 }
 
 impl ApiSettings {
@@ -93,6 +96,7 @@ impl ApiSettings {
             db_timeout: db.call_timeout(),
             nats_timeout: nats.timeout(),
             agent_key: membridge.membridge_agent_key.clone(),
+            web_dir: api.web_dir.clone(),
         })
     }
 }
@@ -215,7 +219,7 @@ pub fn router(state: AppState) -> Router {
     let (api, doc) = api_routes(strict_limiter);
     let doc = Arc::new(doc);
     let api = api
-        .fallback(not_found)
+        .fallback(fallback)
         .layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
         .layer(middleware::from_fn_with_state(api_limiter, rate_limit::limit));
 
@@ -292,8 +296,12 @@ async fn json_errors(resp: Response) -> Response {
     out
 }
 
-async fn not_found() -> ApiError {
-    ApiError::NotFound("Not found".into())
+/// An unknown path: the web client's, when one is served, else a JSON 404.
+async fn fallback(State(state): State<AppState>, uri: axum::http::Uri) -> Response {
+    match &state.settings.web_dir {
+        Some(root) if web::is_web_path(uri.path()) => web::serve(root, &uri).await,
+        _ => ApiError::NotFound("Not found".into()).into_response(),
+    }
 }
 
 /// The process metrics plus the state of the installation, read from Postgres at scrape

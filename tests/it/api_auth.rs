@@ -170,3 +170,48 @@ async fn config_is_validated_persisted_and_the_admin_key_never_returned() {
     assert_eq!(audit[0]["action"], "config_updated");
     app.stop().await;
 }
+
+/// A web client served from `--web-dir`: its files and client routes are public, its
+/// API calls still need the key, and nothing outside the directory is read.
+#[tokio::test]
+async fn the_web_client_is_served_beside_the_api() {
+    let dir = std::env::temp_dir().join(format!("bloom-web-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(dir.join("assets")).unwrap();
+    std::fs::write(dir.join("index.html"), "<!doctype html><div id=root></div>").unwrap();
+    std::fs::write(dir.join("assets/app.js"), "console.log('app')").unwrap();
+    let app = TestApp::spawn_with(Opts { api_key: Some("k"), web_dir: Some(dir.clone()), ..Opts::default() }).await;
+    let get = |path: &str| app.http.get(app.url(path)).send();
+    let page = get("/").await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(page.text().await.unwrap().contains("id=root"));
+    let js = get("/assets/app.js").await.unwrap();
+    assert_eq!(
+        (js.status(), js.headers()["content-type"].to_str().unwrap()),
+        (StatusCode::OK, "text/javascript; charset=utf-8")
+    );
+    let route = get("/nodes").await.unwrap();
+    assert_eq!(route.status(), StatusCode::OK, "a client route is the application's page");
+    assert!(route.text().await.unwrap().contains("id=root"));
+    assert_eq!(get("/assets/missing.js").await.unwrap().status(), StatusCode::NOT_FOUND);
+    // Sent as is on a raw connection (an HTTP client would normalize the dots away).
+    let raw = raw_get(&app.url(""), "/assets/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd").await;
+    assert!(raw.starts_with("HTTP/1.1 404"), "{raw}");
+    assert!(!raw.contains("root:"));
+    assert_eq!(get("/api/runtime/workers").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(get("/api/nope").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    app.stop().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A GET of `path` exactly as written, on a new connection; the answer as text.
+async fn raw_get(base: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    answer
+}

@@ -67,6 +67,8 @@ pub struct Opts {
     pub s3: Option<S3Settings>,
     /// The API's clock (the system clock when `None`).
     pub clock: Option<bloom::time::Clock>,
+    /// A web client directory served at `/` (`--web-dir`).
+    pub web_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Opts {
@@ -82,6 +84,7 @@ impl Default for Opts {
             membridge_timeout: Duration::from_secs(10),
             s3: None,
             clock: None,
+            web_dir: None,
         }
     }
 }
@@ -114,6 +117,9 @@ fn api_settings(opts: &Opts) -> ApiSettings {
         format!("--bloom-env={}", if opts.production { "production" } else { "test" }),
     ];
     args.extend(["--node-env=".into(), "--trust-proxy=false".into()]);
+    if let Some(dir) = &opts.web_dir {
+        args.push(format!("--web-dir={}", dir.display()));
+    }
     let cli = <Cli as clap::Parser>::try_parse_from(args).expect("API arguments");
     ApiSettings::from_args(&cli.api, &cli.nats, &cli.membridge, &cli.db).expect("API settings")
 }
