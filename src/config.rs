@@ -230,8 +230,9 @@ pub struct ApiArgs {
     /// Requests per minute per client on `/api/runtime/test-connection`; 0 disables.
     #[arg(long, env = "BLOOM_TEST_CONNECTION_RATE_LIMIT_PER_MIN", default_value_t = 20)]
     pub test_connection_rate_limit_per_min: u32,
-    /// A built web client (a single-page application's directory, e.g. the upstream
-    /// BLOOM web client's `dist/public`) to serve at `/`; unset: none.
+    /// A built web client (a single-page application's output directory, holding its
+    /// `index.html`, e.g. the upstream BLOOM web client's build) to serve at `/`; unset:
+    /// none.
     #[arg(long, env = "BLOOM_WEB_DIR")]
     pub web_dir: Option<std::path::PathBuf>,
     /// Largest accepted request body, in bytes.

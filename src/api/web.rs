@@ -1,5 +1,5 @@
 //! The web client (a built single-page application, e.g. the upstream BLOOM web
-//! client's `dist/`), served from `BLOOM_WEB_DIR` at `/` beside the API: a file by its
+//! client's build output), served from `BLOOM_WEB_DIR` at `/` beside the API: a file by its
 //! path, and `index.html` for any other path without an extension (the client routes
 //! it). Its files are public, as the upstream server's static files are; `/api` stays
 //! behind the API key.
