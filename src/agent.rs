@@ -87,6 +87,11 @@ impl AgentClient {
         AgentClient { http, key }
     }
 
+    /// This client with another key (the same connections).
+    pub fn with_key(&self, key: Secret) -> AgentClient {
+        AgentClient { http: self.http.clone(), key }
+    }
+
     /// `POST {url}/execute-task`: runs the task on the agent, which answers once the CLI
     /// ended (after its `complete` callback). Waits the task's timeout plus
     /// [`EXECUTE_MARGIN`].

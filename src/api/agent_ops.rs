@@ -48,7 +48,7 @@ fn answer(status: &str, reply: Value) -> AgentAnswer {
 pub async fn health(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<AgentAnswer>, ApiError> {
     let worker = agent(&state, id).await?;
     let now = state.clock.now_ms();
-    let health = match state.agents.health(&worker.url).await {
+    let health = match super::agent_client(&state).await?.health(&worker.url).await {
         Ok(Value::Object(health)) => health,
         Ok(_) => Map::new(),
         Err(e) => {
@@ -137,7 +137,8 @@ async fn call(
     body: Option<&Value>,
     timeout: Duration,
 ) -> Result<Value, ApiError> {
-    state.agents.post(&worker.url, path, body, timeout).await.map_err(|e| ApiError::BadGateway(e.to_string()))
+    let agents = super::agent_client(state).await?;
+    agents.post(&worker.url, path, body, timeout).await.map_err(|e| ApiError::BadGateway(e.to_string()))
 }
 
 /// Query of `GET /api/runtime/agent-install-script`.

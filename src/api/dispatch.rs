@@ -56,7 +56,8 @@ pub async fn dispatch(
         execution,
         error,
     };
-    let failure = match state.agents.execute(&worker.url, &ExecuteTask::new(&task, &runtime_url)).await {
+    let agents = super::agent_client(&state).await?;
+    let failure = match agents.execute(&worker.url, &ExecuteTask::new(&task, &runtime_url)).await {
         Ok(execution) => return Ok((StatusCode::OK, Json(answer(true, Some(execution), None)))),
         Err(e) => e,
     };

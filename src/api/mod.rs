@@ -296,6 +296,13 @@ async fn json_errors(resp: Response) -> Response {
     out
 }
 
+/// The agent client with the key agents require now (saved with `POST /config`, else
+/// `MEMBRIDGE_AGENT_KEY`).
+pub(crate) async fn agent_client(state: &AppState) -> Result<crate::agent::AgentClient, ApiError> {
+    let key = crate::db::settings::agent_key(&state.pool, &state.settings.agent_key).await?;
+    Ok(state.agents.with_key(key))
+}
+
 /// An unknown path: the web client's, when one is served, else a JSON 404.
 async fn fallback(State(state): State<AppState>, uri: axum::http::Uri) -> Response {
     match &state.settings.web_dir {

@@ -90,10 +90,13 @@ pub async fn set_config(
     State(state): State<AppState>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<RuntimeConfig>, ApiError> {
-    let ConfigInput { membridge_server_url: url, admin_key: key } = ConfigInput::parse(&body)?;
+    let ConfigInput { membridge_server_url: url, admin_key: key, agent_key } = ConfigInput::parse(&body)?;
     let now = state.clock.now_ms();
     let mut tx = state.pool.begin().await?;
     settings::save_membridge(&mut *tx, &url, &key).await?;
+    if let Some(agent_key) = &agent_key {
+        settings::save_agent_key(&mut *tx, agent_key).await?;
+    }
     let detail = format!("Updated membridge URL to {url}");
     audit::insert(
         &mut *tx,

@@ -281,6 +281,11 @@ pub struct Removed {
 /// Body of `POST /api/runtime/config`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ConfigInput {
+    /// The key membridge agents require (`X-MEMBRIDGE-AGENT`), replacing
+    /// `MEMBRIDGE_AGENT_KEY`; kept when absent, never returned.
+    #[serde(default)]
+    #[schema(min_length = 1)]
+    pub agent_key: Option<String>,
     /// An absolute URL.
     #[schema(pattern = "^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")]
     pub membridge_server_url: String,
@@ -295,7 +300,8 @@ impl RequestBody for ConfigInput {
         if url.as_deref().is_some_and(|u| reqwest::Url::parse(u).is_err()) {
             f.errors.add("membridge_server_url", "Invalid url");
         }
-        Some(ConfigInput { membridge_server_url: url?, admin_key: key? })
+        let agent_key = f.opt_string("agent_key", 1, None, true);
+        Some(ConfigInput { membridge_server_url: url?, admin_key: key?, agent_key: agent_key? })
     }
 }
 

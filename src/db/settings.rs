@@ -44,6 +44,22 @@ const CONNECTED: &str = "connected";
 const LAST_TEST: &str = "last_test";
 const STATE: &str = "membridge_state";
 const SYNC: &str = "membridge_sync";
+const AGENT_KEY: &str = "membridge_agent_key";
+
+/// The key membridge agents require: the saved one, else `default` (`MEMBRIDGE_AGENT_KEY`).
+pub async fn agent_key(
+    db: impl PgExecutor<'_>,
+    default: &crate::domain::Secret,
+) -> sqlx::Result<crate::domain::Secret> {
+    let saved =
+        sqlx::query_scalar!("SELECT value FROM runtime_settings WHERE key = $1", AGENT_KEY).fetch_optional(db).await?;
+    Ok(saved.map(crate::domain::Secret::new).unwrap_or_else(|| default.clone()))
+}
+
+/// Saves the key membridge agents require.
+pub async fn save_agent_key(db: impl PgExecutor<'_>, key: &str) -> sqlx::Result<()> {
+    put(db, &[(AGENT_KEY, key.to_owned())]).await
+}
 
 /// The saved membridge settings, falling back to `default` for what was never saved.
 pub async fn membridge(db: impl PgExecutor<'_>, default: &crate::domain::Endpoint) -> sqlx::Result<MembridgeSettings> {

@@ -17,8 +17,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::Reconciler;
-use crate::agent::{ExecuteTask, EXECUTE_MARGIN};
+use crate::agent::{AgentClient, ExecuteTask, EXECUTE_MARGIN};
 use crate::db::lifecycle::{self, Abandoned, Assigned};
+use crate::db::settings;
 use crate::db::workers::{self, HttpAgent};
 
 /// What one pass did.
@@ -47,12 +48,18 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
 /// Returns once the leases are committed; each call runs on in a task of its own.
 pub async fn run_once(r: &Reconciler) -> sqlx::Result<DispatchReport> {
     let mut report = DispatchReport::default();
-    for agent in workers::http_agents_with_room(&r.pool).await? {
+    let agents = workers::http_agents_with_room(&r.pool).await?;
+    if agents.is_empty() {
+        return Ok(report);
+    }
+    // The key agents require now (saved with `POST /config`, else `MEMBRIDGE_AGENT_KEY`).
+    let client = r.agents.with_key(settings::agent_key(&r.pool, &r.settings.agent_key).await?);
+    for agent in agents {
         let margin = (EXECUTE_MARGIN + LEASE_MARGIN).as_secs() as i32;
         let assigned = lifecycle::assign(&r.pool, &agent.id, margin, r.clock.now_ms()).await?;
         report.sent += assigned.len();
         for a in assigned {
-            tokio::spawn(send(r.clone(), agent.clone(), a));
+            tokio::spawn(send(r.clone(), client.clone(), agent.clone(), a));
         }
     }
     r.metrics.agent_dispatches_total.add(report.sent as u64);
@@ -64,9 +71,9 @@ pub async fn run_once(r: &Reconciler) -> sqlx::Result<DispatchReport> {
 const LEASE_MARGIN: Duration = Duration::from_secs(30);
 
 /// Sends one leased task to its agent; abandons the attempt when the agent did not take it.
-async fn send(r: Reconciler, agent: HttpAgent, a: Assigned) {
+async fn send(r: Reconciler, client: AgentClient, agent: HttpAgent, a: Assigned) {
     let body = ExecuteTask::new(&a.task, &r.settings.runtime_url);
-    let failure = match r.agents.execute(&agent.url, &body).await {
+    let failure = match client.execute(&agent.url, &body).await {
         // The agent ran it: its callbacks completed the task (or will).
         Ok(_) => return,
         Err(e) => e,

@@ -324,3 +324,28 @@ async fn the_install_script_quotes_what_it_is_given_and_keeps_the_key_back() {
 fn percent_encode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
+
+/// The agent key can be saved with `POST /config` (it then replaces
+/// `MEMBRIDGE_AGENT_KEY`) and is never returned.
+#[tokio::test]
+async fn the_agent_key_saved_in_the_config_is_used_and_never_shown() {
+    let app = TestApp::spawn().await;
+    let agent = fake_agent::start("saved-key", Mode::Run).await;
+    app.post("/api/runtime/workers", json!({"name": "a1", "url": agent.url()})).await;
+    let (status, cfg) = app
+        .post(
+            "/api/runtime/config",
+            json!({"membridge_server_url": "http://127.0.0.1:9", "admin_key": "admin", "agent_key": "saved-key"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{cfg}");
+    let (_, shown) = app.get("/api/runtime/config").await;
+    for view in [&cfg, &shown] {
+        assert!(!view.to_string().contains("saved-key"), "{view}");
+    }
+    let id = app.submit("with the saved key").await["id"].as_str().unwrap().to_owned();
+    let (status, answer) = app.post(&format!("/api/runtime/llm-tasks/{id}/dispatch"), json!({})).await;
+    assert_eq!((status, &answer["execution"]["ok"]), (StatusCode::OK, &json!(true)), "{answer}");
+    assert!(agent.executed.lock().unwrap().iter().all(|(_, key_ok)| *key_ok));
+    app.stop().await;
+}
