@@ -127,6 +127,14 @@ pub struct NodeBody {
     pub direction: Option<String>,
 }
 
+impl RequestBody for NodeBody {
+    fn read(f: &mut Fields<'_>) -> Option<NodeBody> {
+        let node_id = f.opt_string("node_id", 0, None, true).map(|n| n.filter(|n| !n.is_empty()));
+        let direction = f.one_of("direction", &["push", "pull"], Some("push")).map(|d| Some(d.to_owned()));
+        Some(NodeBody { node_id: node_id?, direction: direction? })
+    }
+}
+
 /// Clones the project on one node through its agent's `/clone` (60 s). An agent that
 /// answers `ok: false` (git failed) failed too. Returns the agent's answer.
 async fn clone_on(state: &AppState, project: &Project, target: &Target) -> Result<Value, String> {
@@ -177,8 +185,8 @@ pub async fn clone(
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
     let project = project(&state, &id).await?;
-    let requested = body.get("node_id").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
-    let Some(node) = requested.or_else(|| project.primary_node_id.clone()) else {
+    let body = NodeBody::parse(&body)?;
+    let Some(node) = body.node_id.or_else(|| project.primary_node_id.clone()) else {
         return Err(ApiError::Invalid(
             "No target node specified. Provide node_id in body or set primary_node_id on project.".into(),
         ));
@@ -250,11 +258,9 @@ pub async fn sync_memory(
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
     let project = project(&state, &id).await?;
-    let mut errors = super::validate::FieldErrors::default();
-    let direction = Fields::root(&body, &mut errors).one_of("direction", &["push", "pull"], Some("push"));
-    let direction = errors.finish(direction)?.unwrap_or("push");
-    let requested = body.get("node_id").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
-    let Some(node) = requested.or_else(|| project.primary_node_id.clone()) else {
+    let body = NodeBody::parse(&body)?;
+    let direction = if body.direction.as_deref() == Some("pull") { "pull" } else { "push" };
+    let Some(node) = body.node_id.or_else(|| project.primary_node_id.clone()) else {
         return Err(ApiError::Invalid("No target node specified".into()));
     };
     // Membridge's own fields (`project`, `agent`) and upstream's (`project_name`, `agent_name`).

@@ -123,10 +123,10 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 
 #[cfg(test)]
 mod tests {
-    use crate::domain::{LeaseStatus, ResultStatus, TaskStatus, WorkerStatus};
+    use crate::domain::{CloneStatus, LeaseStatus, ResultStatus, TaskStatus, WorkerStatus};
 
     /// Every file with statements of the runtime, as written (`mod.rs` has none with a state).
-    const STATEMENTS: [(&str, &str); 21] = [
+    const STATEMENTS: [(&str, &str); 22] = [
         ("artifacts.rs", include_str!("artifacts.rs")),
         ("audit.rs", include_str!("audit.rs")),
         ("leases.rs", include_str!("leases.rs")),
@@ -148,6 +148,7 @@ mod tests {
         ("lifecycle/reroute.rs", include_str!("lifecycle/reroute.rs")),
         ("settings.rs", include_str!("settings.rs")),
         ("leader.rs", include_str!("leader.rs")),
+        ("projects.rs", include_str!("projects.rs")),
     ];
 
     /// The states compared with or written to a `status` column, as literals: in
@@ -180,6 +181,16 @@ mod tests {
                 || LeaseStatus::parse(s).is_some()
                 || WorkerStatus::parse(s).is_some()
                 || [ResultStatus::Success, ResultStatus::Error].iter().any(|r| r.as_str() == s)
+                || [
+                    CloneStatus::Pending,
+                    CloneStatus::Cloning,
+                    CloneStatus::Cloned,
+                    CloneStatus::Failed,
+                    CloneStatus::Propagating,
+                    CloneStatus::Synced,
+                ]
+                .iter()
+                .any(|c| c.as_str() == s)
         };
         let mut seen = 0;
         for (file, sql) in STATEMENTS {
