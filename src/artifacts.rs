@@ -17,7 +17,6 @@ use std::time::Duration;
 use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
-use tokio::sync::OnceCell;
 
 use crate::config::S3Settings;
 use crate::domain::ArtifactBody;
@@ -48,7 +47,9 @@ pub enum Content {
 struct S3 {
     client: aws_sdk_s3::Client,
     bucket: String,
-    bucket_ready: Arc<OnceCell<()>>,
+    /// The bucket is known to exist; cleared when S3 says it does not (a server that
+    /// lost it), so the next upload creates it again.
+    bucket_ready: Arc<std::sync::atomic::AtomicBool>,
     /// After a failure, S3 is skipped (content goes to Postgres at once) until then
     /// (ms since the epoch), so an outage does not stall every completion on timeouts.
     skip_until: Arc<AtomicI64>,
@@ -101,7 +102,7 @@ impl ArtifactStore {
         let s3 = S3 {
             client: aws_sdk_s3::Client::from_conf(conf.build()),
             bucket: s.bucket.clone(),
-            bucket_ready: Arc::new(OnceCell::new()),
+            bucket_ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             skip_until: Arc::new(AtomicI64::new(0)),
         };
         ArtifactStore { s3: Some(s3), metrics }
@@ -274,33 +275,34 @@ impl S3 {
     }
 
     async fn ensure_bucket(&self) -> Result<(), String> {
-        self.bucket_ready
-            .get_or_try_init(|| async {
-                if self.client.head_bucket().bucket(&self.bucket).send().await.is_ok() {
-                    return Ok(());
+        if self.bucket_ready.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if self.client.head_bucket().bucket(&self.bucket).send().await.is_err() {
+            if let Err(e) = self.client.create_bucket().bucket(&self.bucket).send().await {
+                let text = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
+                // Another process created it first.
+                if !text.contains("BucketAlreadyOwnedByYou") && !text.contains("BucketAlreadyExists") {
+                    return Err(text);
                 }
-                match self.client.create_bucket().bucket(&self.bucket).send().await {
-                    Ok(_) => {
-                        tracing::info!(bucket = %self.bucket, "created artifact bucket");
-                        Ok(())
-                    }
-                    Err(e) => {
-                        let text = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
-                        // Another process created it first.
-                        if text.contains("BucketAlreadyOwnedByYou") || text.contains("BucketAlreadyExists") {
-                            Ok(())
-                        } else {
-                            Err(text)
-                        }
-                    }
-                }
-            })
-            .await
-            .map(|_| ())
+            } else {
+                tracing::info!(bucket = %self.bucket, "created artifact bucket");
+            }
+        }
+        self.bucket_ready.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn put(&self, key: &str, body: Vec<u8>) -> Result<(), String> {
         self.ensure_bucket().await?;
+        let put = self.put_object(key, body).await;
+        if put.as_ref().is_err_and(|e| e.contains("NoSuchBucket")) {
+            self.bucket_ready.store(false, Ordering::Relaxed);
+        }
+        put
+    }
+
+    async fn put_object(&self, key: &str, body: Vec<u8>) -> Result<(), String> {
         if body.len() > MULTIPART_PART_BYTES {
             return self.put_multipart(key, body).await;
         }
