@@ -58,13 +58,16 @@ pub async fn dispatch(
     };
     let agents = super::agent_client(&state).await?;
     let failure = match agents.execute(&worker.url, &ExecuteTask::new(&task, &runtime_url)).await {
-        Ok(execution) => return Ok((StatusCode::OK, Json(answer(true, Some(execution), None)))),
+        Ok(execution) => {
+            workers::record_dispatch_success(&state.pool, &worker.id).await?;
+            return Ok((StatusCode::OK, Json(answer(true, Some(execution), None))));
+        }
         Err(e) => e,
     };
     // The agent did not take the task: the attempt is abandoned (requeued, or dead after
     // the last one), and an agent that is down takes no more.
     if failure.agent_is_down() {
-        workers::mark_unreachable(&state.pool, &worker.id).await?;
+        workers::record_dispatch_failure(&state.pool, &worker.id, state.clock.now_ms()).await?;
     }
     let reason = failure.to_string();
     match lifecycle::abandon(&state.pool, &task.id, &lease.id, &worker.id, &reason, state.clock.now_ms()).await? {

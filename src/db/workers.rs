@@ -89,32 +89,55 @@ pub struct HttpAgent {
     pub url: String,
 }
 
-/// HTTP agents that can take a lease now (online, Claude CLI, a free slot), the least
-/// busy first.
-pub async fn http_agents_with_room(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<HttpAgent>> {
+/// HTTP agents that can take a lease at `now` (online, Claude CLI, a free slot, not
+/// paused after failed dispatches), the least busy first.
+pub async fn http_agents_with_room(db: impl PgExecutor<'_>, now: i64) -> sqlx::Result<Vec<HttpAgent>> {
     let rows = sqlx::query!(
         "SELECT id, url FROM workers
          WHERE transport = 'http' AND status = 'online' AND COALESCE((capabilities->>'claude_cli')::boolean, true)
            AND active_leases < COALESCE((capabilities->>'max_concurrency')::int, 1)
-         ORDER BY active_leases, id"
+           AND dispatch_paused_until <= $1
+         ORDER BY active_leases, id",
+        now
     )
     .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(|r| HttpAgent { id: r.id.into(), url: r.url }).collect())
 }
 
-/// Marks a worker offline (an HTTP agent that could not be reached or refuses every
-/// task), unless it is a
-/// `bloom-worker`, whose own beats say whether it is alive. Returns whether it changed.
-pub async fn mark_unreachable(db: impl PgExecutor<'_>, id: &WorkerId) -> sqlx::Result<bool> {
-    let changed = sqlx::query!(
-        "UPDATE workers SET status = 'offline' WHERE id = $1 AND source <> 'nats' AND status <> 'offline'",
+/// The first pause of an agent whose dispatch failed; it doubles with each consecutive
+/// failure up to [`MAX_DISPATCH_PAUSE_MS`].
+pub const FIRST_DISPATCH_PAUSE_MS: i64 = 10_000;
+pub const MAX_DISPATCH_PAUSE_MS: i64 = 300_000;
+
+/// Records that an HTTP agent could not be reached or refuses every task: it is marked
+/// offline and takes no tasks for a pause that doubles with each consecutive failure
+/// (whatever membridge's sync says of its status meanwhile). A `bloom-worker`, whose
+/// own beats say whether it is alive, is left alone. Returns the pause's end (ms).
+pub async fn record_dispatch_failure(db: impl PgExecutor<'_>, id: &WorkerId, now: i64) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar!(
+        "UPDATE workers SET status = 'offline', dispatch_failures = dispatch_failures + 1,
+                dispatch_paused_until = $2 + LEAST($3 * (1::bigint << LEAST(dispatch_failures, 10)), $4)
+         WHERE id = $1 AND source <> 'nats'
+         RETURNING dispatch_paused_until",
+        id.as_str(),
+        now,
+        FIRST_DISPATCH_PAUSE_MS,
+        MAX_DISPATCH_PAUSE_MS,
+    )
+    .fetch_optional(db)
+    .await
+}
+
+/// Records that an HTTP agent took a task: its failure count and pause are cleared.
+pub async fn record_dispatch_success(db: impl PgExecutor<'_>, id: &WorkerId) -> sqlx::Result<()> {
+    sqlx::query!(
+        "UPDATE workers SET dispatch_failures = 0, dispatch_paused_until = 0 WHERE id = $1 AND dispatch_failures > 0",
         id.as_str()
     )
     .execute(db)
-    .await?
-    .rows_affected();
-    Ok(changed == 1)
+    .await?;
+    Ok(())
 }
 
 /// What an agent's `/health` said of itself; absent fields keep what is stored.
@@ -138,7 +161,7 @@ pub async fn record_agent_health(
         "UPDATE workers SET status = 'online', last_heartbeat = $2,
                 agent_version = COALESCE($3, agent_version), os_info = COALESCE($4, os_info),
                 capabilities = capabilities || COALESCE($5::jsonb, '{}'::jsonb),
-                ip_addrs = COALESCE($6::jsonb, ip_addrs)
+                ip_addrs = COALESCE($6::jsonb, ip_addrs), dispatch_failures = 0, dispatch_paused_until = 0
          WHERE id = $1",
         id.as_str(),
         now,
@@ -197,7 +220,8 @@ pub async fn register(db: &mut PgConnection, reg: &Registration, now: i64) -> sq
             source = 'api',
             agent_version = COALESCE($7, workers.agent_version),
             os_info = COALESCE($8, workers.os_info),
-            install_method = COALESCE($9, workers.install_method)
+            install_method = COALESCE($9, workers.install_method),
+            dispatch_failures = 0, dispatch_paused_until = 0
          RETURNING (xmax = 0) AS "inserted!""#,
         reg.name.as_str(),
         reg.url,

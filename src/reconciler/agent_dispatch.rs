@@ -8,9 +8,15 @@
 //! agent that refuses the task (non-2xx: no Claude CLI, a wrong key), cannot be reached,
 //! or does not answer within the task's timeout plus 30 s has its attempt abandoned: the
 //! lease is `failed` and the task requeued, or `dead` after its last attempt. An agent
-//! that could not be reached, or refused with 401, 403 or 503, is marked offline until
-//! membridge or its own registration says otherwise, so it does not burn the attempts
-//! of the tasks behind.
+//! that could not be reached, or refused with 401, 403 or 503, is marked offline and
+//! paused (10 s, doubling with each consecutive failure up to 5 min; its own
+//! registration or a healthy `agent-health` ends the pause), so it does not burn the
+//! attempts of the tasks behind however often membridge's sync says it is online.
+//!
+//! A reconciler that dies between committing a lease and sending the task leaves a lease
+//! no agent knows of. The agent heartbeats a task as soon as it receives it, so an
+//! agent's lease expires [`PICKUP_WINDOW`] after it was granted unless that heartbeat
+//! came (which extends it to the task's full TTL); the sweeper then requeues the task.
 
 use std::time::Duration;
 
@@ -48,7 +54,7 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
 /// Returns once the leases are committed; each call runs on in a task of its own.
 pub async fn run_once(r: &Reconciler) -> sqlx::Result<DispatchReport> {
     let mut report = DispatchReport::default();
-    let agents = workers::http_agents_with_room(&r.pool).await?;
+    let agents = workers::http_agents_with_room(&r.pool, r.clock.now_ms()).await?;
     if agents.is_empty() {
         return Ok(report);
     }
@@ -56,7 +62,8 @@ pub async fn run_once(r: &Reconciler) -> sqlx::Result<DispatchReport> {
     let client = r.agents.with_key(settings::agent_key(&r.pool, &r.settings.agent_key).await?);
     for agent in agents {
         let margin = (EXECUTE_MARGIN + LEASE_MARGIN).as_secs() as i32;
-        let assigned = lifecycle::assign(&r.pool, &agent.id, margin, r.clock.now_ms()).await?;
+        let pickup = PICKUP_WINDOW.as_secs() as i32;
+        let assigned = lifecycle::assign(&r.pool, &agent.id, margin, pickup, r.clock.now_ms()).await?;
         report.sent += assigned.len();
         for a in assigned {
             tokio::spawn(send(r.clone(), client.clone(), agent.clone(), a));
@@ -65,6 +72,11 @@ pub async fn run_once(r: &Reconciler) -> sqlx::Result<DispatchReport> {
     r.metrics.agent_dispatches_total.add(report.sent as u64);
     Ok(report)
 }
+
+/// How long an agent's lease lasts before the agent's first heartbeat (which it sends on
+/// receiving the task, before running it). Bounds what a reconciler that dies between
+/// granting a lease and sending the task costs that task.
+pub const PICKUP_WINDOW: Duration = Duration::from_secs(15);
 
 /// Time a lease to an agent outlasts the call to it: the agent's `complete` callback
 /// arrives before its answer, and may be slow.
@@ -75,19 +87,24 @@ async fn send(r: Reconciler, client: AgentClient, agent: HttpAgent, a: Assigned)
     let body = ExecuteTask::new(&a.task, &r.settings.runtime_url);
     let failure = match client.execute(&agent.url, &body).await {
         // The agent ran it: its callbacks completed the task (or will).
-        Ok(_) => return,
+        Ok(_) => {
+            if let Err(e) = workers::record_dispatch_success(&r.pool, &agent.id).await {
+                tracing::warn!(worker.id = %agent.id, error = %e, "could not clear an agent's dispatch pause");
+            }
+            return;
+        }
         Err(e) => e,
     };
     r.metrics.agent_dispatch_failures_total.inc();
     tracing::warn!(task.id = %a.task.id, worker.id = %agent.id, error = %failure, "dispatch to an HTTP agent failed");
     // An agent that cannot be reached, or refuses every task (no Claude CLI, a wrong
-    // key), takes no more until membridge or its own registration says it is back.
+    // key), is paused: 10 s, doubling with each consecutive failure, up to 5 min.
+    let now = r.clock.now_ms();
     if failure.agent_is_down() {
-        if let Err(e) = workers::mark_unreachable(&r.pool, &agent.id).await {
-            tracing::warn!(worker.id = %agent.id, error = %e, "could not mark a failing agent offline");
+        if let Err(e) = workers::record_dispatch_failure(&r.pool, &agent.id, now).await {
+            tracing::warn!(worker.id = %agent.id, error = %e, "could not pause a failing agent");
         }
     }
-    let now = r.clock.now_ms();
     match lifecycle::abandon(&r.pool, &a.task.id, &a.lease.id, &agent.id, &failure.to_string(), now).await {
         Ok(Abandoned::Requeued(dispatch)) => r.dispatcher.send(vec![*dispatch]),
         Ok(Abandoned::Dead | Abandoned::NotCurrent) => {}

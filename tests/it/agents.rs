@@ -349,3 +349,193 @@ async fn the_agent_key_saved_in_the_config_is_used_and_never_shown() {
     assert!(agent.executed.lock().unwrap().iter().all(|(_, key_ok)| *key_ok));
     app.stop().await;
 }
+
+/// A reconciler that does nothing on its own: the test runs its duties on its clock.
+async fn manual_reconciler(app: &TestApp) -> bloom::reconciler::Reconciler {
+    let settings = bloom::reconciler::ReconcilerSettings {
+        runtime_url: app.url(""),
+        agent_key: bloom::domain::Secret::new(AGENT_KEY),
+        ..app.reconciler_settings()
+    };
+    let mut r = app.reconciler_with(settings, &app.cancel.child_token()).await;
+    r.clock = bloom::time::Clock::manual(bloom::time::now_ms());
+    r
+}
+
+async fn register(app: &TestApp, name: &str, url: &str) {
+    let body = json!({"name": name, "url": url, "status": "online", "capabilities": {"max_concurrency": 1}});
+    let (status, answer) = app.post("/api/runtime/workers", body).await;
+    assert!([StatusCode::CREATED, StatusCode::OK].contains(&status), "{answer}");
+}
+
+/// A reconciler that died between granting an agent a lease and sending the task leaves
+/// a lease no agent knows of: it expires after the pickup window, not the task's TTL,
+/// unless the agent's heartbeat (sent on receipt) extended it.
+#[tokio::test]
+async fn an_agent_lease_expires_after_the_pickup_window_unless_the_agent_took_the_task() {
+    use bloom::reconciler::{agent_dispatch, sweeper};
+    let app = TestApp::spawn().await;
+    let agent = fake_agent::start(AGENT_KEY, Mode::DryRun).await;
+    register(&app, "agent-1", &agent.url()).await;
+    let id = app.submit("never picked up").await["id"].as_str().unwrap().to_owned();
+    let r = manual_reconciler(&app).await;
+    let t0 = r.clock.now_ms();
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
+    wait_for("sent", Duration::from_secs(10), || async { agent.executed.lock().unwrap().len() == 1 }).await;
+    let window = agent_dispatch::PICKUP_WINDOW.as_millis() as i64;
+    assert_eq!(app.count("SELECT (expires_at - started_at) FROM leases").await, window);
+    assert_eq!(app.count("SELECT ttl_seconds::bigint FROM leases").await, 180, "the TTL after the heartbeat");
+
+    r.clock.advance(agent_dispatch::PICKUP_WINDOW - Duration::from_secs(1));
+    assert_eq!(sweeper::run_once(&r).await.unwrap().leases_expired, 0);
+    assert_eq!(app.status_of(&id).await, "leased");
+    r.clock.advance(Duration::from_secs(2));
+    let swept = sweeper::run_once(&r).await.unwrap();
+    assert_eq!((swept.leases_expired, swept.tasks_requeued), (1, 1));
+    assert_eq!(app.status_of(&id).await, "queued");
+    assert_eq!(app.count("SELECT active_leases::bigint FROM workers WHERE id = 'agent-1'").await, 0);
+
+    // An agent that takes the task heartbeats it at once: the lease then lasts its TTL.
+    *agent.mode.lock().unwrap() = Mode::RunFor(Duration::from_millis(300));
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
+    wait_for("completed", Duration::from_secs(10), || async { app.status_of(&id).await == "completed" }).await;
+    let renewed = app
+        .count(&format!(
+            "SELECT (expires_at - {t0})::bigint FROM leases WHERE status = 'released' AND task_id = '{id}'"
+        ))
+        .await;
+    assert!(renewed > 170_000, "the heartbeat extended the lease to its TTL: {renewed} ms");
+    assert_eq!(app.count("SELECT attempts::bigint FROM llm_tasks").await, 2);
+    app.stop().await;
+}
+
+/// How long after `t` (ms) the agent `flaky` is paused.
+async fn paused_for(app: &TestApp, t: i64) -> i64 {
+    app.count(&format!("SELECT dispatch_paused_until - {t} FROM workers WHERE id = 'flaky'")).await
+}
+
+/// An agent that is down is paused, doubling, whatever membridge's sync says of its
+/// status; its own registration ends the pause.
+#[tokio::test]
+async fn a_failing_agent_is_paused_with_backoff_until_it_registers_again() {
+    use bloom::reconciler::agent_dispatch;
+    let app = TestApp::spawn().await;
+    let agent = fake_agent::start(AGENT_KEY, Mode::NoCli).await;
+    register(&app, "flaky", &agent.url()).await;
+    for i in 0..3 {
+        app.submit(&format!("task {i}")).await;
+    }
+    let r = manual_reconciler(&app).await;
+    let t0 = r.clock.now_ms();
+    let failures = || async { app.count("SELECT dispatch_failures::bigint FROM workers WHERE id = 'flaky'").await };
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
+    wait_for("first failure", Duration::from_secs(10), || async { failures().await == 1 }).await;
+    assert_eq!(paused_for(&app, t0).await, 10_000);
+    assert_eq!(app.status_of_worker("flaky").await, "offline");
+
+    // Membridge's sync says the agent is online again: it stays paused.
+    let online = || sqlx::query("UPDATE workers SET status = 'online' WHERE id = 'flaky'").execute(&app.pool);
+    online().await.unwrap();
+    r.clock.advance(Duration::from_secs(9));
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 0, "paused");
+    r.clock.advance(Duration::from_secs(2));
+    let t1 = r.clock.now_ms();
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1, "the pause is over");
+    wait_for("second failure", Duration::from_secs(10), || async { failures().await == 2 }).await;
+    assert_eq!(paused_for(&app, t1).await, 20_000, "the pause doubled");
+    online().await.unwrap();
+    r.clock.advance(Duration::from_secs(19));
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 0);
+
+    // The agent is fixed and registers itself again, as it does at start-up.
+    *agent.mode.lock().unwrap() = Mode::Run;
+    register(&app, "flaky", &agent.url()).await;
+    assert_eq!((failures().await, paused_for(&app, 0).await), (0, 0));
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
+    wait_for("a task ran", Duration::from_secs(10), || async {
+        app.count("SELECT count(*) FROM llm_tasks WHERE status = 'completed'").await == 1
+    })
+    .await;
+    assert_eq!(agent.executed.lock().unwrap().len(), 3, "two refusals, one run: no attempt burnt while paused");
+    app.stop().await;
+}
+
+/// The CLI failing on the agent is a failed result reported by the agent's callback; an
+/// agent that hangs up without answering fails the attempt, and the task is retried.
+#[tokio::test]
+async fn a_failed_run_is_recorded_and_a_hung_up_call_is_retried() {
+    use bloom::reconciler::agent_dispatch;
+    let app = TestApp::spawn().await;
+    let agent = fake_agent::start(AGENT_KEY, Mode::Fail).await;
+    register(&app, "failing", &agent.url()).await;
+    let failed = app.submit("fails").await["id"].as_str().unwrap().to_owned();
+    let r = manual_reconciler(&app).await;
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
+    wait_for("failed", Duration::from_secs(10), || async { app.status_of(&failed).await == "failed" }).await;
+    let (_, results) = app.get(&format!("/api/runtime/llm-tasks/{failed}/results")).await;
+    assert_eq!(
+        (&results[0]["status"], &results[0]["error_message"]),
+        (&json!("error"), &json!("Claude CLI returned exit code 1"))
+    );
+    assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'released'").await, 1);
+    assert_eq!(app.count("SELECT dispatch_failures::bigint FROM workers WHERE id = 'failing'").await, 0);
+    sqlx::query("DELETE FROM workers WHERE id = 'failing'").execute(&app.pool).await.unwrap();
+
+    let hangs_up = fake_agent::start_hanging_up().await;
+    register(&app, "hangs-up", &hangs_up).await;
+    let retried = app.submit("retried").await["id"].as_str().unwrap().to_owned();
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
+    wait_for("requeued", Duration::from_secs(10), || async {
+        let sql =
+            format!("SELECT count(*) FROM llm_tasks WHERE id = '{retried}' AND status = 'queued' AND attempts = 1");
+        app.count(&sql).await == 1
+    })
+    .await;
+    assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'failed'").await, 1);
+    assert_eq!(app.status_of_worker("hangs-up").await, "offline");
+    app.stop().await;
+}
+
+/// A reconciler process killed while an agent runs a task it sent: the agent's callbacks
+/// complete the task through the API, once, and nothing is dispatched again.
+#[tokio::test]
+async fn a_reconciler_killed_during_an_http_dispatch_loses_and_repeats_nothing() {
+    use std::process::{Command, Stdio};
+    let app = TestApp::spawn().await;
+    let agent = fake_agent::start(AGENT_KEY, Mode::RunFor(Duration::from_millis(1500))).await;
+    register(&app, "agent-1", &agent.url()).await;
+    let db: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&app.pool).await.unwrap();
+    let base = crate::common::admin_db_url();
+    let db_url = format!("{}/{db}", base.rsplit_once('/').unwrap().0);
+    let mut reconciler = crate::common::Kill(
+        Command::new(env!("CARGO_BIN_EXE_bloom-reconciler"))
+            .env("DATABASE_URL", db_url)
+            .env("NATS_URL", crate::common::nats_url())
+            .env("BLOOM_NATS_NAMESPACE", app.names.namespace())
+            .env("BLOOM_RECONCILER_HTTP_PORT", "0")
+            .env("BLOOM_RUNTIME_URL", app.url(""))
+            .env("MEMBRIDGE_AGENT_KEY", AGENT_KEY)
+            .env("MEMBRIDGE_SERVER_URL", "http://127.0.0.1:9")
+            .env("BLOOM_AGENT_DISPATCH_INTERVAL_MS", "50")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let id = app.submit("long question").await["id"].as_str().unwrap().to_owned();
+    wait_for("sent to the agent", Duration::from_secs(30), || async { agent.executed.lock().unwrap().len() == 1 })
+        .await;
+    reconciler.0.kill().unwrap();
+    reconciler.0.wait().unwrap();
+    assert_ne!(app.status_of(&id).await, "completed", "killed while the agent still ran the task");
+    wait_for("completed by the agent's callback", Duration::from_secs(10), || async {
+        app.status_of(&id).await == "completed"
+    })
+    .await;
+    assert_eq!(app.count("SELECT count(*) FROM llm_results").await, 1);
+    assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'released'").await, 1);
+    assert_eq!(app.count("SELECT count(*) FROM leases").await, 1);
+    assert_eq!(app.count("SELECT count(*) FROM audit_logs WHERE action = 'dispatch_failed'").await, 0);
+    assert_eq!(agent.executed.lock().unwrap().len(), 1);
+    app.stop().await;
+}

@@ -19,6 +19,13 @@ use serde_json::{json, Value};
 pub enum Mode {
     /// Runs the task: heartbeat, `complete` with `agent: <prompt>`, then `ok: true`.
     Run,
+    /// As `Run`, with the CLI taking this long between the heartbeat and `complete`.
+    RunFor(std::time::Duration),
+    /// The CLI exits non-zero: heartbeat, `complete` with `status: error`, then 200
+    /// `ok: false`.
+    Fail,
+    /// `MEMBRIDGE_AGENT_DRYRUN=1`: 200 `{ok: true, dryrun: true}` and no callbacks.
+    DryRun,
     /// `503 {"detail": "Claude CLI is not installed on this node"}`, no callbacks.
     NoCli,
 }
@@ -81,10 +88,19 @@ async fn execute(State(agent): State<FakeAgent>, req: Request) -> Response {
         let detail = "Claude CLI is not installed on this node";
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"detail": detail}))).into_response();
     }
+    if mode == Mode::DryRun {
+        let detail = "dryrun: task not executed";
+        return Json(json!({"ok": true, "dryrun": true, "task_id": body["task_id"], "detail": detail})).into_response();
+    }
     let (Some(task), Some(rt)) = (body["task_id"].as_str(), body["runtime_url"].as_str()) else {
         return (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"detail": []}))).into_response();
     };
-    let base = format!("{rt}/api/runtime/llm-tasks/{task}");
+    // Like the real agent, the run goes on when the caller hangs up.
+    let run = tokio::spawn(run(agent, mode, task.to_owned(), format!("{rt}/api/runtime/llm-tasks/{task}"), body));
+    run.await.unwrap()
+}
+
+async fn run(agent: FakeAgent, mode: Mode, task: String, base: String, body: Value) -> Response {
     // The agent's one heartbeat: a JSON content type and no body at all.
     let beat = agent
         .http
@@ -93,13 +109,43 @@ async fn execute(State(agent): State<FakeAgent>, req: Request) -> Response {
         .send()
         .await
         .map(|r| r.status().as_u16());
+    if let Mode::RunFor(d) = mode {
+        tokio::time::sleep(d).await;
+    }
     let output = format!("agent: {}", body["prompt"].as_str().unwrap_or(""));
-    let complete = json!({"status": "success", "output": output, "error_message": null,
-                          "metrics": {"duration_ms": 5, "tokens_used": null}});
+    let error = "Claude CLI returned exit code 1";
+    let complete = if mode == Mode::Fail {
+        json!({"status": "error", "output": null, "error_message": error,
+               "metrics": {"duration_ms": 5, "tokens_used": null}})
+    } else {
+        json!({"status": "success", "output": output, "error_message": null,
+               "metrics": {"duration_ms": 5, "tokens_used": null}})
+    };
     let done = agent.http.post(format!("{base}/complete")).json(&complete).send().await.map(|r| r.status().as_u16());
+    if mode == Mode::Fail {
+        return Json(json!({"ok": false, "task_id": task, "error": error, "stdout": null, "stderr": "boom",
+                           "duration_ms": 5, "returncode": 1, "detail": error}))
+        .into_response();
+    }
     Json(json!({"ok": true, "task_id": task, "output": output, "duration_ms": 5, "returncode": 0,
                 "heartbeat_status": beat.ok(), "complete_status": done.ok()}))
     .into_response()
+}
+
+/// An agent address that accepts connections and drops each as soon as the request
+/// arrives, without an answer.
+pub async fn start_hanging_up() -> String {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await;
+            drop(socket);
+        }
+    });
+    url
 }
 
 /// The agent's process-control endpoints, behind its key.

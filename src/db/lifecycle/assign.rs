@@ -20,9 +20,16 @@ pub struct Assigned {
 /// (online, Claude CLI); its row is locked first, as every lease locks it, and its free
 /// slots read after the lock. Tasks are taken `FOR UPDATE SKIP LOCKED` and updated only
 /// while `queued`, so concurrent replicas, REST leases and NATS claims never lease one
-/// twice (a NATS claim of a task leased here is refused). A lease lasts the task's
-/// timeout plus `margin_secs`: an agent sends one heartbeat, not one per TTL/3.
-pub async fn assign(pool: &PgPool, worker: &WorkerId, margin_secs: i32, now: i64) -> sqlx::Result<Vec<Assigned>> {
+/// twice (a NATS claim of a task leased here is refused). A lease's TTL is the task's
+/// timeout plus `margin_secs` (an agent sends one heartbeat, not one per TTL/3), but
+/// until that first heartbeat it expires `pickup_secs` after it was granted.
+pub async fn assign(
+    pool: &PgPool,
+    worker: &WorkerId,
+    margin_secs: i32,
+    pickup_secs: i32,
+    now: i64,
+) -> sqlx::Result<Vec<Assigned>> {
     let mut tx = pool.begin().await?;
     let Some(agent) = workers::get_for_update(&mut tx, worker).await? else { return Ok(Vec::new()) };
     if agent.transport != WorkerTransport::Http || !agent.is_eligible() {
@@ -51,7 +58,7 @@ pub async fn assign(pool: &PgPool, worker: &WorkerId, margin_secs: i32, now: i64
            l AS (
               INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
                                   last_heartbeat, context_id)
-              SELECT lease_id, id, $4, $5, $5 + ttl::bigint * 1000, ttl, 'active', $5, context_id FROM t),
+              SELECT lease_id, id, $4, $5, $5 + LEAST(ttl, $7)::bigint * 1000, ttl, 'active', $5, context_id FROM t),
            a AS (
               INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
               SELECT audit_id, $5, 'task_dispatched', 'llm_task', id, 'router',
@@ -68,7 +75,8 @@ pub async fn assign(pool: &PgPool, worker: &WorkerId, margin_secs: i32, now: i64
         &audit_ids,
         worker.as_str(),
         now,
-        margin_secs
+        margin_secs,
+        pickup_secs
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -96,7 +104,8 @@ pub async fn assign(pool: &PgPool, worker: &WorkerId, margin_secs: i32, now: i64
                 routed_to: r.routed_to,
             });
             let fresh = super::lease::new_lease(&task, worker, ttl_seconds, now);
-            let lease = Lease { id: task.lease_id.clone().unwrap_or(fresh.id.clone()), ..fresh };
+            let expires_at = now + i64::from(ttl_seconds.min(pickup_secs)) * 1000;
+            let lease = Lease { id: task.lease_id.clone().unwrap_or(fresh.id.clone()), expires_at, ..fresh };
             Assigned { task, lease }
         })
         .collect())
