@@ -140,6 +140,25 @@ impl ArtifactStore {
         }
     }
 
+    /// Stores an output as [`store`](Self::store) does, except that an output of at most
+    /// `defer_up_to` bytes is kept in Postgres for the artifact mover to upload later
+    /// (write-behind: its task completes without waiting for S3).
+    pub async fn store_or_defer(
+        &self,
+        task: &TaskId,
+        lease: &LeaseId,
+        output: Option<&str>,
+        defer_up_to: usize,
+    ) -> ArtifactBody {
+        if output.is_some_and(|out| out.len() <= defer_up_to) {
+            if self.s3.is_some() {
+                self.metrics.artifacts_written_behind_total.inc();
+            }
+            return ArtifactBody::Inline;
+        }
+        self.store(task, lease, output).await
+    }
+
     /// Uploads the content of an artifact kept in Postgres to S3, under a key that is
     /// deterministic per artifact (`artifacts/<task>/<artifact>.json`: a retried move
     /// overwrites), and returns its URL. While S3 cools down after a failure this fails

@@ -377,10 +377,17 @@ pub struct ReconcilerArgs {
     /// Lease sweep interval in milliseconds.
     #[arg(long, env = "BLOOM_SWEEP_INTERVAL_MS", default_value_t = 1_000)]
     pub sweep_interval_ms: u64,
-    /// How often (ms) artifacts whose content stayed in Postgres because S3 failed are
-    /// moved to S3, at most 32 artifacts and 16 MiB per pass (with S3 configured).
-    #[arg(long, env = "BLOOM_ARTIFACT_MOVE_INTERVAL_MS", default_value_t = 1_000)]
+    /// How often (ms) artifacts whose content is in Postgres (written behind, or kept
+    /// there because S3 failed) are moved to S3, at most 64 artifacts and 16 MiB per
+    /// pass, passes back to back while a backlog remains (with S3 configured).
+    #[arg(long, env = "BLOOM_ARTIFACT_MOVE_INTERVAL_MS", default_value_t = 250)]
     pub artifact_move_interval_ms: u64,
+    /// Outputs up to this size (bytes) reported over NATS are stored in Postgres when
+    /// their task completes and uploaded to S3 right after by the artifact mover, off the
+    /// completion path; larger ones are uploaded before the task completes. 0 uploads
+    /// every output before its task completes. Without S3, every output stays in Postgres.
+    #[arg(long, env = "BLOOM_ARTIFACT_WRITE_BEHIND_MAX_BYTES", default_value_t = 1_048_576)]
+    pub artifact_write_behind_max_bytes: usize,
     /// How often (ms) queued tasks are leased to HTTP agents with free slots and sent to
     /// their `/execute-task`.
     #[arg(long, env = "BLOOM_AGENT_DISPATCH_INTERVAL_MS", default_value_t = 500)]

@@ -160,6 +160,7 @@ metrics! {
     workers_marked_offline_total: Counter = "Workers marked offline for silence.",
     redeliveries_total: Counter = "Task messages delivered more than once.",
     s3_fallbacks_total: Counter = "Artifacts stored in Postgres because S3 failed.",
+    artifacts_written_behind_total: Counter = "Outputs stored in Postgres at completion for the artifact mover to upload to S3.",
     artifacts_moved_total: Counter = "Artifacts whose content was moved from Postgres to S3.",
     artifact_moves_failed_total: Counter = "Uploads of artifacts kept in Postgres that failed (retried later).",
     artifacts_inline_backlog: Gauge = "Artifacts whose content is in Postgres while S3 is configured (last move pass).",

@@ -1,12 +1,17 @@
-//! Artifact moves, on every replica: the content of artifacts that stayed in Postgres
-//! because S3 failed when they were stored is uploaded to S3 and their rows pointed at
-//! the copy, oldest first, a bounded batch per pass, so a backlog never competes with
-//! live uploads for long. Replicas lock the rows they move (`SKIP LOCKED`) and so share
-//! the work; a row is switched to its S3 URL only after the upload succeeded, in one
-//! statement guarded by the row still being inline, so a reader always finds the content
-//! in one place or the other, and a crash between the two leaves it inline (the next
-//! pass uploads it again to the same key).
+//! Artifact moves, on every replica: the content of artifacts kept in Postgres is
+//! uploaded to S3 and their rows pointed at the copy, oldest first. Two kinds wait here:
+//! outputs written behind (stored with their completion so that a task never waits for
+//! S3, see `BLOOM_ARTIFACT_WRITE_BEHIND_MAX_BYTES`) and outputs kept in Postgres because
+//! S3 failed. A pass takes a bounded batch (64 artifacts, 16 MiB) and uploads it 16 at a
+//! time; passes run back to back while a full batch was moved, then every
+//! `BLOOM_ARTIFACT_MOVE_INTERVAL_MS`. Replicas lock the rows they move (`SKIP LOCKED`) and
+//! so share the work; a row is switched to its S3 URL only after the upload succeeded,
+//! in one statement guarded by the row still being inline, so a reader always finds the
+//! content in one place or the other, and a crash between the two leaves it inline (the
+//! next pass uploads it again to the same key). While S3 is down, uploads fail at once
+//! (the store's cooldown) and the pass ends.
 
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::Reconciler;
@@ -14,7 +19,9 @@ use crate::db::{artifacts, audit};
 use crate::domain::{AuditAction, NewAudit};
 
 /// Artifacts locked per pass.
-const BATCH: i64 = 32;
+const BATCH: i64 = 64;
+/// Uploads of one pass in flight at once.
+const CONCURRENT_UPLOADS: usize = 16;
 /// Content uploaded per pass, at most (a larger artifact goes alone).
 const BYTES_PER_PASS: i64 = 16 * 1024 * 1024;
 
@@ -40,10 +47,22 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
             _ = cancel.cancelled() => return Ok(()),
             _ = tokio::time::sleep(r.settings.artifact_move_interval) => {}
         }
-        match run_once(&r).await {
-            Ok(report) if report.moved > 0 || report.failed > 0 => tracing::info!(?report, "artifact moves"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "artifact moves failed"),
+        // Back to back while full batches move (a burst of written-behind outputs).
+        loop {
+            match run_once(&r).await {
+                Ok(report) => {
+                    if report.failed > 0 {
+                        tracing::info!(?report, "artifact moves");
+                    }
+                    if report.moved < BATCH as usize || cancel.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "artifact moves failed");
+                    break;
+                }
+            }
         }
     }
 }
@@ -56,15 +75,26 @@ pub async fn run_once(r: &Reconciler) -> sqlx::Result<MoveReport> {
     }
     let mut tx = r.pool.begin().await?;
     let inline = artifacts::lock_inline(&mut tx, BATCH).await?;
-    let mut entries = Vec::new();
+    let mut picked = Vec::new();
     let mut budget = BYTES_PER_PASS;
     for artifact in inline {
         if budget <= 0 {
             break;
         }
         budget -= artifact.bytes;
-        let Some(content) = artifacts::inline_content(&mut *tx, &artifact.id).await? else { continue };
-        match r.artifacts.upload_moved(&artifact.task_id, &artifact.id, content).await {
+        if let Some(content) = artifacts::inline_content(&mut *tx, &artifact.id).await? {
+            picked.push((artifact, content));
+        }
+    }
+    // The rows stay locked while their uploads run, 16 at a time.
+    let uploads = picked.into_iter().map(|(artifact, content)| async move {
+        let uploaded = r.artifacts.upload_moved(&artifact.task_id, &artifact.id, content).await;
+        (artifact, uploaded)
+    });
+    let uploaded: Vec<_> = futures::stream::iter(uploads).buffer_unordered(CONCURRENT_UPLOADS).collect().await;
+    let mut entries = Vec::new();
+    for (artifact, result) in uploaded {
+        match result {
             Ok(url) => {
                 if artifacts::moved_to_s3(&mut *tx, &artifact.id, &url).await? {
                     report.moved += 1;
@@ -75,8 +105,7 @@ pub async fn run_once(r: &Reconciler) -> sqlx::Result<MoveReport> {
             }
             Err(e) => {
                 report.failed += 1;
-                tracing::warn!(artifact.id = %artifact.id, error = %e, "moving an artifact to S3 failed; retried later");
-                break;
+                tracing::debug!(artifact.id = %artifact.id, error = %e, "moving an artifact to S3 failed; retried later");
             }
         }
     }

@@ -6,7 +6,7 @@
 //! | results → completed/failed tasks, artifacts | [`results`] | every replica (shared durable consumer) |
 //! | outbox relay | [`relay`] | every replica (`FOR UPDATE SKIP LOCKED` batches) |
 //! | lease expiry, silent workers, rerouting | [`sweeper`] | every replica (`SKIP LOCKED` / guarded updates) |
-//! | artifacts left in Postgres by an S3 failure → S3 | [`artifact_moves`] | every replica (`SKIP LOCKED`), with S3 only |
+//! | artifacts in Postgres (written behind, or left by an S3 failure) → S3 | [`artifact_moves`] | every replica (`SKIP LOCKED`), with S3 only |
 //! | queued tasks → HTTP agents' `/execute-task` | [`agent_dispatch`] | every replica (worker row locks, `SKIP LOCKED`) |
 //! | membridge agent sync | [`membridge_sync`] | the elected leader only ([`leader`]) |
 //!
@@ -50,8 +50,12 @@ pub struct ReconcilerSettings {
     /// Extra time past `expires_at` before a lease is expired.
     pub expiry_grace: Duration,
     pub sweep_interval: Duration,
-    /// How often artifacts kept in Postgres are moved to S3 (a bounded batch each time).
+    /// How often artifacts kept in Postgres are moved to S3 (bounded batches, back to
+    /// back while a backlog remains).
     pub artifact_move_interval: Duration,
+    /// Outputs up to this size are stored in Postgres at completion and moved to S3
+    /// after (0: every output is uploaded before its task completes).
+    pub artifact_write_behind_max_bytes: usize,
     /// How often queued tasks are leased to HTTP agents with free slots and sent to them.
     pub agent_dispatch_interval: Duration,
     /// The API's URL as HTTP agents reach it (their callbacks go there).
@@ -95,6 +99,7 @@ impl ReconcilerSettings {
             expiry_grace: Duration::from_millis(r.expiry_grace_ms),
             sweep_interval: Duration::from_millis(r.sweep_interval_ms.max(10)),
             artifact_move_interval: Duration::from_millis(r.artifact_move_interval_ms.max(10)),
+            artifact_write_behind_max_bytes: r.artifact_write_behind_max_bytes,
             agent_dispatch_interval: Duration::from_millis(r.agent_dispatch_interval_ms.max(10)),
             runtime_url: r.runtime_url.trim_end_matches('/').to_owned(),
             agent_key: membridge.membridge_agent_key.clone(),
@@ -118,7 +123,8 @@ impl Default for ReconcilerSettings {
             lease_ttl: Duration::from_secs(300),
             expiry_grace: Duration::from_secs(2),
             sweep_interval: Duration::from_secs(1),
-            artifact_move_interval: Duration::from_secs(1),
+            artifact_move_interval: Duration::from_millis(250),
+            artifact_write_behind_max_bytes: 1 << 20,
             agent_dispatch_interval: Duration::from_millis(500),
             runtime_url: "http://127.0.0.1:3002".into(),
             agent_key: Default::default(),

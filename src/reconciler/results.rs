@@ -190,10 +190,12 @@ async fn store(
         without_nul(&mut res.outcome.output);
         without_nul(&mut res.outcome.error_message);
     }
-    // Uploads of one batch run concurrently.
+    // Small outputs are written behind (stored with the completion, moved to S3 by the
+    // artifact mover); larger ones are uploaded first, the uploads of a batch at once.
+    let behind = r.settings.artifact_write_behind_max_bytes;
     let uploads: Vec<_> = results
         .iter()
-        .map(|res| r.artifacts.store(&res.task_id, &res.lease_id, res.outcome.output.as_deref()))
+        .map(|res| r.artifacts.store_or_defer(&res.task_id, &res.lease_id, res.outcome.output.as_deref(), behind))
         .collect();
     let bodies: Vec<_> = futures::stream::iter(uploads).buffered(32).collect().await;
     // The outputs move into the completions; `results` keeps what the bookkeeping needs.

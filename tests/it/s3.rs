@@ -20,24 +20,30 @@ fn settings(endpoint: String, bucket: &str) -> S3Settings {
     }
 }
 
+/// Outputs reported over NATS are written behind: stored in Postgres with the
+/// completion (the task never waits for S3), then moved to S3 by the artifact mover.
 #[tokio::test]
 async fn artifacts_land_in_s3_and_stream_back_through_the_api() {
     let bucket = format!("bloom-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let app = TestApp::spawn_with(Opts { s3: Some(settings(s3_endpoint(), &bucket)), ..Opts::default() }).await;
-    app.start_reconciler().await;
+    let (r, _) = app.start_reconciler().await;
     app.start_worker("w", 2).await;
     let id = app.submit("stored in s3").await["id"].as_str().unwrap().to_owned();
     wait_for("completed", Duration::from_secs(20), || async { app.status_of(&id).await == "completed" }).await;
+    wait_for("moved to S3", Duration::from_secs(20), || async {
+        let (_, arts) = app.get(&format!("/api/runtime/artifacts?task_id={id}")).await;
+        arts[0]["url"].is_string()
+    })
+    .await;
+    assert_eq!(r.metrics.artifacts_written_behind_total.get(), 1);
+    assert_eq!(r.metrics.artifacts_moved_total.get(), 1);
     let (_, arts) = app.get(&format!("/api/runtime/artifacts?task_id={id}")).await;
     let art = &arts[0];
-    let lease: String = sqlx::query_scalar("SELECT lease_id FROM llm_tasks WHERE id = $1")
-        .bind(&id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    assert_eq!(art["url"], format!("s3://{bucket}/artifacts/{id}/{lease}.json"));
+    let aid = art["id"].as_str().unwrap().to_owned();
+    let key = format!("artifacts/{id}/{aid}.json");
+    assert_eq!(art["url"], format!("s3://{bucket}/{key}"));
     assert_eq!(art["content"], json!(null));
-    let aid = art["id"].as_str().unwrap();
+    let aid = aid.as_str();
     let (status, one) = app.get(&format!("/api/runtime/artifacts/{aid}")).await;
     assert_eq!((status, one["id"].clone()), (StatusCode::OK, json!(aid)));
     let body = app.get_text(&format!("/api/runtime/artifacts/{aid}/content")).await;
@@ -57,7 +63,7 @@ async fn artifacts_land_in_s3_and_stream_back_through_the_api() {
     let obj = aws_sdk_s3::Client::from_conf(conf)
         .get_object()
         .bucket(&bucket)
-        .key(format!("artifacts/{id}/{lease}.json"))
+        .key(&key)
         .send()
         .await
         .expect("object in the bucket");
@@ -65,6 +71,37 @@ async fn artifacts_land_in_s3_and_stream_back_through_the_api() {
     assert_eq!(&bytes[..], b"stored in s3");
     let (status, _) = app.get("/api/runtime/artifacts/nope").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    app.stop().await;
+}
+
+/// An output over the write-behind size is uploaded before its task completes, under
+/// the key of its lease: when the task reads `completed`, the artifact is in S3.
+#[tokio::test]
+async fn outputs_over_the_write_behind_size_are_uploaded_before_completion() {
+    let bucket = format!("bloom-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let app = TestApp::spawn_with(Opts { s3: Some(settings(s3_endpoint(), &bucket)), ..Opts::default() }).await;
+    let settings = bloom::reconciler::ReconcilerSettings {
+        artifact_write_behind_max_bytes: 4,
+        artifact_move_interval: Duration::from_secs(3600),
+        ..app.reconciler_settings()
+    };
+    let cancel = app.cancel.child_token();
+    let r = app.reconciler_with(settings, &cancel).await;
+    tokio::spawn(r.clone().run(cancel));
+    tokio::time::timeout(Duration::from_secs(10), r.serving()).await.expect("reconciler subscribed");
+    app.start_worker("w", 1).await;
+    let id = app.submit("longer than four bytes").await["id"].as_str().unwrap().to_owned();
+    wait_for("completed", Duration::from_secs(20), || async { app.status_of(&id).await == "completed" }).await;
+    let lease: String = sqlx::query_scalar("SELECT lease_id FROM llm_tasks WHERE id = $1")
+        .bind(&id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let (_, arts) = app.get(&format!("/api/runtime/artifacts?task_id={id}")).await;
+    assert_eq!(arts[0]["url"], format!("s3://{bucket}/artifacts/{id}/{lease}.json"));
+    assert_eq!(arts[0]["content"], json!(null));
+    assert_eq!(r.metrics.artifacts_written_behind_total.get(), 0);
+    assert_eq!(r.metrics.artifacts_moved_total.get(), 0);
     app.stop().await;
 }
 
@@ -109,7 +146,13 @@ async fn artifacts_fall_back_to_postgres_when_s3_is_down() {
     // Nothing listens on port 9 of loopback.
     let app =
         TestApp::spawn_with(Opts { s3: Some(settings("http://127.0.0.1:9".into(), "down")), ..Opts::default() }).await;
-    let (r, _) = app.start_reconciler().await;
+    // Every output uploaded before completion (no write-behind): the upload fails.
+    let settings =
+        bloom::reconciler::ReconcilerSettings { artifact_write_behind_max_bytes: 0, ..app.reconciler_settings() };
+    let cancel = app.cancel.child_token();
+    let r = app.reconciler_with(settings, &cancel).await;
+    tokio::spawn(r.clone().run(cancel));
+    tokio::time::timeout(Duration::from_secs(10), r.serving()).await.expect("reconciler subscribed");
     app.start_worker("w", 2).await;
     let id = app.submit("kept in postgres").await["id"].as_str().unwrap().to_owned();
     wait_for("completed", Duration::from_secs(30), || async { app.status_of(&id).await == "completed" }).await;
@@ -215,7 +258,8 @@ async fn artifacts_left_in_postgres_by_an_outage_move_to_s3_once_it_is_back() {
     // A mover whose S3 is still down moves nothing and loses nothing.
     let cancel = app.cancel.child_token();
     let down = app.reconciler_with(app.reconciler_settings(), &cancel).await;
-    assert_eq!(artifact_moves::run_once(&down).await.unwrap(), MoveReport { moved: 0, failed: 1, backlog: 5 });
+    let report = artifact_moves::run_once(&down).await.unwrap();
+    assert!(matches!(report, MoveReport { moved: 0, failed: 1..=5, backlog: 5 }), "{report:?}");
     for (_, aid, output) in &outputs {
         assert_eq!(&app.get_text(&format!("/api/runtime/artifacts/{aid}/content")).await, output);
     }
