@@ -13,8 +13,10 @@
 //! * with S3 (the mixed scenario), no artifact left in Postgres once S3 is back: those
 //!   an outage kept there have moved to S3 (counted as `artifacts_moved_to_s3`);
 //!
-//! and reports redeliveries (leases per task beyond the first), late results and the
-//! latency the runtime added to each task (submission to stored result less execution:
+//! and reports redeliveries (leases per task beyond the first), duplicate executions
+//! (results that arrived after another execution took the task over), each attributed
+//! to the fault that caused it (`duplicates.rs`), and the latency the runtime added to
+//! each task (submission to stored result less execution:
 //! median, p99, worst, and how much the worst adds to the median).
 //! `--scenario reconciler-kills` only kills reconcilers, with the default lease TTL:
 //! it measures what a dead reconciler costs the tasks it held (claims and results are
@@ -30,6 +32,18 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
+
+mod duplicates;
+use duplicates::{Fault, FaultKind};
+
+/// The lease TTL of the mixed scenario (short, so that tasks whose worker died are
+/// retried within the run), and the runtime's default, which the other one keeps.
+const MIXED_LEASE_TTL_SECS: i64 = 2;
+const DEFAULT_LEASE_TTL_SECS: i64 = 300;
+
+fn epoch_ms() -> i64 {
+    bloom::time::now_ms()
+}
 
 /// Options.
 #[derive(Parser, Debug, Clone)]
@@ -291,7 +305,7 @@ async fn main() -> anyhow::Result<()> {
     let mut env = env;
     if o.scenario == Scenario::Mixed {
         // Short leases, so that tasks whose worker died are retried within the run.
-        env.push(("BLOOM_LEASE_TTL_SECS".into(), "2".into()));
+        env.push(("BLOOM_LEASE_TTL_SECS".into(), MIXED_LEASE_TTL_SECS.to_string()));
         // Artifacts go to S3, which has outages of its own. The reconciler-kill scenario
         // keeps them in Postgres: the S3 test server's throughput would be what it measures.
         env.extend([
@@ -367,6 +381,7 @@ async fn main() -> anyhow::Result<()> {
         faults.insert(k.into(), json!(n));
     };
     let mut s3_down_until: Option<Instant> = None;
+    let mut fault_log: Vec<Fault> = Vec::new();
     let started = Instant::now();
     while !submitter.is_finished() {
         tokio::time::sleep(Duration::from_millis(o.fault_every_ms / 2 + rng.below(o.fault_every_ms))).await;
@@ -391,17 +406,20 @@ async fn main() -> anyhow::Result<()> {
                 let i = rng.below(workers.len() as u64) as usize;
                 eprintln!("[{:>5.1}s] SIGKILL {}", started.elapsed().as_secs_f64(), workers[i].name);
                 workers[i].kill();
+                fault_log.push(Fault { at_ms: epoch_ms(), kind: FaultKind::WorkerKill(format!("chaos-{i}")) });
                 count("worker_kills");
             }
             4..=6 => {
                 let i = rng.below(reconcilers.len() as u64) as usize;
                 eprintln!("[{:>5.1}s] SIGKILL {}", started.elapsed().as_secs_f64(), reconcilers[i].name);
                 reconcilers[i].kill();
+                fault_log.push(Fault { at_ms: epoch_ms(), kind: FaultKind::ReconcilerKill });
                 count("reconciler_kills");
             }
             7 => {
                 eprintln!("[{:>5.1}s] restart nats-server", started.elapsed().as_secs_f64());
                 nats.kill();
+                fault_log.push(Fault { at_ms: epoch_ms(), kind: FaultKind::NatsRestart });
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 nats.start()?;
                 wait_port(nats_port, "nats-server", Duration::from_secs(10))?;
@@ -410,6 +428,7 @@ async fn main() -> anyhow::Result<()> {
             8 => {
                 eprintln!("[{:>5.1}s] crash and restart postgres", started.elapsed().as_secs_f64());
                 pg.crash();
+                fault_log.push(Fault { at_ms: epoch_ms(), kind: FaultKind::PostgresRestart });
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 pg.start()?;
                 count("postgres_restarts");
@@ -418,6 +437,7 @@ async fn main() -> anyhow::Result<()> {
                 if s3_down_until.is_none() {
                     eprintln!("[{:>5.1}s] stop S3 for 3 s", started.elapsed().as_secs_f64());
                     s3.kill();
+                    fault_log.push(Fault { at_ms: epoch_ms(), kind: FaultKind::S3Outage });
                     s3_down_until = Some(Instant::now() + Duration::from_secs(3));
                     count("s3_outages");
                 }
@@ -498,6 +518,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .fetch_one(&pool)
     .await?;
+    let lease_ttl_ms = 1000 * if o.scenario == Scenario::Mixed { MIXED_LEASE_TTL_SECS } else { DEFAULT_LEASE_TTL_SECS };
     let (p50, p99, worst) = (latency.0.unwrap_or(0.0), latency.1.unwrap_or(0.0), latency.2.unwrap_or(0));
     let added = (worst as f64 - p50).max(0.0) as u64;
     let report = json!({
@@ -507,7 +528,7 @@ async fn main() -> anyhow::Result<()> {
         "completed": q("SELECT count(*) FROM llm_tasks WHERE status = 'completed'").await?,
         "dead": q("SELECT count(*) FROM llm_tasks WHERE status = 'dead'").await?,
         "redeliveries": q("SELECT COALESCE(sum(n - 1), 0)::bigint FROM (SELECT count(*) AS n FROM leases GROUP BY task_id) x").await?,
-        "duplicate_executions_reported_late": q("SELECT count(*) FROM audit_logs WHERE action = 'result_late'").await?,
+        "duplicate_executions": duplicates::attribute(&pool, &fault_log, lease_ttl_ms).await?,
         "leases_expired": q("SELECT count(*) FROM leases WHERE status = 'expired'").await?,
         "artifacts_in_s3": q("SELECT count(*) FROM runtime_artifacts WHERE url IS NOT NULL").await?,
         "artifacts_in_postgres": inline_artifacts,
