@@ -154,6 +154,7 @@ metrics! {
     results_refused_total: Counter = "Result messages terminated after Postgres refused them on every delivery.",
     task_duration_seconds: Histogram = "Execution time of tasks as reported by workers.",
     leases_expired_total: Counter = "Leases expired by the sweeper.",
+    sweeps_paused_total: Counter = "Sweeps that expired nothing because the heartbeat path was broken less than a quiet window ago.",
     tasks_requeued_total: Counter = "Tasks requeued after a lease expiry.",
     tasks_dead_total: Counter = "Tasks that ran out of attempts.",
     tasks_rerouted_total: Counter = "Queued tasks moved from an offline worker to the pool.",

@@ -136,8 +136,18 @@ mod tests {
             cause(&late("chaos-1", 19_000, 19_900, 22_400, "expired"), &faults, ttl),
             "heartbeat_lost_reconciler_killed"
         );
-        assert_eq!(cause(&late("chaos-3", 30_000, 30_500, 33_000, "expired"), &faults, ttl), "lease_expired_without_fault");
-        let unknown = Late { same_result: false, worker_id: None, started_at: None, last_heartbeat: None, ended_at: None, ended_how: None };
+        assert_eq!(
+            cause(&late("chaos-3", 30_000, 30_500, 33_000, "expired"), &faults, ttl),
+            "lease_expired_without_fault"
+        );
+        let unknown = Late {
+            same_result: false,
+            worker_id: None,
+            started_at: None,
+            last_heartbeat: None,
+            ended_at: None,
+            ended_how: None,
+        };
         assert_eq!(cause(&unknown, &faults, ttl), "other");
     }
 }

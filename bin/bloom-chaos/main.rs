@@ -77,6 +77,10 @@ struct Opts {
     /// reported either way.
     #[arg(long)]
     max_added_latency_ms: Option<u64>,
+    /// Lease TTL of the runtime under test, seconds (mixed: 2, short so that the tasks of
+    /// killed workers are retried within the run; reconciler-kills: the default, 300).
+    #[arg(long)]
+    lease_ttl_secs: Option<i64>,
 }
 
 /// A fault schedule.
@@ -303,9 +307,12 @@ async fn main() -> anyhow::Result<()> {
         ("RUST_LOG".into(), "warn".into()),
     ];
     let mut env = env;
+    let lease_ttl_secs = o.lease_ttl_secs.unwrap_or(match o.scenario {
+        Scenario::Mixed => MIXED_LEASE_TTL_SECS,
+        Scenario::ReconcilerKills => DEFAULT_LEASE_TTL_SECS,
+    });
+    env.push(("BLOOM_LEASE_TTL_SECS".into(), lease_ttl_secs.to_string()));
     if o.scenario == Scenario::Mixed {
-        // Short leases, so that tasks whose worker died are retried within the run.
-        env.push(("BLOOM_LEASE_TTL_SECS".into(), MIXED_LEASE_TTL_SECS.to_string()));
         // Artifacts go to S3, which has outages of its own. The reconciler-kill scenario
         // keeps them in Postgres: the S3 test server's throughput would be what it measures.
         env.extend([
@@ -518,7 +525,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .fetch_one(&pool)
     .await?;
-    let lease_ttl_ms = 1000 * if o.scenario == Scenario::Mixed { MIXED_LEASE_TTL_SECS } else { DEFAULT_LEASE_TTL_SECS };
+    let lease_ttl_ms = 1000 * lease_ttl_secs;
     let (p50, p99, worst) = (latency.0.unwrap_or(0.0), latency.1.unwrap_or(0.0), latency.2.unwrap_or(0));
     let added = (worst as f64 - p50).max(0.0) as u64;
     let report = json!({

@@ -215,6 +215,7 @@ async fn handle_heartbeats(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated)
             }
         }
         Err(e) => {
+            r.expiry_pause.broken(r.clock.now_ms());
             tracing::error!(error = %e, "heartbeat transaction failed");
             for (msg, _) in &requests {
                 reply(&r, msg, &HeartbeatReply::Unavailable { reason: "database unavailable".into() }).await;

@@ -16,6 +16,7 @@
 pub mod agent_dispatch;
 pub mod artifact_moves;
 pub mod control;
+pub mod expiry_pause;
 pub mod leader;
 pub mod membridge_sync;
 pub mod relay;
@@ -163,6 +164,9 @@ pub struct Reconciler {
     pub settings: Arc<ReconcilerSettings>,
     /// The time every duty and transition uses (the system clock; tests move their own).
     pub clock: Clock,
+    /// When this replica last saw the heartbeat path broken; the sweeper waits a quiet
+    /// window after it before expiring leases.
+    pub expiry_pause: Arc<expiry_pause::ExpiryPause>,
     /// True once the control subjects are subscribed on the server: from then on a
     /// claim sent to this replica is answered.
     serving: Arc<watch::Sender<bool>>,
@@ -197,6 +201,7 @@ impl Reconciler {
             settings: Arc::new(settings),
             clock: Clock::system(),
             serving: Arc::new(watch::Sender::new(false)),
+            expiry_pause: Arc::default(),
         })
     }
 

@@ -228,6 +228,9 @@ async fn store(
             return Ok(());
         }
         Err(e) => {
+            // Results that cannot be stored leave their leases unreleased: no expiry
+            // until they can be.
+            r.expiry_pause.broken(r.clock.now_ms());
             let tasks: Vec<&str> = results.iter().map(|res| res.task_id.as_str()).collect();
             for msg in accepted {
                 settle_unstored(r, msg, &e, crate::db::is_data_refusal(&e), &tasks).await;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::expiry_pause::ExpiryPause;
 use super::Reconciler;
 use crate::db::lifecycle::{self, Expiring};
 use crate::db::workers;
@@ -21,6 +22,8 @@ pub struct SweepReport {
     pub tasks_dead: usize,
     pub workers_offline: usize,
     pub tasks_rerouted: usize,
+    /// Nothing was expired: the heartbeat path was broken less than a quiet window ago.
+    pub expiry_paused: bool,
 }
 
 /// Runs [`run_once`] every `sweep_interval` until `cancel` fires.
@@ -33,7 +36,10 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
         match run_once(&r).await {
             Ok(report) if report != SweepReport::default() => tracing::info!(?report, "sweep"),
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "sweep failed"),
+            Err(e) => {
+                r.expiry_pause.broken(r.clock.now_ms());
+                tracing::warn!(error = %e, "sweep failed");
+            }
         }
     }
 }
@@ -43,6 +49,17 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
 pub async fn run_once(r: &Reconciler) -> sqlx::Result<SweepReport> {
     let mut report = SweepReport::default();
     let now = r.clock.now_ms();
+    // Live workers cannot renew while the heartbeat path is broken: wait until it has
+    // been whole for a quiet window (see `expiry_pause`).
+    if r.client.connection_state() != async_nats::connection::State::Connected {
+        r.expiry_pause.broken(now);
+    }
+    let quiet = ExpiryPause::quiet_window(r.settings.lease_ttl, r.settings.expiry_grace);
+    if !r.expiry_pause.allows_expiry(now, quiet) {
+        report.expiry_paused = true;
+        r.metrics.sweeps_paused_total.inc();
+        return Ok(report);
+    }
     let cutoff = now - r.settings.expiry_grace.as_millis() as i64;
     loop {
         let expiry = lifecycle::expire(&r.pool, Expiring::Before(cutoff), BATCH, now).await?;

@@ -434,8 +434,11 @@ async fn execute(ctx: Ctx, msg: Message, task: TaskMessage, grant: LeaseGrant, s
 }
 
 /// Every TTL/3: an in-progress ack (JetStream's lease) and a lease heartbeat
-/// (Postgres's lease). Returns (after cancelling `lost`) only when a heartbeat is
-/// answered `Lost`; otherwise runs until dropped.
+/// (Postgres's lease). A heartbeat that got no answer, or was answered that the
+/// database is unavailable, is retried after [`HEARTBEAT_RETRY`] rather than a whole
+/// period, so that the lease is renewed as soon as the path is back. Returns (after
+/// cancelling `lost`) only when a heartbeat is answered `Lost`; otherwise runs until
+/// dropped.
 async fn heartbeat_loop(
     ctx: &Ctx,
     msg: &Message,
@@ -444,20 +447,31 @@ async fn heartbeat_loop(
     lost: &CancellationToken,
 ) {
     let period = Duration::from_millis((ctx.ttl_secs as u64 * 1000 / 3).max(200));
+    let mut wait = period;
     loop {
-        tokio::time::sleep(period).await;
+        tokio::time::sleep(wait).await;
         let _ = msg.ack_with(AckKind::Progress).await;
         let req = HeartbeatRequest { task_id: task_id.clone(), lease_id: lease_id.clone() };
-        match request::<_, HeartbeatReply>(ctx, ctx.names.heartbeat_subject(), &req).await {
+        wait = match request::<_, HeartbeatReply>(ctx, ctx.names.heartbeat_subject(), &req).await {
             Ok(HeartbeatReply::Lost) => {
                 lost.cancel();
                 return;
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(task.id = %task_id, error = %e, "lease heartbeat failed"),
-        }
+            Ok(HeartbeatReply::Renewed { .. }) => period,
+            Ok(HeartbeatReply::Unavailable { reason }) => {
+                tracing::warn!(task.id = %task_id, %reason, "lease heartbeat not recorded; retrying");
+                HEARTBEAT_RETRY.min(period)
+            }
+            Err(e) => {
+                tracing::warn!(task.id = %task_id, error = %e, "lease heartbeat failed; retrying");
+                HEARTBEAT_RETRY.min(period)
+            }
+        };
     }
 }
+
+/// How soon a heartbeat that failed is sent again.
+const HEARTBEAT_RETRY: Duration = Duration::from_millis(200);
 
 /// Tells the reconcilers this worker (re)started, before it claims anything: the leases
 /// its id still holds belong to a process that died, and their tasks are requeued now

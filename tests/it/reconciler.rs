@@ -200,6 +200,42 @@ async fn the_sweeper_acts_when_the_time_has_come_and_not_before() {
     app.stop().await;
 }
 
+/// After this replica saw the heartbeat path broken (recorded here as the sweep, the
+/// heartbeat and the results paths record a failure), it expires nothing for a quiet
+/// window, so that live workers can renew first; then overdue leases expire as usual.
+#[tokio::test]
+async fn lease_expiry_waits_a_quiet_window_after_the_heartbeat_path_broke() {
+    use bloom::reconciler::expiry_pause::ExpiryPause;
+    use bloom::reconciler::sweeper;
+
+    let app = TestApp::spawn().await;
+    let settings = bloom::reconciler::ReconcilerSettings {
+        lease_ttl: Duration::from_secs(2),
+        expiry_grace: Duration::from_millis(500),
+        ..app.reconciler_settings()
+    };
+    let mut r = app.reconciler_with(settings, &app.cancel).await;
+    let start = bloom::time::now_ms();
+    r.clock = bloom::time::Clock::manual(start);
+    app.register_worker("w", 1).await;
+    let (id, _) = app.leased_task("overdue").await;
+    sqlx::query("UPDATE leases SET expires_at = $1").bind(start - 10_000).execute(&app.pool).await.unwrap();
+    r.expiry_pause.broken(start);
+    let quiet = ExpiryPause::quiet_window(Duration::from_secs(2), Duration::from_millis(500));
+    assert_eq!(quiet, Duration::from_millis(2_500));
+
+    r.clock.advance(Duration::from_millis(2_400));
+    let paused = sweeper::run_once(&r).await.unwrap();
+    assert!(paused.expiry_paused && paused.leases_expired == 0, "{paused:?}");
+    assert_eq!(app.status_of(&id).await, "leased");
+    assert_eq!(r.metrics.sweeps_paused_total.get(), 1);
+    r.clock.advance(Duration::from_millis(100));
+    let swept = sweeper::run_once(&r).await.unwrap();
+    assert!(!swept.expiry_paused && swept.leases_expired == 1, "{swept:?}");
+    assert_eq!(app.status_of(&id).await, "queued");
+    app.stop().await;
+}
+
 /// The relay leaves a dispatch to its writer while it is young, publishes it once it is
 /// older than `relay_min_age`, and deletes its row once JetStream acknowledged it.
 #[tokio::test]
