@@ -539,3 +539,44 @@ async fn a_reconciler_killed_during_an_http_dispatch_loses_and_repeats_nothing()
     assert_eq!(agent.executed.lock().unwrap().len(), 1);
     app.stop().await;
 }
+
+async fn worker_of(app: &TestApp, task: &str) -> Option<String> {
+    sqlx::query_scalar("SELECT worker_id FROM llm_tasks WHERE id = $1").bind(task).fetch_one(&app.pool).await.unwrap()
+}
+
+/// Sticky contexts across HTTP agents: a task whose context an agent holds waits for
+/// that agent while it has room, and goes to any agent once it has none.
+#[tokio::test]
+async fn an_agent_holding_a_context_gets_its_next_tasks_while_it_has_room() {
+    use bloom::reconciler::agent_dispatch;
+    let app = TestApp::spawn().await;
+    let slow = Mode::RunFor(Duration::from_secs(30));
+    let (x, y) = (fake_agent::start(AGENT_KEY, slow).await, fake_agent::start(AGENT_KEY, slow).await);
+    for (name, agent) in [("x", &x), ("y", &y)] {
+        let body =
+            json!({"name": name, "url": agent.url(), "status": "online", "capabilities": {"max_concurrency": 2}});
+        assert_eq!(app.post("/api/runtime/workers", body).await.0, StatusCode::CREATED);
+    }
+    let submit =
+        |ctx: &str, prompt: &str| app.submit_with(json!({"context_id": ctx, "agent_slug": "a", "prompt": prompt}));
+    let id = |v: serde_json::Value| v["id"].as_str().unwrap().to_owned();
+    let r = manual_reconciler(&app).await;
+    let first = id(submit("conversation", "first").await);
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
+    let holder = worker_of(&app, &first).await.unwrap();
+    let other = if holder == "x" { "y" } else { "x" };
+
+    // The other agent is the less busy, so it is served first: it takes the other
+    // context's task and leaves the conversation's to the holder.
+    let second = id(submit("conversation", "second").await);
+    let unrelated = id(submit("elsewhere", "unrelated").await);
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 2);
+    assert_eq!(worker_of(&app, &second).await.as_deref(), Some(holder.as_str()), "sticky while the holder has room");
+    assert_eq!(worker_of(&app, &unrelated).await.as_deref(), Some(other));
+
+    // The holder is full now: the conversation's next task goes to the other agent.
+    let third = id(submit("conversation", "third").await);
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
+    assert_eq!(worker_of(&app, &third).await.as_deref(), Some(other), "no room: any agent");
+    app.stop().await;
+}

@@ -15,9 +15,10 @@ pub struct Assigned {
     pub lease: Lease,
 }
 
-/// Leases the oldest queued tasks that no NATS worker was routed to `worker`'s free
-/// slots, in one transaction. The worker must be an HTTP agent that can take a lease
-/// (online, Claude CLI); its row is locked first, as every lease locks it, and its free
+/// Leases the oldest queued tasks that no NATS worker was routed to, and whose context
+/// no other HTTP agent with room holds, to `worker`'s free slots, in one transaction.
+/// The worker must be an HTTP agent that can take a lease (online, Claude CLI); its row
+/// is locked first, as every lease locks it, and its free
 /// slots read after the lock. Tasks are taken `FOR UPDATE SKIP LOCKED` and updated only
 /// while `queued`, so concurrent replicas, REST leases and NATS claims never lease one
 /// twice (a NATS claim of a task leased here is refused). A lease's TTL is the task's
@@ -35,10 +36,21 @@ pub async fn assign(
     if agent.transport != WorkerTransport::Http || !agent.is_eligible() {
         return Ok(Vec::new());
     }
+    // Sticky contexts: a task whose context another HTTP agent holds (an active lease)
+    // is left to that agent while it can take it, as a NATS worker holding a context is
+    // routed its next tasks; the agent keeps the conversation's session on its disk.
     let ids = sqlx::query_scalar!(
-        "SELECT id FROM llm_tasks WHERE status = 'queued' AND routed_to IS NULL
-         ORDER BY created_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
-        i64::from(agent.free_capacity())
+        "SELECT t.id FROM llm_tasks t
+         WHERE t.status = 'queued' AND t.routed_to IS NULL
+           AND NOT EXISTS (
+               SELECT 1 FROM leases l JOIN workers w ON w.id = l.worker_id
+               WHERE l.status = 'active' AND l.context_id = t.context_id AND l.worker_id <> $2
+                 AND w.transport = 'http' AND w.status = 'online' AND w.dispatch_paused_until <= $3
+                 AND w.active_leases < COALESCE((w.capabilities->>'max_concurrency')::int, 1))
+         ORDER BY t.created_at, t.id LIMIT $1 FOR UPDATE OF t SKIP LOCKED",
+        i64::from(agent.free_capacity()),
+        worker.as_str(),
+        now
     )
     .fetch_all(&mut *tx)
     .await?;
