@@ -310,8 +310,13 @@ impl TestApp {
 
     /// Starts a reconciler; it stops with the returned token (or the app's).
     pub async fn start_reconciler(&self) -> (Reconciler, CancellationToken) {
+        self.start_reconciler_with(self.reconciler_settings()).await
+    }
+
+    /// Starts a reconciler with these settings; it stops with the returned token (or the app's).
+    pub async fn start_reconciler_with(&self, settings: ReconcilerSettings) -> (Reconciler, CancellationToken) {
         let cancel = self.cancel.child_token();
-        let r = self.reconciler_with(self.reconciler_settings(), &cancel).await;
+        let r = self.reconciler_with(settings, &cancel).await;
         tokio::spawn(r.clone().run(cancel.clone()));
         tokio::time::timeout(Duration::from_secs(10), r.serving()).await.expect("reconciler subscribed");
         (r, cancel)

@@ -85,10 +85,7 @@ async fn outputs_over_the_write_behind_size_are_uploaded_before_completion() {
         artifact_move_interval: Duration::from_secs(3600),
         ..app.reconciler_settings()
     };
-    let cancel = app.cancel.child_token();
-    let r = app.reconciler_with(settings, &cancel).await;
-    tokio::spawn(r.clone().run(cancel));
-    tokio::time::timeout(Duration::from_secs(10), r.serving()).await.expect("reconciler subscribed");
+    let (r, _) = app.start_reconciler_with(settings).await;
     app.start_worker("w", 1).await;
     let id = app.submit("longer than four bytes").await["id"].as_str().unwrap().to_owned();
     wait_for("completed", Duration::from_secs(20), || async { app.status_of(&id).await == "completed" }).await;
@@ -149,10 +146,7 @@ async fn artifacts_fall_back_to_postgres_when_s3_is_down() {
     // Every output uploaded before completion (no write-behind): the upload fails.
     let settings =
         bloom::reconciler::ReconcilerSettings { artifact_write_behind_max_bytes: 0, ..app.reconciler_settings() };
-    let cancel = app.cancel.child_token();
-    let r = app.reconciler_with(settings, &cancel).await;
-    tokio::spawn(r.clone().run(cancel));
-    tokio::time::timeout(Duration::from_secs(10), r.serving()).await.expect("reconciler subscribed");
+    let (r, _) = app.start_reconciler_with(settings).await;
     app.start_worker("w", 2).await;
     let id = app.submit("kept in postgres").await["id"].as_str().unwrap().to_owned();
     wait_for("completed", Duration::from_secs(30), || async { app.status_of(&id).await == "completed" }).await;
