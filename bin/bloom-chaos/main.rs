@@ -390,6 +390,7 @@ async fn main() -> anyhow::Result<()> {
     let mut s3_down_until: Option<Instant> = None;
     let mut fault_log: Vec<Fault> = Vec::new();
     let started = Instant::now();
+    let started_ms = epoch_ms();
     while !submitter.is_finished() {
         tokio::time::sleep(Duration::from_millis(o.fault_every_ms / 2 + rng.below(o.fault_every_ms))).await;
         if let Some(t) = s3_down_until {
@@ -525,6 +526,27 @@ async fn main() -> anyhow::Result<()> {
     )
     .fetch_one(&pool)
     .await?;
+    // Where the slowest tasks spent their time, against the faults around them, so that
+    // a run over the latency limit explains itself.
+    let slowest: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT t.id, t.created_at, COALESCE(min(l.started_at), 0), COALESCE(max(l.started_at), 0), r.completed_at
+         FROM llm_results r JOIN llm_tasks t ON t.id = r.task_id LEFT JOIN leases l ON l.task_id = t.id
+         WHERE r.status = 'success'
+         GROUP BY t.id, t.created_at, r.completed_at, r.metrics
+         ORDER BY r.completed_at - t.created_at - COALESCE((r.metrics->>'duration_ms')::bigint, 0) DESC LIMIT 3",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let rel = |ms: i64| if ms == 0 { json!(null) } else { json!(ms - started_ms) };
+    let slowest: Vec<_> = slowest
+        .iter()
+        .map(|(id, created, first_lease, last_lease, done)| {
+            json!({"task_id": id, "created_ms": rel(*created), "first_lease_ms": rel(*first_lease),
+                   "last_lease_ms": rel(*last_lease), "completed_ms": rel(*done),
+                   "faults_ms": fault_log.iter().filter(|f| f.at_ms >= created - 5_000 && f.at_ms <= *done)
+                       .map(|f| json!({"at_ms": f.at_ms - started_ms, "fault": format!("{:?}", f.kind)})).collect::<Vec<_>>()})
+        })
+        .collect();
     let lease_ttl_ms = 1000 * lease_ttl_secs;
     let (p50, p99, worst) = (latency.0.unwrap_or(0.0), latency.1.unwrap_or(0.0), latency.2.unwrap_or(0));
     let added = (worst as f64 - p50).max(0.0) as u64;
@@ -543,6 +565,7 @@ async fn main() -> anyhow::Result<()> {
         "faults": faults,
         "overhead_ms": {"p50": p50, "p99": p99, "max": worst},
         "worst_added_latency_ms": added,
+        "slowest_tasks": slowest,
         "violations": checks.iter().filter(|(_, n)| *n != 0).map(|(k, n)| json!({k.to_string(): n})).collect::<Vec<_>>(),
     });
     println!("{}", serde_json::to_string_pretty(&report)?);

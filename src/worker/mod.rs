@@ -45,8 +45,12 @@ const CLAIM_ATTEMPTS: u32 = 3;
 /// First wait before claiming again what Postgres refused for want of a free slot
 /// (doubling each time): long enough for this worker's last results to be recorded.
 const FULL_BACKOFF: Duration = Duration::from_millis(20);
-/// Longest of those waits; past it the messages are handed back.
-const FULL_BACKOFF_MAX: Duration = Duration::from_millis(640);
+/// Longest of those waits.
+const FULL_BACKOFF_MAX: Duration = Duration::from_millis(320);
+/// Time claims refused as full are retried before their messages are handed back (at
+/// most half the lease TTL): longer than the results consumer's ack-wait, so results a
+/// dead reconciler held are redelivered and recorded, and the slot freed, within it.
+const FULL_GIVE_UP: Duration = Duration::from_secs(3);
 
 /// How a worker runs.
 #[derive(Clone, Debug)]
@@ -294,6 +298,8 @@ async fn claim(ctx: &Ctx, msgs: Vec<Message>, mut granted: impl FnMut(Message, T
         }
     }
     let mut backoff = FULL_BACKOFF;
+    let give_up = FULL_GIVE_UP.min(Duration::from_secs(ctx.ttl_secs as u64) / 2);
+    let mut waited = Duration::ZERO;
     while !pending.is_empty() {
         let req = ClaimRequest {
             worker_id: ctx.settings.id.clone(),
@@ -328,13 +334,14 @@ async fn claim(ctx: &Ctx, msgs: Vec<Message>, mut granted: impl FnMut(Message, T
         }
         if !full.is_empty() {
             ctx.metrics.claims_full_total.add(full.len() as u64);
-            if backoff > FULL_BACKOFF_MAX {
+            if waited >= give_up {
                 tracing::warn!(claims = full.len(), "no free slot in Postgres for this worker; messages handed back");
                 nak_all(full, Duration::from_secs(1)).await;
                 return;
             }
             tokio::time::sleep(backoff).await;
-            backoff *= 2;
+            waited += backoff;
+            backoff = (backoff * 2).min(FULL_BACKOFF_MAX);
         }
         pending = full;
     }
