@@ -61,6 +61,11 @@ pub struct NatsArgs {
     /// Timeout of JetStream publish acknowledgements and requests, in milliseconds.
     #[arg(long, env = "BLOOM_NATS_TIMEOUT_MS", default_value_t = 5_000)]
     pub nats_timeout_ms: u64,
+    /// Replicas of each JetStream stream and its consumers: 1 on a single server, 3 on a
+    /// cluster (at most 5). The processes create missing streams with it;
+    /// `bloomctl nats apply` also changes it on existing streams.
+    #[arg(long, env = "BLOOM_NATS_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: u8,
 }
 
 impl NatsArgs {
@@ -71,6 +76,10 @@ impl NatsArgs {
     /// The lease TTL.
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_secs(self.lease_ttl_secs.clamp(1, 86_400))
+    }
+    /// The streams' shape: the consumers' ack-wait and the replicas.
+    pub fn streams(&self) -> crate::bus::provision::StreamLayout {
+        crate::bus::provision::StreamLayout { lease_ttl: self.lease_ttl(), replicas: usize::from(self.nats_replicas) }
     }
     /// Request and publish-ack timeout.
     pub fn timeout(&self) -> Duration {

@@ -36,7 +36,11 @@ pub enum FaultKind {
     WorkerKill(String),
     ReconcilerKill,
     NatsRestart,
+    /// A server of the NATS cluster killed or restarted.
+    NatsServerDown,
     PostgresRestart,
+    /// Postgres refusing writes for a while.
+    PostgresReadOnly,
     S3Outage,
 }
 
@@ -92,8 +96,12 @@ fn cause(late: &Late, faults: &[Fault], lease_ttl_ms: i64) -> &'static str {
     let near = |kind: &FaultKind| faults.iter().any(|f| &f.kind == kind && (from..=ended).contains(&f.at_ms));
     if near(&FaultKind::PostgresRestart) {
         "heartbeat_lost_postgres_restart"
+    } else if near(&FaultKind::PostgresReadOnly) {
+        "heartbeat_lost_postgres_read_only"
     } else if near(&FaultKind::NatsRestart) {
         "heartbeat_lost_nats_restart"
+    } else if near(&FaultKind::NatsServerDown) {
+        "heartbeat_lost_nats_server_down"
     } else if near(&FaultKind::ReconcilerKill) {
         "heartbeat_lost_reconciler_killed"
     } else if near(&FaultKind::S3Outage) {

@@ -21,6 +21,14 @@
 //! `--scenario reconciler-kills` only kills reconcilers, with the default lease TTL:
 //! it measures what a dead reconciler costs the tasks it held (claims and results are
 //! retried within seconds, not after a lease TTL).
+//! `--scenario nats-leaders` and `--scenario nats-rolling` run on a three-node NATS
+//! JetStream cluster with streams of three replicas (provisioned with one, then changed
+//! in place by `bloomctl nats apply`), with the default lease TTL: the first SIGKILLs the
+//! server leading the tasks stream, restarts it once the others have taken over, then
+//! does the same to the leader of the results stream, and so on; the second restarts
+//! the three servers one after the other (SIGTERM, start, wait until caught up).
+//! The mixed scenario also has Postgres refuse writes for 2 s now and then
+//! (`default_transaction_read_only`, as a primary being demoted in a failover).
 //! Exit status 0 only when every invariant holds. `--seed` replays a run.
 
 use std::net::TcpListener;
@@ -34,7 +42,9 @@ use serde_json::json;
 use sqlx::{Connection, PgConnection};
 
 mod duplicates;
+mod nats;
 use duplicates::{Fault, FaultKind};
+use nats::Nats;
 
 /// The lease TTL of the mixed scenario (short, so that tasks whose worker died are
 /// retried within the run), and the runtime's default, which the other one keeps.
@@ -64,12 +74,15 @@ struct Opts {
     /// Time allowed for everything to settle after the last submission.
     #[arg(long, default_value_t = 180)]
     settle_secs: u64,
-    /// Work directory (temporary by default).
+    /// Work directory, kept afterwards (by default a temporary one, removed when the run
+    /// passes).
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Which faults to inject: `mixed` (every kind, with a 2 s lease TTL) or
+    /// Which faults to inject: `mixed` (every kind, with a 2 s lease TTL),
     /// `reconciler-kills` (only SIGKILLs of one of the three reconcilers at a time, with
-    /// the default lease TTL, to measure the latency a dead reconciler adds).
+    /// the default lease TTL, to measure the latency a dead reconciler adds), or, on a
+    /// three-node NATS cluster with the default lease TTL, `nats-leaders` (SIGKILL of the
+    /// stream leaders in turn) and `nats-rolling` (rolling restarts).
     #[arg(long, value_enum, default_value_t = Scenario::Mixed)]
     scenario: Scenario,
     /// Fail when the worst latency the runtime added to a task (submission to stored
@@ -88,7 +101,33 @@ struct Opts {
 enum Scenario {
     Mixed,
     ReconcilerKills,
+    NatsLeaders,
+    NatsRolling,
 }
+
+impl Scenario {
+    fn clustered(self) -> bool {
+        matches!(self, Scenario::NatsLeaders | Scenario::NatsRolling)
+    }
+}
+
+/// One step of a fault schedule.
+enum Step {
+    KillWorker,
+    KillReconciler,
+    /// Kill and restart the single nats-server.
+    RestartNats,
+    /// SIGKILL the cluster server leading this stream; restart it after 3 s.
+    KillStreamLeader(String),
+    /// SIGTERM and restart cluster server `i`.
+    RestartNatsServer(usize),
+    RestartPostgres,
+    PostgresReadOnly,
+    StopS3,
+}
+
+/// Servers in the NATS cluster of the clustered scenarios, and the streams' replicas there.
+const CLUSTER_SIZE: usize = 3;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
@@ -142,6 +181,19 @@ impl Service {
         cmd.stdout(log.try_clone()?).stderr(log).stdin(Stdio::null());
         self.child = Some(cmd.spawn().with_context(|| format!("starting {}", self.name))?);
         Ok(())
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within 10 s.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// SIGKILL.
@@ -236,6 +288,21 @@ impl Postgres {
     fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
+
+    /// Makes every session's new transactions read-only (`on`) or writable again, as
+    /// when the server behind the address is a demoted primary and then the new one.
+    async fn set_read_only(&self, on: bool) -> anyhow::Result<()> {
+        let mut c = PgConnection::connect(&self.url("postgres")).await?;
+        sqlx::query("SET default_transaction_read_only = off").execute(&mut c).await?;
+        let set = if on {
+            "ALTER SYSTEM SET default_transaction_read_only = on"
+        } else {
+            "ALTER SYSTEM RESET default_transaction_read_only"
+        };
+        sqlx::query(set).execute(&mut c).await?;
+        sqlx::query("SELECT pg_reload_conf()").execute(&mut c).await?;
+        Ok(())
+    }
 }
 
 impl Drop for Postgres {
@@ -264,15 +331,30 @@ async fn main() -> anyhow::Result<()> {
         sqlx::query("CREATE DATABASE bloom").execute(&mut c).await?;
     }
     let db_url = pg.url("bloom");
-    let nats_port = free_port();
-    let nats_store = tmp.join("nats");
-    let mut nats = Service::new("nats-server", &tmp, move || {
-        let mut c = Command::new("nats-server");
-        c.args(["-a", "127.0.0.1", "-p", &nats_port.to_string(), "-js", "-sd", nats_store.to_str().unwrap()]);
-        c
-    });
-    nats.start()?;
-    wait_port(nats_port, "nats-server", Duration::from_secs(10))?;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let mut nats = if o.scenario.clustered() { Nats::cluster(&tmp, CLUSTER_SIZE)? } else { Nats::single(&tmp) };
+    nats.start_all()?;
+    nats.wait_all_healthy(&http, Duration::from_secs(30)).await?;
+    let names = bloom::bus::Names::new("chaos").map_err(anyhow::Error::msg)?;
+    let js = bloom::bus::jetstream(bloom::bus::connect(&nats.url(), "bloom-chaos").await?, Duration::from_secs(5));
+    let replicas = if o.scenario.clustered() {
+        // Streams made with one replica, then changed in place to three.
+        for n in [1, CLUSTER_SIZE] {
+            let status = Command::new(bin("bloomctl")?)
+                .args(["nats", "apply"])
+                .envs([("NATS_URL", nats.url()), ("BLOOM_NATS_NAMESPACE", "chaos".into())])
+                .env("BLOOM_NATS_REPLICAS", n.to_string())
+                .status()?;
+            let have = nats::stream_replicas(&js, &names.tasks_stream()).await?;
+            if !status.success() || have != n {
+                bail!("bloomctl nats apply with {n} replica(s) left the tasks stream with {have}");
+            }
+        }
+        nats.wait_all_healthy(&http, Duration::from_secs(60)).await?;
+        CLUSTER_SIZE
+    } else {
+        1
+    };
     let s3_port = free_port();
     let mut s3 = Service::new("moto", &tmp, move || {
         let mut c = Command::new("moto_server");
@@ -290,7 +372,8 @@ async fn main() -> anyhow::Result<()> {
     let api_port = free_port();
     let env: Vec<(String, String)> = vec![
         ("DATABASE_URL".into(), db_url.clone()),
-        ("NATS_URL".into(), format!("nats://127.0.0.1:{nats_port}")),
+        ("NATS_URL".into(), nats.url()),
+        ("BLOOM_NATS_REPLICAS".into(), replicas.to_string()),
         ("BLOOM_NATS_NAMESPACE".into(), "chaos".into()),
         ("BLOOM_RATE_LIMIT_PER_MIN".into(), "0".into()),
         ("BLOOM_RUNTIME_HOST".into(), "127.0.0.1".into()),
@@ -309,7 +392,7 @@ async fn main() -> anyhow::Result<()> {
     let mut env = env;
     let lease_ttl_secs = o.lease_ttl_secs.unwrap_or(match o.scenario {
         Scenario::Mixed => MIXED_LEASE_TTL_SECS,
-        Scenario::ReconcilerKills => DEFAULT_LEASE_TTL_SECS,
+        Scenario::ReconcilerKills | Scenario::NatsLeaders | Scenario::NatsRolling => DEFAULT_LEASE_TTL_SECS,
     });
     env.push(("BLOOM_LEASE_TTL_SECS".into(), lease_ttl_secs.to_string()));
     if o.scenario == Scenario::Mixed {
@@ -347,7 +430,6 @@ async fn main() -> anyhow::Result<()> {
     wait_port(api_port, "bloom-api", Duration::from_secs(30))?;
 
     // Submit while faults happen.
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
     let base = format!("http://127.0.0.1:{api_port}");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<()>>();
     let submitter = {
@@ -391,6 +473,7 @@ async fn main() -> anyhow::Result<()> {
     let mut fault_log: Vec<Fault> = Vec::new();
     let started = Instant::now();
     let started_ms = epoch_ms();
+    let mut steps = 0;
     while !submitter.is_finished() {
         tokio::time::sleep(Duration::from_millis(o.fault_every_ms / 2 + rng.below(o.fault_every_ms))).await;
         if let Some(t) = s3_down_until {
@@ -406,44 +489,85 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         let fault = match o.scenario {
-            Scenario::Mixed => rng.below(10),
-            Scenario::ReconcilerKills => 4,
+            Scenario::Mixed => match rng.below(10) {
+                0..=3 => Step::KillWorker,
+                4..=6 => Step::KillReconciler,
+                7 => Step::RestartNats,
+                8 if rng.below(2) == 0 => Step::RestartPostgres,
+                8 => Step::PostgresReadOnly,
+                _ => Step::StopS3,
+            },
+            Scenario::ReconcilerKills => Step::KillReconciler,
+            Scenario::NatsLeaders if steps % 2 == 0 => Step::KillStreamLeader(names.tasks_stream()),
+            Scenario::NatsLeaders => Step::KillStreamLeader(names.results_stream()),
+            Scenario::NatsRolling => Step::RestartNatsServer(steps % CLUSTER_SIZE),
         };
+        steps += 1;
+        let at = started.elapsed().as_secs_f64();
         match fault {
-            0..=3 => {
+            Step::KillWorker => {
                 let i = rng.below(workers.len() as u64) as usize;
-                eprintln!("[{:>5.1}s] SIGKILL {}", started.elapsed().as_secs_f64(), workers[i].name);
+                eprintln!("[{at:>5.1}s] SIGKILL {}", workers[i].name);
                 workers[i].kill();
                 fault_log.push(Fault { at_ms: epoch_ms(), kind: FaultKind::WorkerKill(format!("chaos-{i}")) });
                 count("worker_kills");
             }
-            4..=6 => {
+            Step::KillReconciler => {
                 let i = rng.below(reconcilers.len() as u64) as usize;
-                eprintln!("[{:>5.1}s] SIGKILL {}", started.elapsed().as_secs_f64(), reconcilers[i].name);
+                eprintln!("[{at:>5.1}s] SIGKILL {}", reconcilers[i].name);
                 reconcilers[i].kill();
                 fault_log.push(Fault { at_ms: epoch_ms(), kind: FaultKind::ReconcilerKill });
                 count("reconciler_kills");
             }
-            7 => {
-                eprintln!("[{:>5.1}s] restart nats-server", started.elapsed().as_secs_f64());
-                nats.kill();
+            Step::RestartNats => {
+                eprintln!("[{at:>5.1}s] restart nats-server");
+                nats.servers[0].kill();
                 fault_log.push(Fault { at_ms: epoch_ms(), kind: FaultKind::NatsRestart });
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                nats.start()?;
-                wait_port(nats_port, "nats-server", Duration::from_secs(10))?;
+                nats.start_all()?;
                 count("nats_restarts");
             }
-            8 => {
-                eprintln!("[{:>5.1}s] crash and restart postgres", started.elapsed().as_secs_f64());
+            Step::KillStreamLeader(stream) => match nats::stream_leader(&js, &stream).await {
+                Ok(i) => {
+                    eprintln!("[{at:>5.1}s] SIGKILL {} (leader of {stream}); restart in 3 s", nats.servers[i].name);
+                    nats.servers[i].kill();
+                    fault_log.push(Fault { at_ms: epoch_ms(), kind: FaultKind::NatsServerDown });
+                    count("nats_leader_kills");
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    nats.servers[i].start()?;
+                    nats.wait_healthy(i, &http, Duration::from_secs(60)).await?;
+                    eprintln!("[{:>5.1}s] {} back and current", started.elapsed().as_secs_f64(), nats.servers[i].name);
+                }
+                Err(e) => eprintln!("[{at:>5.1}s] no leader of {stream} found ({e:#}); skipped"),
+            },
+            Step::RestartNatsServer(i) => {
+                eprintln!("[{at:>5.1}s] rolling restart: SIGTERM {}", nats.servers[i].name);
+                nats.servers[i].stop();
+                fault_log.push(Fault { at_ms: epoch_ms(), kind: FaultKind::NatsServerDown });
+                count("nats_server_restarts");
+                nats.servers[i].start()?;
+                nats.wait_healthy(i, &http, Duration::from_secs(60)).await?;
+                eprintln!("[{:>5.1}s] {} back and current", started.elapsed().as_secs_f64(), nats.servers[i].name);
+            }
+            Step::RestartPostgres => {
+                eprintln!("[{at:>5.1}s] crash and restart postgres");
                 pg.crash();
                 fault_log.push(Fault { at_ms: epoch_ms(), kind: FaultKind::PostgresRestart });
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 pg.start()?;
                 count("postgres_restarts");
             }
-            _ => {
+            Step::PostgresReadOnly => {
+                eprintln!("[{at:>5.1}s] postgres refuses writes for 2 s");
+                pg.set_read_only(true).await?;
+                fault_log.push(Fault { at_ms: epoch_ms(), kind: FaultKind::PostgresReadOnly });
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                pg.set_read_only(false).await?;
+                count("postgres_read_only_phases");
+            }
+            Step::StopS3 => {
                 if s3_down_until.is_none() {
-                    eprintln!("[{:>5.1}s] stop S3 for 3 s", started.elapsed().as_secs_f64());
+                    eprintln!("[{at:>5.1}s] stop S3 for 3 s");
                     s3.kill();
                     fault_log.push(Fault { at_ms: epoch_ms(), kind: FaultKind::S3Outage });
                     s3_down_until = Some(Instant::now() + Duration::from_secs(3));
@@ -591,6 +715,8 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("logs in {}", tmp.display());
         std::process::exit(1);
     }
-    let _ = std::fs::remove_dir_all(&tmp);
+    if o.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
     Ok(())
 }

@@ -14,6 +14,7 @@ mod up;
 use std::time::Duration;
 
 use anyhow::Context;
+use bloom::bus::provision::ReplicaChange;
 use bloom::config::{DbArgs, NatsArgs};
 use clap::{Args, Parser, Subcommand};
 use client::{exit, Client, Failure};
@@ -374,7 +375,7 @@ async fn jetstream(nats: &NatsArgs) -> anyhow::Result<async_nats::jetstream::Con
 }
 
 async fn nats_apply(nats: &NatsArgs, names: &bloom::bus::Names) -> anyhow::Result<()> {
-    bloom::bus::provision::apply(&jetstream(nats).await?, names, nats.lease_ttl()).await?;
+    bloom::bus::provision::apply(&jetstream(nats).await?, names, &nats.streams(), ReplicaChange::Change).await?;
     Ok(())
 }
 

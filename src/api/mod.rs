@@ -37,6 +37,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::artifacts::ArtifactStore;
+use crate::bus::provision::StreamLayout;
 use crate::bus::Dispatcher;
 use crate::config::{ApiArgs, DbArgs, MembridgeArgs, NatsArgs};
 use crate::domain::Secret;
@@ -56,8 +57,9 @@ pub struct ApiSettings {
     pub test_connection_rate_limit_per_min: u32,
     pub body_limit_bytes: usize,
     pub trust_proxy: bool,
-    /// Default REST lease TTL (the seed's 300 s).
-    pub lease_ttl_secs: i32,
+    /// The streams to provision; their lease TTL is also the REST lease default (the
+    /// seed's 300 s).
+    pub streams: StreamLayout,
     /// Membridge endpoint used until one is saved in `runtime_settings`.
     pub membridge_default: membridge::Endpoint,
     /// Timeout of one membridge request (the seed's 10 s).
@@ -90,7 +92,7 @@ impl ApiSettings {
             test_connection_rate_limit_per_min: api.test_connection_rate_limit_per_min,
             body_limit_bytes: api.body_limit_bytes,
             trust_proxy: api.trust_proxy,
-            lease_ttl_secs: nats.lease_ttl().as_secs() as i32,
+            streams: nats.streams(),
             membridge_default: membridge.endpoint(),
             membridge_timeout: membridge.timeout(),
             db_timeout: db.call_timeout(),
@@ -367,7 +369,7 @@ pub async fn build_state(
     cancel: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<AppState> {
     let js = crate::bus::jetstream(nats.clone(), settings.nats_timeout);
-    crate::bus::provision::apply(&js, &names, Duration::from_secs(settings.lease_ttl_secs.max(1) as u64)).await?;
+    crate::bus::provision::apply_at_start(&js, &names, &settings.streams, crate::bus::provision::START_PATIENCE).await?;
     let dispatcher = Dispatcher::spawn(js, names, pool.clone(), metrics.clone(), cancel.clone());
     let submitter = Submitter::spawn(
         pool.clone(),

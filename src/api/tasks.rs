@@ -76,7 +76,7 @@ pub async fn lease(
     JsonBody(body): JsonBody,
 ) -> Result<impl IntoResponse, ApiError> {
     let body = LeaseBody::parse(&body)?;
-    let ttl = body.ttl_seconds.unwrap_or(state.settings.lease_ttl_secs as i64);
+    let ttl = body.ttl_seconds.unwrap_or(state.settings.streams.lease_ttl.as_secs() as i64);
     let req = LeaseRequest { worker_id: body.worker_id.map(WorkerId), ttl_seconds: ttl as i32, dispatch: false };
     let (lease, worker) = lifecycle::lease(&state.pool, &TaskId(id), &req, state.clock.now_ms()).await?;
     Ok((StatusCode::CREATED, Json(LeaseResponse { lease, worker })))

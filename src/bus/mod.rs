@@ -9,8 +9,16 @@ use std::time::Duration;
 pub use dispatcher::Dispatcher;
 pub use names::Names;
 
-/// Connects to NATS. The client reconnects forever on its own; the returned client is
-/// usable (requests fail fast) while it is disconnected.
+/// The servers of a `NATS_URL`: one URL, or several separated by commas.
+pub fn server_urls(url: &str) -> Vec<&str> {
+    url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect()
+}
+
+/// Connects to NATS, to any of the servers `url` lists (comma separated) and, once
+/// connected, to any server of the cluster (the servers announce each other). The client
+/// reconnects forever on its own, to whichever server answers, at once after losing a
+/// connection and then with a back-off of up to 4 s between rounds; the returned client
+/// is usable (requests fail fast) while it is disconnected.
 pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
     async_nats::ConnectOptions::new()
         .name(name)
@@ -25,7 +33,7 @@ pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, async_
                 other => tracing::debug!(event = %other, "nats event"),
             }
         })
-        .connect(url)
+        .connect(server_urls(url))
         .await
 }
 
@@ -34,4 +42,16 @@ pub fn jetstream(client: async_nats::Client, timeout: Duration) -> async_nats::j
     let mut js = async_nats::jetstream::new(client);
     js.set_timeout(timeout);
     js
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_nats_url_lists_one_or_several_servers() {
+        assert_eq!(super::server_urls("nats://a:4222"), ["nats://a:4222"]);
+        assert_eq!(
+            super::server_urls("nats://a:4222, nats://b:4222,,nats://c:4222 "),
+            ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
+        );
+    }
 }

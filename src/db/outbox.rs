@@ -51,6 +51,20 @@ pub async fn delete(db: impl PgExecutor<'_>, ids: &[i64]) -> sqlx::Result<u64> {
     Ok(sqlx::query!("DELETE FROM outbox WHERE id = ANY($1)", ids).execute(db).await?.rows_affected())
 }
 
+/// Gives back rows a relay owned until `claimed_until` but could not publish, for any
+/// relay to take again from `retry_at`; rows another relay has taken since are left alone.
+pub async fn release(db: impl PgExecutor<'_>, ids: &[i64], claimed_until: i64, retry_at: i64) -> sqlx::Result<u64> {
+    Ok(sqlx::query!(
+        "UPDATE outbox SET claimed_until = $3 WHERE id = ANY($1) AND claimed_until = $2",
+        ids,
+        claimed_until,
+        retry_at
+    )
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
 /// What the relay took from the outbox.
 #[derive(Debug, Default)]
 pub struct Taken {

@@ -38,7 +38,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::AgentClient;
 use crate::artifacts::ArtifactStore;
-use crate::bus::{provision, Dispatcher, Names};
+use crate::bus::provision::{self, StreamLayout};
+use crate::bus::{Dispatcher, Names};
 use crate::config::{DbArgs, MembridgeArgs, NatsArgs, ReconcilerArgs};
 use crate::membridge;
 use crate::metrics::Metrics;
@@ -47,7 +48,8 @@ use crate::time::Clock;
 /// Settings of the reconciler's duties.
 #[derive(Clone, Debug)]
 pub struct ReconcilerSettings {
-    pub lease_ttl: Duration,
+    /// Lease TTL (the consumers' ack-wait) and replicas to provision with.
+    pub streams: StreamLayout,
     /// Extra time past `expires_at` before a lease is expired.
     pub expiry_grace: Duration,
     pub sweep_interval: Duration,
@@ -96,7 +98,7 @@ impl ReconcilerSettings {
         db: &DbArgs,
     ) -> ReconcilerSettings {
         ReconcilerSettings {
-            lease_ttl: nats.lease_ttl(),
+            streams: nats.streams(),
             expiry_grace: Duration::from_millis(r.expiry_grace_ms),
             sweep_interval: Duration::from_millis(r.sweep_interval_ms.max(10)),
             artifact_move_interval: Duration::from_millis(r.artifact_move_interval_ms.max(10)),
@@ -121,7 +123,7 @@ impl ReconcilerSettings {
 impl Default for ReconcilerSettings {
     fn default() -> Self {
         ReconcilerSettings {
-            lease_ttl: Duration::from_secs(300),
+            streams: StreamLayout { lease_ttl: Duration::from_secs(300), replicas: 1 },
             expiry_grace: Duration::from_secs(2),
             sweep_interval: Duration::from_secs(1),
             artifact_move_interval: Duration::from_millis(250),
@@ -184,7 +186,7 @@ impl Reconciler {
         cancel: &CancellationToken,
     ) -> anyhow::Result<Reconciler> {
         let js = crate::bus::jetstream(client.clone(), settings.request_timeout);
-        provision::apply(&js, &names, settings.lease_ttl).await?;
+        provision::apply_at_start(&js, &names, &settings.streams, provision::START_PATIENCE).await?;
         let dispatcher = Dispatcher::spawn(js.clone(), names.clone(), pool.clone(), metrics.clone(), cancel.clone());
         let membridge = Arc::new(membridge::Client::new(settings.membridge_timeout, pool.clone()));
         let agents = AgentClient::new(settings.agent_key.clone());

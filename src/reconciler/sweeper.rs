@@ -54,7 +54,7 @@ pub async fn run_once(r: &Reconciler) -> sqlx::Result<SweepReport> {
     if r.client.connection_state() != async_nats::connection::State::Connected {
         r.expiry_pause.broken(now);
     }
-    let quiet = ExpiryPause::quiet_window(r.settings.lease_ttl, r.settings.expiry_grace);
+    let quiet = ExpiryPause::quiet_window(r.settings.streams.lease_ttl, r.settings.expiry_grace);
     if !r.expiry_pause.allows_expiry(now, quiet) {
         report.expiry_paused = true;
         r.metrics.sweeps_paused_total.inc();

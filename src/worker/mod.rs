@@ -24,7 +24,8 @@ use futures::StreamExt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{provision, Names};
+use crate::bus::provision::{self, StreamLayout};
+use crate::bus::Names;
 use crate::config::{NatsArgs, WorkerArgs};
 use crate::domain::{Capabilities, LeaseId, WorkerId, WorkerStatus};
 use crate::metrics::Metrics;
@@ -58,8 +59,8 @@ pub struct WorkerSettings {
     pub id: WorkerId,
     pub capabilities: Capabilities,
     pub executor: Executor,
-    /// Lease TTL (the consumers' ack-wait) to provision with.
-    pub lease_ttl: Duration,
+    /// Lease TTL (the consumers' ack-wait) and replicas to provision with.
+    pub streams: StreamLayout,
     /// Interval of liveness beats.
     pub beat_interval: Duration,
     /// Time in-flight tasks get to finish on shutdown before they are handed back.
@@ -89,7 +90,7 @@ impl WorkerSettings {
                 labels: w.labels.iter().filter(|l| !l.is_empty()).cloned().collect(),
             },
             executor,
-            lease_ttl: nats.lease_ttl(),
+            streams: nats.streams(),
             beat_interval: Duration::from_millis(w.beat_interval_ms.max(100)),
             shutdown_grace: Duration::from_secs(w.shutdown_grace_secs),
             request_timeout: nats.timeout(),
@@ -117,14 +118,14 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let js = crate::bus::jetstream(client.clone(), settings.request_timeout);
-    provision::apply(&js, &names, settings.lease_ttl).await?;
-    provision::apply_worker_consumer(&js, &names, settings.lease_ttl, &settings.id).await?;
+    provision::apply_at_start(&js, &names, &settings.streams, provision::START_PATIENCE).await?;
+    provision::apply_worker_consumer(&js, &names, &settings.streams, &settings.id).await?;
     let stream = js.get_stream(names.tasks_stream()).await?;
     let mut pool: PullConsumer = stream.get_consumer(&names.pool_consumer()).await.map_err(|e| anyhow::anyhow!(e))?;
     let direct: PullConsumer =
         stream.get_consumer(&names.worker_consumer(&settings.id)).await.map_err(|e| anyhow::anyhow!(e))?;
     // The lease TTL is the ack-wait the consumer really has.
-    let ack_wait = pool.info().await.map(|i| i.config.ack_wait).unwrap_or(settings.lease_ttl);
+    let ack_wait = pool.info().await.map(|i| i.config.ack_wait).unwrap_or(settings.streams.lease_ttl);
     let ttl_secs = ack_wait.as_secs().clamp(1, 86_400) as i32;
     // Tasks stop on `hard`, which fires when the grace period after `cancel` runs out.
     let hard = CancellationToken::new();

@@ -208,3 +208,45 @@ async fn nats_delete_removes_the_namespace_streams_only_when_confirmed() {
     assert_eq!((code, out.trim()), (0, "streams deleted: none"), "deleting again is a no-op");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn nats_apply_refuses_replicas_a_single_server_cannot_hold_and_leaves_the_streams_as_they_were() {
+    let app = TestApp::spawn().await;
+    let run = |replicas: &str, namespace: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_bloomctl"))
+            .args(["nats", "apply"])
+            .env("NATS_URL", format!("nats://127.0.0.1:1, {}", crate::common::nats_url()))
+            .env("BLOOM_NATS_NAMESPACE", namespace)
+            .env("BLOOM_NATS_REPLICAS", replicas)
+            .output()
+            .expect("run bloomctl");
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let js = async_nats::jetstream::new(app.nats.clone());
+    let replicas_of = |name: String| {
+        let js = js.clone();
+        async move { js.get_stream(&name).await.expect("stream").cached_info().config.num_replicas }
+    };
+    // Existing streams (the app made them with one replica): the change is refused.
+    let (code, err) = run("3", app.names.namespace());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("BLOOM_NATS_REPLICAS") && err.contains("not part of a JetStream cluster"), "{err}");
+    assert_eq!(replicas_of(app.names.tasks_stream()).await, 1);
+    assert_eq!(replicas_of(app.names.results_stream()).await, 1);
+    // New streams: the server refuses them, and says why.
+    let fresh = format!("{}x", app.names.namespace());
+    let (code, err) = run("3", &fresh);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("BLOOM_NATS_REPLICAS") && err.contains("non-clustered"), "{err}");
+    // Out of range: refused before connecting.
+    let (code, err) = run("6", &fresh);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("BLOOM_NATS_REPLICAS") || err.contains("nats-replicas"), "{err}");
+    // One replica, through a server list whose first server is down: applied.
+    let (code, err) = run("1", &fresh);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(replicas_of(format!("{fresh}_TASKS")).await, 1);
+    let names = bloom::bus::Names::new(&fresh).unwrap();
+    bloom::bus::provision::delete(&js, &names).await.unwrap();
+    app.stop().await;
+}

@@ -210,7 +210,7 @@ async fn lease_expiry_waits_a_quiet_window_after_the_heartbeat_path_broke() {
 
     let app = TestApp::spawn().await;
     let settings = bloom::reconciler::ReconcilerSettings {
-        lease_ttl: Duration::from_secs(2),
+        streams: bloom::bus::provision::StreamLayout { lease_ttl: Duration::from_secs(2), replicas: 1 },
         expiry_grace: Duration::from_millis(500),
         ..app.reconciler_settings()
     };
@@ -262,5 +262,39 @@ async fn the_relay_publishes_what_its_writer_left_once_it_is_old_enough() {
     assert_eq!(app.count("SELECT count(*) FROM outbox").await, 0);
     assert_eq!(r.metrics.outbox_rows_relayed.get(), 2);
     assert_eq!(relay::run_once(&r).await.unwrap(), RelayReport::default());
+    app.stop().await;
+}
+
+/// Dispatches JetStream did not acknowledge (here: no stream takes them, as while a
+/// NATS cluster elects a stream leader) are taken again a second later, not after the
+/// relay's 30 s ownership.
+#[tokio::test]
+async fn the_relay_retries_what_jetstream_refused_a_second_later() {
+    use bloom::bus::provision::{self, ReplicaChange};
+    use bloom::db::lifecycle;
+    use bloom::domain::NewTask;
+    use bloom::reconciler::relay::{self, RelayReport};
+
+    let app = TestApp::spawn().await;
+    let settings =
+        bloom::reconciler::ReconcilerSettings { relay_min_age: Duration::from_secs(1), ..app.reconciler_settings() };
+    let mut r = app.reconciler_with(settings.clone(), &app.cancel).await;
+    let start = bloom::time::now_ms();
+    r.clock = bloom::time::Clock::manual(start);
+    let new: NewTask =
+        serde_json::from_value(json!({"context_id": "c", "agent_slug": "a", "prompt": "refused"})).unwrap();
+    lifecycle::create(&app.pool, vec![new.clone(), new], "test", start).await.unwrap();
+    let js = bloom::bus::jetstream(app.nats.clone(), Duration::from_secs(2));
+    provision::delete(&js, &app.names).await.unwrap();
+
+    r.clock.advance(Duration::from_millis(1_500));
+    assert_eq!(relay::run_once(&r).await.unwrap(), RelayReport { published: 0, failed: 2, stale: 0 });
+    assert_eq!(app.count("SELECT count(*) FROM outbox").await, 2, "kept for the next try");
+    provision::apply(&js, &app.names, &settings.streams, ReplicaChange::Change).await.unwrap();
+    r.clock.advance(Duration::from_millis(500));
+    assert_eq!(relay::run_once(&r).await.unwrap(), RelayReport::default(), "not before the retry time");
+    r.clock.advance(Duration::from_millis(600));
+    assert_eq!(relay::run_once(&r).await.unwrap(), RelayReport { published: 2, failed: 0, stale: 0 });
+    assert_eq!(app.count("SELECT count(*) FROM outbox").await, 0);
     app.stop().await;
 }

@@ -277,7 +277,8 @@ Environment shared by api and reconciler: Postgres, NATS, membridge, S3, logging
 {{- end }}
 
 {{/*
-NATS environment (NATS_URL, BLOOM_NATS_NAMESPACE, BLOOM_LEASE_TTL_SECS, BLOOM_NATS_TIMEOUT_MS)
+NATS environment (NATS_URL, BLOOM_NATS_NAMESPACE, BLOOM_LEASE_TTL_SECS, BLOOM_NATS_TIMEOUT_MS,
+BLOOM_NATS_REPLICAS)
 of the pods ("bloom.env.nats") and of the hook Jobs ("bloom.env.natsHook"), which read a
 secret NATS_URL from the hook Secret. Call both with the root context.
 */}}
@@ -303,6 +304,8 @@ secret NATS_URL from the hook Secret. Call both with the root context.
   value: {{ $v.nats.leaseTtlSecs | int64 | quote }}
 - name: BLOOM_NATS_TIMEOUT_MS
   value: {{ $v.nats.timeoutMs | int64 | quote }}
+- name: BLOOM_NATS_REPLICAS
+  value: {{ $v.nats.replicas | int64 | quote }}
 {{- end }}
 
 {{/*
