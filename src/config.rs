@@ -414,6 +414,10 @@ pub struct ReconcilerArgs {
     /// Outbox rows younger than this (ms) are left to their writer.
     #[arg(long, env = "BLOOM_RELAY_MIN_AGE_MS", default_value_t = 2_000)]
     pub relay_min_age_ms: u64,
+    /// A task queued this long (ms) with the same dispatch while a NATS worker has room is
+    /// dispatched again (its message was lost with a NATS server); 0 disables.
+    #[arg(long, env = "BLOOM_REDISPATCH_AFTER_MS", default_value_t = 15_000)]
+    pub redispatch_after_ms: u64,
     /// A NATS worker silent this long (ms) is marked offline.
     #[arg(long, env = "BLOOM_WORKER_TIMEOUT_MS", default_value_t = 30_000)]
     pub worker_timeout_ms: u64,

@@ -158,6 +158,7 @@ metrics! {
     tasks_requeued_total: Counter = "Tasks requeued after a lease expiry.",
     tasks_dead_total: Counter = "Tasks that ran out of attempts.",
     tasks_rerouted_total: Counter = "Queued tasks moved from an offline worker to the pool.",
+    tasks_redispatched_total: Counter = "Queued tasks dispatched again: their dispatch went unclaimed while workers had room.",
     workers_marked_offline_total: Counter = "Workers marked offline for silence.",
     redeliveries_total: Counter = "Task messages delivered more than once.",
     s3_fallbacks_total: Counter = "Artifacts stored in Postgres because S3 failed.",

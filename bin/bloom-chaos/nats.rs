@@ -36,8 +36,7 @@ impl Nats {
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let monitor_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let routes =
-            route_ports.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect::<Vec<_>>().join(", ");
+        let routes = route_ports.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect::<Vec<_>>().join(", ");
         let mut servers = Vec::with_capacity(n);
         for i in 0..n {
             let conf = dir.join(format!("nats-n{i}.conf"));

@@ -369,7 +369,8 @@ pub async fn build_state(
     cancel: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<AppState> {
     let js = crate::bus::jetstream(nats.clone(), settings.nats_timeout);
-    crate::bus::provision::apply_at_start(&js, &names, &settings.streams, crate::bus::provision::START_PATIENCE).await?;
+    crate::bus::provision::apply_at_start(&js, &names, &settings.streams, crate::bus::provision::START_PATIENCE)
+        .await?;
     let dispatcher = Dispatcher::spawn(js, names, pool.clone(), metrics.clone(), cancel.clone());
     let submitter = Submitter::spawn(
         pool.clone(),

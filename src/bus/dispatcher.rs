@@ -101,8 +101,11 @@ async fn publish_loop(
         let sent = sent.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            for (id, ack) in acks {
-                match ack.await {
+            // Awaited together: each acknowledgement's timeout runs from when it is awaited,
+            // so lost ones (a stream leader gone mid-publish) cost one timeout per batch.
+            let acks = futures::future::join_all(acks.into_iter().map(|(id, ack)| async move { (id, ack.await) }));
+            for (id, ack) in acks.await {
+                match ack {
                     Ok(_) => {
                         metrics.tasks_published.inc();
                         let _ = sent.send(id);

@@ -19,6 +19,7 @@ pub mod control;
 pub mod expiry_pause;
 pub mod leader;
 pub mod membridge_sync;
+pub mod redispatch;
 pub mod relay;
 pub mod results;
 pub mod sweeper;
@@ -68,6 +69,8 @@ pub struct ReconcilerSettings {
     pub relay_interval: Duration,
     /// Outbox rows younger than this are left to the process that wrote them.
     pub relay_min_age: Duration,
+    /// Unclaimed dispatches older than this are sent again (`None`: never).
+    pub redispatch_after: Option<Duration>,
     /// A NATS worker silent this long is marked offline.
     pub worker_timeout: Duration,
     pub membridge_interval: Duration,
@@ -108,6 +111,7 @@ impl ReconcilerSettings {
             agent_key: membridge.membridge_agent_key.clone(),
             relay_interval: Duration::from_millis(r.relay_interval_ms.max(10)),
             relay_min_age: Duration::from_millis(r.relay_min_age_ms),
+            redispatch_after: (r.redispatch_after_ms > 0).then(|| Duration::from_millis(r.redispatch_after_ms)),
             worker_timeout: Duration::from_millis(r.worker_timeout_ms.max(1000)),
             membridge_interval: Duration::from_millis(r.membridge_sync_interval_ms.max(100)),
             membridge_default: membridge.endpoint(),
@@ -136,6 +140,7 @@ impl Default for ReconcilerSettings {
             result_max_deliveries: 10,
             relay_interval: Duration::from_millis(500),
             relay_min_age: Duration::from_secs(2),
+            redispatch_after: Some(Duration::from_secs(15)),
             worker_timeout: Duration::from_secs(30),
             membridge_interval: Duration::from_secs(10),
             membridge_stale_after: Duration::from_secs(60),
@@ -225,6 +230,7 @@ impl Reconciler {
         duties.spawn(control::run(self.clone(), cancel.clone()));
         duties.spawn(results::run(self.clone(), cancel.clone()));
         duties.spawn(relay::run(self.clone(), cancel.clone()));
+        duties.spawn(redispatch::run(self.clone(), cancel.clone()));
         duties.spawn(sweeper::run(self.clone(), cancel.clone()));
         duties.spawn(artifact_moves::run(self.clone(), cancel.clone()));
         duties.spawn(agent_dispatch::run(self.clone(), cancel.clone()));

@@ -51,6 +51,10 @@ impl std::ops::AddAssign for ResultsReport {
     }
 }
 
+/// Idle heartbeat the server sends on the pull stream: two missed (the consumer's leader
+/// lost with its server in a NATS cluster) start a fresh pull within 2 s.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
 /// Consumes results until `cancel` fires. Reconnects after NATS errors.
 pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()> {
     // One batch in flight, on the replica's own connection; messages arriving meanwhile
@@ -64,7 +68,7 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
                 .await
                 .map_err(|e| anyhow::anyhow!(e.to_string()));
         let messages = match consumer {
-            Ok(c) => c.stream().max_messages_per_batch(MAX_BATCH).heartbeat(Duration::from_secs(5)).messages().await,
+            Ok(c) => c.stream().max_messages_per_batch(MAX_BATCH).heartbeat(HEARTBEAT).messages().await,
             Err(e) => {
                 tracing::warn!(error = %e, "results consumer unavailable; retrying");
                 tokio::select! { _ = cancel.cancelled() => break, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }

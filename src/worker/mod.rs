@@ -39,6 +39,8 @@ use slots::{Slot, Slots};
 
 /// Most messages asked for in one pull request.
 const MAX_PULL: usize = 256;
+/// How long a pull request waits on the server for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// Claim requests in flight at once per pull loop.
 const MAX_CLAIMS_IN_FLIGHT: usize = 2;
 /// Times a claim is sent before its messages are handed back for redelivery.
@@ -219,7 +221,11 @@ async fn pull(
             _ = cancel.cancelled() => return,
             n = slots.wait_free() => n.min(MAX_PULL),
         };
-        let batch = consumer.batch().max_messages(free).expires(Duration::from_secs(2)).messages().await;
+        let batch = consumer.batch().max_messages(free).expires(PULL_EXPIRES).messages().await;
+        // A pull request dies with the server holding it (a consumer leader lost in a NATS
+        // cluster): then neither messages nor its end arrive. It is given up a second
+        // after it expired on the server, once nothing more can come.
+        let lost_after = tokio::time::Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
         let batch = match batch {
             Ok(b) => b,
             Err(e) => {
@@ -237,8 +243,10 @@ async fn pull(
                 claims.join_next().await;
             }
             let chunk = tokio::select! {
+                biased;
                 _ = cancel.cancelled() => None,
                 c = chunks.next() => c,
+                _ = tokio::time::sleep_until(lost_after) => None,
             };
             let Some(chunk) = chunk else { break };
             let mut msgs = Vec::with_capacity(chunk.len());

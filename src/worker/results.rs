@@ -115,7 +115,9 @@ async fn publish(js: &jetstream::Context, names: &Names, batch: &[Finished], har
             _ = hard.cancelled() => return false,
             _ = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
+        // At most a second between tries: a stream leader elected meanwhile (a few
+        // seconds in a NATS cluster) is used within a second.
+        delay = (delay * 2).min(Duration::from_secs(1));
     }
 }
 

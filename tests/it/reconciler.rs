@@ -298,3 +298,50 @@ async fn the_relay_retries_what_jetstream_refused_a_second_later() {
     assert_eq!(app.count("SELECT count(*) FROM outbox").await, 0);
     app.stop().await;
 }
+
+/// A dispatch JetStream accepted and then lost (no outbox row, no message anyone will
+/// deliver before the lease TTL) is sent again once it has gone unclaimed for
+/// `redispatch_after` while a NATS worker has room, under a new dispatch sequence; a task
+/// waiting because every worker is busy is left alone.
+#[tokio::test]
+async fn a_dispatch_unclaimed_while_workers_have_room_is_sent_again() {
+    use bloom::db::lifecycle;
+    use bloom::domain::NewTask;
+    use bloom::reconciler::redispatch;
+
+    let app = TestApp::spawn().await;
+    let mut r = app.reconciler_with(app.reconciler_settings(), &app.cancel).await;
+    let start = bloom::time::now_ms();
+    r.clock = bloom::time::Clock::manual(start);
+    let new: NewTask = serde_json::from_value(json!({"context_id": "c", "agent_slug": "a", "prompt": "lost"})).unwrap();
+    lifecycle::create(&app.pool, vec![new], "test", start).await.unwrap();
+    sqlx::query("DELETE FROM outbox").execute(&app.pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO workers (id, node_id, status, capabilities, registered_at, active_leases, source)
+         VALUES ('busy', 'n', 'online', '{\"max_concurrency\": 2}', $1, 0, 'nats')",
+    )
+    .bind(start)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // Both its slots taken (the count leases keep up to date, set here directly).
+    sqlx::query("UPDATE workers SET active_leases = 2").execute(&app.pool).await.unwrap();
+    let after = Duration::from_secs(15);
+
+    r.clock.advance(Duration::from_secs(16));
+    assert_eq!(redispatch::run_once(&r, after).await.unwrap(), 0, "every worker busy: a backlog, not a loss");
+    sqlx::query("UPDATE workers SET active_leases = 1").execute(&app.pool).await.unwrap();
+    r.clock.advance(Duration::from_secs(1));
+    assert_eq!(redispatch::run_once(&r, after).await.unwrap(), 1);
+    let seq: i64 = sqlx::query_scalar("SELECT dispatch_seq FROM llm_tasks").fetch_one(&app.pool).await.unwrap();
+    assert_eq!(seq, 2, "a new dispatch: the lost one, should it turn up, is stale");
+    assert_eq!(app.count("SELECT count(*) FROM audit_logs WHERE action = 'task_redispatched'").await, 1);
+    assert_eq!(r.metrics.tasks_redispatched_total.get(), 1);
+    assert_eq!(redispatch::run_once(&r, after).await.unwrap(), 0, "the new dispatch is young");
+    // It is on the bus again: the dispatcher published it and removed its outbox row.
+    wait_for("the new dispatch published", Duration::from_secs(10), || async {
+        app.count("SELECT count(*) FROM outbox").await == 0
+    })
+    .await;
+    app.stop().await;
+}
