@@ -67,7 +67,12 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        ApiError::internal(e)
+        if crate::db::is_unavailable(&e) {
+            tracing::warn!(error = %e, "database unavailable");
+            ApiError::Unavailable("Database unavailable; retry later".into())
+        } else {
+            ApiError::internal(e)
+        }
     }
 }
 
@@ -78,7 +83,7 @@ impl From<TransitionError> for ApiError {
             TransitionError::Conflict(m) => ApiError::Conflict(m),
             TransitionError::NoWorker => ApiError::Unavailable(e.to_string()),
             TransitionError::NoUrl(_) => ApiError::Invalid(e.to_string()),
-            TransitionError::Db(e) => ApiError::internal(e),
+            TransitionError::Db(e) => ApiError::from(e),
         }
     }
 }

@@ -13,6 +13,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_util::sync::CancellationToken;
 
+use super::error::ApiError;
 use crate::bus::Dispatcher;
 use crate::db::{lifecycle, Dedicated};
 use crate::domain::{NewTask, Task};
@@ -20,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::telemetry::Carrier;
 use crate::time::Clock;
 
-type Reply = oneshot::Sender<Result<Task, String>>;
+type Reply = oneshot::Sender<Result<Task, ApiError>>;
 type Request = (NewTask, Carrier, Reply);
 
 /// Handle to the submission batcher.
@@ -56,10 +57,11 @@ impl Submitter {
 
     /// Creates a task; returns once it is committed (and queued for publishing, with
     /// the trace context `trace`).
-    pub async fn submit(&self, task: NewTask, trace: Carrier) -> Result<Task, String> {
+    pub async fn submit(&self, task: NewTask, trace: Carrier) -> Result<Task, ApiError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send((task, trace, reply)).await.map_err(|_| "submission queue closed".to_owned())?;
-        rx.await.map_err(|_| "submission dropped".to_owned())?
+        let closed = || ApiError::Unavailable("Shutting down; retry later".into());
+        self.tx.send((task, trace, reply)).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
     }
 }
 
@@ -101,8 +103,14 @@ async fn commit_loop(
             }
             Err(e) => {
                 tracing::error!(error = %e, "committing a batch of tasks failed");
+                let unavailable = crate::db::is_unavailable(&e);
                 for reply in replies {
-                    let _ = reply.send(Err(e.to_string()));
+                    let err = if unavailable {
+                        ApiError::Unavailable("Database unavailable; retry later".into())
+                    } else {
+                        ApiError::internal(&e)
+                    };
+                    let _ = reply.send(Err(err));
                 }
             }
         }

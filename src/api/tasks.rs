@@ -23,7 +23,7 @@ use crate::domain::{ArtifactId, LeaseId, NewTask, Task, TaskId, TaskStatus, Work
 #[tracing::instrument(name = "submit task", skip_all, fields(task.id))]
 pub async fn create(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<impl IntoResponse, ApiError> {
     let new = NewTask::parse(&body)?;
-    let task = state.submitter.submit(new, crate::telemetry::current_carrier()).await.map_err(ApiError::internal)?;
+    let task = state.submitter.submit(new, crate::telemetry::current_carrier()).await?;
     tracing::Span::current().record("task.id", tracing::field::display(&task.id));
     Ok((StatusCode::CREATED, Json(task)))
 }

@@ -87,6 +87,20 @@ pub fn is_refusal(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether the database is unreachable or refusing work for now (a lost or refused
+/// connection, a timeout, a server shutting down or out of resources, a read-only
+/// server during a failover, a serialization failure or deadlock): retrying later can
+/// succeed, so callers answer 503 rather than 500.
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+            ["08", "53", "57"].iter().any(|class| c.starts_with(class)) || ["25006", "40001", "40P01"].contains(&&*c)
+        }),
+        _ => false,
+    }
+}
+
 /// Whether Postgres refused a statement because of the data it was given (SQLSTATE
 /// classes 22, data exception; 23, integrity constraint violation; 54, program limit
 /// exceeded): the same data is refused again, unlike a deadlock, a full disk or a lock

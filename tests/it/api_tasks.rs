@@ -2,6 +2,7 @@
 
 use reqwest::StatusCode;
 use serde_json::json;
+use std::time::Duration;
 
 use crate::common::{Opts, TestApp};
 
@@ -325,5 +326,54 @@ async fn lease_picks_sticky_then_most_free_worker_and_honours_explicit_worker() 
     let (_, workers) = app.get("/api/runtime/workers").await;
     let small = workers.as_array().unwrap().iter().find(|w| w["id"] == "small").unwrap();
     assert_eq!(small["active_leases"], 2);
+    app.stop().await;
+}
+
+/// While the server behind the database address refuses writes (a primary demoted during
+/// a failover), submissions answer 503 and store nothing; once a writable server is back
+/// behind the address, they are accepted again on fresh connections.
+#[tokio::test]
+async fn submissions_answer_503_while_postgres_is_read_only_and_succeed_after() {
+    let app = TestApp::spawn().await;
+    let db: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&app.pool).await.unwrap();
+    let admin = sqlx::PgPool::connect(&crate::common::admin_db_url()).await.unwrap();
+    // Every new session of the database is read-only, and the current ones are ended,
+    // as when the address moves to another server.
+    let switch = |read_only: bool| {
+        let (admin, db) = (admin.clone(), db.clone());
+        async move {
+            let set = if read_only {
+                "SET default_transaction_read_only = on"
+            } else {
+                "RESET default_transaction_read_only"
+            };
+            sqlx::query(&format!("ALTER DATABASE \"{db}\" {set}")).execute(&admin).await.unwrap();
+            sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+                .bind(&db)
+                .execute(&admin)
+                .await
+                .unwrap();
+        }
+    };
+    let body = json!({"context_id": "c", "agent_slug": "a", "prompt": "during a failover"});
+    switch(true).await;
+    for _ in 0..3 {
+        let (status, resp) = app.post("/api/runtime/llm-tasks", body.clone()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{resp}");
+        assert!(resp["error"].as_str().unwrap().contains("retry"), "{resp}");
+    }
+    switch(false).await;
+    let mut accepted = None;
+    for _ in 0..20 {
+        let (status, resp) = app.post("/api/runtime/llm-tasks", body.clone()).await;
+        if status == StatusCode::CREATED {
+            accepted = Some(resp);
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{resp}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(accepted.is_some(), "accepted once the server is writable again");
+    assert_eq!(app.count("SELECT count(*) FROM llm_tasks").await, 1, "nothing stored by the refused ones");
     app.stop().await;
 }
