@@ -107,9 +107,9 @@ pub async fn postgres_limit(url: &str, tasks: u64, connections: usize, batch: us
 }
 
 /// Publish with ack, then pull and ack, of task-sized messages.
-pub async fn nats_limit(url: &str, msgs: usize) -> anyhow::Result<Value> {
+pub async fn nats_limit(url: &str, replicas: usize, msgs: usize) -> anyhow::Result<Value> {
     use futures::StreamExt;
-    let client = async_nats::connect(url).await?;
+    let client = bloom::bus::connect(url, "bloom-bench").await?;
     let js = async_nats::jetstream::new(client);
     let name = format!("benchlimit{}", &bloom::domain::new_id()[..8]);
     let stream = js
@@ -117,6 +117,7 @@ pub async fn nats_limit(url: &str, msgs: usize) -> anyhow::Result<Value> {
             name: name.clone(),
             subjects: vec![format!("{name}.>")],
             retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+            num_replicas: replicas,
             ..Default::default()
         })
         .await?;

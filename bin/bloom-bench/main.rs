@@ -44,9 +44,13 @@ struct Opts {
     /// Postgres server (the benchmark creates database `bloom_bench`).
     #[arg(long, env = "BLOOM_BENCH_PG", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     pg: String,
-    /// NATS server.
+    /// NATS server(s), comma separated (e.g. `scripts/nats-cluster.sh url`).
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats: String,
+    /// Replicas of the runtime's streams, and of the NATS limit's (3 on a three-node
+    /// cluster).
+    #[arg(long, env = "BLOOM_NATS_REPLICAS", default_value_t = 1)]
+    nats_replicas: usize,
     /// Offered rate of the fixed-rate phase, tasks/s.
     #[arg(long, default_value_t = 1000)]
     rate: u64,
@@ -311,7 +315,7 @@ async fn limits(o: &Opts, db_url: &str) -> anyhow::Result<(Vec<Value>, Vec<Value
     let (mut pg, mut nats) = (Vec::new(), Vec::new());
     for _ in 0..o.limit_runs.max(1) {
         pg.push(postgres_limit(db_url, o.tasks, 8, 128).await?);
-        nats.push(nats_limit(&o.nats, o.tasks as usize).await?);
+        nats.push(nats_limit(&o.nats, o.nats_replicas, o.tasks as usize).await?);
     }
     Ok((pg, nats))
 }
@@ -359,6 +363,7 @@ async fn main() -> anyhow::Result<()> {
         ("DATABASE_URL", db_url.clone()),
         ("NATS_URL", o.nats.clone()),
         ("BLOOM_NATS_NAMESPACE", ns.clone()),
+        ("BLOOM_NATS_REPLICAS", o.nats_replicas.to_string()),
         ("BLOOM_LEASE_TTL_SECS", "60".into()),
     ];
     if let Some(endpoint) = &o.s3_endpoint {
@@ -436,7 +441,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
 
     // Leave no streams behind on a shared server.
-    if let Ok(client) = async_nats::connect(&o.nats).await {
+    if let Ok(client) = bloom::bus::connect(&o.nats, "bloom-bench").await {
         let js = async_nats::jetstream::new(client);
         let names = bloom::bus::Names::new(&ns).map_err(anyhow::Error::msg)?;
         let _ = js.delete_stream(names.tasks_stream()).await;
