@@ -232,6 +232,13 @@ pub struct TracedResult {
     pub trace: Carrier,
 }
 
+/// A lease whose task was cancelled: the worker running it kills its executor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CancelNotice {
+    pub task_id: TaskId,
+    pub lease_id: LeaseId,
+}
+
 /// A worker hands a lease back without a result (graceful shutdown): the task becomes
 /// claimable again by the same dispatch, which the worker then naks.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -149,9 +149,14 @@ enum TasksCommand {
     Show {
         id: String,
     },
-    /// Requeue a failed or dead task.
+    /// Requeue a failed, dead or cancelled task.
     Requeue {
         id: String,
+    },
+    /// Cancel queued, leased or running tasks (a running one's executor is killed).
+    Cancel {
+        #[arg(required = true)]
+        ids: Vec<String>,
     },
 }
 
@@ -277,6 +282,14 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                     .post(&format!("/api/runtime/llm-tasks/{}/requeue", bloom::membridge::encode(&id)), &json!({}))
                     .await?;
                 print(json_out, &v, &[]);
+            }
+            TasksCommand::Cancel { ids } => {
+                for id in ids {
+                    let v = api
+                        .post(&format!("/api/runtime/llm-tasks/{}/cancel", bloom::membridge::encode(&id)), &json!({}))
+                        .await?;
+                    print(json_out, &v, &[]);
+                }
             }
         },
         Command::Workers { command } => match command {

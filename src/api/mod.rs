@@ -121,6 +121,8 @@ pub struct AppContext {
     pub submitter: Submitter,
     pub dispatcher: Dispatcher,
     pub nats: async_nats::Client,
+    /// Subjects and streams of the NATS namespace.
+    pub names: crate::bus::Names,
     pub membridge: Arc<membridge::Client>,
     pub artifacts: ArtifactStore,
     /// Calls HTTP agents (dispatch, agent operations).
@@ -160,6 +162,7 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         .routes(routes!(tasks::heartbeat))
         .routes(routes!(tasks::complete))
         .routes(routes!(tasks::requeue))
+        .routes(routes!(tasks::cancel))
         .routes(routes!(dispatch::dispatch))
         .routes(routes!(reads::leases))
         .routes(routes!(reads::runs))
@@ -371,7 +374,7 @@ pub async fn build_state(
     let js = crate::bus::jetstream(nats.clone(), settings.nats_timeout);
     crate::bus::provision::apply_at_start(&js, &names, &settings.streams, crate::bus::provision::START_PATIENCE)
         .await?;
-    let dispatcher = Dispatcher::spawn(js, names, pool.clone(), metrics.clone(), cancel.clone());
+    let dispatcher = Dispatcher::spawn(js, names.clone(), pool.clone(), metrics.clone(), cancel.clone());
     let submitter = Submitter::spawn(
         pool.clone(),
         dispatcher.clone(),
@@ -388,6 +391,7 @@ pub async fn build_state(
         submitter,
         dispatcher,
         nats,
+        names,
         membridge,
         artifacts,
         agents,

@@ -17,6 +17,7 @@ use super::{ApiError, AppState};
 use crate::db::lifecycle::{self, Completion, CompletionOutcome, LeaseRequest};
 use crate::db::tasks;
 use crate::domain::{ArtifactId, LeaseId, NewTask, Task, TaskId, TaskStatus, WorkerId};
+use crate::protocol::CancelNotice;
 
 /// `POST /api/runtime/llm-tasks` → 201 task.
 #[utoipa::path(post, path = "/api/runtime/llm-tasks", tag = "tasks", request_body = NewTask, responses((status = 201, body = Task), (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
@@ -155,6 +156,26 @@ pub async fn complete(
         }
         _ => Err(ApiError::Conflict(format!("Lease {lease_id} is no longer the current lease of task {}", task.id))),
     }
+}
+
+/// `POST /api/runtime/llm-tasks/:id/cancel` → the cancelled task. A queued task is
+/// cancelled at once; a leased or running one also has its worker told to stop it (a
+/// NATS worker kills the executor's process group); its lease ends `cancelled`.
+/// 409 when the task already finished.
+#[utoipa::path(post, path = "/api/runtime/llm-tasks/{id}/cancel", tag = "tasks", params(("id" = String, Path, description = "Task id")), responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Task>, ApiError> {
+    let cancelled = lifecycle::cancel(&state.pool, &TaskId(id), "admin", state.clock.now_ms()).await?;
+    state.metrics.tasks_cancelled_total.inc();
+    if let Some((lease_id, worker)) = cancelled.lease {
+        let notice = CancelNotice { task_id: cancelled.task.id.clone(), lease_id };
+        let body = serde_json::to_vec(&notice).expect("notice serializes");
+        // Fire and forget: a worker that misses it finds the lease gone at its next
+        // heartbeat; an HTTP agent's late result is recorded and ignored.
+        if let Err(e) = state.nats.publish(state.names.cancel_subject(), body.into()).await {
+            tracing::warn!(task.id = %notice.task_id, %worker, error = %e, "cancel notice not sent");
+        }
+    }
+    Ok(Json(cancelled.task))
 }
 
 /// `POST /api/runtime/llm-tasks/:id/requeue` → the requeued task.

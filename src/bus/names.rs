@@ -96,6 +96,11 @@ impl Names {
         format!("{}.ctl.release", self.ns)
     }
 
+    /// Cancellations of leases: every worker hears them and stops the one it runs.
+    pub fn cancel_subject(&self) -> String {
+        format!("{}.ctl.cancel", self.ns)
+    }
+
     /// Announcements of a worker process starting (request/reply).
     pub fn start_subject(&self) -> String {
         format!("{}.ctl.start", self.ns)

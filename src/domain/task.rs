@@ -25,17 +25,20 @@ pub enum TaskStatus {
     Completed,
     Failed,
     Dead,
+    /// Stopped by a cancel request (an addition to the seed's statuses).
+    Cancelled,
 }
 
 impl TaskStatus {
     /// All statuses, in lifecycle order.
-    pub const ALL: [TaskStatus; 6] = [
+    pub const ALL: [TaskStatus; 7] = [
         TaskStatus::Queued,
         TaskStatus::Leased,
         TaskStatus::Running,
         TaskStatus::Completed,
         TaskStatus::Failed,
         TaskStatus::Dead,
+        TaskStatus::Cancelled,
     ];
 
     /// The status as stored and serialized.
@@ -47,6 +50,7 @@ impl TaskStatus {
             TaskStatus::Completed => "completed",
             TaskStatus::Failed => "failed",
             TaskStatus::Dead => "dead",
+            TaskStatus::Cancelled => "cancelled",
         }
     }
 
@@ -62,12 +66,12 @@ impl TaskStatus {
 
     /// The administrator may requeue a task in this status.
     pub fn is_requeueable(self) -> bool {
-        matches!(self, TaskStatus::Failed | TaskStatus::Dead)
+        matches!(self, TaskStatus::Failed | TaskStatus::Dead | TaskStatus::Cancelled)
     }
 
     /// No transition leaves this status except an explicit requeue.
     pub fn is_terminal(self) -> bool {
-        matches!(self, TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Dead)
+        matches!(self, TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Dead | TaskStatus::Cancelled)
     }
 }
 

@@ -118,6 +118,15 @@ async fn read_bounded(mut r: impl AsyncReadExt + Unpin, limit: usize) -> Result<
     }
 }
 
+/// Kills the process group when dropped.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        kill_group(self.0);
+    }
+}
+
 fn kill_group(pid: Option<u32>) {
     if let Some(pid) = pid {
         // SAFETY: kill(2) with a negative pid signals the process group we created.
@@ -156,6 +165,9 @@ async fn run_command(
         Err(e) => return Some(failure(format!("could not start executor: {e}"), None, started)),
     };
     let pid = child.id();
+    // Whatever ends this future, dropped included (a cancelled task, a lost lease), takes
+    // the whole group with it: `kill_on_drop` alone reaches only the shell.
+    let _group = GroupGuard(pid);
     let mut stdin = child.stdin.take();
     let prompt = task.prompt.clone();
     let feed = async move {

@@ -11,6 +11,7 @@
 
 pub mod executor;
 pub mod results;
+mod running;
 pub mod slots;
 
 use std::collections::HashSet;
@@ -35,6 +36,7 @@ use crate::protocol::{
 };
 pub use executor::Executor;
 use results::ResultPublisher;
+use running::Running;
 use slots::{Slot, Slots};
 
 /// Most messages asked for in one pull request.
@@ -104,6 +106,8 @@ impl WorkerSettings {
 #[derive(Clone)]
 struct Ctx {
     client: async_nats::Client,
+    /// Executions by lease, for cancel notices.
+    running: Running,
     names: Names,
     settings: Arc<WorkerSettings>,
     metrics: Arc<Metrics>,
@@ -132,7 +136,10 @@ pub async fn run(
     // Tasks stop on `hard`, which fires when the grace period after `cancel` runs out.
     let hard = CancellationToken::new();
     let results = ResultPublisher::spawn(js.clone(), names.clone(), hard.clone());
-    let ctx = Ctx { client, names, settings: Arc::new(settings), metrics, ttl_secs, results };
+    let running = Running::default();
+    let cancels = client.subscribe(names.cancel_subject()).await?;
+    let ctx = Ctx { client, running: running.clone(), names, settings: Arc::new(settings), metrics, ttl_secs, results };
+    tokio::spawn(running.serve(cancels));
     tracing::info!(worker.id = %ctx.settings.id, ttl_secs, "worker started");
 
     announce_start(&ctx).await;
@@ -418,14 +425,20 @@ async fn execute(ctx: Ctx, msg: Message, task: TaskMessage, grant: LeaseGrant, s
     let _slot = slot;
     let lost = CancellationToken::new();
     let run_cancel = CancellationToken::new();
+    let cancelled = ctx.running.register(&grant.lease_id);
     // Heartbeats run inside this future, so they stop with it whatever ends it.
     let outcome = tokio::select! {
         o = ctx.settings.executor.run(&task, &run_cancel) => o,
         _ = heartbeat_loop(&ctx, &msg, &task.task_id, &grant.lease_id, &lost) => { run_cancel.cancel(); None }
+        _ = cancelled.token.cancelled() => { run_cancel.cancel(); None }
         _ = hard.cancelled() => { run_cancel.cancel(); None }
     };
     let Some(outcome) = outcome else {
-        if lost.is_cancelled() {
+        if cancelled.token.is_cancelled() {
+            ctx.metrics.executions_cancelled_total.inc();
+            tracing::info!(task.id = %task.task_id, "task cancelled; execution stopped");
+            let _ = msg.ack_with(AckKind::Term).await;
+        } else if lost.is_cancelled() {
             tracing::warn!(task.id = %task.task_id, "lease lost while running; result dropped");
             let _ = msg.ack_with(AckKind::Term).await;
         } else {

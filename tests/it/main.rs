@@ -12,6 +12,7 @@ mod api_auth;
 mod api_tasks;
 mod api_workers;
 mod bloomctl;
+mod cancel;
 mod dedicated;
 mod dispatch;
 mod lifecycle_races;

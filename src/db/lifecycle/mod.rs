@@ -23,6 +23,7 @@
 
 mod abandon;
 mod assign;
+mod cancel;
 mod claim;
 mod complete;
 mod create;
@@ -38,6 +39,7 @@ use sqlx::PgPool;
 
 pub use abandon::{abandon, Abandoned};
 pub use assign::{assign, Assigned};
+pub use cancel::{cancel, Cancelled};
 pub use claim::{claim, Claim, ClaimOutcome};
 pub use complete::{complete, Completion, CompletionOutcome};
 pub use create::create;

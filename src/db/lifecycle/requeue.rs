@@ -1,4 +1,4 @@
-//! `requeue`: a `failed` or `dead` task queued again by an administrator.
+//! `requeue`: a `failed`, `dead` or `cancelled` task queued again by an administrator.
 
 use sqlx::PgPool;
 
@@ -29,7 +29,7 @@ pub async fn requeue(pool: &PgPool, task_id: &TaskId, actor: &str, now: i64) -> 
         TaskRow,
         r#"UPDATE llm_tasks SET status = 'queued', lease_id = NULL, worker_id = NULL, attempts = 0,
                 dispatch_seq = dispatch_seq + 1, routed_to = NULL, updated_at = $2
-           WHERE id = $1 AND status IN ('failed', 'dead')
+           WHERE id = $1 AND status IN ('failed', 'dead', 'cancelled')
            RETURNING id, context_id, agent_slug, prompt, context_hints AS "context_hints: Json<Vec<String>>",
                      policy AS "policy: Json<Policy>", desired_format AS "desired_format: DesiredFormat",
                      status AS "status: TaskStatus", created_at, updated_at, lease_id, worker_id, attempts,
