@@ -200,8 +200,10 @@ mod tests {
     }
 
     #[test]
-    fn only_failed_and_dead_are_requeueable() {
+    fn only_finished_tasks_that_did_not_complete_are_requeueable() {
         let re: Vec<_> = TaskStatus::ALL.into_iter().filter(|s| s.is_requeueable()).collect();
-        assert_eq!(re, vec![TaskStatus::Failed, TaskStatus::Dead]);
+        assert_eq!(re, vec![TaskStatus::Failed, TaskStatus::Dead, TaskStatus::Cancelled]);
+        let terminal: Vec<_> = TaskStatus::ALL.into_iter().filter(|s| s.is_terminal()).collect();
+        assert_eq!(terminal, vec![TaskStatus::Completed, TaskStatus::Failed, TaskStatus::Dead, TaskStatus::Cancelled]);
     }
 }
