@@ -153,10 +153,18 @@ enum TasksCommand {
     Requeue {
         id: String,
     },
-    /// Cancel queued, leased or running tasks (a running one's executor is killed).
+    /// Cancel queued, leased or running tasks (a running one's executor is killed): the
+    /// given ids, or with --context / --agent every unfinished task of that context or
+    /// agent (at most 1000 per call; --dry-run counts them first).
     Cancel {
-        #[arg(required = true)]
+        #[arg(required_unless_present_any = ["context", "agent"])]
         ids: Vec<String>,
+        #[arg(long)]
+        context: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -283,7 +291,21 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                     .await?;
                 print(json_out, &v, &[]);
             }
-            TasksCommand::Cancel { ids } => {
+            TasksCommand::Cancel { ids, context, agent, dry_run } if context.is_some() || agent.is_some() => {
+                let mut body = json!({"dry_run": dry_run});
+                if let Some(c) = context {
+                    body["context_id"] = json!(c);
+                }
+                if let Some(a) = agent {
+                    body["agent_slug"] = json!(a);
+                }
+                if !ids.is_empty() {
+                    body["ids"] = json!(ids);
+                }
+                let v = api.post("/api/runtime/llm-tasks/cancel", &body).await?;
+                print(json_out, &v, &[]);
+            }
+            TasksCommand::Cancel { ids, .. } => {
                 for id in ids {
                     let v = api
                         .post(&format!("/api/runtime/llm-tasks/{}/cancel", bloom::membridge::encode(&id)), &json!({}))

@@ -163,6 +163,7 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         .routes(routes!(tasks::complete))
         .routes(routes!(tasks::requeue))
         .routes(routes!(tasks::cancel))
+        .routes(routes!(tasks::cancel_bulk))
         .routes(routes!(dispatch::dispatch))
         .routes(routes!(reads::leases))
         .routes(routes!(reads::runs))

@@ -166,16 +166,107 @@ pub async fn complete(
 pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Task>, ApiError> {
     let cancelled = lifecycle::cancel(&state.pool, &TaskId(id), "admin", state.clock.now_ms()).await?;
     state.metrics.tasks_cancelled_total.inc();
-    if let Some((lease_id, worker)) = cancelled.lease {
-        let notice = CancelNotice { task_id: cancelled.task.id.clone(), lease_id };
-        let body = serde_json::to_vec(&notice).expect("notice serializes");
-        // Fire and forget: a worker that misses it finds the lease gone at its next
-        // heartbeat; an HTTP agent's late result is recorded and ignored.
-        if let Err(e) = state.nats.publish(state.names.cancel_subject(), body.into()).await {
-            tracing::warn!(task.id = %notice.task_id, %worker, error = %e, "cancel notice not sent");
-        }
+    if let Some((lease_id, _)) = cancelled.lease {
+        notify_cancelled(&state, &cancelled.task.id, lease_id).await;
     }
     Ok(Json(cancelled.task))
+}
+
+/// Most tasks one bulk cancellation takes; repeat the request for more.
+pub const MAX_BULK_CANCEL: i64 = 1000;
+
+/// Body of `POST /api/runtime/llm-tasks/cancel`: which tasks. At least one of `ids`,
+/// `context_id`, `agent_slug` is required (nothing cancels everything by accident).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct CancelSelection {
+    /// Task ids (at most 1000).
+    pub ids: Option<Vec<String>>,
+    pub context_id: Option<String>,
+    pub agent_slug: Option<String>,
+    /// Among `queued`, `leased`, `running`; default all three.
+    pub status: Option<Vec<String>>,
+    /// Count what would be cancelled, cancel nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What a bulk cancellation did (or, dry, would do).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct CancelReport {
+    pub dry_run: bool,
+    /// Tasks the selection holds now.
+    pub matched: i64,
+    /// Ids of the tasks cancelled (empty on a dry run); at most 1000 per request.
+    pub cancelled: Vec<String>,
+}
+
+fn cancel_selection(body: &serde_json::Value) -> Result<(lifecycle::Selection, bool), ApiError> {
+    use super::validate::{FieldErrors, Fields};
+    let mut errors = FieldErrors::default();
+    let (ids, context_id, agent_slug, status, dry_run) = {
+        let mut f = Fields::root(body, &mut errors);
+        (
+            f.opt_strings("ids").flatten(),
+            f.opt_string("context_id", 1, Some(255), false).flatten(),
+            f.opt_string("agent_slug", 1, Some(255), false).flatten(),
+            f.opt_strings("status").flatten(),
+            f.boolean("dry_run", false).unwrap_or(false),
+        )
+    };
+    if let Some(ids) = &ids {
+        if ids.is_empty() || ids.len() > MAX_BULK_CANCEL as usize {
+            errors.add("ids", format!("Expected between 1 and {MAX_BULK_CANCEL} ids"));
+        }
+    }
+    let failed = !errors.form.is_empty() || !errors.fields.is_empty();
+    if ids.is_none() && context_id.is_none() && agent_slug.is_none() && !failed {
+        errors.add("ids", "Required: ids, context_id or agent_slug");
+    }
+    let mut statuses = Vec::new();
+    for s in status.unwrap_or_else(|| vec!["queued".into(), "leased".into(), "running".into()]) {
+        match TaskStatus::parse(&s) {
+            Some(st) if !st.is_terminal() => statuses.push(st),
+            _ => errors
+                .add("status", format!("Invalid enum value. Expected 'queued' | 'leased' | 'running', received '{s}'")),
+        }
+    }
+    errors.finish((lifecycle::Selection { ids, context_id, agent_slug, statuses }, dry_run)).map_err(ApiError::from)
+}
+
+/// `POST /api/runtime/llm-tasks/cancel`: cancels the unfinished tasks of a selection
+/// (ids, a context, an agent, statuses), oldest first, at most 1000 per request; with
+/// `dry_run`, only counts them.
+#[utoipa::path(post, path = "/api/runtime/llm-tasks/cancel", tag = "tasks", request_body = CancelSelection, responses((status = 200, body = CancelReport), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn cancel_bulk(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<CancelReport>, ApiError> {
+    let (selection, dry_run) = cancel_selection(&body)?;
+    let matched = lifecycle::count_cancellable(&state.pool, &selection).await?;
+    if dry_run {
+        return Ok(Json(CancelReport { dry_run, matched, cancelled: Vec::new() }));
+    }
+    let done = lifecycle::cancel_many(&state.pool, &selection, MAX_BULK_CANCEL, "admin", state.clock.now_ms()).await?;
+    state.metrics.tasks_cancelled_total.add(done.len() as u64);
+    let mut cancelled = Vec::with_capacity(done.len());
+    for (task_id, lease) in done {
+        if let Some((lease_id, _)) = lease {
+            notify_cancelled(&state, &task_id, lease_id).await;
+        }
+        cancelled.push(task_id.0);
+    }
+    Ok(Json(CancelReport { dry_run, matched, cancelled }))
+}
+
+/// Tells the worker running `lease_id` to stop. Fire and forget: a worker that misses it
+/// finds the lease gone at its next heartbeat; an HTTP agent's late result is recorded
+/// and ignored.
+async fn notify_cancelled(state: &AppState, task_id: &TaskId, lease_id: LeaseId) {
+    let notice = CancelNotice { task_id: task_id.clone(), lease_id };
+    let body = serde_json::to_vec(&notice).expect("notice serializes");
+    if let Err(e) = state.nats.publish(state.names.cancel_subject(), body.into()).await {
+        tracing::warn!(task.id = %notice.task_id, error = %e, "cancel notice not sent");
+    }
 }
 
 /// `POST /api/runtime/llm-tasks/:id/requeue` → the requeued task.

@@ -82,3 +82,38 @@ async fn a_running_task_is_cancelled_and_its_executor_process_group_killed_withi
     assert_eq!(app.count(&format!("SELECT count(*) FROM llm_results WHERE task_id = '{id}'")).await, 0);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn tasks_are_cancelled_in_bulk_by_context_after_a_dry_run_count() {
+    let app = TestApp::spawn().await;
+    for i in 0..3 {
+        app.submit_with(json!({"context_id": "sweep", "agent_slug": "a", "prompt": format!("p{i}")})).await;
+    }
+    let keep = app.submit_with(json!({"context_id": "other", "agent_slug": "a", "prompt": "keep"})).await;
+    let (status, refused) = app.post("/api/runtime/llm-tasks/cancel", json!({"dry_run": true})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "nothing selected: {refused}");
+    assert!(refused["error"]["fieldErrors"]["ids"].is_array(), "{refused}");
+    let (status, refused) =
+        app.post("/api/runtime/llm-tasks/cancel", json!({"context_id": "sweep", "status": ["completed"]})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert!(refused["error"]["fieldErrors"]["status"].is_array(), "{refused}");
+
+    let (status, dry) =
+        app.post("/api/runtime/llm-tasks/cancel", json!({"context_id": "sweep", "dry_run": true})).await;
+    assert_eq!(status, StatusCode::OK, "{dry}");
+    assert_eq!((dry["matched"].as_i64(), dry["cancelled"].as_array().map(Vec::len)), (Some(3), Some(0)), "{dry}");
+    assert_eq!(app.count("SELECT count(*) FROM llm_tasks WHERE status = 'cancelled'").await, 0, "a dry run");
+
+    let (status, done) = app.post("/api/runtime/llm-tasks/cancel", json!({"context_id": "sweep"})).await;
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert_eq!((done["matched"].as_i64(), done["cancelled"].as_array().map(Vec::len)), (Some(3), Some(3)), "{done}");
+    assert_eq!(
+        app.count("SELECT count(*) FROM llm_tasks WHERE status = 'cancelled' AND context_id = 'sweep'").await,
+        3
+    );
+    assert_eq!(app.status_of(keep["id"].as_str().unwrap()).await, "queued");
+    assert_eq!(app.count("SELECT count(*) FROM audit_logs WHERE action = 'task_cancelled'").await, 3);
+    let (_, again) = app.post("/api/runtime/llm-tasks/cancel", json!({"context_id": "sweep"})).await;
+    assert_eq!(again["matched"], 0, "{again}");
+    app.stop().await;
+}

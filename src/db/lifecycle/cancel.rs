@@ -70,3 +70,89 @@ pub async fn cancel(pool: &PgPool, task_id: &TaskId, actor: &str, now: i64) -> R
     tx.commit().await?;
     Ok(Cancelled { task, lease })
 }
+
+/// Which unfinished tasks a bulk cancellation takes: those among `ids` (when given) of
+/// the given context and agent (when given), in the given statuses (a subset of
+/// `queued`, `leased`, `running`).
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    pub ids: Option<Vec<String>>,
+    pub context_id: Option<String>,
+    pub agent_slug: Option<String>,
+    pub statuses: Vec<TaskStatus>,
+}
+
+impl Selection {
+    fn statuses(&self) -> Vec<String> {
+        self.statuses.iter().map(|s| s.as_str().to_owned()).collect()
+    }
+}
+
+/// How many tasks `selection` holds now (a dry run's answer).
+pub async fn count_cancellable(pool: &PgPool, selection: &Selection) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM llm_tasks
+           WHERE status = ANY($1) AND ($2::text[] IS NULL OR id = ANY($2))
+             AND ($3::text IS NULL OR context_id = $3) AND ($4::text IS NULL OR agent_slug = $4)"#,
+        &selection.statuses() as _,
+        selection.ids.as_deref() as _,
+        selection.context_id.as_deref(),
+        selection.agent_slug.as_deref()
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Cancels up to `limit` tasks of `selection`, oldest first, in one transaction: each
+/// becomes `cancelled`, its active lease `cancelled`, with an audit entry each. Tasks
+/// that finish meanwhile are not touched (the statuses are checked under the row locks).
+pub async fn cancel_many(
+    pool: &PgPool,
+    selection: &Selection,
+    limit: i64,
+    actor: &str,
+    now: i64,
+) -> sqlx::Result<Vec<(TaskId, Option<(LeaseId, WorkerId)>)>> {
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query!(
+        r#"WITH c AS (
+             SELECT id, status, lease_id, worker_id FROM llm_tasks
+             WHERE status = ANY($1) AND ($2::text[] IS NULL OR id = ANY($2))
+               AND ($3::text IS NULL OR context_id = $3) AND ($4::text IS NULL OR agent_slug = $4)
+             ORDER BY created_at LIMIT $5 FOR UPDATE),
+           l AS (
+             UPDATE leases SET status = 'cancelled'
+             WHERE id IN (SELECT lease_id FROM c WHERE status IN ('leased', 'running')) AND status = 'active'
+             RETURNING id),
+           t AS (
+             UPDATE llm_tasks t SET status = 'cancelled', updated_at = $6 FROM c
+             WHERE t.id = c.id AND t.status IN ('queued', 'leased', 'running')
+             RETURNING t.id)
+           SELECT c.id AS "id!", c.status AS "status!: TaskStatus", c.lease_id, c.worker_id FROM c JOIN t ON t.id = c.id"#,
+        &selection.statuses() as _,
+        selection.ids.as_deref() as _,
+        selection.context_id.as_deref(),
+        selection.agent_slug.as_deref(),
+        limit,
+        now
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    let mut entries = Vec::with_capacity(rows.len());
+    for r in rows {
+        let lease = match (r.status.is_leased(), r.lease_id, r.worker_id) {
+            (true, Some(l), Some(w)) => Some((LeaseId::from(l), WorkerId::from(w))),
+            _ => None,
+        };
+        let detail = match &lease {
+            Some((l, w)) => format!("Cancelled while {} (lease {l} on worker {w})", r.status),
+            None => format!("Cancelled while {}", r.status),
+        };
+        entries.push(NewAudit::new(AuditAction::TaskCancelled, "llm_task", &r.id, actor, detail));
+        out.push((TaskId(r.id), lease));
+    }
+    audit::insert(&mut *tx, &entries, now).await?;
+    tx.commit().await?;
+    Ok(out)
+}

@@ -39,7 +39,7 @@ use sqlx::PgPool;
 
 pub use abandon::{abandon, Abandoned};
 pub use assign::{assign, Assigned};
-pub use cancel::{cancel, Cancelled};
+pub use cancel::{cancel, cancel_many, count_cancellable, Cancelled, Selection};
 pub use claim::{claim, Claim, ClaimOutcome};
 pub use complete::{complete, Completion, CompletionOutcome};
 pub use create::create;
