@@ -21,6 +21,11 @@ pub struct DbArgs {
     /// Statement timeout in milliseconds.
     #[arg(long, env = "BLOOM_DB_STATEMENT_TIMEOUT_MS", default_value_t = 30_000)]
     pub db_statement_timeout_ms: u64,
+    /// How long an idempotency key is remembered, in seconds: a submission repeating a
+    /// key within it returns the key's task (the API), and the reconcilers forget keys
+    /// older than it.
+    #[arg(long, env = "BLOOM_IDEMPOTENCY_RETENTION_SECS", default_value_t = 86_400)]
+    pub idempotency_retention_secs: u64,
 }
 
 impl DbArgs {
@@ -31,6 +36,11 @@ impl DbArgs {
             statement_timeout: self.statement_timeout(),
             ..Default::default()
         }
+    }
+
+    /// How long an idempotency key is remembered (at least a second).
+    pub fn idempotency_retention(&self) -> Duration {
+        Duration::from_secs(self.idempotency_retention_secs.max(1))
     }
 
     /// The statement timeout.

@@ -16,10 +16,7 @@ use serde_json::{json, Value};
 pub async fn postgres_limit(url: &str, tasks: u64, connections: usize, batch: usize) -> anyhow::Result<Value> {
     use bloom::db::lifecycle::{self, Claim, ClaimOutcome, Completion};
     use bloom::db::{outbox, workers};
-    use bloom::domain::{
-        ArtifactBody, ArtifactId, Capabilities, DesiredFormat, Metrics, NewTask, Outcome, Policy, WorkerId,
-        WorkerStatus,
-    };
+    use bloom::domain::{ArtifactBody, ArtifactId, Capabilities, Metrics, NewTask, Outcome, WorkerId, WorkerStatus};
 
     let pool = bloom::db::connect(
         url,
@@ -52,18 +49,13 @@ pub async fn postgres_limit(url: &str, tasks: u64, connections: usize, batch: us
                 }
                 let n = (tasks - start).min(batch as u64) as usize;
                 let now = bloom::time::now_ms();
-                let new = (0..n)
-                    .map(|_| NewTask {
-                        context_id: "ctx".into(),
-                        agent_slug: "limit".into(),
-                        prompt: "noop".into(),
-                        context_hints: Vec::new(),
-                        policy: Policy::default(),
-                        desired_format: DesiredFormat::Text,
-                        max_attempts: 3,
-                    })
-                    .collect();
-                let dispatches = lifecycle::create(&pool, new, "bench", now).await?;
+                let new = (0..n).map(|_| NewTask::new("ctx", "limit", "noop")).collect();
+                let dispatches: Vec<_> =
+                    lifecycle::create(&mut *pool.acquire().await?, new, "bench", now, lifecycle::KeyRules::default())
+                        .await?
+                        .into_iter()
+                        .filter_map(lifecycle::Submitted::into_dispatch)
+                        .collect();
                 let sent: Vec<i64> = dispatches.iter().map(|d| d.outbox_id).collect();
                 outbox::delete(&mut async_commit, &sent).await?;
                 let claims: Vec<Claim> = dispatches

@@ -9,6 +9,12 @@
 //!   submit to the last completion in Postgres;
 //! * `rest_path`: the seed's worker protocol over REST (create, lease, heartbeat,
 //!   complete) in tasks/s;
+//! * `batch_submit`: the saturation phase's tasks submitted 100 per request through the
+//!   batch route, tasks/s from the first submission to the last completion;
+//! * `all_priorities`: the saturation phase with its tasks spread over the five
+//!   priorities, tasks/s (its ratio to `saturation` is what priorities cost);
+//! * `priority_under_flood`: every slot busy with 200 ms background tasks and a backlog
+//!   of five rounds, then urgent tasks one by one: their wait for a slot;
 //! * `postgres_limit`: the same writes a task's life costs, executed directly with the
 //!   same batching and durability, in tasks/s;
 //! * `nats_limit`: publish with ack, then pull and ack, of task-sized messages, in msgs/s;
@@ -23,6 +29,7 @@
 mod http;
 mod limits;
 mod procs;
+mod task_control;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,6 +94,12 @@ struct Opts {
     /// stay in Postgres.
     #[arg(long, env = "BLOOM_BENCH_S3")]
     s3_endpoint: Option<String>,
+    /// Tasks per request of the batch phase.
+    #[arg(long, default_value_t = 100)]
+    batch_size: u64,
+    /// Skip the task-control phases (batch submit, all priorities, priority under a flood).
+    #[arg(long)]
+    no_task_control: bool,
     /// Write the JSON report here too.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -424,6 +437,17 @@ async fn main() -> anyhow::Result<()> {
     let before = cpu_ticks();
     let mut sat = saturation(&o, &pool).await?;
     sat["cpu_ms_per_task"] = cpu_ms_per_task(&before, &cpu_ticks(), &all, o.tasks);
+    let task_control = if o.no_task_control {
+        Value::Null
+    } else {
+        eprintln!("batch submit: {} tasks, {} per request", o.tasks, o.batch_size);
+        let batch = task_control::batch_submit(&o, &pool).await?;
+        eprintln!("saturation with all priorities: {} tasks", o.tasks);
+        let all = task_control::saturation_all_priorities(&o, &pool).await?;
+        eprintln!("priority under a flood");
+        let flood = task_control::priority_under_flood(&o, &http, &base, &pool).await?;
+        json!({"batch_submit": batch, "all_priorities": all, "priority_under_flood": flood})
+    };
     let mut memory = serde_json::Map::new();
     for p in workers.iter().chain(procs.iter()) {
         memory.insert(p.name.clone(), json!(p.peak_kib().map(|k| k / 1024)));
@@ -466,7 +490,7 @@ async fn main() -> anyhow::Result<()> {
     let report = json!({
         "s3": o.s3_endpoint.is_some(),
         "artifacts": {"in_s3": in_s3, "in_postgres": inline},
-        "fixed_rate": fixed, "saturation": sat, "rest_path": rest,
+        "fixed_rate": fixed, "saturation": sat, "rest_path": rest, "task_control": task_control,
         "postgres_limit": pg, "nats_limit": nats,
         "ratio_to_lower_limit": if lower.is_finite() { json!(sat_tps / lower) } else { Value::Null },
         "peak_memory_mib": memory,
@@ -501,6 +525,15 @@ fn print_table(r: &Value) {
     eprintln!("{:<38} {}", "fixed-rate dispatch latency", lat(&r["fixed_rate"]["dispatch_ms"]));
     eprintln!("{:<38} {}", "fixed-rate end-to-end latency", lat(&r["fixed_rate"]["end_to_end_ms"]));
     eprintln!("{:<38} {}", "seed REST path tasks/s", f(&r["rest_path"]["tasks_per_sec"]));
+    let tc = &r["task_control"];
+    if !tc.is_null() {
+        eprintln!("{:<38} {}", "batch submit tasks/s (submit→completed)", f(&tc["batch_submit"]["tasks_per_sec"]));
+        eprintln!("{:<38} {}", "batch submit: submitted tasks/s", f(&tc["batch_submit"]["submit_per_sec"]));
+        eprintln!("{:<38} {}", "all priorities tasks/s", f(&tc["all_priorities"]["tasks_per_sec"]));
+        let flood = &tc["priority_under_flood"];
+        eprintln!("{:<38} {}", "urgent task wait under a flood", lat(&flood["urgent_dispatch_ms"]));
+        eprintln!("{:<38} {}", "background task wait in the flood", lat(&flood["flood_dispatch_ms"]));
+    }
     let limit = |l: &Value, key: &str| {
         let runs = |v: &Value| {
             v.as_array().map_or("-".to_owned(), |a| a.iter().map(|r| f(&r[key])).collect::<Vec<_>>().join(", "))

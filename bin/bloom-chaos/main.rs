@@ -6,7 +6,12 @@
 //! restarts nats-server and PostgreSQL and stops the S3 server for a while. Afterwards it
 //! checks the invariants:
 //!
-//! * every submitted task is `completed`, or `dead` with all its attempts used;
+//! * every submitted task is `completed`, or `dead` with all its attempts used, or
+//!   `cancelled` (one in 25 is cancelled soon after submission: once the API confirmed
+//!   it, the task stays `cancelled` and never completes);
+//! * one task per submission, however often a submission was retried (each carries an
+//!   idempotency key);
+//! * no delayed task (one in ten, 1–2.5 s) leased before its `not_before`;
 //! * exactly one `success` result per completed task, none for the others;
 //! * no lease left active, no outbox row left unsent;
 //! * the audit log agrees with the state (creation and completion entries);
@@ -431,7 +436,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Submit while faults happen.
     let base = format!("http://127.0.0.1:{api_port}");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<()>>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<Option<String>>>();
     let submitter = {
         let (http, base, tasks, rate) = (http.clone(), base.clone(), o.tasks, o.rate);
         tokio::spawn(async move {
@@ -443,14 +448,36 @@ async fn main() -> anyhow::Result<()> {
                     // Prompts vary the work: mostly quick, some slower, so kills catch tasks mid-run.
                     let prompt =
                         if i % 5 == 0 { format!("sleep:{}", 300 + (i % 7) * 100) } else { format!("chaos {i}") };
-                    let body = json!({"context_id": format!("c{}", i % 50), "agent_slug": "chaos", "prompt": prompt,
-                                      "max_attempts": 10});
-                    // Retry until accepted: the API answers 5xx while Postgres is down.
+                    let mut body = json!({"context_id": format!("c{}", i % 50), "agent_slug": "chaos", "prompt": prompt,
+                                          "max_attempts": 10, "priority": (i % 3) as i64 - 1});
+                    // Some delayed (they must never start early), some cancelled soon after
+                    // submission (they must never complete).
+                    if i % 10 == 3 {
+                        body["delay_ms"] = json!(1000 + (i % 4) * 500);
+                    }
+                    let cancel_after = (i % 25 == 7).then(|| Duration::from_millis((i as u64 % 8) * 100));
+                    // Retry until accepted: the API answers 5xx while Postgres is down. The
+                    // idempotency key makes a retry of a submission whose answer was lost
+                    // return the task it created instead of a second one.
                     let deadline = Instant::now() + Duration::from_secs(120);
                     loop {
-                        let r = http.post(format!("{base}/api/runtime/llm-tasks")).json(&body).send().await;
-                        if matches!(&r, Ok(r) if r.status().as_u16() == 201) {
-                            let _ = tx.send(Ok(()));
+                        let r = http
+                            .post(format!("{base}/api/runtime/llm-tasks"))
+                            .header("Idempotency-Key", format!("chaos-{i}"))
+                            .json(&body)
+                            .send()
+                            .await;
+                        if let Ok(r) = r.and_then(|r| r.error_for_status()) {
+                            let mut cancelled = None;
+                            if let Some(after) = cancel_after {
+                                let task: serde_json::Value = r.json().await.unwrap_or_default();
+                                if let Some(id) = task["id"].as_str() {
+                                    if cancel(&http, &base, id, after).await {
+                                        cancelled = Some(id.to_owned());
+                                    }
+                                }
+                            }
+                            let _ = tx.send(Ok(cancelled));
                             return;
                         }
                         if Instant::now() > deadline {
@@ -587,9 +614,13 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(submitter);
     let mut accepted = 0;
+    let mut cancelled_ids: Vec<String> = Vec::new();
     while accepted < o.tasks {
         match tokio::time::timeout(Duration::from_secs(150), rx.recv()).await {
-            Ok(Some(Ok(()))) => accepted += 1,
+            Ok(Some(Ok(cancelled))) => {
+                accepted += 1;
+                cancelled_ids.extend(cancelled);
+            }
             Ok(Some(Err(e))) => return Err(e),
             _ => bail!("submissions did not finish"),
         }
@@ -603,7 +634,7 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(o.settle_secs);
     loop {
         let (open, outbox, inline): (i64, i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM llm_tasks WHERE status NOT IN ('completed', 'dead')),
+            "SELECT (SELECT count(*) FROM llm_tasks WHERE status NOT IN ('completed', 'dead', 'cancelled')),
                     (SELECT count(*) FROM outbox),
                     (SELECT count(*) FROM runtime_artifacts WHERE url IS NULL AND content IS NOT NULL)",
         )
@@ -627,7 +658,10 @@ async fn main() -> anyhow::Result<()> {
     let inline_artifacts =
         q("SELECT count(*) FROM runtime_artifacts WHERE url IS NULL AND content IS NOT NULL").await?;
     let mut checks: Vec<(&str, i64)> = vec![
-        ("tasks not completed nor dead", q("SELECT count(*) FROM llm_tasks WHERE status NOT IN ('completed', 'dead')").await?),
+        ("tasks not completed, dead nor cancelled", q("SELECT count(*) FROM llm_tasks WHERE status NOT IN ('completed', 'dead', 'cancelled')").await?),
+        ("tasks stored beyond those submitted (a retried submission created another)", (submitted_count(&pool).await? - o.tasks as i64).max(0)),
+        ("delayed tasks leased before their not_before", q("SELECT count(*) FROM leases l JOIN llm_tasks t ON t.id = l.task_id WHERE t.not_before IS NOT NULL AND l.started_at < t.not_before").await?),
+        ("cancelled tasks that did not stay cancelled", cancelled_not_kept(&pool, &cancelled_ids).await?),
         ("dead tasks with attempts left", q("SELECT count(*) FROM llm_tasks WHERE status = 'dead' AND attempts < max_attempts").await?),
         ("completed tasks without exactly one success", q("SELECT count(*) FROM llm_tasks t WHERE status = 'completed' AND (SELECT count(*) FROM llm_results r WHERE r.task_id = t.id AND r.status = 'success') <> 1").await?),
         ("success results of tasks not completed", q("SELECT count(*) FROM llm_results r JOIN llm_tasks t ON t.id = r.task_id WHERE r.status = 'success' AND t.status <> 'completed'").await?),
@@ -680,6 +714,8 @@ async fn main() -> anyhow::Result<()> {
         "tasks_accepted": accepted,
         "tasks_stored": submitted,
         "completed": q("SELECT count(*) FROM llm_tasks WHERE status = 'completed'").await?,
+        "cancelled": cancelled_ids.len(),
+        "delayed": q("SELECT count(*) FROM llm_tasks WHERE not_before IS NOT NULL").await?,
         "dead": q("SELECT count(*) FROM llm_tasks WHERE status = 'dead'").await?,
         "redeliveries": q("SELECT COALESCE(sum(n - 1), 0)::bigint FROM (SELECT count(*) AS n FROM leases GROUP BY task_id) x").await?,
         "duplicate_executions": duplicates::attribute(&pool, &fault_log, lease_ttl_ms).await?,
@@ -720,4 +756,32 @@ async fn main() -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     Ok(())
+}
+
+/// Cancels task `id` `after` its submission, retrying while the API is unavailable;
+/// true when the API confirmed the cancellation (a task that finished first answers 409).
+async fn cancel(http: &reqwest::Client, base: &str, id: &str, after: Duration) -> bool {
+    tokio::time::sleep(after).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        match http.post(format!("{base}/api/runtime/llm-tasks/{id}/cancel")).send().await {
+            Ok(r) if r.status().as_u16() == 200 => return true,
+            Ok(r) if r.status().as_u16() == 409 => return false,
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    false
+}
+
+async fn submitted_count(pool: &sqlx::PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM llm_tasks").fetch_one(pool).await
+}
+
+/// Of the tasks whose cancellation the API confirmed, those not `cancelled` now (a
+/// cancelled task must never complete, nor be run again).
+async fn cancelled_not_kept(pool: &sqlx::PgPool, ids: &[String]) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM llm_tasks WHERE id = ANY($1) AND status <> 'cancelled'")
+        .bind(ids)
+        .fetch_one(pool)
+        .await
 }

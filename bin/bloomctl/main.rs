@@ -141,17 +141,36 @@ enum NatsCommand {
 enum TasksCommand {
     /// Newest first.
     List {
+        /// One status, or several separated by commas.
         #[arg(long)]
         status: Option<String>,
+        #[arg(long)]
+        context: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long, allow_negative_numbers = true)]
+        priority: Option<i32>,
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
     Show {
         id: String,
     },
-    /// Requeue a failed, dead or cancelled task.
+    /// Requeue failed, dead or cancelled tasks: the given ids, or with --context /
+    /// --agent (and --status) every such task of that context or agent (at most 1000
+    /// per call; --dry-run counts them first).
     Requeue {
-        id: String,
+        #[arg(required_unless_present_any = ["context", "agent"])]
+        ids: Vec<String>,
+        #[arg(long)]
+        context: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+        /// Among failed, dead, cancelled, separated by commas (default all three).
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Cancel queued, leased or running tasks (a running one's executor is killed): the
     /// given ids, or with --context / --agent every unfinished task of that context or
@@ -191,9 +210,10 @@ enum ArtifactsCommand {
     },
 }
 
-const TASK_COLUMNS: [(&str, &str); 6] = [
+const TASK_COLUMNS: [(&str, &str); 7] = [
     ("ID", "/id"),
     ("STATUS", "/status"),
+    ("PRIORITY", "/priority"),
     ("AGENT", "/agent_slug"),
     ("CONTEXT", "/context_id"),
     ("ATTEMPTS", "/attempts"),
@@ -272,11 +292,17 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
         }
         Command::Submit(args) => return submit::run(&api, args, json_out).await,
         Command::Tasks { command } => match command {
-            TasksCommand::List { status, limit } => {
+            TasksCommand::List { status, context, agent, priority, limit } => {
                 let v = api
                     .get(&format!(
                         "/api/runtime/llm-tasks{}",
-                        query(&[("status", status), ("limit", Some(limit.to_string()))])
+                        query(&[
+                            ("status", status),
+                            ("context_id", context),
+                            ("agent_slug", agent),
+                            ("priority", priority.map(|p| p.to_string())),
+                            ("limit", Some(limit.to_string()))
+                        ])
                     ))
                     .await?;
                 print(json_out, &v, &TASK_COLUMNS);
@@ -285,23 +311,24 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 let v = api.get(&format!("/api/runtime/llm-tasks/{}", bloom::membridge::encode(&id))).await?;
                 print(json_out, &v, &[]);
             }
-            TasksCommand::Requeue { id } => {
-                let v = api
-                    .post(&format!("/api/runtime/llm-tasks/{}/requeue", bloom::membridge::encode(&id)), &json!({}))
-                    .await?;
+            TasksCommand::Requeue { ids, context, agent, status, dry_run } if context.is_some() || agent.is_some() => {
+                let mut body = selection(ids, context, agent, dry_run);
+                if let Some(s) = status {
+                    body["status"] = json!(s.split(',').map(str::trim).collect::<Vec<_>>());
+                }
+                let v = api.post("/api/runtime/llm-tasks/requeue", &body).await?;
                 print(json_out, &v, &[]);
             }
+            TasksCommand::Requeue { ids, .. } => {
+                for id in ids {
+                    let v = api
+                        .post(&format!("/api/runtime/llm-tasks/{}/requeue", bloom::membridge::encode(&id)), &json!({}))
+                        .await?;
+                    print(json_out, &v, &[]);
+                }
+            }
             TasksCommand::Cancel { ids, context, agent, dry_run } if context.is_some() || agent.is_some() => {
-                let mut body = json!({"dry_run": dry_run});
-                if let Some(c) = context {
-                    body["context_id"] = json!(c);
-                }
-                if let Some(a) = agent {
-                    body["agent_slug"] = json!(a);
-                }
-                if !ids.is_empty() {
-                    body["ids"] = json!(ids);
-                }
+                let body = selection(ids, context, agent, dry_run);
                 let v = api.post("/api/runtime/llm-tasks/cancel", &body).await?;
                 print(json_out, &v, &[]);
             }
@@ -464,4 +491,19 @@ async fn up(db: &DbArgs, nats: &NatsArgs, plan: &up::Plan) -> anyhow::Result<()>
     migrate(db).await?;
     nats_apply(nats, &names).await?;
     up::run(plan).await
+}
+
+/// The body of a bulk operation's selection.
+fn selection(ids: Vec<String>, context: Option<String>, agent: Option<String>, dry_run: bool) -> Value {
+    let mut body = json!({"dry_run": dry_run});
+    if let Some(c) = context {
+        body["context_id"] = json!(c);
+    }
+    if let Some(a) = agent {
+        body["agent_slug"] = json!(a);
+    }
+    if !ids.is_empty() {
+        body["ids"] = json!(ids);
+    }
+    body
 }

@@ -1,4 +1,5 @@
-//! `bloomctl submit [--count N] [--wait]`.
+//! `bloomctl submit [--count N] [--wait]`, and `bloomctl submit --file prompts.jsonl`
+//! (one task per line, sent 1,000 at a time through the batch route).
 //!
 //! Each task's id is printed as soon as it is created. Waiting costs a request per poll
 //! whatever the number of tasks: the task list is read newest first, page by page, down
@@ -22,7 +23,9 @@ use crate::table;
 pub struct SubmitArgs {
     /// The prompt; `-` or absent with no --file reads stdin.
     prompt: Option<String>,
-    /// Read the prompt from a file.
+    /// Read the prompt from a file; a `.jsonl` file holds one task per line instead: a
+    /// JSON object with a `prompt` (its other fields override the options), or a JSON
+    /// string that is the prompt.
     #[arg(long, conflicts_with = "prompt")]
     file: Option<PathBuf>,
     #[arg(long, default_value = "bloomctl")]
@@ -38,6 +41,15 @@ pub struct SubmitArgs {
     desired_format: Option<String>,
     #[arg(long)]
     max_attempts: Option<u32>,
+    /// -2 (background) to 2 (most urgent); 0 by default.
+    #[arg(long, allow_negative_numbers = true)]
+    priority: Option<i32>,
+    /// Do not dispatch before this many milliseconds from now.
+    #[arg(long)]
+    delay_ms: Option<u64>,
+    /// Idempotency key (repeating the command returns the same task).
+    #[arg(long, conflicts_with = "file")]
+    idempotency_key: Option<String>,
     /// Submit the prompt this many times.
     #[arg(long, default_value_t = 1)]
     count: u32,
@@ -63,10 +75,33 @@ struct Submitted {
     created_at: i64,
 }
 
+impl Submitted {
+    /// A created task, its id printed: on stdout when the ids are the command's output,
+    /// else on stderr.
+    fn announce(task: &Value, ids_on_stdout: bool) -> Submitted {
+        let id = task["id"].as_str().unwrap_or_default().to_owned();
+        if ids_on_stdout {
+            println!("{id}");
+        } else {
+            eprintln!("submitted {id}");
+        }
+        Submitted { id, created_at: task["created_at"].as_i64().unwrap_or(0) }
+    }
+}
+
 /// Runs `submit`; answers the exit code.
 pub async fn run(api: &Client, args: SubmitArgs, json_out: bool) -> Result<i32, Failure> {
-    let body = task_body(&args, read_prompt(&args)?);
-    let submitted = create(api, &body, args.count.max(1), !args.wait && !json_out).await?;
+    let lines = args.file.as_ref().filter(|f| f.extension().is_some_and(|e| e == "jsonl" || e == "ndjson"));
+    let submitted = match lines {
+        Some(path) => {
+            let bodies = read_lines(&args, path)?;
+            create_batches(api, &bodies, !args.wait && !json_out).await?
+        }
+        None => {
+            let body = task_body(&args, read_prompt(&args)?);
+            create(api, &body, args.count.max(1), !args.wait && !json_out).await?
+        }
+    };
     if !args.wait {
         if json_out {
             println!("{}", json!(submitted.iter().map(|s| &s.id).collect::<Vec<_>>()));
@@ -113,7 +148,55 @@ fn task_body(args: &SubmitArgs, prompt: String) -> Value {
     if let Some(m) = args.max_attempts {
         body["max_attempts"] = json!(m);
     }
+    if let Some(p) = args.priority {
+        body["priority"] = json!(p);
+    }
+    if let Some(d) = args.delay_ms {
+        body["delay_ms"] = json!(d);
+    }
+    if let Some(k) = &args.idempotency_key {
+        body["idempotency_key"] = json!(k);
+    }
     body
+}
+
+/// The tasks of a `.jsonl` file, each with the options' fields where the line names none.
+fn read_lines(args: &SubmitArgs, path: &PathBuf) -> Result<Vec<Value>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::new(exit::USAGE, format!("reading {}: {e}", path.display())))?;
+    let mut bodies = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = |why: String| Failure::new(exit::USAGE, format!("{}:{}: {why}", path.display(), n + 1));
+        let body = match serde_json::from_str::<Value>(line).map_err(|e| bad(e.to_string()))? {
+            Value::String(prompt) => task_body(args, prompt),
+            Value::Object(fields) => {
+                let mut body = task_body(args, String::new());
+                body.as_object_mut().expect("a task body is an object").extend(fields);
+                body
+            }
+            _ => return Err(bad("expected a JSON object or string".into())),
+        };
+        bodies.push(body);
+    }
+    Ok(bodies)
+}
+
+/// Most tasks of one batch request (the API's limit).
+const BATCH: usize = 1000;
+
+/// Creates the tasks through the batch route, 1,000 per request, printing each id.
+async fn create_batches(api: &Client, bodies: &[Value], ids_on_stdout: bool) -> Result<Vec<Submitted>, Failure> {
+    let mut submitted = Vec::with_capacity(bodies.len());
+    for chunk in bodies.chunks(BATCH) {
+        let answer = api.post("/api/runtime/llm-tasks/batch", &json!({ "tasks": chunk })).await.map_err(|f| {
+            let total = bodies.len();
+            Failure::new(f.code, format!("{} (after {} of {total} tasks were submitted)", f.message, submitted.len()))
+        })?;
+        for task in answer["tasks"].as_array().into_iter().flatten() {
+            submitted.push(Submitted::announce(task, ids_on_stdout));
+        }
+    }
+    Ok(submitted)
 }
 
 /// Creates `count` tasks, printing each id as it is created: on stdout when the ids are
@@ -124,13 +207,7 @@ async fn create(api: &Client, body: &Value, count: u32, ids_on_stdout: bool) -> 
         let task = api.post("/api/runtime/llm-tasks", body).await.map_err(|f| {
             Failure::new(f.code, format!("{} (after {} of {count} tasks were submitted)", f.message, submitted.len()))
         })?;
-        let id = task["id"].as_str().unwrap_or_default().to_owned();
-        if ids_on_stdout {
-            println!("{id}");
-        } else {
-            eprintln!("submitted {id}");
-        }
-        submitted.push(Submitted { id, created_at: task["created_at"].as_i64().unwrap_or(0) });
+        submitted.push(Submitted::announce(&task, ids_on_stdout));
     }
     Ok(submitted)
 }

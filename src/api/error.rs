@@ -11,7 +11,7 @@ use super::validate::FieldErrors;
 use crate::db::lifecycle::TransitionError;
 
 /// An error answered to the client.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{0}")]
     NotFound(String),

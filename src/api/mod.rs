@@ -8,6 +8,7 @@
 pub mod agent_ops;
 pub mod auth;
 pub mod body;
+pub mod bulk;
 pub mod dispatch;
 pub mod docs;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod rate_limit;
 pub mod reads;
 pub mod runtime_config;
 pub mod schemas;
+pub mod submissions;
 pub mod submit;
 pub mod tasks;
 pub mod validate;
@@ -67,6 +69,8 @@ pub struct ApiSettings {
     /// Client-side bound of one database call (longer than the statement timeout, so
     /// Postgres gives up first).
     pub db_timeout: Duration,
+    /// How long an idempotency key is remembered.
+    pub idempotency_retention: Duration,
     /// Bound of one JetStream request (provisioning, publish acknowledgements).
     pub nats_timeout: Duration,
     /// The key membridge agents require (`X-MEMBRIDGE-AGENT`).
@@ -96,6 +100,7 @@ impl ApiSettings {
             membridge_default: membridge.endpoint(),
             membridge_timeout: membridge.timeout(),
             db_timeout: db.call_timeout(),
+            idempotency_retention: db.idempotency_retention(),
             nats_timeout: nats.timeout(),
             agent_key: membridge.membridge_agent_key.clone(),
             web_dir: api.web_dir.clone(),
@@ -155,7 +160,8 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         .routes(routes!(agent_ops::restart))
         .routes(routes!(agent_ops::uninstall))
         .routes(routes!(agent_ops::install_script))
-        .routes(routes!(tasks::list, tasks::create))
+        .routes(routes!(tasks::list, submissions::create))
+        .routes(routes!(submissions::create_batch))
         .routes(routes!(tasks::show))
         .routes(routes!(tasks::results))
         .routes(routes!(tasks::lease))
@@ -163,7 +169,8 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         .routes(routes!(tasks::complete))
         .routes(routes!(tasks::requeue))
         .routes(routes!(tasks::cancel))
-        .routes(routes!(tasks::cancel_bulk))
+        .routes(routes!(bulk::cancel))
+        .routes(routes!(bulk::requeue))
         .routes(routes!(dispatch::dispatch))
         .routes(routes!(reads::leases))
         .routes(routes!(reads::runs))
@@ -380,8 +387,11 @@ pub async fn build_state(
         pool.clone(),
         dispatcher.clone(),
         metrics.clone(),
-        2,
-        settings.db_timeout,
+        submit::Limits {
+            loops: 2,
+            db_timeout: settings.db_timeout,
+            idempotency_retention: settings.idempotency_retention,
+        },
         clock.clone(),
         cancel,
     );

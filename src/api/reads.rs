@@ -248,7 +248,7 @@ pub async fn leases(State(state): State<AppState>, Query(q): Query<LeaseQuery>) 
 #[utoipa::path(get, path = "/api/runtime/runs", tag = "tasks", params(("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Task>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn runs(State(state): State<AppState>, Query(q): Query<PageQuery>) -> Result<impl IntoResponse, ApiError> {
     let page = q.page_with_default(50)?;
-    let keys = tasks::list_keys(&state.pool, None, &page).await?;
+    let keys = tasks::list_keys(&state.pool, &tasks::TaskFilter::default(), &page).await?;
     Ok(stream_tasks(state.pool.clone(), keys, &page))
 }
 

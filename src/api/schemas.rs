@@ -11,12 +11,14 @@ pub use super::error::ErrorBody;
 use super::validate::{FieldErrors, Fields};
 use super::ApiError;
 use crate::domain::{
-    Artifact, Capabilities, DesiredFormat, Lease, LlmResult, Metrics, NewTask, Outcome, Policy, Registration,
+    Artifact, Capabilities, DesiredFormat, Lease, LlmResult, Metrics, NewTask, Outcome, Policy, Priority, Registration,
     ResultStatus, Task, Worker, WorkerId, WorkerStatus,
 };
 
 /// Largest accepted prompt, in bytes: a task must fit in one NATS message.
 pub const MAX_PROMPT_BYTES: usize = 512 * 1024;
+/// Largest integer a JavaScript client can send exactly (times in epoch ms).
+const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
 
 /// A request body read with the seed's zod rules: every field's failures are collected
 /// and answered as one 400 in zod's `flatten()` shape.
@@ -63,6 +65,15 @@ impl RequestBody for NewTask {
         if prompt.as_ref().is_some_and(|p| p.len() > MAX_PROMPT_BYTES) {
             f.errors.add("prompt", format!("String must contain at most {MAX_PROMPT_BYTES} bytes"));
         }
+        // Additions to the seed's fields.
+        let priority =
+            f.int("priority", Priority::MIN.into(), Priority::MAX.into(), Some(0)).map(|p| Priority(p as i16));
+        let not_before = f.opt_int("not_before", 0, MAX_SAFE_INTEGER);
+        let delay_ms = f.opt_int("delay_ms", 0, NewTask::MAX_DELAY_MS);
+        if matches!((&not_before, &delay_ms), (Some(Some(_)), Some(Some(_)))) {
+            f.errors.add("delay_ms", "Only one of not_before and delay_ms may be given");
+        }
+        let idempotency_key = f.opt_string("idempotency_key", 1, Some(NewTask::MAX_KEY_CHARS), true);
         Some(NewTask {
             context_id: context_id?,
             agent_slug: agent_slug?,
@@ -71,6 +82,10 @@ impl RequestBody for NewTask {
             policy: policy?,
             desired_format: desired_format?,
             max_attempts: max_attempts? as i32,
+            priority: priority?,
+            not_before: not_before?,
+            delay_ms: delay_ms?,
+            idempotency_key: idempotency_key?,
         })
     }
 }

@@ -1,5 +1,5 @@
-//! `/api/runtime/llm-tasks`: create, list, show, and the REST worker protocol (lease,
-//! heartbeat, complete) plus requeue. The transitions are those of
+//! `/api/runtime/llm-tasks`: list, show, and the REST worker protocol (lease,
+//! heartbeat, complete) plus requeue and cancel (submissions are in [`super::submissions`]). The transitions are those of
 //! [`crate::db::lifecycle`], shared with the NATS path.
 
 use axum::extract::{Path, Query, State};
@@ -13,41 +13,85 @@ use super::reads::{stream_tasks, PageQuery};
 use super::schemas::{
     CompleteBody, CompleteResponse, ErrorBody, HeartbeatResponse, HolderBody, LeaseBody, LeaseResponse, RequestBody,
 };
+use super::validate::FieldErrors;
 use super::{ApiError, AppState};
 use crate::db::lifecycle::{self, Completion, CompletionOutcome, LeaseRequest};
-use crate::db::tasks;
-use crate::domain::{ArtifactId, LeaseId, NewTask, Task, TaskId, TaskStatus, WorkerId};
+use crate::db::tasks::{self, TaskFilter};
+use crate::domain::{ArtifactId, LeaseId, Priority, Task, TaskId, TaskStatus, WorkerId};
 use crate::protocol::CancelNotice;
 
-/// `POST /api/runtime/llm-tasks` → 201 task.
-#[utoipa::path(post, path = "/api/runtime/llm-tasks", tag = "tasks", request_body = NewTask, responses((status = 201, body = Task), (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
-#[tracing::instrument(name = "submit task", skip_all, fields(task.id))]
-pub async fn create(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<impl IntoResponse, ApiError> {
-    let new = NewTask::parse(&body)?;
-    let task = state.submitter.submit(new, crate::telemetry::current_carrier()).await?;
-    tracing::Span::current().record("task.id", tracing::field::display(&task.id));
-    Ok((StatusCode::CREATED, Json(task)))
-}
-
-/// Query of `GET /api/runtime/llm-tasks`.
+/// Query of `GET /api/runtime/llm-tasks`: the seed's `status`, and filters (additions).
 #[derive(Debug, Deserialize)]
 pub struct ListQuery {
+    /// One status, or several separated by commas.
     status: Option<String>,
+    context_id: Option<String>,
+    agent_slug: Option<String>,
+    priority: Option<String>,
+    created_from: Option<String>,
+    created_to: Option<String>,
     #[serde(flatten)]
     page: PageQuery,
 }
 
-/// `GET /api/runtime/llm-tasks[?status=]` → tasks, newest first.
-#[utoipa::path(get, path = "/api/runtime/llm-tasks", tag = "tasks", params(("status" = Option<String>, Query, description = "queued|leased|running|completed|failed|dead"), ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Task>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+impl ListQuery {
+    /// The filter; `None` when it can match nothing (as in the original, a status no
+    /// task can have matches none). A malformed number is a 400 naming its parameter.
+    fn filter(&self) -> Result<Option<TaskFilter>, ApiError> {
+        let mut errors = FieldErrors::default();
+        let mut int = |name: &str, v: &Option<String>, min: i64, max: i64| match v.as_deref() {
+            None | Some("") => None,
+            Some(s) => match s.parse::<i64>() {
+                Ok(n) if (min..=max).contains(&n) => Some(n),
+                _ => {
+                    errors.add(name, format!("Expected an integer from {min} to {max}, received '{s}'"));
+                    None
+                }
+            },
+        };
+        let priority = int("priority", &self.priority, Priority::MIN.into(), Priority::MAX.into());
+        let created_from = int("created_from", &self.created_from, 0, i64::MAX);
+        let created_to = int("created_to", &self.created_to, 0, i64::MAX);
+        let mut statuses = Vec::new();
+        let mut unknown = false;
+        for s in self.status.as_deref().unwrap_or_default().split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match TaskStatus::parse(s) {
+                Some(st) => statuses.push(st),
+                None => unknown = true,
+            }
+        }
+        let nonempty = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
+        let filter = TaskFilter {
+            ids: None,
+            statuses,
+            context_id: nonempty(&self.context_id),
+            agent_slug: nonempty(&self.agent_slug),
+            priority: priority.map(|p| Priority(p as i16)),
+            created_from,
+            created_to,
+        };
+        let matches_none = unknown && filter.statuses.is_empty();
+        Ok(errors.finish((!matches_none).then_some(filter))?)
+    }
+}
+
+/// `GET /api/runtime/llm-tasks[?status=&context_id=&agent_slug=&priority=&created_from=&created_to=]`
+/// → tasks, newest first.
+#[utoipa::path(get, path = "/api/runtime/llm-tasks", tag = "tasks", params(
+    ("status" = Option<String>, Query, description = "queued|leased|running|completed|failed|dead|cancelled; several separated by commas"),
+    ("context_id" = Option<String>, Query, description = "only this context"),
+    ("agent_slug" = Option<String>, Query, description = "only this agent"),
+    ("priority" = Option<i64>, Query, description = "only this priority, -2..2"),
+    ("created_from" = Option<i64>, Query, description = "created at or after (epoch ms)"),
+    ("created_to" = Option<i64>, Query, description = "created before (epoch ms)"),
+    ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"),
+    ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")),
+    responses((status = 200, body = Vec<Task>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<impl IntoResponse, ApiError> {
     let page = q.page.page()?;
-    let keys = match q.status.as_deref() {
-        None | Some("") => tasks::list_keys(&state.pool, None, &page).await?,
-        Some(s) => match TaskStatus::parse(s) {
-            Some(status) => tasks::list_keys(&state.pool, Some(status), &page).await?,
-            // As in the original, a status no task can have matches none.
-            None => Vec::new(),
-        },
+    let keys = match q.filter()? {
+        Some(filter) => tasks::list_keys(&state.pool, &filter, &page).await?,
+        None => Vec::new(),
     };
     Ok(stream_tasks(state.pool.clone(), keys, &page))
 }
@@ -172,96 +216,10 @@ pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Re
     Ok(Json(cancelled.task))
 }
 
-/// Most tasks one bulk cancellation takes; repeat the request for more.
-pub const MAX_BULK_CANCEL: i64 = 1000;
-
-/// Body of `POST /api/runtime/llm-tasks/cancel`: which tasks. At least one of `ids`,
-/// `context_id`, `agent_slug` is required (nothing cancels everything by accident).
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct CancelSelection {
-    /// Task ids (at most 1000).
-    pub ids: Option<Vec<String>>,
-    pub context_id: Option<String>,
-    pub agent_slug: Option<String>,
-    /// Among `queued`, `leased`, `running`; default all three.
-    pub status: Option<Vec<String>>,
-    /// Count what would be cancelled, cancel nothing.
-    #[serde(default)]
-    pub dry_run: bool,
-}
-
-/// What a bulk cancellation did (or, dry, would do).
-#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-pub struct CancelReport {
-    pub dry_run: bool,
-    /// Tasks the selection holds now.
-    pub matched: i64,
-    /// Ids of the tasks cancelled (empty on a dry run); at most 1000 per request.
-    pub cancelled: Vec<String>,
-}
-
-fn cancel_selection(body: &serde_json::Value) -> Result<(lifecycle::Selection, bool), ApiError> {
-    use super::validate::{FieldErrors, Fields};
-    let mut errors = FieldErrors::default();
-    let (ids, context_id, agent_slug, status, dry_run) = {
-        let mut f = Fields::root(body, &mut errors);
-        (
-            f.opt_strings("ids").flatten(),
-            f.opt_string("context_id", 1, Some(255), false).flatten(),
-            f.opt_string("agent_slug", 1, Some(255), false).flatten(),
-            f.opt_strings("status").flatten(),
-            f.boolean("dry_run", false).unwrap_or(false),
-        )
-    };
-    if let Some(ids) = &ids {
-        if ids.is_empty() || ids.len() > MAX_BULK_CANCEL as usize {
-            errors.add("ids", format!("Expected between 1 and {MAX_BULK_CANCEL} ids"));
-        }
-    }
-    let failed = !errors.form.is_empty() || !errors.fields.is_empty();
-    if ids.is_none() && context_id.is_none() && agent_slug.is_none() && !failed {
-        errors.add("ids", "Required: ids, context_id or agent_slug");
-    }
-    let mut statuses = Vec::new();
-    for s in status.unwrap_or_else(|| vec!["queued".into(), "leased".into(), "running".into()]) {
-        match TaskStatus::parse(&s) {
-            Some(st) if !st.is_terminal() => statuses.push(st),
-            _ => errors
-                .add("status", format!("Invalid enum value. Expected 'queued' | 'leased' | 'running', received '{s}'")),
-        }
-    }
-    errors.finish((lifecycle::Selection { ids, context_id, agent_slug, statuses }, dry_run)).map_err(ApiError::from)
-}
-
-/// `POST /api/runtime/llm-tasks/cancel`: cancels the unfinished tasks of a selection
-/// (ids, a context, an agent, statuses), oldest first, at most 1000 per request; with
-/// `dry_run`, only counts them.
-#[utoipa::path(post, path = "/api/runtime/llm-tasks/cancel", tag = "tasks", request_body = CancelSelection, responses((status = 200, body = CancelReport), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn cancel_bulk(
-    State(state): State<AppState>,
-    JsonBody(body): JsonBody,
-) -> Result<Json<CancelReport>, ApiError> {
-    let (selection, dry_run) = cancel_selection(&body)?;
-    let matched = lifecycle::count_cancellable(&state.pool, &selection).await?;
-    if dry_run {
-        return Ok(Json(CancelReport { dry_run, matched, cancelled: Vec::new() }));
-    }
-    let done = lifecycle::cancel_many(&state.pool, &selection, MAX_BULK_CANCEL, "admin", state.clock.now_ms()).await?;
-    state.metrics.tasks_cancelled_total.add(done.len() as u64);
-    let mut cancelled = Vec::with_capacity(done.len());
-    for (task_id, lease) in done {
-        if let Some((lease_id, _)) = lease {
-            notify_cancelled(&state, &task_id, lease_id).await;
-        }
-        cancelled.push(task_id.0);
-    }
-    Ok(Json(CancelReport { dry_run, matched, cancelled }))
-}
-
 /// Tells the worker running `lease_id` to stop. Fire and forget: a worker that misses it
 /// finds the lease gone at its next heartbeat; an HTTP agent's late result is recorded
 /// and ignored.
-async fn notify_cancelled(state: &AppState, task_id: &TaskId, lease_id: LeaseId) {
+pub(super) async fn notify_cancelled(state: &AppState, task_id: &TaskId, lease_id: LeaseId) {
     let notice = CancelNotice { task_id: task_id.clone(), lease_id };
     let body = serde_json::to_vec(&notice).expect("notice serializes");
     if let Err(e) = state.nats.publish(state.names.cancel_subject(), body.into()).await {

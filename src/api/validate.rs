@@ -166,6 +166,14 @@ impl<'a> Fields<'a> {
         ok.then_some(n as i64)
     }
 
+    /// An optional integer in `min..=max` (absent or null → `None` inside).
+    pub fn opt_int(&mut self, key: &str, min: i64, max: i64) -> Option<Option<i64>> {
+        match self.raw(key) {
+            None | Some(Value::Null) => Some(None),
+            Some(_) => self.int(key, min, max, None).map(Some),
+        }
+    }
+
     /// An optional number `>= min`, `default` when absent.
     pub fn number(&mut self, key: &str, min: f64, default: f64) -> Option<f64> {
         let Some(v) = self.raw(key) else {

@@ -66,7 +66,7 @@ pub async fn publish(
     headers.insert("Nats-Msg-Id", msg.msg_id().as_str());
     crate::telemetry::apply_carrier(&d.trace, &mut headers);
     let body = Bytes::from(serde_json::to_vec(&msg).expect("task message serializes"));
-    js.publish_with_headers(names.dispatch_subject(d.task.routed_to.as_ref()), headers, body).await
+    js.publish_with_headers(names.dispatch_subject(d.task.routed_to.as_ref(), d.task.priority), headers, body).await
 }
 
 async fn publish_loop(

@@ -1,7 +1,7 @@
 //! Every stream, subject and consumer name, derived from one namespace so several
 //! installations (and tests) can share a NATS server.
 
-use crate::domain::WorkerId;
+use crate::domain::{Priority, WorkerId};
 
 /// Names of the runtime's NATS objects under one namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,14 +36,32 @@ impl Names {
         format!("{}.tasks.>", self.ns)
     }
 
-    /// The shared pool subject.
+    /// The shared pool subject of priority 0.
     pub fn pool_subject(&self) -> String {
-        format!("{}.tasks.pool", self.ns)
+        self.pool_subject_of(Priority::default())
     }
 
-    /// The shared pull consumer every worker pulls from.
+    /// The shared pool subject of a priority: `<ns>.tasks.pool` for 0 (as before
+    /// priorities existed), `<ns>.tasks.pool.p1`, `.m2` (minus 2), ... for the others.
+    pub fn pool_subject_of(&self, priority: Priority) -> String {
+        match band(priority) {
+            None => format!("{}.tasks.pool", self.ns),
+            Some(b) => format!("{}.tasks.pool.{b}", self.ns),
+        }
+    }
+
+    /// The shared pull consumer of priority 0.
     pub fn pool_consumer(&self) -> String {
-        "pool".to_owned()
+        self.pool_consumer_of(Priority::default())
+    }
+
+    /// The shared pull consumer of a priority's subject, which every worker pulls from:
+    /// `pool` for 0, `pool-p1`, `pool-m2`, ... for the others.
+    pub fn pool_consumer_of(&self, priority: Priority) -> String {
+        match band(priority) {
+            None => "pool".to_owned(),
+            Some(b) => format!("pool-{b}"),
+        }
     }
 
     /// A worker's direct subject (sticky routing).
@@ -61,9 +79,10 @@ impl Names {
         token(worker.as_str())
     }
 
-    /// The subject of a dispatch: the routed worker's direct subject, else the pool.
-    pub fn dispatch_subject(&self, routed_to: Option<&WorkerId>) -> String {
-        routed_to.map_or_else(|| self.pool_subject(), |w| self.worker_subject(w))
+    /// The subject of a dispatch: the routed worker's direct subject, else the pool
+    /// subject of the task's priority.
+    pub fn dispatch_subject(&self, routed_to: Option<&WorkerId>, priority: Priority) -> String {
+        routed_to.map_or_else(|| self.pool_subject_of(priority), |w| self.worker_subject(w))
     }
 
     /// The results stream.
@@ -124,9 +143,30 @@ fn token(id: &str) -> String {
     }
 }
 
+/// The token of a priority's own subject and consumer (none for 0).
+fn band(p: Priority) -> Option<String> {
+    match p.0 {
+        0 => None,
+        n if n > 0 => Some(format!("p{n}")),
+        n => Some(format!("m{}", -n)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_priority_has_its_own_pool_subject_and_consumer() {
+        let n = Names::new("t1").unwrap();
+        assert_eq!(n.pool_subject(), "t1.tasks.pool");
+        assert_eq!(n.pool_subject_of(Priority(2)), "t1.tasks.pool.p2");
+        assert_eq!(n.pool_consumer_of(Priority(-1)), "pool-m1");
+        let subjects: std::collections::HashSet<_> = Priority::all_descending().map(|p| n.pool_subject_of(p)).collect();
+        assert_eq!(subjects.len(), 5);
+        assert_eq!(n.dispatch_subject(None, Priority(1)), "t1.tasks.pool.p1");
+        assert_eq!(n.dispatch_subject(Some(&"w".into()), Priority(1)), "t1.tasks.worker.w");
+    }
 
     #[test]
     fn worker_subjects_cannot_escape_their_token() {

@@ -1,9 +1,10 @@
 //! Applies the stream and consumer definitions of `nats/*.json` idempotently.
 //!
 //! The files are compiled into the binaries (so a container needs no extra files) and
-//! use the server's own JSON field names, with four placeholders: `${NS}` (namespace),
+//! use the server's own JSON field names, with placeholders: `${NS}` (namespace),
 //! `${ACK_WAIT_NS}` (the lease TTL in nanoseconds), `${REPLICAS}` (the streams' replicas;
-//! consumers inherit them) and `${WORKER}` (a worker's token).
+//! consumers inherit them), `${WORKER}` (a worker's token), and `${POOL}` and
+//! `${POOL_SUBJECT}` (the pool consumer of each priority and its subject).
 //!
 //! Replicas: the runtime's processes create missing streams with the configured count
 //! but leave an existing stream's count alone (processes configured differently during a
@@ -16,7 +17,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use serde::Deserialize;
 
 use super::Names;
-use crate::domain::WorkerId;
+use crate::domain::{Priority, WorkerId};
 
 const TASKS_STREAM: &str = include_str!("../../nats/tasks.stream.json");
 const RESULTS_STREAM: &str = include_str!("../../nats/results.stream.json");
@@ -67,14 +68,18 @@ pub enum ReplicaChange {
 }
 
 fn render(template: &str, names: &Names, layout: &StreamLayout, worker: Option<&WorkerId>) -> String {
-    let mut s = template
+    template
         .replace("${NS}", names.namespace())
         .replace("${ACK_WAIT_NS}", &layout.lease_ttl.as_nanos().to_string())
-        .replace("${REPLICAS}", &layout.replicas.to_string());
-    if let Some(w) = worker {
-        s = s.replace("${WORKER}", &names.worker_token(w));
-    }
-    s
+        .replace("${REPLICAS}", &layout.replicas.to_string())
+        .replace("${WORKER}", &worker.map(|w| names.worker_token(w)).unwrap_or_default())
+}
+
+/// The pool consumer of `priority`.
+fn render_pool(names: &Names, layout: &StreamLayout, priority: Priority) -> String {
+    render(POOL_CONSUMER, names, layout, None)
+        .replace("${POOL_SUBJECT}", &names.pool_subject_of(priority))
+        .replace("${POOL}", &names.pool_consumer_of(priority))
 }
 
 /// A rendered definition: the typed configuration and the fields the file sets.
@@ -192,7 +197,9 @@ pub async fn apply(
 ) -> Result<(), ProvisionError> {
     apply_stream(js, parse("tasks.stream.json", &render(TASKS_STREAM, names, layout, None))?, replicas).await?;
     apply_stream(js, parse("results.stream.json", &render(RESULTS_STREAM, names, layout, None))?, replicas).await?;
-    apply_consumer(js, parse("pool.consumer.json", &render(POOL_CONSUMER, names, layout, None))?).await?;
+    for priority in Priority::all_descending() {
+        apply_consumer(js, parse("pool.consumer.json", &render_pool(names, layout, priority))?).await?;
+    }
     apply_consumer(js, parse("results.consumer.json", &render(RESULTS_CONSUMER, names, layout, None))?).await?;
     Ok(())
 }
@@ -268,10 +275,13 @@ mod tests {
         let r: stream::Config = parse("results", &render(RESULTS_STREAM, &n, ttl, None)).unwrap().config;
         assert_eq!(r.subjects, vec![n.results_subject()]);
         assert_eq!(r.num_replicas, 3);
-        let p: ConsumerFile = parse("pool", &render(POOL_CONSUMER, &n, ttl, None)).unwrap().config;
-        assert_eq!(p.config.ack_wait, layout.lease_ttl);
-        assert_eq!(p.config.num_replicas, 0, "consumers inherit the stream's replicas");
-        assert_eq!(p.config.filter_subject, n.pool_subject());
+        for priority in Priority::all_descending() {
+            let p: ConsumerFile = parse("pool", &render_pool(&n, ttl, priority)).unwrap().config;
+            assert_eq!(p.config.ack_wait, layout.lease_ttl);
+            assert_eq!(p.config.num_replicas, 0, "consumers inherit the stream's replicas");
+            assert_eq!(p.config.filter_subject, n.pool_subject_of(priority));
+            assert_eq!(p.config.durable_name, Some(n.pool_consumer_of(priority)));
+        }
         let w = WorkerId::from("w.1");
         let wc: ConsumerFile = parse("worker", &render(WORKER_CONSUMER, &n, ttl, Some(&w))).unwrap().config;
         assert_eq!(wc.config.filter_subject, n.worker_subject(&w));

@@ -6,6 +6,7 @@
 pub mod artifacts;
 pub mod audit;
 pub mod dedicated;
+pub mod idempotency;
 pub mod leader;
 pub mod leases;
 pub mod lifecycle;

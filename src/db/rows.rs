@@ -9,8 +9,8 @@
 use sqlx::types::Json;
 
 use crate::domain::{
-    Artifact, Capabilities, DesiredFormat, LlmResult, Metrics, Outcome, Policy, ResultStatus, Task, TaskStatus, Worker,
-    WorkerSource, WorkerStatus, WorkerTransport,
+    Artifact, Capabilities, DesiredFormat, LlmResult, Metrics, Outcome, Policy, Priority, ResultStatus, Task,
+    TaskStatus, Worker, WorkerSource, WorkerStatus, WorkerTransport,
 };
 
 /// A row of `llm_tasks`.
@@ -29,6 +29,9 @@ pub(crate) struct TaskRow {
     pub worker_id: Option<String>,
     pub attempts: i32,
     pub max_attempts: i32,
+    pub priority: i16,
+    pub not_before: Option<i64>,
+    pub idempotency_key: Option<String>,
     pub dispatch_seq: i64,
     pub routed_to: Option<String>,
 }
@@ -50,6 +53,9 @@ impl From<TaskRow> for Task {
             worker_id: r.worker_id.map(Into::into),
             attempts: r.attempts,
             max_attempts: r.max_attempts,
+            priority: Priority(r.priority),
+            not_before: r.not_before,
+            idempotency_key: r.idempotency_key,
             dispatch_seq: r.dispatch_seq,
             routed_to: r.routed_to.map(Into::into),
         }

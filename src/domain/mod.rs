@@ -26,5 +26,5 @@ pub use membridge::{ClientState, ConnectionStatus, Endpoint};
 pub use project::{canonical_id, CloneStatus, NewProject, Project, ProjectNode};
 pub use result::{LlmResult, Metrics, Outcome, ResultStatus};
 pub use secret::Secret;
-pub use task::{DesiredFormat, NewTask, Policy, Task, TaskStatus};
+pub use task::{DesiredFormat, NewTask, Policy, Priority, Task, TaskStatus};
 pub use worker::{pick_worker, Capabilities, Registration, Worker, WorkerSource, WorkerStatus, WorkerTransport};

@@ -142,14 +142,95 @@ pub struct NewTask {
     #[serde(default = "NewTask::default_max_attempts")]
     #[schema(minimum = 1, maximum = 10)]
     pub max_attempts: i32,
+    /// Higher is claimed first (an addition to the seed's fields).
+    #[serde(default)]
+    pub priority: Priority,
+    /// Not dispatched before this time, in milliseconds since the epoch (an addition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub not_before: Option<i64>,
+    /// Not dispatched before this many milliseconds after submission, at most 30 days
+    /// (an addition; not together with `not_before`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 2592000000_i64)]
+    pub delay_ms: Option<i64>,
+    /// A client's key for this submission (an addition; the `Idempotency-Key` header
+    /// sets it too): the same key within the retention window returns the task it
+    /// created instead of creating another. 1..=255 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 255)]
+    pub idempotency_key: Option<String>,
 }
 
 impl NewTask {
+    /// A request with every optional field at its default.
+    pub fn new(context_id: impl Into<String>, agent_slug: impl Into<String>, prompt: impl Into<String>) -> NewTask {
+        NewTask {
+            context_id: context_id.into(),
+            agent_slug: agent_slug.into(),
+            prompt: prompt.into(),
+            context_hints: Vec::new(),
+            policy: Policy::default(),
+            desired_format: DesiredFormat::Text,
+            max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
+            priority: Priority::default(),
+            not_before: None,
+            delay_ms: None,
+            idempotency_key: None,
+        }
+    }
+
     /// Attempts of a task that names none.
     pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
+    /// Longest `delay_ms`: 30 days.
+    pub const MAX_DELAY_MS: i64 = 30 * 24 * 3600 * 1000;
+    /// Longest idempotency key, in characters.
+    pub const MAX_KEY_CHARS: usize = 255;
 
     fn default_max_attempts() -> i32 {
         Self::DEFAULT_MAX_ATTEMPTS
+    }
+
+    /// The time the task may first be dispatched, if later than its submission at `now`.
+    pub fn due_at(&self, now: i64) -> Option<i64> {
+        self.not_before.or(self.delay_ms.map(|d| now.saturating_add(d))).filter(|&t| t > now)
+    }
+
+    /// SHA-256 (hex) of the request's fields other than its key: what decides whether a
+    /// second submission with the same key is the same request.
+    pub fn request_hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut fields = self.clone();
+        fields.idempotency_key = None;
+        let digest = Sha256::digest(serde_json::to_vec(&fields).expect("a task request serializes"));
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Priority of a task: `-2` (background) to `2` (most urgent), `0` by default. Each
+/// value is a band of its own on the bus; within a band tasks go first in, first out.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
+pub struct Priority(pub i16);
+
+impl Priority {
+    pub const MIN: i16 = -2;
+    pub const MAX: i16 = 2;
+
+    /// Every priority, most urgent first.
+    pub fn all_descending() -> impl Iterator<Item = Priority> {
+        (Self::MIN..=Self::MAX).rev().map(Priority)
+    }
+
+    /// The default priority, 0.
+    pub fn is_default(&self) -> bool {
+        self.0 == 0
+    }
+
+    /// The priority if `n` is within range.
+    pub fn new(n: i64) -> Option<Priority> {
+        (i64::from(Self::MIN)..=i64::from(Self::MAX)).contains(&n).then_some(Priority(n as i16))
     }
 }
 
@@ -170,8 +251,20 @@ pub struct Task {
     pub worker_id: Option<WorkerId>,
     pub attempts: i32,
     pub max_attempts: i32,
+    /// Higher is claimed first (an addition to the seed's fields, shown when not 0: a
+    /// task submitted as the seed's clients submit shows the seed's shape).
+    #[serde(default, skip_serializing_if = "Priority::is_default")]
+    pub priority: Priority,
+    /// Not dispatched before this time (epoch ms), when submitted delayed (an addition,
+    /// shown when set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<i64>,
+    /// The key the task was submitted with (an addition, shown when set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
     /// Incremented every time the task is (re)queued; identifies one dispatch of the
-    /// task on the bus so a stale message can never claim a newer dispatch.
+    /// task on the bus so a stale message can never claim a newer dispatch. 0 while a
+    /// delayed task waits to be due (it has no dispatch yet).
     #[serde(skip)]
     pub dispatch_seq: i64,
     /// The worker whose direct subject the current dispatch was routed to, if sticky.
@@ -183,6 +276,11 @@ impl Task {
     /// Attempts remain: an expired lease requeues the task instead of killing it.
     pub fn has_attempts_left(&self) -> bool {
         self.attempts < self.max_attempts
+    }
+
+    /// A delayed task waiting to be due: queued without a dispatch yet.
+    pub fn is_waiting(&self) -> bool {
+        self.status == TaskStatus::Queued && self.dispatch_seq == 0
     }
 }
 
@@ -197,6 +295,32 @@ mod tests {
             assert_eq!(serde_json::to_value(st).unwrap(), st.as_str());
         }
         assert_eq!(TaskStatus::parse("QUEUED"), None);
+    }
+
+    #[test]
+    fn priorities_are_bounded_and_listed_most_urgent_first() {
+        assert_eq!(Priority::new(3), None);
+        assert_eq!(Priority::new(-2), Some(Priority(-2)));
+        let all: Vec<i16> = Priority::all_descending().map(|p| p.0).collect();
+        assert_eq!(all, vec![2, 1, 0, -1, -2]);
+        assert_eq!(serde_json::to_value(Priority(1)).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_request_hash_ignores_the_key_only() {
+        let mut a: NewTask =
+            serde_json::from_value(serde_json::json!({"context_id": "c", "agent_slug": "a", "prompt": "p"})).unwrap();
+        let h = a.request_hash();
+        a.idempotency_key = Some("k".into());
+        assert_eq!(a.request_hash(), h);
+        a.priority = Priority(1);
+        assert_ne!(a.request_hash(), h);
+        assert_eq!(a.due_at(1000), None);
+        a.delay_ms = Some(500);
+        assert_eq!(a.due_at(1000), Some(1500));
+        a.delay_ms = None;
+        a.not_before = Some(900);
+        assert_eq!(a.due_at(1000), None, "a time already past is due at once");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! | claims, lease heartbeats, hand-backs, worker beats | [`control`] | every replica (NATS queue group) |
 //! | results → completed/failed tasks, artifacts | [`results`] | every replica (shared durable consumer) |
 //! | outbox relay | [`relay`] | every replica (`FOR UPDATE SKIP LOCKED` batches) |
+//! | delayed tasks due → dispatched; expired idempotency keys forgotten | [`due`] | every replica (`SKIP LOCKED`) |
 //! | lease expiry, silent workers, rerouting | [`sweeper`] | every replica (`SKIP LOCKED` / guarded updates) |
 //! | artifacts in Postgres (written behind, or left by an S3 failure) → S3 | [`artifact_moves`] | every replica (`SKIP LOCKED`), with S3 only |
 //! | queued tasks → HTTP agents' `/execute-task` | [`agent_dispatch`] | every replica (worker row locks, `SKIP LOCKED`) |
@@ -16,6 +17,7 @@
 pub mod agent_dispatch;
 pub mod artifact_moves;
 pub mod control;
+pub mod due;
 pub mod expiry_pause;
 pub mod leader;
 pub mod membridge_sync;
@@ -71,6 +73,10 @@ pub struct ReconcilerSettings {
     pub relay_min_age: Duration,
     /// Unclaimed dispatches older than this are sent again (`None`: never).
     pub redispatch_after: Option<Duration>,
+    /// How often delayed tasks are checked for being due.
+    pub due_interval: Duration,
+    /// Idempotency keys older than this are forgotten.
+    pub idempotency_retention: Duration,
     /// A NATS worker silent this long is marked offline.
     pub worker_timeout: Duration,
     pub membridge_interval: Duration,
@@ -119,6 +125,7 @@ impl ReconcilerSettings {
             leader_poll: Duration::from_millis(r.leader_poll_ms.max(50)),
             request_timeout: nats.timeout(),
             db_timeout: db.call_timeout(),
+            idempotency_retention: db.idempotency_retention(),
             ..ReconcilerSettings::default()
         }
     }
@@ -141,6 +148,8 @@ impl Default for ReconcilerSettings {
             relay_interval: Duration::from_millis(500),
             relay_min_age: Duration::from_secs(2),
             redispatch_after: Some(Duration::from_secs(15)),
+            due_interval: Duration::from_millis(250),
+            idempotency_retention: Duration::from_secs(86_400),
             worker_timeout: Duration::from_secs(30),
             membridge_interval: Duration::from_secs(10),
             membridge_stale_after: Duration::from_secs(60),
@@ -231,6 +240,7 @@ impl Reconciler {
         duties.spawn(results::run(self.clone(), cancel.clone()));
         duties.spawn(relay::run(self.clone(), cancel.clone()));
         duties.spawn(redispatch::run(self.clone(), cancel.clone()));
+        duties.spawn(due::run(self.clone(), cancel.clone()));
         duties.spawn(sweeper::run(self.clone(), cancel.clone()));
         duties.spawn(artifact_moves::run(self.clone(), cancel.clone()));
         duties.spawn(agent_dispatch::run(self.clone(), cancel.clone()));

@@ -9,6 +9,7 @@
 //! finish within the grace period and hands the others back (lease released, message
 //! nak'ed) so another worker takes them at once.
 
+mod bands;
 pub mod executor;
 pub mod results;
 mod running;
@@ -28,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::provision::{self, StreamLayout};
 use crate::bus::Names;
 use crate::config::{NatsArgs, WorkerArgs};
-use crate::domain::{Capabilities, LeaseId, WorkerId, WorkerStatus};
+use crate::domain::{Capabilities, LeaseId, Priority, WorkerId, WorkerStatus};
 use crate::metrics::Metrics;
 use crate::protocol::{
     ClaimDecision, ClaimItem, ClaimReply, ClaimRequest, HeartbeatReply, HeartbeatRequest, LeaseGrant, ReleaseReply,
@@ -52,6 +53,10 @@ const CLAIM_ATTEMPTS: u32 = 3;
 const FULL_BACKOFF: Duration = Duration::from_millis(20);
 /// Longest of those waits.
 const FULL_BACKOFF_MAX: Duration = Duration::from_millis(320);
+/// Delay before a message that found no free slot here is delivered again: its pull
+/// request (or another of this worker's) would otherwise get it back at once, over and
+/// over, until the request expires.
+const NO_SLOT_REDELIVERY: Duration = Duration::from_millis(100);
 /// Time claims refused as full are retried before their messages are handed back (at
 /// most half the lease TTL): longer than the results consumer's ack-wait, so results a
 /// dead reconciler held are redelivered and recorded, and the slot freed, within it.
@@ -127,11 +132,16 @@ pub async fn run(
     provision::apply_at_start(&js, &names, &settings.streams, provision::START_PATIENCE).await?;
     provision::apply_worker_consumer(&js, &names, &settings.streams, &settings.id).await?;
     let stream = js.get_stream(names.tasks_stream()).await?;
-    let mut pool: PullConsumer = stream.get_consumer(&names.pool_consumer()).await.map_err(|e| anyhow::anyhow!(e))?;
+    let mut pool = Vec::new();
+    for priority in Priority::all_descending() {
+        let consumer: PullConsumer =
+            stream.get_consumer(&names.pool_consumer_of(priority)).await.map_err(|e| anyhow::anyhow!(e))?;
+        pool.push(consumer);
+    }
     let direct: PullConsumer =
         stream.get_consumer(&names.worker_consumer(&settings.id)).await.map_err(|e| anyhow::anyhow!(e))?;
     // The lease TTL is the ack-wait the consumer really has.
-    let ack_wait = pool.info().await.map(|i| i.config.ack_wait).unwrap_or(settings.streams.lease_ttl);
+    let ack_wait = pool[0].info().await.map(|i| i.config.ack_wait).unwrap_or(settings.streams.lease_ttl);
     let ttl_secs = ack_wait.as_secs().clamp(1, 86_400) as i32;
     // Tasks stop on `hard`, which fires when the grace period after `cancel` runs out.
     let hard = CancellationToken::new();
@@ -147,9 +157,8 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     let mut loops = JoinSet::new();
     let (exec_tx, mut exec_rx) = tokio::sync::mpsc::unbounded_channel();
-    for consumer in [pool, direct] {
-        loops.spawn(pull_loop(ctx.clone(), consumer, slots.clone(), exec_tx.clone(), cancel.clone()));
-    }
+    loops.spawn(bands::pool_loop(ctx.clone(), pool, slots.clone(), exec_tx.clone(), cancel.clone()));
+    loops.spawn(pull_loop(ctx.clone(), direct, slots.clone(), exec_tx.clone(), cancel.clone()));
     drop(exec_tx);
     // Owned by this future: if it is dropped (a crash, in tests), its beats stop too.
     let mut beats = JoinSet::new();
@@ -199,7 +208,8 @@ pub async fn run(
 
 type Claimed = (Message, TaskMessage, LeaseGrant, Slot);
 
-/// Pulls from one consumer as many messages as slots are free, claims what arrives,
+/// Pulls from one consumer (the worker's direct one; the pool is pulled by
+/// [`bands::pool_loop`]) as many messages as slots are free, claims what arrives,
 /// and hands granted tasks to the executor. Claims run beside the pull: messages that
 /// arrive while one is decided go out in the next claim without waiting for it.
 async fn pull_loop(
@@ -266,9 +276,9 @@ async fn pull(
                         taken.push(slot);
                         msgs.push(msg);
                     }
-                    // The other loop filled the last slot meanwhile: let another worker have it.
+                    // The other loop filled the last slot meanwhile.
                     None => {
-                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        let _ = msg.ack_with(AckKind::Nak(Some(NO_SLOT_REDELIVERY))).await;
                     }
                 }
             }

@@ -250,3 +250,30 @@ async fn nats_apply_refuses_replicas_a_single_server_cannot_hold_and_leaves_the_
     bloom::bus::provision::delete(&js, &names).await.unwrap();
     app.stop().await;
 }
+
+#[tokio::test]
+async fn submit_a_jsonl_file_through_the_batch_route() {
+    let app = TestApp::spawn().await;
+    app.start_reconciler().await;
+    app.start_worker("w", 4).await;
+    let path = std::env::temp_dir().join(format!("bloom-{}.jsonl", bloom::domain::new_id()));
+    std::fs::write(&path, "\"first\"\n{\"prompt\": \"second\", \"priority\": 1}\n\n{\"prompt\": \"third\"}\n").unwrap();
+    let a = app.clone_handle();
+    let file = path.display().to_string();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        bloomctl(&a, &["submit", "--file", &file, "--agent-slug", "bulk", "--wait", "--json"])
+    })
+    .await
+    .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(code, 0, "{err}");
+    let results: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let outputs: Vec<&str> = results.as_array().unwrap().iter().map(|r| r["output"].as_str().unwrap()).collect();
+    assert_eq!(outputs.len(), 3, "{results}");
+    for prompt in ["first", "second", "third"] {
+        assert!(outputs.contains(&prompt), "{results}");
+    }
+    assert_eq!(app.count("SELECT count(*) FROM llm_tasks WHERE agent_slug = 'bulk'").await, 3);
+    assert_eq!(app.count("SELECT count(*) FROM llm_tasks WHERE priority = 1").await, 1);
+    app.stop().await;
+}

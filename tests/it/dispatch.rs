@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bloom::db::lifecycle;
-use bloom::domain::{DesiredFormat, NewTask, Policy};
+use bloom::domain::NewTask;
 use bloom::time::now_ms;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -151,16 +151,16 @@ async fn the_relay_publishes_dispatches_nobody_published() {
     let app = TestApp::spawn().await;
     // Commit tasks without handing them to the dispatcher: as if NATS were down at
     // submit time or the API died between commit and publish.
-    let new = NewTask {
-        context_id: "c".into(),
-        agent_slug: "a".into(),
-        prompt: "orphan".into(),
-        context_hints: vec![],
-        policy: Policy::default(),
-        desired_format: DesiredFormat::Text,
-        max_attempts: 3,
-    };
-    lifecycle::create(&app.pool, vec![new.clone(), new.clone(), new], "test", now_ms()).await.unwrap();
+    let new = NewTask::new("c", "a", "orphan");
+    lifecycle::create(
+        &mut app.pool.acquire().await.unwrap(),
+        vec![new.clone(), new.clone(), new],
+        "test",
+        now_ms(),
+        lifecycle::KeyRules::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(app.count("SELECT count(*) FROM outbox").await, 3);
     app.start_worker("w", 4).await;
     app.start_reconciler().await;

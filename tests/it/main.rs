@@ -26,4 +26,5 @@ mod reconciler;
 mod recovery;
 mod reroute;
 mod s3;
+mod task_control;
 mod tracing;

@@ -253,7 +253,15 @@ async fn the_relay_publishes_what_its_writer_left_once_it_is_old_enough() {
     let new: NewTask =
         serde_json::from_value(json!({"context_id": "c", "agent_slug": "a", "prompt": "orphan"})).unwrap();
     // Committed, never handed to a dispatcher: as if the API died before publishing.
-    lifecycle::create(&app.pool, vec![new.clone(), new], "test", start).await.unwrap();
+    lifecycle::create(
+        &mut app.pool.acquire().await.unwrap(),
+        vec![new.clone(), new],
+        "test",
+        start,
+        lifecycle::KeyRules::default(),
+    )
+    .await
+    .unwrap();
 
     r.clock.advance(Duration::from_millis(1_500));
     assert_eq!(relay::run_once(&r).await.unwrap(), RelayReport::default(), "1.5 s: the writer's");
@@ -283,7 +291,15 @@ async fn the_relay_retries_what_jetstream_refused_a_second_later() {
     r.clock = bloom::time::Clock::manual(start);
     let new: NewTask =
         serde_json::from_value(json!({"context_id": "c", "agent_slug": "a", "prompt": "refused"})).unwrap();
-    lifecycle::create(&app.pool, vec![new.clone(), new], "test", start).await.unwrap();
+    lifecycle::create(
+        &mut app.pool.acquire().await.unwrap(),
+        vec![new.clone(), new],
+        "test",
+        start,
+        lifecycle::KeyRules::default(),
+    )
+    .await
+    .unwrap();
     let js = bloom::bus::jetstream(app.nats.clone(), Duration::from_secs(2));
     provision::delete(&js, &app.names).await.unwrap();
 
@@ -314,7 +330,9 @@ async fn a_dispatch_unclaimed_while_workers_have_room_is_sent_again() {
     let start = bloom::time::now_ms();
     r.clock = bloom::time::Clock::manual(start);
     let new: NewTask = serde_json::from_value(json!({"context_id": "c", "agent_slug": "a", "prompt": "lost"})).unwrap();
-    lifecycle::create(&app.pool, vec![new], "test", start).await.unwrap();
+    lifecycle::create(&mut app.pool.acquire().await.unwrap(), vec![new], "test", start, lifecycle::KeyRules::default())
+        .await
+        .unwrap();
     sqlx::query("DELETE FROM outbox").execute(&app.pool).await.unwrap();
     sqlx::query(
         "INSERT INTO workers (id, node_id, status, capabilities, registered_at, active_leases, source)

@@ -15,7 +15,7 @@ pub struct Assigned {
     pub lease: Lease,
 }
 
-/// Leases the oldest queued tasks that no NATS worker was routed to, and whose context
+/// Leases the most urgent (then oldest) queued tasks that no NATS worker was routed to, and whose context
 /// no other HTTP agent with room holds, to `worker`'s free slots, in one transaction.
 /// The worker must be an HTTP agent that can take a lease (online, Claude CLI); its row
 /// is locked first, as every lease locks it, and its free
@@ -41,13 +41,13 @@ pub async fn assign(
     // routed its next tasks; the agent keeps the conversation's session on its disk.
     let ids = sqlx::query_scalar!(
         "SELECT t.id FROM llm_tasks t
-         WHERE t.status = 'queued' AND t.routed_to IS NULL
+         WHERE t.status = 'queued' AND t.routed_to IS NULL AND t.dispatch_seq > 0
            AND NOT EXISTS (
                SELECT 1 FROM leases l JOIN workers w ON w.id = l.worker_id
                WHERE l.status = 'active' AND l.context_id = t.context_id AND l.worker_id <> $2
                  AND w.transport = 'http' AND w.status = 'online' AND w.dispatch_paused_until <= $3
                  AND w.active_leases < COALESCE((w.capabilities->>'max_concurrency')::int, 1))
-         ORDER BY t.created_at, t.id LIMIT $1 FOR UPDATE OF t SKIP LOCKED",
+         ORDER BY t.priority DESC, t.created_at, t.id LIMIT $1 FOR UPDATE OF t SKIP LOCKED",
         i64::from(agent.free_capacity()),
         worker.as_str(),
         now
@@ -80,6 +80,7 @@ pub async fn assign(
                   desired_format AS "desired_format!: DesiredFormat", status AS "status!: TaskStatus",
                   created_at AS "created_at!", updated_at AS "updated_at!", lease_id AS "lease_id?",
                   worker_id AS "worker_id?", attempts AS "attempts!", max_attempts AS "max_attempts!",
+                  priority AS "priority!", not_before AS "not_before?", idempotency_key AS "idempotency_key?",
                   dispatch_seq AS "dispatch_seq!", routed_to AS "routed_to?", ttl AS "ttl!"
            FROM t"#,
         &ids,
@@ -112,6 +113,9 @@ pub async fn assign(
                 worker_id: r.worker_id,
                 attempts: r.attempts,
                 max_attempts: r.max_attempts,
+                priority: r.priority,
+                not_before: r.not_before,
+                idempotency_key: r.idempotency_key,
                 dispatch_seq: r.dispatch_seq,
                 routed_to: r.routed_to,
             });

@@ -5,6 +5,7 @@ use sqlx::PgPool;
 use super::{task_not_found, TransitionError};
 use crate::db::audit;
 use crate::db::rows::TaskRow;
+use crate::db::tasks::TaskFilter;
 use crate::domain::{AuditAction, DesiredFormat, LeaseId, NewAudit, Policy, Task, TaskId, TaskStatus, WorkerId};
 use sqlx::types::Json;
 
@@ -41,7 +42,7 @@ pub async fn cancel(pool: &PgPool, task_id: &TaskId, actor: &str, now: i64) -> R
            RETURNING id, context_id, agent_slug, prompt, context_hints AS "context_hints: Json<Vec<String>>",
                      policy AS "policy: Json<Policy>", desired_format AS "desired_format: DesiredFormat",
                      status AS "status: TaskStatus", created_at, updated_at, lease_id, worker_id, attempts,
-                     max_attempts, dispatch_seq, routed_to"#,
+                     max_attempts, priority, not_before, idempotency_key, dispatch_seq, routed_to"#,
         task_id.as_str(),
         now
     )
@@ -71,44 +72,13 @@ pub async fn cancel(pool: &PgPool, task_id: &TaskId, actor: &str, now: i64) -> R
     Ok(Cancelled { task, lease })
 }
 
-/// Which unfinished tasks a bulk cancellation takes: those among `ids` (when given) of
-/// the given context and agent (when given), in the given statuses (a subset of
-/// `queued`, `leased`, `running`).
-#[derive(Clone, Debug, Default)]
-pub struct Selection {
-    pub ids: Option<Vec<String>>,
-    pub context_id: Option<String>,
-    pub agent_slug: Option<String>,
-    pub statuses: Vec<TaskStatus>,
-}
-
-impl Selection {
-    fn statuses(&self) -> Vec<String> {
-        self.statuses.iter().map(|s| s.as_str().to_owned()).collect()
-    }
-}
-
-/// How many tasks `selection` holds now (a dry run's answer).
-pub async fn count_cancellable(pool: &PgPool, selection: &Selection) -> sqlx::Result<i64> {
-    sqlx::query_scalar!(
-        r#"SELECT count(*) AS "n!" FROM llm_tasks
-           WHERE status = ANY($1) AND ($2::text[] IS NULL OR id = ANY($2))
-             AND ($3::text IS NULL OR context_id = $3) AND ($4::text IS NULL OR agent_slug = $4)"#,
-        &selection.statuses() as _,
-        selection.ids.as_deref() as _,
-        selection.context_id.as_deref(),
-        selection.agent_slug.as_deref()
-    )
-    .fetch_one(pool)
-    .await
-}
-
-/// Cancels up to `limit` tasks of `selection`, oldest first, in one transaction: each
-/// becomes `cancelled`, its active lease `cancelled`, with an audit entry each. Tasks
-/// that finish meanwhile are not touched (the statuses are checked under the row locks).
+/// Cancels up to `limit` unfinished tasks of `filter` (its statuses must be among
+/// `queued`, `leased`, `running`), oldest first, in one transaction: each becomes
+/// `cancelled`, its active lease `cancelled`, with an audit entry each. Tasks that
+/// finish meanwhile are not touched (the statuses are checked under the row locks).
 pub async fn cancel_many(
     pool: &PgPool,
-    selection: &Selection,
+    filter: &TaskFilter,
     limit: i64,
     actor: &str,
     now: i64,
@@ -117,8 +87,11 @@ pub async fn cancel_many(
     let rows = sqlx::query!(
         r#"WITH c AS (
              SELECT id, status, lease_id, worker_id FROM llm_tasks
-             WHERE status = ANY($1) AND ($2::text[] IS NULL OR id = ANY($2))
+             WHERE status = ANY($1) AND status IN ('queued', 'leased', 'running')
+               AND ($2::text[] IS NULL OR id = ANY($2))
                AND ($3::text IS NULL OR context_id = $3) AND ($4::text IS NULL OR agent_slug = $4)
+               AND ($7::smallint IS NULL OR priority = $7) AND ($8::bigint IS NULL OR created_at >= $8)
+               AND ($9::bigint IS NULL OR created_at < $9)
              ORDER BY created_at LIMIT $5 FOR UPDATE),
            l AS (
              UPDATE leases SET status = 'cancelled'
@@ -129,12 +102,15 @@ pub async fn cancel_many(
              WHERE t.id = c.id AND t.status IN ('queued', 'leased', 'running')
              RETURNING t.id)
            SELECT c.id AS "id!", c.status AS "status!: TaskStatus", c.lease_id, c.worker_id FROM c JOIN t ON t.id = c.id"#,
-        &selection.statuses() as _,
-        selection.ids.as_deref() as _,
-        selection.context_id.as_deref(),
-        selection.agent_slug.as_deref(),
+        &filter.status_texts().unwrap_or_else(|| unfinished()) as _,
+        filter.ids.as_deref() as _,
+        filter.context_id.as_deref(),
+        filter.agent_slug.as_deref(),
         limit,
-        now
+        now,
+        filter.priority_value(),
+        filter.created_from,
+        filter.created_to,
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -155,4 +131,9 @@ pub async fn cancel_many(
     audit::insert(&mut *tx, &entries, now).await?;
     tx.commit().await?;
     Ok(out)
+}
+
+/// The statuses a cancellation applies to.
+fn unfinished() -> Vec<String> {
+    TaskStatus::ALL.iter().filter(|s| !s.is_terminal()).map(|s| s.as_str().to_owned()).collect()
 }

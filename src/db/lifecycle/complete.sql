@@ -40,5 +40,6 @@ SELECT id AS "id!", context_id AS "context_id!", agent_slug AS "agent_slug!", pr
        desired_format AS "desired_format!: DesiredFormat", status AS "status!: TaskStatus",
        created_at AS "created_at!", updated_at AS "updated_at!", lease_id AS "lease_id?", worker_id AS "worker_id?",
        attempts AS "attempts!",
-       max_attempts AS "max_attempts!", dispatch_seq AS "dispatch_seq!", routed_to AS "routed_to?"
+       max_attempts AS "max_attempts!", priority AS "priority!", not_before AS "not_before?",
+       idempotency_key AS "idempotency_key?", dispatch_seq AS "dispatch_seq!", routed_to AS "routed_to?"
 FROM t

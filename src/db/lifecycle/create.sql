@@ -1,8 +1,8 @@
 WITH r AS (
    SELECT * FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::jsonb[], $8::jsonb[],
-                        $9::text[], $10::int[], $11::text[], $12::text[])
+                        $9::text[], $10::int[], $11::text[], $12::text[], $13::smallint[], $14::bigint[], $15::text[])
        AS r(id, context_id, agent_slug, prompt, context_hints, policy, desired_format, max_attempts, audit_id,
-            audit)),
+            audit, priority, not_before, idempotency_key)),
 recent AS (
    SELECT c.context_id, l.worker_id
    FROM (SELECT DISTINCT unnest($4::text[]) AS context_id) c
@@ -21,16 +21,20 @@ sticky AS (
          AND w.active_leases < COALESCE((w.capabilities->>'max_concurrency')::int, 1)
        LIMIT 1) w),
 t AS (
+   -- A delayed task (`not_before` set: it is in the future) gets no dispatch yet.
    INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
-                          created_at, updated_at, attempts, max_attempts, dispatch_seq, routed_to)
+                          created_at, updated_at, attempts, max_attempts, priority, not_before, idempotency_key,
+                          dispatch_seq, routed_to)
    SELECT r.id, r.context_id, r.agent_slug, r.prompt, r.context_hints, r.policy, r.desired_format, 'queued',
-          $1, $1, 0, r.max_attempts, 1, s.worker_id
+          $1, $1, 0, r.max_attempts, r.priority, r.not_before, r.idempotency_key,
+          CASE WHEN r.not_before IS NULL THEN 1 ELSE 0 END,
+          CASE WHEN r.not_before IS NULL THEN s.worker_id END
    FROM r LEFT JOIN sticky s ON s.context_id = r.context_id
-   RETURNING id, routed_to),
+   RETURNING id, routed_to, dispatch_seq),
 o AS (
    INSERT INTO outbox (task_id, dispatch_seq, worker_id, created_at)
-   SELECT id, 1, routed_to, $1 FROM t RETURNING id, task_id, worker_id),
+   SELECT id, 1, routed_to, $1 FROM t WHERE dispatch_seq = 1 RETURNING id, task_id),
 a AS (
    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
    SELECT r.audit_id, $1, 'task_created', 'llm_task', r.id, $2, r.audit FROM r)
-SELECT task_id AS "task_id!", id AS "outbox_id!", worker_id AS "routed_to?" FROM o
+SELECT t.id AS "task_id!", o.id AS "outbox_id?", t.routed_to AS "routed_to?" FROM t LEFT JOIN o ON o.task_id = t.id

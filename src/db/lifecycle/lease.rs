@@ -2,7 +2,7 @@
 
 use sqlx::PgPool;
 
-use super::{conflict_on, task_not_found, TransitionError};
+use super::{conflict_on, not_due, task_not_found, TransitionError};
 use crate::db::{audit, tasks, workers};
 use crate::domain::{
     pick_worker, AuditAction, Lease, LeaseId, LeaseStatus, NewAudit, Task, TaskId, TaskStatus, Worker, WorkerId,
@@ -38,6 +38,9 @@ pub async fn lease(
     if task.status != TaskStatus::Queued {
         return Err(conflict_on(task.status));
     }
+    if task.is_waiting() {
+        return Err(not_due(&task));
+    }
     let worker = match &req.worker_id {
         // A named worker must be able to take the lease like a chosen one: online, with
         // the Claude CLI and a free slot (the original leased to it regardless).
@@ -54,7 +57,7 @@ pub async fn lease(
     let won = sqlx::query!(
         "UPDATE llm_tasks SET status = 'leased', lease_id = $2, worker_id = $3, attempts = attempts + 1,
                 updated_at = $4
-         WHERE id = $1 AND status = 'queued'",
+         WHERE id = $1 AND status = 'queued' AND dispatch_seq > 0",
         task.id.as_str(),
         lease.id.as_str(),
         worker.id.as_str(),
@@ -66,8 +69,8 @@ pub async fn lease(
         == 1;
     if !won {
         // A statement of its own sees what the winner committed.
-        let now_status = tasks::get(&mut *tx, task_id).await?.ok_or_else(task_not_found)?.status;
-        return Err(conflict_on(now_status));
+        let now = tasks::get(&mut *tx, task_id).await?.ok_or_else(task_not_found)?;
+        return Err(if now.is_waiting() { not_due(&now) } else { conflict_on(now.status) });
     }
     insert_lease(&mut tx, &lease).await?;
     let entry = if req.dispatch {

@@ -27,6 +27,7 @@ mod cancel;
 mod claim;
 mod complete;
 mod create;
+mod due;
 mod expire;
 mod heartbeat;
 mod lease;
@@ -39,16 +40,17 @@ use sqlx::PgPool;
 
 pub use abandon::{abandon, Abandoned};
 pub use assign::{assign, Assigned};
-pub use cancel::{cancel, cancel_many, count_cancellable, Cancelled, Selection};
+pub use cancel::{cancel, cancel_many, Cancelled};
 pub use claim::{claim, Claim, ClaimOutcome};
 pub use complete::{complete, Completion, CompletionOutcome};
-pub use create::create;
+pub use create::{create, KeyRules, OnKeyConflict, Submitted};
+pub use due::{count_waiting, due};
 pub use expire::{expire, Expiring, Expiry};
 pub use heartbeat::heartbeat;
 pub use lease::{lease, LeaseRequest};
 pub use redispatch::redispatch;
 pub use release::release;
-pub use requeue::requeue;
+pub use requeue::{requeue, requeue_many};
 pub use reroute::reroute;
 
 use super::tasks;
@@ -88,6 +90,11 @@ fn task_not_found() -> TransitionError {
 
 fn conflict_on(status: TaskStatus) -> TransitionError {
     TransitionError::Conflict(format!("Task status is '{status}', expected 'queued'"))
+}
+
+fn not_due(task: &Task) -> TransitionError {
+    let at = task.not_before.unwrap_or_default();
+    TransitionError::Conflict(format!("Task is delayed: not dispatched before {at} (not_before)"))
 }
 
 /// Reads a task, for transitions that first decide on its current state.

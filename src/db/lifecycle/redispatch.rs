@@ -24,7 +24,7 @@ pub async fn redispatch(pool: &PgPool, dispatched_before: i64, limit: i64, now: 
         TaskRow,
         r#"WITH c AS (
              SELECT id FROM llm_tasks
-             WHERE status = 'queued' AND updated_at < $1
+             WHERE status = 'queued' AND updated_at < $1 AND dispatch_seq > 0
                AND EXISTS (SELECT 1 FROM workers w
                            WHERE w.transport = 'nats' AND w.status = 'online'
                              AND w.active_leases < COALESCE((w.capabilities->>'max_concurrency')::int, 1))
@@ -34,7 +34,8 @@ pub async fn redispatch(pool: &PgPool, dispatched_before: i64, limit: i64, now: 
            RETURNING t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints AS "context_hints: Json<Vec<String>>",
                      t.policy AS "policy: Json<Policy>", t.desired_format AS "desired_format: DesiredFormat",
                      t.status AS "status: TaskStatus", t.created_at, t.updated_at, t.lease_id, t.worker_id,
-                     t.attempts, t.max_attempts, t.dispatch_seq, t.routed_to"#,
+                     t.attempts, t.max_attempts, t.priority, t.not_before, t.idempotency_key, t.dispatch_seq,
+                     t.routed_to"#,
         dispatched_before,
         limit,
         now

@@ -6,6 +6,7 @@ use super::{task_not_found, TransitionError};
 use crate::db::audit;
 use crate::db::outbox::{self, Dispatch};
 use crate::db::rows::TaskRow;
+use crate::db::tasks::TaskFilter;
 use crate::domain::{AuditAction, DesiredFormat, NewAudit, Policy, Task, TaskId, TaskStatus};
 use sqlx::types::Json;
 
@@ -33,7 +34,7 @@ pub async fn requeue(pool: &PgPool, task_id: &TaskId, actor: &str, now: i64) -> 
            RETURNING id, context_id, agent_slug, prompt, context_hints AS "context_hints: Json<Vec<String>>",
                      policy AS "policy: Json<Policy>", desired_format AS "desired_format: DesiredFormat",
                      status AS "status: TaskStatus", created_at, updated_at, lease_id, worker_id, attempts,
-                     max_attempts, dispatch_seq, routed_to"#,
+                     max_attempts, priority, not_before, idempotency_key, dispatch_seq, routed_to"#,
         task_id.as_str(),
         now
     )
@@ -55,4 +56,71 @@ pub async fn requeue(pool: &PgPool, task_id: &TaskId, actor: &str, now: i64) -> 
     let mut dispatches = outbox::insert(&mut tx, vec![task], now).await?;
     tx.commit().await?;
     dispatches.pop().ok_or(TransitionError::Db(sqlx::Error::RowNotFound))
+}
+
+/// Requeues up to `limit` finished tasks of `filter` (its statuses must be among
+/// `failed`, `dead`, `cancelled`), oldest first, in one transaction, each as
+/// [`requeue`] does it (attempts from zero, audit entries, a new dispatch). Tasks
+/// requeued meanwhile are not touched (the statuses are checked under the row locks).
+pub async fn requeue_many(
+    pool: &PgPool,
+    filter: &TaskFilter,
+    limit: i64,
+    actor: &str,
+    now: i64,
+) -> sqlx::Result<Vec<Dispatch>> {
+    let mut tx = pool.begin().await?;
+    let prev = sqlx::query!(
+        r#"SELECT id, status AS "status: TaskStatus", attempts FROM llm_tasks
+           WHERE status = ANY($1) AND status IN ('failed', 'dead', 'cancelled')
+             AND ($2::text[] IS NULL OR id = ANY($2))
+             AND ($3::text IS NULL OR context_id = $3) AND ($4::text IS NULL OR agent_slug = $4)
+             AND ($5::smallint IS NULL OR priority = $5) AND ($6::bigint IS NULL OR created_at >= $6)
+             AND ($7::bigint IS NULL OR created_at < $7)
+           ORDER BY created_at LIMIT $8 FOR UPDATE"#,
+        &filter.status_texts().unwrap_or_else(requeueable) as _,
+        filter.ids.as_deref() as _,
+        filter.context_id.as_deref(),
+        filter.agent_slug.as_deref(),
+        filter.priority_value(),
+        filter.created_from,
+        filter.created_to,
+        limit,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let ids: Vec<String> = prev.iter().map(|r| r.id.clone()).collect();
+    let tasks: Vec<Task> = sqlx::query_as!(
+        TaskRow,
+        r#"UPDATE llm_tasks SET status = 'queued', lease_id = NULL, worker_id = NULL, attempts = 0,
+                dispatch_seq = dispatch_seq + 1, routed_to = NULL, updated_at = $2
+           WHERE id = ANY($1) AND status IN ('failed', 'dead', 'cancelled')
+           RETURNING id, context_id, agent_slug, prompt, context_hints AS "context_hints: Json<Vec<String>>",
+                     policy AS "policy: Json<Policy>", desired_format AS "desired_format: DesiredFormat",
+                     status AS "status: TaskStatus", created_at, updated_at, lease_id, worker_id, attempts,
+                     max_attempts, priority, not_before, idempotency_key, dispatch_seq, routed_to"#,
+        &ids,
+        now
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(Task::from)
+    .collect();
+    let mut entries = Vec::with_capacity(prev.len() * 2);
+    for p in &prev {
+        let reset = format!("Attempts reset to 0 from {}", p.attempts);
+        entries.push(NewAudit::new(AuditAction::AttemptsReset, "llm_task", &p.id, actor, reset));
+        let detail = format!("Requeued from {} (bulk)", p.status);
+        entries.push(NewAudit::new(AuditAction::TaskRequeued, "llm_task", &p.id, actor, detail));
+    }
+    audit::insert(&mut *tx, &entries, now).await?;
+    let dispatches = outbox::insert(&mut tx, tasks, now).await?;
+    tx.commit().await?;
+    Ok(dispatches)
+}
+
+/// The statuses a requeue applies to.
+fn requeueable() -> Vec<String> {
+    TaskStatus::ALL.iter().filter(|s| s.is_requeueable()).map(|s| s.as_str().to_owned()).collect()
 }
