@@ -12,8 +12,8 @@
 //!   urgent tasks each other priority still starts at least one round in forty on every
 //!   worker, and never waits forever.
 //! * A message a long poll delivers while no slot is free (the worker filled up from
-//!   another priority meanwhile) is handed back, to be delivered again 100 ms later (to
-//!   whichever worker asks first); such polls expire within [`POLL_EXPIRES`].
+//!   another priority meanwhile) is handed back for immediate redelivery, to whichever
+//!   worker asks first; such polls expire within [`POLL_EXPIRES`].
 //! * Within a priority, tasks go in publish order.
 //! * On shutdown the loop stops at once; pulls still outstanding hand back (nak) what
 //!   they receive until they expire.
@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::slots::Slots;
-use super::{claim, Claimed, Ctx, MAX_CLAIMS_IN_FLIGHT, NO_SLOT_REDELIVERY};
+use super::{claim, Claimed, Ctx, MAX_CLAIMS_IN_FLIGHT};
 
 /// How long a long poll waits on the server.
 pub const POLL_EXPIRES: Duration = Duration::from_secs(2);
@@ -113,7 +113,7 @@ pub(super) async fn pool_loop(
                 Event::Msg(msg) => match slots.try_take() {
                     Some(slot) => taken.push((*msg, slot)),
                     None => {
-                        let _ = msg.ack_with(AckKind::Nak(Some(NO_SLOT_REDELIVERY))).await;
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
                     }
                 },
                 Event::Ended { band, got, asked, waited } => {

@@ -53,10 +53,6 @@ const CLAIM_ATTEMPTS: u32 = 3;
 const FULL_BACKOFF: Duration = Duration::from_millis(20);
 /// Longest of those waits.
 const FULL_BACKOFF_MAX: Duration = Duration::from_millis(320);
-/// Delay before a message that found no free slot here is delivered again: its pull
-/// request (or another of this worker's) would otherwise get it back at once, over and
-/// over, until the request expires.
-const NO_SLOT_REDELIVERY: Duration = Duration::from_millis(100);
 /// Time claims refused as full are retried before their messages are handed back (at
 /// most half the lease TTL): longer than the results consumer's ack-wait, so results a
 /// dead reconciler held are redelivered and recorded, and the slot freed, within it.
@@ -132,7 +128,7 @@ pub async fn run(
     provision::apply_at_start(&js, &names, &settings.streams, provision::START_PATIENCE).await?;
     provision::apply_worker_consumer(&js, &names, &settings.streams, &settings.id).await?;
     let stream = js.get_stream(names.tasks_stream()).await?;
-    let mut pool = Vec::new();
+    let mut pool = Vec::with_capacity(5);
     for priority in Priority::all_descending() {
         let consumer: PullConsumer =
             stream.get_consumer(&names.pool_consumer_of(priority)).await.map_err(|e| anyhow::anyhow!(e))?;
@@ -278,7 +274,7 @@ async fn pull(
                     }
                     // The other loop filled the last slot meanwhile.
                     None => {
-                        let _ = msg.ack_with(AckKind::Nak(Some(NO_SLOT_REDELIVERY))).await;
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
                     }
                 }
             }

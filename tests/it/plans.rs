@@ -31,7 +31,15 @@ fn table_scans(plan: &str) -> Vec<String> {
                 d.contains("Index Cond") && (d.contains("id)") || d.contains("id =") || d.contains("expires_at"))
             })
         };
-        if line.contains("Seq Scan") || (line.contains("Index") && line.contains("Scan") && !keyed()) {
+        // An `id` condition served by an index whose first key is not `id` is a pass over
+        // that whole index.
+        let by_id_off_key = (line.contains("Index Scan") || line.contains("Index Only Scan"))
+            && !line.contains("_pkey")
+            && lines[i + 1..]
+                .iter()
+                .take_while(|d| !d.contains("->"))
+                .any(|d| d.contains("Index Cond") && d.contains("(id)"));
+        if line.contains("Seq Scan") || by_id_off_key || (line.contains("Index") && line.contains("Scan") && !keyed()) {
             scans.push(line.trim().to_owned());
         }
     }

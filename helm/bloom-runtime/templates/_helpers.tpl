@@ -223,6 +223,8 @@ Environment shared by api and reconciler: Postgres, NATS, membridge, S3, logging
   value: {{ $v.database.maxConnections | int64 | quote }}
 - name: BLOOM_DB_STATEMENT_TIMEOUT_MS
   value: {{ $v.database.statementTimeoutMs | int64 | quote }}
+- name: BLOOM_IDEMPOTENCY_RETENTION_SECS
+  value: {{ $v.database.idempotencyRetentionSecs | int64 | quote }}
 {{ include "bloom.env.nats" . }}
 {{- if $v.membridge.serverUrl }}
 - name: MEMBRIDGE_SERVER_URL

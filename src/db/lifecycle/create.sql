@@ -33,8 +33,10 @@ t AS (
    RETURNING id, routed_to, dispatch_seq),
 o AS (
    INSERT INTO outbox (task_id, dispatch_seq, worker_id, created_at)
-   SELECT id, 1, routed_to, $1 FROM t WHERE dispatch_seq = 1 RETURNING id, task_id),
+   SELECT id, 1, routed_to, $1 FROM t WHERE dispatch_seq = 1 RETURNING id, task_id, worker_id),
 a AS (
    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
    SELECT r.audit_id, $1, 'task_created', 'llm_task', r.id, $2, r.audit FROM r)
-SELECT t.id AS "task_id!", o.id AS "outbox_id?", t.routed_to AS "routed_to?" FROM t LEFT JOIN o ON o.task_id = t.id
+SELECT task_id AS "task_id!", id AS "outbox_id?", worker_id AS "routed_to?" FROM o
+UNION ALL
+SELECT id, NULL, NULL FROM t WHERE dispatch_seq = 0
