@@ -21,7 +21,8 @@
 //! and reports redeliveries (leases per task beyond the first), duplicate executions
 //! (results that arrived after another execution took the task over), each attributed
 //! to the fault that caused it (`duplicates.rs`), and the latency the runtime added to
-//! each task (submission to stored result less execution:
+//! each task (submission, or for a delayed task the time it was due, to stored result
+//! less execution:
 //! median, p99, worst, and how much the worst adds to the median).
 //! `--scenario reconciler-kills` only kills reconcilers, with the default lease TTL:
 //! it measures what a dead reconciler costs the tasks it held (claims and results are
@@ -675,11 +676,12 @@ async fn main() -> anyhow::Result<()> {
         checks.push(("artifacts left in Postgres while S3 is up", inline_artifacts));
     }
     let submitted = q("SELECT count(*) FROM llm_tasks").await?;
-    // Latency the runtime added to each completed task: submission to stored result,
-    // less the task's own execution time, in ms.
+    // Latency the runtime added to each completed task: submission (or, delayed, the time
+    // it was due) to stored result, less the task's own execution time, in ms.
     let latency: (Option<f64>, Option<f64>, Option<i64>) = sqlx::query_as(
         "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), percentile_cont(0.99) WITHIN GROUP (ORDER BY d), max(d)
-         FROM (SELECT r.completed_at - t.created_at - COALESCE((r.metrics->>'duration_ms')::bigint, 0) AS d
+         FROM (SELECT r.completed_at - GREATEST(t.created_at, COALESCE(t.not_before, 0))
+                      - COALESCE((r.metrics->>'duration_ms')::bigint, 0) AS d
                FROM llm_results r JOIN llm_tasks t ON t.id = r.task_id
                WHERE r.status = 'success') x",
     )
@@ -691,8 +693,9 @@ async fn main() -> anyhow::Result<()> {
         "SELECT t.id, t.created_at, COALESCE(min(l.started_at), 0), COALESCE(max(l.started_at), 0), r.completed_at
          FROM llm_results r JOIN llm_tasks t ON t.id = r.task_id LEFT JOIN leases l ON l.task_id = t.id
          WHERE r.status = 'success'
-         GROUP BY t.id, t.created_at, r.completed_at, r.metrics
-         ORDER BY r.completed_at - t.created_at - COALESCE((r.metrics->>'duration_ms')::bigint, 0) DESC LIMIT 3",
+         GROUP BY t.id, t.created_at, t.not_before, r.completed_at, r.metrics
+         ORDER BY r.completed_at - GREATEST(t.created_at, COALESCE(t.not_before, 0))
+                  - COALESCE((r.metrics->>'duration_ms')::bigint, 0) DESC LIMIT 3",
     )
     .fetch_all(&pool)
     .await?;
