@@ -1,7 +1,7 @@
 //! `create`: new tasks, queued, with their outbox rows (batch), and the idempotency
 //! keys they were submitted with.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::types::Json;
 use sqlx::{Acquire, PgConnection};
@@ -93,8 +93,9 @@ pub async fn create(
         return insert(db, tasks, actor, now).await;
     }
     let mut tx = db.begin().await?;
-    // The first request of each key in the batch may take it; later ones answer to it.
-    let mut first_of_key: HashMap<String, usize> = HashMap::new();
+    // The first request of each key in the batch may take it (its index, and its record
+    // in `records`); later ones answer to it.
+    let mut first_of_key: HashMap<String, (usize, usize)> = HashMap::new();
     let mut hashes = Vec::with_capacity(new.len());
     let mut records = Vec::new();
     let tasks: Vec<Task> = new
@@ -106,15 +107,16 @@ pub async fn create(
             if let (Some(key), Some(h)) = (&task.idempotency_key, &hash) {
                 first_of_key.entry(key.clone()).or_insert_with(|| {
                     records.push(KeyRecord { key: key.clone(), task_id: task.id.0.clone(), request_hash: h.clone() });
-                    i
+                    (i, records.len() - 1)
                 });
             }
             hashes.push(hash);
             task
         })
         .collect();
-    let taken = idempotency::take(&mut tx, &records, keys.window_start, now).await?;
-    let held: Vec<String> = records.iter().map(|r| &r.key).filter(|k| !taken.contains(k)).cloned().collect();
+    let taken: HashSet<String> =
+        idempotency::take(&mut tx, &records, keys.window_start, now).await?.into_iter().collect();
+    let held: Vec<String> = records.iter().map(|r| &r.key).filter(|k| !taken.contains(*k)).cloned().collect();
     let held: HashMap<String, KeyRecord> =
         idempotency::get_many(&mut *tx, &held).await?.into_iter().map(|r| (r.key.clone(), r)).collect();
     let held_tasks: HashMap<TaskId, Task> =
@@ -143,17 +145,16 @@ pub async fn create(
                 Some(t) if record.request_hash == hash => Plan::Answer(Box::new(Submitted::Existing(t.clone()))),
                 _ => Plan::Answer(Box::new(Submitted::KeyConflict { key, task_id: id })),
             }
-        } else if first_of_key[&key] == i {
-            fresh.push(task);
-            Plan::Create
         } else {
-            if records.iter().any(|r| r.key == key && r.request_hash == hash) {
-                Plan::SameAs(first_of_key[&key])
+            let (first, record) = first_of_key[&key];
+            let record = &records[record];
+            if first == i {
+                fresh.push(task);
+                Plan::Create
+            } else if record.request_hash == hash {
+                Plan::SameAs(first)
             } else {
-                let first =
-                    records.iter().find(|r| r.key == key).expect("a batch's first request of a key is recorded");
-                let task_id = TaskId(first.task_id.clone());
-                Plan::Answer(Box::new(Submitted::KeyConflict { key, task_id }))
+                Plan::Answer(Box::new(Submitted::KeyConflict { key, task_id: TaskId(record.task_id.clone()) }))
             }
         };
         plans.push(plan);
