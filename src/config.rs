@@ -321,7 +321,8 @@ mod tests {
 
 /// The executor's default command: the Claude CLI in print mode with JSON output,
 /// prompt on stdin.
-pub const DEFAULT_EXECUTOR_COMMAND: &str = "claude -p --output-format json";
+pub const DEFAULT_EXECUTOR_COMMAND: &str =
+    r#"claude -p --output-format json ${BLOOM_MAX_BUDGET_USD:+--max-budget-usd "$BLOOM_MAX_BUDGET_USD"}"#;
 
 /// A `bloom-worker` process.
 #[derive(Args, Clone, Debug)]

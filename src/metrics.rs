@@ -25,6 +25,26 @@ impl Counter {
     }
 }
 
+/// A monotonically increasing sum of fractional amounts (a cost in USD).
+#[derive(Debug, Default)]
+pub struct Sum(AtomicU64);
+
+impl Sum {
+    /// Adds `v` (negative and non-finite amounts are ignored).
+    pub fn add(&self, v: f64) {
+        if !(v.is_finite() && v > 0.0) {
+            return;
+        }
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| Some((f64::from_bits(bits) + v).to_bits()));
+    }
+    /// The current value.
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
 /// A gauge holding the last value set.
 #[derive(Debug, Default)]
 pub struct Gauge(AtomicU64);
@@ -115,6 +135,12 @@ impl Render for Counter {
     }
 }
 
+impl Render for Sum {
+    fn render_into(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", self.get());
+    }
+}
+
 impl Render for Gauge {
     fn render_into(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", self.get());
@@ -151,6 +177,12 @@ metrics! {
     heartbeats_lost_total: Counter = "Lease heartbeats for leases that were no longer current.",
     results_completed_total: Counter = "Results that completed their task.",
     results_late_total: Counter = "Results for leases that were no longer current.",
+    results_retried_total: Counter = "Failed runs whose task was put back to be tried again (a retryable class, a provider rate limit).",
+    llm_cost_usd_total: Sum = "Cost of the recorded runs in USD, as they reported it.",
+    llm_input_tokens_total: Counter = "Input tokens of the recorded runs.",
+    llm_output_tokens_total: Counter = "Output tokens of the recorded runs.",
+    llm_cache_read_tokens_total: Counter = "Input tokens the recorded runs read from the prompt cache.",
+    llm_cache_creation_tokens_total: Counter = "Input tokens the recorded runs wrote to the prompt cache.",
     results_rejected_total: Counter = "Malformed result messages terminated.",
     results_refused_total: Counter = "Result messages terminated after Postgres refused them on every delivery.",
     task_duration_seconds: Histogram = "Execution time of tasks as reported by workers.",
@@ -181,6 +213,23 @@ metrics! {
     executions_failed_total: Counter = "Executions that produced an error result.",
     in_flight: Gauge = "Tasks executing in this worker now.",
     malformed_messages_total: Counter = "NATS messages rejected as malformed.",
+}
+
+impl Metrics {
+    /// Counts a recorded run: what it used, and whether its task was put back to be
+    /// tried again.
+    pub fn record_run(&self, run: &crate::domain::Metrics, retried: bool) {
+        let u = &run.usage;
+        self.llm_cost_usd_total.add(u.total_cost_usd.unwrap_or(0.0));
+        let count = |c: &Counter, n: Option<i64>| c.add(n.unwrap_or(0).max(0) as u64);
+        count(&self.llm_input_tokens_total, u.input_tokens);
+        count(&self.llm_output_tokens_total, u.output_tokens);
+        count(&self.llm_cache_read_tokens_total, u.cache_read_input_tokens);
+        count(&self.llm_cache_creation_tokens_total, u.cache_creation_input_tokens);
+        if retried {
+            self.results_retried_total.inc();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -193,7 +193,7 @@ pub struct ResultMessage {
 #[serde(untagged)]
 pub enum ResultBatch {
     Many(Vec<TracedResult>),
-    One(TracedResult),
+    One(Box<TracedResult>),
 }
 
 impl TracedResult {
@@ -218,7 +218,7 @@ impl ResultBatch {
     pub fn into_results(self) -> Vec<TracedResult> {
         match self {
             ResultBatch::Many(v) => v,
-            ResultBatch::One(r) => vec![r],
+            ResultBatch::One(r) => vec![*r],
         }
     }
 }

@@ -92,6 +92,18 @@ enum Command {
     },
     /// Task, lease and worker counts.
     Stats,
+    /// Agents whose tasks wait for a provider's rate limit to reset.
+    Holds,
+    /// What runs used and cost, per agent (or `--by context_id`), over the last
+    /// `--hours` (default 24).
+    Usage {
+        #[arg(long, default_value = "agent_slug", value_parser = ["agent_slug", "context_id"])]
+        by: String,
+        #[arg(long, default_value_t = 24)]
+        hours: u32,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// Run the whole runtime locally: migrations, stream definitions, the API, two
     /// reconcilers and one worker (binaries next to bloomctl). Ctrl-C stops it; so does
     /// any of them exiting (bloomctl then exits 1).
@@ -411,6 +423,35 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 println!("tasks    total {}  {}", v["tasks"]["total"], v["tasks"]["by_status"]);
                 println!("leases   total {}  active {}", v["leases"]["total"], v["leases"]["active"]);
                 println!("workers  total {}  online {}", v["workers"]["total"], v["workers"]["online"]);
+            }
+        }
+        Command::Holds => {
+            let v = api.get("/api/runtime/agent-holds").await?;
+            print(json_out, &v, &[("AGENT", "/agent_slug"), ("UNTIL", "/until"), ("REASON", "/reason")]);
+        }
+        Command::Usage { by, hours, limit } => {
+            let to = bloom::time::now_ms();
+            let from = to - i64::from(hours) * 3_600_000;
+            let v = api.get(&format!("/api/runtime/usage?group_by={by}&from={from}&to={to}&limit={limit}")).await?;
+            if json_out {
+                print(true, &v, &[]);
+            } else {
+                let mut rows = v["groups"].as_array().cloned().unwrap_or_default();
+                let mut total = v["total"].clone();
+                total["key"] = Value::from("(total)");
+                rows.push(total);
+                let columns = [
+                    (if by == "context_id" { "CONTEXT" } else { "AGENT" }, "/key"),
+                    ("RUNS", "/runs"),
+                    ("ERRORS", "/errors"),
+                    ("COST_USD", "/total_cost_usd"),
+                    ("INPUT", "/input_tokens"),
+                    ("OUTPUT", "/output_tokens"),
+                    ("CACHE_READ", "/cache_read_input_tokens"),
+                    ("CACHE_WRITE", "/cache_creation_input_tokens"),
+                    ("TURNS", "/num_turns"),
+                ];
+                print(false, &Value::Array(rows), &columns);
             }
         }
         Command::Up { db, nats, reconcilers, workers, reconciler_port, worker_port } => {

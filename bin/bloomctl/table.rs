@@ -1,7 +1,8 @@
-//! Human-readable tables. Timestamps (fields named `*_at`, `timestamp`,
+//! Human-readable tables. Timestamps (fields named `*_at`, `timestamp`, `until`, `not_before`,
 //! `last_heartbeat`, which the API sends as epoch milliseconds) are shown in ISO 8601
 //! UTC; `--json` output keeps them as they come.
 
+use bloom::time::iso8601;
 use serde_json::Value;
 
 /// Renders `rows` (JSON objects) as aligned columns; `columns` are (header, JSON pointer).
@@ -46,7 +47,7 @@ fn field_name(pointer: &str) -> &str {
 }
 
 fn is_timestamp(name: &str) -> bool {
-    name.ends_with("_at") || name == "timestamp" || name == "last_heartbeat"
+    name.ends_with("_at") || matches!(name, "timestamp" | "last_heartbeat" | "until" | "not_before")
 }
 
 /// The cell of field `name`: a timestamp as ISO 8601 UTC, anything else as [`cell`].
@@ -55,29 +56,6 @@ fn field(name: &str, v: &Value) -> String {
         Some(ms) if is_timestamp(name) => iso8601(ms),
         _ => cell(v),
     }
-}
-
-/// Epoch milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
-pub fn iso8601(ms: i64) -> String {
-    let (days, ms_of_day) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
-    let (y, m, d) = civil_from_days(days);
-    let (h, min, sec, milli) =
-        (ms_of_day / 3_600_000, ms_of_day / 60_000 % 60, ms_of_day / 1000 % 60, ms_of_day % 1000);
-    format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{sec:02}.{milli:03}Z")
-}
-
-/// The proleptic Gregorian date of a day count from 1970-01-01 (Howard Hinnant's
-/// `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 fn cell(v: &Value) -> String {
@@ -106,10 +84,6 @@ mod tests {
 
     #[test]
     fn timestamps_read_as_iso_8601_utc() {
-        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(iso8601(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(iso8601(1_767_225_599_999), "2025-12-31T23:59:59.999Z");
-        assert_eq!(iso8601(-1), "1969-12-31T23:59:59.999Z");
         let row = json!({"id": "t1", "created_at": 0, "attempts": 2, "last_heartbeat": null});
         let table = render(
             std::slice::from_ref(&row),

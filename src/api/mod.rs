@@ -12,6 +12,7 @@ pub mod bulk;
 pub mod dispatch;
 pub mod docs;
 pub mod error;
+pub mod holds;
 pub mod membridge_proxy;
 pub mod projects;
 pub mod rate_limit;
@@ -21,6 +22,7 @@ pub mod schemas;
 pub mod submissions;
 pub mod submit;
 pub mod tasks;
+pub mod usage;
 pub mod validate;
 pub mod web;
 pub mod workers;
@@ -179,6 +181,8 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         .routes(routes!(reads::artifact_content))
         .routes(routes!(reads::audit))
         .routes(routes!(reads::stats))
+        .routes(routes!(usage::usage))
+        .routes(routes!(holds::list))
         .routes(routes!(projects::list, projects::create))
         .routes(routes!(projects::show, projects::remove))
         .routes(routes!(projects::node_status))

@@ -11,12 +11,16 @@ pub use super::error::ErrorBody;
 use super::validate::{FieldErrors, Fields};
 use super::ApiError;
 use crate::domain::{
-    Artifact, Capabilities, DesiredFormat, Lease, LlmResult, Metrics, NewTask, Outcome, Policy, Priority, Registration,
-    ResultStatus, Task, Worker, WorkerId, WorkerStatus,
+    Artifact, Capabilities, DesiredFormat, ErrorKind, Lease, LlmResult, Metrics, NewTask, Outcome, Policy, Priority,
+    Registration, ResultStatus, RetryPolicy, Task, Usage, Worker, WorkerId, WorkerStatus,
 };
 
 /// Largest accepted prompt, in bytes: a task must fit in one NATS message.
 pub const MAX_PROMPT_BYTES: usize = 512 * 1024;
+/// Largest token count, turn count or duration one run may report.
+const MAX_USAGE_COUNT: i64 = 1_000_000_000_000_000;
+/// Largest cost one run may report, in USD.
+const MAX_RUN_COST_USD: f64 = 1e9;
 /// Largest integer a JavaScript client can send exactly (times in epoch ms).
 const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
 
@@ -38,6 +42,74 @@ pub trait RequestBody: Sized {
     }
 }
 
+/// `policy.retry` (an addition): failures listed in `on` are tried again after a backoff.
+fn read_retry(p: &mut Fields<'_>) -> Option<Option<RetryPolicy>> {
+    let mut r = match p.object("retry") {
+        Some(Some(r)) => r,
+        Some(None) => return Some(None),
+        None => return None,
+    };
+    let d = RetryPolicy::default();
+    let on = r.opt_strings("on");
+    let backoff_ms = r.int("backoff_ms", 0, RetryPolicy::MAX_BACKOFF_MS, Some(d.backoff_ms));
+    let max_backoff_ms = r.int("max_backoff_ms", 0, RetryPolicy::MAX_MAX_BACKOFF_MS, Some(d.max_backoff_ms));
+    let on = match on? {
+        None => d.on,
+        Some(names) => {
+            let kinds: Vec<Option<ErrorKind>> =
+                names.iter().map(|n| ErrorKind::parse(n).filter(|k| RetryPolicy::RETRYABLE.contains(k))).collect();
+            if kinds.iter().any(Option::is_none) {
+                let allowed: Vec<&str> = RetryPolicy::RETRYABLE.iter().map(|k| k.as_str()).collect();
+                r.errors.add("policy", format!("retry.on: each class must be one of {}", allowed.join(", ")));
+                return None;
+            }
+            kinds.into_iter().flatten().collect()
+        }
+    };
+    let (backoff_ms, max_backoff_ms) = (backoff_ms?, max_backoff_ms?);
+    if max_backoff_ms < backoff_ms {
+        r.errors.add("policy", "retry.max_backoff_ms must be at least retry.backoff_ms");
+        return None;
+    }
+    Some(Some(RetryPolicy { on, backoff_ms, max_backoff_ms }))
+}
+
+/// What a run used, from a `complete` body's `metrics` (additions to the seed's
+/// `duration_ms` and `tokens_used`): unknown fields are ignored, known ones must have
+/// their type and not be negative.
+fn read_usage(f: &mut Fields<'_>) -> Option<Usage> {
+    let Some(metrics) = f.raw("metrics").filter(|m| m.is_object()) else {
+        return Some(Usage::default());
+    };
+    let usage: Usage = match serde_json::from_value(metrics.clone()) {
+        Ok(u) => u,
+        Err(e) => {
+            f.errors.add("metrics", format!("Invalid usage: {e}"));
+            return None;
+        }
+    };
+    let counts = [
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cache_read_input_tokens,
+        usage.cache_creation_input_tokens,
+        usage.num_turns,
+        usage.duration_api_ms,
+    ];
+    // Bounded so that sums over millions of results cannot overflow.
+    let count_ok = |n: &i64| (0..=MAX_USAGE_COUNT).contains(n);
+    let cost_ok = |c: f64| (0.0..=MAX_RUN_COST_USD).contains(&c);
+    if !counts.iter().flatten().all(count_ok) || !usage.total_cost_usd.map_or(true, cost_ok) {
+        let msg = format!(
+            "Token counts, turns and durations must be integers from 0 to {MAX_USAGE_COUNT}, total_cost_usd a number \
+             from 0 to {MAX_RUN_COST_USD}"
+        );
+        f.errors.add("metrics", msg);
+        return None;
+    }
+    Some(usage)
+}
+
 /// `POST /api/runtime/llm-tasks` (the seed's `insertLLMTaskSchema`).
 impl RequestBody for NewTask {
     fn read(f: &mut Fields<'_>) -> Option<NewTask> {
@@ -49,7 +121,11 @@ impl RequestBody for NewTask {
             Some(Some(mut p)) => {
                 let timeout_sec = p.int("timeout_sec", 1, 3600, Some(Policy::default().timeout_sec));
                 let budget = p.number("budget", 0.0, 0.0);
-                timeout_sec.zip(budget).map(|(timeout_sec, budget)| Policy { timeout_sec, budget })
+                let retry = read_retry(&mut p);
+                match (timeout_sec, budget, retry) {
+                    (Some(timeout_sec), Some(budget), Some(retry)) => Some(Policy { timeout_sec, budget, retry }),
+                    _ => None,
+                }
             }
             Some(None) => Some(Policy::default()),
             None => None,
@@ -190,7 +266,11 @@ impl RequestBody for CompleteBody {
                     None | Some(Value::Null) => Some(None),
                     Some(_) => m.int("tokens_used", 0, i64::MAX, None).map(Some),
                 };
-                duration_ms.zip(tokens).map(|(duration_ms, tokens_used)| Metrics { duration_ms, tokens_used })
+                duration_ms.zip(tokens).map(|(duration_ms, tokens_used)| Metrics {
+                    duration_ms,
+                    tokens_used,
+                    usage: Usage::default(),
+                })
             }
             Some(None) => {
                 f.errors.add("metrics", "Required");
@@ -202,8 +282,25 @@ impl RequestBody for CompleteBody {
             f.opt_string("artifact_type", 0, None, false).map(|t| t.unwrap_or_else(Self::default_artifact_type));
         let artifact_tags = f.opt_strings("artifact_tags").map(Option::unwrap_or_default);
         let holder = HolderBody::read(f);
+        // Additions: what the run used, the class of a failure, when to try again.
+        let usage = read_usage(f);
+        let kinds: Vec<&'static str> = ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+        let error_kind = match f.raw("error_kind") {
+            None | Some(Value::Null) => Some(None),
+            Some(_) => f.one_of("error_kind", &kinds, None).map(ErrorKind::parse),
+        };
+        let retry_at = f.opt_int("retry_at", 0, MAX_SAFE_INTEGER);
+        let mut metrics = metrics?;
+        metrics.usage = usage?;
         Some(CompleteBody {
-            outcome: Outcome { status: status?, output: output?, error_message: error_message?, metrics: metrics? },
+            outcome: Outcome {
+                status: status?,
+                output: output?,
+                error_message: error_message?,
+                metrics,
+                error_kind: error_kind?,
+                retry_at: retry_at?,
+            },
             artifact_type: artifact_type?,
             artifact_tags: artifact_tags?,
             holder: holder?,

@@ -13,7 +13,7 @@ use super::reads::{stream_tasks, PageQuery};
 use super::schemas::{
     CompleteBody, CompleteResponse, ErrorBody, HeartbeatResponse, HolderBody, LeaseBody, LeaseResponse, RequestBody,
 };
-use super::validate::FieldErrors;
+use super::validate::{query_int, FieldErrors};
 use super::{ApiError, AppState};
 use crate::db::lifecycle::{self, Completion, CompletionOutcome, LeaseRequest};
 use crate::db::tasks::{self, TaskFilter};
@@ -39,16 +39,7 @@ impl ListQuery {
     /// task can have matches none). A malformed number is a 400 naming its parameter.
     fn filter(&self) -> Result<Option<TaskFilter>, ApiError> {
         let mut errors = FieldErrors::default();
-        let mut int = |name: &str, v: &Option<String>, min: i64, max: i64| match v.as_deref() {
-            None | Some("") => None,
-            Some(s) => match s.parse::<i64>() {
-                Ok(n) if (min..=max).contains(&n) => Some(n),
-                _ => {
-                    errors.add(name, format!("Expected an integer from {min} to {max}, received '{s}'"));
-                    None
-                }
-            },
-        };
+        let mut int = |name: &str, v: &Option<String>, min: i64, max: i64| query_int(&mut errors, name, v, min, max);
         let priority = int("priority", &self.priority, Priority::MIN.into(), Priority::MAX.into());
         let created_from = int("created_from", &self.created_from, 0, i64::MAX);
         let created_to = int("created_to", &self.created_to, 0, i64::MAX);
@@ -193,6 +184,7 @@ pub async fn complete(
     };
     match lifecycle::complete(&state.pool, std::slice::from_ref(&completion), state.clock.now_ms()).await?.pop() {
         Some(CompletionOutcome::Completed { task, result_id, completed_at }) => {
+            state.metrics.record_run(&completion.outcome.metrics, task.status == TaskStatus::Queued);
             let (artifact, result) = completion.into_records(&task, result_id, completed_at);
             // The original's shape: the output appears in the result and, when kept in
             // Postgres, as the artifact's content.

@@ -39,6 +39,21 @@ impl FieldErrors {
     }
 }
 
+/// An optional integer query parameter in `min..=max` (absent or empty: `None`); a
+/// malformed one is filed under its name.
+pub fn query_int(errors: &mut FieldErrors, name: &str, v: &Option<String>, min: i64, max: i64) -> Option<i64> {
+    match v.as_deref() {
+        None | Some("") => None,
+        Some(s) => match s.parse::<i64>() {
+            Ok(n) if (min..=max).contains(&n) => Some(n),
+            _ => {
+                errors.add(name, format!("Expected an integer from {min} to {max}, received '{s}'"));
+                None
+            }
+        },
+    }
+}
+
 fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",

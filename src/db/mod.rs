@@ -6,6 +6,7 @@
 pub mod artifacts;
 pub mod audit;
 pub mod dedicated;
+pub mod holds;
 pub mod idempotency;
 pub mod leader;
 pub mod leases;
@@ -18,6 +19,7 @@ mod rows;
 pub mod settings;
 pub mod stats;
 pub mod tasks;
+pub mod usage;
 pub mod workers;
 
 use std::time::Duration;

@@ -9,8 +9,8 @@
 use sqlx::types::Json;
 
 use crate::domain::{
-    Artifact, Capabilities, DesiredFormat, LlmResult, Metrics, Outcome, Policy, Priority, ResultStatus, Task,
-    TaskStatus, Worker, WorkerSource, WorkerStatus, WorkerTransport,
+    Artifact, Capabilities, DesiredFormat, ErrorKind, LlmResult, Metrics, Outcome, Policy, Priority, ResultStatus,
+    Task, TaskStatus, Worker, WorkerSource, WorkerStatus, WorkerTransport,
 };
 
 /// A row of `llm_tasks`.
@@ -32,6 +32,8 @@ pub(crate) struct TaskRow {
     pub priority: i16,
     pub not_before: Option<i64>,
     pub idempotency_key: Option<String>,
+    pub wait_reason: Option<String>,
+    pub last_error: Option<String>,
     pub dispatch_seq: i64,
     pub routed_to: Option<String>,
 }
@@ -56,6 +58,8 @@ impl From<TaskRow> for Task {
             priority: Priority(r.priority),
             not_before: r.not_before,
             idempotency_key: r.idempotency_key,
+            wait_reason: r.wait_reason,
+            last_error: r.last_error,
             dispatch_seq: r.dispatch_seq,
             routed_to: r.routed_to.map(Into::into),
         }
@@ -147,6 +151,7 @@ pub(crate) struct ResultRow {
     pub error_message: Option<String>,
     pub metrics: Json<Metrics>,
     pub completed_at: i64,
+    pub error_kind: Option<ErrorKind>,
 }
 
 impl From<ResultRow> for LlmResult {
@@ -161,6 +166,8 @@ impl From<ResultRow> for LlmResult {
                 output: r.output,
                 error_message: r.error_message,
                 metrics: r.metrics.0,
+                error_kind: r.error_kind,
+                retry_at: None,
             },
             completed_at: r.completed_at,
         }

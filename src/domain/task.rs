@@ -12,6 +12,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::result::ErrorKind;
+
 use super::ids::{LeaseId, TaskId, WorkerId};
 
 /// Status of a task. Stored as text with a CHECK constraint.
@@ -113,11 +115,46 @@ pub struct Policy {
     #[serde(serialize_with = "crate::domain::json_number::serialize")]
     #[schema(minimum = 0)]
     pub budget: f64,
+    /// How failed runs are tried again (an addition, shown when set; absent, the
+    /// defaults of [`RetryPolicy`] apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { timeout_sec: 120, budget: 0.0 }
+        Policy { timeout_sec: 120, budget: 0.0, retry: None }
+    }
+}
+
+/// Which failures are tried again, and after how long. A failed run whose class `on`
+/// lists is tried again while attempts remain, `backoff_ms` after the first attempt,
+/// doubled for each further one, at most `max_backoff_ms` (half of the wait fixed, half
+/// random) and never before the provider's Retry-After. A provider rate limit always
+/// waits for its reset without using an attempt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default)]
+pub struct RetryPolicy {
+    /// Classes tried again: any of `provider`, `timeout`, `execution`.
+    pub on: Vec<ErrorKind>,
+    #[schema(minimum = 0, maximum = 3600000)]
+    pub backoff_ms: i64,
+    #[schema(minimum = 0, maximum = 86400000)]
+    pub max_backoff_ms: i64,
+}
+
+impl RetryPolicy {
+    /// Classes that may be listed in `on`: the others are never tried blindly again.
+    pub const RETRYABLE: [ErrorKind; 3] = [ErrorKind::Provider, ErrorKind::Timeout, ErrorKind::Execution];
+    /// Longest `backoff_ms`: an hour.
+    pub const MAX_BACKOFF_MS: i64 = 3_600_000;
+    /// Longest `max_backoff_ms`: a day.
+    pub const MAX_MAX_BACKOFF_MS: i64 = 86_400_000;
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { on: vec![ErrorKind::Provider, ErrorKind::Timeout], backoff_ms: 1000, max_backoff_ms: 300_000 }
     }
 }
 
@@ -262,9 +299,19 @@ pub struct Task {
     /// The key the task was submitted with (an addition, shown when set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// Why the queued task is not dispatched now (an addition, shown when set): a retry
+    /// waiting for `not_before`, a provider rate limit, a concurrency limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_reason: Option<String>,
+    /// The error of the last failed run that was tried again (an addition, shown when
+    /// set): `<class>: <message>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
     /// Incremented every time the task is (re)queued; identifies one dispatch of the
     /// task on the bus so a stale message can never claim a newer dispatch. 0 while a
-    /// delayed task waits to be due (it has no dispatch yet).
+    /// delayed task waits to be due (it has no dispatch yet); minus the last dispatch's
+    /// number while a task put back waits to be tried again (its next dispatch gets
+    /// `1 - dispatch_seq`).
     #[serde(skip)]
     pub dispatch_seq: i64,
     /// The worker whose direct subject the current dispatch was routed to, if sticky.
@@ -278,9 +325,10 @@ impl Task {
         self.attempts < self.max_attempts
     }
 
-    /// A delayed task waiting to be due: queued without a dispatch yet.
+    /// A task waiting to be due (delayed, or put back to be tried again later): queued
+    /// without a current dispatch.
     pub fn is_waiting(&self) -> bool {
-        self.status == TaskStatus::Queued && self.dispatch_seq == 0
+        self.status == TaskStatus::Queued && self.dispatch_seq <= 0
     }
 }
 

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::Reconciler;
 use crate::db::lifecycle::{self, Completion, CompletionOutcome};
 use crate::db::Dedicated;
-use crate::domain::{ArtifactId, Outcome};
+use crate::domain::{ArtifactId, Outcome, TaskStatus};
 use crate::protocol::{ResultBatch, ResultMessage};
 
 /// Largest batch of results per transaction.
@@ -214,6 +214,8 @@ async fn store(
                 output: res.outcome.output.take(),
                 error_message: res.outcome.error_message.take(),
                 metrics: res.outcome.metrics.clone(),
+                error_kind: res.outcome.error_kind,
+                retry_at: res.outcome.retry_at,
             },
             artifact_type: "LLM_RESULT".into(),
             artifact_tags: Vec::new(),
@@ -252,9 +254,10 @@ async fn store(
 fn record(r: &Reconciler, results: &[ResultMessage], outcomes: Vec<CompletionOutcome>, report: &mut ResultsReport) {
     for (res, outcome) in results.iter().zip(outcomes) {
         match outcome {
-            CompletionOutcome::Completed { .. } => {
+            CompletionOutcome::Completed { task, .. } => {
                 report.completed += 1;
                 r.metrics.results_completed_total.inc();
+                r.metrics.record_run(&res.outcome.metrics, task.status == TaskStatus::Queued);
                 r.metrics.task_duration_seconds.observe(res.outcome.metrics.duration_ms as f64 / 1000.0);
             }
             CompletionOutcome::Late => {

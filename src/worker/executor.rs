@@ -13,12 +13,15 @@
 //! | `BLOOM_CONTEXT_HINTS` | `context_hints` as a JSON array |
 //! | `BLOOM_TIMEOUT_SEC` | `policy.timeout_sec` |
 //! | `BLOOM_BUDGET` | `policy.budget` |
+//! | `BLOOM_MAX_BUDGET_USD` | `policy.budget`, only when above 0 (the default command passes it to `--max-budget-usd`) |
 //! | `BLOOM_ATTEMPT` | attempt number (1-based) |
 //!
 //! stdout is the output (at most `max_output_bytes`); a non-zero exit, a timeout (the
-//! whole process group is killed) or an oversized output is an error result. When stdout
-//! is the Claude CLI's JSON envelope (`{"type":"result","result":...,"usage":...}`), the
-//! output is its `result` and `tokens_used` its input plus output tokens.
+//! whole process group is killed, class `timeout`) or an oversized output is an error
+//! result. When stdout is the Claude CLI's output (its `json` envelope or `stream-json`
+//! lines, see [`super::cli_output`]), the output is its `result`, the metrics carry what
+//! the run used and cost, and a failed run has its class; output that `desired_format`
+//! `json` cannot parse is an error of class `invalid_output`.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -27,7 +30,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{DesiredFormat, Metrics, Outcome, ResultStatus};
+use super::cli_output;
+use crate::domain::{DesiredFormat, ErrorKind, Metrics, Outcome, ResultStatus, Usage};
 use crate::protocol::TaskMessage;
 
 pub use crate::config::DEFAULT_EXECUTOR_COMMAND as DEFAULT_COMMAND;
@@ -43,14 +47,24 @@ pub enum Executor {
     Builtin,
 }
 
-/// A success that took since `started`.
-fn success(output: String, started: Instant, tokens_used: Option<i64>) -> Outcome {
-    Outcome::success(output, Metrics { duration_ms: started.elapsed().as_millis() as i64, tokens_used })
+/// Metrics of a run that took since `started` and used `usage`.
+fn metrics(started: Instant, usage: Usage) -> Metrics {
+    Metrics { duration_ms: started.elapsed().as_millis() as i64, tokens_used: usage.tokens(), usage }
 }
 
-/// A failure that took since `started`.
-fn failure(message: impl Into<String>, output: Option<String>, started: Instant) -> Outcome {
-    Outcome::error(message, output, Metrics { duration_ms: started.elapsed().as_millis() as i64, tokens_used: None })
+/// A success that took since `started`.
+fn success(output: String, started: Instant) -> Outcome {
+    Outcome::success(output, metrics(started, Usage::default()))
+}
+
+/// A failure of `kind` that took since `started`.
+fn failure(kind: ErrorKind, message: impl Into<String>, output: Option<String>, started: Instant) -> Outcome {
+    Outcome::error(message, output, metrics(started, Usage::default())).kind(kind)
+}
+
+/// A timeout after `timeout`.
+fn timed_out(timeout: Duration, started: Instant) -> Outcome {
+    failure(ErrorKind::Timeout, format!("timed out after {}s", timeout.as_secs()), None, started)
 }
 
 impl Executor {
@@ -61,9 +75,7 @@ impl Executor {
         let outcome = match self {
             Executor::Builtin => tokio::select! {
                 _ = cancel.cancelled() => return None,
-                r = tokio::time::timeout(timeout, builtin(task, started)) => r.unwrap_or_else(|_| {
-                    failure(format!("timed out after {}s", timeout.as_secs()), None, started)
-                }),
+                r = tokio::time::timeout(timeout, builtin(task, started)) => r.unwrap_or_else(|_| timed_out(timeout, started)),
             },
             Executor::Command { command, max_output_bytes } => {
                 run_command(command, *max_output_bytes, task, timeout, cancel, started).await?
@@ -78,24 +90,29 @@ async fn builtin(task: &TaskMessage, started: Instant) -> Outcome {
     if let Some(ms) = prompt.strip_prefix("sleep:") {
         let ms: u64 = ms.trim().parse().unwrap_or(0);
         tokio::time::sleep(Duration::from_millis(ms)).await;
-        return success(format!("slept {ms}ms"), started, None);
+        return success(format!("slept {ms}ms"), started);
     }
     if prompt == "fail" || prompt.starts_with("fail:") {
         let msg = prompt.strip_prefix("fail:").unwrap_or("builtin executor asked to fail").trim();
-        return failure(msg, None, started);
+        return failure(ErrorKind::Execution, msg, None, started);
     }
     if prompt == "crash" {
         tracing::error!(task.id = %task.task_id, "builtin executor asked to crash: aborting the worker process");
         std::process::abort();
     }
-    success(task.prompt.clone(), started, None)
+    // Echoed as a command's stdout: a prompt that is the Claude CLI's output (usage,
+    // cost, a rate limit) is read as the CLI's run would be.
+    parse_stdout(task.prompt.clone(), started)
 }
 
 fn check_format(outcome: Outcome, format: DesiredFormat, started: Instant) -> Outcome {
     if outcome.status == ResultStatus::Success && format == DesiredFormat::Json {
         let out = outcome.output.as_deref().unwrap_or("");
         if let Err(e) = serde_json::from_str::<serde_json::Value>(out) {
-            return failure(format!("output is not valid JSON (desired_format json): {e}"), outcome.output, started);
+            let message = format!("output is not valid JSON (desired_format json): {e}");
+            let mut invalid = Outcome::error(message, outcome.output, outcome.metrics).kind(ErrorKind::InvalidOutput);
+            invalid.metrics.duration_ms = started.elapsed().as_millis() as i64;
+            return invalid;
         }
     }
     outcome
@@ -159,10 +176,14 @@ async fn run_command(
         .env("BLOOM_CONTEXT_HINTS", serde_json::to_string(&task.context_hints).unwrap_or_default())
         .env("BLOOM_TIMEOUT_SEC", task.policy.timeout_sec.to_string())
         .env("BLOOM_BUDGET", task.policy.budget.to_string())
+        .env(
+            "BLOOM_MAX_BUDGET_USD",
+            if task.policy.budget > 0.0 { task.policy.budget.to_string() } else { String::new() },
+        )
         .env("BLOOM_ATTEMPT", (task.attempts + 1).to_string());
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return Some(failure(format!("could not start executor: {e}"), None, started)),
+        Err(e) => return Some(failure(ErrorKind::Execution, format!("could not start executor: {e}"), None, started)),
     };
     let pid = child.id();
     // Whatever ends this future, dropped included (a cancelled task, a lost lease), takes
@@ -188,7 +209,7 @@ async fn run_command(
             Ok(r) => r,
             Err(_) => {
                 kill_group(pid);
-                return Some(failure(format!("timed out after {}s", timeout.as_secs()), None, started));
+                return Some(timed_out(timeout, started));
             }
         },
         _ = cancel.cancelled() => {
@@ -199,12 +220,14 @@ async fn run_command(
     // Children the command left behind in its group.
     kill_group(pid);
     let Ok(out) = out else {
-        return Some(failure(format!("output exceeded {max_output} bytes"), None, started));
+        return Some(failure(ErrorKind::Execution, format!("output exceeded {max_output} bytes"), None, started));
     };
     let stdout = String::from_utf8_lossy(&out).into_owned();
     let stderr_tail = err.map(|e| String::from_utf8_lossy(&e).trim().to_owned()).unwrap_or_default();
     match status {
         Ok(s) if s.success() => Some(parse_stdout(stdout, started)),
+        // The CLI exits non-zero after a failed run: its own report says more.
+        Ok(_) if cli_output::parse(&stdout).is_some_and(|r| r.failure.is_some()) => Some(parse_stdout(stdout, started)),
         Ok(s) => {
             let code = s.code().map_or_else(|| "a signal".to_owned(), |c| format!("code {c}"));
             let msg = if stderr_tail.is_empty() {
@@ -212,30 +235,24 @@ async fn run_command(
             } else {
                 format!("executor exited with {code}: {stderr_tail}")
             };
-            Some(failure(msg, Some(stdout), started))
+            Some(failure(ErrorKind::Execution, msg, Some(stdout), started))
         }
-        Err(e) => Some(failure(format!("waiting for executor failed: {e}"), None, started)),
+        Err(e) => Some(failure(ErrorKind::Execution, format!("waiting for executor failed: {e}"), None, started)),
     }
 }
 
-/// Unwraps the Claude CLI's JSON envelope when stdout is one.
+/// Reads stdout as the Claude CLI's output when it is that, as plain output otherwise.
 fn parse_stdout(stdout: String, started: Instant) -> Outcome {
-    let Ok(serde_json::Value::Object(env)) = serde_json::from_str::<serde_json::Value>(&stdout) else {
-        return success(stdout, started, None);
+    let Some(report) = cli_output::parse(&stdout) else {
+        return success(stdout, started);
     };
-    if env.get("type").and_then(|t| t.as_str()) != Some("result") {
-        return success(stdout, started, None);
-    }
-    let tokens = env.get("usage").map(|u| {
-        ["input_tokens", "output_tokens"].iter().filter_map(|k| u.get(*k).and_then(|v| v.as_i64())).sum::<i64>()
-    });
-    let result = env.get("result").and_then(|r| r.as_str()).map(str::to_owned);
-    if env.get("is_error").and_then(|e| e.as_bool()) == Some(true) {
-        let mut o = failure(result.clone().unwrap_or_else(|| "executor reported an error".into()), result, started);
-        o.metrics.tokens_used = tokens;
-        return o;
-    }
-    success(result.unwrap_or(stdout), started, tokens)
+    let metrics = metrics(started, report.usage);
+    let mut outcome = match report.failure {
+        None => Outcome::success(report.output.unwrap_or(stdout), metrics),
+        Some((kind, message)) => Outcome::error(message, report.output, metrics).kind(kind),
+    };
+    outcome.retry_at = report.retry_at;
+    outcome
 }
 
 #[cfg(test)]
@@ -251,7 +268,7 @@ mod tests {
             agent_slug: "agent".into(),
             prompt: prompt.into(),
             context_hints: vec!["h1".into()],
-            policy: Policy { timeout_sec, budget: 0.0 },
+            policy: Policy { timeout_sec, budget: 0.0, retry: None },
             desired_format: format,
             attempts: 0,
             max_attempts: 3,

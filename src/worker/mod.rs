@@ -10,6 +10,7 @@
 //! nak'ed) so another worker takes them at once.
 
 mod bands;
+pub mod cli_output;
 pub mod executor;
 pub mod results;
 mod running;

@@ -80,6 +80,13 @@ async fn submit_wait_list_show_and_exit_codes() {
     assert_eq!(code, 0);
     assert!(out.contains("tasks    total 4"), "{out}");
     let a = app.clone_handle();
+    let (code, out, _) = tokio::task::spawn_blocking(move || bloomctl(&a, &["usage"])).await.unwrap();
+    assert_eq!(code, 0);
+    let header: Vec<&str> = out.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(header[..4], ["AGENT", "RUNS", "ERRORS", "COST_USD"], "{out}");
+    let total: Vec<&str> = out.lines().last().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(total[..3], ["(total)", "4", "3"], "four runs, three failed: {out}");
+    let a = app.clone_handle();
     let (code, out, _) = tokio::task::spawn_blocking(move || bloomctl(&a, &["tasks", "list"])).await.unwrap();
     assert_eq!(code, 0);
     let (id, _) = out.lines().nth(1).unwrap().split_once(' ').unwrap();

@@ -16,6 +16,7 @@ mod cancel;
 mod dedicated;
 mod dispatch;
 mod lifecycle_races;
+mod llm_outcomes;
 mod membridge;
 mod openapi;
 mod payloads;

@@ -42,6 +42,7 @@ pub async fn assign(
     let ids = sqlx::query_scalar!(
         "SELECT t.id FROM llm_tasks t
          WHERE t.status = 'queued' AND t.routed_to IS NULL AND t.dispatch_seq > 0
+           AND NOT EXISTS (SELECT 1 FROM agent_holds h WHERE h.agent_slug = t.agent_slug AND h.until > $3)
            AND NOT EXISTS (
                SELECT 1 FROM leases l JOIN workers w ON w.id = l.worker_id
                WHERE l.status = 'active' AND l.context_id = t.context_id AND l.worker_id <> $2
@@ -81,7 +82,7 @@ pub async fn assign(
                   created_at AS "created_at!", updated_at AS "updated_at!", lease_id AS "lease_id?",
                   worker_id AS "worker_id?", attempts AS "attempts!", max_attempts AS "max_attempts!",
                   priority AS "priority!", not_before AS "not_before?", idempotency_key AS "idempotency_key?",
-                  dispatch_seq AS "dispatch_seq!", routed_to AS "routed_to?", ttl AS "ttl!"
+                  wait_reason AS "wait_reason?", last_error AS "last_error?", dispatch_seq AS "dispatch_seq!", routed_to AS "routed_to?", ttl AS "ttl!"
            FROM t"#,
         &ids,
         &lease_ids,
@@ -116,6 +117,8 @@ pub async fn assign(
                 priority: r.priority,
                 not_before: r.not_before,
                 idempotency_key: r.idempotency_key,
+                wait_reason: r.wait_reason,
+                last_error: r.last_error,
                 dispatch_seq: r.dispatch_seq,
                 routed_to: r.routed_to,
             });

@@ -7,7 +7,21 @@ room AS MATERIALIZED (
 fresh AS (
    SELECT r.*, row_number() OVER (PARTITION BY r.worker_id ORDER BY r.task_id) AS pos
    FROM r JOIN llm_tasks t ON t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued'
-       AND t.dispatch_seq = r.seq),
+       AND t.dispatch_seq = r.seq
+   WHERE NOT EXISTS (SELECT 1 FROM agent_holds h WHERE h.agent_slug = t.agent_slug AND h.until > $1)),
+-- A task whose agent the provider rate-limited waits for the reset without a dispatch
+-- (the due duty gives it one then); the claim of it is refused.
+deferred AS (
+   UPDATE llm_tasks t SET dispatch_seq = -t.dispatch_seq, not_before = h.until, updated_at = $1, routed_to = NULL,
+          wait_reason = 'agent ' || t.agent_slug || ' rate limited by the provider until ' || bloom_iso_time(h.until)
+   FROM r, agent_holds h
+   WHERE t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
+       AND h.agent_slug = t.agent_slug AND h.until > $1
+   RETURNING t.id, t.wait_reason),
+deferred_audit AS (
+   INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+   SELECT DISTINCT ON (d.id) r.audit_id, $1, 'task_deferred', 'llm_task', d.id, 'router', 'Claim deferred: ' || d.wait_reason
+   FROM deferred d JOIN r ON r.task_id = d.id ORDER BY d.id, r.audit_id),
 t AS (
    UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = r.worker_id,
           attempts = t.attempts + 1, updated_at = $1, routed_to = NULL

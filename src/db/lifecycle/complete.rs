@@ -7,8 +7,8 @@ use sqlx::PgExecutor;
 
 use crate::db::rows::TaskRow;
 use crate::domain::{
-    new_id, Artifact, ArtifactBody, ArtifactId, DesiredFormat, LeaseId, LlmResult, Metrics, Outcome, Policy, ResultId,
-    Task, TaskId, TaskStatus, WorkerId,
+    new_id, Artifact, ArtifactBody, ArtifactId, DesiredFormat, ErrorKind, LeaseId, LlmResult, Metrics, Outcome, Policy,
+    ResultId, ResultStatus, Task, TaskId, TaskStatus, WorkerId,
 };
 
 /// Batch completion: `$1` now, then one array per column of [`CompleteRows`] (`$2` the
@@ -48,6 +48,8 @@ struct CompleteRows<'a> {
     audit_id: Vec<String>,
     done: Vec<String>,
     late: Vec<String>,
+    error_kind: Vec<Option<&'static str>>,
+    retry_at: Vec<Option<i64>>,
 }
 
 impl<'a> CompleteRows<'a> {
@@ -73,14 +75,19 @@ impl<'a> CompleteRows<'a> {
         let status = o.status.as_str();
         self.done.push(format!("Status: {status}, artifact: {}, duration: {}ms", c.artifact_id, o.metrics.duration_ms));
         self.late.push(format!("Late {status} result for lease {} ignored: not the current lease", c.lease_id));
+        // Only errors are classified: a success's class, if a client sent one, means nothing.
+        let kind = if o.status == ResultStatus::Error { o.error_kind } else { None };
+        self.error_kind.push(kind.map(ErrorKind::as_str));
+        self.retry_at.push(o.retry_at);
     }
 }
 
 /// The answer to a completion.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CompletionOutcome {
-    /// The result was for the current lease: the task is final, and the result and
-    /// artifact rows were written (see [`Completion::into_records`]).
+    /// The result was for the current lease: the task is final (or, for an error tried
+    /// again, queued to wait for its next attempt), and the result and artifact rows
+    /// were written (see [`Completion::into_records`]).
     Completed { task: Box<Task>, result_id: ResultId, completed_at: i64 },
     /// The lease is no longer current (expired, requeued, already completed): the result
     /// was recorded as late in the audit log and changed nothing.
@@ -123,6 +130,10 @@ impl Completion {
 /// Completes tasks in one transaction: for each completion whose lease is still the
 /// task's current lease, the task becomes `completed` (success) or `failed` (error),
 /// the lease is released, and an artifact, a result and an audit entry are written.
+/// A classified error its task's retry policy tries again (see `bloom_next_attempt_at`
+/// in migration 0016) puts the task back `queued` without a dispatch, due at its next
+/// attempt's time, with `wait_reason` and `last_error` saying why; the due duty
+/// dispatches it then.
 /// A result of an expired lease whose task was requeued but not leased again also
 /// completes it (the requeued dispatch is then refused at claim); a result of a lease
 /// that another lease superseded is late and changes nothing.
@@ -167,6 +178,8 @@ pub async fn complete<'c>(
         &rows.audit_id,
         &rows.done,
         &rows.late,
+        rows.error_kind as _,
+        rows.retry_at as _,
     )
     .fetch_all(db)
     .await?;

@@ -207,6 +207,8 @@ fn new_task(n: NewTask, now: i64) -> Task {
         max_attempts: n.max_attempts,
         priority: n.priority,
         idempotency_key: n.idempotency_key,
+        wait_reason: None,
+        last_error: None,
         dispatch_seq: 1,
     }
 }

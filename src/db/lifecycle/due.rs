@@ -1,8 +1,10 @@
-//! `due`: delayed tasks whose `not_before` has come get their first dispatch (batch).
+//! `due`: waiting tasks whose `not_before` has come get a dispatch (batch).
 //!
 //! A delayed task is created `queued` with no dispatch (`dispatch_seq` 0, no outbox
-//! row), so nothing can claim, lease or send it; this transition gives it dispatch 1
-//! and its outbox row, as `create` gives an undelayed task.
+//! row), and a failed run tried again later leaves its task `queued` with minus its
+//! last dispatch's number: nothing can claim, lease or send either. This transition
+//! gives it dispatch `1 - dispatch_seq` (1 for a delayed task, a number no earlier
+//! message carries for a retry) and its outbox row, as `create` gives a new task.
 
 use sqlx::PgPool;
 
@@ -19,14 +21,14 @@ pub async fn due(pool: &PgPool, limit: i64, now: i64) -> sqlx::Result<Vec<Dispat
         TaskRow,
         r#"WITH c AS (
              SELECT id FROM llm_tasks
-             WHERE status = 'queued' AND dispatch_seq = 0 AND not_before <= $1
+             WHERE status = 'queued' AND dispatch_seq <= 0 AND not_before <= $1
              ORDER BY not_before LIMIT $2 FOR UPDATE SKIP LOCKED)
-           UPDATE llm_tasks t SET dispatch_seq = 1, updated_at = $1
-           FROM c WHERE t.id = c.id AND t.status = 'queued' AND t.dispatch_seq = 0
+           UPDATE llm_tasks t SET dispatch_seq = 1 - t.dispatch_seq, updated_at = $1, wait_reason = NULL
+           FROM c WHERE t.id = c.id AND t.status = 'queued' AND t.dispatch_seq <= 0
            RETURNING t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints AS "context_hints: Json<Vec<String>>",
                      t.policy AS "policy: Json<Policy>", t.desired_format AS "desired_format: DesiredFormat",
                      t.status AS "status: TaskStatus", t.created_at, t.updated_at, t.lease_id, t.worker_id,
-                     t.attempts, t.max_attempts, t.priority, t.not_before, t.idempotency_key, t.dispatch_seq,
+                     t.attempts, t.max_attempts, t.priority, t.not_before, t.idempotency_key, t.wait_reason, t.last_error, t.dispatch_seq,
                      t.routed_to"#,
         now,
         limit
@@ -40,7 +42,7 @@ pub async fn due(pool: &PgPool, limit: i64, now: i64) -> sqlx::Result<Vec<Dispat
         .iter()
         .map(|t| {
             let late = now - t.not_before.unwrap_or(now);
-            let detail = format!("Delayed task due ({late} ms after its not_before): dispatched");
+            let detail = format!("Task due ({late} ms after its not_before): dispatch {}", t.dispatch_seq);
             NewAudit::new(AuditAction::TaskDue, "llm_task", t.id.as_str(), "reconciler", detail)
         })
         .collect();
@@ -50,9 +52,9 @@ pub async fn due(pool: &PgPool, limit: i64, now: i64) -> sqlx::Result<Vec<Dispat
     Ok(dispatches)
 }
 
-/// Delayed tasks not yet due.
+/// Tasks waiting to be due (delayed, or to be tried again).
 pub async fn count_waiting(pool: &PgPool) -> sqlx::Result<i64> {
-    sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM llm_tasks WHERE status = 'queued' AND dispatch_seq = 0"#)
+    sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM llm_tasks WHERE status = 'queued' AND dispatch_seq <= 0"#)
         .fetch_one(pool)
         .await
 }

@@ -3,7 +3,7 @@
 use sqlx::PgPool;
 
 use super::{conflict_on, not_due, task_not_found, TransitionError};
-use crate::db::{audit, tasks, workers};
+use crate::db::{audit, holds, tasks, workers};
 use crate::domain::{
     pick_worker, AuditAction, Lease, LeaseId, LeaseStatus, NewAudit, Task, TaskId, TaskStatus, Worker, WorkerId,
     WorkerTransport,
@@ -40,6 +40,13 @@ pub async fn lease(
     }
     if task.is_waiting() {
         return Err(not_due(&task));
+    }
+    if let Some(until) = holds::held_until(&mut *tx, &task.agent_slug, now).await? {
+        return Err(TransitionError::Conflict(format!(
+            "Agent '{}' is rate limited by the provider until {}: its tasks are not leased before then",
+            task.agent_slug,
+            crate::time::iso8601(until)
+        )));
     }
     let worker = match &req.worker_id {
         // A named worker must be able to take the lease like a chosen one: online, with
