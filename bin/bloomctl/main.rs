@@ -172,31 +172,54 @@ enum TasksCommand {
     /// --agent (and --status) every such task of that context or agent (at most 1000
     /// per call; --dry-run counts them first).
     Requeue {
-        #[arg(required_unless_present_any = ["context", "agent"])]
-        ids: Vec<String>,
-        #[arg(long)]
-        context: Option<String>,
-        #[arg(long)]
-        agent: Option<String>,
+        #[command(flatten)]
+        selection: Selection,
         /// Among failed, dead, cancelled, separated by commas (default all three).
         #[arg(long)]
         status: Option<String>,
-        #[arg(long)]
-        dry_run: bool,
     },
     /// Cancel queued, leased or running tasks (a running one's executor is killed): the
     /// given ids, or with --context / --agent every unfinished task of that context or
     /// agent (at most 1000 per call; --dry-run counts them first).
     Cancel {
-        #[arg(required_unless_present_any = ["context", "agent"])]
-        ids: Vec<String>,
-        #[arg(long)]
-        context: Option<String>,
-        #[arg(long)]
-        agent: Option<String>,
-        #[arg(long)]
-        dry_run: bool,
+        #[command(flatten)]
+        selection: Selection,
     },
+}
+
+/// The tasks a bulk command acts on: ids, or every task of a context or agent.
+#[derive(Args, Debug)]
+struct Selection {
+    #[arg(required_unless_present_any = ["context", "agent"])]
+    ids: Vec<String>,
+    #[arg(long)]
+    context: Option<String>,
+    #[arg(long)]
+    agent: Option<String>,
+    #[arg(long)]
+    dry_run: bool,
+}
+
+impl Selection {
+    /// Whether it names tasks by context or agent (the bulk route), not by id only.
+    fn by_filter(&self) -> bool {
+        self.context.is_some() || self.agent.is_some()
+    }
+
+    /// The body of the bulk routes.
+    fn body(self) -> Value {
+        let mut body = json!({"dry_run": self.dry_run});
+        if let Some(c) = self.context {
+            body["context_id"] = json!(c);
+        }
+        if let Some(a) = self.agent {
+            body["agent_slug"] = json!(a);
+        }
+        if !self.ids.is_empty() {
+            body["ids"] = json!(self.ids);
+        }
+        body
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -323,29 +346,29 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 let v = api.get(&format!("/api/runtime/llm-tasks/{}", bloom::membridge::encode(&id))).await?;
                 print(json_out, &v, &[]);
             }
-            TasksCommand::Requeue { ids, context, agent, status, dry_run } if context.is_some() || agent.is_some() => {
-                let mut body = selection(ids, context, agent, dry_run);
+            TasksCommand::Requeue { selection, status } if selection.by_filter() => {
+                let mut body = selection.body();
                 if let Some(s) = status {
                     body["status"] = json!(s.split(',').map(str::trim).collect::<Vec<_>>());
                 }
                 let v = api.post("/api/runtime/llm-tasks/requeue", &body).await?;
                 print(json_out, &v, &[]);
             }
-            TasksCommand::Requeue { ids, .. } => {
-                for id in ids {
+            TasksCommand::Requeue { selection, .. } => {
+                for id in selection.ids {
                     let v = api
                         .post(&format!("/api/runtime/llm-tasks/{}/requeue", bloom::membridge::encode(&id)), &json!({}))
                         .await?;
                     print(json_out, &v, &[]);
                 }
             }
-            TasksCommand::Cancel { ids, context, agent, dry_run } if context.is_some() || agent.is_some() => {
-                let body = selection(ids, context, agent, dry_run);
+            TasksCommand::Cancel { selection } if selection.by_filter() => {
+                let body = selection.body();
                 let v = api.post("/api/runtime/llm-tasks/cancel", &body).await?;
                 print(json_out, &v, &[]);
             }
-            TasksCommand::Cancel { ids, .. } => {
-                for id in ids {
+            TasksCommand::Cancel { selection } => {
+                for id in selection.ids {
                     let v = api
                         .post(&format!("/api/runtime/llm-tasks/{}/cancel", bloom::membridge::encode(&id)), &json!({}))
                         .await?;
@@ -532,19 +555,4 @@ async fn up(db: &DbArgs, nats: &NatsArgs, plan: &up::Plan) -> anyhow::Result<()>
     migrate(db).await?;
     nats_apply(nats, &names).await?;
     up::run(plan).await
-}
-
-/// The body of a bulk operation's selection.
-fn selection(ids: Vec<String>, context: Option<String>, agent: Option<String>, dry_run: bool) -> Value {
-    let mut body = json!({"dry_run": dry_run});
-    if let Some(c) = context {
-        body["context_id"] = json!(c);
-    }
-    if let Some(a) = agent {
-        body["agent_slug"] = json!(a);
-    }
-    if !ids.is_empty() {
-        body["ids"] = json!(ids);
-    }
-    body
 }

@@ -226,9 +226,11 @@ async fn run_command(
     let stderr_tail = err.map(|e| String::from_utf8_lossy(&e).trim().to_owned()).unwrap_or_default();
     match status {
         Ok(s) if s.success() => Some(parse_stdout(stdout, started)),
-        // The CLI exits non-zero after a failed run: its own report says more.
-        Ok(_) if cli_output::parse(&stdout).is_some_and(|r| r.failure.is_some()) => Some(parse_stdout(stdout, started)),
         Ok(s) => {
+            // The CLI exits non-zero after a failed run: its own report says more.
+            if let Some(report) = cli_output::parse(&stdout).filter(|r| r.failure.is_some()) {
+                return Some(from_report(report, stdout, started));
+            }
             let code = s.code().map_or_else(|| "a signal".to_owned(), |c| format!("code {c}"));
             let msg = if stderr_tail.is_empty() {
                 format!("executor exited with {code}")
@@ -243,9 +245,14 @@ async fn run_command(
 
 /// Reads stdout as the Claude CLI's output when it is that, as plain output otherwise.
 fn parse_stdout(stdout: String, started: Instant) -> Outcome {
-    let Some(report) = cli_output::parse(&stdout) else {
-        return success(stdout, started);
-    };
+    match cli_output::parse(&stdout) {
+        Some(report) => from_report(report, stdout, started),
+        None => success(stdout, started),
+    }
+}
+
+/// The outcome the CLI's `report` describes (`stdout` is the output when it has no text).
+fn from_report(report: cli_output::Report, stdout: String, started: Instant) -> Outcome {
     let metrics = metrics(started, report.usage);
     let mut outcome = match report.failure {
         None => Outcome::success(report.output.unwrap_or(stdout), metrics),

@@ -79,6 +79,19 @@ async fn submit_wait_list_show_and_exit_codes() {
     let (code, out, _) = tokio::task::spawn_blocking(move || bloomctl(&a, &["stats"])).await.unwrap();
     assert_eq!(code, 0);
     assert!(out.contains("tasks    total 4"), "{out}");
+    // By filter: the three failed tasks of the default agent, counted first.
+    let a = app.clone_handle();
+    let args = ["tasks", "requeue", "--agent", "default", "--status", "failed", "--dry-run", "--json"];
+    let (code, out, err) = tokio::task::spawn_blocking(move || bloomctl(&a, &args)).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((report["dry_run"].as_bool(), report["matched"].as_i64()), (Some(true), Some(3)), "{report}");
+    let a = app.clone_handle();
+    let args = ["tasks", "cancel", "--agent", "default", "--dry-run", "--json"];
+    let (code, out, err) = tokio::task::spawn_blocking(move || bloomctl(&a, &args)).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["matched"], 0, "nothing unfinished: {report}");
     let a = app.clone_handle();
     let (code, out, _) = tokio::task::spawn_blocking(move || bloomctl(&a, &["usage"])).await.unwrap();
     assert_eq!(code, 0);
