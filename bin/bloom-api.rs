@@ -39,6 +39,7 @@ async fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = ApiSettings::from_args(&cli.api, &cli.nats, &cli.membridge, &cli.db).map_err(anyhow::Error::msg)?;
     let names = cli.nats.names().map_err(anyhow::Error::msg)?;
+    let limits = cli.api.concurrency_limits().map_err(anyhow::Error::msg)?;
     let addr: SocketAddr = format!("{}:{}", cli.api.host, cli.api.port)
         .parse()
         .context("BLOOM_RUNTIME_HOST/BLOOM_RUNTIME_PORT do not form a socket address")?;
@@ -55,12 +56,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.api.migrate_on_start {
         bloom::db::migrate(&pool).await.context("applying migrations")?;
     }
+    let clock = bloom::time::Clock::system();
+    for limit in &limits {
+        bloom::db::concurrency::set(&pool, limit, true, clock.now_ms()).await.context("setting concurrency limits")?;
+    }
     let nats = bloom::bus::connect(&cli.nats.nats_url, "bloom-api").await.context("connecting to NATS (NATS_URL)")?;
     let metrics = Arc::new(Metrics::default());
     let artifacts = ArtifactStore::from_settings(cli.s3.settings(), metrics.clone()).await;
     let cancel = CancellationToken::new();
     bloom::process::cancel_on_signal(cancel.clone());
-    let clock = bloom::time::Clock::system();
     let state = api::build_state(pool, nats, names, settings, artifacts, metrics, clock, cancel.clone()).await?;
     tracing::info!(%addr, "bloom-api serving");
     bloom::process::serve_on(listener, api::router(state), cancel).await?;

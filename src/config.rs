@@ -263,9 +263,20 @@ pub struct ApiArgs {
     /// Trust `X-Forwarded-For` for the client address (behind a proxy; on in production).
     #[arg(long, env = "BLOOM_TRUST_PROXY", default_value_t = false, action = clap::ArgAction::Set)]
     pub trust_proxy: bool,
+    /// Concurrency limits set at start-up where the database has none for the same scope
+    /// and key (limits changed through the API are kept): `scope:key=N`, comma
+    /// separated, e.g. `context_id:*=1,agent_slug:writer=4`.
+    #[arg(long, env = "BLOOM_CONCURRENCY_LIMITS", default_value = "")]
+    pub concurrency_limits: String,
 }
 
 impl ApiArgs {
+    /// The configured concurrency limits, or what is wrong with them.
+    pub fn concurrency_limits(&self) -> Result<Vec<crate::domain::ConcurrencyLimit>, String> {
+        crate::domain::ConcurrencyLimit::parse_list(&self.concurrency_limits)
+            .map_err(|e| format!("BLOOM_CONCURRENCY_LIMITS: {e}"))
+    }
+
     /// Production mode (`BLOOM_ENV=production` or `NODE_ENV=production`).
     pub fn is_production(&self) -> bool {
         self.bloom_env == "production" || self.node_env == "production"

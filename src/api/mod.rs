@@ -9,6 +9,7 @@ pub mod agent_ops;
 pub mod auth;
 pub mod body;
 pub mod bulk;
+pub mod concurrency;
 pub mod dispatch;
 pub mod docs;
 pub mod error;
@@ -183,6 +184,9 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         .routes(routes!(reads::stats))
         .routes(routes!(usage::usage))
         .routes(routes!(holds::list))
+        .routes(routes!(concurrency::list))
+        .routes(routes!(concurrency::set, concurrency::remove))
+        .routes(routes!(concurrency::keys))
         .routes(routes!(projects::list, projects::create))
         .routes(routes!(projects::show, projects::remove))
         .routes(routes!(projects::node_status))

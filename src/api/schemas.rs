@@ -150,6 +150,7 @@ impl RequestBody for NewTask {
             f.errors.add("delay_ms", "Only one of not_before and delay_ms may be given");
         }
         let idempotency_key = f.opt_string("idempotency_key", 1, Some(NewTask::MAX_KEY_CHARS), true);
+        let concurrency_key = f.opt_string("concurrency_key", 1, Some(NewTask::MAX_KEY_CHARS), true);
         Some(NewTask {
             context_id: context_id?,
             agent_slug: agent_slug?,
@@ -162,6 +163,7 @@ impl RequestBody for NewTask {
             not_before: not_before?,
             delay_ms: delay_ms?,
             idempotency_key: idempotency_key?,
+            concurrency_key: concurrency_key?,
         })
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod artifacts;
 pub mod audit;
+pub mod concurrency;
 pub mod dedicated;
 pub mod holds;
 pub mod idempotency;

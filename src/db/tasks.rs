@@ -15,7 +15,7 @@ pub async fn get(db: impl PgExecutor<'_>, id: &TaskId) -> sqlx::Result<Option<Ta
         r#"SELECT id, context_id, agent_slug, prompt, context_hints AS "context_hints: Json<Vec<String>>",
                   policy AS "policy: Json<Policy>", desired_format AS "desired_format: DesiredFormat",
                   status AS "status: TaskStatus", created_at, updated_at, lease_id, worker_id, attempts,
-                  max_attempts, priority, not_before, idempotency_key, wait_reason, last_error, dispatch_seq, routed_to
+                  max_attempts, priority, not_before, idempotency_key, concurrency_key, wait_reason, last_error, dispatch_seq, routed_to
            FROM llm_tasks WHERE id = $1"#,
         id.as_str()
     )
@@ -31,7 +31,7 @@ pub async fn get_many(db: impl PgExecutor<'_>, ids: &[String]) -> sqlx::Result<V
         r#"SELECT id, context_id, agent_slug, prompt, context_hints AS "context_hints: Json<Vec<String>>",
                   policy AS "policy: Json<Policy>", desired_format AS "desired_format: DesiredFormat",
                   status AS "status: TaskStatus", created_at, updated_at, lease_id, worker_id, attempts,
-                  max_attempts, priority, not_before, idempotency_key, wait_reason, last_error, dispatch_seq, routed_to
+                  max_attempts, priority, not_before, idempotency_key, concurrency_key, wait_reason, last_error, dispatch_seq, routed_to
            FROM llm_tasks WHERE id = ANY($1)"#,
         ids
     )

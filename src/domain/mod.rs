@@ -8,6 +8,7 @@
 
 pub mod artifact;
 pub mod audit;
+pub mod concurrency;
 pub mod ids;
 pub mod json_number;
 pub mod lease;
@@ -20,6 +21,7 @@ pub mod worker;
 
 pub use artifact::{Artifact, ArtifactBody};
 pub use audit::{AuditAction, AuditEntry, NewAudit};
+pub use concurrency::{ConcurrencyLimit, ConcurrencyScope, ANY_KEY};
 pub use ids::{new_id, ArtifactId, LeaseId, ResultId, TaskId, WorkerId};
 pub use lease::{Lease, LeaseStatus};
 pub use membridge::{ClientState, ConnectionStatus, Endpoint};

@@ -197,6 +197,11 @@ pub struct NewTask {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(min_length = 1, max_length = 255)]
     pub idempotency_key: Option<String>,
+    /// A free key that concurrency limits of scope `concurrency_key` count the task by
+    /// (an addition): e.g. a tenant or a repository. 1..=255 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 255)]
+    pub concurrency_key: Option<String>,
 }
 
 impl NewTask {
@@ -214,6 +219,7 @@ impl NewTask {
             not_before: None,
             delay_ms: None,
             idempotency_key: None,
+            concurrency_key: None,
         }
     }
 
@@ -299,6 +305,9 @@ pub struct Task {
     /// The key the task was submitted with (an addition, shown when set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// The free key concurrency limits count the task by (an addition, shown when set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
     /// Why the queued task is not dispatched now (an addition, shown when set): a retry
     /// waiting for `not_before`, a provider rate limit, a concurrency limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,4 +1,5 @@
-//! Dispatches delayed tasks when they are due (see [`lifecycle::due`]) and forgets
+//! Dispatches delayed tasks when they are due (see [`lifecycle::due`]), makes due the
+//! tasks a concurrency slot has room for (see [`concurrency::wake`]), and forgets
 //! idempotency keys older than their retention window: on every replica, sharing the
 //! work through `FOR UPDATE SKIP LOCKED`.
 
@@ -7,7 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::Reconciler;
-use crate::db::{idempotency, lifecycle};
+use crate::db::{concurrency, idempotency, lifecycle};
 
 /// Tasks dispatched per pass (passes follow each other at once while tasks are due).
 const BATCH: i64 = 1000;
@@ -15,6 +16,10 @@ const BATCH: i64 = 1000;
 const KEYS_BATCH: i64 = 5000;
 /// How often expired keys are looked for.
 const KEYS_EVERY: Duration = Duration::from_secs(30);
+/// How often waiting tasks are checked against their concurrency slots (a lease's end
+/// makes its slot's next task due at once; this catches up after a limit changed, or a
+/// task made due was cancelled before its dispatch).
+const WAKE_EVERY: Duration = Duration::from_secs(1);
 
 /// What one pass did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -26,10 +31,21 @@ pub struct DueReport {
 /// Runs [`run_once`] every `due_interval` (and [`forget_keys`] every 30 s) until `cancel` fires.
 pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()> {
     let mut keys_at = tokio::time::Instant::now();
+    let mut wake_at = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             _ = tokio::time::sleep(r.settings.due_interval) => {}
+        }
+        if wake_at.elapsed() >= WAKE_EVERY {
+            wake_at = tokio::time::Instant::now();
+            match concurrency::wake(&r.pool).await {
+                Ok(n) if n > 0 => {
+                    tracing::debug!(tasks = n, "waiting tasks made due: their concurrency slots have room")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "checking concurrency slots failed"),
+            }
         }
         loop {
             match run_once(&r).await {

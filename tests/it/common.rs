@@ -224,6 +224,12 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    pub async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let r = self.auth(self.http.put(self.url(path))).json(&body).send().await.expect("PUT");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
         let r = self.auth(self.http.delete(self.url(path))).send().await.expect("DELETE");
         let status = r.status();

@@ -13,6 +13,7 @@ mod api_tasks;
 mod api_workers;
 mod bloomctl;
 mod cancel;
+mod concurrency;
 mod dedicated;
 mod dispatch;
 mod lifecycle_races;

@@ -16,15 +16,17 @@ async fn every_documented_operation_is_routed() {
     let paths = doc["paths"].as_object().unwrap();
     let mut operations = 0;
     for (path, item) in paths {
-        for method in ["get", "post", "delete"] {
+        for method in ["get", "post", "put", "delete"] {
             if item.get(method).is_none() {
                 continue;
             }
             operations += 1;
-            let concrete = path.replace("{id}", "x").replace("{cid}", "x");
+            let concrete =
+                path.replace("{id}", "x").replace("{cid}", "x").replace("{scope}", "context_id").replace("{key}", "x");
             let req = match method {
                 "get" => app.http.get(app.url(&concrete)),
                 "post" => app.http.post(app.url(&concrete)).json(&serde_json::json!({})),
+                "put" => app.http.put(app.url(&concrete)).json(&serde_json::json!({})),
                 _ => app.http.delete(app.url(&concrete)),
             };
             let resp = req.send().await.unwrap();
@@ -34,7 +36,7 @@ async fn every_documented_operation_is_routed() {
             assert!(body != r#"{"error":"Not found"}"#, "{method} {path} is documented but not routed");
         }
     }
-    assert_eq!(operations, 48, "documented operations");
+    assert_eq!(operations, 52, "documented operations");
     for schema in [
         "Task",
         "Lease",

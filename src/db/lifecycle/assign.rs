@@ -4,9 +4,12 @@
 use sqlx::types::Json;
 use sqlx::PgPool;
 
+use crate::db::concurrency::{self, Admission};
 use crate::db::rows::TaskRow;
 use crate::db::workers;
-use crate::domain::{new_id, DesiredFormat, Lease, LeaseId, Policy, Task, TaskStatus, WorkerId, WorkerTransport};
+use crate::domain::{
+    new_id, DesiredFormat, Lease, LeaseId, Policy, Task, TaskId, TaskStatus, WorkerId, WorkerTransport,
+};
 
 /// A task leased to an HTTP agent, to be sent to it.
 #[derive(Clone, Debug)]
@@ -55,23 +58,42 @@ pub async fn assign(
     )
     .fetch_all(&mut *tx)
     .await?;
+    // Concurrency limits: the tasks take their slots, or are put aside until one frees.
+    let mut admitted: Vec<String> = Vec::new();
+    let mut slots: Vec<Json<Vec<String>>> = Vec::new();
+    let mut blocked = Vec::new();
+    let ids: Vec<TaskId> = ids.into_iter().map(TaskId::from).collect();
+    for (id, admission) in concurrency::admit(&mut tx, &ids).await? {
+        match admission {
+            Admission::Admitted { slots: taken } => {
+                admitted.push(id.0);
+                slots.push(Json(taken));
+            }
+            Admission::Blocked { slot, max_running } => blocked.push((id, slot, max_running)),
+        }
+    }
+    concurrency::set_aside(&mut tx, &blocked, now).await?;
+    let ids = admitted;
     if ids.is_empty() {
+        tx.commit().await?;
         return Ok(Vec::new());
     }
     let lease_ids: Vec<String> = ids.iter().map(|_| LeaseId::generate().0).collect();
     let audit_ids: Vec<String> = ids.iter().map(|_| new_id()).collect();
     let rows = sqlx::query!(
-        r#"WITH r AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) AS r(task_id, lease_id, audit_id)),
+        r#"WITH r AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $8::jsonb[])
+                      AS r(task_id, lease_id, audit_id, slots)),
            t AS (
               UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = $4,
                      attempts = t.attempts + 1, updated_at = $5, routed_to = NULL
               FROM r WHERE t.id = r.task_id AND t.status = 'queued'
-              RETURNING t.*, r.audit_id,
+              RETURNING t.*, r.audit_id, ARRAY(SELECT jsonb_array_elements_text(r.slots)) AS slots,
                         LEAST(GREATEST(COALESCE((t.policy->>'timeout_sec')::int, 120), 1), 3600) + $6 AS ttl),
            l AS (
               INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
-                                  last_heartbeat, context_id)
-              SELECT lease_id, id, $4, $5, $5 + LEAST(ttl, $7)::bigint * 1000, ttl, 'active', $5, context_id FROM t),
+                                  last_heartbeat, context_id, slots)
+              SELECT lease_id, id, $4, $5, $5 + LEAST(ttl, $7)::bigint * 1000, ttl, 'active', $5, context_id, slots
+              FROM t),
            a AS (
               INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
               SELECT audit_id, $5, 'task_dispatched', 'llm_task', id, 'router',
@@ -81,7 +103,7 @@ pub async fn assign(
                   desired_format AS "desired_format!: DesiredFormat", status AS "status!: TaskStatus",
                   created_at AS "created_at!", updated_at AS "updated_at!", lease_id AS "lease_id?",
                   worker_id AS "worker_id?", attempts AS "attempts!", max_attempts AS "max_attempts!",
-                  priority AS "priority!", not_before AS "not_before?", idempotency_key AS "idempotency_key?",
+                  priority AS "priority!", not_before AS "not_before?", idempotency_key AS "idempotency_key?", concurrency_key AS "concurrency_key?",
                   wait_reason AS "wait_reason?", last_error AS "last_error?", dispatch_seq AS "dispatch_seq!", routed_to AS "routed_to?", ttl AS "ttl!"
            FROM t"#,
         &ids,
@@ -90,7 +112,8 @@ pub async fn assign(
         worker.as_str(),
         now,
         margin_secs,
-        pickup_secs
+        pickup_secs,
+        &slots as _
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -117,6 +140,7 @@ pub async fn assign(
                 priority: r.priority,
                 not_before: r.not_before,
                 idempotency_key: r.idempotency_key,
+                concurrency_key: r.concurrency_key,
                 wait_reason: r.wait_reason,
                 last_error: r.last_error,
                 dispatch_seq: r.dispatch_seq,

@@ -37,12 +37,12 @@ pub async fn cancel(pool: &PgPool, task_id: &TaskId, actor: &str, now: i64) -> R
     }
     let task: Task = sqlx::query_as!(
         TaskRow,
-        r#"UPDATE llm_tasks SET status = 'cancelled', wait_reason = NULL, updated_at = $2
+        r#"UPDATE llm_tasks SET status = 'cancelled', wait_reason = NULL, blocked_on = NULL, updated_at = $2
            WHERE id = $1 AND status IN ('queued', 'leased', 'running')
            RETURNING id, context_id, agent_slug, prompt, context_hints AS "context_hints: Json<Vec<String>>",
                      policy AS "policy: Json<Policy>", desired_format AS "desired_format: DesiredFormat",
                      status AS "status: TaskStatus", created_at, updated_at, lease_id, worker_id, attempts,
-                     max_attempts, priority, not_before, idempotency_key, wait_reason, last_error, dispatch_seq, routed_to"#,
+                     max_attempts, priority, not_before, idempotency_key, concurrency_key, wait_reason, last_error, dispatch_seq, routed_to"#,
         task_id.as_str(),
         now
     )
@@ -98,7 +98,7 @@ pub async fn cancel_many(
              WHERE id IN (SELECT lease_id FROM c WHERE status IN ('leased', 'running')) AND status = 'active'
              RETURNING id),
            t AS (
-             UPDATE llm_tasks t SET status = 'cancelled', wait_reason = NULL, updated_at = $6 FROM c
+             UPDATE llm_tasks t SET status = 'cancelled', wait_reason = NULL, blocked_on = NULL, updated_at = $6 FROM c
              WHERE t.id = c.id AND t.status IN ('queued', 'leased', 'running')
              RETURNING t.id)
            SELECT c.id AS "id!", c.status AS "status!: TaskStatus", c.lease_id, c.worker_id FROM c JOIN t ON t.id = c.id"#,

@@ -72,6 +72,6 @@ SELECT id AS "id!", context_id AS "context_id!", agent_slug AS "agent_slug!", pr
        created_at AS "created_at!", updated_at AS "updated_at!", lease_id AS "lease_id?", worker_id AS "worker_id?",
        attempts AS "attempts!",
        max_attempts AS "max_attempts!", priority AS "priority!", not_before AS "not_before?",
-       idempotency_key AS "idempotency_key?", wait_reason AS "wait_reason?", last_error AS "last_error?",
+       idempotency_key AS "idempotency_key?", concurrency_key AS "concurrency_key?", wait_reason AS "wait_reason?", last_error AS "last_error?",
        dispatch_seq AS "dispatch_seq!", routed_to AS "routed_to?"
 FROM t

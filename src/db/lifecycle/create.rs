@@ -207,6 +207,7 @@ fn new_task(n: NewTask, now: i64) -> Task {
         max_attempts: n.max_attempts,
         priority: n.priority,
         idempotency_key: n.idempotency_key,
+        concurrency_key: n.concurrency_key,
         wait_reason: None,
         last_error: None,
         dispatch_seq: 1,
@@ -238,6 +239,7 @@ async fn insert(db: &mut PgConnection, mut created: Vec<Task>, actor: &str, now:
         &created.iter().map(|t| t.priority.0).collect::<Vec<_>>(),
         &created.iter().map(|t| t.not_before).collect::<Vec<_>>() as _,
         created.iter().map(|t| t.idempotency_key.as_deref()).collect::<Vec<_>>() as _,
+        created.iter().map(|t| t.concurrency_key.as_deref()).collect::<Vec<_>>() as _,
     )
     .fetch_all(&mut *db)
     .await?;
@@ -268,6 +270,9 @@ fn audit_detail(t: &Task) -> String {
     }
     if let Some(at) = t.not_before {
         detail.push_str(&format!(", not dispatched before {at}"));
+    }
+    if let Some(key) = &t.concurrency_key {
+        detail.push_str(&format!(", concurrency key {key}"));
     }
     detail
 }

@@ -1,8 +1,8 @@
 WITH r AS (
    SELECT * FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::jsonb[], $8::jsonb[],
-                        $9::text[], $10::int[], $11::text[], $12::text[], $13::smallint[], $14::bigint[], $15::text[])
+                        $9::text[], $10::int[], $11::text[], $12::text[], $13::smallint[], $14::bigint[], $15::text[], $16::text[])
        AS r(id, context_id, agent_slug, prompt, context_hints, policy, desired_format, max_attempts, audit_id,
-            audit, priority, not_before, idempotency_key)),
+            audit, priority, not_before, idempotency_key, concurrency_key)),
 recent AS (
    SELECT c.context_id, l.worker_id
    FROM (SELECT DISTINCT unnest($4::text[]) AS context_id) c
@@ -24,9 +24,9 @@ t AS (
    -- A delayed task (`not_before` set: it is in the future) gets no dispatch yet.
    INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
                           created_at, updated_at, attempts, max_attempts, priority, not_before, idempotency_key,
-                          dispatch_seq, routed_to)
+                          concurrency_key, dispatch_seq, routed_to)
    SELECT r.id, r.context_id, r.agent_slug, r.prompt, r.context_hints, r.policy, r.desired_format, 'queued',
-          $1, $1, 0, r.max_attempts, r.priority, r.not_before, r.idempotency_key,
+          $1, $1, 0, r.max_attempts, r.priority, r.not_before, r.idempotency_key, r.concurrency_key,
           CASE WHEN r.not_before IS NULL THEN 1 ELSE 0 END,
           CASE WHEN r.not_before IS NULL THEN s.worker_id END
    FROM r LEFT JOIN sticky s ON s.context_id = r.context_id

@@ -3,6 +3,7 @@
 use sqlx::PgPool;
 
 use super::{conflict_on, not_due, task_not_found, TransitionError};
+use crate::db::concurrency::{self, Admission};
 use crate::db::{audit, holds, tasks, workers};
 use crate::domain::{
     pick_worker, AuditAction, Lease, LeaseId, LeaseStatus, NewAudit, Task, TaskId, TaskStatus, Worker, WorkerId,
@@ -79,7 +80,18 @@ pub async fn lease(
         let now = tasks::get(&mut *tx, task_id).await?.ok_or_else(task_not_found)?;
         return Err(if now.is_waiting() { not_due(&now) } else { conflict_on(now.status) });
     }
-    insert_lease(&mut tx, &lease).await?;
+    // Concurrency limits: the task, now locked, takes its slots or is not leased (the
+    // transaction rolls back). It stays queued; its dispatch on the bus is claimed (and
+    // put aside) or it is leased again once a slot frees.
+    let slots = match concurrency::admit(&mut tx, std::slice::from_ref(&task.id)).await?.pop() {
+        Some((_, Admission::Blocked { slot, max_running })) => {
+            let why = Admission::wait_reason(&slot, max_running);
+            return Err(TransitionError::Conflict(format!("Task is not leased: the {why}")));
+        }
+        Some((_, Admission::Admitted { slots })) => slots,
+        None => Vec::new(),
+    };
+    insert_lease(&mut tx, &lease, &slots).await?;
     let entry = if req.dispatch {
         let detail = format!("Task {} dispatched to worker {}", task.id, worker.id);
         NewAudit::new(AuditAction::TaskDispatched, "llm_task", task.id.as_str(), "router", detail)
@@ -144,11 +156,11 @@ pub(super) fn new_lease(task: &Task, worker: &WorkerId, ttl_seconds: i32, now: i
     }
 }
 
-async fn insert_lease(db: &mut sqlx::PgConnection, lease: &Lease) -> sqlx::Result<()> {
+async fn insert_lease(db: &mut sqlx::PgConnection, lease: &Lease, slots: &[String]) -> sqlx::Result<()> {
     sqlx::query!(
         "INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
-                             context_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                             context_id, slots)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         lease.id.as_str(),
         lease.task_id.as_str(),
         lease.worker_id.as_str(),
@@ -157,7 +169,8 @@ async fn insert_lease(db: &mut sqlx::PgConnection, lease: &Lease) -> sqlx::Resul
         lease.ttl_seconds,
         lease.status.as_str(),
         lease.last_heartbeat,
-        lease.context_id
+        lease.context_id,
+        slots
     )
     .execute(db)
     .await?;

@@ -93,6 +93,9 @@ fn conflict_on(status: TaskStatus) -> TransitionError {
 }
 
 fn not_due(task: &Task) -> TransitionError {
+    if let Some(why) = &task.wait_reason {
+        return TransitionError::Conflict(format!("Task is waiting: {why}"));
+    }
     let at = task.not_before.unwrap_or_default();
     TransitionError::Conflict(format!("Task is delayed: not dispatched before {at} (not_before)"))
 }

@@ -34,7 +34,7 @@ pub async fn redispatch(pool: &PgPool, dispatched_before: i64, limit: i64, now: 
            RETURNING t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints AS "context_hints: Json<Vec<String>>",
                      t.policy AS "policy: Json<Policy>", t.desired_format AS "desired_format: DesiredFormat",
                      t.status AS "status: TaskStatus", t.created_at, t.updated_at, t.lease_id, t.worker_id,
-                     t.attempts, t.max_attempts, t.priority, t.not_before, t.idempotency_key, t.wait_reason, t.last_error, t.dispatch_seq,
+                     t.attempts, t.max_attempts, t.priority, t.not_before, t.idempotency_key, t.concurrency_key, t.wait_reason, t.last_error, t.dispatch_seq,
                      t.routed_to"#,
         dispatched_before,
         limit,

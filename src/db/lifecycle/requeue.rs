@@ -29,12 +29,12 @@ pub async fn requeue(pool: &PgPool, task_id: &TaskId, actor: &str, now: i64) -> 
     let task: Task = sqlx::query_as!(
         TaskRow,
         r#"UPDATE llm_tasks SET status = 'queued', lease_id = NULL, worker_id = NULL, attempts = 0,
-                dispatch_seq = abs(dispatch_seq) + 1, routed_to = NULL, wait_reason = NULL, updated_at = $2
+                dispatch_seq = abs(dispatch_seq) + 1, routed_to = NULL, wait_reason = NULL, blocked_on = NULL, updated_at = $2
            WHERE id = $1 AND status IN ('failed', 'dead', 'cancelled')
            RETURNING id, context_id, agent_slug, prompt, context_hints AS "context_hints: Json<Vec<String>>",
                      policy AS "policy: Json<Policy>", desired_format AS "desired_format: DesiredFormat",
                      status AS "status: TaskStatus", created_at, updated_at, lease_id, worker_id, attempts,
-                     max_attempts, priority, not_before, idempotency_key, wait_reason, last_error, dispatch_seq, routed_to"#,
+                     max_attempts, priority, not_before, idempotency_key, concurrency_key, wait_reason, last_error, dispatch_seq, routed_to"#,
         task_id.as_str(),
         now
     )
@@ -93,12 +93,12 @@ pub async fn requeue_many(
     let tasks: Vec<Task> = sqlx::query_as!(
         TaskRow,
         r#"UPDATE llm_tasks SET status = 'queued', lease_id = NULL, worker_id = NULL, attempts = 0,
-                dispatch_seq = abs(dispatch_seq) + 1, routed_to = NULL, wait_reason = NULL, updated_at = $2
+                dispatch_seq = abs(dispatch_seq) + 1, routed_to = NULL, wait_reason = NULL, blocked_on = NULL, updated_at = $2
            WHERE id = ANY($1) AND status IN ('failed', 'dead', 'cancelled')
            RETURNING id, context_id, agent_slug, prompt, context_hints AS "context_hints: Json<Vec<String>>",
                      policy AS "policy: Json<Policy>", desired_format AS "desired_format: DesiredFormat",
                      status AS "status: TaskStatus", created_at, updated_at, lease_id, worker_id, attempts,
-                     max_attempts, priority, not_before, idempotency_key, wait_reason, last_error, dispatch_seq, routed_to"#,
+                     max_attempts, priority, not_before, idempotency_key, concurrency_key, wait_reason, last_error, dispatch_seq, routed_to"#,
         &ids,
         now
     )

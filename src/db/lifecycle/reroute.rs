@@ -23,7 +23,7 @@ pub async fn reroute(pool: &PgPool, offline: &[WorkerId], now: i64) -> sqlx::Res
            RETURNING id, context_id, agent_slug, prompt, context_hints AS "context_hints: Json<Vec<String>>",
                      policy AS "policy: Json<Policy>", desired_format AS "desired_format: DesiredFormat",
                      status AS "status: TaskStatus", created_at, updated_at, lease_id, worker_id, attempts,
-                     max_attempts, priority, not_before, idempotency_key, wait_reason, last_error, dispatch_seq, routed_to"#,
+                     max_attempts, priority, not_before, idempotency_key, concurrency_key, wait_reason, last_error, dispatch_seq, routed_to"#,
         offline as _,
         now
     )

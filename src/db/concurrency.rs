@@ -1,0 +1,291 @@
+//! Concurrency limits (`concurrency_limits`) and their slots (`concurrency_slots`): set,
+//! removed and read here; taken by every way of leasing a task (`bloom_admit`) and given
+//! back by the lease-end triggers (migration 0021).
+
+use serde::Serialize;
+use sqlx::{PgExecutor, PgPool};
+
+use crate::domain::{new_id, ConcurrencyLimit, ConcurrencyScope, TaskId, ANY_KEY};
+
+/// A limit, with the keys it governs now.
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct LimitView {
+    #[serde(flatten)]
+    pub limit: ConcurrencyLimit,
+    pub updated_at: i64,
+    /// Tasks of the limit's key (of every key it governs, for `*`) leased or running.
+    pub running: i64,
+    /// Tasks waiting for a slot of those keys.
+    pub waiting: i64,
+}
+
+/// One key under a limit: its limit, what runs and what waits.
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct KeyView {
+    pub scope: ConcurrencyScope,
+    pub key: String,
+    /// The limit that applies (the key's own, else the scope's `*`); absent when the
+    /// limit was removed since.
+    pub max_running: Option<i32>,
+    pub running: i64,
+    pub waiting: i64,
+}
+
+/// Sets a limit (or, with `only_if_absent`, sets it only when the scope and key have
+/// none: configuration seeds limits, the API changes them). Returns whether it was written.
+///
+/// Tasks already leased or running when a limit appears count against it: the table's
+/// exclusive lock waits for every admission in progress and holds new ones back for the
+/// few milliseconds this takes, the active leases of the keys concerned take their slot,
+/// and the slots' counts are set from them. Waiting tasks that the new value lets run
+/// are made due.
+pub async fn set(pool: &PgPool, limit: &ConcurrencyLimit, only_if_absent: bool, now: i64) -> sqlx::Result<bool> {
+    if only_if_absent && exists(pool, limit.scope, &limit.key).await? {
+        return Ok(false);
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::query!("LOCK TABLE concurrency_limits IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await?;
+    let written = sqlx::query!(
+        "INSERT INTO concurrency_limits (scope, key, max_running, updated_at) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (scope, key) DO UPDATE SET max_running = EXCLUDED.max_running, updated_at = EXCLUDED.updated_at
+         WHERE NOT $5",
+        limit.scope.as_str(),
+        limit.key,
+        limit.max_running,
+        now,
+        only_if_absent
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if written {
+        count_running(&mut tx, limit).await?;
+    }
+    tx.commit().await?;
+    wake(pool).await?;
+    Ok(written)
+}
+
+async fn exists(db: impl PgExecutor<'_>, scope: ConcurrencyScope, key: &str) -> sqlx::Result<bool> {
+    let found = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM concurrency_limits WHERE scope = $1 AND key = $2) AS "found!""#,
+        scope.as_str(),
+        key
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(found)
+}
+
+/// The active leases of the limit's keys take the slot they lack, and the slots' counts
+/// are set from the active leases holding them.
+async fn count_running(tx: &mut sqlx::PgConnection, limit: &ConcurrencyLimit) -> sqlx::Result<()> {
+    let any = limit.key == ANY_KEY;
+    // The slot rows first (in name order, as releases lock them), so that a lease
+    // ending meanwhile is either counted here and given back after, or not counted.
+    sqlx::query!(
+        "SELECT slot FROM concurrency_slots WHERE scope = $1 AND ($3 OR key = $2) ORDER BY slot FOR UPDATE",
+        limit.scope.as_str(),
+        limit.key,
+        any
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    sqlx::query!(
+        "WITH m AS (
+            SELECT l.id, $1 || ':' || k.key AS slot
+            FROM leases l JOIN llm_tasks t ON t.id = l.task_id
+            CROSS JOIN LATERAL (SELECT CASE $1 WHEN 'context_id' THEN t.context_id
+                                             WHEN 'agent_slug' THEN t.agent_slug
+                                             ELSE t.concurrency_key END AS key) k
+            WHERE l.status = 'active' AND k.key IS NOT NULL AND ($3 OR k.key = $2))
+         UPDATE leases l SET slots = l.slots || m.slot FROM m
+         WHERE l.id = m.id AND l.status = 'active' AND NOT (m.slot = ANY(l.slots))",
+        limit.scope.as_str(),
+        limit.key,
+        any
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!(
+        "WITH held AS (
+            SELECT s AS slot, count(*)::int AS n
+            FROM leases l, unnest(l.slots) AS s
+            WHERE l.status = 'active' AND starts_with(s, $1 || ':') AND ($3 OR s = $1 || ':' || $2)
+            GROUP BY s),
+         known AS (
+            SELECT slot FROM concurrency_slots WHERE scope = $1 AND ($3 OR key = $2))
+         INSERT INTO concurrency_slots (slot, scope, key, running)
+         SELECT COALESCE(h.slot, k.slot), $1, substr(COALESCE(h.slot, k.slot), length($1) + 2), COALESCE(h.n, 0)
+         FROM held h FULL JOIN known k ON k.slot = h.slot
+         ORDER BY 1
+         ON CONFLICT (slot) DO UPDATE SET running = EXCLUDED.running",
+        limit.scope.as_str(),
+        limit.key,
+        any
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Removes a limit; the tasks waiting for its keys are made due (another limit may
+/// still hold them back). Returns whether there was one.
+pub async fn remove(pool: &PgPool, scope: ConcurrencyScope, key: &str) -> sqlx::Result<bool> {
+    let removed = sqlx::query!("DELETE FROM concurrency_limits WHERE scope = $1 AND key = $2", scope.as_str(), key)
+        .execute(pool)
+        .await?
+        .rows_affected()
+        == 1;
+    wake(pool).await?;
+    Ok(removed)
+}
+
+/// Makes due the waiting tasks that their slot has room for now (or that no limit
+/// holds back any more), highest priority then oldest first; tasks already made due
+/// and not yet dispatched count as taking the room. Releases make waiting tasks due as
+/// they happen; this catches up after a limit changed, and after a task made due was
+/// cancelled before its dispatch. Returns how many.
+pub async fn wake(db: impl PgExecutor<'_>) -> sqlx::Result<u64> {
+    Ok(sqlx::query!(
+        "WITH s AS (
+            SELECT c.slot, COALESCE(own.max_running, any_.max_running) - c.running AS room
+            FROM concurrency_slots c
+            LEFT JOIN concurrency_limits own ON own.scope = c.scope AND own.key = c.key
+            LEFT JOIN concurrency_limits any_ ON any_.scope = c.scope AND any_.key = '*'
+            WHERE EXISTS (SELECT 1 FROM llm_tasks b WHERE b.blocked_on = c.slot AND b.status = 'queued'
+                                                      AND b.dispatch_seq <= 0 AND b.not_before IS NULL)),
+         x AS (
+            SELECT w.id FROM s CROSS JOIN LATERAL (
+                SELECT b.id FROM llm_tasks b
+                WHERE b.blocked_on = s.slot AND b.status = 'queued' AND b.dispatch_seq <= 0 AND b.not_before IS NULL
+                ORDER BY b.priority DESC, b.created_at, b.id
+                LIMIT GREATEST(s.room - (SELECT count(*) FROM llm_tasks d
+                                         WHERE d.blocked_on = s.slot AND d.status = 'queued'
+                                           AND d.dispatch_seq <= 0 AND d.not_before = 0), 0)
+                FOR UPDATE SKIP LOCKED) w)
+         UPDATE llm_tasks t SET not_before = 0 FROM x
+         WHERE t.id = x.id AND t.status = 'queued' AND t.dispatch_seq <= 0 AND t.not_before IS NULL"
+    )
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
+/// Every limit, with what runs and waits under it.
+pub async fn limits(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<LimitView>> {
+    let rows = sqlx::query!(
+        r#"SELECT l.scope AS "scope!: ConcurrencyScope", l.key, l.max_running, l.updated_at,
+                  COALESCE(sum(c.running), 0)::bigint AS "running!",
+                  COALESCE(sum((SELECT count(*) FROM llm_tasks b WHERE b.blocked_on = c.slot
+                                   AND b.status = 'queued' AND b.dispatch_seq <= 0)), 0)::bigint AS "waiting!"
+           FROM concurrency_limits l
+           LEFT JOIN concurrency_slots c ON c.scope = l.scope
+               AND (c.key = l.key OR (l.key = '*' AND NOT EXISTS (
+                   SELECT 1 FROM concurrency_limits o WHERE o.scope = c.scope AND o.key = c.key)))
+           GROUP BY l.scope, l.key, l.max_running, l.updated_at
+           ORDER BY l.scope, l.key"#
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| LimitView {
+            limit: ConcurrencyLimit { scope: r.scope, key: r.key, max_running: r.max_running },
+            updated_at: r.updated_at,
+            running: r.running,
+            waiting: r.waiting,
+        })
+        .collect())
+}
+
+/// The busiest keys under limits (most running and waiting first), of one scope or all,
+/// at most `limit`; keys with nothing running or waiting are left out.
+pub async fn keys(db: impl PgExecutor<'_>, scope: Option<ConcurrencyScope>, limit: i64) -> sqlx::Result<Vec<KeyView>> {
+    sqlx::query_as!(
+        KeyView,
+        r#"SELECT c.scope AS "scope!: ConcurrencyScope", c.key AS "key!",
+                  COALESCE(own.max_running, any_.max_running) AS "max_running?",
+                  c.running::bigint AS "running!", w.n AS "waiting!"
+           FROM concurrency_slots c
+           LEFT JOIN concurrency_limits own ON own.scope = c.scope AND own.key = c.key
+           LEFT JOIN concurrency_limits any_ ON any_.scope = c.scope AND any_.key = '*'
+           CROSS JOIN LATERAL (SELECT count(*) AS n FROM llm_tasks b WHERE b.blocked_on = c.slot
+                               AND b.status = 'queued' AND b.dispatch_seq <= 0) w
+           WHERE ($1::text IS NULL OR c.scope = $1) AND (c.running > 0 OR w.n > 0)
+           ORDER BY c.running + w.n DESC, c.slot
+           LIMIT $2"#,
+        scope.map(ConcurrencyScope::as_str),
+        limit
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// What the admission of a task about to be leased decided.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Admission {
+    /// Every slot of the task had room: the task took them (its lease must record them).
+    Admitted { slots: Vec<String> },
+    /// `slot` (`scope:key`) has `max_running` tasks running: the task waits.
+    Blocked { slot: String, max_running: i32 },
+}
+
+impl Admission {
+    /// Why a task blocked here waits, as its `wait_reason` says.
+    pub fn wait_reason(slot: &str, max_running: i32) -> String {
+        format!("concurrency limit of {} reached ({max_running} running)", slot.replacen(':', " ", 1))
+    }
+}
+
+/// Admits tasks about to be leased in `tx` (whose rows it has locked), in order: the
+/// admitted take their slots, under the slots' locks, so no limit is exceeded whatever
+/// runs concurrently; the transaction must lease exactly them, or roll back.
+pub async fn admit(tx: &mut sqlx::PgConnection, ids: &[TaskId]) -> sqlx::Result<Vec<(TaskId, Admission)>> {
+    let rows = sqlx::query!(
+        r#"SELECT admit_task AS "task!", admit_slots AS "slots?", admit_blocked AS "blocked?", admit_max AS "max?"
+           FROM bloom_admit($1)"#,
+        ids.iter().map(TaskId::as_str).collect::<Vec<_>>() as _
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let admission = match (r.blocked, r.slots) {
+                (Some(slot), _) => Admission::Blocked { slot, max_running: r.max.unwrap_or(0) },
+                (None, slots) => Admission::Admitted { slots: slots.unwrap_or_default() },
+            };
+            (TaskId::from(r.task), admission)
+        })
+        .collect())
+}
+
+/// Puts aside queued tasks their admission blocked, until a slot frees: no dispatch
+/// (`dispatch_seq` negated, so no message on the bus can claim them), `blocked_on` the
+/// full slot, `wait_reason` saying so; each with a `task_deferred` audit entry.
+pub async fn set_aside(tx: &mut sqlx::PgConnection, blocked: &[(TaskId, String, i32)], now: i64) -> sqlx::Result<()> {
+    if blocked.is_empty() {
+        return Ok(());
+    }
+    let reasons: Vec<String> = blocked.iter().map(|(_, slot, max)| Admission::wait_reason(slot, *max)).collect();
+    sqlx::query!(
+        "WITH b AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS b(id, slot, reason, audit_id)),
+         t AS (
+            UPDATE llm_tasks t SET dispatch_seq = -abs(t.dispatch_seq), not_before = NULL, updated_at = $5,
+                   routed_to = NULL, blocked_on = b.slot, wait_reason = b.reason
+            FROM b WHERE t.id = b.id AND t.status = 'queued'
+            RETURNING t.id, b.reason, b.audit_id)
+         INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+         SELECT audit_id, $5, 'task_deferred', 'llm_task', id, 'router', 'Lease deferred: ' || reason FROM t",
+        blocked.iter().map(|(id, _, _)| id.as_str()).collect::<Vec<_>>() as _,
+        blocked.iter().map(|(_, slot, _)| slot.as_str()).collect::<Vec<_>>() as _,
+        &reasons,
+        &blocked.iter().map(|_| new_id()).collect::<Vec<_>>(),
+        now
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}

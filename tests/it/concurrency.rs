@@ -1,0 +1,234 @@
+//! Concurrency keys: limits per context, agent or free key, enforced in Postgres on
+//! every way of leasing a task, changed at runtime through the API.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::common::{wait_for, TestApp};
+use bloom::domain::{ConcurrencyLimit, ConcurrencyScope};
+
+fn task(context: &str, prompt: &str) -> Value {
+    json!({"context_id": context, "agent_slug": "writer", "prompt": prompt})
+}
+
+/// The most active leases seen at once per context while `run` goes on.
+async fn watch_leases<F: std::future::Future<Output = ()>>(app: &TestApp, run: F) -> HashMap<String, i64> {
+    let done = Arc::new(AtomicBool::new(false));
+    let pool = app.pool.clone();
+    let watching = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut most: HashMap<String, i64> = HashMap::new();
+            while !done.load(Ordering::Relaxed) {
+                let rows: Vec<(String, i64)> = sqlx::query_as(
+                    "SELECT context_id, count(*) FROM leases WHERE status = 'active' GROUP BY context_id",
+                )
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+                for (context, n) in rows {
+                    let m = most.entry(context).or_default();
+                    *m = (*m).max(n);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            most
+        })
+    };
+    run.await;
+    done.store(true, Ordering::Relaxed);
+    watching.await.unwrap()
+}
+
+#[tokio::test]
+async fn a_context_limit_of_one_runs_each_conversation_one_task_at_a_time_without_using_attempts() {
+    let app = TestApp::spawn().await;
+    let (status, limit) = app.put("/api/runtime/concurrency-limits/context_id/*", json!({"max_running": 1})).await;
+    assert_eq!(status, StatusCode::OK, "{limit}");
+    assert_eq!(
+        (limit["scope"].as_str(), limit["key"].as_str(), limit["max_running"].as_i64()),
+        (Some("context_id"), Some("*"), Some(1))
+    );
+    app.start_worker("w1", 8).await;
+    app.start_reconciler().await;
+
+    // Six tasks of one conversation, then one of another: the other is not held back
+    // behind the first one's queue.
+    let mut busy = Vec::new();
+    let mut other = String::new();
+    let most = watch_leases(&app, async {
+        for i in 0..6 {
+            busy.push(app.submit_with(task("busy", &format!("sleep:{}", 150 + i))).await["id"].as_str().unwrap().to_owned());
+        }
+        other = app.submit_with(task("other", "sleep:10")).await["id"].as_str().unwrap().to_owned();
+        wait_for("the other conversation's task completed", Duration::from_secs(10), || async {
+            app.status_of(&other).await == "completed"
+        })
+        .await;
+        let waiting = app.count("SELECT count(*) FROM llm_tasks WHERE context_id = 'busy' AND status = 'queued'").await;
+        assert!(waiting >= 3, "the busy conversation still waits for its slot: {waiting} queued");
+        // What waits says why, and the keys under the limit show it.
+        let (_, keys) = app.get("/api/runtime/concurrency-keys?scope=context_id").await;
+        let busy_key = keys.as_array().unwrap().iter().find(|k| k["key"] == "busy").cloned().unwrap_or_default();
+        assert_eq!((busy_key["max_running"].as_i64(), busy_key["running"].as_i64()), (Some(1), Some(1)), "{keys}");
+        assert!(busy_key["waiting"].as_i64().unwrap() >= 2, "{keys}");
+        let reasons: Vec<String> = sqlx::query_scalar(
+            "SELECT wait_reason FROM llm_tasks WHERE context_id = 'busy' AND status = 'queued' AND wait_reason IS NOT NULL",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        assert!(
+            reasons.iter().any(|r| r == "concurrency limit of context_id busy reached (1 running)"),
+            "{reasons:?}"
+        );
+        for id in &busy {
+            wait_for("the busy conversation's tasks completed", Duration::from_secs(20), || async {
+                app.status_of(id).await == "completed"
+            })
+            .await;
+        }
+    })
+    .await;
+    assert_eq!(most.get("busy"), Some(&1), "one task of the conversation at a time: {most:?}");
+    assert_eq!(app.count("SELECT max(attempts)::bigint FROM llm_tasks").await, 1, "waiting used no attempt");
+    assert!(app.count("SELECT count(*) FROM audit_logs WHERE action = 'task_deferred'").await >= 3);
+    // Everything given back: nothing runs or waits under the limit.
+    let (_, limits) = app.get("/api/runtime/concurrency-limits").await;
+    assert_eq!((limits[0]["running"].as_i64(), limits[0]["waiting"].as_i64()), (Some(0), Some(0)), "{limits}");
+    assert_eq!(app.count("SELECT COALESCE(sum(running), 0)::bigint FROM concurrency_slots").await, 0);
+    app.stop().await;
+}
+
+async fn lease(app: &TestApp, id: &str) -> (StatusCode, Value) {
+    app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({})).await
+}
+
+async fn complete(app: &TestApp, id: &str) {
+    let (status, body) = app
+        .post(
+            &format!("/api/runtime/llm-tasks/{id}/complete"),
+            json!({"status": "success", "output": "ok", "metrics": {"duration_ms": 5}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn limits_change_at_runtime_count_what_already_runs_and_hold_rest_leases() {
+    let app = TestApp::spawn().await;
+    app.register_worker("rest-1", 10).await;
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(app.submit_with(task("x", &format!("t{i}"))).await["id"].as_str().unwrap().to_owned());
+        }
+        ids
+    };
+    for id in &ids[..2] {
+        assert_eq!(lease(&app, id).await.0, StatusCode::CREATED);
+    }
+    // A limit set while two tasks of its key run counts them.
+    let (status, set) = app.put("/api/runtime/concurrency-limits/context_id/x", json!({"max_running": 1})).await;
+    assert_eq!(status, StatusCode::OK, "{set}");
+    assert_eq!(set["running"], 2, "{set}");
+    let (status, refused) = lease(&app, &ids[2]).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert_eq!(refused["error"], "Task is not leased: the concurrency limit of context_id x reached (1 running)");
+    complete(&app, &ids[0]).await;
+    assert_eq!(lease(&app, &ids[2]).await.0, StatusCode::CONFLICT, "one still runs: the limit is 1");
+    complete(&app, &ids[1]).await;
+    assert_eq!(lease(&app, &ids[2]).await.0, StatusCode::CREATED, "a slot freed");
+    complete(&app, &ids[2]).await;
+
+    // 0 holds a key; raising it lets its tasks run; removing it lets everything run.
+    assert_eq!(
+        app.put("/api/runtime/concurrency-limits/concurrency_key/tenant-a", json!({"max_running": 0})).await.0,
+        StatusCode::OK
+    );
+    let keyed = app
+        .submit_with(json!({"context_id": "y", "agent_slug": "writer", "prompt": "k", "concurrency_key": "tenant-a"}))
+        .await;
+    assert_eq!(keyed["concurrency_key"], "tenant-a", "{keyed}");
+    let keyed = keyed["id"].as_str().unwrap().to_owned();
+    let (status, held) = lease(&app, &keyed).await;
+    assert_eq!(
+        (status, held["error"].as_str()),
+        (
+            StatusCode::CONFLICT,
+            Some("Task is not leased: the concurrency limit of concurrency_key tenant-a reached (0 running)")
+        )
+    );
+    let unkeyed = app.submit_with(task("y", "free")).await["id"].as_str().unwrap().to_owned();
+    assert_eq!(lease(&app, &unkeyed).await.0, StatusCode::CREATED, "tasks without the key are not counted");
+    assert_eq!(
+        app.put("/api/runtime/concurrency-limits/concurrency_key/tenant-a", json!({"max_running": 2})).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(lease(&app, &keyed).await.0, StatusCode::CREATED);
+    let (_, limits) = app.get("/api/runtime/concurrency-limits").await;
+    let tenant = limits.as_array().unwrap().iter().find(|l| l["key"] == "tenant-a").cloned().unwrap();
+    assert_eq!((tenant["max_running"].as_i64(), tenant["running"].as_i64()), (Some(2), Some(1)), "{limits}");
+    let (status, removed) = app.delete("/api/runtime/concurrency-limits/concurrency_key/tenant-a").await;
+    assert_eq!((status, removed["removed"].as_bool()), (StatusCode::OK, Some(true)));
+    assert_eq!(app.delete("/api/runtime/concurrency-limits/concurrency_key/tenant-a").await.0, StatusCode::NOT_FOUND);
+
+    // Configuration sets a limit only where none is set: the API's value stays.
+    let configured = ConcurrencyLimit::new(ConcurrencyScope::ContextId, "x", 5).unwrap();
+    let now = bloom::time::now_ms();
+    assert!(!bloom::db::concurrency::set(&app.pool, &configured, true, now).await.unwrap());
+    let fresh = ConcurrencyLimit::new(ConcurrencyScope::AgentSlug, "critic", 3).unwrap();
+    assert!(bloom::db::concurrency::set(&app.pool, &fresh, true, now).await.unwrap());
+    let (_, limits) = app.get("/api/runtime/concurrency-limits").await;
+    let by_key: Vec<(String, String, i64)> = limits
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (l["scope"].as_str().unwrap().into(), l["key"].as_str().unwrap().into(), l["max_running"].as_i64().unwrap())
+        })
+        .collect();
+    assert_eq!(by_key, vec![("agent_slug".into(), "critic".into(), 3), ("context_id".into(), "x".into(), 1)]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn limits_and_concurrency_keys_are_validated_naming_the_field() {
+    let app = TestApp::spawn().await;
+    let cases = [
+        ("/api/runtime/concurrency-limits/model/x", json!({"max_running": 1}), "scope"),
+        ("/api/runtime/concurrency-limits/context_id/x", json!({"max_running": -1}), "max_running"),
+        ("/api/runtime/concurrency-limits/context_id/x", json!({"max_running": 1.5}), "max_running"),
+        ("/api/runtime/concurrency-limits/context_id/x", json!({}), "max_running"),
+    ];
+    for (path, body, field) in cases {
+        let (status, answer) = app.put(path, body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body}: {answer}");
+        assert!(answer.to_string().contains(field), "{path} {body}: {answer}");
+    }
+    let long = "k".repeat(256);
+    let (status, answer) =
+        app.put(&format!("/api/runtime/concurrency-limits/context_id/{long}"), json!({"max_running": 1})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(answer.to_string().contains("key"), "{answer}");
+    for key in [json!(""), json!(5), json!(long)] {
+        let (status, answer) = app
+            .post(
+                "/api/runtime/llm-tasks",
+                json!({"context_id": "c", "agent_slug": "a", "prompt": "p", "concurrency_key": key}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{key}: {answer}");
+        assert!(answer.to_string().contains("concurrency_key"), "{answer}");
+    }
+    let (status, answer) = app.get("/api/runtime/concurrency-keys?scope=tenant").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(app.get("/api/runtime/concurrency-keys?limit=0").await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(app.delete("/api/runtime/concurrency-limits/context_id/none").await.0, StatusCode::NOT_FOUND);
+    app.stop().await;
+}
