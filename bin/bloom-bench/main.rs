@@ -100,6 +100,9 @@ struct Opts {
     /// Skip the task-control phases (batch submit, all priorities, priority under a flood).
     #[arg(long)]
     no_task_control: bool,
+    /// Concurrency keys of the keyed saturation phase (a limit of 1 on each); 0 skips it.
+    #[arg(long, default_value_t = 1000)]
+    concurrency_keys: u64,
     /// Write the JSON report here too.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -175,6 +178,13 @@ fn task_body(tag: &str, i: u64) -> Vec<u8> {
         .expect("task body serializes")
 }
 
+/// A task of one of `keys` concurrency keys (`key-<i mod keys>`).
+fn keyed_task_body(tag: &str, i: u64, keys: u64) -> Vec<u8> {
+    let body = json!({"context_id": format!("ctx-{}", i % 1000), "agent_slug": tag, "prompt": "noop",
+                      "concurrency_key": format!("key-{}", i % keys)});
+    serde_json::to_vec(&body).expect("task body serializes")
+}
+
 /// Submits a task; returns the answer's body (parsed only by callers that need it, so the
 /// load generator spends little of the machine).
 async fn submit(http: &reqwest::Client, base: &str, body: Vec<u8>) -> anyhow::Result<bytes::Bytes> {
@@ -235,8 +245,9 @@ async fn fixed_rate(o: &Opts, http: &reqwest::Client, base: &str, pool: &PgPool)
     }))
 }
 
-async fn saturation(o: &Opts, pool: &PgPool) -> anyhow::Result<Value> {
-    let tag = "bench-saturation";
+/// Submits `o.tasks` tasks from `o.clients` connections as fast as they are answered
+/// and waits for all to complete; `keys`: spread over that many concurrency keys.
+async fn saturation(o: &Opts, pool: &PgPool, tag: &'static str, keys: Option<u64>) -> anyhow::Result<Value> {
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut clients = Vec::new();
@@ -250,7 +261,11 @@ async fn saturation(o: &Opts, pool: &PgPool) -> anyhow::Result<Value> {
                 if i >= n {
                     return anyhow::Ok(lat);
                 }
-                let request = http::post_json(&addr, SUBMIT_PATH, &task_body(tag, i));
+                let body = match keys {
+                    Some(keys) => keyed_task_body(tag, i, keys),
+                    None => task_body(tag, i),
+                };
+                let request = http::post_json(&addr, SUBMIT_PATH, &body);
                 let t = Instant::now();
                 let r = conn.send(&request).await?;
                 if r.status != 201 {
@@ -435,8 +450,34 @@ async fn main() -> anyhow::Result<()> {
     fixed["cpu_ms_per_task"] = cpu_ms_per_task(&before, &cpu_ticks(), &all, o.rate * o.rate_secs);
     eprintln!("saturation: {} tasks, {} clients", o.tasks, o.clients);
     let before = cpu_ticks();
-    let mut sat = saturation(&o, &pool).await?;
+    let mut sat = saturation(&o, &pool, "bench-saturation", None).await?;
     sat["cpu_ms_per_task"] = cpu_ms_per_task(&before, &cpu_ticks(), &all, o.tasks);
+    let keyed = if o.concurrency_keys == 0 {
+        Value::Null
+    } else {
+        eprintln!("saturation with {} concurrency keys of limit 1: {} tasks", o.concurrency_keys, o.tasks);
+        let limit = format!("{base}/api/runtime/concurrency-limits/concurrency_key/*");
+        let set = http.put(&limit).json(&json!({"max_running": 1})).send().await?;
+        if !set.status().is_success() {
+            bail!("setting the concurrency limit answered {}", set.status());
+        }
+        let before = cpu_ticks();
+        let mut keyed = saturation(&o, &pool, "bench-keys", Some(o.concurrency_keys)).await?;
+        keyed["cpu_ms_per_task"] = cpu_ms_per_task(&before, &cpu_ticks(), &all, o.tasks);
+        http.delete(&limit).send().await?;
+        let most: Option<i64> =
+            sqlx::query_scalar("SELECT max(running)::bigint FROM concurrency_slots").fetch_one(&pool).await?;
+        keyed["keys"] = json!(o.concurrency_keys);
+        keyed["ratio_to_saturation"] =
+            json!(keyed["tasks_per_sec"].as_f64().unwrap_or(0.0) / sat["tasks_per_sec"].as_f64().unwrap_or(f64::NAN));
+        keyed["set_aside"] = json!(
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_logs WHERE action = 'task_deferred'")
+                .fetch_one(&pool)
+                .await?
+        );
+        keyed["slots_running_after"] = json!(most);
+        keyed
+    };
     let task_control = if o.no_task_control {
         Value::Null
     } else {
@@ -490,7 +531,7 @@ async fn main() -> anyhow::Result<()> {
     let report = json!({
         "s3": o.s3_endpoint.is_some(),
         "artifacts": {"in_s3": in_s3, "in_postgres": inline},
-        "fixed_rate": fixed, "saturation": sat, "rest_path": rest, "task_control": task_control,
+        "fixed_rate": fixed, "saturation": sat, "concurrency_keys": keyed, "rest_path": rest, "task_control": task_control,
         "postgres_limit": pg, "nats_limit": nats,
         "ratio_to_lower_limit": if lower.is_finite() { json!(sat_tps / lower) } else { Value::Null },
         "peak_memory_mib": memory,
@@ -515,6 +556,15 @@ fn print_table(r: &Value) {
     if let Some(cpu) = r["saturation"]["cpu_ms_per_task"].as_object() {
         let parts: Vec<String> = cpu.iter().map(|(k, v)| format!("{k} {:.3}", v.as_f64().unwrap_or(0.0))).collect();
         eprintln!("{:<38} {}", "saturation CPU ms per task", parts.join(", "));
+    }
+    if !r["concurrency_keys"].is_null() {
+        let k = &r["concurrency_keys"];
+        let label = format!("{} keys of limit 1 tasks/s", k["keys"]);
+        eprintln!(
+            "{label:<38} {} ({:.2}× plain)",
+            f(&k["tasks_per_sec"]),
+            k["ratio_to_saturation"].as_f64().unwrap_or(0.0)
+        );
     }
     eprintln!("{:<38} {}", "fixed-rate offered tasks/s", f(&r["fixed_rate"]["offered_rate"]));
     if let Some(cpu) = r["fixed_rate"]["cpu_ms_per_task"].as_object() {

@@ -33,6 +33,9 @@
 //! server leading the tasks stream, restarts it once the others have taken over, then
 //! does the same to the leader of the results stream, and so on; the second restarts
 //! the three servers one after the other (SIGTERM, start, wait until caught up).
+//! `--scenario limits` SIGKILLs workers and reconcilers (2 s lease TTL) while concurrency
+//! limits allow one task per context and 12 of the agent at once: the active leases are
+//! sampled every 20 ms and must never exceed either, and every slot must be given back.
 //! Every fifth fault of the mixed scenario has Postgres refuse writes for 2 s
 //! (`default_transaction_read_only`, as a primary being demoted in a failover).
 //! Exit status 0 only when every invariant holds. `--seed` replays a run.
@@ -56,6 +59,8 @@ use nats::Nats;
 /// retried within the run), and the runtime's default, which the other one keeps.
 const MIXED_LEASE_TTL_SECS: i64 = 2;
 const DEFAULT_LEASE_TTL_SECS: i64 = 300;
+/// The `limits` scenario's concurrency limit of its agent (and 1 per context).
+const AGENT_LIMIT: i64 = 12;
 
 fn epoch_ms() -> i64 {
     bloom::time::now_ms()
@@ -88,7 +93,9 @@ struct Opts {
     /// `reconciler-kills` (only SIGKILLs of one of the three reconcilers at a time, with
     /// the default lease TTL, to measure the latency a dead reconciler adds), or, on a
     /// three-node NATS cluster with the default lease TTL, `nats-leaders` (SIGKILL of the
-    /// stream leaders in turn) and `nats-rolling` (rolling restarts).
+    /// stream leaders in turn) and `nats-rolling` (rolling restarts); `limits` (SIGKILLs of
+    /// workers and reconcilers, 2 s lease TTL, under concurrency limits: one task per
+    /// context and [`AGENT_LIMIT`] of the agent at once).
     #[arg(long, value_enum, default_value_t = Scenario::Mixed)]
     scenario: Scenario,
     /// Fail when the worst latency the runtime added to a task (submission to stored
@@ -109,6 +116,7 @@ enum Scenario {
     ReconcilerKills,
     NatsLeaders,
     NatsRolling,
+    Limits,
 }
 
 impl Scenario {
@@ -397,10 +405,13 @@ async fn main() -> anyhow::Result<()> {
     ];
     let mut env = env;
     let lease_ttl_secs = o.lease_ttl_secs.unwrap_or(match o.scenario {
-        Scenario::Mixed => MIXED_LEASE_TTL_SECS,
+        Scenario::Mixed | Scenario::Limits => MIXED_LEASE_TTL_SECS,
         Scenario::ReconcilerKills | Scenario::NatsLeaders | Scenario::NatsRolling => DEFAULT_LEASE_TTL_SECS,
     });
     env.push(("BLOOM_LEASE_TTL_SECS".into(), lease_ttl_secs.to_string()));
+    if o.scenario == Scenario::Limits {
+        env.push(("BLOOM_CONCURRENCY_LIMITS".into(), format!("context_id:*=1,agent_slug:chaos={AGENT_LIMIT}")));
+    }
     if o.scenario == Scenario::Mixed {
         // Artifacts go to S3, which has outages of its own. The reconciler-kill scenario
         // keeps them in Postgres: the S3 test server's throughput would be what it measures.
@@ -434,6 +445,7 @@ async fn main() -> anyhow::Result<()> {
         s.start()?;
     }
     wait_port(api_port, "bloom-api", Duration::from_secs(30))?;
+    let sampler = (o.scenario == Scenario::Limits).then(|| LeaseSampler::spawn(db_url.clone()));
 
     // Submit while faults happen.
     let base = format!("http://127.0.0.1:{api_port}");
@@ -530,6 +542,8 @@ async fn main() -> anyhow::Result<()> {
             Scenario::NatsLeaders if steps % 2 == 0 => Step::KillStreamLeader(names.tasks_stream()),
             Scenario::NatsLeaders => Step::KillStreamLeader(names.results_stream()),
             Scenario::NatsRolling => Step::RestartNatsServer(steps % CLUSTER_SIZE),
+            Scenario::Limits if rng.below(2) == 0 => Step::KillWorker,
+            Scenario::Limits => Step::KillReconciler,
         };
         steps += 1;
         let at = started.elapsed().as_secs_f64();
@@ -675,6 +689,25 @@ async fn main() -> anyhow::Result<()> {
     if with_s3 {
         checks.push(("artifacts left in Postgres while S3 is up", inline_artifacts));
     }
+    let limits = match sampler {
+        Some(sampler) => {
+            let seen = sampler.stop().await;
+            checks.push((
+                "active leases of one context above its limit of 1 (sampled)",
+                (seen.most_per_context - 1).max(0),
+            ));
+            checks
+                .push(("active leases of the agent above its limit (sampled)", (seen.most_total - AGENT_LIMIT).max(0)));
+            checks.push((
+                "concurrency slots not given back",
+                q("SELECT count(*) FROM concurrency_slots WHERE running <> 0").await?,
+            ));
+            json!({"samples": seen.samples, "most_active_per_context": seen.most_per_context,
+                   "most_active_of_agent": seen.most_total, "agent_limit": AGENT_LIMIT,
+                   "set_aside": q("SELECT count(*) FROM audit_logs WHERE action = 'task_deferred'").await?})
+        }
+        None => json!(null),
+    };
     let submitted = q("SELECT count(*) FROM llm_tasks").await?;
     // Latency the runtime added to each completed task: submission (or, delayed, the time
     // it was due) to stored result, less the task's own execution time, in ms.
@@ -730,6 +763,7 @@ async fn main() -> anyhow::Result<()> {
         "overhead_ms": {"p50": p50, "p99": p99, "max": worst},
         "worst_added_latency_ms": added,
         "slowest_tasks": slowest,
+        "concurrency_limits": limits,
         "violations": checks.iter().filter(|(_, n)| *n != 0).map(|(k, n)| json!({k.to_string(): n})).collect::<Vec<_>>(),
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
@@ -787,4 +821,58 @@ async fn cancelled_not_kept(pool: &sqlx::PgPool, ids: &[String]) -> sqlx::Result
         .bind(ids)
         .fetch_one(pool)
         .await
+}
+
+/// What [`LeaseSampler`] saw.
+#[derive(Debug, Default)]
+struct Sampled {
+    samples: u64,
+    most_per_context: i64,
+    most_total: i64,
+}
+
+/// Samples the active leases every 20 ms while the `limits` scenario runs: the most of
+/// one context, and the most in all (one agent), seen at once.
+struct LeaseSampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Sampled>,
+}
+
+impl LeaseSampler {
+    fn spawn(db_url: String) -> LeaseSampler {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut seen = Sampled::default();
+            let mut conn: Option<PgConnection> = None;
+            while stopped.try_recv().is_err() {
+                if conn.is_none() {
+                    conn = PgConnection::connect(&db_url).await.ok();
+                }
+                if let Some(c) = conn.as_mut() {
+                    let row: Result<(i64, i64), _> = sqlx::query_as(
+                        "SELECT COALESCE(max(n), 0)::bigint, COALESCE(sum(n), 0)::bigint
+                         FROM (SELECT count(*) AS n FROM leases WHERE status = 'active' GROUP BY context_id) x",
+                    )
+                    .fetch_one(&mut *c)
+                    .await;
+                    match row {
+                        Ok((per_context, total)) => {
+                            seen.samples += 1;
+                            seen.most_per_context = seen.most_per_context.max(per_context);
+                            seen.most_total = seen.most_total.max(total);
+                        }
+                        Err(_) => conn = None,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seen
+        });
+        LeaseSampler { stop, task }
+    }
+
+    async fn stop(self) -> Sampled {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or_default()
+    }
 }

@@ -117,6 +117,14 @@ impl Client {
         Ok(self.send(Method::POST, path, Some(body)).await?.1)
     }
 
+    pub async fn put(&self, path: &str, body: &Value) -> Result<Value, Failure> {
+        Ok(self.send(Method::PUT, path, Some(body)).await?.1)
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Value, Failure> {
+        Ok(self.send(Method::DELETE, path, None).await?.1)
+    }
+
     /// The raw body of a GET (artifact content).
     pub async fn get_text(&self, path: &str) -> Result<String, Failure> {
         match self.get(path).await? {

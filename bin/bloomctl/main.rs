@@ -94,6 +94,20 @@ enum Command {
     Stats,
     /// Agents whose tasks wait for a provider's rate limit to reset.
     Holds,
+    /// Concurrency limits: list them (with what runs and waits under each), set or
+    /// remove one. Scopes: context_id, agent_slug, concurrency_key; key `*` is every
+    /// key of the scope without a limit of its own.
+    Limits {
+        #[command(subcommand)]
+        command: Option<LimitsCommand>,
+    },
+    /// The busiest keys under concurrency limits: running and waiting tasks, and the limit.
+    Keys {
+        #[arg(long, value_parser = ["context_id", "agent_slug", "concurrency_key"])]
+        scope: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
     /// What runs used and cost, per agent (or `--by context_id`), over the last
     /// `--hours` (default 24).
     Usage {
@@ -226,6 +240,25 @@ impl Selection {
 enum ShowOrList {
     List,
     Show { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum LimitsCommand {
+    /// Every limit (the default).
+    List,
+    /// At most `max_running` tasks of the key leased or running at once (0 holds them).
+    Set {
+        #[arg(value_parser = ["context_id", "agent_slug", "concurrency_key"])]
+        scope: String,
+        key: String,
+        max_running: u32,
+    },
+    /// Remove a limit: its waiting tasks are dispatched.
+    Delete {
+        #[arg(value_parser = ["context_id", "agent_slug", "concurrency_key"])]
+        scope: String,
+        key: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -447,6 +480,46 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 println!("leases   total {}  active {}", v["leases"]["total"], v["leases"]["active"]);
                 println!("workers  total {}  online {}", v["workers"]["total"], v["workers"]["online"]);
             }
+        }
+        Command::Limits { command } => {
+            const COLUMNS: [(&str, &str); 5] = [
+                ("SCOPE", "/scope"),
+                ("KEY", "/key"),
+                ("MAX_RUNNING", "/max_running"),
+                ("RUNNING", "/running"),
+                ("WAITING", "/waiting"),
+            ];
+            let limit_path = |scope: &str, key: &str| {
+                format!("/api/runtime/concurrency-limits/{scope}/{}", bloom::membridge::encode(key))
+            };
+            match command.unwrap_or(LimitsCommand::List) {
+                LimitsCommand::List => print(json_out, &api.get("/api/runtime/concurrency-limits").await?, &COLUMNS),
+                LimitsCommand::Set { scope, key, max_running } => {
+                    let v =
+                        api.put(&limit_path(&scope, &key), &serde_json::json!({"max_running": max_running})).await?;
+                    print(json_out, &Value::Array(vec![v]), &COLUMNS);
+                }
+                LimitsCommand::Delete { scope, key } => {
+                    let v = api.delete(&limit_path(&scope, &key)).await?;
+                    if json_out {
+                        print(true, &v, &[]);
+                    } else {
+                        println!("removed {scope} {key}");
+                    }
+                }
+            }
+        }
+        Command::Keys { scope, limit } => {
+            let scope = scope.map(|s| format!("&scope={s}")).unwrap_or_default();
+            let v = api.get(&format!("/api/runtime/concurrency-keys?limit={limit}{scope}")).await?;
+            let columns = [
+                ("SCOPE", "/scope"),
+                ("KEY", "/key"),
+                ("MAX_RUNNING", "/max_running"),
+                ("RUNNING", "/running"),
+                ("WAITING", "/waiting"),
+            ];
+            print(json_out, &v, &columns);
         }
         Command::Holds => {
             let v = api.get("/api/runtime/agent-holds").await?;

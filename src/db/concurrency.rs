@@ -130,6 +130,13 @@ async fn count_running(tx: &mut sqlx::PgConnection, limit: &ConcurrencyLimit) ->
     Ok(())
 }
 
+/// Whether any limit is set.
+pub async fn any_limit(db: impl PgExecutor<'_>) -> sqlx::Result<bool> {
+    let any =
+        sqlx::query_scalar!(r#"SELECT EXISTS (SELECT 1 FROM concurrency_limits) AS "any!""#).fetch_one(db).await?;
+    Ok(any)
+}
+
 /// Removes a limit; the tasks waiting for its keys are made due (another limit may
 /// still hold them back). Returns whether there was one.
 pub async fn remove(pool: &PgPool, scope: ConcurrencyScope, key: &str) -> sqlx::Result<bool> {
@@ -154,16 +161,19 @@ pub async fn wake(db: impl PgExecutor<'_>) -> sqlx::Result<u64> {
             FROM concurrency_slots c
             LEFT JOIN concurrency_limits own ON own.scope = c.scope AND own.key = c.key
             LEFT JOIN concurrency_limits any_ ON any_.scope = c.scope AND any_.key = '*'
-            WHERE EXISTS (SELECT 1 FROM llm_tasks b WHERE b.blocked_on = c.slot AND b.status = 'queued'
+            WHERE COALESCE(COALESCE(own.max_running, any_.max_running) - c.running, 1) > 0
+              AND EXISTS (SELECT 1 FROM llm_tasks b WHERE b.blocked_on = c.slot AND b.status = 'queued'
                                                       AND b.dispatch_seq <= 0 AND b.not_before IS NULL)),
          x AS (
             SELECT w.id FROM s CROSS JOIN LATERAL (
                 SELECT b.id FROM llm_tasks b
                 WHERE b.blocked_on = s.slot AND b.status = 'queued' AND b.dispatch_seq <= 0 AND b.not_before IS NULL
                 ORDER BY b.priority DESC, b.created_at, b.id
-                LIMIT GREATEST(s.room - (SELECT count(*) FROM llm_tasks d
-                                         WHERE d.blocked_on = s.slot AND d.status = 'queued'
-                                           AND d.dispatch_seq <= 0 AND d.not_before = 0), 0)
+                -- No limit any more (NULL room): all of them.
+                LIMIT CASE WHEN s.room IS NOT NULL THEN
+                    GREATEST(s.room - (SELECT count(*) FROM llm_tasks d
+                                       WHERE d.blocked_on = s.slot AND d.status = 'queued'
+                                         AND d.dispatch_seq <= 0 AND d.not_before = 0), 0) END
                 FOR UPDATE SKIP LOCKED) w)
          UPDATE llm_tasks t SET not_before = 0 FROM x
          WHERE t.id = x.id AND t.status = 'queued' AND t.dispatch_seq <= 0 AND t.not_before IS NULL"

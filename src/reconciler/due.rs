@@ -3,8 +3,10 @@
 //! idempotency keys older than their retention window: on every replica, sharing the
 //! work through `FOR UPDATE SKIP LOCKED`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::Reconciler;
@@ -19,7 +21,27 @@ const KEYS_EVERY: Duration = Duration::from_secs(30);
 /// How often waiting tasks are checked against their concurrency slots (a lease's end
 /// makes its slot's next task due at once; this catches up after a limit changed, or a
 /// task made due was cancelled before its dispatch).
-const WAKE_EVERY: Duration = Duration::from_secs(1);
+const WAKE_EVERY: Duration = Duration::from_secs(2);
+
+/// Runs a due pass early when completions made waiting tasks due: a lease's end makes
+/// the next tasks waiting for its concurrency slot due at once, and this replica's due
+/// duty dispatches them right after the results batch, not at its next interval. Only
+/// while some concurrency limit exists (checked every [`WAKE_EVERY`]): without one, no
+/// completion makes anything due.
+#[derive(Debug, Default)]
+pub struct DueKick {
+    limits: AtomicBool,
+    notify: Notify,
+}
+
+impl DueKick {
+    /// A results batch completed tasks.
+    pub fn after_completions(&self) {
+        if self.limits.load(Ordering::Relaxed) {
+            self.notify.notify_one();
+        }
+    }
+}
 
 /// What one pass did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -36,9 +58,13 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             _ = tokio::time::sleep(r.settings.due_interval) => {}
+            _ = r.due_kick.notify.notified() => {}
         }
         if wake_at.elapsed() >= WAKE_EVERY {
             wake_at = tokio::time::Instant::now();
+            if let Ok(any) = concurrency::any_limit(&r.pool).await {
+                r.due_kick.limits.store(any, Ordering::Relaxed);
+            }
             match concurrency::wake(&r.pool).await {
                 Ok(n) if n > 0 => {
                     tracing::debug!(tasks = n, "waiting tasks made due: their concurrency slots have room")

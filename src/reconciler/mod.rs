@@ -183,6 +183,8 @@ pub struct Reconciler {
     /// When this replica last saw the heartbeat path broken; the sweeper waits a quiet
     /// window after it before expiring leases.
     pub expiry_pause: Arc<expiry_pause::ExpiryPause>,
+    /// Wakes the due duty after completions that freed concurrency slots.
+    pub due_kick: Arc<due::DueKick>,
     /// True once the control subjects are subscribed on the server: from then on a
     /// claim sent to this replica is answered.
     serving: Arc<watch::Sender<bool>>,
@@ -218,6 +220,7 @@ impl Reconciler {
             clock: Clock::system(),
             serving: Arc::new(watch::Sender::new(false)),
             expiry_pause: Arc::default(),
+            due_kick: Arc::default(),
         })
     }
 

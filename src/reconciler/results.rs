@@ -266,6 +266,9 @@ fn record(r: &Reconciler, results: &[ResultMessage], outcomes: Vec<CompletionOut
             }
         }
     }
+    if report.completed > 0 {
+        r.due_kick.after_completions();
+    }
 }
 
 /// Stores each result in its own statement, then settles each message: acked when all

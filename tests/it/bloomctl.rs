@@ -110,6 +110,31 @@ async fn submit_wait_list_show_and_exit_codes() {
     let created = out.lines().find(|l| l.starts_with("created_at")).unwrap();
     let stamp = created.split_whitespace().nth(1).unwrap();
     assert!(stamp.len() == 24 && stamp.starts_with("20") && stamp.ends_with('Z'), "ISO 8601 UTC: {created}");
+
+    // Concurrency limits: set (a key with a slash), listed, refused, removed.
+    let a = app.clone_handle();
+    let run = move |args: &'static [&'static str]| {
+        let a = a.clone_handle();
+        tokio::task::spawn_blocking(move || bloomctl(&a, args))
+    };
+    let (code, out, _) = run(&["limits", "set", "concurrency_key", "team/a", "3"]).await.unwrap();
+    assert_eq!(code, 0, "{out}");
+    let (code, out, _) = run(&["limits"]).await.unwrap();
+    assert_eq!(code, 0);
+    let row: Vec<&str> = out.lines().nth(1).unwrap_or_default().split_whitespace().collect();
+    assert_eq!(row, ["concurrency_key", "team/a", "3", "0", "0"], "{out}");
+    let (code, _, err) = run(&["limits", "set", "model", "x", "1"]).await.unwrap();
+    assert_ne!(code, 0, "an unknown scope is refused: {err}");
+    let (code, out, _) = run(&["keys", "--scope", "concurrency_key"]).await.unwrap();
+    assert_eq!(
+        (code, out.lines().next().map(|l| l.split_whitespace().collect::<Vec<_>>())),
+        (0, Some(vec!["SCOPE", "KEY", "MAX_RUNNING", "RUNNING", "WAITING"])),
+        "{out}"
+    );
+    let (code, out, _) = run(&["limits", "delete", "concurrency_key", "team/a"]).await.unwrap();
+    assert_eq!((code, out.trim()), (0, "removed concurrency_key team/a"));
+    let (code, _, _) = run(&["limits", "delete", "concurrency_key", "team/a"]).await.unwrap();
+    assert_eq!(code, 3, "not found");
     app.stop().await;
 }
 

@@ -102,6 +102,34 @@ async fn a_context_limit_of_one_runs_each_conversation_one_task_at_a_time_withou
     let (_, limits) = app.get("/api/runtime/concurrency-limits").await;
     assert_eq!((limits[0]["running"].as_i64(), limits[0]["waiting"].as_i64()), (Some(0), Some(0)), "{limits}");
     assert_eq!(app.count("SELECT COALESCE(sum(running), 0)::bigint FROM concurrency_slots").await, 0);
+
+    // A key held at 0: its tasks wait aside once claimed; removing the limit lets them run
+    // (the `*` limit of 1 still applies to them).
+    assert_eq!(
+        app.put("/api/runtime/concurrency-limits/context_id/held", json!({"max_running": 0})).await.0,
+        StatusCode::OK
+    );
+    let held: Vec<String> = futures::future::join_all((0..2).map(|i| app.submit_with(task("held", &format!("h{i}")))))
+        .await
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    wait_for("the held tasks were set aside", Duration::from_secs(10), || async {
+        app.count("SELECT count(*) FROM llm_tasks WHERE blocked_on = 'context_id:held' AND dispatch_seq < 0").await == 2
+    })
+    .await;
+    let (_, shown) = app.get(&format!("/api/runtime/llm-tasks/{}", held[0])).await;
+    assert_eq!(
+        (shown["status"].as_str(), shown["wait_reason"].as_str()),
+        (Some("queued"), Some("concurrency limit of context_id held reached (0 running)"))
+    );
+    assert_eq!(app.delete("/api/runtime/concurrency-limits/context_id/held").await.0, StatusCode::OK);
+    for id in &held {
+        wait_for("a task released by the limit's removal completed", Duration::from_secs(15), || async {
+            app.status_of(id).await == "completed"
+        })
+        .await;
+    }
     app.stop().await;
 }
 
