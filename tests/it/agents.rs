@@ -580,3 +580,35 @@ async fn an_agent_holding_a_context_gets_its_next_tasks_while_it_has_room() {
     assert_eq!(worker_of(&app, &third).await.as_deref(), Some(other), "no room: any agent");
     app.stop().await;
 }
+
+/// Concurrency limits hold for HTTP agents too: the reconcilers lease an agent only
+/// what the limits admit, and put the rest aside until a slot frees.
+#[tokio::test]
+async fn an_agent_is_sent_only_what_the_concurrency_limits_admit() {
+    let app = TestApp::spawn().await;
+    let agent = fake_agent::start(AGENT_KEY, Mode::RunFor(Duration::from_millis(200))).await;
+    let body =
+        json!({"name": "agent-1", "url": agent.url(), "status": "online", "capabilities": {"max_concurrency": 4}});
+    assert_eq!(app.post("/api/runtime/workers", body).await.0, StatusCode::CREATED);
+    let (status, _) = app.put("/api/runtime/concurrency-limits/context_id/*", json!({"max_running": 1})).await;
+    assert_eq!(status, StatusCode::OK);
+    start_reconciler(&app).await;
+    let most = crate::concurrency::watch_leases(&app, async {
+        for i in 0..3 {
+            app.submit_with(json!({"context_id": "one", "agent_slug": "writer", "prompt": format!("q{i}")})).await;
+        }
+        app.submit_with(json!({"context_id": "two", "agent_slug": "writer", "prompt": "other"})).await;
+        wait_for("completed by the agent", Duration::from_secs(30), || async {
+            app.count("SELECT count(*) FROM llm_tasks WHERE status = 'completed'").await == 4
+        })
+        .await;
+    })
+    .await;
+    assert_eq!((most.get("one"), most.get("two")), (Some(&1), Some(&1)), "{most:?}");
+    assert_eq!(agent.executed.lock().unwrap().len(), 4, "each task sent once");
+    let aside = "SELECT count(*) FROM audit_logs WHERE action = 'task_deferred' AND detail LIKE 'Lease deferred: concurrency limit of context_id one%'";
+    assert!(app.count(aside).await >= 1, "the agent's assignment put the conversation's next tasks aside");
+    assert_eq!(app.count("SELECT max(attempts)::bigint FROM llm_tasks").await, 1);
+    assert_eq!(app.count("SELECT COALESCE(sum(running), 0)::bigint FROM concurrency_slots").await, 0);
+    app.stop().await;
+}

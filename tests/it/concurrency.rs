@@ -16,8 +16,9 @@ fn task(context: &str, prompt: &str) -> Value {
     json!({"context_id": context, "agent_slug": "writer", "prompt": prompt})
 }
 
-/// The most active leases seen at once per context while `run` goes on.
-async fn watch_leases<F: std::future::Future<Output = ()>>(app: &TestApp, run: F) -> HashMap<String, i64> {
+/// The most active leases seen at once per context while `run` goes on (sampled every
+/// 10 ms).
+pub(crate) async fn watch_leases<F: std::future::Future<Output = ()>>(app: &TestApp, run: F) -> HashMap<String, i64> {
     let done = Arc::new(AtomicBool::new(false));
     let pool = app.pool.clone();
     let watching = {
