@@ -29,6 +29,8 @@ CREATE TABLE IF NOT EXISTS concurrency_slots (
     key     text    NOT NULL,
     running integer NOT NULL DEFAULT 0 CHECK (running >= 0)
 );
+-- The slots of one scope, for a limit being set on it (`*`) or counted.
+CREATE INDEX IF NOT EXISTS concurrency_slots_scope_idx ON concurrency_slots (scope, key);
 
 -- The slots of tasks that a limit applies to, with the limit: the key's own, else the
 -- scope's `*`. The name of a slot is `scope:key`.
@@ -56,6 +58,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     w_task text[];
     w_slot text[];
+    w_scope text[];
+    w_key text[];
     w_max int[];
     used jsonb;
     n int;
@@ -72,21 +76,28 @@ BEGIN
         RETURN QUERY SELECT u.id, '{}'::text[], NULL::text, NULL::int FROM unnest(ids) AS u(id);
         RETURN;
     END IF;
+    -- Read once: the slots created and locked below are exactly those decided on.
     SELECT array_agg(w.task_id ORDER BY array_position(ids, w.task_id), w.slot),
            array_agg(w.slot ORDER BY array_position(ids, w.task_id), w.slot),
+           array_agg(w.scope ORDER BY array_position(ids, w.task_id), w.slot),
+           array_agg(w.key ORDER BY array_position(ids, w.task_id), w.slot),
            array_agg(w.max_running ORDER BY array_position(ids, w.task_id), w.slot)
-    INTO w_task, w_slot, w_max
+    INTO w_task, w_slot, w_scope, w_key, w_max
     FROM bloom_task_slots(ids) w;
     IF w_task IS NULL THEN
         RETURN QUERY SELECT u.id, '{}'::text[], NULL::text, NULL::int FROM unnest(ids) AS u(id);
         RETURN;
     END IF;
     INSERT INTO concurrency_slots (slot, scope, key)
-    SELECT DISTINCT ON (w.slot) w.slot, w.scope, w.key FROM bloom_task_slots(ids) w ORDER BY w.slot
+    SELECT DISTINCT ON (u.slot) u.slot, u.scope, u.key FROM unnest(w_slot, w_scope, w_key) AS u(slot, scope, key)
+    ORDER BY u.slot
     ON CONFLICT (slot) DO NOTHING;
     SELECT COALESCE(jsonb_object_agg(s.slot, s.running), '{}') INTO used
     FROM (SELECT c.slot, c.running FROM concurrency_slots c WHERE c.slot = ANY(w_slot)
           ORDER BY c.slot FOR UPDATE) s;
+    IF EXISTS (SELECT 1 FROM unnest(w_slot) AS u(slot) WHERE NOT used ? u.slot) THEN
+        RAISE EXCEPTION 'bloom_admit: a concurrency slot row is missing';
+    END IF;
     n := cardinality(w_task);
     -- The entries of each task are consecutive, in the order of `ids`.
     FOREACH cur IN ARRAY ids LOOP

@@ -78,20 +78,10 @@ async fn exists(db: impl PgExecutor<'_>, scope: ConcurrencyScope, key: &str) -> 
     Ok(found)
 }
 
-/// The active leases of the limit's keys take the slot they lack, and the slots' counts
-/// are set from the active leases holding them.
+/// The active leases of the limit's keys take the slot they lack (their rows locked
+/// first), and the slots' counts are set from the active leases holding them.
 async fn count_running(tx: &mut sqlx::PgConnection, limit: &ConcurrencyLimit) -> sqlx::Result<()> {
     let any = limit.key == ANY_KEY;
-    // The slot rows first (in name order, as releases lock them), so that a lease
-    // ending meanwhile is either counted here and given back after, or not counted.
-    sqlx::query!(
-        "SELECT slot FROM concurrency_slots WHERE scope = $1 AND ($3 OR key = $2) ORDER BY slot FOR UPDATE",
-        limit.scope.as_str(),
-        limit.key,
-        any
-    )
-    .fetch_all(&mut *tx)
-    .await?;
     sqlx::query!(
         "WITH m AS (
             SELECT l.id, $1 || ':' || k.key AS slot
@@ -107,6 +97,17 @@ async fn count_running(tx: &mut sqlx::PgConnection, limit: &ConcurrencyLimit) ->
         any
     )
     .execute(&mut *tx)
+    .await?;
+    // Then the slot rows (in name order, as admissions and releases lock them, and after
+    // the leases, as releases do), so that a lease ending meanwhile is either counted
+    // here and given back after, or not counted.
+    sqlx::query!(
+        "SELECT slot FROM concurrency_slots WHERE scope = $1 AND ($3 OR key = $2) ORDER BY slot FOR UPDATE",
+        limit.scope.as_str(),
+        limit.key,
+        any
+    )
+    .fetch_all(&mut *tx)
     .await?;
     sqlx::query!(
         "WITH held AS (
@@ -140,11 +141,15 @@ pub async fn any_limit(db: impl PgExecutor<'_>) -> sqlx::Result<bool> {
 /// Removes a limit; the tasks waiting for its keys are made due (another limit may
 /// still hold them back). Returns whether there was one.
 pub async fn remove(pool: &PgPool, scope: ConcurrencyScope, key: &str) -> sqlx::Result<bool> {
+    // As `set`: no admission runs while the limits change under it.
+    let mut tx = pool.begin().await?;
+    sqlx::query!("LOCK TABLE concurrency_limits IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await?;
     let removed = sqlx::query!("DELETE FROM concurrency_limits WHERE scope = $1 AND key = $2", scope.as_str(), key)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected()
         == 1;
+    tx.commit().await?;
     wake(pool).await?;
     Ok(removed)
 }
@@ -156,14 +161,15 @@ pub async fn remove(pool: &PgPool, scope: ConcurrencyScope, key: &str) -> sqlx::
 /// cancelled before its dispatch. Returns how many.
 pub async fn wake(db: impl PgExecutor<'_>) -> sqlx::Result<u64> {
     Ok(sqlx::query!(
-        "WITH s AS (
+        "WITH waiting AS (
+            SELECT DISTINCT b.blocked_on AS slot FROM llm_tasks b
+            WHERE b.blocked_on IS NOT NULL AND b.status = 'queued' AND b.dispatch_seq <= 0 AND b.not_before IS NULL),
+         s AS (
             SELECT c.slot, COALESCE(own.max_running, any_.max_running) - c.running AS room
-            FROM concurrency_slots c
+            FROM waiting JOIN concurrency_slots c ON c.slot = waiting.slot
             LEFT JOIN concurrency_limits own ON own.scope = c.scope AND own.key = c.key
             LEFT JOIN concurrency_limits any_ ON any_.scope = c.scope AND any_.key = '*'
-            WHERE COALESCE(COALESCE(own.max_running, any_.max_running) - c.running, 1) > 0
-              AND EXISTS (SELECT 1 FROM llm_tasks b WHERE b.blocked_on = c.slot AND b.status = 'queued'
-                                                      AND b.dispatch_seq <= 0 AND b.not_before IS NULL)),
+            WHERE COALESCE(COALESCE(own.max_running, any_.max_running) - c.running, 1) > 0),
          x AS (
             SELECT w.id FROM s CROSS JOIN LATERAL (
                 SELECT b.id FROM llm_tasks b
@@ -231,6 +237,15 @@ pub async fn keys(db: impl PgExecutor<'_>, scope: Option<ConcurrencyScope>, limi
     )
     .fetch_all(db)
     .await
+}
+
+/// Takes the limits' table lock a lease's transaction holds for its admission, before
+/// any row lock: a limit being set (which takes the table exclusively, then lease rows)
+/// then waits for the whole transaction, or the transaction waits for it, never each for
+/// the other. Claims take it with their statement.
+pub async fn hold_limits(tx: &mut sqlx::PgConnection) -> sqlx::Result<()> {
+    sqlx::query!("LOCK TABLE concurrency_limits IN ACCESS SHARE MODE").execute(&mut *tx).await?;
+    Ok(())
 }
 
 /// What the admission of a task about to be leased decided.

@@ -35,6 +35,7 @@ pub async fn assign(
     now: i64,
 ) -> sqlx::Result<Vec<Assigned>> {
     let mut tx = pool.begin().await?;
+    concurrency::hold_limits(&mut tx).await?;
     let Some(agent) = workers::get_for_update(&mut tx, worker).await? else { return Ok(Vec::new()) };
     if agent.transport != WorkerTransport::Http || !agent.is_eligible() {
         return Ok(Vec::new());

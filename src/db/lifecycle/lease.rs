@@ -33,6 +33,7 @@ pub async fn lease(
     now: i64,
 ) -> Result<(Lease, Worker), TransitionError> {
     let mut tx = pool.begin().await?;
+    concurrency::hold_limits(&mut tx).await?;
     // Rows are locked worker first, then task, as claims lock them: the task is read
     // here and its `queued` status checked again by the guarded update below.
     let task: Task = tasks::get(&mut *tx, task_id).await?.ok_or_else(task_not_found)?;
