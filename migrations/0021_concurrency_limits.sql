@@ -50,10 +50,10 @@ $$;
 -- locks and leases exactly the admitted ones in the same transaction). The slots involved
 -- are created when missing and locked in name order, their counts read after the lock,
 -- and each task admitted when every one of its slots has room: it takes them all
--- (`admit_slots`, for its lease) or none (`admit_blocked`: the first full slot, with its
--- limit). With no limit anywhere, every task is admitted at the cost of one index probe.
+-- (`admit_slots`, for its lease) or none (`admit_blocked`: the first full slot, and
+-- `admit_reason`, the waiting task's `wait_reason`). With no limit anywhere, every task is admitted at the cost of one index probe.
 CREATE OR REPLACE FUNCTION bloom_admit(ids text[])
-RETURNS TABLE (admit_task text, admit_slots text[], admit_blocked text, admit_max int)
+RETURNS TABLE (admit_task text, admit_slots text[], admit_blocked text, admit_reason text)
 LANGUAGE plpgsql AS $$
 DECLARE
     w_task text[];
@@ -73,7 +73,7 @@ BEGIN
         RETURN;
     END IF;
     IF NOT EXISTS (SELECT 1 FROM concurrency_limits) THEN
-        RETURN QUERY SELECT u.id, '{}'::text[], NULL::text, NULL::int FROM unnest(ids) AS u(id);
+        RETURN QUERY SELECT u.id, '{}'::text[], NULL::text, NULL::text FROM unnest(ids) AS u(id);
         RETURN;
     END IF;
     -- Read once: the slots created and locked below are exactly those decided on.
@@ -85,7 +85,7 @@ BEGIN
     INTO w_task, w_slot, w_scope, w_key, w_max
     FROM bloom_task_slots(ids) w;
     IF w_task IS NULL THEN
-        RETURN QUERY SELECT u.id, '{}'::text[], NULL::text, NULL::int FROM unnest(ids) AS u(id);
+        RETURN QUERY SELECT u.id, '{}'::text[], NULL::text, NULL::text FROM unnest(ids) AS u(id);
         RETURN;
     END IF;
     INSERT INTO concurrency_slots (slot, scope, key)
@@ -108,12 +108,13 @@ BEGIN
         admit_task := cur;
         admit_slots := '{}';
         admit_blocked := NULL;
-        admit_max := NULL;
+        admit_reason := NULL;
         FOR k IN i..j - 1 LOOP
             IF (used->>w_slot[k])::int >= w_max[k] THEN
                 admit_slots := NULL;
                 admit_blocked := w_slot[k];
-                admit_max := w_max[k];
+                admit_reason := 'concurrency limit of ' || regexp_replace(w_slot[k], ':', ' ') || ' reached ('
+                                || w_max[k] || ' running)';
                 EXIT;
             END IF;
             admit_slots := admit_slots || w_slot[k];

@@ -253,15 +253,8 @@ pub async fn hold_limits(tx: &mut sqlx::PgConnection) -> sqlx::Result<()> {
 pub enum Admission {
     /// Every slot of the task had room: the task took them (its lease must record them).
     Admitted { slots: Vec<String> },
-    /// `slot` (`scope:key`) has `max_running` tasks running: the task waits.
-    Blocked { slot: String, max_running: i32 },
-}
-
-impl Admission {
-    /// Why a task blocked here waits, as its `wait_reason` says.
-    pub fn wait_reason(slot: &str, max_running: i32) -> String {
-        format!("concurrency limit of {} reached ({max_running} running)", slot.replacen(':', " ", 1))
-    }
+    /// `slot` (`scope:key`) is full: the task waits, `reason` says so (its `wait_reason`).
+    Blocked { slot: String, reason: String },
 }
 
 /// Admits tasks about to be leased in `tx` (whose rows it has locked), in order: the
@@ -269,7 +262,7 @@ impl Admission {
 /// runs concurrently; the transaction must lease exactly them, or roll back.
 pub async fn admit(tx: &mut sqlx::PgConnection, ids: &[TaskId]) -> sqlx::Result<Vec<(TaskId, Admission)>> {
     let rows = sqlx::query!(
-        r#"SELECT admit_task AS "task!", admit_slots AS "slots?", admit_blocked AS "blocked?", admit_max AS "max?"
+        r#"SELECT admit_task AS "task!", admit_slots AS "slots?", admit_blocked AS "blocked?", admit_reason AS "reason?"
            FROM bloom_admit($1)"#,
         ids.iter().map(TaskId::as_str).collect::<Vec<_>>() as _
     )
@@ -279,7 +272,7 @@ pub async fn admit(tx: &mut sqlx::PgConnection, ids: &[TaskId]) -> sqlx::Result<
         .into_iter()
         .map(|r| {
             let admission = match (r.blocked, r.slots) {
-                (Some(slot), _) => Admission::Blocked { slot, max_running: r.max.unwrap_or(0) },
+                (Some(slot), _) => Admission::Blocked { slot, reason: r.reason.unwrap_or_default() },
                 (None, slots) => Admission::Admitted { slots: slots.unwrap_or_default() },
             };
             (TaskId::from(r.task), admission)
@@ -290,11 +283,15 @@ pub async fn admit(tx: &mut sqlx::PgConnection, ids: &[TaskId]) -> sqlx::Result<
 /// Puts aside queued tasks their admission blocked, until a slot frees: no dispatch
 /// (`dispatch_seq` negated, so no message on the bus can claim them), `blocked_on` the
 /// full slot, `wait_reason` saying so; each with a `task_deferred` audit entry.
-pub async fn set_aside(tx: &mut sqlx::PgConnection, blocked: &[(TaskId, String, i32)], now: i64) -> sqlx::Result<()> {
+/// `blocked`: each task, its full slot and why it waits.
+pub async fn set_aside(
+    tx: &mut sqlx::PgConnection,
+    blocked: &[(TaskId, String, String)],
+    now: i64,
+) -> sqlx::Result<()> {
     if blocked.is_empty() {
         return Ok(());
     }
-    let reasons: Vec<String> = blocked.iter().map(|(_, slot, max)| Admission::wait_reason(slot, *max)).collect();
     sqlx::query!(
         "WITH b AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS b(id, slot, reason, audit_id)),
          t AS (
@@ -306,7 +303,7 @@ pub async fn set_aside(tx: &mut sqlx::PgConnection, blocked: &[(TaskId, String, 
          SELECT audit_id, $5, 'task_deferred', 'llm_task', id, 'router', 'Lease deferred: ' || reason FROM t",
         blocked.iter().map(|(id, _, _)| id.as_str()).collect::<Vec<_>>() as _,
         blocked.iter().map(|(_, slot, _)| slot.as_str()).collect::<Vec<_>>() as _,
-        &reasons,
+        blocked.iter().map(|(_, _, reason)| reason.as_str()).collect::<Vec<_>>() as _,
         &blocked.iter().map(|_| new_id()).collect::<Vec<_>>(),
         now
     )

@@ -70,7 +70,7 @@ pub async fn assign(
                 admitted.push(id.0);
                 slots.push(Json(taken));
             }
-            Admission::Blocked { slot, max_running } => blocked.push((id, slot, max_running)),
+            Admission::Blocked { slot, reason } => blocked.push((id, slot, reason)),
         }
     }
     concurrency::set_aside(&mut tx, &blocked, now).await?;

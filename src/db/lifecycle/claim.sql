@@ -18,10 +18,6 @@ deferred AS (
    WHERE t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
        AND h.agent_slug = t.agent_slug AND h.until > $1
    RETURNING t.id, t.wait_reason),
-deferred_audit AS (
-   INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-   SELECT DISTINCT ON (d.id) r.audit_id, $1, 'task_deferred', 'llm_task', d.id, 'router', 'Claim deferred: ' || d.wait_reason
-   FROM deferred d JOIN r ON r.task_id = d.id ORDER BY d.id, r.audit_id),
 fit AS (
    SELECT r.* FROM fresh r JOIN room ON room.id = r.worker_id AND r.pos <= room.free),
 -- Concurrency limits (when any is set): the tasks that fit are locked, then admitted by
@@ -44,16 +40,16 @@ t AS (
    RETURNING t.id, t.context_id, r.lease_id, r.worker_id, r.ttl, r.audit_id, COALESCE(adm.admit_slots, '{}') AS slots),
 aside AS (
    UPDATE llm_tasks t SET dispatch_seq = -t.dispatch_seq, not_before = NULL, updated_at = $1, routed_to = NULL,
-          blocked_on = adm.admit_blocked,
-          wait_reason = 'concurrency limit of ' || regexp_replace(adm.admit_blocked, ':', ' ') || ' reached ('
-                        || adm.admit_max || ' running)'
+          blocked_on = adm.admit_blocked, wait_reason = adm.admit_reason
    FROM admitted adm
    WHERE t.id = ANY($3) AND t.id = adm.admit_task AND adm.admit_blocked IS NOT NULL
    RETURNING t.id, t.wait_reason),
-aside_audit AS (
+-- Tasks put back to wait, held by their agent or over a concurrency limit.
+deferred_audit AS (
    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
    SELECT DISTINCT ON (d.id) r.audit_id, $1, 'task_deferred', 'llm_task', d.id, 'router', 'Claim deferred: ' || d.wait_reason
-   FROM aside d JOIN r ON r.task_id = d.id ORDER BY d.id, r.audit_id),
+   FROM (SELECT id, wait_reason FROM deferred UNION ALL SELECT id, wait_reason FROM aside) d
+   JOIN r ON r.task_id = d.id ORDER BY d.id, r.audit_id),
 l AS (
    INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
                        context_id, slots)

@@ -85,9 +85,8 @@ pub async fn lease(
     // transaction rolls back). It stays queued; its dispatch on the bus is claimed (and
     // put aside) or it is leased again once a slot frees.
     let slots = match concurrency::admit(&mut tx, std::slice::from_ref(&task.id)).await?.pop() {
-        Some((_, Admission::Blocked { slot, max_running })) => {
-            let why = Admission::wait_reason(&slot, max_running);
-            return Err(TransitionError::Conflict(format!("Task is not leased: the {why}")));
+        Some((_, Admission::Blocked { reason, .. })) => {
+            return Err(TransitionError::Conflict(format!("Task is not leased: the {reason}")));
         }
         Some((_, Admission::Admitted { slots })) => slots,
         None => Vec::new(),
