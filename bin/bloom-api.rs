@@ -40,6 +40,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = ApiSettings::from_args(&cli.api, &cli.nats, &cli.membridge, &cli.db).map_err(anyhow::Error::msg)?;
     let names = cli.nats.names().map_err(anyhow::Error::msg)?;
     let limits = cli.api.concurrency_limits().map_err(anyhow::Error::msg)?;
+    let budgets = cli.api.budgets().map_err(anyhow::Error::msg)?;
     let addr: SocketAddr = format!("{}:{}", cli.api.host, cli.api.port)
         .parse()
         .context("BLOOM_RUNTIME_HOST/BLOOM_RUNTIME_PORT do not form a socket address")?;
@@ -59,6 +60,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let clock = bloom::time::Clock::system();
     for limit in &limits {
         bloom::db::concurrency::set(&pool, limit, true, clock.now_ms()).await.context("setting concurrency limits")?;
+    }
+    for budget in &budgets {
+        bloom::db::budgets::set(&pool, budget, true, clock.now_ms()).await.context("setting budgets")?;
     }
     let nats = bloom::bus::connect(&cli.nats.nats_url, "bloom-api").await.context("connecting to NATS (NATS_URL)")?;
     let metrics = Arc::new(Metrics::default());

@@ -268,6 +268,11 @@ pub struct ApiArgs {
     /// separated, e.g. `context_id:*=1,agent_slug:writer=4`.
     #[arg(long, env = "BLOOM_CONCURRENCY_LIMITS", default_value = "")]
     pub concurrency_limits: String,
+    /// Budgets set at start-up where the database has none for the same scope, key and
+    /// rule (budgets changed through the API are kept): `scope:key:<metric>-per-<period>=N`,
+    /// comma separated, e.g. `agent_slug:claude:usd-per-day=50,agent_slug:*:requests-per-minute=40`.
+    #[arg(long, env = "BLOOM_BUDGETS", default_value = "")]
+    pub budgets: String,
 }
 
 impl ApiArgs {
@@ -275,6 +280,11 @@ impl ApiArgs {
     pub fn concurrency_limits(&self) -> Result<Vec<crate::domain::ConcurrencyLimit>, String> {
         crate::domain::ConcurrencyLimit::parse_list(&self.concurrency_limits)
             .map_err(|e| format!("BLOOM_CONCURRENCY_LIMITS: {e}"))
+    }
+
+    /// The configured budgets, or what is wrong with them.
+    pub fn budgets(&self) -> Result<Vec<crate::domain::BudgetLimit>, String> {
+        crate::domain::BudgetLimit::parse_list(&self.budgets).map_err(|e| format!("BLOOM_BUDGETS: {e}"))
     }
 
     /// Production mode (`BLOOM_ENV=production` or `NODE_ENV=production`).

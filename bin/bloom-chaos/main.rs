@@ -35,7 +35,8 @@
 //! the three servers one after the other (SIGTERM, start, wait until caught up).
 //! `--scenario limits` SIGKILLs workers and reconcilers (2 s lease TTL) while concurrency
 //! limits allow one task per context and 12 of the agent at once: the active leases are
-//! sampled every 20 ms and must never exceed either, and every slot must be given back.
+//! sampled every 20 ms and must never exceed either, and every slot must be given back;
+//! a budget on the agent must have counted exactly one request per lease started.
 //! Every fifth fault of the mixed scenario has Postgres refuse writes for 2 s
 //! (`default_transaction_read_only`, as a primary being demoted in a failover).
 //! Exit status 0 only when every invariant holds. `--seed` replays a run.
@@ -411,6 +412,9 @@ async fn main() -> anyhow::Result<()> {
     env.push(("BLOOM_LEASE_TTL_SECS".into(), lease_ttl_secs.to_string()));
     if o.scenario == Scenario::Limits {
         env.push(("BLOOM_CONCURRENCY_LIMITS".into(), format!("context_id:*=1,agent_slug:chaos={AGENT_LIMIT}")));
+        // A budget that never holds anything back: each lease reserves one request on it,
+        // which must match the leases started, however processes die.
+        env.push(("BLOOM_BUDGETS".into(), "agent_slug:chaos:requests-per-day=1000000000".into()));
     }
     if o.scenario == Scenario::Mixed {
         // Artifacts go to S3, which has outages of its own. The reconciler-kill scenario
@@ -701,6 +705,13 @@ async fn main() -> anyhow::Result<()> {
             checks.push((
                 "concurrency slots not given back",
                 q("SELECT count(*) FROM concurrency_slots WHERE running <> 0").await?,
+            ));
+            checks.push((
+                "requests counted by the budget other than the leases started",
+                q("SELECT COALESCE(sum(abs(c.used::bigint - (SELECT count(*) FROM leases l JOIN llm_tasks t ON t.id = l.task_id
+                                                           WHERE t.agent_slug = 'chaos' AND l.started_at >= c.window_start))), 0)::bigint
+                   FROM budget_counters c WHERE c.counter = 'agent_slug:chaos:requests/day'")
+                .await?,
             ));
             json!({"samples": seen.samples, "most_active_per_context": seen.most_per_context,
                    "most_active_of_agent": seen.most_total, "agent_limit": AGENT_LIMIT,

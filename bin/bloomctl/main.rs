@@ -108,6 +108,20 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Budgets: list them (used and remaining in the current window, waiting tasks), set
+    /// or remove one. Rules: requests, tokens or usd per minute, hour or day
+    /// (`usd-per-day`); key `*` is each key of the scope without a budget of its own.
+    Budgets {
+        #[command(subcommand)]
+        command: Option<BudgetsCommand>,
+    },
+    /// What each key used of its budgets in the current window, most used first.
+    BudgetUsage {
+        #[arg(long, value_parser = ["context_id", "agent_slug", "concurrency_key"])]
+        scope: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
     /// What runs used and cost, per agent (or `--by context_id`), over the last
     /// `--hours` (default 24).
     Usage {
@@ -258,6 +272,31 @@ enum LimitsCommand {
         #[arg(value_parser = ["context_id", "agent_slug", "concurrency_key"])]
         scope: String,
         key: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BudgetsCommand {
+    /// Every budget (the default).
+    List,
+    /// At most `max` per window (0 holds the key's tasks); `--estimate`: what each run
+    /// reserves (tokens, USD), else the key's average so far.
+    Set {
+        #[arg(value_parser = ["context_id", "agent_slug", "concurrency_key"])]
+        scope: String,
+        key: String,
+        /// `<requests|tokens|usd>-per-<minute|hour|day>`
+        rule: String,
+        max: f64,
+        #[arg(long)]
+        estimate: Option<f64>,
+    },
+    /// Remove a budget: its waiting tasks are admitted again.
+    Delete {
+        #[arg(value_parser = ["context_id", "agent_slug", "concurrency_key"])]
+        scope: String,
+        key: String,
+        rule: String,
     },
 }
 
@@ -508,6 +547,56 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                     }
                 }
             }
+        }
+        Command::Budgets { command } => {
+            const COLUMNS: [(&str, &str); 8] = [
+                ("SCOPE", "/scope"),
+                ("KEY", "/key"),
+                ("RULE", "/rule"),
+                ("MAX", "/max"),
+                ("USED", "/used"),
+                ("REMAINING", "/remaining"),
+                ("WAITING", "/waiting"),
+                ("RESETS_AT", "/resets_at"),
+            ];
+            let budget_path = |scope: &str, key: &str, rule: &str| {
+                format!(
+                    "/api/runtime/budgets/{scope}/{}/{}",
+                    bloom::membridge::encode(key),
+                    bloom::membridge::encode(rule)
+                )
+            };
+            match command.unwrap_or(BudgetsCommand::List) {
+                BudgetsCommand::List => print(json_out, &api.get("/api/runtime/budgets").await?, &COLUMNS),
+                BudgetsCommand::Set { scope, key, rule, max, estimate } => {
+                    let body = serde_json::json!({"max": max, "estimate": estimate});
+                    let v = api.put(&budget_path(&scope, &key, &rule), &body).await?;
+                    print(json_out, &Value::Array(vec![v]), &COLUMNS);
+                }
+                BudgetsCommand::Delete { scope, key, rule } => {
+                    let v = api.delete(&budget_path(&scope, &key, &rule)).await?;
+                    if json_out {
+                        print(true, &v, &[]);
+                    } else {
+                        println!("removed {scope} {key} {rule}");
+                    }
+                }
+            }
+        }
+        Command::BudgetUsage { scope, limit } => {
+            let scope = scope.map(|s| format!("&scope={s}")).unwrap_or_default();
+            let v = api.get(&format!("/api/runtime/budget-usage?limit={limit}{scope}")).await?;
+            let columns = [
+                ("SCOPE", "/scope"),
+                ("KEY", "/key"),
+                ("METRIC", "/metric"),
+                ("PERIOD", "/period"),
+                ("MAX", "/max"),
+                ("USED", "/used"),
+                ("REMAINING", "/remaining"),
+                ("WAITING", "/waiting"),
+            ];
+            print(json_out, &v, &columns);
         }
         Command::Keys { scope, limit } => {
             let scope = scope.map(|s| format!("&scope={s}")).unwrap_or_default();

@@ -40,13 +40,19 @@ pub struct Removed {
     pub removed: bool,
 }
 
+/// The scope `s` names; a failure of `scope` when it names none.
+pub(super) fn scope_of(errors: &mut FieldErrors, s: &str) -> Option<ConcurrencyScope> {
+    let scope = ConcurrencyScope::parse(s);
+    if scope.is_none() {
+        errors.add("scope", format!("Expected context_id, agent_slug or concurrency_key, received '{s}'"));
+    }
+    scope
+}
+
 /// The limit a path names, checked: a 400 naming `scope` or `key`.
 fn limit_of(scope: &str, key: &str, max_running: i64) -> Result<ConcurrencyLimit, ApiError> {
     let mut errors = FieldErrors::default();
-    let parsed = ConcurrencyScope::parse(scope);
-    if parsed.is_none() {
-        errors.add("scope", format!("Expected context_id, agent_slug or concurrency_key, received '{scope}'"));
-    }
+    let parsed = scope_of(&mut errors, scope);
     let limit = parsed.map(|scope| ConcurrencyLimit::new(scope, key, max_running));
     if let Some(Err(e)) = &limit {
         let field = if e.starts_with("key") { "key" } else { "max_running" };
@@ -113,6 +119,21 @@ pub struct KeysQuery {
     limit: Option<String>,
 }
 
+impl KeysQuery {
+    /// The scope asked for (all when absent) and how many keys, checked: a 400 naming
+    /// `scope` or `limit`.
+    pub(super) fn read(&self) -> Result<(Option<ConcurrencyScope>, i64), ApiError> {
+        let mut errors = FieldErrors::default();
+        let limit = query_int(&mut errors, "limit", &self.limit, 1, MAX_KEYS).unwrap_or(DEFAULT_KEYS);
+        let scope = match self.scope.as_deref() {
+            None | Some("") => None,
+            Some(s) => scope_of(&mut errors, s),
+        };
+        errors.finish(())?;
+        Ok((scope, limit))
+    }
+}
+
 /// `GET /api/runtime/concurrency-keys[?scope=&limit=]` → the busiest keys under limits
 /// (running plus waiting, most first), with their limit.
 #[utoipa::path(get, path = "/api/runtime/concurrency-keys", tag = "concurrency", params(
@@ -120,18 +141,6 @@ pub struct KeysQuery {
     ("limit" = Option<i64>, Query, description = "keys listed, 1..1000, default 100")),
     responses((status = 200, body = Vec<KeyView>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn keys(State(state): State<AppState>, Query(q): Query<KeysQuery>) -> Result<Json<Vec<KeyView>>, ApiError> {
-    let mut errors = FieldErrors::default();
-    let limit = query_int(&mut errors, "limit", &q.limit, 1, MAX_KEYS).unwrap_or(DEFAULT_KEYS);
-    let scope = match q.scope.as_deref() {
-        None | Some("") => None,
-        Some(s) => {
-            let scope = ConcurrencyScope::parse(s);
-            if scope.is_none() {
-                errors.add("scope", format!("Expected context_id, agent_slug or concurrency_key, received '{s}'"));
-            }
-            scope
-        }
-    };
-    errors.finish(())?;
+    let (scope, limit) = q.read()?;
     Ok(Json(concurrency::keys(&state.pool, scope, limit).await?))
 }

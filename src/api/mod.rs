@@ -8,6 +8,7 @@
 pub mod agent_ops;
 pub mod auth;
 pub mod body;
+pub mod budgets;
 pub mod bulk;
 pub mod concurrency;
 pub mod dispatch;
@@ -187,6 +188,9 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         .routes(routes!(concurrency::list))
         .routes(routes!(concurrency::set, concurrency::remove))
         .routes(routes!(concurrency::keys))
+        .routes(routes!(budgets::list))
+        .routes(routes!(budgets::set, budgets::remove))
+        .routes(routes!(budgets::usage))
         .routes(routes!(projects::list, projects::create))
         .routes(routes!(projects::show, projects::remove))
         .routes(routes!(projects::node_status))

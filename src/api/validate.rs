@@ -207,6 +207,32 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// A required number in `min..=max`.
+    pub fn number_in(&mut self, key: &str, min: f64, max: f64) -> Option<f64> {
+        let v = self.required(key)?;
+        let Some(n) = v.as_f64() else {
+            self.fail(key, format!("Expected number, received {}", type_name(v)));
+            return None;
+        };
+        if n < min {
+            self.fail(key, format!("Number must be greater than or equal to {min}"));
+            return None;
+        }
+        if n > max {
+            self.fail(key, format!("Number must be less than or equal to {max}"));
+            return None;
+        }
+        Some(n)
+    }
+
+    /// An optional number in `min..=max` (absent or null → `None` inside).
+    pub fn opt_number_in(&mut self, key: &str, min: f64, max: f64) -> Option<Option<f64>> {
+        match self.raw(key) {
+            None | Some(Value::Null) => Some(None),
+            Some(_) => self.number_in(key, min, max).map(Some),
+        }
+    }
+
     /// An optional boolean, `default` when absent.
     pub fn boolean(&mut self, key: &str, default: bool) -> Option<bool> {
         match self.raw(key) {

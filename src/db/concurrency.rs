@@ -1,11 +1,11 @@
 //! Concurrency limits (`concurrency_limits`) and their slots (`concurrency_slots`): set,
-//! removed and read here; taken by every way of leasing a task (`bloom_admit`) and given
-//! back by the lease-end triggers (migration 0021).
+//! removed and read here; taken by every way of leasing a task (see [`super::admission`])
+//! and given back by the lease-end triggers (migration 0021).
 
 use serde::Serialize;
 use sqlx::{PgExecutor, PgPool};
 
-use crate::domain::{new_id, ConcurrencyLimit, ConcurrencyScope, TaskId, ANY_KEY};
+use crate::domain::{ConcurrencyLimit, ConcurrencyScope, ANY_KEY};
 
 /// A limit, with the keys it governs now.
 #[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
@@ -237,77 +237,4 @@ pub async fn keys(db: impl PgExecutor<'_>, scope: Option<ConcurrencyScope>, limi
     )
     .fetch_all(db)
     .await
-}
-
-/// Takes the limits' table lock a lease's transaction holds for its admission, before
-/// any row lock: a limit being set (which takes the table exclusively, then lease rows)
-/// then waits for the whole transaction, or the transaction waits for it, never each for
-/// the other. Claims take it with their statement.
-pub async fn hold_limits(tx: &mut sqlx::PgConnection) -> sqlx::Result<()> {
-    sqlx::query!("LOCK TABLE concurrency_limits IN ACCESS SHARE MODE").execute(&mut *tx).await?;
-    Ok(())
-}
-
-/// What the admission of a task about to be leased decided.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Admission {
-    /// Every slot of the task had room: the task took them (its lease must record them).
-    Admitted { slots: Vec<String> },
-    /// `slot` (`scope:key`) is full: the task waits, `reason` says so (its `wait_reason`).
-    Blocked { slot: String, reason: String },
-}
-
-/// Admits tasks about to be leased in `tx` (whose rows it has locked), in order: the
-/// admitted take their slots, under the slots' locks, so no limit is exceeded whatever
-/// runs concurrently; the transaction must lease exactly them, or roll back.
-pub async fn admit(tx: &mut sqlx::PgConnection, ids: &[TaskId]) -> sqlx::Result<Vec<(TaskId, Admission)>> {
-    let rows = sqlx::query!(
-        r#"SELECT admit_task AS "task!", admit_slots AS "slots?", admit_blocked AS "blocked?", admit_reason AS "reason?"
-           FROM bloom_admit($1)"#,
-        ids.iter().map(TaskId::as_str).collect::<Vec<_>>() as _
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            let admission = match (r.blocked, r.slots) {
-                (Some(slot), _) => Admission::Blocked { slot, reason: r.reason.unwrap_or_default() },
-                (None, slots) => Admission::Admitted { slots: slots.unwrap_or_default() },
-            };
-            (TaskId::from(r.task), admission)
-        })
-        .collect())
-}
-
-/// Puts aside queued tasks their admission blocked, until a slot frees: no dispatch
-/// (`dispatch_seq` negated, so no message on the bus can claim them), `blocked_on` the
-/// full slot, `wait_reason` saying so; each with a `task_deferred` audit entry.
-/// `blocked`: each task, its full slot and why it waits.
-pub async fn set_aside(
-    tx: &mut sqlx::PgConnection,
-    blocked: &[(TaskId, String, String)],
-    now: i64,
-) -> sqlx::Result<()> {
-    if blocked.is_empty() {
-        return Ok(());
-    }
-    sqlx::query!(
-        "WITH b AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS b(id, slot, reason, audit_id)),
-         t AS (
-            UPDATE llm_tasks t SET dispatch_seq = -abs(t.dispatch_seq), not_before = NULL, updated_at = $5,
-                   routed_to = NULL, blocked_on = b.slot, wait_reason = b.reason
-            FROM b WHERE t.id = b.id AND t.status = 'queued'
-            RETURNING t.id, b.reason, b.audit_id)
-         INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-         SELECT audit_id, $5, 'task_deferred', 'llm_task', id, 'router', 'Lease deferred: ' || reason FROM t",
-        blocked.iter().map(|(id, _, _)| id.as_str()).collect::<Vec<_>>() as _,
-        blocked.iter().map(|(_, slot, _)| slot.as_str()).collect::<Vec<_>>() as _,
-        blocked.iter().map(|(_, _, reason)| reason.as_str()).collect::<Vec<_>>() as _,
-        &blocked.iter().map(|_| new_id()).collect::<Vec<_>>(),
-        now
-    )
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
 }

@@ -3,8 +3,10 @@
 //! Postgres is the single source of truth. All task and lease state changes live in
 //! [`lifecycle`]; the other modules read and write the tables that have no state machine.
 
+pub mod admission;
 pub mod artifacts;
 pub mod audit;
+pub mod budgets;
 pub mod concurrency;
 pub mod dedicated;
 pub mod holds;

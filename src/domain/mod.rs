@@ -8,6 +8,7 @@
 
 pub mod artifact;
 pub mod audit;
+pub mod budget;
 pub mod concurrency;
 pub mod ids;
 pub mod json_number;
@@ -21,6 +22,7 @@ pub mod worker;
 
 pub use artifact::{Artifact, ArtifactBody};
 pub use audit::{AuditAction, AuditEntry, NewAudit};
+pub use budget::{BudgetLimit, BudgetMetric, BudgetPeriod, BudgetRule};
 pub use concurrency::{ConcurrencyLimit, ConcurrencyScope, ANY_KEY};
 pub use ids::{new_id, ArtifactId, LeaseId, ResultId, TaskId, WorkerId};
 pub use lease::{Lease, LeaseStatus};

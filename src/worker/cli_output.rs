@@ -124,6 +124,22 @@ fn failure_of(usage: &Usage, output: Option<&str>, rate_limit_rejected: bool) ->
     Some((kind, message(fallback)))
 }
 
+/// What a run reported it cost so far on one line of its output, when the line is a JSON
+/// object with `total_cost_usd` that is not the final result (the run is over then): a
+/// progress line, as a wrapper around the CLI prints while the run goes on.
+pub fn cost_so_far(line: &[u8]) -> Option<f64> {
+    const FIELD: &[u8] = b"total_cost_usd";
+    if !line.windows(FIELD.len()).any(|w| w == FIELD) {
+        return None;
+    }
+    match serde_json::from_slice::<Value>(line) {
+        Ok(Value::Object(o)) if o.get("type").and_then(Value::as_str) != Some("result") => {
+            o.get("total_cost_usd").and_then(Value::as_f64)
+        }
+        _ => None,
+    }
+}
+
 /// The reset time in a "usage limit reached|<epoch seconds>" message, in epoch ms.
 fn reset_in_message(text: &str) -> Option<i64> {
     let (_, tail) = text.rsplit_once('|')?;
@@ -151,6 +167,14 @@ mod tests {
         assert_eq!(r.usage.cache_creation_input_tokens, Some(7));
         assert_eq!(r.usage.session_id.as_deref(), Some("s1"));
         assert_eq!(r.usage.num_turns, Some(2));
+    }
+
+    #[test]
+    fn lines_that_report_a_cost_are_read() {
+        assert_eq!(cost_so_far(br#"{"type":"progress","total_cost_usd":0.25}"#), Some(0.25));
+        assert_eq!(cost_so_far(br#"{"type":"result","total_cost_usd":0.25}"#), None, "the end, not progress");
+        assert_eq!(cost_so_far(br#"{"type":"assistant","message":{}}"#), None);
+        assert_eq!(cost_so_far(b"total_cost_usd: 3"), None);
     }
 
     #[test]

@@ -22,12 +22,18 @@
 //! lines, see [`super::cli_output`]), the output is its `result`, the metrics carry what
 //! the run used and cost, and a failed run has its class; output that `desired_format`
 //! `json` cannot parse is an error of class `invalid_output`.
+//!
+//! `policy.budget` (USD, when above 0) is a hard cap: it is passed to the command, and a
+//! run whose output reports a cost above it (a `stream-json` line with `total_cost_usd`,
+//! read as the run goes) is killed at once; a run that ends reporting more than its
+//! budget fails too. Either is an error of class `max_budget` with the cost reported.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::cli_output;
@@ -102,7 +108,7 @@ async fn builtin(task: &TaskMessage, started: Instant) -> Outcome {
     }
     // Echoed as a command's stdout: a prompt that is the Claude CLI's output (usage,
     // cost, a rate limit) is read as the CLI's run would be.
-    parse_stdout(task.prompt.clone(), started)
+    parse_stdout(task.prompt.clone(), task.policy.budget, started)
 }
 
 fn check_format(outcome: Outcome, format: DesiredFormat, started: Instant) -> Outcome {
@@ -118,9 +124,16 @@ fn check_format(outcome: Outcome, format: DesiredFormat, started: Instant) -> Ou
     outcome
 }
 
-/// Reads at most `limit` bytes; `Err(())` when there was more.
-async fn read_bounded(mut r: impl AsyncReadExt + Unpin, limit: usize) -> Result<Vec<u8>, ()> {
+/// Reads at most `limit` bytes; `Err(())` when there was more. With `watch` (a budget
+/// above 0 and where to say it was passed), each complete line is read for the cost the
+/// run reports so far, and the first above the budget is sent.
+async fn read_bounded(
+    mut r: impl AsyncReadExt + Unpin,
+    limit: usize,
+    mut watch: Option<(f64, oneshot::Sender<f64>)>,
+) -> Result<Vec<u8>, ()> {
     let mut buf = Vec::new();
+    let mut scanned = 0;
     let mut chunk = [0u8; 16 * 1024];
     loop {
         match r.read(&mut chunk).await {
@@ -130,9 +143,26 @@ async fn read_bounded(mut r: impl AsyncReadExt + Unpin, limit: usize) -> Result<
                     return Err(());
                 }
                 buf.extend_from_slice(&chunk[..n]);
+                while let Some((budget, _)) = &watch {
+                    let Some(end) = buf[scanned..].iter().position(|&b| b == b'\n') else { break };
+                    let cost = cli_output::cost_so_far(&buf[scanned..scanned + end]);
+                    scanned += end + 1;
+                    if let Some(cost) = cost.filter(|c| c > budget) {
+                        if let Some((_, over)) = watch.take() {
+                            let _ = over.send(cost);
+                        }
+                    }
+                }
             }
         }
     }
+}
+
+/// A run stopped, or failed, for costing `cost` over its `budget`.
+fn over_budget(cost: f64, budget: f64, output: Option<String>, mut metrics: Metrics) -> Outcome {
+    metrics.usage.total_cost_usd = Some(cost);
+    let message = format!("the run cost ${cost}, above its budget of ${budget} (policy.budget)");
+    Outcome::error(message, output, metrics).kind(ErrorKind::MaxBudget)
 }
 
 /// Kills the process group when dropped.
@@ -199,12 +229,25 @@ async fn run_command(
     };
     let stdout = child.stdout.take().expect("stdout piped");
     let stderr = child.stderr.take().expect("stderr piped");
+    let budget = task.policy.budget;
+    let (over_tx, over_rx) = oneshot::channel();
+    let watch = (budget > 0.0).then_some((budget, over_tx));
     let work = async {
-        let (_, out, err, status) =
-            tokio::join!(feed, read_bounded(stdout, max_output), read_bounded(stderr, 64 * 1024), child.wait());
+        let (_, out, err, status) = tokio::join!(
+            feed,
+            read_bounded(stdout, max_output, watch),
+            read_bounded(stderr, 64 * 1024, None),
+            child.wait()
+        );
         (out, err, status)
     };
     let (out, err, status) = tokio::select! {
+        // Reported above its budget while running: stopped now (a closed channel, the
+        // output read to its end without that, disables this branch).
+        Ok(cost) = over_rx => {
+            kill_group(pid);
+            return Some(over_budget(cost, budget, None, metrics(started, Usage::default())));
+        }
         r = tokio::time::timeout(timeout, work) => match r {
             Ok(r) => r,
             Err(_) => {
@@ -225,11 +268,11 @@ async fn run_command(
     let stdout = String::from_utf8_lossy(&out).into_owned();
     let stderr_tail = err.map(|e| String::from_utf8_lossy(&e).trim().to_owned()).unwrap_or_default();
     match status {
-        Ok(s) if s.success() => Some(parse_stdout(stdout, started)),
+        Ok(s) if s.success() => Some(parse_stdout(stdout, budget, started)),
         Ok(s) => {
             // The CLI exits non-zero after a failed run: its own report says more.
             if let Some(report) = cli_output::parse(&stdout).filter(|r| r.failure.is_some()) {
-                return Some(from_report(report, stdout, started));
+                return Some(from_report(report, stdout, budget, started));
             }
             let code = s.code().map_or_else(|| "a signal".to_owned(), |c| format!("code {c}"));
             let msg = if stderr_tail.is_empty() {
@@ -244,17 +287,20 @@ async fn run_command(
 }
 
 /// Reads stdout as the Claude CLI's output when it is that, as plain output otherwise.
-fn parse_stdout(stdout: String, started: Instant) -> Outcome {
+fn parse_stdout(stdout: String, budget: f64, started: Instant) -> Outcome {
     match cli_output::parse(&stdout) {
-        Some(report) => from_report(report, stdout, started),
+        Some(report) => from_report(report, stdout, budget, started),
         None => success(stdout, started),
     }
 }
 
-/// The outcome the CLI's `report` describes (`stdout` is the output when it has no text).
-fn from_report(report: cli_output::Report, stdout: String, started: Instant) -> Outcome {
+/// The outcome the CLI's `report` describes (`stdout` is the output when it has no text);
+/// a success that cost more than a `budget` above 0 is a `max_budget` failure.
+fn from_report(report: cli_output::Report, stdout: String, budget: f64, started: Instant) -> Outcome {
     let metrics = metrics(started, report.usage);
+    let cost = metrics.usage.total_cost_usd.unwrap_or(0.0);
     let mut outcome = match report.failure {
+        None if budget > 0.0 && cost > budget => over_budget(cost, budget, report.output, metrics),
         None => Outcome::success(report.output.unwrap_or(stdout), metrics),
         Some((kind, message)) => Outcome::error(message, report.output, metrics).kind(kind),
     };
@@ -340,6 +386,31 @@ mod tests {
         assert_eq!(good.status, ResultStatus::Success, "{good:?}");
         assert_eq!(good.output.as_deref(), Some("{\"a\":1}"));
         assert_eq!(good.metrics.tokens_used, Some(12));
+    }
+
+    #[tokio::test]
+    async fn a_run_reporting_a_cost_above_its_budget_is_killed_at_once() {
+        let mut t = task("x", DesiredFormat::Text, 30);
+        t.policy.budget = 0.5;
+        let start = Instant::now();
+        let script = r#"echo '{"type":"assistant","total_cost_usd":0.2}'; echo '{"type":"assistant","total_cost_usd":0.75}'; sleep 30; echo never"#;
+        let out = cmd(script).run(&t, &CancellationToken::new()).await.unwrap();
+        assert_eq!(out.error_kind, Some(ErrorKind::MaxBudget), "{out:?}");
+        assert_eq!(out.metrics.usage.total_cost_usd, Some(0.75));
+        assert!(out.error_message.as_deref().unwrap().contains("above its budget of $0.5"), "{out:?}");
+        assert!(start.elapsed() < Duration::from_secs(10), "killed, not waited for");
+        // Under the budget: the run goes on to its result.
+        let fine = cmd(r#"echo '{"type":"assistant","total_cost_usd":0.2}'; echo '{"type":"result","subtype":"success","result":"ok","total_cost_usd":0.4}'"#)
+            .run(&t, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!((fine.status, fine.output.as_deref()), (ResultStatus::Success, Some("ok")), "{fine:?}");
+        // A result above the budget, at the end: a failure that keeps its output.
+        let late = cmd(r#"echo '{"type":"result","subtype":"success","result":"late","total_cost_usd":0.9}'"#)
+            .run(&t, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!((late.error_kind, late.output.as_deref()), (Some(ErrorKind::MaxBudget), Some("late")), "{late:?}");
     }
 
     #[tokio::test]

@@ -135,6 +135,22 @@ async fn submit_wait_list_show_and_exit_codes() {
     assert_eq!((code, out.trim()), (0, "removed concurrency_key team/a"));
     let (code, _, _) = run(&["limits", "delete", "concurrency_key", "team/a"]).await.unwrap();
     assert_eq!(code, 3, "not found");
+
+    // Budgets: set (a key with a slash), listed with what is used, removed.
+    let (code, out, err) =
+        run(&["budgets", "set", "agent_slug", "team/w", "usd-per-day", "2.5", "--estimate", "0.5"]).await.unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = run(&["budgets"]).await.unwrap();
+    assert_eq!(code, 0);
+    let row: Vec<&str> = out.lines().nth(1).unwrap_or_default().split_whitespace().collect();
+    assert_eq!(row[..7], ["agent_slug", "team/w", "usd-per-day", "2.5", "0.0", "2.5", "0"], "{out}");
+    let (code, _, err) = run(&["budgets", "set", "agent_slug", "x", "usd-per-week", "1"]).await.unwrap();
+    assert_ne!(code, 0, "an unknown rule is refused: {err}");
+    assert!(err.contains("rule"), "{err}");
+    let (code, out, _) = run(&["budget-usage"]).await.unwrap();
+    assert_eq!(code, 0, "{out}");
+    let (code, out, _) = run(&["budgets", "delete", "agent_slug", "team/w", "usd-per-day"]).await.unwrap();
+    assert_eq!((code, out.trim()), (0, "removed agent_slug team/w usd-per-day"));
     app.stop().await;
 }
 

@@ -12,6 +12,7 @@ mod api_auth;
 mod api_tasks;
 mod api_workers;
 mod bloomctl;
+mod budgets;
 mod cancel;
 mod concurrency;
 mod dedicated;

@@ -21,8 +21,12 @@ async fn every_documented_operation_is_routed() {
                 continue;
             }
             operations += 1;
-            let concrete =
-                path.replace("{id}", "x").replace("{cid}", "x").replace("{scope}", "context_id").replace("{key}", "x");
+            let concrete = path
+                .replace("{id}", "x")
+                .replace("{cid}", "x")
+                .replace("{scope}", "context_id")
+                .replace("{key}", "x")
+                .replace("{rule}", "usd-per-day");
             let req = match method {
                 "get" => app.http.get(app.url(&concrete)),
                 "post" => app.http.post(app.url(&concrete)).json(&serde_json::json!({})),
@@ -36,7 +40,7 @@ async fn every_documented_operation_is_routed() {
             assert!(body != r#"{"error":"Not found"}"#, "{method} {path} is documented but not routed");
         }
     }
-    assert_eq!(operations, 52, "documented operations");
+    assert_eq!(operations, 56, "documented operations");
     for schema in [
         "Task",
         "Lease",

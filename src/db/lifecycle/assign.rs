@@ -4,7 +4,7 @@
 use sqlx::types::Json;
 use sqlx::PgPool;
 
-use crate::db::concurrency::{self, Admission};
+use crate::db::admission::{self, Admission, Refused};
 use crate::db::rows::TaskRow;
 use crate::db::workers;
 use crate::domain::{
@@ -35,7 +35,7 @@ pub async fn assign(
     now: i64,
 ) -> sqlx::Result<Vec<Assigned>> {
     let mut tx = pool.begin().await?;
-    concurrency::hold_limits(&mut tx).await?;
+    admission::hold_limits(&mut tx).await?;
     let Some(agent) = workers::get_for_update(&mut tx, worker).await? else { return Ok(Vec::new()) };
     if agent.transport != WorkerTransport::Http || !agent.is_eligible() {
         return Ok(Vec::new());
@@ -59,21 +59,24 @@ pub async fn assign(
     )
     .fetch_all(&mut *tx)
     .await?;
-    // Concurrency limits: the tasks take their slots, or are put aside until one frees.
+    // Concurrency limits and budgets: the tasks take their slots and reserve on their
+    // budgets, or are put aside until a slot frees or the budget's window ends.
     let mut admitted: Vec<String> = Vec::new();
     let mut slots: Vec<Json<Vec<String>>> = Vec::new();
-    let mut blocked = Vec::new();
+    let mut charges: Vec<Json<serde_json::Value>> = Vec::new();
+    let mut refused = Vec::new();
     let ids: Vec<TaskId> = ids.into_iter().map(TaskId::from).collect();
-    for (id, admission) in concurrency::admit(&mut tx, &ids).await? {
-        match admission {
-            Admission::Admitted { slots: taken } => {
+    for (id, decision) in admission::admit(&mut tx, &ids, now).await? {
+        match decision {
+            Admission::Admitted { slots: taken, charges: reserved } => {
                 admitted.push(id.0);
                 slots.push(Json(taken));
+                charges.push(Json(reserved));
             }
-            Admission::Blocked { slot, reason } => blocked.push((id, slot, reason)),
+            Admission::Blocked { on, until, reason } => refused.push(Refused { task: id, on, until, reason }),
         }
     }
-    concurrency::set_aside(&mut tx, &blocked, now).await?;
+    admission::set_aside(&mut tx, &refused, now).await?;
     let ids = admitted;
     if ids.is_empty() {
         tx.commit().await?;
@@ -82,18 +85,20 @@ pub async fn assign(
     let lease_ids: Vec<String> = ids.iter().map(|_| LeaseId::generate().0).collect();
     let audit_ids: Vec<String> = ids.iter().map(|_| new_id()).collect();
     let rows = sqlx::query!(
-        r#"WITH r AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $8::jsonb[])
-                      AS r(task_id, lease_id, audit_id, slots)),
+        r#"WITH r AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $8::jsonb[], $9::jsonb[])
+                      AS r(task_id, lease_id, audit_id, slots, charges)),
            t AS (
               UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = $4,
                      attempts = t.attempts + 1, updated_at = $5, routed_to = NULL
               FROM r WHERE t.id = r.task_id AND t.status = 'queued'
               RETURNING t.*, r.audit_id, ARRAY(SELECT jsonb_array_elements_text(r.slots)) AS slots,
+                        r.charges,
                         LEAST(GREATEST(COALESCE((t.policy->>'timeout_sec')::int, 120), 1), 3600) + $6 AS ttl),
            l AS (
               INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
-                                  last_heartbeat, context_id, slots)
-              SELECT lease_id, id, $4, $5, $5 + LEAST(ttl, $7)::bigint * 1000, ttl, 'active', $5, context_id, slots
+                                  last_heartbeat, context_id, slots, charges)
+              SELECT lease_id, id, $4, $5, $5 + LEAST(ttl, $7)::bigint * 1000, ttl, 'active', $5, context_id, slots,
+                     charges
               FROM t),
            a AS (
               INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
@@ -114,7 +119,8 @@ pub async fn assign(
         now,
         margin_secs,
         pickup_secs,
-        &slots as _
+        &slots as _,
+        &charges as _
     )
     .fetch_all(&mut *tx)
     .await?;

@@ -20,29 +20,31 @@ deferred AS (
    RETURNING t.id, t.wait_reason),
 fit AS (
    SELECT r.* FROM fresh r JOIN room ON room.id = r.worker_id AND r.pos <= room.free),
--- Concurrency limits (when any is set): the tasks that fit are locked, then admitted by
--- their slots (`bloom_admit`, which takes the slots of those it admits); those over a
--- limit are put aside until a slot of theirs frees, and their claims refused.
+-- Concurrency limits and budgets (when any is set): the tasks that fit are locked, then
+-- admitted (`bloom_admit`, which takes the slots of those it admits and reserves on
+-- their budgets); those over a limit are put aside until a slot of theirs frees, those
+-- over a budget until its window ends, and their claims refused.
 limited AS MATERIALIZED (
-   SELECT EXISTS (SELECT 1 FROM concurrency_limits) AS on_),
+   SELECT EXISTS (SELECT 1 FROM concurrency_limits) OR EXISTS (SELECT 1 FROM budget_limits) AS on_),
 locked AS MATERIALIZED (
    SELECT t.id FROM llm_tasks t JOIN fit r ON t.id = r.task_id
    WHERE (SELECT on_ FROM limited) AND t.id = ANY($3) AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
    ORDER BY t.id FOR UPDATE OF t),
 admitted AS MATERIALIZED (
-   SELECT * FROM bloom_admit(ARRAY(SELECT DISTINCT id FROM locked ORDER BY id))),
+   SELECT * FROM bloom_admit(ARRAY(SELECT DISTINCT id FROM locked ORDER BY id), $1)),
 t AS (
    UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = r.worker_id,
           attempts = t.attempts + 1, updated_at = $1, routed_to = NULL
    FROM fit r LEFT JOIN admitted adm ON adm.admit_task = r.task_id
    WHERE t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
        AND (NOT (SELECT on_ FROM limited) OR adm.admit_slots IS NOT NULL)
-   RETURNING t.id, t.context_id, r.lease_id, r.worker_id, r.ttl, r.audit_id, COALESCE(adm.admit_slots, '{}') AS slots),
+   RETURNING t.id, t.context_id, r.lease_id, r.worker_id, r.ttl, r.audit_id, COALESCE(adm.admit_slots, '{}') AS slots,
+             COALESCE(adm.admit_charges, '[]') AS charges),
 aside AS (
-   UPDATE llm_tasks t SET dispatch_seq = -t.dispatch_seq, not_before = NULL, updated_at = $1, routed_to = NULL,
-          blocked_on = adm.admit_blocked, wait_reason = adm.admit_reason
+   UPDATE llm_tasks t SET dispatch_seq = -t.dispatch_seq, not_before = adm.admit_until, updated_at = $1,
+          routed_to = NULL, blocked_on = adm.admit_blocked, wait_reason = adm.admit_reason
    FROM admitted adm
-   WHERE t.id = ANY($3) AND t.id = adm.admit_task AND adm.admit_blocked IS NOT NULL
+   WHERE t.id = ANY($3) AND t.id = adm.admit_task AND adm.admit_slots IS NULL
    RETURNING t.id, t.wait_reason),
 -- Tasks put back to wait, held by their agent or over a concurrency limit.
 deferred_audit AS (
@@ -52,8 +54,8 @@ deferred_audit AS (
    JOIN r ON r.task_id = d.id ORDER BY d.id, r.audit_id),
 l AS (
    INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
-                       context_id, slots)
-   SELECT lease_id, id, worker_id, $1, $1 + ttl::bigint * 1000, ttl, 'active', $1, context_id, slots FROM t),
+                       context_id, slots, charges)
+   SELECT lease_id, id, worker_id, $1, $1 + ttl::bigint * 1000, ttl, 'active', $1, context_id, slots, charges FROM t),
 a AS (
    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
    SELECT audit_id, $1, 'task_leased', 'lease', lease_id, 'router',

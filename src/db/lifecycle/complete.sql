@@ -45,8 +45,10 @@ hold AS (
        reason = EXCLUDED.reason, updated_at = EXCLUDED.updated_at),
 w AS (SELECT r.*, COALESCE(t.worker_id, 'unknown') AS worker
       FROM r JOIN t ON t.id = r.task_id AND t.lease_id = r.lease_id),
+-- What the run used settles the budget reservations of its lease (the lease-end trigger).
 l AS (
-   UPDATE leases SET status = 'released'
+   UPDATE leases SET status = 'released', used_tokens = bloom_run_tokens(w.metrics),
+          used_usd = (w.metrics->>'total_cost_usd')::float8
    FROM w WHERE leases.id = w.lease_id AND (leases.status || '') = 'active'),
 art AS (
    INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags,

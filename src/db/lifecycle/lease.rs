@@ -3,7 +3,7 @@
 use sqlx::PgPool;
 
 use super::{conflict_on, not_due, task_not_found, TransitionError};
-use crate::db::concurrency::{self, Admission};
+use crate::db::admission::{self, Admission};
 use crate::db::{audit, holds, tasks, workers};
 use crate::domain::{
     pick_worker, AuditAction, Lease, LeaseId, LeaseStatus, NewAudit, Task, TaskId, TaskStatus, Worker, WorkerId,
@@ -33,7 +33,7 @@ pub async fn lease(
     now: i64,
 ) -> Result<(Lease, Worker), TransitionError> {
     let mut tx = pool.begin().await?;
-    concurrency::hold_limits(&mut tx).await?;
+    admission::hold_limits(&mut tx).await?;
     // Rows are locked worker first, then task, as claims lock them: the task is read
     // here and its `queued` status checked again by the guarded update below.
     let task: Task = tasks::get(&mut *tx, task_id).await?.ok_or_else(task_not_found)?;
@@ -81,17 +81,17 @@ pub async fn lease(
         let now = tasks::get(&mut *tx, task_id).await?.ok_or_else(task_not_found)?;
         return Err(if now.is_waiting() { not_due(&now) } else { conflict_on(now.status) });
     }
-    // Concurrency limits: the task, now locked, takes its slots or is not leased (the
-    // transaction rolls back). It stays queued; its dispatch on the bus is claimed (and
-    // put aside) or it is leased again once a slot frees.
-    let slots = match concurrency::admit(&mut tx, std::slice::from_ref(&task.id)).await?.pop() {
-        Some((_, Admission::Blocked { reason, .. })) => {
+    // Concurrency limits and budgets: the task, now locked, takes its slots and reserves
+    // on its budgets, or is not leased (the transaction rolls back). It stays queued; its
+    // dispatch on the bus is claimed (and put aside) or it is leased again later.
+    let admitted = admission::admit(&mut tx, std::slice::from_ref(&task.id), now).await?.pop();
+    let (slots, charges) = match admitted.map_or_else(Admission::free, |(_, a)| a) {
+        Admission::Blocked { reason, .. } => {
             return Err(TransitionError::Conflict(format!("Task is not leased: the {reason}")));
         }
-        Some((_, Admission::Admitted { slots })) => slots,
-        None => Vec::new(),
+        Admission::Admitted { slots, charges } => (slots, charges),
     };
-    insert_lease(&mut tx, &lease, &slots).await?;
+    insert_lease(&mut tx, &lease, &slots, &charges).await?;
     let entry = if req.dispatch {
         let detail = format!("Task {} dispatched to worker {}", task.id, worker.id);
         NewAudit::new(AuditAction::TaskDispatched, "llm_task", task.id.as_str(), "router", detail)
@@ -156,11 +156,16 @@ pub(super) fn new_lease(task: &Task, worker: &WorkerId, ttl_seconds: i32, now: i
     }
 }
 
-async fn insert_lease(db: &mut sqlx::PgConnection, lease: &Lease, slots: &[String]) -> sqlx::Result<()> {
+async fn insert_lease(
+    db: &mut sqlx::PgConnection,
+    lease: &Lease,
+    slots: &[String],
+    charges: &serde_json::Value,
+) -> sqlx::Result<()> {
     sqlx::query!(
         "INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
-                             context_id, slots)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                             context_id, slots, charges)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         lease.id.as_str(),
         lease.task_id.as_str(),
         lease.worker_id.as_str(),
@@ -170,7 +175,8 @@ async fn insert_lease(db: &mut sqlx::PgConnection, lease: &Lease, slots: &[Strin
         lease.status.as_str(),
         lease.last_heartbeat,
         lease.context_id,
-        slots
+        slots,
+        charges
     )
     .execute(db)
     .await?;
