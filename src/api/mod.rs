@@ -5,6 +5,7 @@
 //! JSON errors), body limit, then for `/api/*`: rate limit, API-key check. Handlers
 //! only parse, call `db`/`lifecycle`, and shape the response; they hold no SQL.
 
+pub mod activity;
 pub mod agent_ops;
 pub mod auth;
 pub mod body;
@@ -14,6 +15,7 @@ pub mod concurrency;
 pub mod dispatch;
 pub mod docs;
 pub mod error;
+pub mod failures;
 pub mod holds;
 pub mod membridge_proxy;
 pub mod projects;
@@ -24,6 +26,7 @@ pub mod schemas;
 pub mod submissions;
 pub mod submit;
 pub mod tasks;
+pub mod ui;
 pub mod usage;
 pub mod validate;
 pub mod web;
@@ -142,6 +145,8 @@ pub struct AppContext {
     /// The time handlers and transitions use (the system clock when deployed).
     pub clock: Clock,
     pub started: Instant,
+    /// The minutes of `GET /activity` that have ended.
+    pub activity: activity::ActivityCache,
 }
 
 /// The API's routes with their OpenAPI description: both come from the same
@@ -184,6 +189,8 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         .routes(routes!(reads::audit))
         .routes(routes!(reads::stats))
         .routes(routes!(usage::usage))
+        .routes(routes!(failures::failures))
+        .routes(routes!(activity::activity))
         .routes(routes!(holds::list))
         .routes(routes!(concurrency::list))
         .routes(routes!(concurrency::set, concurrency::remove))
@@ -254,6 +261,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }))
         .merge(docs::routes())
+        .merge(ui::routes())
         .merge(api)
         .layer(DefaultBodyLimit::max(s.body_limit_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), edge))
@@ -423,5 +431,6 @@ pub async fn build_state(
         settings: Arc::new(settings),
         clock,
         started: Instant::now(),
+        activity: activity::ActivityCache::default(),
     })))
 }

@@ -6,7 +6,7 @@ use axum::Json;
 use serde::Deserialize;
 
 use super::schemas::ErrorBody;
-use super::validate::{query_int, FieldErrors};
+use super::validate::{query_int, query_range, FieldErrors};
 use super::{ApiError, AppState};
 use crate::db::usage::{self, UsageGroup, UsageReport};
 
@@ -36,10 +36,8 @@ pub struct UsageQuery {
     responses((status = 200, body = UsageReport), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn usage(State(state): State<AppState>, Query(q): Query<UsageQuery>) -> Result<Json<UsageReport>, ApiError> {
     let mut errors = FieldErrors::default();
-    let mut int = |name: &str, v: &Option<String>, min: i64, max: i64| query_int(&mut errors, name, v, min, max);
-    let to = int("to", &q.to, 0, i64::MAX).unwrap_or_else(|| state.clock.now_ms());
-    let from = int("from", &q.from, 0, i64::MAX).unwrap_or(to.saturating_sub(DEFAULT_RANGE_MS));
-    let limit = int("limit", &q.limit, 1, MAX_GROUPS).unwrap_or(DEFAULT_GROUPS);
+    let (from, to) = query_range(&mut errors, &q.from, &q.to, state.clock.now_ms(), DEFAULT_RANGE_MS);
+    let limit = query_int(&mut errors, "limit", &q.limit, 1, MAX_GROUPS).unwrap_or(DEFAULT_GROUPS);
     let group = match q.group_by.as_deref() {
         None | Some("") => UsageGroup::AgentSlug,
         Some(s) => UsageGroup::parse(s).unwrap_or_else(|| {
@@ -47,9 +45,6 @@ pub async fn usage(State(state): State<AppState>, Query(q): Query<UsageQuery>) -
             UsageGroup::AgentSlug
         }),
     };
-    if from > to {
-        errors.add("from", "from must not be after to");
-    }
     errors.finish(())?;
     Ok(Json(usage::report(&state.pool, group, from, to, limit).await?))
 }

@@ -54,6 +54,24 @@ pub fn query_int(errors: &mut FieldErrors, name: &str, v: &Option<String>, min: 
     }
 }
 
+/// The time range `[from, to)` of query parameters `from` and `to` (epoch ms): `to`
+/// defaults to `now`, `from` to `default_ms` before `to`; `from` after `to` is filed
+/// under `from`.
+pub fn query_range(
+    errors: &mut FieldErrors,
+    from: &Option<String>,
+    to: &Option<String>,
+    now: i64,
+    default_ms: i64,
+) -> (i64, i64) {
+    let to = query_int(errors, "to", to, 0, i64::MAX).unwrap_or(now);
+    let from = query_int(errors, "from", from, 0, i64::MAX).unwrap_or(to.saturating_sub(default_ms));
+    if from > to {
+        errors.add("from", "from must not be after to");
+    }
+    (from, to)
+}
+
 fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",

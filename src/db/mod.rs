@@ -3,12 +3,14 @@
 //! Postgres is the single source of truth. All task and lease state changes live in
 //! [`lifecycle`]; the other modules read and write the tables that have no state machine.
 
+pub mod activity;
 pub mod admission;
 pub mod artifacts;
 pub mod audit;
 pub mod budgets;
 pub mod concurrency;
 pub mod dedicated;
+pub mod failures;
 pub mod holds;
 pub mod idempotency;
 pub mod leader;

@@ -40,6 +40,24 @@ async fn api_key_protects_everything_but_the_open_routes() {
     }
     let r = http.get(app.url("/api/runtime/workers")).header("X-Runtime-Api-Key", "s3cret-key").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    // The dashboard's files are public, hold no secret and may run only themselves; what
+    // they call is not.
+    for (path, kind) in
+        [("/ui", "text/html"), ("/ui/", "text/html"), ("/ui/app.js", "text/javascript"), ("/ui/app.css", "text/css")]
+    {
+        let r = http.get(app.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        assert!(header("content-type").starts_with(kind), "{path}");
+        assert!(header("content-security-policy").contains("script-src 'self'"), "{path}");
+        assert!(!r.text().await.unwrap().contains("s3cret-key"), "{path}");
+    }
+    for path in ["/ui/../api/runtime/workers", "/ui/missing.js"] {
+        let r = http.get(app.url(path)).send().await.unwrap();
+        assert_ne!(r.status(), StatusCode::OK, "{path}");
+    }
+    let r = http.get(app.url("/api/runtime/failures")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     app.stop().await;
 }
 

@@ -17,10 +17,12 @@ mod cancel;
 mod concurrency;
 mod dedicated;
 mod dispatch;
+
 mod lifecycle_races;
 mod llm_outcomes;
 mod membridge;
 mod openapi;
+mod operator_views;
 mod payloads;
 mod plans;
 mod processes;

@@ -1,0 +1,106 @@
+//! What the dashboard reads beyond the task API: `GET /api/runtime/failures` (failed
+//! and dead tasks grouped by why they failed, with what their runs cost, and the ids a
+//! bulk requeue takes) and `GET /api/runtime/activity` (runs and dispatches per minute).
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::common::TestApp;
+
+/// Submits a task of `agent`, leases it over REST and completes it with `outcome`.
+async fn run(app: &TestApp, agent: &str, outcome: Value) -> String {
+    let id = app.submit_with(json!({"context_id": "c", "agent_slug": agent, "prompt": "p", "max_attempts": 1})).await
+        ["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = app.post(&format!("/api/runtime/llm-tasks/{id}/lease"), json!({})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = app.post(&format!("/api/runtime/llm-tasks/{id}/complete"), outcome).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    id
+}
+
+fn error(kind: &str, message: &str, cost: f64) -> Value {
+    json!({"status": "error", "error_kind": kind, "error_message": message,
+           "metrics": {"duration_ms": 5, "total_cost_usd": cost}})
+}
+
+#[tokio::test]
+async fn failed_tasks_are_grouped_by_agent_class_and_message_with_their_cost() {
+    let app = TestApp::spawn().await;
+    app.register_worker("rest", 10).await;
+    let turns = [
+        run(&app, "writer", error("max_turns", "the agent reached its turn limit", 0.5)).await,
+        run(&app, "writer", error("max_turns", "the agent reached its turn limit", 0.25)).await,
+    ];
+    let invalid = run(&app, "writer", error("invalid_output", "output is not valid JSON", 0.125)).await;
+    let critic = run(&app, "critic", error("max_turns", "the agent reached its turn limit", 1.0)).await;
+    run(&app, "writer", json!({"status": "success", "output": "fine", "metrics": {"duration_ms": 5}})).await;
+
+    let (status, report) = app.get("/api/runtime/failures").await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    let groups = report["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 3, "{report}");
+    let first = &groups[0];
+    assert_eq!(
+        (first["agent_slug"].as_str(), first["error_kind"].as_str(), first["tasks"].as_i64(), first["runs"].as_i64()),
+        (Some("writer"), Some("max_turns"), Some(2), Some(2)),
+        "the largest group first: {report}"
+    );
+    assert_eq!(first["reason"], "the agent reached its turn limit");
+    assert_eq!(first["cost_usd"], 0.75);
+    let mut ids: Vec<String> = serde_json::from_value(first["task_ids"].clone()).unwrap();
+    ids.sort();
+    let mut expected = turns.to_vec();
+    expected.sort();
+    assert_eq!(ids, expected);
+    let of = |agent: &str, kind: &str| {
+        groups.iter().find(|g| g["agent_slug"] == agent && g["error_kind"] == kind).cloned().unwrap_or(Value::Null)
+    };
+    assert_eq!(of("writer", "invalid_output")["task_ids"], json!([invalid]));
+    assert_eq!(of("critic", "max_turns")["task_ids"], json!([critic]));
+
+    // The group's ids requeue it in bulk.
+    let (status, dry) =
+        app.post("/api/runtime/llm-tasks/requeue", json!({"ids": first["task_ids"], "dry_run": true})).await;
+    assert_eq!((status, dry["matched"].as_i64()), (StatusCode::OK, Some(2)), "{dry}");
+
+    // A range before them: nothing; bad ranges and limits are 400s naming the parameter.
+    let (_, empty) = app.get("/api/runtime/failures?from=0&to=1").await;
+    assert_eq!(empty["groups"], json!([]));
+    for (query, field) in [("from=x", "from"), ("limit=0", "limit"), ("from=10&to=5", "from"), ("limit=501", "limit")] {
+        let (status, body) = app.get(&format!("/api/runtime/failures?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        assert!(body.to_string().contains(field), "{query}: {body}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn activity_counts_runs_and_dispatches_per_minute_with_their_latencies() {
+    let app = TestApp::spawn().await;
+    app.register_worker("rest", 10).await;
+    run(&app, "writer", json!({"status": "success", "output": "ok", "metrics": {"duration_ms": 5}})).await;
+    run(&app, "writer", error("provider", "overloaded", 0.1)).await;
+    let (status, body) = app.get("/api/runtime/activity?minutes=5").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let minutes = body["minutes"].as_array().unwrap();
+    assert_eq!(minutes.len(), 5, "one point per minute: {body}");
+    let starts: Vec<i64> = minutes.iter().map(|m| m["minute"].as_i64().unwrap()).collect();
+    assert!(starts.windows(2).all(|w| w[1] - w[0] == 60_000), "{starts:?}");
+    let sum = |k: &str| minutes.iter().map(|m| m[k].as_i64().unwrap()).sum::<i64>();
+    assert_eq!((sum("completed"), sum("failed"), sum("dispatched")), (1, 1, 2), "{body}");
+    let busy = minutes.iter().find(|m| m["dispatched"].as_i64() > Some(0)).unwrap();
+    assert!(busy["dispatch_p50_ms"].as_f64().is_some_and(|v| v >= 0.0), "{busy}");
+    assert!(busy["dispatch_p99_ms"].as_f64() >= busy["dispatch_p50_ms"].as_f64(), "{busy}");
+    // Asked again: the same (ended minutes come from memory, the current one is read).
+    let (_, again) = app.get("/api/runtime/activity?minutes=5").await;
+    assert_eq!(again["minutes"].as_array().map(Vec::len), Some(5));
+    for bad in ["minutes=0", "minutes=181", "minutes=x"] {
+        let (status, body) = app.get(&format!("/api/runtime/activity?{bad}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(body.to_string().contains("minutes"), "{body}");
+    }
+    app.stop().await;
+}
