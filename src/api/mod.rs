@@ -173,6 +173,7 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         .routes(routes!(submissions::create_batch))
         .routes(routes!(tasks::show))
         .routes(routes!(tasks::results))
+        .routes(routes!(tasks::history))
         .routes(routes!(tasks::lease))
         .routes(routes!(tasks::heartbeat))
         .routes(routes!(tasks::complete))

@@ -104,6 +104,30 @@ pub async fn results(
     Ok(Json(crate::db::results::for_task(&state.pool, &task.id).await?))
 }
 
+/// Most leases and audit entries a task's history lists.
+const HISTORY_LEASES: i64 = 100;
+const HISTORY_ENTRIES: i64 = 500;
+
+/// A task's leases and audit trail.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct TaskHistory {
+    /// Oldest first, at most 100.
+    pub leases: Vec<crate::domain::Lease>,
+    /// The entries about the task and its leases, oldest first, at most 500.
+    pub audit: Vec<crate::domain::AuditEntry>,
+}
+
+/// `GET /api/runtime/llm-tasks/:id/history` → the task's leases (which worker ran it,
+/// when, how each ended) and its audit trail (an addition).
+#[utoipa::path(get, path = "/api/runtime/llm-tasks/{id}/history", tag = "tasks", params(("id" = String, Path, description = "Task id")), responses((status = 200, body = TaskHistory), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn history(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<TaskHistory>, ApiError> {
+    let task = lifecycle::current(&state.pool, &TaskId(id)).await?;
+    let leases = crate::db::leases::of_task(&state.pool, &task.id, HISTORY_LEASES).await?;
+    let entities: Vec<&str> = std::iter::once(task.id.as_str()).chain(leases.iter().map(|l| l.id.as_str())).collect();
+    let audit = crate::db::audit::of_entities(&state.pool, &entities, HISTORY_ENTRIES).await?;
+    Ok(Json(TaskHistory { leases, audit }))
+}
+
 /// `POST /api/runtime/llm-tasks/:id/lease` `{worker_id?, ttl_seconds?}` → 201 `{lease, worker}`.
 #[utoipa::path(post, path = "/api/runtime/llm-tasks/{id}/lease", tag = "tasks", params(("id" = String, Path, description = "Task id")), request_body = LeaseBody, responses((status = 201, body = LeaseResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn lease(

@@ -47,3 +47,17 @@ pub async fn list(db: impl PgExecutor<'_>, page: &Page) -> sqlx::Result<Vec<Audi
     .fetch_all(db)
     .await
 }
+
+/// The entries about any of `entities` (a task and its leases), oldest first, at most
+/// `limit`.
+pub async fn of_entities(db: impl PgExecutor<'_>, entities: &[&str], limit: i64) -> sqlx::Result<Vec<AuditEntry>> {
+    sqlx::query_as!(
+        AuditEntry,
+        "SELECT id, timestamp, action, entity_type, entity_id, actor, detail FROM audit_logs
+         WHERE entity_id = ANY($1) ORDER BY timestamp, id LIMIT $2",
+        entities as _,
+        limit
+    )
+    .fetch_all(db)
+    .await
+}

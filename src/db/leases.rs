@@ -3,7 +3,7 @@
 use sqlx::PgExecutor;
 
 use super::Page;
-use crate::domain::{Lease, LeaseId, LeaseStatus, WorkerId};
+use crate::domain::{Lease, LeaseId, LeaseStatus, TaskId, WorkerId};
 
 /// One lease.
 pub async fn get(db: impl PgExecutor<'_>, id: &LeaseId) -> sqlx::Result<Option<Lease>> {
@@ -45,6 +45,20 @@ pub async fn active_for_worker(db: impl PgExecutor<'_>, worker: &WorkerId) -> sq
                   last_heartbeat, context_id
            FROM leases WHERE worker_id = $1 AND status = 'active' ORDER BY started_at DESC"#,
         worker.as_str()
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// The leases of a task, oldest first, at most `limit`.
+pub async fn of_task(db: impl PgExecutor<'_>, task: &TaskId, limit: i64) -> sqlx::Result<Vec<Lease>> {
+    sqlx::query_as!(
+        Lease,
+        r#"SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status AS "status: LeaseStatus",
+                  last_heartbeat, context_id
+           FROM leases WHERE task_id = $1 ORDER BY started_at, id LIMIT $2"#,
+        task.as_str(),
+        limit
     )
     .fetch_all(db)
     .await

@@ -13,12 +13,14 @@ pub enum LeaseStatus {
     Expired,
     Released,
     Failed,
+    /// Ended by a cancellation of its task (an addition, with `POST .../cancel`).
+    Cancelled,
 }
 
 impl LeaseStatus {
     /// All statuses.
-    pub const ALL: [LeaseStatus; 4] =
-        [LeaseStatus::Active, LeaseStatus::Expired, LeaseStatus::Released, LeaseStatus::Failed];
+    pub const ALL: [LeaseStatus; 5] =
+        [LeaseStatus::Active, LeaseStatus::Expired, LeaseStatus::Released, LeaseStatus::Failed, LeaseStatus::Cancelled];
 
     /// The status as stored and serialized.
     pub fn as_str(self) -> &'static str {
@@ -27,6 +29,7 @@ impl LeaseStatus {
             LeaseStatus::Expired => "expired",
             LeaseStatus::Released => "released",
             LeaseStatus::Failed => "failed",
+            LeaseStatus::Cancelled => "cancelled",
         }
     }
 

@@ -76,6 +76,11 @@ async fn a_running_task_is_cancelled_and_its_executor_process_group_killed_withi
     eprintln!("cancel: the executor's processes were gone {gone_after:?} after the request");
     let lease: String = sqlx::query_scalar("SELECT status FROM leases").fetch_one(&app.pool).await.unwrap();
     assert_eq!(lease, "cancelled");
+    // The lease reads as it is stored, in the lease list and in the task's history.
+    let (status, leases) = app.get("/api/runtime/leases?status=cancelled").await;
+    assert_eq!((status, leases.as_array().map(Vec::len)), (StatusCode::OK, Some(1)), "{leases}");
+    let (status, history) = app.get(&format!("/api/runtime/llm-tasks/{id}/history")).await;
+    assert_eq!((status, history["leases"][0]["status"].as_str()), (StatusCode::OK, Some("cancelled")), "{history}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = std::fs::remove_file(&pid_file);
     assert_eq!(app.status_of(&id).await, "cancelled", "never completed");

@@ -104,3 +104,21 @@ async fn activity_counts_runs_and_dispatches_per_minute_with_their_latencies() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_tasks_history_lists_its_leases_and_audit_trail() {
+    let app = TestApp::spawn().await;
+    app.register_worker("rest", 10).await;
+    let id = run(&app, "writer", error("provider", "overloaded", 0.1)).await;
+    let (status, history) = app.get(&format!("/api/runtime/llm-tasks/{id}/history")).await;
+    assert_eq!(status, StatusCode::OK, "{history}");
+    let leases = history["leases"].as_array().unwrap();
+    assert_eq!(leases.len(), 1, "{history}");
+    assert_eq!((leases[0]["worker_id"].as_str(), leases[0]["status"].as_str()), (Some("rest"), Some("released")));
+    let actions: Vec<&str> =
+        history["audit"].as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["task_created", "task_leased", "task_completed"], "the task's and its lease's, oldest first");
+    let (status, _) = app.get("/api/runtime/llm-tasks/missing/history").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    app.stop().await;
+}

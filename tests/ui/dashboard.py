@@ -127,12 +127,23 @@ def main():
         page.click("nav >> text=Tasks")
         expect(page.locator("h1")).to_have_text("Tasks")
         expect(page.locator("tbody tr")).to_have_count(50)
+        expect(page.locator("main")).not_to_contain_text("null")
         page.screenshot(path=str(shots / "tasks.png"), full_page=True)
         page.click("#next-page")
         expect(page.locator("tbody tr")).to_have_count(10)
         page.select_option("#f-status", "failed")
         page.click("form.filters button[type=submit]")
         expect(page.locator("tbody tr")).to_have_count(2)
+        # A time range after every task: none; before every task: none either.
+        page.select_option("#f-status", "")
+        page.fill("#f-from", "2100-01-01T00:00")
+        page.click("form.filters button[type=submit]")
+        expect(page.locator("main")).to_contain_text("No task matches.")
+        page.fill("#f-from", "")
+        page.fill("#f-to", "2000-01-01T00:00")
+        page.click("form.filters button[type=submit]")
+        expect(page.locator("main")).to_contain_text("No task matches.")
+        page.fill("#f-to", "")
         page.fill("#f-agent_slug", "nobody")
         page.click("form.filters button[type=submit]")
         expect(page.locator("main")).to_contain_text("No task matches.")
@@ -179,12 +190,17 @@ def main():
         page.click("button:has-text('Cancel')")
         expect(page.locator("#action-result")).to_contain_text("Cancel: the task is now cancelled")
         wait("the cancel in the database", lambda: db_status(args.database_url, long_run) == "cancelled", timeout=10)
+        expect(page.locator("h1")).to_contain_text("cancelled")  # the page shows it after the action
+        expect(page.locator("main")).to_contain_text("task_cancelled")
         page.screenshot(path=str(shots / "task-cancelled.png"), full_page=True)
 
         # A completed task shows its result and artifact.
         page.goto(f"{args.base}/ui#/tasks/{done[0]}")
         expect(page.locator("main")).to_contain_text("hello 0")
         expect(page.locator("main")).to_contain_text("Artifacts (1)")
+        expect(page.locator("main")).to_contain_text("Leases (1)")
+        for action in ("task_created", "task_leased", "task_completed"):
+            expect(page.locator("main")).to_contain_text(action)
 
         # Workers and audit.
         page.click("nav >> text=Workers")

@@ -48,7 +48,7 @@ function table(columns, rows, empty = "Nothing here.") {
 }
 
 function render(...nodes) {
-  main.replaceChildren(...nodes);
+  main.replaceChildren(...nodes.flat().filter((n) => n !== null && n !== undefined && n !== false));
 }
 
 // ---- API ---------------------------------------------------------------------------
@@ -201,6 +201,12 @@ const STATUSES = ["", "queued", "leased", "running", "completed", "failed", "dea
 async function tasks(r, params) {
   const q = new URLSearchParams();
   for (const k of ["status", "agent_slug", "context_id", "priority", "cursor"]) if (params.get(k)) q.set(k, params.get(k));
+  // The time range: `from` and `to` as UTC date-times (the inputs' values).
+  const utc = (v) => (v ? Date.parse(`${v}Z`) : NaN);
+  const range = {};
+  if (!Number.isNaN(utc(params.get("from")))) range.created_from = utc(params.get("from"));
+  if (!Number.isNaN(utc(params.get("to")))) range.created_to = utc(params.get("to"));
+  for (const [k, v] of Object.entries(range)) q.set(k, v);
   q.set("limit", "50");
   const { body: rows, next } = await api(`/api/runtime/llm-tasks?${q}`);
   if (r !== route) return;
@@ -217,12 +223,15 @@ async function tasks(r, params) {
     field("context_id", "Context", h("input", { id: "f-context_id", name: "context_id", value: params.get("context_id") || "" })),
     field("priority", "Priority", h("select", { id: "f-priority", name: "priority" },
       ["", "2", "1", "0", "-1", "-2"].map((p) => h("option", { value: p, selected: p === (params.get("priority") || "") }, p || "any")))),
+    field("from", "Created from (UTC)", h("input", { id: "f-from", name: "from", type: "datetime-local", value: params.get("from") || "" })),
+    field("to", "Created before (UTC)", h("input", { id: "f-to", name: "to", type: "datetime-local", value: params.get("to") || "" })),
     h("button", { type: "submit" }, "Filter"));
   const bulk = h("div", { id: "bulk" });
   const selection = {};
   for (const k of ["agent_slug", "context_id"]) if (params.get(k)) selection[k] = params.get(k);
   if (["queued", "leased", "running"].includes(params.get("status"))) selection.status = [params.get("status")];
   if (params.get("priority")) selection.priority = Number(params.get("priority"));
+  Object.assign(selection, range);
   const cancelMatching = async () => {
     const { body: dry } = await api("/api/runtime/llm-tasks/cancel", { method: "POST", body: { ...selection, dry_run: true } });
     const { body: usage } = await api("/api/runtime/usage?group_by=agent_slug&limit=1000");
@@ -262,8 +271,9 @@ async function tasks(r, params) {
 
 async function task(r, id) {
   const enc = encodeURIComponent(id);
-  const [{ body: t }, { body: results }, { body: artifacts }] = await Promise.all([
+  const [{ body: t }, { body: results }, { body: artifacts }, { body: history }] = await Promise.all([
     api(`/api/runtime/llm-tasks/${enc}`), api(`/api/runtime/llm-tasks/${enc}/results`), api(`/api/runtime/artifacts?task_id=${enc}`),
+    api(`/api/runtime/llm-tasks/${enc}/history`),
   ]);
   if (r !== route) return;
   const costed = results.filter((x) => x.metrics.total_cost_usd !== undefined);
@@ -317,6 +327,22 @@ async function task(r, id) {
       ["Created", (a) => iso(a.created_at)],
       ["Content", (a) => h("button", { type: "button", onclick: () => download(a.id) }, "Download")],
     ], artifacts, "No artifact."),
+    h("h2", {}, `Leases (${history.leases.length})`),
+    table([
+      ["Lease", (l) => h("code", {}, l.id)],
+      ["Worker", (l) => l.worker_id],
+      ["Started", (l) => iso(l.started_at)],
+      ["Last heartbeat", (l) => iso(l.last_heartbeat)],
+      ["Expires", (l) => iso(l.expires_at)],
+      ["Status", (l) => l.status],
+    ], history.leases, "Never leased."),
+    h("h2", {}, "Audit trail"),
+    table([
+      ["Time", (a) => iso(a.timestamp)],
+      ["Action", (a) => a.action],
+      ["Actor", (a) => a.actor],
+      ["Detail", (a) => a.detail],
+    ], history.audit, "No entry."),
   );
 }
 
