@@ -130,12 +130,6 @@ async fn wake(
     .rows_affected())
 }
 
-/// Whether any budget is set.
-pub async fn any_budget(db: impl PgExecutor<'_>) -> sqlx::Result<bool> {
-    let any = sqlx::query_scalar!(r#"SELECT EXISTS (SELECT 1 FROM budget_limits) AS "any!""#).fetch_one(db).await?;
-    Ok(any)
-}
-
 /// Every budget, with what its keys used in the window current at `now`.
 pub async fn list(db: impl PgExecutor<'_>, now: i64) -> sqlx::Result<Vec<BudgetView>> {
     let rows = sqlx::query!(
