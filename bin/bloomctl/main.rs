@@ -83,12 +83,21 @@ enum Command {
         #[command(subcommand)]
         command: ArtifactsCommand,
     },
-    /// The audit log, newest last; `--follow` keeps printing new entries.
+    /// The audit log, newest last; `--follow` keeps printing new entries. Filters match
+    /// exactly: `--action task_cancelled`, `--entity <task, lease or worker id>`.
     Audit {
         #[arg(long, default_value_t = 20)]
         limit: u32,
         #[arg(long, short)]
         follow: bool,
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long)]
+        entity_type: Option<String>,
+        #[arg(long = "entity")]
+        entity_id: Option<String>,
+        #[arg(long)]
+        actor: Option<String>,
     },
     /// Task, lease and worker counts.
     Stats,
@@ -509,7 +518,19 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 println!("{text}");
             }
         },
-        Command::Audit { limit, follow } => return audit(&api, limit, follow, json_out).await,
+        Command::Audit { limit, follow, action, entity_type, entity_id, actor } => {
+            let path = format!(
+                "/api/runtime/audit{}",
+                query(&[
+                    ("limit", Some(limit.clamp(1, 1000).to_string())),
+                    ("action", action),
+                    ("entity_type", entity_type),
+                    ("entity_id", entity_id),
+                    ("actor", actor),
+                ])
+            );
+            return audit(&api, &path, follow, json_out).await;
+        }
         Command::Stats => {
             let v = api.get("/api/runtime/stats").await?;
             if json_out {
@@ -663,7 +684,8 @@ async fn jetstream(nats: &NatsArgs) -> anyhow::Result<async_nats::jetstream::Con
 }
 
 async fn nats_apply(nats: &NatsArgs, names: &bloom::bus::Names) -> anyhow::Result<()> {
-    bloom::bus::provision::apply(&jetstream(nats).await?, names, &nats.streams(), ReplicaChange::Change).await?;
+    use bloom::bus::provision::{apply_patiently, START_PATIENCE};
+    apply_patiently(&jetstream(nats).await?, names, &nats.streams(), ReplicaChange::Change, START_PATIENCE).await?;
     Ok(())
 }
 
@@ -671,7 +693,7 @@ async fn nats_delete(nats: &NatsArgs, names: &bloom::bus::Names) -> anyhow::Resu
     Ok(bloom::bus::provision::delete(&jetstream(nats).await?, names).await?)
 }
 
-async fn audit(api: &Client, limit: u32, follow: bool, json_out: bool) -> Result<i32, Failure> {
+async fn audit(api: &Client, path: &str, follow: bool, json_out: bool) -> Result<i32, Failure> {
     let cols = [
         ("TIMESTAMP", "/timestamp"),
         ("ACTION", "/action"),
@@ -682,7 +704,7 @@ async fn audit(api: &Client, limit: u32, follow: bool, json_out: bool) -> Result
     let mut seen = std::collections::HashSet::new();
     let mut first = true;
     loop {
-        let v = api.get(&format!("/api/runtime/audit?limit={}", limit.clamp(1, 1000))).await?;
+        let v = api.get(path).await?;
         let mut fresh: Vec<Value> = v
             .as_array()
             .cloned()

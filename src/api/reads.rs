@@ -82,11 +82,14 @@ fn parse_int(s: &str) -> Option<i64> {
 
 /// `X-Next-Cursor` naming the last row, when a page of `rows` rows is full.
 fn next_cursor(rows: usize, page: &Page, last: Option<Cursor>) -> HeaderMap {
+    cursor_header(last.filter(|_| rows as i64 == page.limit))
+}
+
+/// `X-Next-Cursor` with `next`, when there is one.
+fn cursor_header(next: Option<Cursor>) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    if rows as i64 == page.limit {
-        if let Some(v) = last.and_then(|c| HeaderValue::from_str(&c.encode()).ok()) {
-            headers.insert("x-next-cursor", v);
-        }
+    if let Some(v) = next.and_then(|c| HeaderValue::from_str(&c.encode()).ok()) {
+        headers.insert("x-next-cursor", v);
     }
     headers
 }
@@ -325,12 +328,44 @@ pub async fn artifact_content(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }
 
-/// `GET /api/runtime/audit[?limit=]`, newest first.
-#[utoipa::path(get, path = "/api/runtime/audit", tag = "audit", params(("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<AuditEntry>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
-pub async fn audit(State(state): State<AppState>, Query(q): Query<PageQuery>) -> Result<impl IntoResponse, ApiError> {
-    let page = q.page()?;
-    let rows = audit::list(&state.pool, &page).await?;
-    Ok(paged(rows, &page, |a: &AuditEntry| (a.timestamp, a.id.clone())))
+/// Query of `GET /api/runtime/audit`: exact-match filters (additions to the seed).
+#[derive(Debug, Deserialize)]
+pub struct AuditQuery {
+    action: Option<String>,
+    entity_type: Option<String>,
+    entity_id: Option<String>,
+    actor: Option<String>,
+    #[serde(flatten)]
+    page: PageQuery,
+}
+
+impl AuditQuery {
+    fn filter(&self) -> audit::AuditFilter {
+        let given = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
+        audit::AuditFilter {
+            action: given(&self.action),
+            entity_type: given(&self.entity_type),
+            entity_id: given(&self.entity_id),
+            actor: given(&self.actor),
+        }
+    }
+}
+
+/// `GET /api/runtime/audit[?action=&entity_type=&entity_id=&actor=]`, newest first. With
+/// a filter but no `entity_id`, a page reads at most 10,000 entries: it may hold fewer
+/// than `limit` and still have an `X-Next-Cursor` (where the reading stopped).
+#[utoipa::path(get, path = "/api/runtime/audit", tag = "audit", params(
+    ("action" = Option<String>, Query, description = "only this action, e.g. task_cancelled"),
+    ("entity_type" = Option<String>, Query, description = "only this entity type: llm_task, lease, worker, ..."),
+    ("entity_id" = Option<String>, Query, description = "only entries about this entity (indexed)"),
+    ("actor" = Option<String>, Query, description = "only this actor"),
+    ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"),
+    ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")),
+    responses((status = 200, body = Vec<AuditEntry>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn audit(State(state): State<AppState>, Query(q): Query<AuditQuery>) -> Result<impl IntoResponse, ApiError> {
+    let page = q.page.page()?;
+    let audit::AuditPage { entries, next } = audit::list(&state.pool, &page, &q.filter()).await?;
+    Ok((cursor_header(next), Json(entries)))
 }
 
 /// `GET /api/runtime/stats`, computed in SQL.

@@ -204,22 +204,23 @@ pub async fn apply(
     Ok(())
 }
 
-/// How long a starting process retries provisioning before it gives up (and exits, to be
-/// restarted).
+/// How long a starting process (or `bloomctl nats apply`) retries provisioning before it
+/// gives up (and exits, to be restarted).
 pub const START_PATIENCE: Duration = Duration::from_secs(60);
 
-/// [`apply`] as a process starts: a cluster busy electing leaders or moving replicas may
-/// time requests out for a while, so failures are retried (every second, up to
-/// `patience`); a definition or a replica count the server refuses is not retried.
-pub async fn apply_at_start(
+/// [`apply`], retrying failures every second up to `patience`: a cluster busy electing
+/// leaders or moving a stream's replicas (right after a replica change) times requests
+/// out for a while. A definition or a replica count the server refuses is not retried.
+pub async fn apply_patiently(
     js: &jetstream::Context,
     names: &Names,
     layout: &StreamLayout,
+    replicas: ReplicaChange,
     patience: Duration,
 ) -> Result<(), ProvisionError> {
     let deadline = tokio::time::Instant::now() + patience;
     loop {
-        match apply(js, names, layout, ReplicaChange::KeepExisting).await {
+        match apply(js, names, layout, replicas).await {
             Ok(()) => return Ok(()),
             Err(e @ (ProvisionError::Definition { .. } | ProvisionError::Replicas { .. })) => return Err(e),
             Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
@@ -229,6 +230,16 @@ pub async fn apply_at_start(
             }
         }
     }
+}
+
+/// [`apply_patiently`] as a process starts: the streams keep the replicas they have.
+pub async fn apply_at_start(
+    js: &jetstream::Context,
+    names: &Names,
+    layout: &StreamLayout,
+    patience: Duration,
+) -> Result<(), ProvisionError> {
+    apply_patiently(js, names, layout, ReplicaChange::KeepExisting, patience).await
 }
 
 /// Deletes the namespace's streams, and with them their consumers and every message

@@ -79,6 +79,14 @@ async fn submit_wait_list_show_and_exit_codes() {
     let (code, out, _) = tokio::task::spawn_blocking(move || bloomctl(&a, &["stats"])).await.unwrap();
     assert_eq!(code, 0);
     assert!(out.contains("tasks    total 4"), "{out}");
+    // The audit log by action: the four submissions, oldest first.
+    let a = app.clone_handle();
+    let args = ["audit", "--action", "task_created", "--json"];
+    let (code, out, err) = tokio::task::spawn_blocking(move || bloomctl(&a, &args)).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    let entries: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(entries.len(), 4, "{out}");
+    assert!(entries.iter().all(|e| e["action"] == "task_created"), "{out}");
     // By filter: the three failed tasks of the default agent, counted first.
     let a = app.clone_handle();
     let args = ["tasks", "requeue", "--agent", "default", "--status", "failed", "--dry-run", "--json"];

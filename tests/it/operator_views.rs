@@ -122,3 +122,94 @@ async fn a_tasks_history_lists_its_leases_and_audit_trail() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     app.stop().await;
 }
+
+/// Every page of `path` (a query string ends it), following `X-Next-Cursor`: the entries
+/// of each page in order.
+async fn audit_pages(app: &TestApp, path: &str) -> Vec<Vec<Value>> {
+    let mut pages = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = match &cursor {
+            Some(c) => format!("{path}&cursor={c}"),
+            None => path.to_owned(),
+        };
+        let r = app.http.get(app.url(&url)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        cursor = r.headers().get("x-next-cursor").map(|v| v.to_str().unwrap().to_owned());
+        pages.push(r.json::<Vec<Value>>().await.unwrap());
+        if cursor.is_none() {
+            return pages;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_audit_log_filters_by_action_entity_and_actor_and_pages_past_long_gaps() {
+    let app = TestApp::spawn().await;
+    let ids: Vec<String> = submitted(&app, 3).await;
+    let (status, _) = app.post(&format!("/api/runtime/llm-tasks/{}/cancel", ids[1]), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // By action: the one cancellation.
+    let (status, cancelled) = app.get("/api/runtime/audit?action=task_cancelled").await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    let cancelled = cancelled.as_array().unwrap();
+    assert_eq!(cancelled.len(), 1, "{cancelled:?}");
+    assert_eq!(cancelled[0]["entity_id"], ids[1].as_str());
+
+    // By entity: the task's own entries, newest first; with an action too.
+    let (_, trail) = app.get(&format!("/api/runtime/audit?entity_id={}", ids[1])).await;
+    let actions: Vec<&str> = trail.as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["task_cancelled", "task_created"], "{trail}");
+    let (_, created) = app.get(&format!("/api/runtime/audit?entity_id={}&action=task_created", ids[1])).await;
+    assert_eq!(created.as_array().unwrap().len(), 1, "{created}");
+
+    // By type and actor, in pages of one.
+    let pages = audit_pages(&app, "/api/runtime/audit?entity_type=llm_task&action=task_created&limit=1").await;
+    let found: Vec<&str> = pages.iter().flatten().map(|a| a["entity_id"].as_str().unwrap()).collect();
+    assert_eq!(found, [ids[2].as_str(), ids[1].as_str(), ids[0].as_str()]);
+    let actor = cancelled[0]["actor"].as_str().unwrap().to_owned();
+    let by_actor: Vec<Value> = app
+        .http
+        .get(app.url("/api/runtime/audit"))
+        .query(&[("actor", actor.as_str()), ("action", "task_cancelled")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(by_actor.len(), 1, "{by_actor:?}");
+    let (_, nobody) = app.get("/api/runtime/audit?actor=nobody-at-all").await;
+    assert_eq!(nobody, json!([]));
+
+    // A filter without an entity reads at most SCAN_LIMIT entries a page: below 10,050
+    // newer entries of another action, the cancellation is found on a later page, and
+    // the pages before it say where they stopped reading.
+    sqlx::query(
+        "INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+         SELECT 'filler-' || lpad(i::text, 6, '0'), 4102444800000 + i, 'worker_updated', 'worker', 'w', 'test', ''
+         FROM generate_series(1, 10050) AS i",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let pages = audit_pages(&app, "/api/runtime/audit?action=task_cancelled&limit=5").await;
+    assert!(pages.len() >= 2, "the first page stops after 10,000 entries: {}", pages.len());
+    assert_eq!(pages[0], Vec::<Value>::new(), "none of the newest 10,000 matches");
+    let found: Vec<&Value> = pages.iter().flatten().collect();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0]["entity_id"], ids[1].as_str());
+    // Unfiltered pages are full until the end.
+    let (_, newest) = app.get("/api/runtime/audit?limit=3").await;
+    assert_eq!(newest.as_array().unwrap()[0]["id"], "filler-010050");
+}
+
+async fn submitted(app: &TestApp, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let t = app.submit_with(json!({"context_id": "audit", "agent_slug": "a", "prompt": format!("p{i}")})).await;
+        ids.push(t["id"].as_str().unwrap().to_owned());
+    }
+    ids
+}

@@ -8,11 +8,13 @@ updates without a reload. Saves a screenshot of each page.
 """
 
 import argparse
+import http.server
 import json
 import pathlib
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -40,6 +42,43 @@ class Api:
 
     def status(self, task_id):
         return self.call("GET", f"/api/runtime/llm-tasks/{task_id}")["status"]
+
+
+class FakeAgent(http.server.BaseHTTPRequestHandler):
+    """A membridge agent's HTTP API as the runtime calls it: GET /health, POST /restart."""
+
+    calls = []
+
+    def reply(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        FakeAgent.calls.append(("GET", self.path))
+        if self.path == "/health":
+            self.reply({"status": "ok", "version": "0.4.0-ui", "hostname": "ui-host"})
+        else:
+            self.send_error(404)
+
+    def do_POST(self):
+        FakeAgent.calls.append(("POST", self.path))
+        if self.path == "/restart":
+            self.reply({"ok": True})
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+def fake_agent():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeAgent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def wait(what, check, state=lambda: "", timeout=30):
@@ -209,9 +248,50 @@ def main():
         page.screenshot(path=str(shots / "workers.png"), full_page=True)
         page.click("nav >> text=Audit")
         expect(page.locator("main")).to_contain_text("task_cancelled")
+        # Filtered by action: only cancellations, as many as Postgres holds; the filter
+        # stays in its input while the live tail refreshes.
+        page.fill("#a-action", "task_cancelled")
+        page.click("form.filters >> text=Filter")
+        expect(page).to_have_url(re.compile(r"#/audit\?action=task_cancelled"))
+        cancellations = int(db_query(args.database_url, "SELECT count(*) FROM audit_logs WHERE action = 'task_cancelled'"))
+        rows = page.locator("#audit-entries tbody tr")
+        expect(rows).to_have_count(cancellations)
+        for i in range(cancellations):
+            expect(rows.nth(i).locator("td").nth(1)).to_have_text("task_cancelled")
+        page.fill("#a-actor", "typed, not submitted")
+        page.wait_for_timeout(6000)
+        expect(page.locator("#a-actor")).to_have_value("typed, not submitted")
         page.screenshot(path=str(shots / "audit.png"), full_page=True)
+        # By entity: one task's trail.
+        page.goto(f"{args.base}/ui#/audit?entity_id={done[0]}")
+        expect(page.locator("#audit-entries")).to_contain_text("task_completed")
+        expect(page.locator("#audit-entries")).not_to_contain_text("task_cancelled")
+
+        # An HTTP agent's page: its health checked and a restart asked for, both reaching
+        # the agent. Registered without the Claude CLI, so no task is sent to it.
+        agent_url = fake_agent()
+        agent = api.call("POST", "/api/runtime/workers", {"name": "ui-http-agent", "url": agent_url,
+                                                          "capabilities": {"claude_cli": False, "max_concurrency": 1}})
+        page.goto(f"{args.base}/ui#/workers")
+        page.click(f"a[href='#/workers/{agent['id']}']")
+        expect(page.locator("h1")).to_contain_text(agent["id"])
+        page.click("#agent-health")
+        expect(page.locator("#worker-result")).to_have_text("Reachable: agent version 0.4.0-ui.")
+        expect(page.locator("dl.kv")).to_contain_text("0.4.0-ui")  # the record, reloaded
+        assert db_query(args.database_url, f"SELECT agent_version FROM workers WHERE id = '{agent['id']}'") == "0.4.0-ui"
+        page.click("#agent-restart")
+        page.click("#bulk-confirm")
+        expect(page.locator("#bulk-result")).to_have_text("The agent was asked to restart.")
+        assert ("POST", "/restart") in FakeAgent.calls, FakeAgent.calls
+        assert db_query(args.database_url, "SELECT count(*) FROM audit_logs WHERE action = 'agent_restarted'") == "1"
+        page.screenshot(path=str(shots / "worker.png"), full_page=True)
+        # A NATS worker's page lists its active leases.
+        page.goto(f"{args.base}/ui#/workers/ui-worker")
+        expect(page.locator("main")).to_contain_text("NATS worker")
+        expect(page.locator("main")).to_contain_text("Active leases")
 
         # Keyboard: the skip link comes first, the sections are reachable by Tab and Enter.
+        page.goto("about:blank")  # a fresh load: the focus starts at the document
         page.goto(args.base + "/ui#/workers")
         expect(page.locator("h1")).to_have_text("Workers")
         page.keyboard.press("Tab")

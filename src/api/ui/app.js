@@ -357,7 +357,7 @@ async function download(id) {
 
 // A bulk action: a dry run first, then the count and the money involved shown for
 // confirmation, then the action itself.
-function confirmPanel(text, label, run) {
+function confirmPanel(text, label, run, keep = "Keep them") {
   const panel = h("div", { class: "confirm", role: "alertdialog", "aria-label": label });
   const result = h("p", { role: "status", id: "bulk-result" });
   const yes = h("button", { type: "button", class: "danger", id: "bulk-confirm", onclick: async () => {
@@ -369,7 +369,7 @@ function confirmPanel(text, label, run) {
       result.className = "error";
     }
   } }, label);
-  const no = h("button", { type: "button", onclick: () => panel.remove() }, "Keep them");
+  const no = h("button", { type: "button", onclick: () => panel.remove() }, keep);
   panel.append(h("p", { id: "bulk-summary" }, text), h("div", { class: "actions" }, yes, no), result);
   return panel;
 }
@@ -419,7 +419,7 @@ async function workers(r) {
   render(
     h("h1", {}, "Workers"),
     table([
-      ["Worker", (w) => h("code", {}, w.id)],
+      ["Worker", (w) => h("a", { href: `#/workers/${encodeURIComponent(w.id)}` }, w.id)],
       ["Status", (w) => w.status],
       ["Kind", (w) => (w.transport === "http" ? "HTTP agent" : "NATS worker")],
       ["Busy", (w) => `${w.active_leases ?? 0}/${w.capabilities?.max_concurrency ?? 1}`, true],
@@ -442,18 +442,115 @@ async function workers(r) {
   );
 }
 
-async function audit(r) {
-  const { body: rows } = await api("/api/runtime/audit?limit=100");
+// A worker's page: its record and active leases; for an HTTP (membridge) agent, a
+// health check and a restart. A NATS worker is restarted by its deployment.
+let workerNote = null; // the last health check's outcome: { id, text, ok }
+
+async function worker(r, id) {
+  const enc = encodeURIComponent(id);
+  const { body: w } = await api(`/api/runtime/workers/${enc}`);
   if (r !== route) return;
+  const note = h("p", { role: "status", id: "worker-result" });
+  const report = (text, ok) => {
+    note.textContent = text;
+    note.className = ok ? "" : "error";
+  };
+  if (workerNote?.id === id) report(workerNote.text, workerNote.ok);
+  const health = h("button", { type: "button", id: "agent-health", onclick: async () => {
+    health.disabled = true;
+    try {
+      const { body } = await api(`/api/runtime/workers/${enc}/agent-health`);
+      // Shown again over the record the check updated (version, status, heartbeat).
+      workerNote = { id, ok: body.reachable,
+        text: body.reachable ? `Reachable: agent version ${body.version ?? "unknown"}.` : `Unreachable: ${body.error}` };
+      if (r === route) await show();
+      return;
+    } catch (err) {
+      report(`Health check refused: ${err.message}`, false);
+    }
+    health.disabled = false;
+  } }, "Check health");
+  const restart = h("button", { type: "button", class: "danger", id: "agent-restart", onclick: () => {
+    note.replaceWith(confirmPanel(`Restart the agent of ${w.id}? Its runs in progress are cut off and retried.`, "Restart", async () => {
+      await api(`/api/runtime/workers/${enc}/agent-restart`, { method: "POST", body: {} });
+      return "The agent was asked to restart.";
+    }, "Keep it running"));
+  } }, "Restart agent…");
+  const http = w.transport === "http";
   render(
-    h("h1", {}, "Audit"),
+    h("p", {}, h("a", { href: "#/workers" }, "← Workers")),
+    h("h1", {}, "Worker ", h("code", {}, w.id), " ", status(w.status)),
+    http ? h("div", { class: "actions" }, health, restart)
+      : h("p", { class: "muted" }, "A NATS worker: restarted by its deployment; on SIGTERM it takes no new task and finishes its runs."),
+    note,
+    h("dl", { class: "kv" }, [
+      ["Kind", http ? "HTTP agent" : "NATS worker"], ["URL", w.url || ""], ["Node", w.node_id || ""],
+      ["Busy", `${w.active_leases ?? 0} of ${w.capabilities?.max_concurrency ?? 1}`],
+      ["Labels", (w.capabilities?.labels || []).join(", ")], ["Version", w.agent_version || ""], ["OS", w.os_info || ""],
+      ["Installed", w.install_method || ""], ["Registered", iso(w.registered_at)], ["Last heartbeat", iso(w.last_heartbeat)],
+    ].flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
+    h("h2", {}, `Active leases (${w.leases.length})`),
+    table([
+      ["Task", (l) => h("a", { href: `#/tasks/${encodeURIComponent(l.task_id)}` }, l.task_id)],
+      ["Lease", (l) => h("code", {}, l.id)],
+      ["Started", (l) => iso(l.started_at)],
+      ["Expires", (l) => iso(l.expires_at)],
+    ], w.leases, "No active lease."),
+  );
+}
+
+const AUDIT_FILTERS = [["action", "Action"], ["entity_type", "Entity type"], ["entity_id", "Entity id"], ["actor", "Actor"]];
+const AUDIT_ACTIONS = ["task_created", "task_leased", "task_completed", "task_requeued", "task_cancelled", "task_dead",
+  "task_retry_scheduled", "task_due", "task_redispatched", "lease_expired", "result_late", "task_dispatched",
+  "dispatch_failed", "worker_registered", "worker_updated", "worker_removed", "worker_offline", "agent_restarted",
+  "agent_updated", "config_updated"];
+
+async function audit(r, params) {
+  const q = new URLSearchParams();
+  for (const [k] of [...AUDIT_FILTERS, ["cursor"]]) if (params.get(k)) q.set(k, params.get(k));
+  q.set("limit", "100");
+  const { body: rows, next } = await api(`/api/runtime/audit?${q}`);
+  if (r !== route) return;
+  const entity = (a) => (a.entity_type === "llm_task" ? h("a", { href: `#/tasks/${encodeURIComponent(a.entity_id)}` }, a.entity_id) : a.entity_id);
+  const more = new URLSearchParams(params);
+  if (next) more.set("cursor", next);
+  const entries = h("div", { id: "audit-entries" },
     table([
       ["Time", (a) => iso(a.timestamp)],
-      ["Action", (a) => a.action],
-      ["Entity", (a) => (a.entity_type === "llm_task" ? h("a", { href: `#/tasks/${encodeURIComponent(a.entity_id)}` }, a.entity_id) : `${a.entity_type} ${a.entity_id}`)],
+      ["Action", (a) => h("a", { href: `#/audit?action=${encodeURIComponent(a.action)}` }, a.action)],
+      ["Type", (a) => a.entity_type],
+      ["Entity", entity],
       ["Actor", (a) => a.actor],
       ["Detail", (a) => a.detail],
-    ], rows, "No entry."),
+    ], rows, "No entry matches."),
+    h("div", { class: "pager" },
+      params.get("cursor") ? h("a", { href: `#/audit?${new URLSearchParams([...params].filter(([k]) => k !== "cursor"))}` }, "Newest") : null,
+      next ? h("a", { href: `#/audit?${more}`, id: "next-page" }, rows.length < 100 ? "Search older entries" : "Older")
+        : h("span", { class: "muted" }, "Oldest entry")));
+  // A poll of the live tail replaces the entries only: the filter form keeps its input.
+  const shown = document.getElementById("audit-entries");
+  if (shown && shown.dataset.query === String(q)) {
+    entries.dataset.query = String(q);
+    shown.replaceWith(entries);
+    return;
+  }
+  entries.dataset.query = String(q);
+  const field = (name, label, input) => h("label", { for: `a-${name}` }, label, input);
+  const form = h("form", { class: "filters", role: "search", onsubmit: (e) => {
+    e.preventDefault();
+    const f = new URLSearchParams();
+    for (const el of e.target.elements) if (el.name && el.value.trim()) f.set(el.name, el.value.trim());
+    location.hash = `#/audit?${f}`;
+  } },
+    AUDIT_FILTERS.map(([name, label]) => field(name, label,
+      h("input", { id: `a-${name}`, name, value: params.get(name) || "", list: name === "action" ? "audit-actions" : null }))),
+    h("datalist", { id: "audit-actions" }, AUDIT_ACTIONS.map((a) => h("option", { value: a }))),
+    h("button", { type: "submit" }, "Filter"));
+  render(
+    h("h1", {}, "Audit"),
+    form,
+    h("p", { class: "muted" }, params.get("cursor") ? "Older entries; not updated live." : "Newest first, updated live."),
+    entries,
   );
 }
 
@@ -467,7 +564,7 @@ function parse() {
 async function show() {
   const { path, params } = parse();
   const r = route;
-  const page = path.startsWith("/tasks/") ? "tasks" : path.slice(1) || "overview";
+  const page = path.slice(1).split("/")[0] || "overview";
   for (const a of document.querySelectorAll("nav a")) {
     if (a.dataset.nav === page) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
@@ -478,7 +575,8 @@ async function show() {
     else if (path.startsWith("/tasks/")) await task(r, decodeURIComponent(path.slice(7)));
     else if (path === "/failures") await failures(r, params);
     else if (path === "/workers") await workers(r);
-    else if (path === "/audit") await audit(r);
+    else if (path.startsWith("/workers/")) await worker(r, decodeURIComponent(path.slice(9)));
+    else if (path === "/audit") await audit(r, params);
     else render(h("h1", {}, "Not found"), h("p", {}, h("a", { href: "#/" }, "Overview")));
     if (r === route) live.textContent = `Updated ${new Date().toLocaleTimeString()}`;
   } catch (err) {
@@ -494,7 +592,7 @@ function navigate(event) {
   show().then(() => event && main.focus({ preventScroll: true }));
   // Live pages poll; a task page and filtered lists refresh after an action instead.
   // A hidden tab does not poll.
-  if (path === "/" || path === "" || path === "/workers" || path === "/audit") {
+  if (path === "/" || path === "" || path === "/workers" || (path === "/audit" && !parse().params.get("cursor"))) {
     timer = setInterval(() => document.hidden || show(), POLL_MS);
   }
 }
