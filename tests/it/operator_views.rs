@@ -213,3 +213,26 @@ async fn submitted(app: &TestApp, n: usize) -> Vec<String> {
     }
     ids
 }
+
+#[tokio::test]
+async fn stats_counted_up_to_a_limit_stop_there_and_say_so() {
+    let app = TestApp::spawn().await;
+    submitted(&app, 3).await;
+    let (status, exact) = app.get("/api/runtime/stats").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((exact["tasks"]["by_status"]["queued"].as_i64(), exact["tasks"]["total"].as_i64()), (Some(3), Some(3)));
+    assert!(exact.get("counted_up_to").is_none(), "the seed's shape: {exact}");
+
+    let (status, capped) = app.get("/api/runtime/stats?count_limit=2").await;
+    assert_eq!(status, StatusCode::OK, "{capped}");
+    assert_eq!(capped["counted_up_to"], 2);
+    assert_eq!(capped["tasks"]["by_status"], json!({"queued": 2}), "{capped}");
+    assert_eq!(capped["tasks"]["total"], 2);
+    let (_, roomy) = app.get("/api/runtime/stats?count_limit=100000").await;
+    assert_eq!(roomy["tasks"], exact["tasks"], "under the limit the counts are exact");
+    assert_eq!(roomy["workers"], exact["workers"]);
+
+    let (status, bad) = app.get("/api/runtime/stats?count_limit=0").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(bad.to_string().contains("count_limit"), "{bad}");
+}

@@ -164,9 +164,11 @@ function chart(title, minutes, series, unit) {
   return h("figure", { class: "panel" }, h("figcaption", {}, `${title} (${unit})`), svg, legend);
 }
 
+const COUNT_LIMIT = 10000;
+
 async function overview(r) {
   const [{ body: stats }, { body: holds }, { body: limits }, { body: budgets }, { body: activity }] = await Promise.all([
-    api("/api/runtime/stats"), api("/api/runtime/agent-holds"), api("/api/runtime/concurrency-limits"), api("/api/runtime/budgets"),
+    api(`/api/runtime/stats?count_limit=${COUNT_LIMIT}`), api("/api/runtime/agent-holds"), api("/api/runtime/concurrency-limits"), api("/api/runtime/budgets"),
     api("/api/runtime/activity?minutes=60"),
   ]);
   if (r !== route) return;
@@ -174,13 +176,16 @@ async function overview(r) {
   samples.push({ t: Date.now(), queued: by.queued || 0, running: (by.running || 0) + (by.leased || 0) });
   if (samples.length > 600) samples.shift();
   const card = (n, l) => h("div", { class: "card" }, h("div", { class: "n" }, n), h("div", { class: "l" }, l));
+  // Counts stop at COUNT_LIMIT (a poll's cost stays bounded): that many reads "at least".
+  const atLeast = (n) => (n >= COUNT_LIMIT ? `${n.toLocaleString("en")}+` : n);
+  const capped = Object.values(by).some((n) => n >= COUNT_LIMIT);
   render(
     h("h1", {}, "Overview"),
     h("h2", {}, "Tasks"),
     h("div", { class: "cards", id: "task-cards" },
-      card(stats.tasks.total, "total"),
+      card(capped ? `${stats.tasks.total.toLocaleString("en")}+` : stats.tasks.total, "total"),
       ["queued", "leased", "running", "completed", "failed", "dead", "cancelled"].map((s) =>
-        h("a", { href: `#/tasks?status=${s}`, class: "card-link" }, card(by[s] || 0, s)))),
+        h("a", { href: `#/tasks?status=${s}`, class: "card-link" }, card(atLeast(by[s] || 0), s)))),
     h("h2", {}, "Fleet"),
     h("div", { class: "cards" },
       card(stats.workers.online, "workers online"), card(stats.workers.total, "workers"),
@@ -234,11 +239,18 @@ async function tasks(r, params) {
   Object.assign(selection, range);
   const cancelMatching = async () => {
     const { body: dry } = await api("/api/runtime/llm-tasks/cancel", { method: "POST", body: { ...selection, dry_run: true } });
-    const { body: usage } = await api("/api/runtime/usage?group_by=agent_slug&limit=1000");
-    const costs = selection.agent_slug ? usage.groups.filter((g) => g.key === selection.agent_slug) : [usage.total];
-    const perRun = costs.length && costs[0].runs ? costs[0].total_cost_usd / costs[0].runs : 0;
+    // The average cost of a run over the last hour, else the last day (fewer rows to
+    // add up than a day's on a busy installation).
+    const average = async (hours) => {
+      const { body: usage } = await api(`/api/runtime/usage?group_by=agent_slug&limit=1000&from=${Date.now() - hours * 3600000}`);
+      const costs = selection.agent_slug ? usage.groups.filter((g) => g.key === selection.agent_slug) : [usage.total];
+      return costs.length && costs[0].runs ? costs[0].total_cost_usd / costs[0].runs : null;
+    };
+    let span = "hour";
+    let perRun = await average(1);
+    if (perRun === null) [span, perRun] = ["day", (await average(24)) ?? 0];
     const text = `Cancel ${dry.matched} queued, leased or running tasks matching this filter? At ${usd(perRun)} per run `
-      + `(the last day's average) they would cost about ${usd(perRun * dry.matched)}.`;
+      + `(the last ${span}'s average) they would cost about ${usd(perRun * dry.matched)}.`;
     bulk.replaceChildren(confirmPanel(text, `Cancel ${dry.matched}`, async () => {
       const { body: done } = await api("/api/runtime/llm-tasks/cancel", { method: "POST", body: selection });
       setTimeout(() => r === route && show(), 800);
