@@ -428,8 +428,17 @@ async fn a_failing_agent_is_paused_with_backoff_until_it_registers_again() {
     let r = manual_reconciler(&app).await;
     let t0 = r.clock.now_ms();
     let failures = || async { app.count("SELECT dispatch_failures::bigint FROM workers WHERE id = 'flaky'").await };
+    // The failure is recorded (the pause), then the attempt abandoned in its own
+    // transaction: both are waited for before the next pass.
+    let settled = |n: i64| {
+        let app = &app;
+        async move {
+            failures().await == n
+                && app.count("SELECT count(*) FROM leases WHERE worker_id = 'flaky' AND status = 'active'").await == 0
+        }
+    };
     assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
-    wait_for("first failure", Duration::from_secs(10), || async { failures().await == 1 }).await;
+    wait_for("first failure", Duration::from_secs(10), || settled(1)).await;
     assert_eq!(paused_for(&app, t0).await, 10_000);
     assert_eq!(app.status_of_worker("flaky").await, "offline");
 
@@ -441,7 +450,7 @@ async fn a_failing_agent_is_paused_with_backoff_until_it_registers_again() {
     r.clock.advance(Duration::from_secs(2));
     let t1 = r.clock.now_ms();
     assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1, "the pause is over");
-    wait_for("second failure", Duration::from_secs(10), || async { failures().await == 2 }).await;
+    wait_for("second failure", Duration::from_secs(10), || settled(2)).await;
     assert_eq!(paused_for(&app, t1).await, 20_000, "the pause doubled");
     online().await.unwrap();
     r.clock.advance(Duration::from_secs(19));

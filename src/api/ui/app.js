@@ -164,12 +164,27 @@ function chart(title, minutes, series, unit) {
   return h("figure", { class: "panel" }, h("figcaption", {}, `${title} (${unit})`), svg, legend);
 }
 
+// What this API process reaches, and the membridge agent sync the reconcilers run.
+function connections(health) {
+  const mb = health.membridge || {};
+  const sync = mb.sync || {};
+  const state = (ok) => h("span", { class: `status ${ok ? "completed" : "failed"}` }, ok ? "connected" : "disconnected");
+  return h("dl", { class: "kv", id: "connections" }, [
+    ["Postgres", state(health.database?.connected)],
+    ["NATS", state(health.nats?.connected)],
+    ["Membridge", mb.status === "unknown" ? "not called yet" : h("span", {}, state(mb.connected), " ", mb.last_error || "")],
+    ["Agent sync (reconcilers)", sync.last_run
+      ? `${sync.ok ? `${sync.agents} agents` : `failing: ${sync.error || "unknown error"}`}, last run ${iso(sync.last_run)}`
+      : "not run yet"],
+  ].flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+}
+
 const COUNT_LIMIT = 10000;
 
 async function overview(r) {
-  const [{ body: stats }, { body: holds }, { body: limits }, { body: budgets }, { body: activity }] = await Promise.all([
+  const [{ body: stats }, { body: holds }, { body: limits }, { body: budgets }, { body: activity }, { body: health }] = await Promise.all([
     api(`/api/runtime/stats?count_limit=${COUNT_LIMIT}`), api("/api/runtime/agent-holds"), api("/api/runtime/concurrency-limits"), api("/api/runtime/budgets"),
-    api("/api/runtime/activity?minutes=60"),
+    api("/api/runtime/activity?minutes=60"), api("/api/runtime/health"),
   ]);
   if (r !== route) return;
   const by = stats.tasks.by_status || {};
@@ -191,6 +206,8 @@ async function overview(r) {
       card(stats.workers.online, "workers online"), card(stats.workers.total, "workers"),
       card(stats.leases.active, "active leases"), card(holds.length, "agents on hold"),
       card(limits.length, "concurrency limits"), card(budgets.length, "budgets")),
+    h("h2", {}, "Connections"),
+    connections(health),
     h("h2", {}, "Last hour"),
     h("div", { class: "cards", id: "charts" },
       chart("Runs per minute", activity.minutes, [["completed", (m) => m.completed, "#1a7f37"], ["failed", (m) => m.failed, "#cf222e"]], "runs"),
