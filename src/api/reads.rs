@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::schemas::ErrorBody;
-use super::validate::FieldErrors;
+use super::validate::{query_int, query_text, FieldErrors};
 use super::{ApiError, AppState};
 use crate::artifacts::{ArtifactError, Content};
 use crate::db::page::{Cursor, RowKey, DEFAULT_LIMIT, MAX_LIMIT};
@@ -341,12 +341,11 @@ pub struct AuditQuery {
 
 impl AuditQuery {
     fn filter(&self) -> audit::AuditFilter {
-        let given = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
         audit::AuditFilter {
-            action: given(&self.action),
-            entity_type: given(&self.entity_type),
-            entity_id: given(&self.entity_id),
-            actor: given(&self.actor),
+            action: query_text(&self.action),
+            entity_type: query_text(&self.entity_type),
+            entity_id: query_text(&self.entity_id),
+            actor: query_text(&self.actor),
         }
     }
 }
@@ -380,7 +379,7 @@ pub struct StatsQuery {
 #[utoipa::path(get, path = "/api/runtime/stats", tag = "stats", params(("count_limit" = Option<i64>, Query, description = "count tasks of each status and leases up to this many (1..10000000); exact without it")), responses((status = 200, body = stats::Stats), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn stats(State(state): State<AppState>, Query(q): Query<StatsQuery>) -> Result<Json<stats::Stats>, ApiError> {
     let mut errors = FieldErrors::default();
-    let limit = super::validate::query_int(&mut errors, "count_limit", &q.count_limit, 1, 10_000_000);
+    let limit = query_int(&mut errors, "count_limit", &q.count_limit, 1, 10_000_000);
     errors.finish(())?;
     let mut stats = match limit {
         Some(limit) => stats::load_up_to(&state.pool, limit).await?,

@@ -13,7 +13,7 @@ use super::reads::{stream_tasks, PageQuery};
 use super::schemas::{
     CompleteBody, CompleteResponse, ErrorBody, HeartbeatResponse, HolderBody, LeaseBody, LeaseResponse, RequestBody,
 };
-use super::validate::{query_int, FieldErrors};
+use super::validate::{query_int, query_text, FieldErrors};
 use super::{ApiError, AppState};
 use crate::db::lifecycle::{self, Completion, CompletionOutcome, LeaseRequest};
 use crate::db::tasks::{self, TaskFilter};
@@ -51,12 +51,11 @@ impl ListQuery {
                 None => unknown = true,
             }
         }
-        let nonempty = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
         let filter = TaskFilter {
             ids: None,
             statuses,
-            context_id: nonempty(&self.context_id),
-            agent_slug: nonempty(&self.agent_slug),
+            context_id: query_text(&self.context_id),
+            agent_slug: query_text(&self.agent_slug),
             priority: priority.map(|p| Priority(p as i16)),
             created_from,
             created_to,

@@ -39,6 +39,11 @@ impl FieldErrors {
     }
 }
 
+/// An optional text query parameter: absent and empty are the same (no filter).
+pub fn query_text(v: &Option<String>) -> Option<String> {
+    v.clone().filter(|s| !s.is_empty())
+}
+
 /// An optional integer query parameter in `min..=max` (absent or empty: `None`); a
 /// malformed one is filed under its name.
 pub fn query_int(errors: &mut FieldErrors, name: &str, v: &Option<String>, min: i64, max: i64) -> Option<i64> {
