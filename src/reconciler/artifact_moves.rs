@@ -111,10 +111,10 @@ pub async fn run_once(r: &Reconciler) -> sqlx::Result<MoveReport> {
     }
     audit::insert(&mut *tx, &entries, r.clock.now_ms()).await?;
     tx.commit().await?;
-    report.backlog = artifacts::inline_backlog(&r.pool).await?;
     let m = &r.metrics;
     m.artifacts_moved_total.add(report.moved as u64);
     m.artifact_moves_failed_total.add(report.failed as u64);
+    report.backlog = artifacts::inline_backlog(&r.pool).await?;
     m.artifacts_inline_backlog.set(report.backlog.max(0) as u64);
     Ok(report)
 }

@@ -42,7 +42,11 @@ async fn a_claim_committed_but_never_answered_is_sent_again_and_granted_the_same
     let app = TestApp::spawn().await;
     let (_r, _rc) = app.start_reconciler().await;
     let silent = silent_claimer(&app).await;
-    let (_w, _) = app.start_worker("w1", 4).await;
+    // Claims sent again sooner than by default, so that a loaded machine still goes
+    // through the rounds a claim answered by nobody takes well within the bound below.
+    let mut settings = app.worker_settings("w1", 4);
+    settings.claim_timeout = Duration::from_millis(500);
+    let (_w, _) = app.start_worker_with(settings).await;
     let started = Instant::now();
     let mut ids = Vec::new();
     for i in 0..12 {
