@@ -161,6 +161,9 @@ pub struct StartRequest {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StartReply {
     pub ended: usize,
+    /// The worker is being drained: it starts without pulling.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// A worker's liveness beat and self-description.
@@ -173,6 +176,9 @@ pub struct WorkerBeat {
     pub ip_addrs: Vec<String>,
     #[serde(default)]
     pub in_flight: u32,
+    /// The worker is not pulling, told it is being drained.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// The outcome of executing one lease, published to the results stream.
@@ -237,6 +243,15 @@ pub struct TracedResult {
 pub struct CancelNotice {
     pub task_id: TaskId,
     pub lease_id: LeaseId,
+}
+
+/// A worker is being drained (it stops pulling and finishes what it runs) or resumed.
+/// Sent when an operator drains or resumes it, and again whenever its beat disagrees
+/// with Postgres (a notice lost, or a process restarted).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DrainNotice {
+    pub worker_id: WorkerId,
+    pub draining: bool,
 }
 
 /// A worker hands a lease back without a result (graceful shutdown): the task becomes

@@ -113,6 +113,25 @@ impl Client {
         }
     }
 
+    /// Up to `limit` rows of a list endpoint (`path` carries its filters, no paging),
+    /// following `X-Next-Cursor`: a filtered listing may answer short pages that go on.
+    pub async fn get_up_to(&self, path: &str, limit: u32) -> Result<Vec<Value>, Failure> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mut rows = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let want = (limit as usize - rows.len()).clamp(1, 1000);
+            let page = self.get_page(&format!("{path}{sep}limit={want}{cursor}")).await?;
+            rows.extend(page.rows);
+            match page.next {
+                Some(next) if rows.len() < limit as usize => {
+                    cursor = format!("&cursor={}", bloom::membridge::encode(&next));
+                }
+                _ => return Ok(rows),
+            }
+        }
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, Failure> {
         Ok(self.send(Method::POST, path, Some(body)).await?.1)
     }

@@ -68,7 +68,7 @@ enum Command {
     /// Workers.
     Workers {
         #[command(subcommand)]
-        command: ShowOrList,
+        command: WorkersCommand,
     },
     /// Leases.
     Leases {
@@ -199,6 +199,9 @@ enum TasksCommand {
         agent: Option<String>,
         #[arg(long, allow_negative_numbers = true)]
         priority: Option<i32>,
+        /// Only tasks whose prompt starts with this text (ignoring case).
+        #[arg(long)]
+        prompt: Option<String>,
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
@@ -224,23 +227,27 @@ enum TasksCommand {
     },
 }
 
-/// The tasks a bulk command acts on: ids, or every task of a context or agent.
+/// The tasks a bulk command acts on: ids, or every task of a context or agent, or
+/// whose prompt starts with a text.
 #[derive(Args, Debug)]
 struct Selection {
-    #[arg(required_unless_present_any = ["context", "agent"])]
+    #[arg(required_unless_present_any = ["context", "agent", "prompt"])]
     ids: Vec<String>,
     #[arg(long)]
     context: Option<String>,
     #[arg(long)]
     agent: Option<String>,
+    /// Tasks whose prompt starts with this text (ignoring case).
+    #[arg(long)]
+    prompt: Option<String>,
     #[arg(long)]
     dry_run: bool,
 }
 
 impl Selection {
-    /// Whether it names tasks by context or agent (the bulk route), not by id only.
+    /// Whether it names tasks by a filter (the bulk route), not by id only.
     fn by_filter(&self) -> bool {
-        self.context.is_some() || self.agent.is_some()
+        self.context.is_some() || self.agent.is_some() || self.prompt.is_some()
     }
 
     /// The body of the bulk routes.
@@ -252,6 +259,9 @@ impl Selection {
         if let Some(a) = self.agent {
             body["agent_slug"] = json!(a);
         }
+        if let Some(p) = self.prompt {
+            body["prompt_prefix"] = json!(p);
+        }
         if !self.ids.is_empty() {
             body["ids"] = json!(self.ids);
         }
@@ -260,9 +270,19 @@ impl Selection {
 }
 
 #[derive(Subcommand, Debug)]
-enum ShowOrList {
+enum WorkersCommand {
     List,
-    Show { id: String },
+    Show {
+        id: String,
+    },
+    /// The worker takes no new task and finishes those it runs; it stays registered.
+    Drain {
+        id: String,
+    },
+    /// A drained worker takes tasks again.
+    Resume {
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -408,20 +428,19 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
         }
         Command::Submit(args) => return submit::run(&api, args, json_out).await,
         Command::Tasks { command } => match command {
-            TasksCommand::List { status, context, agent, priority, limit } => {
-                let v = api
-                    .get(&format!(
-                        "/api/runtime/llm-tasks{}",
-                        query(&[
-                            ("status", status),
-                            ("context_id", context),
-                            ("agent_slug", agent),
-                            ("priority", priority.map(|p| p.to_string())),
-                            ("limit", Some(limit.to_string()))
-                        ])
-                    ))
-                    .await?;
-                print(json_out, &v, &TASK_COLUMNS);
+            TasksCommand::List { status, context, agent, priority, prompt, limit } => {
+                let path = format!(
+                    "/api/runtime/llm-tasks{}",
+                    query(&[
+                        ("status", status),
+                        ("context_id", context),
+                        ("agent_slug", agent),
+                        ("priority", priority.map(|p| p.to_string())),
+                        ("prompt_prefix", prompt),
+                    ])
+                );
+                let rows = api.get_up_to(&path, limit).await?;
+                print(json_out, &Value::Array(rows), &TASK_COLUMNS);
             }
             TasksCommand::Show { id } => {
                 let v = api.get(&format!("/api/runtime/llm-tasks/{}", bloom::membridge::encode(&id))).await?;
@@ -458,11 +477,12 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             }
         },
         Command::Workers { command } => match command {
-            ShowOrList::List => {
+            WorkersCommand::List => {
                 let v = api.get("/api/runtime/workers").await?;
                 let cols = [
                     ("ID", "/id"),
                     ("STATUS", "/status"),
+                    ("DRAINING_SINCE", "/draining_since"),
                     ("ACTIVE", "/active_leases"),
                     ("MAX", "/capabilities/max_concurrency"),
                     ("CLAUDE_CLI", "/capabilities/claude_cli"),
@@ -470,8 +490,20 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 ];
                 print(json_out, &v, &cols);
             }
-            ShowOrList::Show { id } => {
+            WorkersCommand::Show { id } => {
                 let v = api.get(&format!("/api/runtime/workers/{}", bloom::membridge::encode(&id))).await?;
+                print(json_out, &v, &[]);
+            }
+            WorkersCommand::Drain { id } => {
+                let v = api
+                    .post(&format!("/api/runtime/workers/{}/drain", bloom::membridge::encode(&id)), &json!({}))
+                    .await?;
+                print(json_out, &v, &[]);
+            }
+            WorkersCommand::Resume { id } => {
+                let v = api
+                    .post(&format!("/api/runtime/workers/{}/resume", bloom::membridge::encode(&id)), &json!({}))
+                    .await?;
                 print(json_out, &v, &[]);
             }
         },

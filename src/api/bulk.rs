@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::body::JsonBody;
 use super::schemas::ErrorBody;
-use super::tasks::notify_cancelled;
+use super::tasks::{notify_cancelled, MAX_PROMPT_PREFIX};
 use super::validate::{FieldErrors, Fields};
 use super::{ApiError, AppState};
 use crate::db::lifecycle;
@@ -20,7 +20,7 @@ use crate::domain::{Priority, TaskStatus};
 pub const MAX_BULK: i64 = 1000;
 
 /// Body of the bulk operations: which tasks. At least one of `ids`, `context_id`,
-/// `agent_slug` is required (nothing takes every task by accident); the other fields
+/// `agent_slug`, `prompt_prefix` is required (nothing takes every task by accident); the other fields
 /// narrow the selection.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct BulkSelection {
@@ -37,6 +37,8 @@ pub struct BulkSelection {
     pub created_from: Option<i64>,
     /// Created before (epoch ms).
     pub created_to: Option<i64>,
+    /// The prompt starts with this text, ignoring case.
+    pub prompt_prefix: Option<String>,
     /// Count what would be taken, change nothing.
     #[serde(default)]
     pub dry_run: bool,
@@ -65,7 +67,7 @@ pub struct RequeueReport {
 /// Reads a selection whose statuses must be among `allowed` (all of them by default).
 fn selection(body: &Value, allowed: &[TaskStatus]) -> Result<(TaskFilter, bool), ApiError> {
     let mut errors = FieldErrors::default();
-    let (ids, context_id, agent_slug, status, priority, created_from, created_to, dry_run) = {
+    let (ids, context_id, agent_slug, status, priority, created_from, created_to, prompt_prefix, dry_run) = {
         let mut f = Fields::root(body, &mut errors);
         (
             f.opt_strings("ids").flatten(),
@@ -75,6 +77,7 @@ fn selection(body: &Value, allowed: &[TaskStatus]) -> Result<(TaskFilter, bool),
             f.opt_int("priority", Priority::MIN.into(), Priority::MAX.into()).flatten(),
             f.opt_int("created_from", 0, i64::MAX).flatten(),
             f.opt_int("created_to", 0, i64::MAX).flatten(),
+            f.opt_string("prompt_prefix", 1, Some(MAX_PROMPT_PREFIX), false).flatten(),
             f.boolean("dry_run", false).unwrap_or(false),
         )
     };
@@ -84,8 +87,8 @@ fn selection(body: &Value, allowed: &[TaskStatus]) -> Result<(TaskFilter, bool),
         }
     }
     let failed = !errors.form.is_empty() || !errors.fields.is_empty();
-    if ids.is_none() && context_id.is_none() && agent_slug.is_none() && !failed {
-        errors.add("ids", "Required: ids, context_id or agent_slug");
+    if ids.is_none() && context_id.is_none() && agent_slug.is_none() && prompt_prefix.is_none() && !failed {
+        errors.add("ids", "Required: ids, context_id, agent_slug or prompt_prefix");
     }
     let mut statuses = Vec::new();
     let expected = allowed.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(" | ");
@@ -103,6 +106,7 @@ fn selection(body: &Value, allowed: &[TaskStatus]) -> Result<(TaskFilter, bool),
         priority: priority.map(|p| Priority(p as i16)),
         created_from,
         created_to,
+        prompt_prefix,
     };
     errors.finish((filter, dry_run)).map_err(ApiError::from)
 }

@@ -164,6 +164,8 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         .routes(test_connection)
         .routes(routes!(workers::list, workers::register))
         .routes(routes!(workers::show, workers::remove))
+        .routes(routes!(workers::drain))
+        .routes(routes!(workers::resume))
         .routes(routes!(agent_ops::health))
         .routes(routes!(agent_ops::update))
         .routes(routes!(agent_ops::restart))

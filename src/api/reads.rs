@@ -13,7 +13,7 @@ use super::schemas::ErrorBody;
 use super::validate::{query_int, query_text, FieldErrors};
 use super::{ApiError, AppState};
 use crate::artifacts::{ArtifactError, Content};
-use crate::db::page::{Cursor, RowKey, DEFAULT_LIMIT, MAX_LIMIT};
+use crate::db::page::{Cursor, KeyPage, DEFAULT_LIMIT, MAX_LIMIT};
 use crate::db::{artifacts, audit, leases, stats, tasks, Page};
 use crate::domain::{Artifact, ArtifactId, AuditEntry, Lease, LeaseStatus, Task, TaskId};
 
@@ -140,19 +140,19 @@ impl ArrayWriter {
 }
 
 /// A listing of rows that can be large (prompts, artifact contents), answered as the
-/// same JSON array as [`paged`] but written as it is read: `keys` (the page without its
+/// same JSON array as [`paged`] but written as it is read: `page` (the rows without their
 /// content) decides the rows, their order and `X-Next-Cursor`; `write` gets the ids in
 /// runs of about [`STREAM_BUDGET`] bytes and writes each row, reading each run on a
 /// pooled connection given back before the run is sent. A response holds about one run
 /// in memory however large the page, and a slow client holds no connection.
-pub fn streamed<F, Fut>(keys: Vec<RowKey>, page: &Page, write: F) -> Response
+pub fn streamed<F, Fut>(page: KeyPage, write: F) -> Response
 where
     F: FnOnce(Vec<Vec<String>>, ArrayWriter) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    let mut headers = next_cursor(keys.len(), page, keys.last().map(RowKey::cursor));
+    let mut headers = cursor_header(page.next);
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    let runs = crate::db::page::runs(&keys, STREAM_BUDGET);
+    let runs = crate::db::page::runs(&page.keys, STREAM_BUDGET);
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
         let writer = ArrayWriter { tx: tx.clone(), first: true };
@@ -210,9 +210,9 @@ async fn write_artifacts(pool: sqlx::PgPool, runs: Vec<Vec<String>>, mut out: Ar
     Ok(())
 }
 
-/// Tasks listed by `keys`, streamed (in the keys' order; a task deleted since is left out).
-pub fn stream_tasks(pool: sqlx::PgPool, keys: Vec<RowKey>, page: &Page) -> Response {
-    streamed(keys, page, move |runs, mut out| async move {
+/// Tasks listed by `page`, streamed (in its order; a task deleted since is left out).
+pub fn stream_tasks(pool: sqlx::PgPool, page: KeyPage) -> Response {
+    streamed(page, move |runs, mut out| async move {
         for run in runs {
             let mut found: std::collections::HashMap<String, Task> =
                 tasks::get_many(&pool, &run).await?.into_iter().map(|t| (t.id.0.clone(), t)).collect();
@@ -252,7 +252,7 @@ pub async fn leases(State(state): State<AppState>, Query(q): Query<LeaseQuery>) 
 pub async fn runs(State(state): State<AppState>, Query(q): Query<PageQuery>) -> Result<impl IntoResponse, ApiError> {
     let page = q.page_with_default(50)?;
     let keys = tasks::list_keys(&state.pool, &tasks::TaskFilter::default(), &page).await?;
-    Ok(stream_tasks(state.pool.clone(), keys, &page))
+    Ok(stream_tasks(state.pool.clone(), keys))
 }
 
 /// Query of `GET /api/runtime/artifacts`.
@@ -273,7 +273,7 @@ pub async fn artifacts(
     let task = q.task_id.filter(|t| !t.is_empty()).map(TaskId);
     let keys = artifacts::list_keys(&state.pool, task.as_ref(), &page).await?;
     let pool = state.pool.clone();
-    Ok(streamed(keys, &page, move |runs, out| write_artifacts(pool, runs, out)))
+    Ok(streamed(KeyPage::full_or_last(keys, &page), move |runs, out| write_artifacts(pool, runs, out)))
 }
 
 async fn find_artifact(state: &AppState, id: String) -> Result<Artifact, ApiError> {

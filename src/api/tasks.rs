@@ -16,9 +16,13 @@ use super::schemas::{
 use super::validate::{query_int, query_text, FieldErrors};
 use super::{ApiError, AppState};
 use crate::db::lifecycle::{self, Completion, CompletionOutcome, LeaseRequest};
+use crate::db::page::KeyPage;
 use crate::db::tasks::{self, TaskFilter};
 use crate::domain::{ArtifactId, LeaseId, Priority, Task, TaskId, TaskStatus, WorkerId};
 use crate::protocol::CancelNotice;
+
+/// Longest prompt prefix a task filter takes.
+pub const MAX_PROMPT_PREFIX: usize = 1000;
 
 /// Query of `GET /api/runtime/llm-tasks`: the seed's `status`, and filters (additions).
 #[derive(Debug, Deserialize)]
@@ -30,6 +34,7 @@ pub struct ListQuery {
     priority: Option<String>,
     created_from: Option<String>,
     created_to: Option<String>,
+    prompt_prefix: Option<String>,
     #[serde(flatten)]
     page: PageQuery,
 }
@@ -59,13 +64,17 @@ impl ListQuery {
             priority: priority.map(|p| Priority(p as i16)),
             created_from,
             created_to,
+            prompt_prefix: query_text(&self.prompt_prefix),
         };
+        if filter.prompt_prefix.as_ref().is_some_and(|p| p.chars().count() > MAX_PROMPT_PREFIX) {
+            errors.add("prompt_prefix", format!("Expected at most {MAX_PROMPT_PREFIX} characters"));
+        }
         let matches_none = unknown && filter.statuses.is_empty();
         Ok(errors.finish((!matches_none).then_some(filter))?)
     }
 }
 
-/// `GET /api/runtime/llm-tasks[?status=&context_id=&agent_slug=&priority=&created_from=&created_to=]`
+/// `GET /api/runtime/llm-tasks[?status=&context_id=&agent_slug=&priority=&created_from=&created_to=&prompt_prefix=]`
 /// → tasks, newest first.
 #[utoipa::path(get, path = "/api/runtime/llm-tasks", tag = "tasks", params(
     ("status" = Option<String>, Query, description = "queued|leased|running|completed|failed|dead|cancelled; several separated by commas"),
@@ -74,16 +83,17 @@ impl ListQuery {
     ("priority" = Option<i64>, Query, description = "only this priority, -2..2"),
     ("created_from" = Option<i64>, Query, description = "created at or after (epoch ms)"),
     ("created_to" = Option<i64>, Query, description = "created before (epoch ms)"),
+    ("prompt_prefix" = Option<String>, Query, description = "the prompt starts with this text, ignoring case (at most 1000 characters)"),
     ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"),
-    ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")),
+    ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page; with a filter on context, agent, priority or prompt a page reads at most 10,000 tasks and may be short yet go on")),
     responses((status = 200, body = Vec<Task>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<impl IntoResponse, ApiError> {
     let page = q.page.page()?;
     let keys = match q.filter()? {
         Some(filter) => tasks::list_keys(&state.pool, &filter, &page).await?,
-        None => Vec::new(),
+        None => KeyPage::default(),
     };
-    Ok(stream_tasks(state.pool.clone(), keys, &page))
+    Ok(stream_tasks(state.pool.clone(), keys))
 }
 
 /// `GET /api/runtime/llm-tasks/:id`.

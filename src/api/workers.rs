@@ -9,8 +9,8 @@ use super::body::JsonBody;
 use super::reads::PageQuery;
 use super::schemas::{ErrorBody, Removed, RequestBody, WorkerDetail};
 use super::{ApiError, AppState};
-use crate::db::{leases, workers};
-use crate::domain::{Registration, Worker, WorkerId};
+use crate::db::{leases, lifecycle, workers};
+use crate::domain::{Registration, Worker, WorkerId, WorkerTransport};
 
 /// `GET /api/runtime/workers`: every worker with its active lease count.
 #[utoipa::path(get, path = "/api/runtime/workers", tag = "workers", params(("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Worker>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
@@ -59,4 +59,37 @@ pub async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Re
     }
     tx.commit().await?;
     Ok(Json(Removed { removed: true, id }))
+}
+
+/// `POST /api/runtime/workers/:id/drain`: the worker takes no new lease and finishes
+/// those it holds (a `bloom-worker` stops pulling, an HTTP agent is assigned nothing, a
+/// REST worker's leases are refused); it stays registered. Idempotent.
+#[utoipa::path(post, path = "/api/runtime/workers/{id}/drain", tag = "workers", params(("id" = String, Path, description = "Worker id")), responses((status = 200, body = Worker), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn drain(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Worker>, ApiError> {
+    set_draining(&state, WorkerId(id), true).await
+}
+
+/// `POST /api/runtime/workers/:id/resume`: a drained worker takes leases again.
+#[utoipa::path(post, path = "/api/runtime/workers/{id}/resume", tag = "workers", params(("id" = String, Path, description = "Worker id")), responses((status = 200, body = Worker), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn resume(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Worker>, ApiError> {
+    set_draining(&state, WorkerId(id), false).await
+}
+
+async fn set_draining(state: &AppState, id: WorkerId, draining: bool) -> Result<Json<Worker>, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let worker = workers::set_draining(&mut tx, &id, draining, "admin", state.clock.now_ms())
+        .await?
+        .ok_or_else(|| ApiError::NotFound("Worker not found".into()))?;
+    tx.commit().await?;
+    if worker.transport == WorkerTransport::Nats {
+        if draining {
+            // Tasks routed to it (its conversations' next turns) go to the shared pool.
+            let why = "Routed worker is draining: rerouted to the shared pool";
+            let moved =
+                lifecycle::reroute(&state.pool, std::slice::from_ref(&id), why, "admin", state.clock.now_ms()).await?;
+            state.dispatcher.send(moved);
+        }
+        crate::bus::tell_draining(&state.nats, &state.names, id, draining).await;
+    }
+    Ok(Json(worker))
 }

@@ -44,6 +44,23 @@ pub fn jetstream(client: async_nats::Client, timeout: Duration) -> async_nats::j
     js
 }
 
+/// Tells worker `worker_id` to stop pulling (`draining`) or to pull again: a
+/// [`crate::protocol::DrainNotice`] on the drain subject, which every worker hears.
+/// Best effort: Postgres holds the state, a draining worker's claims find it full, and a
+/// worker whose beat disagrees is told again by the reconciler that records the beat.
+pub async fn tell_draining(
+    client: &async_nats::Client,
+    names: &names::Names,
+    worker_id: crate::domain::WorkerId,
+    draining: bool,
+) {
+    let notice = crate::protocol::DrainNotice { worker_id, draining };
+    let body = serde_json::to_vec(&notice).expect("a drain notice serializes");
+    if let Err(e) = client.publish(names.drain_subject(), body.into()).await {
+        tracing::warn!(error = %e, worker.id = %notice.worker_id, "drain notice not sent; the next beat repeats it");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -120,6 +120,11 @@ impl Names {
         format!("{}.ctl.cancel", self.ns)
     }
 
+    /// Drain notices: every worker hears them and the one named stops or resumes pulling.
+    pub fn drain_subject(&self) -> String {
+        format!("{}.ctl.drain", self.ns)
+    }
+
     /// Announcements of a worker process starting (request/reply).
     pub fn start_subject(&self) -> String {
         format!("{}.ctl.start", self.ns)

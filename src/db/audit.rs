@@ -2,7 +2,7 @@
 
 use sqlx::PgExecutor;
 
-use super::page::Cursor;
+use super::page::{Cursor, SCAN_LIMIT};
 use super::Page;
 use crate::domain::{new_id, AuditEntry, NewAudit};
 
@@ -47,11 +47,6 @@ impl AuditFilter {
         *self == AuditFilter::default()
     }
 }
-
-/// Entries of the log a filtered page reads at most, newest first, when the filter names
-/// no entity (an entity's entries are read from their own index). A page may then hold
-/// fewer entries than asked for and still go on: its `next` is where the reading stopped.
-pub const SCAN_LIMIT: i64 = 10_000;
 
 /// A page of the audit log and where the next one starts (`None`: the log ends).
 #[derive(Debug, PartialEq)]

@@ -5,6 +5,12 @@ pub const DEFAULT_LIMIT: i64 = 100;
 /// Largest page a client may ask for.
 pub const MAX_LIMIT: i64 = 1000;
 
+/// Rows a filtered page reads at most when its filter has no index to narrow the
+/// reading (an audit filter without an entity, a task filter by context, agent, priority
+/// or prompt): newest first, the matches among them. Such a page may hold fewer rows than
+/// asked for and still go on: its next cursor is where the reading stopped.
+pub const SCAN_LIMIT: i64 = 10_000;
+
 /// Position after which the next page starts: the sort key and id of the last row.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cursor {
@@ -60,6 +66,21 @@ pub struct RowKey {
     pub key: i64,
     pub id: String,
     pub bytes: i64,
+}
+
+/// A page of row keys and where the next page starts (`None`: the listing ends).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyPage {
+    pub keys: Vec<RowKey>,
+    pub next: Option<Cursor>,
+}
+
+impl KeyPage {
+    /// A page read in full: it goes on after its last row when it holds `page.limit` rows.
+    pub fn full_or_last(keys: Vec<RowKey>, page: &Page) -> KeyPage {
+        let next = keys.last().filter(|_| keys.len() as i64 == page.limit).map(RowKey::cursor);
+        KeyPage { keys, next }
+    }
 }
 
 impl RowKey {

@@ -86,6 +86,7 @@ pub(crate) struct WorkerRow {
     pub install_method: String,
     pub transport: WorkerTransport,
     pub source: WorkerSource,
+    pub draining_since: Option<i64>,
 }
 
 impl From<WorkerRow> for Worker {
@@ -107,6 +108,7 @@ impl From<WorkerRow> for Worker {
             install_method: r.install_method,
             transport: r.transport,
             source: r.source,
+            draining_since: r.draining_since,
         }
     }
 }

@@ -20,7 +20,7 @@ pub async fn list(db: impl PgExecutor<'_>, limit: i64, after: Option<&str>) -> s
                   w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
                   w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
                   w.source AS "source: WorkerSource", w.active_leases, w.agent_version, w.os_info,
-                  w.install_method, w.transport AS "transport!: WorkerTransport"
+                  w.install_method, w.transport AS "transport!: WorkerTransport", w.draining_since
            FROM workers w WHERE w.id > $1 ORDER BY w.id LIMIT $2"#,
         after.unwrap_or(""),
         limit
@@ -38,7 +38,7 @@ pub async fn candidates(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<Worker>> {
                   w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
                   w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
                   w.source AS "source: WorkerSource", w.active_leases, w.agent_version, w.os_info,
-                  w.install_method, w.transport AS "transport!: WorkerTransport"
+                  w.install_method, w.transport AS "transport!: WorkerTransport", w.draining_since
            FROM workers w WHERE w.status = 'online' ORDER BY w.registered_at, w.id"#
     )
     .fetch_all(db)
@@ -54,7 +54,7 @@ pub async fn get(db: impl PgExecutor<'_>, id: &WorkerId) -> sqlx::Result<Option<
                   w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
                   w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
                   w.source AS "source: WorkerSource", w.active_leases, w.agent_version, w.os_info,
-                  w.install_method, w.transport AS "transport!: WorkerTransport"
+                  w.install_method, w.transport AS "transport!: WorkerTransport", w.draining_since
            FROM workers w WHERE w.id = $1"#,
         id.as_str()
     )
@@ -73,7 +73,7 @@ pub async fn get_for_update(db: &mut PgConnection, id: &WorkerId) -> sqlx::Resul
                   w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
                   w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
                   w.source AS "source: WorkerSource", w.active_leases, w.agent_version, w.os_info,
-                  w.install_method, w.transport AS "transport!: WorkerTransport"
+                  w.install_method, w.transport AS "transport!: WorkerTransport", w.draining_since
            FROM workers w WHERE w.id = $1 FOR UPDATE"#,
         id.as_str()
     )
@@ -90,13 +90,13 @@ pub struct HttpAgent {
 }
 
 /// HTTP agents that can take a lease at `now` (online, Claude CLI, a free slot, not
-/// paused after failed dispatches), the least busy first.
+/// paused after failed dispatches, not draining), the least busy first.
 pub async fn http_agents_with_room(db: impl PgExecutor<'_>, now: i64) -> sqlx::Result<Vec<HttpAgent>> {
     let rows = sqlx::query!(
         "SELECT id, url FROM workers
          WHERE transport = 'http' AND status = 'online' AND COALESCE((capabilities->>'claude_cli')::boolean, true)
            AND active_leases < COALESCE((capabilities->>'max_concurrency')::int, 1)
-           AND dispatch_paused_until <= $1
+           AND dispatch_paused_until <= $1 AND draining_since IS NULL
          ORDER BY active_leases, id",
         now
     )
@@ -260,6 +260,42 @@ pub async fn remove(db: &mut PgConnection, id: &WorkerId, now: i64) -> sqlx::Res
     Ok(true)
 }
 
+/// Starts (`draining`) or ends the draining of a worker, with an audit entry when that
+/// changed it: a draining worker takes no new lease (claims find it full, HTTP agents
+/// are not assigned, REST leases refuse it) and keeps those it holds. `None` when there
+/// is no such worker.
+pub async fn set_draining(
+    db: &mut PgConnection,
+    id: &WorkerId,
+    draining: bool,
+    actor: &str,
+    now: i64,
+) -> sqlx::Result<Option<Worker>> {
+    let changed = sqlx::query!(
+        "UPDATE workers SET draining_since = CASE WHEN $2 THEN $3::bigint END
+         WHERE id = $1 AND (draining_since IS NULL) = $2",
+        id.as_str(),
+        draining,
+        now
+    )
+    .execute(&mut *db)
+    .await?
+    .rows_affected()
+        > 0;
+    let Some(worker) = get(&mut *db, id).await? else {
+        return Ok(None);
+    };
+    if changed {
+        let (action, detail) = if draining {
+            (AuditAction::WorkerDraining, format!("Worker {id} draining: no new lease, {} held", worker.active_leases))
+        } else {
+            (AuditAction::WorkerResumed, format!("Worker {id} resumed taking leases"))
+        };
+        audit::insert(&mut *db, &[NewAudit::new(action, "worker", id.as_str(), actor, detail)], now).await?;
+    }
+    Ok(Some(worker))
+}
+
 /// A liveness beat of a `bloom-worker` process, as stored.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Beat {
@@ -269,27 +305,30 @@ pub struct Beat {
     pub ip_addrs: Vec<String>,
 }
 
-/// Upserts a batch of NATS worker beats in one statement.
-pub async fn record_beats(db: impl PgExecutor<'_>, beats: &[Beat], now: i64) -> sqlx::Result<()> {
+/// Upserts a batch of NATS worker beats in one statement. Returns each beating worker's
+/// draining state as stored (a process that restarted, or missed a notice, learns it
+/// from there).
+pub async fn record_beats(db: impl PgExecutor<'_>, beats: &[Beat], now: i64) -> sqlx::Result<Vec<(WorkerId, bool)>> {
     if beats.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    sqlx::query!(
-        "INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, registered_at, source)
+    let rows = sqlx::query!(
+        r#"INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, registered_at, source)
          SELECT r.id, r.id, '', r.status, r.capabilities, $1, r.ip_addrs, $1, 'nats'
          FROM UNNEST($2::text[], $3::text[], $4::jsonb[], $5::jsonb[]) AS r(id, status, capabilities, ip_addrs)
          ON CONFLICT (id) DO UPDATE SET
             status = EXCLUDED.status, capabilities = EXCLUDED.capabilities,
-            last_heartbeat = EXCLUDED.last_heartbeat, ip_addrs = EXCLUDED.ip_addrs, source = 'nats'",
+            last_heartbeat = EXCLUDED.last_heartbeat, ip_addrs = EXCLUDED.ip_addrs, source = 'nats'
+         RETURNING id, draining_since IS NOT NULL AS "draining!""#,
         now,
         beats.iter().map(|b| b.id.as_str()).collect::<Vec<_>>() as _,
         beats.iter().map(|b| b.status.as_str()).collect::<Vec<_>>() as _,
         beats.iter().map(|b| Json(&b.capabilities)).collect::<Vec<_>>() as _,
         beats.iter().map(|b| Json(&b.ip_addrs)).collect::<Vec<_>>() as _,
     )
-    .execute(db)
+    .fetch_all(db)
     .await?;
-    Ok(())
+    Ok(rows.into_iter().map(|r| (WorkerId::from(r.id), r.draining)).collect())
 }
 
 /// Marks NATS workers whose last beat is older than `cutoff` offline. Returns their ids.

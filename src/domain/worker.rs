@@ -152,6 +152,10 @@ pub struct Worker {
     pub transport: WorkerTransport,
     #[serde(skip)]
     pub source: WorkerSource,
+    /// Since when (epoch ms) it is being drained: it takes no new lease and finishes those
+    /// it holds (an addition, shown only while draining).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_since: Option<i64>,
 }
 
 impl Worker {
@@ -160,9 +164,13 @@ impl Worker {
         self.capabilities.max_concurrency - self.active_leases
     }
 
-    /// The worker may take a new lease: online, runs the Claude CLI, has a free slot.
+    /// The worker may take a new lease: online, runs the Claude CLI, has a free slot, is
+    /// not being drained.
     pub fn is_eligible(&self) -> bool {
-        self.status == WorkerStatus::Online && self.capabilities.claude_cli && self.free_capacity() > 0
+        self.status == WorkerStatus::Online
+            && self.capabilities.claude_cli
+            && self.free_capacity() > 0
+            && self.draining_since.is_none()
     }
 }
 
@@ -208,6 +216,7 @@ mod tests {
             install_method: "manual".into(),
             transport: WorkerTransport::Rest,
             source: WorkerSource::Api,
+            draining_since: None,
         }
     }
 

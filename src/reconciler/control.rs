@@ -251,11 +251,15 @@ async fn handle_starts(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> Dedi
         let Some(req) = parse::<StartRequest>(&r, &msg) else {
             continue;
         };
+        let mut draining = false;
         if let Some(capabilities) = req.capabilities.clone() {
             let beat =
                 Beat { id: req.worker_id.clone(), status: WorkerStatus::Online, capabilities, ip_addrs: Vec::new() };
-            if let Err(e) = workers::record_beats(&r.pool, &[beat], r.clock.now_ms()).await {
-                tracing::error!(error = %e, worker.id = %req.worker_id, "registering a starting worker failed");
+            match workers::record_beats(&r.pool, &[beat], r.clock.now_ms()).await {
+                Ok(stored) => draining = stored.iter().any(|(_, d)| *d),
+                Err(e) => {
+                    tracing::error!(error = %e, worker.id = %req.worker_id, "registering a starting worker failed")
+                }
             }
         }
         let mut ended = 0;
@@ -280,7 +284,7 @@ async fn handle_starts(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> Dedi
         if ended > 0 {
             tracing::info!(worker.id = %req.worker_id, ended, "worker restarted: its previous leases ended");
         }
-        reply(&r, &msg, &StartReply { ended }).await;
+        reply(&r, &msg, &StartReply { ended, draining }).await;
     }
     db
 }
@@ -293,13 +297,23 @@ async fn handle_worker_beats(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -
             latest.insert(beat.worker_id.clone(), beat);
         }
     }
+    let told: HashMap<WorkerId, bool> = latest.iter().map(|(id, b)| (id.clone(), b.draining)).collect();
     let beats: Vec<Beat> = latest
         .into_values()
         .map(|b| Beat { id: b.worker_id, status: b.status, capabilities: b.capabilities, ip_addrs: b.ip_addrs })
         .collect();
-    if let Err(e) = workers::record_beats(&r.pool, &beats, r.clock.now_ms()).await {
-        tracing::error!(error = %e, "recording worker beats failed");
-        return db;
+    let stored = match workers::record_beats(&r.pool, &beats, r.clock.now_ms()).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            tracing::error!(error = %e, "recording worker beats failed");
+            return db;
+        }
+    };
+    // A worker whose beat disagrees with Postgres about draining is told again.
+    for (worker_id, draining) in stored {
+        if told.get(&worker_id).is_some_and(|t| *t != draining) {
+            crate::bus::tell_draining(&r.client, &r.names, worker_id, draining).await;
+        }
     }
     let gone: Vec<WorkerId> =
         beats.iter().filter(|b| b.status == WorkerStatus::Offline).map(|b| b.id.clone()).collect();

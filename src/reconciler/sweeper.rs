@@ -90,7 +90,8 @@ pub async fn reroute(r: &Reconciler, offline: &[WorkerId]) -> usize {
     if offline.is_empty() {
         return 0;
     }
-    match lifecycle::reroute(&r.pool, offline, r.clock.now_ms()).await {
+    let why = "Routed worker went offline: rerouted to the shared pool";
+    match lifecycle::reroute(&r.pool, offline, why, "reconciler", r.clock.now_ms()).await {
         Ok(moved) => {
             let n = moved.len();
             r.metrics.tasks_rerouted_total.add(n as u64);

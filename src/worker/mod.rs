@@ -33,8 +33,8 @@ use crate::config::{NatsArgs, WorkerArgs};
 use crate::domain::{Capabilities, LeaseId, Priority, WorkerId, WorkerStatus};
 use crate::metrics::Metrics;
 use crate::protocol::{
-    ClaimDecision, ClaimItem, ClaimReply, ClaimRequest, HeartbeatReply, HeartbeatRequest, LeaseGrant, ReleaseReply,
-    ReleaseRequest, ResultMessage, StartReply, StartRequest, TaskMessage, WorkerBeat,
+    ClaimDecision, ClaimItem, ClaimReply, ClaimRequest, DrainNotice, HeartbeatReply, HeartbeatRequest, LeaseGrant,
+    ReleaseReply, ReleaseRequest, ResultMessage, StartReply, StartRequest, TaskMessage, WorkerBeat,
 };
 pub use executor::Executor;
 use results::ResultPublisher;
@@ -145,12 +145,13 @@ pub async fn run(
     let results = ResultPublisher::spawn(js.clone(), names.clone(), hard.clone());
     let running = Running::default();
     let cancels = client.subscribe(names.cancel_subject()).await?;
+    let drains = client.subscribe(names.drain_subject()).await?;
     let ctx = Ctx { client, running: running.clone(), names, settings: Arc::new(settings), metrics, ttl_secs, results };
     tokio::spawn(running.serve(cancels));
     tracing::info!(worker.id = %ctx.settings.id, ttl_secs, "worker started");
 
-    announce_start(&ctx).await;
     let slots = Slots::new(ctx.settings.capabilities.max_concurrency.max(1) as usize);
+    announce_start(&ctx, &slots).await;
     let mut tasks = JoinSet::new();
     let mut loops = JoinSet::new();
     let (exec_tx, mut exec_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -160,6 +161,7 @@ pub async fn run(
     // Owned by this future: if it is dropped (a crash, in tests), its beats stop too.
     let mut beats = JoinSet::new();
     beats.spawn(beat_loop(ctx.clone(), slots.clone(), cancel.clone()));
+    beats.spawn(drain_loop(ctx.clone(), drains, slots.clone(), cancel.clone()));
 
     // Leases executing here: a claim granted again a lease this worker already runs (a
     // redelivery of its message) must not start a second execution.
@@ -192,7 +194,7 @@ pub async fn run(
     while let Ok(claimed) = exec_rx.try_recv() {
         start(&mut running, &mut tasks, claimed);
     }
-    tracing::info!(in_flight = tasks.len(), grace = ?ctx.settings.shutdown_grace, "draining");
+    tracing::info!(in_flight = tasks.len(), grace = ?ctx.settings.shutdown_grace, "shutting down: finishing the runs in flight");
     let drained =
         tokio::time::timeout(ctx.settings.shutdown_grace, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
@@ -513,13 +515,44 @@ const HEARTBEAT_RETRY: Duration = Duration::from_millis(200);
 /// its id still holds belong to a process that died, and their tasks are requeued now
 /// instead of after their TTL (they would also count against its `max_concurrency`).
 /// Without an answer the worker starts anyway; those leases then expire as usual.
-async fn announce_start(ctx: &Ctx) {
+async fn announce_start(ctx: &Ctx, slots: &Slots) {
     let req =
         StartRequest { worker_id: ctx.settings.id.clone(), capabilities: Some(ctx.settings.capabilities.clone()) };
     match request::<_, StartReply>(ctx, ctx.names.start_subject(), &req).await {
-        Ok(StartReply { ended: 0 }) => {}
-        Ok(StartReply { ended }) => tracing::info!(ended, "leases of this worker's previous process ended"),
+        Ok(StartReply { ended, draining }) => {
+            if ended > 0 {
+                tracing::info!(ended, "leases of this worker's previous process ended");
+            }
+            if draining {
+                tracing::info!("this worker is being drained: it takes no task until resumed");
+                slots.set_paused(true);
+            }
+        }
         Err(e) => tracing::warn!(error = %e, "start not acknowledged by a reconciler; stale leases will expire"),
+    }
+}
+
+/// Stops pulling while this worker is drained and pulls again once it is resumed, as the
+/// drain notices naming it say; what runs meanwhile finishes.
+async fn drain_loop(ctx: Ctx, mut notices: async_nats::Subscriber, slots: Slots, cancel: CancellationToken) {
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = notices.next() => match m { Some(m) => m, None => return },
+        };
+        let Ok(notice) = serde_json::from_slice::<DrainNotice>(&msg.payload) else {
+            ctx.metrics.malformed_messages_total.inc();
+            continue;
+        };
+        if notice.worker_id != ctx.settings.id || notice.draining == slots.paused() {
+            continue;
+        }
+        slots.set_paused(notice.draining);
+        if notice.draining {
+            tracing::info!(in_flight = slots.used(), "draining: no new task; those running finish");
+        } else {
+            tracing::info!("resumed: taking tasks again");
+        }
     }
 }
 
@@ -547,6 +580,7 @@ async fn beat_loop(ctx: Ctx, slots: Slots, cancel: CancellationToken) {
         capabilities: ctx.settings.capabilities.clone(),
         ip_addrs: Vec::new(),
         in_flight: slots.used() as u32,
+        draining: slots.paused(),
     };
     loop {
         let body = serde_json::to_vec(&beat(WorkerStatus::Online)).expect("beat serializes");

@@ -67,6 +67,16 @@ async fn submit_wait_list_show_and_exit_codes() {
     assert_eq!(code, 0);
     assert!(out.starts_with("ID"), "{out}");
     assert_eq!(out.lines().count(), 2, "{out}");
+    // By the start of the prompt, ignoring case; at most --limit rows.
+    for (limit, rows) in [("10", 3), ("2", 2)] {
+        let a = app.clone_handle();
+        let args = ["tasks", "list", "--prompt", "FAIL:", "--limit", limit, "--json"];
+        let (code, out, err) = tokio::task::spawn_blocking(move || bloomctl(&a, &args)).await.unwrap();
+        assert_eq!(code, 0, "{err}");
+        let tasks: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(tasks.as_array().unwrap().len(), rows, "{out}");
+        assert!(tasks.as_array().unwrap().iter().all(|t| t["prompt"].as_str().unwrap().starts_with("fail: ")), "{out}");
+    }
     let a = app.clone_handle();
     let (code, _, err) =
         tokio::task::spawn_blocking(move || bloomctl(&a, &["tasks", "show", "missing"])).await.unwrap();

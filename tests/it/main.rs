@@ -17,6 +17,7 @@ mod cancel;
 mod concurrency;
 mod dedicated;
 mod dispatch;
+mod drain;
 
 mod lifecycle_races;
 mod llm_outcomes;

@@ -125,7 +125,7 @@ async fn a_tasks_history_lists_its_leases_and_audit_trail() {
 
 /// Every page of `path` (a query string ends it), following `X-Next-Cursor`: the entries
 /// of each page in order.
-async fn audit_pages(app: &TestApp, path: &str) -> Vec<Vec<Value>> {
+async fn all_pages(app: &TestApp, path: &str) -> Vec<Vec<Value>> {
     let mut pages = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
@@ -165,7 +165,7 @@ async fn the_audit_log_filters_by_action_entity_and_actor_and_pages_past_long_ga
     assert_eq!(created.as_array().unwrap().len(), 1, "{created}");
 
     // By type and actor, in pages of one.
-    let pages = audit_pages(&app, "/api/runtime/audit?entity_type=llm_task&action=task_created&limit=1").await;
+    let pages = all_pages(&app, "/api/runtime/audit?entity_type=llm_task&action=task_created&limit=1").await;
     let found: Vec<&str> = pages.iter().flatten().map(|a| a["entity_id"].as_str().unwrap()).collect();
     assert_eq!(found, [ids[2].as_str(), ids[1].as_str(), ids[0].as_str()]);
     let actor = cancelled[0]["actor"].as_str().unwrap().to_owned();
@@ -194,7 +194,7 @@ async fn the_audit_log_filters_by_action_entity_and_actor_and_pages_past_long_ga
     .execute(&app.pool)
     .await
     .unwrap();
-    let pages = audit_pages(&app, "/api/runtime/audit?action=task_cancelled&limit=5").await;
+    let pages = all_pages(&app, "/api/runtime/audit?action=task_cancelled&limit=5").await;
     assert!(pages.len() >= 2, "the first page stops after 10,000 entries: {}", pages.len());
     assert_eq!(pages[0], Vec::<Value>::new(), "none of the newest 10,000 matches");
     let found: Vec<&Value> = pages.iter().flatten().collect();
@@ -203,6 +203,68 @@ async fn the_audit_log_filters_by_action_entity_and_actor_and_pages_past_long_ga
     // Unfiltered pages are full until the end.
     let (_, newest) = app.get("/api/runtime/audit?limit=3").await;
     assert_eq!(newest.as_array().unwrap()[0]["id"], "filler-010050");
+}
+
+#[tokio::test]
+async fn the_task_list_finds_prompts_by_prefix_and_pages_past_long_gaps() {
+    let app = TestApp::spawn().await;
+    let mut ids = Vec::new();
+    for (context, prompt) in [("a", "Summarise the report"), ("b", "summarise the logs"), ("a", "Translate this")] {
+        let t = app.submit_with(json!({"context_id": context, "agent_slug": "x", "prompt": prompt})).await;
+        ids.push(t["id"].as_str().unwrap().to_owned());
+    }
+
+    // Ignoring case, newest first; with the other filters.
+    let (status, found) = app.get("/api/runtime/llm-tasks?prompt_prefix=SUMMARISE%20the").await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    assert_eq!(listed(&found), [ids[1].clone(), ids[0].clone()]);
+    let (_, found) = app.get("/api/runtime/llm-tasks?prompt_prefix=summarise&context_id=a").await;
+    assert_eq!(listed(&found), [ids[0].clone()]);
+    let (_, found) = app.get("/api/runtime/llm-tasks?prompt_prefix=the%20report").await;
+    assert_eq!(found, json!([]), "a prefix, not a substring");
+    let (status, bad) = app.get(&format!("/api/runtime/llm-tasks?prompt_prefix={}", "x".repeat(1001))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(bad.to_string().contains("prompt_prefix"), "{bad}");
+
+    // Below 10,050 newer tasks of another context, a filter by context or prompt reads
+    // at most 10,000 tasks a page: the first pages are empty and say where they stopped.
+    sqlx::query(
+        "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, status, created_at, updated_at)
+         SELECT 'filler-' || lpad(i::text, 6, '0'), 'filler', 'x', 'filler', 'completed', 4102444800000 + i, 0
+         FROM generate_series(1, 10050) AS i",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let pages = all_pages(&app, "/api/runtime/llm-tasks?context_id=a&limit=5").await;
+    assert!(pages.len() >= 2, "the first page stops after 10,000 tasks: {}", pages.len());
+    assert_eq!(pages[0], Vec::<Value>::new(), "none of the newest 10,000 matches");
+    assert_eq!(listed(&json!(pages.concat())), [ids[2].clone(), ids[0].clone()]);
+    let pages = all_pages(&app, "/api/runtime/llm-tasks?prompt_prefix=summarise&limit=1").await;
+    assert_eq!(listed(&json!(pages.concat())), [ids[1].clone(), ids[0].clone()]);
+    // Filtered by status only, pages are read from an index and full until the end.
+    let (_, newest) = app.get("/api/runtime/llm-tasks?status=completed&limit=3").await;
+    assert_eq!(listed(&newest), ["filler-010050", "filler-010049", "filler-010048"]);
+
+    // A bulk cancellation takes the same filter: counted first, then done.
+    let (status, dry) =
+        app.post("/api/runtime/llm-tasks/cancel", json!({"prompt_prefix": "summarise", "dry_run": true})).await;
+    assert_eq!((status, dry["matched"].clone()), (StatusCode::OK, json!(2)), "{dry}");
+    let (_, done) = app.post("/api/runtime/llm-tasks/cancel", json!({"prompt_prefix": "Summarise"})).await;
+    let mut cancelled: Vec<String> = serde_json::from_value(done["cancelled"].clone()).unwrap();
+    cancelled.sort();
+    let mut expected = vec![ids[0].clone(), ids[1].clone()];
+    expected.sort();
+    assert_eq!(cancelled, expected);
+    assert_eq!(app.status_of(&ids[2]).await, "queued");
+    let (status, bad) = app.post("/api/runtime/llm-tasks/cancel", json!({"prompt_prefix": ""})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(bad.to_string().contains("prompt_prefix"), "{bad}");
+}
+
+/// The ids of a listing, in its order.
+fn listed(v: &Value) -> Vec<String> {
+    v.as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap().to_owned()).collect()
 }
 
 async fn submitted(app: &TestApp, n: usize) -> Vec<String> {

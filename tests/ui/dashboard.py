@@ -192,6 +192,12 @@ def main():
         page.fill("#f-agent_slug", "nobody")
         page.click("form.filters button[type=submit]")
         expect(page.locator("main")).to_contain_text("No task matches.")
+        # The start of the prompt, ignoring case: the two failing tasks.
+        page.fill("#f-agent_slug", "")
+        page.fill("#f-prompt_prefix", "FAIL: THE")
+        page.click("form.filters button[type=submit]")
+        expect(page.locator("tbody tr")).to_have_count(2)
+        expect(page.locator("tbody")).to_contain_text("critic")
 
         # A failed task: why it failed, then requeued from the page.
         page.goto(f"{args.base}/ui#/tasks/{failed[0]}")
@@ -295,6 +301,21 @@ def main():
         page.goto(f"{args.base}/ui#/workers/ui-worker")
         expect(page.locator("main")).to_contain_text("NATS worker")
         expect(page.locator("main")).to_contain_text("Active leases")
+        # Drained from its page: a task submitted then waits (the only worker takes
+        # nothing new) until it is resumed from the same page.
+        page.click("#worker-drain")
+        expect(page.locator("#bulk-summary")).to_contain_text("takes no new task")
+        page.click("#bulk-confirm")
+        expect(page.locator("#draining")).to_contain_text("Draining since", timeout=10000)
+        assert db_query(args.database_url, "SELECT draining_since IS NOT NULL FROM workers WHERE id = 'ui-worker'") == "t"
+        held = api.submit("while drained")
+        time.sleep(3)
+        assert api.status(held) == "queued", api.status(held)
+        page.screenshot(path=str(shots / "worker-draining.png"), full_page=True)
+        page.click("#worker-resume")
+        expect(page.locator("#worker-drain")).to_be_visible()
+        wait("the held task to complete after the resume", lambda: api.status(held) == "completed", lambda: api.status(held), 20)
+        assert db_query(args.database_url, "SELECT count(*) FROM audit_logs WHERE action IN ('worker_draining', 'worker_resumed')") == "2"
 
         # Keyboard: the skip link comes first, the sections are reachable by Tab and Enter.
         page.goto("about:blank")  # a fresh load: the focus starts at the document

@@ -222,7 +222,7 @@ const STATUSES = ["", "queued", "leased", "running", "completed", "failed", "dea
 
 async function tasks(r, params) {
   const q = new URLSearchParams();
-  for (const k of ["status", "agent_slug", "context_id", "priority", "cursor"]) if (params.get(k)) q.set(k, params.get(k));
+  for (const k of ["status", "agent_slug", "context_id", "priority", "prompt_prefix", "cursor"]) if (params.get(k)) q.set(k, params.get(k));
   // The time range: `from` and `to` as UTC date-times (the inputs' values).
   const utc = (v) => (v ? Date.parse(`${v}Z`) : NaN);
   const range = {};
@@ -243,6 +243,7 @@ async function tasks(r, params) {
       STATUSES.map((s) => h("option", { value: s, selected: s === (params.get("status") || "") }, s || "any")))),
     field("agent_slug", "Agent", h("input", { id: "f-agent_slug", name: "agent_slug", value: params.get("agent_slug") || "" })),
     field("context_id", "Context", h("input", { id: "f-context_id", name: "context_id", value: params.get("context_id") || "" })),
+    field("prompt_prefix", "Prompt starts with", h("input", { id: "f-prompt_prefix", name: "prompt_prefix", value: params.get("prompt_prefix") || "" })),
     field("priority", "Priority", h("select", { id: "f-priority", name: "priority" },
       ["", "2", "1", "0", "-1", "-2"].map((p) => h("option", { value: p, selected: p === (params.get("priority") || "") }, p || "any")))),
     field("from", "Created from (UTC)", h("input", { id: "f-from", name: "from", type: "datetime-local", value: params.get("from") || "" })),
@@ -250,7 +251,7 @@ async function tasks(r, params) {
     h("button", { type: "submit" }, "Filter"));
   const bulk = h("div", { id: "bulk" });
   const selection = {};
-  for (const k of ["agent_slug", "context_id"]) if (params.get(k)) selection[k] = params.get(k);
+  for (const k of ["agent_slug", "context_id", "prompt_prefix"]) if (params.get(k)) selection[k] = params.get(k);
   if (["queued", "leased", "running"].includes(params.get("status"))) selection.status = [params.get("status")];
   if (params.get("priority")) selection.priority = Number(params.get("priority"));
   Object.assign(selection, range);
@@ -279,7 +280,7 @@ async function tasks(r, params) {
   render(
     h("h1", {}, "Tasks"),
     form,
-    selection.agent_slug || selection.context_id
+    selection.agent_slug || selection.context_id || selection.prompt_prefix
       ? h("div", { class: "actions" }, h("button", { type: "button", class: "danger", id: "cancel-matching", onclick: cancelMatching }, "Cancel matching…"))
       : null,
     bulk,
@@ -292,7 +293,7 @@ async function tasks(r, params) {
       ["Attempts", (t) => `${t.attempts}/${t.max_attempts}`, true],
       ["Created", (t) => iso(t.created_at)],
       ["Waiting because", (t) => t.wait_reason || t.last_error || ""],
-    ], rows, "No task matches."),
+    ], rows, next ? "No match among the tasks read for this page; older tasks follow on the next page." : "No task matches."),
     h("div", { class: "pager" },
       params.get("cursor") ? h("a", { href: "#/tasks" }, "First page") : null,
       next ? h("a", { href: `#/tasks?${more}`, id: "next-page" }, "Next page") : h("span", { class: "muted" }, "Last page")));
@@ -449,7 +450,7 @@ async function workers(r) {
     h("h1", {}, "Workers"),
     table([
       ["Worker", (w) => h("a", { href: `#/workers/${encodeURIComponent(w.id)}` }, w.id)],
-      ["Status", (w) => w.status],
+      ["Status", (w) => (w.draining_since ? `${w.status}, draining` : w.status)],
       ["Kind", (w) => (w.transport === "http" ? "HTTP agent" : "NATS worker")],
       ["Busy", (w) => `${w.active_leases ?? 0}/${w.capabilities?.max_concurrency ?? 1}`, true],
       ["Version", (w) => w.agent_version || ""],
@@ -471,8 +472,9 @@ async function workers(r) {
   );
 }
 
-// A worker's page: its record and active leases; for an HTTP (membridge) agent, a
-// health check and a restart. A NATS worker is restarted by its deployment.
+// A worker's page: its record and active leases, drain and resume; for an HTTP
+// (membridge) agent, a health check and a restart. A NATS worker is restarted by its
+// deployment.
 let workerNote = null; // the last health check's outcome: { id, text, ok }
 
 async function worker(r, id) {
@@ -505,12 +507,31 @@ async function worker(r, id) {
       return "The agent was asked to restart.";
     }, "Keep it running"));
   } }, "Restart agent…");
+  const drain = h("button", { type: "button", id: "worker-drain", onclick: () => {
+    const text = `Drain ${w.id}? It takes no new task and finishes the ${w.active_leases ?? 0} it runs; it stays registered until resumed.`;
+    note.replaceWith(confirmPanel(text, "Drain", async () => {
+      await api(`/api/runtime/workers/${enc}/drain`, { method: "POST", body: {} });
+      setTimeout(() => r === route && show(), 600);
+      return "Draining: no new task goes to this worker.";
+    }, "Keep it taking tasks"));
+  } }, "Drain…");
+  const resume = h("button", { type: "button", id: "worker-resume", onclick: async () => {
+    resume.disabled = true;
+    try {
+      await api(`/api/runtime/workers/${enc}/resume`, { method: "POST", body: {} });
+      if (r === route) await show();
+    } catch (err) {
+      report(`Resume refused: ${err.message}`, false);
+      resume.disabled = false;
+    }
+  } }, "Resume");
   const http = w.transport === "http";
   render(
     h("p", {}, h("a", { href: "#/workers" }, "← Workers")),
     h("h1", {}, "Worker ", h("code", {}, w.id), " ", status(w.status)),
-    http ? h("div", { class: "actions" }, health, restart)
-      : h("p", { class: "muted" }, "A NATS worker: restarted by its deployment; on SIGTERM it takes no new task and finishes its runs."),
+    w.draining_since ? h("p", { id: "draining" }, `Draining since ${iso(w.draining_since)}: no new task; ${w.active_leases ?? 0} still running.`) : null,
+    h("div", { class: "actions" }, w.draining_since ? resume : drain, http ? health : null, http ? restart : null),
+    http ? null : h("p", { class: "muted" }, "A NATS worker: restarted by its deployment; on SIGTERM it takes no new task and finishes its runs."),
     note,
     h("dl", { class: "kv" }, [
       ["Kind", http ? "HTTP agent" : "NATS worker"], ["URL", w.url || ""], ["Node", w.node_id || ""],
@@ -531,7 +552,8 @@ async function worker(r, id) {
 const AUDIT_FILTERS = [["action", "Action"], ["entity_type", "Entity type"], ["entity_id", "Entity id"], ["actor", "Actor"]];
 const AUDIT_ACTIONS = ["task_created", "task_leased", "task_completed", "task_requeued", "task_cancelled", "task_dead",
   "task_retry_scheduled", "task_due", "task_redispatched", "lease_expired", "result_late", "task_dispatched",
-  "dispatch_failed", "worker_registered", "worker_updated", "worker_removed", "worker_offline", "agent_restarted",
+  "dispatch_failed", "worker_registered", "worker_updated", "worker_removed", "worker_offline", "worker_draining",
+  "worker_resumed", "agent_restarted",
   "agent_updated", "config_updated"];
 
 async function audit(r, params) {

@@ -92,6 +92,7 @@ pub async fn cancel_many(
                AND ($3::text IS NULL OR context_id = $3) AND ($4::text IS NULL OR agent_slug = $4)
                AND ($7::smallint IS NULL OR priority = $7) AND ($8::bigint IS NULL OR created_at >= $8)
                AND ($9::bigint IS NULL OR created_at < $9)
+               AND ($10::text IS NULL OR lower(left(prompt, char_length($10))) = lower($10))
              ORDER BY created_at LIMIT $5 FOR UPDATE),
            l AS (
              UPDATE leases SET status = 'cancelled'
@@ -111,6 +112,7 @@ pub async fn cancel_many(
         filter.priority_value(),
         filter.created_from,
         filter.created_to,
+        filter.prompt_prefix.as_deref(),
     )
     .fetch_all(&mut *tx)
     .await?;

@@ -2,7 +2,8 @@ WITH r AS (
    SELECT * FROM UNNEST($3::text[], $4::bigint[], $5::text[], $6::text[], $7::int[], $8::text[])
        AS r(task_id, seq, worker_id, lease_id, ttl, audit_id)),
 room AS MATERIALIZED (
-   SELECT w.id, COALESCE((w.capabilities->>'max_concurrency')::int, 1) - w.active_leases AS free
+   SELECT w.id, CASE WHEN w.draining_since IS NULL
+                     THEN COALESCE((w.capabilities->>'max_concurrency')::int, 1) - w.active_leases ELSE 0 END AS free
    FROM workers w WHERE w.id = ANY($2) ORDER BY w.id FOR UPDATE),
 fresh AS (
    SELECT r.*, row_number() OVER (PARTITION BY r.worker_id ORDER BY r.task_id) AS pos

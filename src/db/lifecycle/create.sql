@@ -16,7 +16,7 @@ sticky AS (
        -- LIMIT keeps this a lookup by key per context (no join order that walks
        -- every worker), whatever the statistics of `workers` say.
        SELECT 1 FROM workers w
-       WHERE w.id = recent.worker_id AND (w.status || '') = 'online' AND w.source = 'nats'
+       WHERE w.id = recent.worker_id AND (w.status || '') = 'online' AND w.source = 'nats' AND w.draining_since IS NULL
          AND COALESCE((w.capabilities->>'claude_cli')::boolean, true)
          AND w.active_leases < COALESCE((w.capabilities->>'max_concurrency')::int, 1)
        LIMIT 1) w),

@@ -17,7 +17,8 @@ use crate::domain::{AuditAction, DesiredFormat, NewAudit, Policy, Task, TaskStat
 use sqlx::types::Json;
 
 /// Dispatches again up to `limit` tasks queued (and dispatched) before `dispatched_before`,
-/// oldest first, provided an online NATS worker has room; their routing is kept.
+/// oldest first, provided an online NATS worker has room; their routing is kept unless
+/// the worker is being drained.
 pub async fn redispatch(pool: &PgPool, dispatched_before: i64, limit: i64, now: i64) -> sqlx::Result<Vec<Dispatch>> {
     let mut tx = pool.begin().await?;
     let moved: Vec<Task> = sqlx::query_as!(
@@ -26,10 +27,12 @@ pub async fn redispatch(pool: &PgPool, dispatched_before: i64, limit: i64, now: 
              SELECT id FROM llm_tasks
              WHERE status = 'queued' AND updated_at < $1 AND dispatch_seq > 0
                AND EXISTS (SELECT 1 FROM workers w
-                           WHERE w.transport = 'nats' AND w.status = 'online'
+                           WHERE w.transport = 'nats' AND w.status = 'online' AND w.draining_since IS NULL
                              AND w.active_leases < COALESCE((w.capabilities->>'max_concurrency')::int, 1))
              ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-           UPDATE llm_tasks t SET dispatch_seq = t.dispatch_seq + 1, updated_at = $3
+           UPDATE llm_tasks t SET dispatch_seq = t.dispatch_seq + 1, updated_at = $3,
+                  routed_to = CASE WHEN EXISTS (SELECT 1 FROM workers w WHERE w.id = t.routed_to AND w.draining_since IS NOT NULL)
+                                   THEN NULL ELSE t.routed_to END
            FROM c WHERE t.id = c.id AND t.status = 'queued'
            RETURNING t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints AS "context_hints: Json<Vec<String>>",
                      t.policy AS "policy: Json<Policy>", t.desired_format AS "desired_format: DesiredFormat",

@@ -77,6 +77,7 @@ pub async fn requeue_many(
              AND ($3::text IS NULL OR context_id = $3) AND ($4::text IS NULL OR agent_slug = $4)
              AND ($5::smallint IS NULL OR priority = $5) AND ($6::bigint IS NULL OR created_at >= $6)
              AND ($7::bigint IS NULL OR created_at < $7)
+             AND ($9::text IS NULL OR lower(left(prompt, char_length($9))) = lower($9))
            ORDER BY created_at LIMIT $8 FOR UPDATE"#,
         &filter.status_texts().unwrap_or_else(requeueable) as _,
         filter.ids.as_deref() as _,
@@ -86,6 +87,7 @@ pub async fn requeue_many(
         filter.created_from,
         filter.created_to,
         limit,
+        filter.prompt_prefix.as_deref(),
     )
     .fetch_all(&mut *tx)
     .await?;
