@@ -172,9 +172,10 @@ function connections(health) {
   return h("dl", { class: "kv", id: "connections" }, [
     ["Postgres", state(health.database?.connected)],
     ["NATS", state(health.nats?.connected)],
-    ["Membridge", mb.status === "unknown" ? "not called yet" : h("span", {}, state(mb.connected), " ", mb.last_error || "")],
-    ["Agent sync (reconcilers)", sync.last_run
-      ? `${sync.ok ? `${sync.agents} agents` : `failing: ${sync.error || "unknown error"}`}, last run ${iso(sync.last_run)}`
+    // The health's `membridge` object keeps the original's camelCase keys.
+    ["Membridge", mb.status === "unknown" ? "not called yet" : h("span", {}, state(mb.connected), " ", mb.lastError || "")],
+    ["Agent sync (reconcilers)", sync.lastRun
+      ? `${sync.ok ? `${sync.agents} agents` : `failing: ${sync.error || "unknown error"}`}, last run ${iso(sync.lastRun)}`
       : "not run yet"],
   ].flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
 }
