@@ -18,7 +18,9 @@
 //! * `postgres_limit`: the same writes a task's life costs, executed directly with the
 //!   same batching and durability, in tasks/s;
 //! * `nats_limit`: publish with ack, then pull and ack, of task-sized messages, in msgs/s;
-//! * the peak memory (VmHWM) of every process it started.
+//! * the peak memory (VmHWM) of every process it started;
+//! * for `fixed_rate` and `saturation`, the CPU each process spent per task and the
+//!   transactions Postgres committed and WAL bytes it wrote per task (`postgres_writes`).
 //!
 //! The limits are measured three times before the runtime and three times after it, and
 //! the runtime is compared with their median (the machine's speed drifts during a run,
@@ -135,6 +137,39 @@ async fn wait_ready(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bail!("the API did not become ready")
+}
+
+/// What Postgres has written for the bench database so far: transactions committed (by
+/// every process) and WAL bytes (the whole server's; nothing else writes during a run).
+#[derive(Clone, Copy)]
+struct PgWrites {
+    commits: i64,
+    wal: i64,
+}
+
+impl PgWrites {
+    /// Read after the backends' statistics of what just finished were published (at
+    /// most a second later).
+    async fn read(pool: &PgPool) -> anyhow::Result<PgWrites> {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let (commits, wal): (i64, i64) = sqlx::query_as(
+            "SELECT xact_commit, pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint
+             FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(pool)
+        .await?;
+        Ok(PgWrites { commits, wal })
+    }
+
+    /// Commits and WAL bytes per task since `self`.
+    async fn per_task(self, pool: &PgPool, tasks: u64) -> anyhow::Result<Value> {
+        let now = PgWrites::read(pool).await?;
+        let n = tasks.max(1) as f64;
+        Ok(json!({
+            "commits_per_task": (now.commits - self.commits) as f64 / n,
+            "wal_bytes_per_task": (now.wal - self.wal) as f64 / n,
+        }))
+    }
 }
 
 async fn wait_workers(pool: &PgPool, n: usize) -> anyhow::Result<()> {
@@ -445,13 +480,17 @@ async fn main() -> anyhow::Result<()> {
 
     eprintln!("fixed rate: {} tasks/s for {} s", o.rate, o.rate_secs);
     let all: Vec<&Proc> = workers.iter().chain(procs.iter()).collect();
+    let writes = PgWrites::read(&pool).await?;
     let before = cpu_ticks();
     let mut fixed = fixed_rate(&o, &http, &base, &pool).await?;
     fixed["cpu_ms_per_task"] = cpu_ms_per_task(&before, &cpu_ticks(), &all, o.rate * o.rate_secs);
+    fixed["postgres_writes"] = writes.per_task(&pool, o.rate * o.rate_secs).await?;
     eprintln!("saturation: {} tasks, {} clients", o.tasks, o.clients);
+    let writes = PgWrites::read(&pool).await?;
     let before = cpu_ticks();
     let mut sat = saturation(&o, &pool, "bench-saturation", None).await?;
     sat["cpu_ms_per_task"] = cpu_ms_per_task(&before, &cpu_ticks(), &all, o.tasks);
+    sat["postgres_writes"] = writes.per_task(&pool, o.tasks).await?;
     let keyed = if o.concurrency_keys == 0 {
         Value::Null
     } else {
@@ -570,6 +609,11 @@ fn print_table(r: &Value) {
     if let Some(cpu) = r["fixed_rate"]["cpu_ms_per_task"].as_object() {
         let parts: Vec<String> = cpu.iter().map(|(k, v)| format!("{k} {:.3}", v.as_f64().unwrap_or(0.0))).collect();
         eprintln!("{:<38} {}", "fixed-rate CPU ms per task", parts.join(", "));
+    }
+    for phase in ["saturation", "fixed_rate"] {
+        let w = &r[phase]["postgres_writes"];
+        let label = format!("{} Postgres commits / WAL per task", phase.replace('_', "-"));
+        eprintln!("{label:<38} {} / {} bytes", f(&w["commits_per_task"]), f(&w["wal_bytes_per_task"]));
     }
     eprintln!("{:<38} {}", "fixed-rate submit latency", lat(&r["fixed_rate"]["submit_ms"]));
     eprintln!("{:<38} {}", "fixed-rate dispatch latency", lat(&r["fixed_rate"]["dispatch_ms"]));
