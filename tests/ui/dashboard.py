@@ -192,11 +192,15 @@ def main():
         page.fill("#f-to", "")
         page.fill("#f-agent_slug", "nobody")
         page.click("form.filters button[type=submit]")
+        # The page of that filter (the previous one also matched nothing), drawn: it offers
+        # to cancel the agent's tasks. Its form is the one filled next.
+        expect(page.locator("#cancel-matching")).to_be_visible()
         expect(page.locator("main")).to_contain_text("No task matches.")
         # The start of the prompt, ignoring case: the two failing tasks.
         page.fill("#f-agent_slug", "")
         page.fill("#f-prompt_prefix", "FAIL: THE")
         page.click("form.filters button[type=submit]")
+        expect(page).to_have_url(re.compile(r"prompt_prefix=FAIL"))
         expect(page.locator("tbody tr")).to_have_count(2)
         expect(page.locator("tbody")).to_contain_text("critic")
 
