@@ -621,3 +621,26 @@ async fn an_agent_is_sent_only_what_the_concurrency_limits_admit() {
     assert_eq!(app.count("SELECT COALESCE(sum(running), 0)::bigint FROM concurrency_slots").await, 0);
     app.stop().await;
 }
+
+/// A drained HTTP agent is sent nothing, and is sent tasks again once resumed.
+#[tokio::test]
+async fn a_drained_agent_is_sent_no_task_until_it_is_resumed() {
+    use bloom::reconciler::agent_dispatch;
+    let app = TestApp::spawn().await;
+    let agent = fake_agent::start(AGENT_KEY, Mode::Run).await;
+    register(&app, "agent-1", &agent.url()).await;
+    let (status, w) = app.post("/api/runtime/workers/agent-1/drain", json!({})).await;
+    assert_eq!((status, w["transport"].clone()), (StatusCode::OK, json!("http")), "{w}");
+    let id = app.submit("for a drained agent").await["id"].as_str().unwrap().to_owned();
+    let r = manual_reconciler(&app).await;
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 0);
+    assert_eq!(app.status_of(&id).await, "queued");
+    assert!(agent.executed.lock().unwrap().is_empty());
+
+    let (status, _) = app.post("/api/runtime/workers/agent-1/resume", json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
+    wait_for("completed by the agent", Duration::from_secs(10), || async { app.status_of(&id).await == "completed" })
+        .await;
+    app.stop().await;
+}
