@@ -80,11 +80,6 @@ fn parse_int(s: &str) -> Option<i64> {
     Some(if negative { -n } else { n })
 }
 
-/// `X-Next-Cursor` naming the last row, when a page of `rows` rows is full.
-fn next_cursor(rows: usize, page: &Page, last: Option<Cursor>) -> HeaderMap {
-    cursor_header(last.filter(|_| rows as i64 == page.limit))
-}
-
 /// `X-Next-Cursor` with `next`, when there is one.
 fn cursor_header(next: Option<Cursor>) -> HeaderMap {
     let mut headers = HeaderMap::new();
@@ -100,7 +95,7 @@ pub fn paged<T: Serialize>(rows: Vec<T>, page: &Page, key: impl Fn(&T) -> (i64, 
         let (key, id) = key(r);
         Cursor { key, id }
     });
-    (next_cursor(rows.len(), page, last), Json(rows))
+    (cursor_header(page.next(rows.len(), last)), Json(rows))
 }
 
 /// Bytes of rows a streamed listing reads and sends at a time.

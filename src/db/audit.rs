@@ -60,10 +60,7 @@ pub struct AuditPage {
 pub async fn list(db: impl PgExecutor<'_>, page: &Page, filter: &AuditFilter) -> sqlx::Result<AuditPage> {
     let (key, id) = page.bounds();
     let last = |entries: &[AuditEntry]| {
-        entries
-            .last()
-            .filter(|_| entries.len() as i64 == page.limit)
-            .map(|e| Cursor { key: e.timestamp, id: e.id.clone() })
+        page.next(entries.len(), entries.last().map(|e| Cursor { key: e.timestamp, id: e.id.clone() }))
     };
     // Each case its own statement, so that a cached plan always fits it.
     if let Some(entity) = &filter.entity_id {

@@ -50,6 +50,12 @@ impl Page {
         Page { limit, after: None }
     }
 
+    /// Where the page after one of `rows` rows ending with `last` starts: after `last`
+    /// when the page is full, else nowhere (the listing ended).
+    pub fn next(&self, rows: usize, last: Option<Cursor>) -> Option<Cursor> {
+        last.filter(|_| rows as i64 == self.limit)
+    }
+
     /// Key and id bounds for `WHERE (key, id) < ($k, $i)`: unbounded without a cursor.
     pub fn bounds(&self) -> (i64, String) {
         match &self.after {
@@ -78,7 +84,7 @@ pub struct KeyPage {
 impl KeyPage {
     /// A page read in full: it goes on after its last row when it holds `page.limit` rows.
     pub fn full_or_last(keys: Vec<RowKey>, page: &Page) -> KeyPage {
-        let next = keys.last().filter(|_| keys.len() as i64 == page.limit).map(RowKey::cursor);
+        let next = page.next(keys.len(), keys.last().map(RowKey::cursor));
         KeyPage { keys, next }
     }
 }
