@@ -85,7 +85,7 @@ calls=(
   "overview: stats|/api/runtime/stats?count_limit=10000"
   "stats, exact (seed, metrics)|/api/runtime/stats"
   "overview: activity|/api/runtime/activity?minutes=60"
-  "overview: holds|/api/runtime/agent-holds"
+  "overview: holds|/api/runtime/holds"
   "overview: limits|/api/runtime/concurrency-limits"
   "overview: budgets|/api/runtime/budgets"
   "tasks: first page|/api/runtime/llm-tasks?limit=50"

@@ -101,7 +101,8 @@ enum Command {
     },
     /// Task, lease and worker counts.
     Stats,
-    /// Agents whose tasks wait for a provider's rate limit to reset.
+    /// Agents, concurrency keys and conversations whose tasks wait for a provider's rate
+    /// limit to reset.
     Holds,
     /// Concurrency limits: list them (with what runs and waits under each), set or
     /// remove one. Scopes: context_id, agent_slug, concurrency_key; key `*` is every
@@ -664,8 +665,9 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             print(json_out, &v, &columns);
         }
         Command::Holds => {
-            let v = api.get("/api/runtime/agent-holds").await?;
-            print(json_out, &v, &[("AGENT", "/agent_slug"), ("UNTIL", "/until"), ("REASON", "/reason")]);
+            let v = api.get("/api/runtime/holds").await?;
+            let columns = [("SCOPE", "/scope"), ("KEY", "/key"), ("UNTIL", "/until"), ("REASON", "/reason")];
+            print(json_out, &v, &columns);
         }
         Command::Usage { by, hours, limit } => {
             let to = bloom::time::now_ms();

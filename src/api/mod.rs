@@ -195,6 +195,7 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         .routes(routes!(failures::failures))
         .routes(routes!(activity::activity))
         .routes(routes!(holds::list))
+        .routes(routes!(holds::agents))
         .routes(routes!(concurrency::list))
         .routes(routes!(concurrency::set, concurrency::remove))
         .routes(routes!(concurrency::keys))

@@ -12,7 +12,7 @@ use super::validate::{FieldErrors, Fields};
 use super::ApiError;
 use crate::domain::{
     Artifact, Capabilities, DesiredFormat, ErrorKind, Lease, LlmResult, Metrics, NewTask, Outcome, Policy, Priority,
-    Registration, ResultStatus, RetryPolicy, Task, Usage, Worker, WorkerId, WorkerStatus,
+    RateLimitHold, Registration, ResultStatus, RetryPolicy, Task, Usage, Worker, WorkerId, WorkerStatus,
 };
 
 /// Largest accepted prompt, in bytes: a task must fit in one NATS message.
@@ -53,6 +53,8 @@ fn read_retry(p: &mut Fields<'_>) -> Option<Option<RetryPolicy>> {
     let on = r.opt_strings("on");
     let backoff_ms = r.int("backoff_ms", 0, RetryPolicy::MAX_BACKOFF_MS, Some(d.backoff_ms));
     let max_backoff_ms = r.int("max_backoff_ms", 0, RetryPolicy::MAX_MAX_BACKOFF_MS, Some(d.max_backoff_ms));
+    let holds: Vec<&'static str> = RateLimitHold::ALL.iter().map(|h| h.as_str()).collect();
+    let hold = r.one_of("hold", &holds, Some(d.hold.as_str())).and_then(RateLimitHold::parse);
     let on = match on? {
         None => d.on,
         Some(names) => {
@@ -66,12 +68,12 @@ fn read_retry(p: &mut Fields<'_>) -> Option<Option<RetryPolicy>> {
             kinds.into_iter().flatten().collect()
         }
     };
-    let (backoff_ms, max_backoff_ms) = (backoff_ms?, max_backoff_ms?);
+    let (backoff_ms, max_backoff_ms, hold) = (backoff_ms?, max_backoff_ms?, hold?);
     if max_backoff_ms < backoff_ms {
         r.errors.add("policy", "retry.max_backoff_ms must be at least retry.backoff_ms");
         return None;
     }
-    Some(Some(RetryPolicy { on, backoff_ms, max_backoff_ms }))
+    Some(Some(RetryPolicy { on, backoff_ms, max_backoff_ms, hold }))
 }
 
 /// What a run used, from a `complete` body's `metrics` (additions to the seed's

@@ -1,18 +1,48 @@
-//! Provider rate-limit holds on agents (`agent_holds`): written by `complete` when a run
-//! reports a rate limit, read by every way of leasing a task.
+//! Provider rate-limit holds (`provider_holds`, migration 0029): written by `complete`
+//! when a run reports a rate limit, on the run's agent or on the key its policy names;
+//! read by every way of leasing a task (`bloom_hold`).
 
 use sqlx::PgExecutor;
 
-/// When the hold on `agent_slug` ends, if it is held at `now`.
-pub async fn held_until(db: impl PgExecutor<'_>, agent_slug: &str, now: i64) -> sqlx::Result<Option<i64>> {
-    sqlx::query_scalar!("SELECT until FROM agent_holds WHERE agent_slug = $1 AND until > $2", agent_slug, now)
-        .fetch_optional(db)
-        .await
+use crate::domain::{ConcurrencyScope, Task};
+
+/// The hold on a task at `now` that lasts longest, and the task's `wait_reason` while
+/// it waits for it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeldBy {
+    pub until: i64,
+    pub reason: String,
 }
 
-/// An agent held at some time: until when, and why.
+/// The hold on `task` (on its agent, conversation or concurrency key) at `now`, if any.
+pub async fn held(db: impl PgExecutor<'_>, task: &Task, now: i64) -> sqlx::Result<Option<HeldBy>> {
+    sqlx::query_as!(
+        HeldBy,
+        r#"SELECT until AS "until!", reason AS "reason!" FROM bloom_hold($1, $2, $3, $4)"#,
+        task.agent_slug,
+        task.context_id,
+        task.concurrency_key,
+        now
+    )
+    .fetch_optional(db)
+    .await
+}
+
+/// A key held at some time: until when, and why.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct Hold {
+    pub scope: ConcurrencyScope,
+    pub key: String,
+    /// End of the hold (epoch ms).
+    pub until: i64,
+    /// The error that set it.
+    pub reason: String,
+    pub updated_at: i64,
+}
+
+/// An agent held at some time (the shape of `GET /api/runtime/agent-holds`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct AgentHold {
     pub agent_slug: String,
     /// End of the hold (epoch ms).
     pub until: i64,
@@ -21,11 +51,24 @@ pub struct Hold {
     pub updated_at: i64,
 }
 
-/// Agents held at `now`, the longest hold first.
+impl Hold {
+    /// The hold as an agent's, when it holds an agent.
+    pub fn of_agent(self) -> Option<AgentHold> {
+        (self.scope == ConcurrencyScope::AgentSlug).then_some(AgentHold {
+            agent_slug: self.key,
+            until: self.until,
+            reason: self.reason,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+/// Keys held at `now`, the longest hold first.
 pub async fn active(db: impl PgExecutor<'_>, now: i64) -> sqlx::Result<Vec<Hold>> {
     sqlx::query_as!(
         Hold,
-        "SELECT agent_slug, until, reason, updated_at FROM agent_holds WHERE until > $1 ORDER BY until DESC, agent_slug",
+        r#"SELECT scope AS "scope: ConcurrencyScope", key, until, reason, updated_at FROM provider_holds
+           WHERE until > $1 ORDER BY until DESC, scope, key"#,
         now
     )
     .fetch_all(db)

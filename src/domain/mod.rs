@@ -30,5 +30,5 @@ pub use membridge::{ClientState, ConnectionStatus, Endpoint};
 pub use project::{canonical_id, CloneStatus, NewProject, Project, ProjectNode};
 pub use result::{ErrorKind, LlmResult, Metrics, Outcome, ResultStatus, Usage};
 pub use secret::Secret;
-pub use task::{DesiredFormat, NewTask, Policy, Priority, RetryPolicy, Task, TaskStatus};
+pub use task::{DesiredFormat, NewTask, Policy, Priority, RateLimitHold, RetryPolicy, Task, TaskStatus};
 pub use worker::{pick_worker, Capabilities, Registration, Worker, WorkerSource, WorkerStatus, WorkerTransport};

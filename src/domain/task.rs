@@ -141,6 +141,49 @@ pub struct RetryPolicy {
     pub backoff_ms: i64,
     #[schema(minimum = 0, maximum = 86400000)]
     pub max_backoff_ms: i64,
+    /// Whose work a provider rate limit reported by a run holds until its reset (shown
+    /// when not the default, `agent_slug`).
+    #[serde(skip_serializing_if = "RateLimitHold::is_default")]
+    pub hold: RateLimitHold,
+}
+
+/// Whose work a run's provider rate limit holds until the reset (`policy.retry.hold`);
+/// the task itself always waits for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitHold {
+    /// Every task of the run's agent: the agent is one provider account.
+    #[default]
+    AgentSlug,
+    /// Every task with the run's `concurrency_key` (e.g. one of several API keys); the
+    /// agent's tasks when the task has no key.
+    ConcurrencyKey,
+    /// Every task of the run's conversation.
+    ContextId,
+    /// No other task.
+    Task,
+}
+
+impl RateLimitHold {
+    pub const ALL: [RateLimitHold; 4] =
+        [RateLimitHold::AgentSlug, RateLimitHold::ConcurrencyKey, RateLimitHold::ContextId, RateLimitHold::Task];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateLimitHold::AgentSlug => "agent_slug",
+            RateLimitHold::ConcurrencyKey => "concurrency_key",
+            RateLimitHold::ContextId => "context_id",
+            RateLimitHold::Task => "task",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RateLimitHold> {
+        RateLimitHold::ALL.into_iter().find(|h| h.as_str() == s)
+    }
+
+    fn is_default(&self) -> bool {
+        *self == RateLimitHold::default()
+    }
 }
 
 impl RetryPolicy {
@@ -154,7 +197,12 @@ impl RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { on: vec![ErrorKind::Provider, ErrorKind::Timeout], backoff_ms: 1000, max_backoff_ms: 300_000 }
+        RetryPolicy {
+            on: vec![ErrorKind::Provider, ErrorKind::Timeout],
+            backoff_ms: 1000,
+            max_backoff_ms: 300_000,
+            hold: RateLimitHold::AgentSlug,
+        }
     }
 }
 

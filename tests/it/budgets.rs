@@ -295,13 +295,7 @@ async fn the_due_duty_admits_waiting_tasks_again_when_the_window_ends() {
     let second = submit(&app, task("writer", "b")).await;
     assert_eq!(lease(&app, &first).await.0, StatusCode::CREATED);
     // The claim of the second task's dispatch is refused and puts it aside.
-    let seq: i64 = sqlx::query_scalar("SELECT dispatch_seq FROM llm_tasks WHERE id = $1")
-        .bind(&second)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    let claim = Claim { task_id: second.clone().into(), dispatch_seq: seq, worker_id: "rest".into(), ttl_seconds: 30 };
-    let outcome = lifecycle::claim(&app.pool, &[claim], start).await.unwrap();
+    let outcome = claim_all(&app, std::slice::from_ref(&second), start).await;
     assert_eq!(outcome, vec![ClaimOutcome::Refused], "over the budget");
     let t = app.get(&format!("/api/runtime/llm-tasks/{second}")).await.1;
     assert_eq!((t["status"].as_str(), t["not_before"].as_i64()), (Some("queued"), Some(start - 1_000 + 60_000)), "{t}");
@@ -311,5 +305,99 @@ async fn the_due_duty_admits_waiting_tasks_again_when_the_window_ends() {
     assert_eq!(lease(&app, &second).await.0, StatusCode::CREATED, "the new window allows it");
     let all = budget(&app, "*", "requests-per-minute").await;
     assert_eq!((all["used"].as_f64(), all["keys"].as_i64()), (None, Some(1)), "{all}");
+    app.stop().await;
+}
+
+/// Claims each task's current dispatch for the worker `rest`, at `now`.
+async fn claim_all(app: &TestApp, ids: &[String], now: i64) -> Vec<ClaimOutcome> {
+    let mut claims = Vec::new();
+    for id in ids {
+        let seq: i64 = sqlx::query_scalar("SELECT dispatch_seq FROM llm_tasks WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        claims.push(Claim { task_id: id.clone().into(), dispatch_seq: seq, worker_id: "rest".into(), ttl_seconds: 30 });
+    }
+    lifecycle::claim(&app.pool, &claims, now).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_window_that_ends_dispatches_only_the_waiters_its_budget_admits() {
+    let start = BudgetPeriod::Day.window_start(bloom::time::now_ms()) + 1_000;
+    let minute = |n: i64| start - 1_000 + n * 60_000;
+    let clock = bloom::time::Clock::manual(start);
+    let app = TestApp::spawn_with(Opts { clock: Some(clock.clone()), ..Opts::default() }).await;
+    let cancel = app.cancel.child_token();
+    let mut r = app.reconciler_with(app.reconciler_settings(), &cancel).await;
+    r.clock = clock.clone();
+    app.register_worker("rest", 20).await;
+    let rule = "/api/runtime/budgets/agent_slug/writer/requests-per-minute";
+    assert_eq!(app.put(rule, json!({"max": 2})).await.0, StatusCode::OK);
+    for prompt in ["a", "b"] {
+        let id = submit(&app, task("writer", prompt)).await;
+        assert_eq!(lease(&app, &id).await.0, StatusCode::CREATED);
+    }
+    // Five more wait for the next minute; the last submitted is the most urgent.
+    let mut waiting = Vec::new();
+    for i in 0..5 {
+        let mut body = task("writer", &format!("w{i}"));
+        if i == 4 {
+            body["priority"] = json!(2);
+        }
+        waiting.push(submit(&app, body).await);
+    }
+    assert!(claim_all(&app, &waiting, start).await.iter().all(|o| *o == ClaimOutcome::Refused));
+
+    // The minute ends: the budget admits two, the most urgent and then the oldest.
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(due::run_once(&r).await.unwrap().dispatched, 2);
+    let dispatched = |ids: Vec<String>| async {
+        let mut out = Vec::new();
+        for id in ids {
+            let t = app.get(&format!("/api/runtime/llm-tasks/{id}")).await.1;
+            if t["not_before"].as_i64() == Some(minute(1)) {
+                out.push(id);
+            }
+        }
+        out
+    };
+    assert_eq!(dispatched(waiting.clone()).await, vec![waiting[0].clone(), waiting[4].clone()]);
+    for id in &waiting[1..4] {
+        let t = app.get(&format!("/api/runtime/llm-tasks/{id}")).await.1;
+        assert_eq!(t["not_before"], minute(2), "the next window's end: {t}");
+        assert_eq!(
+            t["wait_reason"].as_str().unwrap(),
+            format!(
+                "budget of agent_slug writer for requests per minute taken by tasks ahead (2 of 2 left) until {}",
+                bloom::time::iso8601(minute(2))
+            ),
+            "{t}"
+        );
+        assert_eq!(t["attempts"], 0, "{t}");
+    }
+    let (_, audit) = app.get(&format!("/api/runtime/audit?entity_id={}", waiting[1])).await;
+    assert!(audit.to_string().contains("Still waiting: budget of agent_slug writer"), "{audit}");
+    assert_eq!(due::run_once(&r).await.unwrap().dispatched, 0, "the others wait: nothing dispatched twice");
+    for id in [&waiting[0], &waiting[4]] {
+        assert_eq!(lease(&app, id).await.0, StatusCode::CREATED, "admitted");
+    }
+
+    // The next minute, a new task takes one request first: one waiter is dispatched.
+    clock.advance(Duration::from_secs(60));
+    let early = submit(&app, task("writer", "early")).await;
+    assert_eq!(lease(&app, &early).await.0, StatusCode::CREATED);
+    assert_eq!(due::run_once(&r).await.unwrap().dispatched, 1);
+    assert_eq!(lease(&app, &waiting[1]).await.0, StatusCode::CREATED, "the oldest of the three");
+    for id in &waiting[2..4] {
+        let t = app.get(&format!("/api/runtime/llm-tasks/{id}")).await.1;
+        assert_eq!(t["not_before"], minute(3), "{t}");
+        assert!(t["wait_reason"].as_str().unwrap().contains("(1 of 2 left)"), "{t}");
+    }
+
+    // Without the budget, every waiter is dispatched when due.
+    assert_eq!(app.delete(rule).await.0, StatusCode::OK);
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(due::run_once(&r).await.unwrap().dispatched, 2);
     app.stop().await;
 }

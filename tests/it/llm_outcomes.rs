@@ -7,6 +7,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::common::{wait_for, Opts, TestApp};
+use bloom::db::lifecycle::{self, Claim, ClaimOutcome};
 use bloom::reconciler::due;
 use bloom::worker::Executor;
 
@@ -319,5 +320,82 @@ async fn a_provider_rate_limit_holds_the_agents_other_tasks_until_its_reset() {
     assert!(app.count("SELECT count(*) FROM audit_logs WHERE action = 'task_deferred'").await >= 1);
     let (_, holds) = app.get("/api/runtime/agent-holds").await;
     assert_eq!(holds, json!([]), "the hold ended at the reset");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_rate_limit_holds_the_key_the_policy_names_and_no_other() {
+    let start = bloom::time::now_ms();
+    let clock = bloom::time::Clock::manual(start);
+    let app = TestApp::spawn_with(Opts { clock: Some(clock.clone()), ..Opts::default() }).await;
+    app.register_worker("rest", 10).await;
+    let keyed = |context: &str, key: &str, hold: &str| {
+        json!({"context_id": context, "agent_slug": "writer", "prompt": "p", "concurrency_key": key,
+               "policy": {"timeout_sec": 60, "budget": 0, "retry": {"hold": hold}}})
+    };
+    let api = &app;
+    let submit = move |body: Value| async move { api.submit_with(body).await["id"].as_str().unwrap().to_owned() };
+
+    // A run of API key k1 is rate limited: k1's other tasks wait, k2's of the same agent run.
+    let first = submit(keyed("c1", "k1", "concurrency_key")).await;
+    let t = app.get(&format!("/api/runtime/llm-tasks/{first}")).await.1;
+    assert_eq!(t["policy"]["retry"]["hold"], "concurrency_key", "{t}");
+    assert_eq!(lease(&app, &first).await.0, StatusCode::CREATED);
+    let reset = start + 60_000;
+    let (status, done) = complete(&app, &first, json!({"error_kind": "rate_limited", "retry_at": reset})).await;
+    assert_eq!(status, StatusCode::OK, "{done}");
+    let (_, holds) = app.get("/api/runtime/holds").await;
+    assert_eq!(holds.as_array().map(Vec::len), Some(1), "{holds}");
+    assert_eq!((holds[0]["scope"].as_str(), holds[0]["key"].as_str()), (Some("concurrency_key"), Some("k1")));
+    assert_eq!(holds[0]["until"], reset);
+    assert_eq!(app.get("/api/runtime/agent-holds").await.1, json!([]), "the agent is not held");
+
+    let same_key = submit(keyed("c2", "k1", "agent_slug")).await;
+    let (status, refused) = lease(&app, &same_key).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    let reason = format!("concurrency_key k1 rate limited by the provider until {}", bloom::time::iso8601(reset));
+    assert!(refused["error"].as_str().unwrap().contains(&reason), "{refused}");
+    // A claim of its dispatch puts it aside until the reset, without an attempt.
+    let seq: i64 = sqlx::query_scalar("SELECT dispatch_seq FROM llm_tasks WHERE id = $1")
+        .bind(&same_key)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let claim =
+        Claim { task_id: same_key.clone().into(), dispatch_seq: seq, worker_id: "rest".into(), ttl_seconds: 30 };
+    assert_eq!(lifecycle::claim(&app.pool, &[claim], clock.now_ms()).await.unwrap(), vec![ClaimOutcome::Refused]);
+    let t = app.get(&format!("/api/runtime/llm-tasks/{same_key}")).await.1;
+    assert_eq!((t["wait_reason"].as_str(), t["not_before"].as_i64()), (Some(reason.as_str()), Some(reset)), "{t}");
+    assert_eq!(t["attempts"], 0, "{t}");
+    let other_key = submit(keyed("c3", "k2", "agent_slug")).await;
+    assert_eq!(lease(&app, &other_key).await.0, StatusCode::CREATED, "another key of the same agent runs");
+
+    // `task`: only the limited task waits; a conversation's hold holds that conversation.
+    let alone = submit(keyed("c4", "k2", "task")).await;
+    assert_eq!(lease(&app, &alone).await.0, StatusCode::CREATED);
+    let (status, _) = complete(&app, &alone, json!({"error_kind": "rate_limited", "retry_at": reset})).await;
+    assert_eq!(status, StatusCode::OK);
+    let t = app.get(&format!("/api/runtime/llm-tasks/{alone}")).await.1;
+    assert_eq!((t["status"].as_str(), t["not_before"].as_i64()), (Some("queued"), Some(reset)), "{t}");
+    let conversation = submit(keyed("c5", "k2", "context_id")).await;
+    assert_eq!(lease(&app, &conversation).await.0, StatusCode::CREATED);
+    let (status, _) = complete(&app, &conversation, json!({"error_kind": "rate_limited", "retry_at": reset})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, holds) = app.get("/api/runtime/holds").await;
+    let held: Vec<(&str, &str)> =
+        holds.as_array().unwrap().iter().map(|h| (h["scope"].as_str().unwrap(), h["key"].as_str().unwrap())).collect();
+    assert_eq!(held, vec![("concurrency_key", "k1"), ("context_id", "c5")], "{holds}");
+    let same_conversation = submit(keyed("c5", "k3", "agent_slug")).await;
+    assert_eq!(lease(&app, &same_conversation).await.0, StatusCode::CONFLICT);
+    assert_eq!(lease(&app, &submit(keyed("c6", "k2", "agent_slug")).await).await.0, StatusCode::CREATED);
+
+    // After the reset nothing is held.
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(app.get("/api/runtime/holds").await.1, json!([]));
+    assert_eq!(lease(&app, &same_conversation).await.0, StatusCode::CREATED);
+
+    let (status, err) = app.post("/api/runtime/llm-tasks", keyed("c7", "k1", "tenant")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert!(err["error"]["fieldErrors"]["policy"].to_string().contains("'concurrency_key'"), "{err}");
     app.stop().await;
 }

@@ -184,7 +184,7 @@ const COUNT_LIMIT = 10000;
 
 async function overview(r) {
   const [{ body: stats }, { body: holds }, { body: limits }, { body: budgets }, { body: activity }, { body: health }] = await Promise.all([
-    api(`/api/runtime/stats?count_limit=${COUNT_LIMIT}`), api("/api/runtime/agent-holds"), api("/api/runtime/concurrency-limits"), api("/api/runtime/budgets"),
+    api(`/api/runtime/stats?count_limit=${COUNT_LIMIT}`), api("/api/runtime/holds"), api("/api/runtime/concurrency-limits"), api("/api/runtime/budgets"),
     api("/api/runtime/activity?minutes=60"), api("/api/runtime/health"),
   ]);
   if (r !== route) return;
@@ -205,7 +205,7 @@ async function overview(r) {
     h("h2", {}, "Fleet"),
     h("div", { class: "cards" },
       card(stats.workers.online, "workers online"), card(stats.workers.total, "workers"),
-      card(stats.leases.active, "active leases"), card(holds.length, "agents on hold"),
+      card(stats.leases.active, "active leases"), card(holds.length, "rate-limit holds"),
       card(limits.length, "concurrency limits"), card(budgets.length, "budgets")),
     h("h2", {}, "Connections"),
     connections(health),
@@ -234,7 +234,9 @@ async function tasks(r, params) {
   const { body: rows, next } = await api(`/api/runtime/llm-tasks?${q}`);
   if (r !== route) return;
   const field = (name, label, input) => h("label", { for: `f-${name}` }, label, input);
-  const form = h("form", { class: "filters", role: "search", onsubmit: (e) => {
+  // `data-query`: the filter this page was drawn for (a form being replaced is told
+  // from its successor by it).
+  const form = h("form", { class: "filters", role: "search", "data-query": params.toString(), onsubmit: (e) => {
     e.preventDefault();
     const f = new URLSearchParams();
     for (const el of e.target.elements) if (el.name && el.value) f.set(el.name, el.value);
@@ -444,7 +446,7 @@ async function failures(r, params) {
 
 async function workers(r) {
   const [{ body: ws }, { body: limits }, { body: budgets }, { body: holds }] = await Promise.all([
-    api("/api/runtime/workers?limit=200"), api("/api/runtime/concurrency-limits"), api("/api/runtime/budgets"), api("/api/runtime/agent-holds"),
+    api("/api/runtime/workers?limit=200"), api("/api/runtime/concurrency-limits"), api("/api/runtime/budgets"), api("/api/runtime/holds"),
   ]);
   if (r !== route) return;
   render(
@@ -468,8 +470,9 @@ async function workers(r) {
       ["Used", (b) => b.used ?? `${b.keys} keys`, true], ["Remaining", (b) => b.remaining ?? "", true],
       ["Waiting", (b) => b.waiting, true], ["Resets", (b) => iso(b.resets_at)],
     ], budgets, "No budget."),
-    h("h2", {}, "Agents held by a provider rate limit"),
-    table([["Agent", (x) => x.agent_slug], ["Until", (x) => iso(x.until)], ["Reason", (x) => x.reason]], holds, "No agent is held."),
+    h("h2", {}, "Held by a provider rate limit"),
+    table([["Scope", (x) => x.scope], ["Key", (x) => x.key], ["Until", (x) => iso(x.until)], ["Reason", (x) => x.reason]],
+      holds, "Nothing is held."),
   );
 }
 

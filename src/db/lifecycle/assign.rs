@@ -46,7 +46,7 @@ pub async fn assign(
     let ids = sqlx::query_scalar!(
         "SELECT t.id FROM llm_tasks t
          WHERE t.status = 'queued' AND t.routed_to IS NULL AND t.dispatch_seq > 0
-           AND NOT EXISTS (SELECT 1 FROM agent_holds h WHERE h.agent_slug = t.agent_slug AND h.until > $3)
+           AND NOT EXISTS (SELECT 1 FROM bloom_hold(t.agent_slug, t.context_id, t.concurrency_key, $3))
            AND NOT EXISTS (
                SELECT 1 FROM leases l JOIN workers w ON w.id = l.worker_id
                WHERE l.status = 'active' AND l.context_id = t.context_id AND l.worker_id <> $2

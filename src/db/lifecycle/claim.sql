@@ -9,15 +9,15 @@ fresh AS (
    SELECT r.*, row_number() OVER (PARTITION BY r.worker_id ORDER BY r.task_id) AS pos
    FROM r JOIN llm_tasks t ON t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued'
        AND t.dispatch_seq = r.seq
-   WHERE NOT EXISTS (SELECT 1 FROM agent_holds h WHERE h.agent_slug = t.agent_slug AND h.until > $1)),
--- A task whose agent the provider rate-limited waits for the reset without a dispatch
--- (the due duty gives it one then); the claim of it is refused.
+   WHERE NOT EXISTS (SELECT 1 FROM bloom_hold(t.agent_slug, t.context_id, t.concurrency_key, $1))),
+-- A task whose agent (or key) the provider rate-limited waits for the reset without a
+-- dispatch (the due duty gives it one then); the claim of it is refused.
 deferred AS (
    UPDATE llm_tasks t SET dispatch_seq = -t.dispatch_seq, not_before = h.until, updated_at = $1, routed_to = NULL,
-          wait_reason = 'agent ' || t.agent_slug || ' rate limited by the provider until ' || bloom_iso_time(h.until)
-   FROM r, agent_holds h
-   WHERE t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
-       AND h.agent_slug = t.agent_slug AND h.until > $1
+          wait_reason = h.reason
+   FROM r JOIN llm_tasks x ON x.id = ANY($3) AND x.id = r.task_id,
+        LATERAL bloom_hold(x.agent_slug, x.context_id, x.concurrency_key, $1) h
+   WHERE t.id = ANY($3) AND t.id = x.id AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
    RETURNING t.id, t.wait_reason),
 fit AS (
    SELECT r.* FROM fresh r JOIN room ON room.id = r.worker_id AND r.pos <= room.free),

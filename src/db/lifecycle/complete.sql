@@ -34,14 +34,22 @@ t AS (
        OR ((t.status || '') = 'queued' AND t.dispatch_seq > 0 AND EXISTS (
            SELECT 1 FROM leases l WHERE l.id = r.lease_id AND l.task_id = t.id AND (l.status || '') = 'expired')))
    RETURNING t.*),
--- A provider rate limit holds the agent's other tasks until the reset, too.
+-- A provider rate limit holds the other tasks of the run's agent (or of the key its
+-- policy's `retry.hold` names) until the reset, too.
 hold AS (
-   INSERT INTO agent_holds (agent_slug, until, reason, updated_at)
-   SELECT DISTINCT ON (t.agent_slug) t.agent_slug, t.not_before, t.last_error, $1
+   INSERT INTO provider_holds (scope, key, until, reason, updated_at)
+   SELECT DISTINCT ON (k.scope, k.key) k.scope, k.key, t.not_before, t.last_error, $1
    FROM t JOIN r ON r.task_id = t.id AND r.lease_id = t.lease_id
-   WHERE r.error_kind = 'rate_limited' AND t.status = 'queued'
-   ORDER BY t.agent_slug, t.not_before DESC
-   ON CONFLICT (agent_slug) DO UPDATE SET until = GREATEST(agent_holds.until, EXCLUDED.until),
+   CROSS JOIN LATERAL (SELECT CASE WHEN h.hold = 'context_id' THEN 'context_id'
+                                   WHEN h.hold = 'concurrency_key' AND t.concurrency_key IS NOT NULL THEN 'concurrency_key'
+                                   ELSE 'agent_slug' END AS scope, h.hold
+                       FROM (SELECT COALESCE(t.policy->'retry'->>'hold', 'agent_slug') AS hold) h) s
+   CROSS JOIN LATERAL (SELECT s.scope, CASE s.scope WHEN 'context_id' THEN t.context_id
+                                                    WHEN 'concurrency_key' THEN t.concurrency_key
+                                                    ELSE t.agent_slug END AS key) k
+   WHERE r.error_kind = 'rate_limited' AND t.status = 'queued' AND s.hold <> 'task'
+   ORDER BY k.scope, k.key, t.not_before DESC
+   ON CONFLICT (scope, key) DO UPDATE SET until = GREATEST(provider_holds.until, EXCLUDED.until),
        reason = EXCLUDED.reason, updated_at = EXCLUDED.updated_at),
 w AS (SELECT r.*, COALESCE(t.worker_id, 'unknown') AS worker
       FROM r JOIN t ON t.id = r.task_id AND t.lease_id = r.lease_id),

@@ -7,6 +7,13 @@
 //! message carries for a retry) and its outbox row, as `create` gives a new task. A task
 //! put aside by a concurrency limit waits with no `not_before` until a slot of its frees
 //! (`not_before` 0 then).
+//!
+//! Tasks waiting for a budget's window all become due when it ends. Before dispatching,
+//! a pass ranks the due waiters of each budget counter as admission would take them
+//! (highest priority, then oldest) and dispatches only those the counter can still admit
+//! (what is left of its budget in the current window, less each one's reservation); the
+//! others wait for the end of the next window, in the same transaction: one row update
+//! each, instead of a dispatch, a claim and an admission that would put them aside again.
 
 use sqlx::PgPool;
 
@@ -19,6 +26,7 @@ use sqlx::types::Json;
 /// Dispatches up to `limit` delayed tasks due at `now`, most overdue first.
 pub async fn due(pool: &PgPool, limit: i64, now: i64) -> sqlx::Result<Vec<Dispatch>> {
     let mut tx = pool.begin().await?;
+    hold_budget_waiters(&mut tx, limit, now).await?;
     let tasks: Vec<Task> = sqlx::query_as!(
         TaskRow,
         r#"WITH c AS (
@@ -60,6 +68,49 @@ pub async fn due(pool: &PgPool, limit: i64, now: i64) -> sqlx::Result<Vec<Dispat
     let dispatches = outbox::insert(&mut tx, tasks, now).await?;
     tx.commit().await?;
     Ok(dispatches)
+}
+
+/// Moves the due waiters of budget counters beyond what the counters can admit at `now`
+/// to the end of the next window (`not_before`), each with its `wait_reason` and a
+/// `task_deferred` audit entry; looks at the counters of the first `limit` due tasks
+/// (those the dispatch that follows takes), and at every due waiter of each. Returns how
+/// many it moved.
+async fn hold_budget_waiters(tx: &mut sqlx::PgConnection, limit: i64, now: i64) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(
+        r#"WITH due AS (
+             SELECT blocked_on FROM llm_tasks
+             WHERE status = 'queued' AND dispatch_seq <= 0 AND not_before <= $1 AND EXISTS (SELECT 1 FROM budget_limits)
+             ORDER BY not_before LIMIT $2),
+           b AS (SELECT * FROM bloom_budget_room(ARRAY(SELECT DISTINCT blocked_on FROM due WHERE blocked_on IS NOT NULL), $1)),
+           w AS (
+             SELECT t.id, t.blocked_on, t.priority, t.created_at, t.policy FROM llm_tasks t
+             WHERE t.blocked_on = ANY(ARRAY(SELECT counter FROM b)) AND t.status = 'queued' AND t.dispatch_seq <= 0
+               AND t.not_before <= $1
+             FOR UPDATE SKIP LOCKED),
+           ranked AS (
+             SELECT w.id, b.*, r.reserve,
+                    sum(r.reserve) OVER (PARTITION BY b.counter ORDER BY w.priority DESC, w.created_at, w.id) AS upto
+             FROM w JOIN b ON b.counter = w.blocked_on
+             CROSS JOIN LATERAL (SELECT bloom_reserve(b.metric, b.max_amount, w.policy, b.estimate, b.average) AS reserve) r),
+           held AS (
+             UPDATE llm_tasks t SET not_before = h.window_end, updated_at = $1,
+                    wait_reason = 'budget of ' || h.scope || ' ' || h.key || ' for ' || h.metric || ' per ' || h.period
+                                  || ' taken by tasks ahead (' || bloom_amount(h.metric, GREATEST(h.room, 0)) || ' of '
+                                  || bloom_amount(h.metric, h.max_amount) || ' left) until ' || bloom_iso_time(h.window_end)
+             FROM ranked h
+             WHERE t.id = h.id AND t.status = 'queued' AND t.dispatch_seq <= 0
+               AND NOT (h.upto <= h.room AND h.upto - h.reserve < h.room)
+             RETURNING t.id, t.wait_reason),
+           audit AS (
+             INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+             SELECT gen_random_uuid()::text, $1, 'task_deferred', 'llm_task', id, 'reconciler', 'Still waiting: ' || wait_reason
+             FROM held)
+           SELECT count(*) AS "n!" FROM held"#,
+        now,
+        limit
+    )
+    .fetch_one(&mut *tx)
+    .await
 }
 
 /// Tasks waiting to be due (delayed, or to be tried again).

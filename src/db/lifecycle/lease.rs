@@ -43,11 +43,10 @@ pub async fn lease(
     if task.is_waiting() {
         return Err(not_due(&task));
     }
-    if let Some(until) = holds::held_until(&mut *tx, &task.agent_slug, now).await? {
+    if let Some(hold) = holds::held(&mut *tx, &task, now).await? {
         return Err(TransitionError::Conflict(format!(
-            "Agent '{}' is rate limited by the provider until {}: its tasks are not leased before then",
-            task.agent_slug,
-            crate::time::iso8601(until)
+            "Task '{}' waits: {}; it is not leased before then",
+            task.id, hold.reason
         )));
     }
     let worker = match &req.worker_id {
