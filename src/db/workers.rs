@@ -1,7 +1,10 @@
 //! `workers`: registration over REST, liveness beats over NATS, and membridge sync.
 //!
-//! `active_leases` is kept equal to the worker's active leases by triggers on `leases`
-//! (migration 0005): every statement that starts or ends a lease updates it.
+//! A worker's active leases are counted by triggers on `leases` (migrations 0005, 0030):
+//! the statements that start leases add to `workers.active_leases`, those that end them
+//! count the ends apart (`worker_lease_ends`, so they never wait for the worker's row);
+//! every read goes through `bloom_active_leases`, which subtracts the ends not yet folded
+//! into the row.
 
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor};
@@ -19,7 +22,8 @@ pub async fn list(db: impl PgExecutor<'_>, limit: i64, after: Option<&str>) -> s
         r#"SELECT w.id, w.node_id, w.url, w.status AS "status: WorkerStatus",
                   w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
                   w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
-                  w.source AS "source: WorkerSource", w.active_leases, w.agent_version, w.os_info,
+                  w.source AS "source: WorkerSource", bloom_active_leases(w.id, w.active_leases, w.ends_folded) AS "active_leases!",
+                  w.agent_version, w.os_info,
                   w.install_method, w.transport AS "transport!: WorkerTransport", w.draining_since
            FROM workers w WHERE w.id > $1 ORDER BY w.id LIMIT $2"#,
         after.unwrap_or(""),
@@ -37,7 +41,8 @@ pub async fn candidates(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<Worker>> {
         r#"SELECT w.id, w.node_id, w.url, w.status AS "status: WorkerStatus",
                   w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
                   w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
-                  w.source AS "source: WorkerSource", w.active_leases, w.agent_version, w.os_info,
+                  w.source AS "source: WorkerSource", bloom_active_leases(w.id, w.active_leases, w.ends_folded) AS "active_leases!",
+                  w.agent_version, w.os_info,
                   w.install_method, w.transport AS "transport!: WorkerTransport", w.draining_since
            FROM workers w WHERE w.status = 'online' ORDER BY w.registered_at, w.id"#
     )
@@ -53,7 +58,8 @@ pub async fn get(db: impl PgExecutor<'_>, id: &WorkerId) -> sqlx::Result<Option<
         r#"SELECT w.id, w.node_id, w.url, w.status AS "status: WorkerStatus",
                   w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
                   w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
-                  w.source AS "source: WorkerSource", w.active_leases, w.agent_version, w.os_info,
+                  w.source AS "source: WorkerSource", bloom_active_leases(w.id, w.active_leases, w.ends_folded) AS "active_leases!",
+                  w.agent_version, w.os_info,
                   w.install_method, w.transport AS "transport!: WorkerTransport", w.draining_since
            FROM workers w WHERE w.id = $1"#,
         id.as_str()
@@ -72,7 +78,8 @@ pub async fn get_for_update(db: &mut PgConnection, id: &WorkerId) -> sqlx::Resul
         r#"SELECT w.id, w.node_id, w.url, w.status AS "status: WorkerStatus",
                   w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
                   w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
-                  w.source AS "source: WorkerSource", w.active_leases, w.agent_version, w.os_info,
+                  w.source AS "source: WorkerSource", bloom_active_leases(w.id, w.active_leases, w.ends_folded) AS "active_leases!",
+                  w.agent_version, w.os_info,
                   w.install_method, w.transport AS "transport!: WorkerTransport", w.draining_since
            FROM workers w WHERE w.id = $1 FOR UPDATE"#,
         id.as_str()
@@ -95,9 +102,9 @@ pub async fn http_agents_with_room(db: impl PgExecutor<'_>, now: i64) -> sqlx::R
     let rows = sqlx::query!(
         "SELECT id, url FROM workers
          WHERE transport = 'http' AND status = 'online' AND COALESCE((capabilities->>'claude_cli')::boolean, true)
-           AND active_leases < COALESCE((capabilities->>'max_concurrency')::int, 1)
+           AND bloom_active_leases(id, active_leases, ends_folded) < COALESCE((capabilities->>'max_concurrency')::int, 1)
            AND dispatch_paused_until <= $1 AND draining_since IS NULL
-         ORDER BY active_leases, id",
+         ORDER BY bloom_active_leases(id, active_leases, ends_folded), id",
         now
     )
     .fetch_all(db)

@@ -262,11 +262,13 @@ async fn a_repeated_claim_gets_the_same_lease() {
     app.stop().await;
 }
 
-/// The workers whose `active_leases` differs from their active leases.
+/// The workers whose counted active leases (`bloom_active_leases`) differ from their
+/// active leases.
 async fn miscounted_workers(app: &TestApp) -> i64 {
     app.count(
         "SELECT count(*) FROM workers w
-         WHERE w.active_leases <> (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active')",
+         WHERE bloom_active_leases(w.id, w.active_leases, w.ends_folded)
+               <> (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active')",
     )
     .await
 }
@@ -302,13 +304,21 @@ async fn claims_never_take_a_worker_beyond_its_capacity() {
         let full = outcomes.iter().filter(|o| **o == ClaimOutcome::Full).count();
         assert_eq!((granted, full), (3, 9), "round {round}: {outcomes:?}");
         assert_eq!(app.count("SELECT count(*) FROM leases WHERE worker_id = 'w' AND status = 'active'").await, 3);
-        assert_eq!(app.count("SELECT active_leases::bigint FROM workers WHERE id = 'w'").await, 3);
+        assert_eq!(
+            app.count("SELECT bloom_active_leases(id, active_leases, ends_folded)::bigint FROM workers WHERE id = 'w'")
+                .await,
+            3
+        );
         // The worker's previous process ends: its slots are free again.
         let ended = lifecycle::expire(&app.pool, lifecycle::Expiring::HeldBy(&WorkerId::from("w")), 100, now_ms())
             .await
             .unwrap();
         assert_eq!(ended.expired, 3);
-        assert_eq!(app.count("SELECT active_leases::bigint FROM workers WHERE id = 'w'").await, 0);
+        assert_eq!(
+            app.count("SELECT bloom_active_leases(id, active_leases, ends_folded)::bigint FROM workers WHERE id = 'w'")
+                .await,
+            0
+        );
     }
     // A batch larger than the free slots gets them in task id order.
     let mut ids = Vec::new();
@@ -341,7 +351,8 @@ async fn active_leases_follow_every_transition() {
         let (id, answer) = app.leased_task(&format!("t{i}")).await;
         leased.push((id, answer["lease"]["id"].as_str().unwrap().to_owned()));
     }
-    let active = || app.count("SELECT active_leases::bigint FROM workers WHERE id = 'r'");
+    let active =
+        || app.count("SELECT bloom_active_leases(id, active_leases, ends_folded)::bigint FROM workers WHERE id = 'r'");
     assert_eq!(active().await, 4);
     let (id, lease) = &leased[0];
     app.post(&format!("/api/runtime/llm-tasks/{id}/heartbeat"), json!({"lease_id": lease})).await;

@@ -3,7 +3,7 @@ WITH r AS (
        AS r(task_id, seq, worker_id, lease_id, ttl, audit_id)),
 room AS MATERIALIZED (
    SELECT w.id, CASE WHEN w.draining_since IS NULL
-                     THEN COALESCE((w.capabilities->>'max_concurrency')::int, 1) - w.active_leases ELSE 0 END AS free
+                     THEN COALESCE((w.capabilities->>'max_concurrency')::int, 1) - bloom_active_leases(w.id, w.active_leases, w.ends_folded) ELSE 0 END AS free
    FROM workers w WHERE w.id = ANY($2) ORDER BY w.id FOR UPDATE),
 fresh AS (
    SELECT r.*, row_number() OVER (PARTITION BY r.worker_id ORDER BY r.task_id) AS pos
