@@ -112,6 +112,9 @@ pub enum ClaimDecision {
     /// yet, or it claimed beyond its `max_concurrency`): keep the message, claim again
     /// shortly.
     Full,
+    /// The worker is draining (`POST /api/runtime/workers/:id/drain`): hand the message
+    /// back at once, for another worker.
+    Draining,
     /// The dispatch is not current: terminate the message without executing.
     Refused,
 }

@@ -177,6 +177,10 @@ async fn handle_claims(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated) -> 
                     r.metrics.claims_full_total.inc();
                     ClaimDecision::Full
                 }
+                Some(ClaimOutcome::Draining) => {
+                    r.metrics.claims_full_total.inc();
+                    ClaimDecision::Draining
+                }
                 _ => {
                     r.metrics.claims_refused_total.inc();
                     ClaimDecision::Refused

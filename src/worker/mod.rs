@@ -300,7 +300,8 @@ async fn pull(
 /// Claims a batch of messages in one request and hands each granted one to `granted`
 /// as soon as it is decided. Malformed messages and refused claims are terminated;
 /// claims refused for want of a free slot in Postgres (results of this worker not yet
-/// recorded) are sent again after a short back-off; if the reconcilers cannot decide,
+/// recorded) are sent again after a short back-off; those of a draining worker are
+/// handed back at once, for another worker; if the reconcilers cannot decide,
 /// or the worker stays full, the messages are nak'ed for later.
 async fn claim(ctx: &Ctx, msgs: Vec<Message>, mut granted: impl FnMut(Message, TaskMessage, LeaseGrant)) {
     let mut pending = Vec::with_capacity(msgs.len());
@@ -347,15 +348,21 @@ async fn claim(ctx: &Ctx, msgs: Vec<Message>, mut granted: impl FnMut(Message, T
             }
         };
         let mut full = Vec::new();
+        let mut draining = Vec::new();
         for ((msg, task), decision) in pending.into_iter().zip(decisions) {
             match decision {
                 ClaimDecision::Granted(grant) => granted(msg, task, grant),
                 ClaimDecision::Full => full.push((msg, task)),
+                ClaimDecision::Draining => draining.push((msg, task)),
                 ClaimDecision::Refused => {
                     tracing::debug!(task.id = %task.task_id, seq = task.dispatch_seq, "claim refused: dispatch not current");
                     let _ = msg.ack_with(AckKind::Term).await;
                 }
             }
+        }
+        if !draining.is_empty() {
+            tracing::debug!(claims = draining.len(), "this worker is draining; messages handed back");
+            nak_all(draining, Duration::ZERO).await;
         }
         if !full.is_empty() {
             ctx.metrics.claims_full_total.add(full.len() as u64);

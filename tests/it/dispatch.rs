@@ -395,6 +395,18 @@ async fn claims_beyond_a_workers_capacity_are_answered_full() {
     assert_eq!((granted, full), (2, 3), "{items:?}");
     assert_eq!(r.metrics.claims_full_total.get(), 3);
     assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'active'").await, 2);
+
+    // Drained, the worker is told so: it hands the messages back at once instead of
+    // claiming them again.
+    assert_eq!(app.post("/api/runtime/workers/two-slots/drain", json!({})).await.0, StatusCode::OK);
+    let answer = app.nats.request(app.names.claim_subject(), serde_json::to_vec(&req).unwrap().into()).await.unwrap();
+    let ClaimReply::Decided { items } = serde_json::from_slice(&answer.payload).unwrap() else {
+        panic!("undecided: {:?}", String::from_utf8_lossy(&answer.payload));
+    };
+    let granted = items.iter().filter(|d| matches!(d, ClaimDecision::Granted(_))).count();
+    let draining = items.iter().filter(|d| **d == ClaimDecision::Draining).count();
+    assert_eq!((granted, draining), (2, 3), "the leases held are granted again: {items:?}");
+    assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'active'").await, 2);
     app.stop().await;
 }
 

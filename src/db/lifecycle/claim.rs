@@ -38,13 +38,16 @@ pub enum ClaimOutcome {
     /// it finished are not all recorded yet, or it claimed beyond its capacity), or is
     /// not registered yet: claim again later.
     Full,
+    /// The dispatch is current but the worker is draining: hand the message back at once
+    /// for another worker.
+    Draining,
     /// The dispatch is not current (task already leased, completed, requeued, or gone):
     /// drop the message without executing.
     Refused,
 }
 
-/// One decided claim, as [`CLAIM_SQL`] returns it: `granted`, `held` or `full`, and the
-/// lease unless `full`.
+/// One decided claim, as [`CLAIM_SQL`] returns it: `granted`, `held`, `full` or
+/// `draining`, and the lease when granted or held.
 #[derive(Clone)]
 struct Decision {
     decision: String,
@@ -102,6 +105,7 @@ pub async fn claim<'c>(db: impl PgExecutor<'c>, claims: &[Claim], now: i64) -> s
     let mut granted: HashMap<LeaseId, Lease> = HashMap::new();
     let mut held: HashMap<(TaskId, WorkerId), Lease> = HashMap::new();
     let mut full: HashSet<(TaskId, WorkerId)> = HashSet::new();
+    let mut draining: HashSet<(TaskId, WorkerId)> = HashSet::new();
     for d in decided {
         match d.decision.as_str() {
             "held" => {
@@ -109,6 +113,9 @@ pub async fn claim<'c>(db: impl PgExecutor<'c>, claims: &[Claim], now: i64) -> s
                 held.extend(d.into_lease().map(|l| (key, l)));
             }
             "granted" => granted.extend(d.into_lease().map(|l| (l.id.clone(), l))),
+            "draining" => {
+                draining.insert((d.task_id, d.worker_id));
+            }
             _ => {
                 full.insert((d.task_id, d.worker_id));
             }
@@ -124,6 +131,7 @@ pub async fn claim<'c>(db: impl PgExecutor<'c>, claims: &[Claim], now: i64) -> s
                 None => match held.get(&key) {
                     Some(lease) => ClaimOutcome::Granted(lease.clone()),
                     None if full.contains(&key) => ClaimOutcome::Full,
+                    None if draining.contains(&key) => ClaimOutcome::Draining,
                     None => ClaimOutcome::Refused,
                 },
             }

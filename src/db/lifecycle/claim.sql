@@ -3,7 +3,8 @@ WITH r AS (
        AS r(task_id, seq, worker_id, lease_id, ttl, audit_id)),
 room AS MATERIALIZED (
    SELECT w.id, CASE WHEN w.draining_since IS NULL
-                     THEN COALESCE((w.capabilities->>'max_concurrency')::int, 1) - bloom_active_leases(w.id, w.active_leases, w.ends_folded) ELSE 0 END AS free
+                     THEN COALESCE((w.capabilities->>'max_concurrency')::int, 1) - bloom_active_leases(w.id, w.active_leases, w.ends_folded) ELSE 0 END AS free,
+          w.draining_since IS NOT NULL AS draining
    FROM workers w WHERE w.id = ANY($2) ORDER BY w.id FOR UPDATE),
 fresh AS (
    SELECT r.*, row_number() OVER (PARTITION BY r.worker_id ORDER BY r.task_id) AS pos
@@ -68,7 +69,8 @@ held AS (
        AND (t.status || '') IN ('leased', 'running') AND t.dispatch_seq = r.seq AND t.worker_id = r.worker_id
    JOIN leases l ON l.id = t.lease_id AND (l.status || '') = 'active'),
 full_ AS (
-   SELECT r.task_id, r.worker_id FROM fresh r LEFT JOIN room ON room.id = r.worker_id
+   SELECT r.task_id, r.worker_id, COALESCE(room.draining, false) AS draining
+   FROM fresh r LEFT JOIN room ON room.id = r.worker_id
    WHERE room.id IS NULL OR r.pos > room.free)
 SELECT 'granted' AS "decision!", id AS "task_id!", worker_id AS "worker_id!", lease_id AS "id?",
        $1 AS "started_at?", $1 + ttl::bigint * 1000 AS "expires_at?", ttl AS "ttl_seconds?",
@@ -78,4 +80,5 @@ UNION ALL
 SELECT 'held', task_id, worker_id, lease_id, started_at, expires_at, ttl_seconds, last_heartbeat, context_id
 FROM held
 UNION ALL
-SELECT 'full', task_id, worker_id, NULL, NULL, NULL, NULL, NULL, NULL FROM full_
+SELECT CASE WHEN draining THEN 'draining' ELSE 'full' END, task_id, worker_id, NULL, NULL, NULL, NULL, NULL, NULL
+FROM full_
