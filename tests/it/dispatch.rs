@@ -372,11 +372,20 @@ async fn messages_with_nul_ids_are_rejected_and_do_not_hold_up_the_others() {
     app.stop().await;
 }
 
+/// The decisions on a claim sent over NATS as a worker sends it.
+async fn claim_over_nats(app: &TestApp, req: &bloom::protocol::ClaimRequest) -> Vec<bloom::protocol::ClaimDecision> {
+    let answer = app.nats.request(app.names.claim_subject(), serde_json::to_vec(req).unwrap().into()).await.unwrap();
+    match serde_json::from_slice(&answer.payload).unwrap() {
+        bloom::protocol::ClaimReply::Decided { items } => items,
+        other => panic!("undecided: {other:?}"),
+    }
+}
+
 /// Over NATS, claims beyond the worker's capacity in Postgres are answered `full`
 /// (in the same reply as the granted ones), and counted.
 #[tokio::test]
 async fn claims_beyond_a_workers_capacity_are_answered_full() {
-    use bloom::protocol::{ClaimDecision, ClaimItem, ClaimReply, ClaimRequest};
+    use bloom::protocol::{ClaimDecision, ClaimItem, ClaimRequest};
     let app = TestApp::spawn().await;
     let (r, _rc) = app.start_reconciler().await;
     app.register_worker("two-slots", 2).await;
@@ -386,10 +395,7 @@ async fn claims_beyond_a_workers_capacity_are_answered_full() {
         items.push(ClaimItem { task_id: id.as_str().into(), dispatch_seq: 1, created_at: 0 });
     }
     let req = ClaimRequest { worker_id: "two-slots".into(), ttl_seconds: 30, items };
-    let answer = app.nats.request(app.names.claim_subject(), serde_json::to_vec(&req).unwrap().into()).await.unwrap();
-    let ClaimReply::Decided { items } = serde_json::from_slice(&answer.payload).unwrap() else {
-        panic!("undecided: {:?}", String::from_utf8_lossy(&answer.payload));
-    };
+    let items = claim_over_nats(&app, &req).await;
     let granted = items.iter().filter(|d| matches!(d, ClaimDecision::Granted(_))).count();
     let full = items.iter().filter(|d| **d == ClaimDecision::Full).count();
     assert_eq!((granted, full), (2, 3), "{items:?}");
@@ -399,10 +405,7 @@ async fn claims_beyond_a_workers_capacity_are_answered_full() {
     // Drained, the worker is told so: it hands the messages back at once instead of
     // claiming them again.
     assert_eq!(app.post("/api/runtime/workers/two-slots/drain", json!({})).await.0, StatusCode::OK);
-    let answer = app.nats.request(app.names.claim_subject(), serde_json::to_vec(&req).unwrap().into()).await.unwrap();
-    let ClaimReply::Decided { items } = serde_json::from_slice(&answer.payload).unwrap() else {
-        panic!("undecided: {:?}", String::from_utf8_lossy(&answer.payload));
-    };
+    let items = claim_over_nats(&app, &req).await;
     let granted = items.iter().filter(|d| matches!(d, ClaimDecision::Granted(_))).count();
     let draining = items.iter().filter(|d| **d == ClaimDecision::Draining).count();
     assert_eq!((granted, draining), (2, 3), "the leases held are granted again: {items:?}");
