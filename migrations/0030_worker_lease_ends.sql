@@ -4,35 +4,45 @@
 -- completion waited for the claim in flight on the same worker to commit and the claim
 -- for the completion, about 1.5 ms each at 1,000 tasks/s.
 --
--- Ends are now counted apart: `worker_lease_ends.ended` (one row per worker, only ever
--- growing) under that row's lock, which only ending statements take. `workers.ends_folded`
--- is how much of it `active_leases` already accounts for; the statements that start
--- leases hold the worker row anyway and fold the ends counted since into it. A worker's
+-- Ends are now counted apart: `worker_lease_ends.ended`, rows that only grow, one per
+-- worker and connection (`shard`, the backend's pid modulo 8, so that the completions of
+-- two reconcilers for the same worker do not wait for each other either), under those
+-- rows' locks, which only ending statements take. A worker's ends are the sum of its rows
+-- (`bloom_lease_ends`). `workers.ends_folded` is how much of that `active_leases` already
+-- accounts for; the statements that start leases hold the worker row anyway and fold the
+-- ends counted since into it. A worker's
 -- active leases are `bloom_active_leases(id, active_leases, ends_folded)`: the row's count
 -- less the ends not folded yet. Read in a snapshot older than a concurrent end, it counts
 -- that lease as still active, never a lease too few, so a claim checking room against it
 -- can only leave room unused, never exceed a worker's capacity.
 
 CREATE TABLE IF NOT EXISTS worker_lease_ends (
-    worker_id text   PRIMARY KEY,
-    ended     bigint NOT NULL DEFAULT 0 CHECK (ended >= 0)
+    worker_id text    NOT NULL,
+    shard     integer NOT NULL,
+    ended     bigint  NOT NULL DEFAULT 0 CHECK (ended >= 0),
+    PRIMARY KEY (worker_id, shard)
 );
 ALTER TABLE workers ADD COLUMN IF NOT EXISTS ends_folded bigint NOT NULL DEFAULT 0;
+
+-- The leases of a worker counted as ended.
+CREATE OR REPLACE FUNCTION bloom_lease_ends(worker text) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT COALESCE(sum(e.ended), 0)::bigint FROM worker_lease_ends e WHERE e.worker_id = worker
+$$;
 
 -- The active leases of a worker row.
 CREATE OR REPLACE FUNCTION bloom_active_leases(worker text, counted integer, folded bigint) RETURNS integer
 LANGUAGE sql STABLE AS $$
-    SELECT GREATEST(counted - GREATEST(COALESCE((SELECT e.ended FROM worker_lease_ends e WHERE e.worker_id = worker), 0)
-                                       - folded, 0), 0)::int
+    SELECT GREATEST(counted - GREATEST(bloom_lease_ends(worker) - folded, 0), 0)::int
 $$;
 
--- Counts ended leases by worker (rows locked in id order, as the ending statements of
--- other transactions lock them).
+-- Counts ended leases by worker on this connection's rows (locked in worker order, as the
+-- ending statements of other transactions lock them).
 CREATE OR REPLACE FUNCTION bloom_count_ends(workers text[]) RETURNS void
 LANGUAGE sql AS $$
-    INSERT INTO worker_lease_ends AS e (worker_id, ended)
-    SELECT u.id, count(*) FROM unnest(workers) AS u(id) GROUP BY u.id ORDER BY u.id
-    ON CONFLICT (worker_id) DO UPDATE SET ended = e.ended + EXCLUDED.ended
+    INSERT INTO worker_lease_ends AS e (worker_id, shard, ended)
+    SELECT u.id, pg_backend_pid() % 8, count(*) FROM unnest(workers) AS u(id) GROUP BY u.id ORDER BY u.id
+    ON CONFLICT (worker_id, shard) DO UPDATE SET ended = e.ended + EXCLUDED.ended
 $$;
 
 -- Leases started: the workers' rows are locked (claims hold them already) and take the
@@ -42,10 +52,10 @@ BEGIN
     PERFORM 1 FROM workers
     WHERE id IN (SELECT worker_id FROM started WHERE status = 'active') ORDER BY id FOR UPDATE;
     UPDATE workers w
-    SET active_leases = GREATEST(w.active_leases - GREATEST(COALESCE(e.ended, 0) - w.ends_folded, 0), 0) + s.n,
-        ends_folded = GREATEST(COALESCE(e.ended, 0), w.ends_folded)
-    FROM (SELECT worker_id, count(*)::int AS n FROM started WHERE status = 'active' GROUP BY worker_id) s
-    LEFT JOIN worker_lease_ends e ON e.worker_id = s.worker_id
+    SET active_leases = GREATEST(w.active_leases - GREATEST(s.ended - w.ends_folded, 0), 0) + s.n,
+        ends_folded = GREATEST(s.ended, w.ends_folded)
+    FROM (SELECT worker_id, count(*)::int AS n, bloom_lease_ends(worker_id) AS ended
+          FROM started WHERE status = 'active' GROUP BY worker_id) s
     WHERE w.id = s.worker_id;
     RETURN NULL;
 END $$;
@@ -96,6 +106,6 @@ END $$;
 CREATE OR REPLACE FUNCTION bloom_worker_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     NEW.active_leases := (SELECT count(*) FROM leases WHERE worker_id = NEW.id AND status = 'active');
-    NEW.ends_folded := COALESCE((SELECT e.ended FROM worker_lease_ends e WHERE e.worker_id = NEW.id), 0);
+    NEW.ends_folded := bloom_lease_ends(NEW.id);
     RETURN NEW;
 END $$;

@@ -40,14 +40,15 @@ hold AS (
    INSERT INTO provider_holds (scope, key, until, reason, updated_at)
    SELECT DISTINCT ON (k.scope, k.key) k.scope, k.key, t.not_before, t.last_error, $1
    FROM t JOIN r ON r.task_id = t.id AND r.lease_id = t.lease_id
-   CROSS JOIN LATERAL (SELECT CASE WHEN h.hold = 'context_id' THEN 'context_id'
-                                   WHEN h.hold = 'concurrency_key' AND t.concurrency_key IS NOT NULL THEN 'concurrency_key'
-                                   ELSE 'agent_slug' END AS scope, h.hold
-                       FROM (SELECT COALESCE(t.policy->'retry'->>'hold', 'agent_slug') AS hold) h) s
-   CROSS JOIN LATERAL (SELECT s.scope, CASE s.scope WHEN 'context_id' THEN t.context_id
-                                                    WHEN 'concurrency_key' THEN t.concurrency_key
-                                                    ELSE t.agent_slug END AS key) k
-   WHERE r.error_kind = 'rate_limited' AND t.status = 'queued' AND s.hold <> 'task'
+   -- The key of the scope the policy names, else (no such key, or no name) the agent.
+   CROSS JOIN LATERAL (
+       SELECT v.scope, v.key
+       FROM (VALUES ('context_id', t.context_id), ('concurrency_key', t.concurrency_key),
+                    ('agent_slug', t.agent_slug)) AS v(scope, key)
+       WHERE v.key IS NOT NULL AND v.scope IN (t.policy->'retry'->>'hold', 'agent_slug')
+       ORDER BY v.scope = 'agent_slug' LIMIT 1) k
+   WHERE r.error_kind = 'rate_limited' AND t.status = 'queued'
+       AND COALESCE(t.policy->'retry'->>'hold', 'agent_slug') <> 'task'
    ORDER BY k.scope, k.key, t.not_before DESC
    ON CONFLICT (scope, key) DO UPDATE SET until = GREATEST(provider_holds.until, EXCLUDED.until),
        reason = EXCLUDED.reason, updated_at = EXCLUDED.updated_at),

@@ -73,10 +73,9 @@ pub async fn due(pool: &PgPool, limit: i64, now: i64) -> sqlx::Result<Vec<Dispat
 /// Moves the due waiters of budget counters beyond what the counters can admit at `now`
 /// to the end of the next window (`not_before`), each with its `wait_reason` and a
 /// `task_deferred` audit entry; looks at the counters of the first `limit` due tasks
-/// (those the dispatch that follows takes), and at every due waiter of each. Returns how
-/// many it moved.
-async fn hold_budget_waiters(tx: &mut sqlx::PgConnection, limit: i64, now: i64) -> sqlx::Result<i64> {
-    sqlx::query_scalar!(
+/// (those the dispatch that follows takes), and at every due waiter of each.
+async fn hold_budget_waiters(tx: &mut sqlx::PgConnection, limit: i64, now: i64) -> sqlx::Result<()> {
+    sqlx::query!(
         r#"WITH due AS (
              SELECT blocked_on FROM llm_tasks
              WHERE status = 'queued' AND dispatch_seq <= 0 AND not_before <= $1 AND EXISTS (SELECT 1 FROM budget_limits)
@@ -100,17 +99,16 @@ async fn hold_budget_waiters(tx: &mut sqlx::PgConnection, limit: i64, now: i64) 
              FROM ranked h
              WHERE t.id = h.id AND t.status = 'queued' AND t.dispatch_seq <= 0
                AND NOT (h.upto <= h.room AND h.upto - h.reserve < h.room)
-             RETURNING t.id, t.wait_reason),
-           audit AS (
-             INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-             SELECT gen_random_uuid()::text, $1, 'task_deferred', 'llm_task', id, 'reconciler', 'Still waiting: ' || wait_reason
-             FROM held)
-           SELECT count(*) AS "n!" FROM held"#,
+             RETURNING t.id, t.wait_reason)
+           INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+           SELECT gen_random_uuid()::text, $1, 'task_deferred', 'llm_task', id, 'reconciler', 'Still waiting: ' || wait_reason
+           FROM held"#,
         now,
         limit
     )
-    .fetch_one(&mut *tx)
-    .await
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 /// Tasks waiting to be due (delayed, or to be tried again).
