@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `<ns>.tasks.pool`, `<ns>.tasks.worker.<id>` (stream) | [`TaskMessage`] | – |
 //! | `<ns>.ctl.claim` (request, reconciler queue group) | [`ClaimRequest`] | [`ClaimReply`] |
+//! | `<ns>.ctl.claim.replica.<replica>` (request, one reconciler) | [`ClaimRequest`] | [`ClaimReply`] |
 //! | `<ns>.ctl.heartbeat` (request, reconciler queue group) | [`HeartbeatRequest`] | [`HeartbeatReply`] |
 //! | `<ns>.ctl.start` (request, reconciler queue group) | [`StartRequest`] | [`StartReply`] |
 //! | `<ns>.ctl.worker` (publish) | [`WorkerBeat`] | – |
@@ -95,8 +96,13 @@ pub struct ClaimItem {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum ClaimReply {
-    /// The decisions, one per claimed item in request order.
-    Decided { items: Vec<ClaimDecision> },
+    /// The decisions, one per claimed item in request order, and the replica that took
+    /// them: the worker sends its next claims to that replica's own subject.
+    Decided {
+        items: Vec<ClaimDecision>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replica: Option<String>,
+    },
     /// The reconciler could not decide (e.g. Postgres unavailable): retry later.
     Unavailable { reason: String },
 }

@@ -105,6 +105,13 @@ impl Names {
         format!("{}.ctl.claim", self.ns)
     }
 
+    /// Claim requests addressed to one reconciler replica: a worker sends its claims to
+    /// the replica that answered its last one, so one replica decides all of a worker's
+    /// claims and two replicas' batches do not wait for each other on its row.
+    pub fn claim_replica_subject(&self, replica: &str) -> String {
+        format!("{}.ctl.claim.replica.{}", self.ns, token(replica))
+    }
+
     /// Lease heartbeat requests.
     pub fn heartbeat_subject(&self) -> String {
         format!("{}.ctl.heartbeat", self.ns)

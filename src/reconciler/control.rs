@@ -1,12 +1,13 @@
 //! Claims, lease heartbeats, hand-backs and worker beats: NATS requests served by every
-//! replica in one queue group. Requests that arrive together are decided together, in
-//! one transaction per kind.
+//! replica in one queue group (claims also on the replica's own subject, where a worker
+//! sends them once a replica answered it). Requests that arrive together are decided
+//! together, in one transaction per kind.
 
 use std::collections::HashMap;
 
-use async_nats::{Message, Subscriber};
+use async_nats::Message;
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::Reconciler;
@@ -27,7 +28,13 @@ const PARALLEL_BATCHES: usize = 1;
 
 /// Serves all control subjects until `cancel` fires.
 pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()> {
-    let claims = r.client.queue_subscribe(r.names.claim_subject(), RECONCILER_QUEUE.into()).await?;
+    // Claims come through the queue group (a worker's first, or after its replica went
+    // away) and on this replica's own subject (the worker's next ones, see
+    // `Names::claim_replica_subject`).
+    let claims = futures::stream::select(
+        r.client.queue_subscribe(r.names.claim_subject(), RECONCILER_QUEUE.into()).await?,
+        r.client.subscribe(r.names.claim_replica_subject(&r.replica)).await?,
+    );
     let beats = r.client.queue_subscribe(r.names.heartbeat_subject(), RECONCILER_QUEUE.into()).await?;
     let releases = r.client.queue_subscribe(r.names.release_subject(), RECONCILER_QUEUE.into()).await?;
     let workers = r.client.queue_subscribe(r.names.worker_beat_subject(), RECONCILER_QUEUE.into()).await?;
@@ -76,8 +83,9 @@ impl Drop for ServingGuard {
 /// Decides the requests of `sub` in batches, each on one of the replica's
 /// `PARALLEL_BATCHES` connections: a batch starts when a connection is free, and
 /// requests arriving meanwhile join the next one. Batches in flight finish on shutdown.
-async fn serve<F, Fut>(r: Reconciler, sub: Subscriber, cancel: CancellationToken, handle: F)
+async fn serve<S, F, Fut>(r: Reconciler, sub: S, cancel: CancellationToken, handle: F)
 where
+    S: Stream<Item = Message> + Unpin,
     F: Fn(Reconciler, Vec<Message>, Dedicated) -> Fut + Copy + Send + 'static,
     Fut: std::future::Future<Output = Dedicated> + Send + 'static,
 {
@@ -187,7 +195,7 @@ async fn handle_claims(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated) -> 
                 }
             })
             .collect();
-        reply(&r, msg, &ClaimReply::Decided { items }).await;
+        reply(&r, msg, &ClaimReply::Decided { items, replica: Some(r.replica.clone()) }).await;
     }
     db
 }

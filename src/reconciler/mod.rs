@@ -185,6 +185,8 @@ pub struct Reconciler {
     pub expiry_pause: Arc<expiry_pause::ExpiryPause>,
     /// Wakes the due duty after completions that freed concurrency slots.
     pub due_kick: Arc<due::DueKick>,
+    /// This replica's id (new at each start): names its own claim subject.
+    pub replica: String,
     /// True once the control subjects are subscribed on the server: from then on a
     /// claim sent to this replica is answered.
     serving: Arc<watch::Sender<bool>>,
@@ -218,6 +220,7 @@ impl Reconciler {
             metrics,
             settings: Arc::new(settings),
             clock: Clock::system(),
+            replica: crate::domain::new_id(),
             serving: Arc::new(watch::Sender::new(false)),
             expiry_pause: Arc::default(),
             due_kick: Arc::default(),

@@ -10,6 +10,7 @@
 //! nak'ed) so another worker takes them at once.
 
 mod bands;
+pub mod claim_route;
 pub mod cli_output;
 pub mod executor;
 pub mod results;
@@ -18,7 +19,7 @@ pub mod slots;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
@@ -36,6 +37,7 @@ use crate::protocol::{
     ClaimDecision, ClaimItem, ClaimReply, ClaimRequest, DrainNotice, HeartbeatReply, HeartbeatRequest, LeaseGrant,
     ReleaseReply, ReleaseRequest, ResultMessage, StartReply, StartRequest, TaskMessage, WorkerBeat,
 };
+use claim_route::ClaimRoute;
 pub use executor::Executor;
 use results::ResultPublisher;
 use running::Running;
@@ -115,6 +117,8 @@ struct Ctx {
     metrics: Arc<Metrics>,
     ttl_secs: i32,
     results: ResultPublisher,
+    /// The reconciler replica this worker's claims go to.
+    claim_route: Arc<ClaimRoute>,
 }
 
 /// Runs the worker until `cancel` fires, then drains.
@@ -146,7 +150,16 @@ pub async fn run(
     let running = Running::default();
     let cancels = client.subscribe(names.cancel_subject()).await?;
     let drains = client.subscribe(names.drain_subject()).await?;
-    let ctx = Ctx { client, running: running.clone(), names, settings: Arc::new(settings), metrics, ttl_secs, results };
+    let ctx = Ctx {
+        client,
+        running: running.clone(),
+        names,
+        settings: Arc::new(settings),
+        metrics,
+        ttl_secs,
+        results,
+        claim_route: Arc::default(),
+    };
     tokio::spawn(running.serve(cancels));
     tracing::info!(worker.id = %ctx.settings.id, ttl_secs, "worker started");
 
@@ -340,7 +353,7 @@ async fn claim(ctx: &Ctx, msgs: Vec<Message>, mut granted: impl FnMut(Message, T
                 .collect(),
         };
         let decisions = match claim_request(ctx, &req).await {
-            Ok(ClaimReply::Decided { items }) if items.len() == pending.len() => items,
+            Ok(ClaimReply::Decided { items, .. }) if items.len() == pending.len() => items,
             other => {
                 tracing::warn!(reply = ?other, "claim undecided; messages will be redelivered");
                 nak_all(pending, Duration::from_secs(1)).await;
@@ -385,19 +398,40 @@ async fn nak_all(msgs: Vec<(Message, TaskMessage)>, delay: Duration) {
     }
 }
 
-/// Sends a claim, and sends it again when no reconciler answered within
-/// `claim_timeout` (one that died holding it, or a lost reply): claiming is idempotent,
-/// a dispatch the worker already holds is granted the same lease again.
+/// Sends a claim (to the replica on the worker's [`ClaimRoute`], else to the queue
+/// group), and sends it again when no reconciler answered within `claim_timeout` (one
+/// that died holding it, or a lost reply): claiming is idempotent, a dispatch the worker
+/// already holds is granted the same lease again. A replica that does not answer loses
+/// the route and the claim goes through the group at once, without using an attempt.
 async fn claim_request(ctx: &Ctx, req: &ClaimRequest) -> anyhow::Result<ClaimReply> {
     let body = Bytes::from(serde_json::to_vec(req)?);
     let mut attempt = 1;
+    let mut via_group = false;
     loop {
-        let sent = ctx.client.request(ctx.names.claim_subject(), body.clone());
+        let replica = if via_group { None } else { ctx.claim_route.target(Instant::now()) };
+        let subject = match &replica {
+            Some(id) => ctx.names.claim_replica_subject(id),
+            None => ctx.names.claim_subject(),
+        };
+        let sent = ctx.client.request(subject, body.clone());
         let err = match tokio::time::timeout(ctx.settings.claim_timeout, sent).await {
-            Ok(Ok(msg)) => return Ok(serde_json::from_slice(&msg.payload)?),
+            Ok(Ok(msg)) => {
+                let reply: ClaimReply = serde_json::from_slice(&msg.payload)?;
+                if let ClaimReply::Decided { replica, .. } = &reply {
+                    ctx.claim_route.answered_by(replica.as_deref(), Instant::now());
+                }
+                return Ok(reply);
+            }
             Ok(Err(e)) => anyhow::Error::from(e),
             Err(elapsed) => anyhow::Error::from(elapsed),
         };
+        if let Some(id) = replica {
+            ctx.metrics.claims_retried_total.inc();
+            tracing::debug!(error = %err, replica = %id, "claim unanswered by its replica; sending it to the group");
+            ctx.claim_route.failed(&id);
+            via_group = true;
+            continue;
+        }
         if attempt == CLAIM_ATTEMPTS {
             return Err(err.context(format!("no answer to the claim after {attempt} attempts")));
         }

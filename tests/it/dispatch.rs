@@ -376,7 +376,7 @@ async fn messages_with_nul_ids_are_rejected_and_do_not_hold_up_the_others() {
 async fn claim_over_nats(app: &TestApp, req: &bloom::protocol::ClaimRequest) -> Vec<bloom::protocol::ClaimDecision> {
     let answer = app.nats.request(app.names.claim_subject(), serde_json::to_vec(req).unwrap().into()).await.unwrap();
     match serde_json::from_slice(&answer.payload).unwrap() {
-        bloom::protocol::ClaimReply::Decided { items } => items,
+        bloom::protocol::ClaimReply::Decided { items, .. } => items,
         other => panic!("undecided: {other:?}"),
     }
 }

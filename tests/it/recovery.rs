@@ -1,25 +1,34 @@
 //! A dead process costs seconds, not a lease TTL (300 s in these tests): a claim whose
 //! reconciler committed it but never answered is sent again and gets the same lease;
+//! claims follow the replica that answers them and leave it when it stops;
 //! a worker restarting under the same id ends the leases its previous process held.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bloom::bus::names::RECONCILER_QUEUE;
 use bloom::db::lifecycle::{self, Claim, ClaimOutcome};
 use bloom::domain::TaskId;
-use bloom::protocol::ClaimRequest;
+use bloom::protocol::{ClaimDecision, ClaimReply, ClaimRequest, LeaseGrant};
 use bloom::time::now_ms;
 use futures::StreamExt;
 
 use crate::common::{wait_for, TestApp};
 
-/// A reconciler that dies after committing: it decides every claim it receives in
-/// Postgres and never answers.
-async fn silent_claimer(app: &TestApp) -> tokio::task::JoinHandle<()> {
-    let mut claims = app.nats.queue_subscribe(app.names.claim_subject(), RECONCILER_QUEUE.into()).await.unwrap();
+/// A reconciler replica that dies after committing: it decides every claim it receives
+/// in Postgres (through the queue group or on its own subject), answers the first one,
+/// naming itself so the worker sends it its next claims, and never answers again.
+/// Returns the number of claims it received so far.
+async fn silent_replica(app: &TestApp) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let replica = "silent";
+    let group = app.nats.queue_subscribe(app.names.claim_subject(), RECONCILER_QUEUE.into()).await.unwrap();
+    let own = app.nats.subscribe(app.names.claim_replica_subject(replica)).await.unwrap();
     app.nats.flush().await.unwrap();
-    let pool = app.pool.clone();
-    tokio::spawn(async move {
+    let mut claims = futures::stream::select(group, own);
+    let received = Arc::new(AtomicUsize::new(0));
+    let (pool, nats, count) = (app.pool.clone(), app.nats.clone(), received.clone());
+    let task = tokio::spawn(async move {
         while let Some(msg) = claims.next().await {
             let req: ClaimRequest = serde_json::from_slice(&msg.payload).unwrap();
             let batch: Vec<Claim> = req
@@ -32,34 +41,55 @@ async fn silent_claimer(app: &TestApp) -> tokio::task::JoinHandle<()> {
                     ttl_seconds: req.ttl_seconds,
                 })
                 .collect();
-            let _ = lifecycle::claim(&pool, &batch, now_ms()).await;
+            let outcomes = lifecycle::claim(&pool, &batch, now_ms()).await.unwrap();
+            if count.fetch_add(1, Ordering::SeqCst) == 0 {
+                let items = outcomes
+                    .into_iter()
+                    .map(|o| match o {
+                        ClaimOutcome::Granted(l) => {
+                            ClaimDecision::Granted(LeaseGrant { lease_id: l.id, expires_at: l.expires_at, attempts: 0 })
+                        }
+                        other => panic!("first claim not granted: {other:?}"),
+                    })
+                    .collect();
+                let answer = ClaimReply::Decided { items, replica: Some(replica.into()) };
+                nats.publish(msg.reply.unwrap(), serde_json::to_vec(&answer).unwrap().into()).await.unwrap();
+            }
         }
-    })
+    });
+    (received, task)
 }
 
 #[tokio::test]
 async fn a_claim_committed_but_never_answered_is_sent_again_and_granted_the_same_lease() {
     let app = TestApp::spawn().await;
-    let (_r, _rc) = app.start_reconciler().await;
-    let silent = silent_claimer(&app).await;
+    let (received, silent) = silent_replica(&app).await;
+    app.register_worker("w1", 4).await;
     // Claims sent again sooner than by default, so that a loaded machine still goes
     // through the rounds a claim answered by nobody takes well within the bound below.
     let mut settings = app.worker_settings("w1", 4);
     settings.claim_timeout = Duration::from_millis(500);
     let (_w, _) = app.start_worker_with(settings).await;
+    // The only replica yet answers the worker's first claim: the worker's claims go to
+    // it from now on.
+    app.submit("first").await;
+    wait_for("the first claim answered", Duration::from_secs(20), || async { received.load(Ordering::SeqCst) >= 1 })
+        .await;
+    let (_r, _rc) = app.start_reconciler().await;
     let started = Instant::now();
-    let mut ids = Vec::new();
     for i in 0..12 {
-        ids.push(app.submit(&format!("t{i}")).await["id"].as_str().unwrap().to_owned());
+        app.submit(&format!("t{i}")).await;
     }
     wait_for("every task completed", Duration::from_secs(60), || async {
-        app.count("SELECT count(*) FROM llm_tasks WHERE status = 'completed'").await == 12
+        app.count("SELECT count(*) FROM llm_tasks WHERE status = 'completed'").await == 13
     })
     .await;
-    // Half the claims went to the silent member: they were decided, unanswered, sent
-    // again and granted the lease already held; no lease expired and each task has one.
+    // The next claim went to the silent replica: it was decided, unanswered, sent again
+    // through the group and (from the live replica, sooner or later) granted the lease
+    // already held; no lease expired and each task has one.
+    assert!(received.load(Ordering::SeqCst) >= 2, "the silent replica got no unanswered claim");
     assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
-    assert_eq!(app.count("SELECT count(*) FROM leases").await, 12);
+    assert_eq!(app.count("SELECT count(*) FROM leases").await, 13);
     assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'expired'").await, 0);
     assert_eq!(app.count("SELECT count(*) FROM llm_tasks WHERE attempts <> 1").await, 0);
     silent.abort();
@@ -85,4 +115,57 @@ async fn a_restarted_worker_ends_the_leases_of_its_previous_process() {
     assert!(ended, "{audit}");
     assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'active'").await, 0);
     app.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_claims_from_the_replica_that_answered_it_and_from_another_once_that_one_stops() {
+    let app = TestApp::spawn().await;
+    let (r1, r1_cancel) = app.start_reconciler().await;
+    let (r2, r2_cancel) = app.start_reconciler().await;
+    // Sees every claim sent to a replica's own subject (and, being a subscriber, turns
+    // a stopped replica's "no responders" into a claim timeout, the slower path).
+    let mut direct = app.nats.subscribe(format!("{}.ctl.claim.replica.>", app.names.namespace())).await.unwrap();
+    app.nats.flush().await.unwrap();
+    let mut settings = app.worker_settings("w1", 4);
+    settings.claim_timeout = Duration::from_millis(500);
+    let (_w, _) = app.start_worker_with(settings).await;
+    let subjects = [app.names.claim_replica_subject(&r1.replica), app.names.claim_replica_subject(&r2.replica)];
+    let mut completed = 0;
+    // One task at a time: the first claim goes through the group, the next ones to the
+    // replica that answered it.
+    for i in 0..3 {
+        let id = app.submit(&format!("a{i}")).await["id"].as_str().unwrap().to_owned();
+        wait_for("task completed", Duration::from_secs(20), || async { app.status_of(&id).await == "completed" }).await;
+        completed += 1;
+    }
+    let first = next_subject(&mut direct).await;
+    assert!(subjects.contains(&first), "{first} is not a replica's subject");
+    assert_eq!(next_subject(&mut direct).await, first, "claims left their replica while it answered");
+    // That replica stops: the worker's claims go through the group to the other one.
+    let (stopped, other) = if first == subjects[0] { (r1_cancel, &subjects[1]) } else { (r2_cancel, &subjects[0]) };
+    stopped.cancel();
+    let started = Instant::now();
+    for i in 0..3 {
+        let id = app.submit(&format!("b{i}")).await["id"].as_str().unwrap().to_owned();
+        wait_for("task completed", Duration::from_secs(20), || async { app.status_of(&id).await == "completed" }).await;
+        completed += 1;
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    loop {
+        let subject = next_subject(&mut direct).await;
+        if &subject == other {
+            break;
+        }
+        assert_eq!(subject, first, "a claim went to neither replica");
+    }
+    assert_eq!(
+        app.count("SELECT count(*) FROM llm_tasks WHERE status = 'completed' AND attempts = 1").await,
+        completed
+    );
+    app.stop().await;
+}
+
+async fn next_subject(sub: &mut async_nats::Subscriber) -> String {
+    let msg = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("a message in time").unwrap();
+    msg.subject.to_string()
 }
