@@ -402,7 +402,8 @@ async fn nak_all(msgs: Vec<(Message, TaskMessage)>, delay: Duration) {
 /// group), and sends it again when no reconciler answered within `claim_timeout` (one
 /// that died holding it, or a lost reply): claiming is idempotent, a dispatch the worker
 /// already holds is granted the same lease again. A replica that does not answer loses
-/// the route and the claim goes through the group at once, without using an attempt.
+/// the route and the claim goes through the group at once, without using an attempt; one
+/// that answers it cannot decide loses the route for the next claim.
 async fn claim_request(ctx: &Ctx, req: &ClaimRequest) -> anyhow::Result<ClaimReply> {
     let body = Bytes::from(serde_json::to_vec(req)?);
     let mut attempt = 1;
@@ -417,8 +418,14 @@ async fn claim_request(ctx: &Ctx, req: &ClaimRequest) -> anyhow::Result<ClaimRep
         let err = match tokio::time::timeout(ctx.settings.claim_timeout, sent).await {
             Ok(Ok(msg)) => {
                 let reply: ClaimReply = serde_json::from_slice(&msg.payload)?;
-                if let ClaimReply::Decided { replica, .. } = &reply {
-                    ctx.claim_route.answered_by(replica.as_deref(), Instant::now());
+                match (&reply, &replica) {
+                    (ClaimReply::Decided { replica: by, .. }, _) => {
+                        ctx.claim_route.answered_by(by.as_deref(), Instant::now())
+                    }
+                    // A replica that cannot decide (its Postgres connections failing) is
+                    // left: the next claim goes through the group to another one.
+                    (ClaimReply::Unavailable { .. }, Some(id)) => ctx.claim_route.failed(id),
+                    (ClaimReply::Unavailable { .. }, None) => {}
                 }
                 return Ok(reply);
             }

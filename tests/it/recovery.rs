@@ -15,13 +15,25 @@ use bloom::time::now_ms;
 use futures::StreamExt;
 
 use crate::common::{wait_for, TestApp};
+use bloom::reconciler::Reconciler;
 
-/// A reconciler replica that dies after committing: it decides every claim it receives
-/// in Postgres (through the queue group or on its own subject), answers the first one,
-/// naming itself so the worker sends it its next claims, and never answers again.
-/// Returns the number of claims it received so far.
-async fn silent_replica(app: &TestApp) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
-    let replica = "silent";
+/// What a fake replica does with the claims after the first one it answers.
+#[derive(Clone, Copy)]
+enum Then {
+    /// Decides them in Postgres and never answers: it died after committing.
+    Silent,
+    /// Answers that it cannot decide (its Postgres connections failing), deciding nothing.
+    Unavailable,
+}
+
+/// A reconciler replica taking claims through the queue group and on its own subject: it
+/// decides and answers the first one, naming itself so the worker sends it its next
+/// claims, then does what `then` says. Returns the number of claims it received so far.
+async fn fake_replica(
+    app: &TestApp,
+    replica: &'static str,
+    then: Then,
+) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
     let group = app.nats.queue_subscribe(app.names.claim_subject(), RECONCILER_QUEUE.into()).await.unwrap();
     let own = app.nats.subscribe(app.names.claim_replica_subject(replica)).await.unwrap();
     app.nats.flush().await.unwrap();
@@ -30,52 +42,63 @@ async fn silent_replica(app: &TestApp) -> (Arc<AtomicUsize>, tokio::task::JoinHa
     let (pool, nats, count) = (app.pool.clone(), app.nats.clone(), received.clone());
     let task = tokio::spawn(async move {
         while let Some(msg) = claims.next().await {
-            let req: ClaimRequest = serde_json::from_slice(&msg.payload).unwrap();
-            let batch: Vec<Claim> = req
-                .items
-                .iter()
-                .map(|i| Claim {
-                    task_id: i.task_id.clone(),
-                    dispatch_seq: i.dispatch_seq,
-                    worker_id: req.worker_id.clone(),
-                    ttl_seconds: req.ttl_seconds,
-                })
-                .collect();
-            let outcomes = lifecycle::claim(&pool, &batch, now_ms()).await.unwrap();
-            if count.fetch_add(1, Ordering::SeqCst) == 0 {
-                let items = outcomes
-                    .into_iter()
-                    .map(|o| match o {
-                        ClaimOutcome::Granted(l) => {
-                            ClaimDecision::Granted(LeaseGrant { lease_id: l.id, expires_at: l.expires_at, attempts: 0 })
-                        }
-                        other => panic!("first claim not granted: {other:?}"),
-                    })
-                    .collect();
-                let answer = ClaimReply::Decided { items, replica: Some(replica.into()) };
-                nats.publish(msg.reply.unwrap(), serde_json::to_vec(&answer).unwrap().into()).await.unwrap();
-            }
+            let first = count.fetch_add(1, Ordering::SeqCst) == 0;
+            let answer = match then {
+                Then::Unavailable if !first => ClaimReply::Unavailable { reason: "database unavailable".into() },
+                _ => {
+                    let req: ClaimRequest = serde_json::from_slice(&msg.payload).unwrap();
+                    let batch: Vec<Claim> = req
+                        .items
+                        .iter()
+                        .map(|i| Claim {
+                            task_id: i.task_id.clone(),
+                            dispatch_seq: i.dispatch_seq,
+                            worker_id: req.worker_id.clone(),
+                            ttl_seconds: req.ttl_seconds,
+                        })
+                        .collect();
+                    let outcomes = lifecycle::claim(&pool, &batch, now_ms()).await.unwrap();
+                    if !first {
+                        continue;
+                    }
+                    let items = outcomes
+                        .into_iter()
+                        .map(|o| match o {
+                            ClaimOutcome::Granted(l) => ClaimDecision::Granted(LeaseGrant {
+                                lease_id: l.id,
+                                expires_at: l.expires_at,
+                                attempts: 0,
+                            }),
+                            other => panic!("first claim not granted: {other:?}"),
+                        })
+                        .collect();
+                    ClaimReply::Decided { items, replica: Some(replica.into()) }
+                }
+            };
+            nats.publish(msg.reply.unwrap(), serde_json::to_vec(&answer).unwrap().into()).await.unwrap();
         }
     });
     (received, task)
 }
 
-#[tokio::test]
-async fn a_claim_committed_but_never_answered_is_sent_again_and_granted_the_same_lease() {
-    let app = TestApp::spawn().await;
-    let (received, silent) = silent_replica(&app).await;
+/// Starts worker `w1` (4 slots, claims sent again after 500 ms) while `fake` is the only
+/// replica, and waits until its first claim was answered by it; then starts a live one.
+async fn worker_routed_to(app: &TestApp, received: &AtomicUsize) -> (Reconciler, tokio_util::sync::CancellationToken) {
     app.register_worker("w1", 4).await;
     // Claims sent again sooner than by default, so that a loaded machine still goes
-    // through the rounds a claim answered by nobody takes well within the bound below.
+    // through the rounds a claim answered by nobody takes well within the bounds below.
     let mut settings = app.worker_settings("w1", 4);
     settings.claim_timeout = Duration::from_millis(500);
-    let (_w, _) = app.start_worker_with(settings).await;
-    // The only replica yet answers the worker's first claim: the worker's claims go to
-    // it from now on.
+    let _ = app.start_worker_with(settings).await;
     app.submit("first").await;
     wait_for("the first claim answered", Duration::from_secs(20), || async { received.load(Ordering::SeqCst) >= 1 })
         .await;
-    let (_r, _rc) = app.start_reconciler().await;
+    app.start_reconciler().await
+}
+
+/// Submits twelve tasks after the first and waits until all thirteen completed; returns
+/// how long that took.
+async fn twelve_more_completed(app: &TestApp) -> Duration {
     let started = Instant::now();
     for i in 0..12 {
         app.submit(&format!("t{i}")).await;
@@ -84,15 +107,41 @@ async fn a_claim_committed_but_never_answered_is_sent_again_and_granted_the_same
         app.count("SELECT count(*) FROM llm_tasks WHERE status = 'completed'").await == 13
     })
     .await;
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn a_claim_committed_but_never_answered_is_sent_again_and_granted_the_same_lease() {
+    let app = TestApp::spawn().await;
+    let (received, silent) = fake_replica(&app, "silent", Then::Silent).await;
+    let _live = worker_routed_to(&app, &received).await;
+    let took = twelve_more_completed(&app).await;
     // The next claim went to the silent replica: it was decided, unanswered, sent again
     // through the group and (from the live replica, sooner or later) granted the lease
     // already held; no lease expired and each task has one.
     assert!(received.load(Ordering::SeqCst) >= 2, "the silent replica got no unanswered claim");
-    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert!(took < Duration::from_secs(30), "took {took:?}");
     assert_eq!(app.count("SELECT count(*) FROM leases").await, 13);
     assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'expired'").await, 0);
     assert_eq!(app.count("SELECT count(*) FROM llm_tasks WHERE attempts <> 1").await, 0);
     silent.abort();
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_replica_that_cannot_decide_claims_loses_the_worker_to_another() {
+    let app = TestApp::spawn().await;
+    let (received, sick) = fake_replica(&app, "sick", Then::Unavailable).await;
+    let _live = worker_routed_to(&app, &received).await;
+    let took = twelve_more_completed(&app).await;
+    // The sick replica answered the next claim `unavailable`; the messages came back a
+    // second later and their claims went through the group. Had the worker stayed with
+    // it, every claim for a minute would have been answered so.
+    let after_first = received.load(Ordering::SeqCst) - 1;
+    assert!(after_first >= 1, "the sick replica got no claim after the first");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert_eq!(app.count("SELECT count(*) FROM llm_tasks WHERE attempts <> 1").await, 0);
+    sick.abort();
     app.stop().await;
 }
 
