@@ -2,7 +2,7 @@
 //!
 //! | duty | module | runs on |
 //! |---|---|---|
-//! | claims, lease heartbeats, hand-backs, worker beats | [`control`] | every replica (NATS queue group) |
+//! | claims, lease heartbeats, hand-backs, worker beats | [`control`] | every replica (NATS queue group; claims also on the replica's own subject) |
 //! | results → completed/failed tasks, artifacts | [`results`] | every replica (shared durable consumer) |
 //! | outbox relay | [`relay`] | every replica (`FOR UPDATE SKIP LOCKED` batches) |
 //! | delayed tasks due → dispatched; expired idempotency keys forgotten | [`due`] | every replica (`SKIP LOCKED`) |
