@@ -418,14 +418,17 @@ async fn claim_request(ctx: &Ctx, req: &ClaimRequest) -> anyhow::Result<ClaimRep
         let err = match tokio::time::timeout(ctx.settings.claim_timeout, sent).await {
             Ok(Ok(msg)) => {
                 let reply: ClaimReply = serde_json::from_slice(&msg.payload)?;
-                match (&reply, &replica) {
-                    (ClaimReply::Decided { replica: by, .. }, _) => {
+                match &reply {
+                    ClaimReply::Decided { replica: by, .. } => {
                         ctx.claim_route.answered_by(by.as_deref(), Instant::now())
                     }
                     // A replica that cannot decide (its Postgres connections failing) is
                     // left: the next claim goes through the group to another one.
-                    (ClaimReply::Unavailable { .. }, Some(id)) => ctx.claim_route.failed(id),
-                    (ClaimReply::Unavailable { .. }, None) => {}
+                    ClaimReply::Unavailable { .. } => {
+                        if let Some(id) = &replica {
+                            ctx.claim_route.failed(id)
+                        }
+                    }
                 }
                 return Ok(reply);
             }
