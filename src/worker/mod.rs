@@ -49,6 +49,8 @@ const MAX_PULL: usize = 256;
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// Claim requests in flight at once per pull loop.
 const MAX_CLAIMS_IN_FLIGHT: usize = 2;
+/// How long a starting worker asks again for a reconciler to acknowledge its start.
+const START_ANSWER_PATIENCE: Duration = Duration::from_secs(15);
 /// Times a claim is sent before its messages are handed back for redelivery.
 const CLAIM_ATTEMPTS: u32 = 3;
 /// First wait before claiming again what Postgres refused for want of a free slot
@@ -569,7 +571,15 @@ const HEARTBEAT_RETRY: Duration = Duration::from_millis(200);
 async fn announce_start(ctx: &Ctx, slots: &Slots) {
     let req =
         StartRequest { worker_id: ctx.settings.id.clone(), capabilities: Some(ctx.settings.capabilities.clone()) };
-    match request::<_, StartReply>(ctx, ctx.names.start_subject(), &req).await {
+    // Workers often start before the reconcilers: until one answers, Postgres does not
+    // know this worker and would answer its claims `full`. Asked again for a while.
+    let deadline = Instant::now() + START_ANSWER_PATIENCE;
+    let mut answer = request::<_, StartReply>(ctx, ctx.names.start_subject(), &req).await;
+    while answer.is_err() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        answer = request::<_, StartReply>(ctx, ctx.names.start_subject(), &req).await;
+    }
+    match answer {
         Ok(StartReply { ended, draining }) => {
             if ended > 0 {
                 tracing::info!(ended, "leases of this worker's previous process ended");
