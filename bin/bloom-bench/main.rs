@@ -505,7 +505,7 @@ async fn main() -> anyhow::Result<()> {
         keyed["cpu_ms_per_task"] = cpu_ms_per_task(&before, &cpu_ticks(), &all, o.tasks);
         http.delete(&limit).send().await?;
         let most: Option<i64> =
-            sqlx::query_scalar("SELECT max(running)::bigint FROM concurrency_slots").fetch_one(&pool).await?;
+            sqlx::query_scalar("SELECT max(running)::bigint FROM concurrency_slot_counts").fetch_one(&pool).await?;
         keyed["keys"] = json!(o.concurrency_keys);
         keyed["ratio_to_saturation"] =
             json!(keyed["tasks_per_sec"].as_f64().unwrap_or(0.0) / sat["tasks_per_sec"].as_f64().unwrap_or(f64::NAN));

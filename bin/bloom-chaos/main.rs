@@ -704,7 +704,7 @@ async fn main() -> anyhow::Result<()> {
                 .push(("active leases of the agent above its limit (sampled)", (seen.most_total - AGENT_LIMIT).max(0)));
             checks.push((
                 "concurrency slots not given back",
-                q("SELECT count(*) FROM concurrency_slots WHERE running <> 0").await?,
+                q("SELECT count(*) FROM concurrency_slot_counts WHERE running <> 0").await?,
             ));
             checks.push((
                 "requests counted by the budget other than the leases started",

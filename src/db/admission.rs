@@ -6,6 +6,7 @@
 use serde_json::Value;
 use sqlx::types::Json;
 
+use crate::db::concurrency;
 use crate::domain::{new_id, TaskId};
 
 /// Takes the concurrency limits' table lock a lease's transaction holds for its
@@ -105,4 +106,20 @@ pub async fn set_aside(tx: &mut sqlx::PgConnection, refused: &[Refused], now: i6
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// The full concurrency slots among refused tasks (not the budget windows), each once:
+/// what the transaction that put them aside rechecks once it has committed.
+pub fn full_slots(refused: &[Refused]) -> Vec<String> {
+    let mut slots: Vec<String> = refused.iter().filter(|r| r.until.is_none()).map(|r| r.on.clone()).collect();
+    slots.sort_unstable();
+    slots.dedup();
+    slots
+}
+
+/// Rechecks full slots after the transaction that put tasks aside for them committed
+/// ([`concurrency::recheck`]). A failure (a lock wait given up, the database gone) is
+/// left to the reconcilers' periodic wake, which makes the same tasks due.
+pub async fn recheck(pool: &sqlx::PgPool, slots: &[String]) {
+    let _ = concurrency::recheck(pool, slots, concurrency::RECHECK_PATIENCE).await;
 }

@@ -2,6 +2,8 @@
 //! removed and read here; taken by every way of leasing a task (see [`super::admission`])
 //! and given back by the lease-end triggers (migration 0021).
 
+use std::time::Duration;
+
 use serde::Serialize;
 use sqlx::{PgExecutor, PgPool};
 
@@ -98,9 +100,10 @@ async fn count_running(tx: &mut sqlx::PgConnection, limit: &ConcurrencyLimit) ->
     )
     .execute(&mut *tx)
     .await?;
-    // Then the slot rows (in name order, as admissions and releases lock them, and after
-    // the leases, as releases do), so that a lease ending meanwhile is either counted
-    // here and given back after, or not counted.
+    // Then the slot rows (in name order, as admissions lock them), and the count: the
+    // active leases and the ends counted so far read in one snapshot, so that a lease
+    // ending meanwhile is either counted here and its end folded later, or its end is
+    // folded here and it is not counted.
     sqlx::query!(
         "SELECT slot FROM concurrency_slots WHERE scope = $1 AND ($3 OR key = $2) ORDER BY slot FOR UPDATE",
         limit.scope.as_str(),
@@ -117,11 +120,12 @@ async fn count_running(tx: &mut sqlx::PgConnection, limit: &ConcurrencyLimit) ->
             GROUP BY s),
          known AS (
             SELECT slot FROM concurrency_slots WHERE scope = $1 AND ($3 OR key = $2))
-         INSERT INTO concurrency_slots (slot, scope, key, running)
-         SELECT COALESCE(h.slot, k.slot), $1, substr(COALESCE(h.slot, k.slot), length($1) + 2), COALESCE(h.n, 0)
+         INSERT INTO concurrency_slots (slot, scope, key, counted, ends_folded)
+         SELECT COALESCE(h.slot, k.slot), $1, substr(COALESCE(h.slot, k.slot), length($1) + 2), COALESCE(h.n, 0),
+                (SELECT COALESCE(sum(e.ended), 0)::bigint FROM concurrency_slot_ends e WHERE e.slot = COALESCE(h.slot, k.slot))
          FROM held h FULL JOIN known k ON k.slot = h.slot
          ORDER BY 1
-         ON CONFLICT (slot) DO UPDATE SET running = EXCLUDED.running",
+         ON CONFLICT (slot) DO UPDATE SET counted = EXCLUDED.counted, ends_folded = EXCLUDED.ends_folded",
         limit.scope.as_str(),
         limit.key,
         any
@@ -156,37 +160,37 @@ pub async fn remove(pool: &PgPool, scope: ConcurrencyScope, key: &str) -> sqlx::
 
 /// Makes due the waiting tasks that their slot has room for now (or that no limit
 /// holds back any more), highest priority then oldest first; tasks already made due
-/// and not yet dispatched count as taking the room. Releases make waiting tasks due as
-/// they happen; this catches up after a limit changed, and after a task made due was
-/// cancelled before its dispatch. Returns how many.
+/// and not yet dispatched count as taking the room (`bloom_wake`, migration 0032).
+/// Releases make waiting tasks due as they happen; this catches up after a limit
+/// changed, after a task made due was cancelled before its dispatch, and after a recheck
+/// ([`recheck`]) gave up waiting. Returns how many.
 pub async fn wake(db: impl PgExecutor<'_>) -> sqlx::Result<u64> {
-    Ok(sqlx::query!(
-        "WITH waiting AS (
-            SELECT DISTINCT b.blocked_on AS slot FROM llm_tasks b
-            WHERE b.blocked_on IS NOT NULL AND b.status = 'queued' AND b.dispatch_seq <= 0 AND b.not_before IS NULL),
-         s AS (
-            SELECT c.slot, COALESCE(own.max_running, any_.max_running) - c.running AS room
-            FROM waiting JOIN concurrency_slots c ON c.slot = waiting.slot
-            LEFT JOIN concurrency_limits own ON own.scope = c.scope AND own.key = c.key
-            LEFT JOIN concurrency_limits any_ ON any_.scope = c.scope AND any_.key = '*'
-            WHERE COALESCE(COALESCE(own.max_running, any_.max_running) - c.running, 1) > 0),
-         x AS (
-            SELECT w.id FROM s CROSS JOIN LATERAL (
-                SELECT b.id FROM llm_tasks b
-                WHERE b.blocked_on = s.slot AND b.status = 'queued' AND b.dispatch_seq <= 0 AND b.not_before IS NULL
-                ORDER BY b.priority DESC, b.created_at, b.id
-                -- No limit any more (NULL room): all of them.
-                LIMIT CASE WHEN s.room IS NOT NULL THEN
-                    GREATEST(s.room - (SELECT count(*) FROM llm_tasks d
-                                       WHERE d.blocked_on = s.slot AND d.status = 'queued'
-                                         AND d.dispatch_seq <= 0 AND d.not_before = 0), 0) END
-                FOR UPDATE SKIP LOCKED) w)
-         UPDATE llm_tasks t SET not_before = 0 FROM x
-         WHERE t.id = x.id AND t.status = 'queued' AND t.dispatch_seq <= 0 AND t.not_before IS NULL"
+    let n = sqlx::query_scalar!(r#"SELECT bloom_wake(NULL) AS "n!""#).fetch_one(db).await?;
+    Ok(n as u64)
+}
+
+/// How long a recheck waits for the ends in flight of its slots: they commit within
+/// milliseconds; a longer wait means locks taken out of order, which the periodic wake
+/// resolves instead.
+pub const RECHECK_PATIENCE: Duration = Duration::from_millis(200);
+
+/// After a transaction that put tasks aside for these full slots committed: waits (at
+/// most `patience`, else fails) for the ends of those slots in flight, then makes due the
+/// waiting tasks the slots have room for (`bloom_slots_recheck`, migration 0032). An end
+/// that committed after the admission read the slot, but whose own wake ran before the
+/// task was put aside, is seen here. Returns how many tasks were made due.
+pub async fn recheck(db: impl PgExecutor<'_>, slots: &[String], patience: Duration) -> sqlx::Result<u64> {
+    if slots.is_empty() {
+        return Ok(0);
+    }
+    let n = sqlx::query_scalar!(
+        r#"SELECT bloom_slots_recheck($1, $2) AS "n!""#,
+        slots,
+        patience.as_millis().min(i32::MAX as u128) as i32
     )
-    .execute(db)
-    .await?
-    .rows_affected())
+    .fetch_one(db)
+    .await?;
+    Ok(n as u64)
 }
 
 /// Every limit, with what runs and waits under it.
@@ -197,7 +201,7 @@ pub async fn limits(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<LimitView>> {
                   COALESCE(sum((SELECT count(*) FROM llm_tasks b WHERE b.blocked_on = c.slot
                                    AND b.status = 'queued' AND b.dispatch_seq <= 0)), 0)::bigint AS "waiting!"
            FROM concurrency_limits l
-           LEFT JOIN concurrency_slots c ON c.scope = l.scope
+           LEFT JOIN concurrency_slot_counts c ON c.scope = l.scope
                AND (c.key = l.key OR (l.key = '*' AND NOT EXISTS (
                    SELECT 1 FROM concurrency_limits o WHERE o.scope = c.scope AND o.key = c.key)))
            GROUP BY l.scope, l.key, l.max_running, l.updated_at
@@ -224,7 +228,7 @@ pub async fn keys(db: impl PgExecutor<'_>, scope: Option<ConcurrencyScope>, limi
         r#"SELECT c.scope AS "scope!: ConcurrencyScope", c.key AS "key!",
                   COALESCE(own.max_running, any_.max_running) AS "max_running?",
                   c.running::bigint AS "running!", w.n AS "waiting!"
-           FROM concurrency_slots c
+           FROM concurrency_slot_counts c
            LEFT JOIN concurrency_limits own ON own.scope = c.scope AND own.key = c.key
            LEFT JOIN concurrency_limits any_ ON any_.scope = c.scope AND any_.key = '*'
            CROSS JOIN LATERAL (SELECT count(*) AS n FROM llm_tasks b WHERE b.blocked_on = c.slot

@@ -41,6 +41,11 @@ impl DueKick {
             self.notify.notify_one();
         }
     }
+
+    /// Waiting tasks were made due: a pass now.
+    pub fn made_due(&self) {
+        self.notify.notify_one();
+    }
 }
 
 /// What one pass did.

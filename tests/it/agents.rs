@@ -630,7 +630,7 @@ async fn an_agent_is_sent_only_what_the_concurrency_limits_admit() {
     let aside = "SELECT count(*) FROM audit_logs WHERE action = 'task_deferred' AND detail LIKE 'Lease deferred: concurrency limit of context_id one%'";
     assert!(app.count(aside).await >= 1, "the agent's assignment put the conversation's next tasks aside");
     assert_eq!(app.count("SELECT max(attempts)::bigint FROM llm_tasks").await, 1);
-    assert_eq!(app.count("SELECT COALESCE(sum(running), 0)::bigint FROM concurrency_slots").await, 0);
+    assert_eq!(app.count("SELECT COALESCE(sum(running), 0)::bigint FROM concurrency_slot_counts").await, 0);
     app.stop().await;
 }
 

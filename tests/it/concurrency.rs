@@ -10,6 +10,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::common::{wait_for, TestApp};
+use bloom::db::concurrency;
+use bloom::db::lifecycle::{self, Claim, ClaimOutcome};
 use bloom::domain::{ConcurrencyLimit, ConcurrencyScope};
 
 fn task(context: &str, prompt: &str) -> Value {
@@ -102,7 +104,7 @@ async fn a_context_limit_of_one_runs_each_conversation_one_task_at_a_time_withou
     // Everything given back: nothing runs or waits under the limit.
     let (_, limits) = app.get("/api/runtime/concurrency-limits").await;
     assert_eq!((limits[0]["running"].as_i64(), limits[0]["waiting"].as_i64()), (Some(0), Some(0)), "{limits}");
-    assert_eq!(app.count("SELECT COALESCE(sum(running), 0)::bigint FROM concurrency_slots").await, 0);
+    assert_eq!(app.count("SELECT COALESCE(sum(running), 0)::bigint FROM concurrency_slot_counts").await, 0);
 
     // A key held at 0: its tasks wait aside once claimed; removing the limit lets them run
     // (the `*` limit of 1 still applies to them).
@@ -223,6 +225,92 @@ async fn limits_change_at_runtime_count_what_already_runs_and_hold_rest_leases()
         })
         .collect();
     assert_eq!(by_key, vec![("agent_slug".into(), "critic".into(), 3), ("context_id".into(), "x".into(), 1)]);
+    app.stop().await;
+}
+
+/// Key `k` limited to 1, its first task leased over REST, and a claim of its second
+/// task that found the slot full and put the task aside, not committed yet.
+async fn second_put_aside_uncommitted() -> (TestApp, String, String, sqlx::Transaction<'static, sqlx::Postgres>) {
+    let app = TestApp::spawn().await;
+    let worker = app.register_worker("w", 8).await["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        app.put("/api/runtime/concurrency-limits/concurrency_key/k", json!({"max_running": 1})).await.0,
+        StatusCode::OK
+    );
+    let first = app.submit_with(keyed("k", "first")).await["id"].as_str().unwrap().to_owned();
+    let second = app.submit_with(keyed("k", "second")).await["id"].as_str().unwrap().to_owned();
+    assert_eq!(lease(&app, &first).await.0, StatusCode::CREATED);
+    let seq: i64 = sqlx::query_scalar("SELECT dispatch_seq FROM llm_tasks WHERE id = $1")
+        .bind(&second)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let mut tx = app.pool.begin().await.unwrap();
+    let claim = Claim { task_id: second.as_str().into(), dispatch_seq: seq, worker_id: worker.into(), ttl_seconds: 30 };
+    let out = lifecycle::claim(&mut *tx, &[claim], bloom::time::now_ms()).await.unwrap();
+    assert_eq!(out, vec![ClaimOutcome::SetAside { slot: "concurrency_key:k".into() }]);
+    (app, first, second, tx)
+}
+
+fn keyed(key: &str, prompt: &str) -> Value {
+    json!({"context_id": prompt, "agent_slug": "writer", "prompt": prompt, "concurrency_key": key})
+}
+
+/// Lease ends give their slot back without the slot row's lock that claims hold to
+/// their commit. A claim that saw the slot full and put a task aside, and an end whose
+/// own wake ran before that claim committed, would leave the task waiting with room in
+/// its slot: the claim's recheck after its commit makes it due.
+#[tokio::test]
+async fn an_end_racing_a_claim_waits_for_nothing_and_the_claims_recheck_wakes_the_task() {
+    let (app, first, second, tx) = second_put_aside_uncommitted().await;
+    // The first task completes while the claim holds the slot row: it does not wait.
+    tokio::time::timeout(Duration::from_secs(10), complete(&app, &first))
+        .await
+        .expect("a completion waited for a claim of its slot");
+    tx.commit().await.unwrap();
+    let waiting = "SELECT count(*) FROM llm_tasks WHERE blocked_on = 'concurrency_key:k' AND not_before IS NULL";
+    assert_eq!(app.count(waiting).await, 1, "the end's wake ran before the task was put aside");
+    assert_eq!(app.count("SELECT running::bigint FROM concurrency_slot_counts").await, 0);
+    let slots = ["concurrency_key:k".to_owned()];
+    assert_eq!(concurrency::recheck(&app.pool, &slots, concurrency::RECHECK_PATIENCE).await.unwrap(), 1);
+    assert_eq!(app.count(waiting).await, 0);
+    assert_eq!(app.status_of(&second).await, "queued");
+    assert_eq!(app.count(&format!("SELECT not_before FROM llm_tasks WHERE id = '{second}'")).await, 0, "made due");
+    app.stop().await;
+}
+
+/// A recheck waits for the ends of its slots still in flight, so it sees the room they
+/// make once they commit.
+#[tokio::test]
+async fn a_recheck_waits_for_an_end_in_flight_and_sees_its_room() {
+    let (app, first, second, tx) = second_put_aside_uncommitted().await;
+    // The first task's lease ends (its wake does not see the task put aside) and has not
+    // committed when the claim has, and rechecks.
+    let mut ending = app.pool.begin().await.unwrap();
+    sqlx::query("UPDATE leases SET status = 'released' WHERE task_id = $1")
+        .bind(&first)
+        .execute(&mut *ending)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let recheck = {
+        let pool = app.pool.clone();
+        tokio::spawn(async move {
+            concurrency::recheck(&pool, &["concurrency_key:k".to_owned()], Duration::from_secs(30)).await
+        })
+    };
+    wait_for("the recheck waits for the end's lock", Duration::from_secs(10), || async {
+        app.count(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND mode = 'ExclusiveLock'
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .await
+            == 1
+    })
+    .await;
+    ending.commit().await.unwrap();
+    assert_eq!(recheck.await.unwrap().unwrap(), 1, "the recheck saw the end committed");
+    assert_eq!(app.count(&format!("SELECT not_before FROM llm_tasks WHERE id = '{second}'")).await, 0);
     app.stop().await;
 }
 

@@ -77,9 +77,11 @@ pub async fn assign(
         }
     }
     admission::set_aside(&mut tx, &refused, now).await?;
+    let full = admission::full_slots(&refused);
     let ids = admitted;
     if ids.is_empty() {
         tx.commit().await?;
+        admission::recheck(pool, &full).await;
         return Ok(Vec::new());
     }
     let lease_ids: Vec<String> = ids.iter().map(|_| LeaseId::generate().0).collect();
@@ -125,6 +127,7 @@ pub async fn assign(
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
+    admission::recheck(pool, &full).await;
     Ok(rows
         .into_iter()
         .map(|r| {

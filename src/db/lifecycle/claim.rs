@@ -44,10 +44,14 @@ pub enum ClaimOutcome {
     /// The dispatch is not current (task already leased, completed, requeued, or gone):
     /// drop the message without executing.
     Refused,
+    /// The task's concurrency slot `slot` was full: the task was put aside until a lease of
+    /// the slot ends, and the message is dropped as for [`ClaimOutcome::Refused`]. Once
+    /// the claim has committed, the caller rechecks the slot ([`crate::db::concurrency::recheck`]).
+    SetAside { slot: String },
 }
 
-/// One decided claim, as [`CLAIM_SQL`] returns it: `granted`, `held`, `full` or
-/// `draining`, and the lease when granted or held.
+/// One decided claim, as [`CLAIM_SQL`] returns it: `granted`, `held`, `full`,
+/// `draining` or `aside`, the lease when granted or held, the full slot when put aside.
 #[derive(Clone)]
 struct Decision {
     decision: String,
@@ -59,6 +63,7 @@ struct Decision {
     ttl_seconds: Option<i32>,
     last_heartbeat: Option<i64>,
     context_id: Option<String>,
+    slot: Option<String>,
 }
 
 impl Decision {
@@ -106,8 +111,12 @@ pub async fn claim<'c>(db: impl PgExecutor<'c>, claims: &[Claim], now: i64) -> s
     let mut held: HashMap<(TaskId, WorkerId), Lease> = HashMap::new();
     let mut full: HashSet<(TaskId, WorkerId)> = HashSet::new();
     let mut draining: HashSet<(TaskId, WorkerId)> = HashSet::new();
+    let mut aside: HashMap<(TaskId, WorkerId), String> = HashMap::new();
     for d in decided {
         match d.decision.as_str() {
+            "aside" => {
+                aside.extend(d.slot.map(|slot| ((d.task_id, d.worker_id), slot)));
+            }
             "held" => {
                 let key = (d.task_id.clone(), d.worker_id.clone());
                 held.extend(d.into_lease().map(|l| (key, l)));
@@ -132,7 +141,10 @@ pub async fn claim<'c>(db: impl PgExecutor<'c>, claims: &[Claim], now: i64) -> s
                     Some(lease) => ClaimOutcome::Granted(lease.clone()),
                     None if full.contains(&key) => ClaimOutcome::Full,
                     None if draining.contains(&key) => ClaimOutcome::Draining,
-                    None => ClaimOutcome::Refused,
+                    None => match aside.get(&key) {
+                        Some(slot) => ClaimOutcome::SetAside { slot: slot.clone() },
+                        None => ClaimOutcome::Refused,
+                    },
                 },
             }
         })

@@ -47,7 +47,7 @@ aside AS (
           routed_to = NULL, blocked_on = adm.admit_blocked, wait_reason = adm.admit_reason
    FROM admitted adm
    WHERE t.id = ANY($3) AND t.id = adm.admit_task AND adm.admit_slots IS NULL
-   RETURNING t.id, t.wait_reason),
+   RETURNING t.id, t.wait_reason, t.blocked_on, t.not_before),
 -- Tasks put back to wait, held by their agent or over a concurrency limit.
 deferred_audit AS (
    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
@@ -74,11 +74,17 @@ full_ AS (
    WHERE room.id IS NULL OR r.pos > room.free)
 SELECT 'granted' AS "decision!", id AS "task_id!", worker_id AS "worker_id!", lease_id AS "id?",
        $1 AS "started_at?", $1 + ttl::bigint * 1000 AS "expires_at?", ttl AS "ttl_seconds?",
-       $1 AS "last_heartbeat?", context_id AS "context_id?"
+       $1 AS "last_heartbeat?", context_id AS "context_id?", NULL::text AS "slot?"
 FROM t
 UNION ALL
-SELECT 'held', task_id, worker_id, lease_id, started_at, expires_at, ttl_seconds, last_heartbeat, context_id
+SELECT 'held', task_id, worker_id, lease_id, started_at, expires_at, ttl_seconds, last_heartbeat, context_id, NULL
 FROM held
 UNION ALL
-SELECT CASE WHEN draining THEN 'draining' ELSE 'full' END, task_id, worker_id, NULL, NULL, NULL, NULL, NULL, NULL
+SELECT CASE WHEN draining THEN 'draining' ELSE 'full' END, task_id, worker_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM full_
+UNION ALL
+-- Put aside for a full concurrency slot (not for a budget window): the caller rechecks the
+-- slot once this statement has committed (`bloom_slots_recheck`).
+SELECT 'aside', a.id, r.worker_id, NULL, NULL, NULL, NULL, NULL, NULL, a.blocked_on
+FROM aside a JOIN r ON r.task_id = a.id
+WHERE a.not_before IS NULL
