@@ -66,8 +66,12 @@ pub async fn connect(url: &str, opts: &PoolOptions) -> Result<PgPool, sqlx::Erro
     // read them sequentially for the connection's life: every claim and completion batch
     // would scan all of `llm_tasks`. With sequential scans disabled the planner takes an
     // index wherever one answers the query, whatever the table's size when it planned;
-    // tables without a usable index are still scanned.
-    let connect = connect.options([("statement_timeout", statement_timeout.as_str()), ("enable_seqscan", "off")]);
+    // tables without a usable index are still scanned. Such a scan carries the disabled
+    // scan's cost (10^10) into its statement's estimate, far above `jit_above_cost`: with
+    // JIT on, Postgres would compile that statement with LLVM at every execution (about a
+    // second). No statement here runs long enough for compiling to pay: JIT is off.
+    let connect =
+        connect.options([("statement_timeout", statement_timeout.as_str()), ("enable_seqscan", "off"), ("jit", "off")]);
     PgPoolOptions::new()
         .max_connections(opts.max_connections)
         .acquire_timeout(opts.acquire_timeout)

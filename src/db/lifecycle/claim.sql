@@ -6,11 +6,16 @@ room AS MATERIALIZED (
                      THEN COALESCE((w.capabilities->>'max_concurrency')::int, 1) - bloom_active_leases(w.id, w.active_leases, w.ends_folded) ELSE 0 END AS free,
           w.draining_since IS NOT NULL AS draining
    FROM workers w WHERE w.id = ANY($2) ORDER BY w.id FOR UPDATE),
+-- Whether any provider hold is in force: almost never, and then no task is looked up
+-- in the holds.
+holding AS MATERIALIZED (
+   SELECT EXISTS (SELECT 1 FROM provider_holds h WHERE h.until > $1) AS on_),
 fresh AS (
    SELECT r.*, row_number() OVER (PARTITION BY r.worker_id ORDER BY r.task_id) AS pos
    FROM r JOIN llm_tasks t ON t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued'
        AND t.dispatch_seq = r.seq
-   WHERE NOT EXISTS (SELECT 1 FROM bloom_hold(t.agent_slug, t.context_id, t.concurrency_key, $1))),
+   WHERE NOT (SELECT on_ FROM holding)
+       OR NOT EXISTS (SELECT 1 FROM bloom_hold(t.agent_slug, t.context_id, t.concurrency_key, $1))),
 -- A task whose agent (or key) the provider rate-limited waits for the reset without a
 -- dispatch (the due duty gives it one then); the claim of it is refused.
 deferred AS (
@@ -18,7 +23,8 @@ deferred AS (
           wait_reason = h.reason
    FROM r JOIN llm_tasks x ON x.id = ANY($3) AND x.id = r.task_id,
         LATERAL bloom_hold(x.agent_slug, x.context_id, x.concurrency_key, $1) h
-   WHERE t.id = ANY($3) AND t.id = x.id AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
+   WHERE (SELECT on_ FROM holding) AND t.id = ANY($3) AND t.id = x.id AND (t.status || '') = 'queued'
+       AND t.dispatch_seq = r.seq
    RETURNING t.id, t.wait_reason),
 fit AS (
    SELECT r.* FROM fresh r JOIN room ON room.id = r.worker_id AND r.pos <= room.free),
