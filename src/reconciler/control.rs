@@ -12,7 +12,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::Reconciler;
 use crate::bus::names::RECONCILER_QUEUE;
-use crate::db::concurrency;
 use crate::db::lifecycle::{self, Claim, ClaimOutcome, Expiring};
 use crate::db::workers::{self, Beat};
 use crate::db::Dedicated;
@@ -204,30 +203,8 @@ async fn handle_claims(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated) -> 
             .collect();
         reply(&r, msg, &ClaimReply::Decided { items, replica: Some(r.replica.clone()) }).await;
     }
-    recheck_slots(&r, &mut db, aside).await;
+    r.slot_rechecks.add(&r, aside);
     db
-}
-
-/// After a claim that put tasks aside for full concurrency slots: wakes what an end
-/// committed meanwhile left room for (see [`concurrency::recheck`]). A failure (a lock
-/// wait given up) is left to the due duty's periodic wake.
-async fn recheck_slots(r: &Reconciler, db: &mut Dedicated, mut slots: Vec<String>) {
-    if slots.is_empty() {
-        return;
-    }
-    slots.sort_unstable();
-    slots.dedup();
-    match db
-        .run(move |c| Box::pin(async move { concurrency::recheck(c, &slots, concurrency::RECHECK_PATIENCE).await }))
-        .await
-    {
-        Ok(0) => {}
-        Ok(n) => {
-            tracing::debug!(tasks = n, "waiting tasks made due after their slot was rechecked");
-            r.due_kick.made_due();
-        }
-        Err(e) => tracing::debug!(error = %e, "rechecking concurrency slots failed; the periodic wake catches up"),
-    }
 }
 
 async fn handle_heartbeats(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated) -> Dedicated {

@@ -24,6 +24,7 @@ pub mod membridge_sync;
 pub mod redispatch;
 pub mod relay;
 pub mod results;
+pub mod slot_recheck;
 pub mod sweeper;
 
 use std::sync::Arc;
@@ -185,6 +186,8 @@ pub struct Reconciler {
     pub expiry_pause: Arc<expiry_pause::ExpiryPause>,
     /// Wakes the due duty after completions that freed concurrency slots.
     pub due_kick: Arc<due::DueKick>,
+    /// Rechecks the concurrency slots claims put tasks aside for, after their commit.
+    pub slot_rechecks: Arc<slot_recheck::SlotRechecks>,
     /// This replica's id (new at each start): names its own claim subject.
     pub replica: String,
     /// True once the control subjects are subscribed on the server: from then on a
@@ -224,6 +227,7 @@ impl Reconciler {
             serving: Arc::new(watch::Sender::new(false)),
             expiry_pause: Arc::default(),
             due_kick: Arc::default(),
+            slot_rechecks: Arc::default(),
         })
     }
 
