@@ -80,7 +80,10 @@ async fn hold_budget_waiters(tx: &mut sqlx::PgConnection, limit: i64, now: i64) 
              SELECT blocked_on FROM llm_tasks
              WHERE status = 'queued' AND dispatch_seq <= 0 AND not_before <= $1 AND EXISTS (SELECT 1 FROM budget_limits)
              ORDER BY not_before LIMIT $2),
-           b AS (SELECT * FROM bloom_budget_room(ARRAY(SELECT DISTINCT blocked_on FROM due WHERE blocked_on IS NOT NULL), $1)),
+           -- The counters passed as a column, not a subquery: a SQL function's body is
+           -- inlined into this statement's plan only then, else planned at every call.
+           b AS (SELECT r.* FROM (SELECT ARRAY(SELECT DISTINCT blocked_on FROM due WHERE blocked_on IS NOT NULL) AS counters) x
+                 CROSS JOIN LATERAL bloom_budget_room(x.counters, $1) r),
            w AS (
              SELECT t.id, t.blocked_on, t.priority, t.created_at, t.policy FROM llm_tasks t
              WHERE t.blocked_on = ANY(ARRAY(SELECT counter FROM b)) AND t.status = 'queued' AND t.dispatch_seq <= 0
