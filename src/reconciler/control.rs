@@ -203,7 +203,7 @@ async fn handle_claims(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated) -> 
             .collect();
         reply(&r, msg, &ClaimReply::Decided { items, replica: Some(r.replica.clone()) }).await;
     }
-    r.slot_rechecks.add(&r, aside);
+    r.slot_rechecks.recheck(&r, aside);
     db
 }
 
