@@ -48,9 +48,13 @@ CREATE OR REPLACE VIEW concurrency_slot_counts AS
 CREATE OR REPLACE FUNCTION bloom_slot_lock(slot text) RETURNS integer
 LANGUAGE sql IMMUTABLE AS $$ SELECT hashtext(slot) $$;
 
--- The admission of migration 0023; a slot's running tasks are its count less the ends not
--- folded yet, read after the slot rows' lock, and the ends read are folded with the new
--- count.
+-- The admission of migration 0023, with a slot's running tasks its count less the ends
+-- not folded yet, and the ends read folded with the new count. In time linear in the
+-- batch: the slots' counts are kept in integer arrays indexed by each entry's place
+-- among the distinct slots in name order (`dense_rank`), where 0023 copied a JSON object
+-- at every change and ordered entries by `array_position` (both quadratic); the slot rows
+-- are locked and read in one statement; missing slot rows are looked up before they are
+-- inserted.
 CREATE OR REPLACE FUNCTION bloom_admit(ids text[], now bigint)
 RETURNS TABLE (admit_task text, admit_slots text[], admit_charges jsonb, admit_blocked text, admit_until bigint,
                admit_reason text)
@@ -61,6 +65,10 @@ DECLARE
     w_scope text[];
     w_key text[];
     w_max int[];
+    w_at int[];
+    s_slot text[];
+    s_used int[];
+    s_folded bigint[];
     c_task text[];
     c_counter text[];
     c_scope text[];
@@ -69,8 +77,6 @@ DECLARE
     c_period text[];
     c_max float8[];
     c_reserve float8[];
-    used jsonb := '{}';
-    folded jsonb := '{}';
     spent jsonb := '{}';
     opened jsonb := '{}';
     charges jsonb;
@@ -89,13 +95,15 @@ BEGIN
     END IF;
     IF EXISTS (SELECT 1 FROM concurrency_limits) THEN
         -- Read once: the slots created and locked below are exactly those decided on.
-        SELECT array_agg(w.task_id ORDER BY array_position(ids, w.task_id), w.slot),
-               array_agg(w.slot ORDER BY array_position(ids, w.task_id), w.slot),
-               array_agg(w.scope ORDER BY array_position(ids, w.task_id), w.slot),
-               array_agg(w.key ORDER BY array_position(ids, w.task_id), w.slot),
-               array_agg(w.max_running ORDER BY array_position(ids, w.task_id), w.slot)
-        INTO w_task, w_slot, w_scope, w_key, w_max
-        FROM bloom_task_slots(ids) w;
+        -- Entries in the order of `ids`, then by slot; `w_at`: the entry's slot's place
+        -- among the distinct slots in name order (`s_slot`).
+        SELECT array_agg(x.task_id ORDER BY x.pos, x.slot), array_agg(x.slot ORDER BY x.pos, x.slot),
+               array_agg(x.scope ORDER BY x.pos, x.slot), array_agg(x.key ORDER BY x.pos, x.slot),
+               array_agg(x.max_running ORDER BY x.pos, x.slot), array_agg(x.at ORDER BY x.pos, x.slot),
+               array_agg(DISTINCT x.slot ORDER BY x.slot)
+        INTO w_task, w_slot, w_scope, w_key, w_max, w_at, s_slot
+        FROM (SELECT w.*, o.pos, dense_rank() OVER (ORDER BY w.slot)::int AS at
+              FROM bloom_task_slots(ids) w JOIN unnest(ids) WITH ORDINALITY AS o(id, pos) ON o.id = w.task_id) x;
     END IF;
     IF EXISTS (SELECT 1 FROM budget_limits) THEN
         SELECT array_agg(c.task_id ORDER BY array_position(ids, c.task_id), c.counter),
@@ -116,20 +124,19 @@ BEGIN
     IF w_task IS NOT NULL THEN
         INSERT INTO concurrency_slots (slot, scope, key)
         SELECT DISTINCT ON (u.slot) u.slot, u.scope, u.key FROM unnest(w_slot, w_scope, w_key) AS u(slot, scope, key)
+        WHERE NOT EXISTS (SELECT 1 FROM concurrency_slots c WHERE c.slot = u.slot)
         ORDER BY u.slot
         ON CONFLICT (slot) DO NOTHING;
-        PERFORM 1 FROM concurrency_slots c WHERE c.slot = ANY(w_slot) ORDER BY c.slot FOR UPDATE;
-        -- Read after the lock (a statement of its own: a snapshot newer than the lock),
-        -- the ends counted since the last fold taken off.
-        SELECT COALESCE(jsonb_object_agg(s.slot, GREATEST(s.counted - GREATEST(s.ended - s.ends_folded, 0), 0)), '{}'),
-               COALESCE(jsonb_object_agg(s.slot, GREATEST(s.ended, s.ends_folded)), '{}')
-        INTO used, folded
-        FROM (SELECT c.slot, c.counted, c.ends_folded, COALESCE(e.ended, 0) AS ended
-              FROM concurrency_slots c
-              LEFT JOIN (SELECT x.slot, sum(x.ended)::bigint AS ended FROM concurrency_slot_ends x
-                         WHERE x.slot = ANY(w_slot) GROUP BY x.slot) e ON e.slot = c.slot
-              WHERE c.slot = ANY(w_slot)) s;
-        IF EXISTS (SELECT 1 FROM unnest(w_slot) AS u(slot) WHERE NOT used ? u.slot) THEN
+        -- Locked in name order; each row as it is after the lock, its ends as of this
+        -- statement's start (an end committed while this waited for the lock is folded
+        -- by a later admission: until then the slot counts its lease as running).
+        SELECT array_agg(GREATEST(s.counted - GREATEST(s.ended - s.ends_folded, 0), 0) ORDER BY s.slot),
+               array_agg(GREATEST(s.ended, s.ends_folded) ORDER BY s.slot)
+        INTO s_used, s_folded
+        FROM (SELECT c.slot, c.counted, c.ends_folded,
+                     (SELECT COALESCE(sum(e.ended), 0)::bigint FROM concurrency_slot_ends e WHERE e.slot = c.slot) AS ended
+              FROM concurrency_slots c WHERE c.slot = ANY(s_slot) ORDER BY c.slot FOR UPDATE) s;
+        IF COALESCE(cardinality(s_used), 0) <> cardinality(s_slot) THEN
             RAISE EXCEPTION 'bloom_admit: a concurrency slot row is missing';
         END IF;
     END IF;
@@ -169,7 +176,7 @@ BEGIN
         admit_until := NULL;
         admit_reason := NULL;
         FOR k IN i..j - 1 LOOP
-            IF (used->>w_slot[k])::int >= w_max[k] THEN
+            IF s_used[w_at[k]] >= w_max[k] THEN
                 admit_slots := NULL;
                 admit_charges := NULL;
                 admit_blocked := w_slot[k];
@@ -200,7 +207,7 @@ BEGIN
         END IF;
         IF admit_slots IS NOT NULL THEN
             FOR k IN i..j - 1 LOOP
-                used := jsonb_set(used, ARRAY[w_slot[k]], to_jsonb((used->>w_slot[k])::int + 1));
+                s_used[w_at[k]] := s_used[w_at[k]] + 1;
             END LOOP;
             FOR k IN ci..cj - 1 LOOP
                 spent := jsonb_set(spent, ARRAY[c_counter[k]], to_jsonb((spent->>c_counter[k])::float8 + c_reserve[k]));
@@ -211,9 +218,9 @@ BEGIN
         ci := cj;
     END LOOP;
     IF n > 0 THEN
-        UPDATE concurrency_slots c SET counted = (used->>c.slot)::int, ends_folded = (folded->>c.slot)::bigint
-        WHERE c.slot = ANY(w_slot)
-            AND (c.counted <> (used->>c.slot)::int OR c.ends_folded <> (folded->>c.slot)::bigint);
+        UPDATE concurrency_slots c SET counted = u.used, ends_folded = u.folded
+        FROM unnest(s_slot, s_used, s_folded) AS u(slot, used, folded)
+        WHERE c.slot = u.slot AND (c.counted <> u.used OR c.ends_folded <> u.folded);
     END IF;
     IF m > 0 THEN
         UPDATE budget_counters c SET used = (spent->>c.counter)::float8
