@@ -18,6 +18,7 @@
 //! * `postgres_limit`: the same writes a task's life costs, executed directly with the
 //!   same batching and durability, in tasks/s;
 //! * `nats_limit`: publish with ack, then pull and ack, of task-sized messages, in msgs/s;
+//! * `idle`: the CPU each process spends per second with no task to do;
 //! * the peak memory (VmHWM) of every process it started;
 //! * for `fixed_rate` and `saturation`, the CPU each process spent per task and the
 //!   transactions Postgres committed and WAL bytes it wrote per task (`postgres_writes`).
@@ -44,7 +45,7 @@ use serde_json::{json, Value};
 use sqlx::{Connection, PgPool};
 
 use limits::{nats_limit, postgres_limit};
-use procs::{cpu_ms_per_task, cpu_ticks, spawn, Proc};
+use procs::{cpu_ms_per, cpu_ms_per_task, cpu_ticks, spawn, Proc};
 
 /// Benchmark options.
 #[derive(Parser, Debug, Clone)]
@@ -249,6 +250,19 @@ async fn db_latencies(pool: &PgPool, tag: &str) -> anyhow::Result<(Vec<f64>, Vec
     let dispatch = rows.iter().map(|(c, s, _)| (s - c) as f64).collect();
     let e2e = rows.iter().map(|(c, _, u)| (u - c) as f64).collect();
     Ok((dispatch, e2e, first, last))
+}
+
+/// How long the idle phase measures.
+const IDLE_SECS: u64 = 5;
+
+/// The CPU the runtime spends with nothing to do, per second: its duties and loops
+/// polling, beating and waking (what a task at a low rate also pays for).
+async fn idle(all: &[&Proc]) -> Value {
+    // The workers' start-up traffic settles first.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = cpu_ticks();
+    tokio::time::sleep(Duration::from_secs(IDLE_SECS)).await;
+    json!({"secs": IDLE_SECS, "cpu_ms_per_sec": cpu_ms_per(&before, &cpu_ticks(), all, IDLE_SECS as f64)})
 }
 
 async fn fixed_rate(o: &Opts, http: &reqwest::Client, base: &str, pool: &PgPool) -> anyhow::Result<Value> {
@@ -478,8 +492,10 @@ async fn main() -> anyhow::Result<()> {
     wait_ready(&http, &base).await?;
     wait_workers(&pool, o.workers).await?;
 
-    eprintln!("fixed rate: {} tasks/s for {} s", o.rate, o.rate_secs);
     let all: Vec<&Proc> = workers.iter().chain(procs.iter()).collect();
+    eprintln!("idle: {IDLE_SECS} s");
+    let idle = idle(&all).await;
+    eprintln!("fixed rate: {} tasks/s for {} s", o.rate, o.rate_secs);
     let writes = PgWrites::read(&pool).await?;
     let before = cpu_ticks();
     let mut fixed = fixed_rate(&o, &http, &base, &pool).await?;
@@ -570,7 +586,7 @@ async fn main() -> anyhow::Result<()> {
     let report = json!({
         "s3": o.s3_endpoint.is_some(),
         "artifacts": {"in_s3": in_s3, "in_postgres": inline},
-        "fixed_rate": fixed, "saturation": sat, "concurrency_keys": keyed, "rest_path": rest, "task_control": task_control,
+        "idle": idle, "fixed_rate": fixed, "saturation": sat, "concurrency_keys": keyed, "rest_path": rest, "task_control": task_control,
         "postgres_limit": pg, "nats_limit": nats,
         "ratio_to_lower_limit": if lower.is_finite() { json!(sat_tps / lower) } else { Value::Null },
         "peak_memory_mib": memory,
@@ -604,6 +620,10 @@ fn print_table(r: &Value) {
             f(&k["tasks_per_sec"]),
             k["ratio_to_saturation"].as_f64().unwrap_or(0.0)
         );
+    }
+    if let Some(cpu) = r["idle"]["cpu_ms_per_sec"].as_object() {
+        let parts: Vec<String> = cpu.iter().map(|(k, v)| format!("{k} {:.1}", v.as_f64().unwrap_or(0.0))).collect();
+        eprintln!("{:<38} {}", "idle CPU ms per second", parts.join(", "));
     }
     eprintln!("{:<38} {}", "fixed-rate offered tasks/s", f(&r["fixed_rate"]["offered_rate"]));
     if let Some(cpu) = r["fixed_rate"]["cpu_ms_per_task"].as_object() {

@@ -46,14 +46,20 @@ pub fn cpu_ticks() -> Vec<(u32, String, u64)> {
 /// The S3-compatible test server (moto), when the benchmark stores artifacts in S3.
 const S3_SERVER: &str = "s3 server (moto, not in total)";
 
-/// CPU milliseconds each component used between two [`cpu_ticks`] snapshots, divided by
-/// `tasks`: the runtime's processes by label, Postgres and nats-server by name.
+/// CPU milliseconds each component used between two [`cpu_ticks`] snapshots, per task.
 pub fn cpu_ms_per_task(
     before: &[(u32, String, u64)],
     after: &[(u32, String, u64)],
     procs: &[&Proc],
     tasks: u64,
 ) -> Value {
+    cpu_ms_per(before, after, procs, tasks.max(1) as f64)
+}
+
+/// CPU milliseconds each component used between two [`cpu_ticks`] snapshots, divided by
+/// `divisor` (tasks, or seconds for the idle phase): the runtime's processes by label,
+/// Postgres and nats-server by name.
+pub fn cpu_ms_per(before: &[(u32, String, u64)], after: &[(u32, String, u64)], procs: &[&Proc], divisor: f64) -> Value {
     let tick_ms = 1000.0 / 100.0; // USER_HZ is 100 on Linux
     let component = |pid: u32, comm: &str| -> Option<String> {
         if let Some(p) = procs.iter().find(|p| p.child.id() == pid) {
@@ -71,7 +77,7 @@ pub fn cpu_ms_per_task(
     for (pid, comm, ticks) in after {
         let Some(name) = component(*pid, comm) else { continue };
         let start = before.iter().find(|(p, c, _)| p == pid && c == comm).map_or(0, |b| b.2);
-        *totals.entry(name).or_default() += ticks.saturating_sub(start) as f64 * tick_ms / tasks.max(1) as f64;
+        *totals.entry(name).or_default() += ticks.saturating_sub(start) as f64 * tick_ms / divisor;
     }
     // The S3 test server stands in for a remote service: shown, not in the total.
     let all: f64 = totals.iter().filter(|(k, _)| k.as_str() != S3_SERVER).map(|(_, v)| v).sum();

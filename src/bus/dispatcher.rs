@@ -6,6 +6,7 @@
 //! (`<task>:<dispatch_seq>`), so publishing a dispatch twice delivers it once.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
@@ -23,6 +24,10 @@ use crate::protocol::TaskMessage;
 const MAX_IN_FLIGHT_BATCHES: usize = 32;
 /// Largest batch taken from the queue at once.
 const MAX_BATCH: usize = 512;
+/// Largest batch of outbox rows deleted at once.
+const MAX_DELETE: usize = 4096;
+/// How long acknowledged rows wait for others before they are deleted together.
+const DELETE_LINGER: Duration = Duration::from_millis(50);
 
 /// Handle to the background dispatcher. Cloning is cheap.
 #[derive(Clone)]
@@ -130,13 +135,27 @@ async fn delete_loop(
     // Losing one of these deletes in a crash only makes the relay publish a dispatch
     // again, which JetStream de-duplicates: a dedicated connection commits them
     // asynchronously, in one round trip per batch.
+    //
+    // A delete waits `DELETE_LINGER` for company: below a few hundred tasks per second
+    // each would otherwise be a statement of its own, and a row's stay is invisible (the
+    // relay leaves rows younger than `BLOOM_RELAY_MIN_AGE_MS` alone).
     let mut conn: Option<PgConnection> = None;
     let mut ids = Vec::new();
     loop {
         ids.clear();
         tokio::select! {
             _ = cancel.cancelled() => return,
-            n = rx.recv_many(&mut ids, 4096) => if n == 0 { return },
+            n = rx.recv_many(&mut ids, MAX_DELETE) => if n == 0 { return },
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = tokio::time::sleep(DELETE_LINGER) => {}
+        }
+        while ids.len() < MAX_DELETE {
+            match rx.try_recv() {
+                Ok(id) => ids.push(id),
+                Err(_) => break,
+            }
         }
         if conn.is_none() {
             conn = crate::db::async_commit_connection(&pool)

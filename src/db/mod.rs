@@ -134,11 +134,14 @@ pub async fn ping(pool: &PgPool) -> bool {
 /// A connection of its own (outside the pool) whose commits do not wait for the WAL
 /// flush: for writes whose loss in a crash is harmless (the outbox deletes of the
 /// dispatcher: a lost delete means one redundant publish, which claims refuse).
+///
+/// Its statements use generic plans from the first execution, as [`Dedicated`]'s do: left
+/// to choose, Postgres planned the outbox delete again at every call (0.04 ms, twice its
+/// execution).
 pub async fn async_commit_connection(pool: &PgPool) -> sqlx::Result<sqlx::PgConnection> {
     use sqlx::ConnectOptions;
-    let mut conn = pool.connect_options().connect().await?;
-    sqlx::query!("SET synchronous_commit = off").execute(&mut conn).await?;
-    Ok(conn)
+    let options = pool.connect_options().as_ref().clone();
+    options.options([("synchronous_commit", "off"), ("plan_cache_mode", "force_generic_plan")]).connect().await
 }
 
 /// Applies pending migrations. Safe to run concurrently from several processes:

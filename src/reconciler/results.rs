@@ -58,7 +58,7 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Consumes results until `cancel` fires. Reconnects after NATS errors.
 pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()> {
     // One batch in flight, on the replica's own connection; messages arriving meanwhile
-    // go into the next batch.
+    // go into the next batch, taken when it is stored.
     let fresh = || Dedicated::new(&r.pool, r.settings.db_timeout);
     let mut idle = Some(fresh());
     let mut in_flight: Option<JoinHandle<Dedicated>> = None;
@@ -81,21 +81,26 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
         };
         let mut batches = messages.ready_chunks(MAX_BATCH);
         loop {
-            let batch = tokio::select! {
-                _ = cancel.cancelled() => break,
-                b = batches.next() => match b { Some(b) => b, None => break },
-            };
-            let msgs: Vec<Message> = batch.into_iter().filter_map(Result::ok).collect();
-            if msgs.is_empty() {
-                // Errors only (e.g. missed heartbeats): start a fresh pull stream.
-                break;
-            }
+            // The next batch is taken once the one in flight is stored: every result that
+            // arrived meanwhile joins it (taken earlier, it held only those ready then, and
+            // waited all the same).
             let mut db = match (idle.take(), in_flight.take()) {
                 (Some(db), _) => db,
                 // A handler that panicked lost its connection with it.
                 (None, Some(h)) => h.await.unwrap_or_else(|_| fresh()),
                 (None, None) => fresh(),
             };
+            let batch = tokio::select! {
+                _ = cancel.cancelled() => None,
+                b = batches.next() => b,
+            };
+            let msgs: Vec<Message> = batch.into_iter().flatten().filter_map(Result::ok).collect();
+            if msgs.is_empty() {
+                // Stopping, or errors only (e.g. missed heartbeats): start a fresh pull
+                // stream.
+                idle = Some(db);
+                break;
+            }
             let r = r.clone();
             in_flight = Some(tokio::spawn(async move {
                 if let Err(e) = handle(&r, msgs, &mut db).await {

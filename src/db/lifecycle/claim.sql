@@ -39,7 +39,7 @@ locked AS MATERIALIZED (
    WHERE (SELECT on_ FROM limited) AND t.id = ANY($3) AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
    ORDER BY t.id FOR UPDATE OF t),
 admitted AS MATERIALIZED (
-   SELECT * FROM bloom_admit(ARRAY(SELECT DISTINCT id FROM locked ORDER BY id), $1)),
+   SELECT * FROM bloom_admit(ARRAY(SELECT DISTINCT id FROM locked ORDER BY id), $1) WHERE (SELECT on_ FROM limited)),
 t AS (
    UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = r.worker_id,
           attempts = t.attempts + 1, updated_at = $1, routed_to = NULL
