@@ -376,7 +376,8 @@ pub struct WorkerArgs {
     #[arg(long, env = "BLOOM_WORKER_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
     /// Milliseconds a claim waits for a reconciler's answer before it is sent again
-    /// (claims are idempotent; a reconciler that died holding one costs this much).
+    /// (claims are idempotent; a reconciler that died holding one costs this much), and
+    /// a results request before its results go to the results stream.
     #[arg(long, env = "BLOOM_CLAIM_TIMEOUT_MS", default_value_t = 1_500)]
     pub claim_timeout_ms: u64,
     /// Port of `/healthz` and `/metrics`; 0 disables.

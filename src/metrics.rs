@@ -172,6 +172,7 @@ metrics! {
     claims_refused_total: Counter = "Claims refused because the dispatch was not current.",
     claims_full_total: Counter = "Claims refused because the worker had no free slot in Postgres.",
     claims_retried_total: Counter = "Claim requests sent again after no reconciler answered in time (also: through the queue group after the worker's replica did not answer).",
+    results_streamed_total: Counter = "Result batches a worker published to the results stream: their request found no reconciler, none stored it in time, or it was too large for one.",
     dispatch_latency_seconds: Histogram = "Time from task submission to its claim.",
     heartbeats_total: Counter = "Lease heartbeats renewed.",
     heartbeats_lost_total: Counter = "Lease heartbeats for leases that were no longer current.",

@@ -8,6 +8,7 @@
 //! | `<ns>.ctl.heartbeat` (request, reconciler queue group) | [`HeartbeatRequest`] | [`HeartbeatReply`] |
 //! | `<ns>.ctl.start` (request, reconciler queue group) | [`StartRequest`] | [`StartReply`] |
 //! | `<ns>.ctl.worker` (publish) | [`WorkerBeat`] | – |
+//! | `<ns>.ctl.results` (request, reconciler queue group) | [`ResultBatch`] | [`ResultsReply`] |
 //! | `<ns>.results` (stream) | [`ResultBatch`] (one or several [`ResultMessage`]s) | – |
 
 use serde::{Deserialize, Serialize};
@@ -275,4 +276,11 @@ pub struct ReleaseRequest {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReleaseReply {
     pub released: bool,
+}
+
+/// Whether every result of a request was stored (committed); if not, the worker
+/// publishes them to the results stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResultsReply {
+    pub stored: bool,
 }

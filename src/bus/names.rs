@@ -95,6 +95,12 @@ impl Names {
         format!("{}.results", self.ns)
     }
 
+    /// Result requests: a worker's results, answered once stored; what no reconciler
+    /// answers goes to the results stream.
+    pub fn results_request_subject(&self) -> String {
+        format!("{}.ctl.results", self.ns)
+    }
+
     /// The durable consumer the reconcilers share on the results stream.
     pub fn results_consumer(&self) -> String {
         "reconciler".to_owned()

@@ -1,4 +1,4 @@
-//! Claims, lease heartbeats, hand-backs and worker beats: NATS requests served by every
+//! Claims, lease heartbeats, hand-backs, worker beats and results: NATS requests served by every
 //! replica in one queue group (claims also on the replica's own subject, where a worker
 //! sends them once a replica answered it). Requests that arrive together are decided
 //! together, in one transaction per kind.
@@ -39,6 +39,7 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
     let releases = r.client.queue_subscribe(r.names.release_subject(), RECONCILER_QUEUE.into()).await?;
     let workers = r.client.queue_subscribe(r.names.worker_beat_subject(), RECONCILER_QUEUE.into()).await?;
     let starts = r.client.queue_subscribe(r.names.start_subject(), RECONCILER_QUEUE.into()).await?;
+    let results = r.client.queue_subscribe(r.names.results_request_subject(), RECONCILER_QUEUE.into()).await?;
     // The server has the subscriptions once a message sent after them has come back
     // (it handles a connection's commands in order). While NATS is unreachable the
     // subscriptions wait in the client, and so does this.
@@ -58,6 +59,7 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
         serve(r.clone(), releases, cancel.clone(), handle_releases),
         serve(r.clone(), workers, cancel.clone(), handle_worker_beats),
         serve(r.clone(), starts, cancel.clone(), handle_starts),
+        serve(r.clone(), results, cancel.clone(), super::results::handle_requests),
     );
     Ok(())
 }
@@ -113,7 +115,7 @@ where
     while running.next().await.is_some() {}
 }
 
-async fn reply<T: serde::Serialize>(r: &Reconciler, msg: &Message, body: &T) {
+pub(super) async fn reply<T: serde::Serialize>(r: &Reconciler, msg: &Message, body: &T) {
     if let Some(to) = &msg.reply {
         let bytes = serde_json::to_vec(body).expect("reply serializes");
         if let Err(e) = r.client.publish(to.clone(), bytes.into()).await {

@@ -1,17 +1,24 @@
-//! Consumes the results stream (one durable consumer shared by every replica) and
-//! completes tasks in Postgres. A batch of messages (each holding one or more results) is
-//! one transaction; each message is acknowledged only after that transaction committed,
-//! so a reconciler killed at any point loses no result (JetStream redelivers it) and a
-//! redelivered result finds its lease no longer current and is recorded as late: never
-//! a second completion.
+//! Stores workers' results and completes their tasks in Postgres. Results come two
+//! ways, stored alike: as requests (`Names::results_request_subject`, served with the
+//! other control requests, [`handle_requests`]), answered once their transaction
+//! committed, and through the results stream (one durable consumer shared by every
+//! replica, [`run`]), where a worker publishes what no replica answered. A batch of
+//! messages (each holding one or more results) is one transaction; a stream message is
+//! acknowledged, and a request answered `stored`, only after that transaction
+//! committed, so a reconciler killed at any point loses no result (JetStream redelivers
+//! it; the worker publishes an unanswered request to the stream) and a result that comes
+//! again finds its lease no longer current and is recorded as late: never a second
+//! completion.
 //!
 //! When Postgres refuses a batch (not a lost connection), its results are stored one by
 //! one, so a result it refuses holds up no other, even one in the same message. A
-//! message with a result that could not be stored is redelivered with a growing delay;
-//! when Postgres refuses it for its data (a constraint, a value it cannot store) on the
-//! `result_max_deliveries`-th delivery, it is terminated and counted in
-//! `results_refused_total`. Its task's lease then expires and the task is retried, or
-//! dead after its last attempt, like any task whose result never arrived.
+//! request with a result that could not be stored is answered `not stored` (its worker
+//! publishes it to the stream). A stream message with a result that could not be stored
+//! is redelivered with a growing delay; when Postgres refuses it for its data (a
+//! constraint, a value it cannot store) on the `result_max_deliveries`-th delivery, it is
+//! terminated and counted in `results_refused_total`. Its task's lease then expires and
+//! the task is retried, or dead after its last attempt, like any task whose result never
+//! arrived.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +33,7 @@ use super::Reconciler;
 use crate::db::lifecycle::{self, Completion, CompletionOutcome};
 use crate::db::Dedicated;
 use crate::domain::{ArtifactId, Outcome, TaskStatus};
-use crate::protocol::{ResultBatch, ResultMessage};
+use crate::protocol::{ResultBatch, ResultMessage, ResultsReply};
 
 /// Largest batch of results per transaction.
 const MAX_BATCH: usize = 512;
@@ -103,9 +110,7 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
             }
             let r = r.clone();
             in_flight = Some(tokio::spawn(async move {
-                if let Err(e) = handle(&r, msgs, &mut db).await {
-                    tracing::error!(error = %e, "storing results failed; they will be redelivered");
-                }
+                handle(&r, msgs, &mut db).await;
                 db
             }));
         }
@@ -123,47 +128,104 @@ fn without_nul(s: &mut Option<String>) {
     }
 }
 
-/// Stores the results of a batch of messages in one transaction, then acknowledges the
-/// messages. A message may carry several results (see [`ResultBatch`]).
-pub async fn handle(r: &Reconciler, msgs: Vec<Message>, db: &mut Dedicated) -> sqlx::Result<ResultsReport> {
-    let mut report = ResultsReport::default();
-    let mut accepted = Vec::with_capacity(msgs.len());
-    let mut results = Vec::with_capacity(msgs.len());
-    // The index in `accepted` of the message each result came in.
-    let mut owners = Vec::with_capacity(msgs.len());
-    // One span per result, continuing the task's trace, open until the batch committed.
-    let mut spans = Vec::with_capacity(msgs.len());
-    for msg in msgs {
-        let parsed = match serde_json::from_slice::<ResultBatch>(&msg.payload) {
-            Ok(b) if b.has_nul_id() => Err("an id holds a NUL character".to_owned()),
-            other => other.map_err(|e| e.to_string()),
-        };
-        match parsed {
-            Ok(batch) => {
-                for traced in batch.into_results() {
-                    let span = tracing::info_span!("store result", task.id = %traced.result.task_id);
-                    if traced.trace.is_empty() {
-                        crate::telemetry::extract(msg.headers.as_ref(), &span);
-                    } else {
-                        crate::telemetry::extract_carrier(&traced.trace, &span);
-                    }
-                    spans.push(span);
-                    results.push(traced.result);
-                    owners.push(accepted.len());
-                }
-                accepted.push(msg);
-            }
-            Err(e) => {
-                report.rejected += 1;
-                r.metrics.results_rejected_total.inc();
-                tracing::warn!(error = %e, "malformed result message terminated");
-                let _ = msg.ack_with(AckKind::Term).await;
+/// Results of a batch of messages, in order, with the message each came from.
+#[derive(Default)]
+struct Parsed {
+    results: Vec<ResultMessage>,
+    /// The index of its message, for each result.
+    owners: Vec<usize>,
+    /// One span per result, continuing the task's trace, open until the batch committed.
+    spans: Vec<tracing::Span>,
+    messages: usize,
+}
+
+impl Parsed {
+    /// Parses `msgs` (`inner`: the NATS message of each): the results of those that hold
+    /// some, those messages, and the others with why they hold none.
+    fn of<M>(msgs: Vec<M>, inner: impl Fn(&M) -> &async_nats::Message) -> (Parsed, Vec<M>, Vec<(M, String)>) {
+        let mut parsed = Parsed::default();
+        let (mut accepted, mut rejected) = (Vec::with_capacity(msgs.len()), Vec::new());
+        for msg in msgs {
+            let m = inner(&msg);
+            match parsed.add(&m.payload, m.headers.as_ref()) {
+                Ok(()) => accepted.push(msg),
+                Err(e) => rejected.push((msg, e)),
             }
         }
+        (parsed, accepted, rejected)
     }
-    let stored = while_in_progress(&accepted, store(r, &accepted, &owners, results, db, &mut report)).await;
-    drop(spans);
-    stored.map(|()| report)
+
+    /// Adds the results of one message, or says why it holds none that can be stored.
+    fn add(&mut self, payload: &[u8], headers: Option<&async_nats::HeaderMap>) -> Result<(), String> {
+        let batch = match serde_json::from_slice::<ResultBatch>(payload) {
+            Ok(b) if b.has_nul_id() => return Err("an id holds a NUL character".to_owned()),
+            Ok(b) => b,
+            Err(e) => return Err(e.to_string()),
+        };
+        for traced in batch.into_results() {
+            let span = tracing::info_span!("store result", task.id = %traced.result.task_id);
+            if traced.trace.is_empty() {
+                crate::telemetry::extract(headers, &span);
+            } else {
+                crate::telemetry::extract_carrier(&traced.trace, &span);
+            }
+            self.spans.push(span);
+            self.results.push(traced.result);
+            self.owners.push(self.messages);
+        }
+        self.messages += 1;
+        Ok(())
+    }
+}
+
+/// Why a message's results were not all stored.
+struct Unstored {
+    error: String,
+    /// Whether Postgres refused the data of each result it did not store (rather than
+    /// being unreachable).
+    data: bool,
+    tasks: Vec<String>,
+}
+
+/// Stores the results of a batch of stream messages in one transaction, then
+/// acknowledges the messages. A message may carry several results (see [`ResultBatch`]).
+pub async fn handle(r: &Reconciler, msgs: Vec<Message>, db: &mut Dedicated) -> ResultsReport {
+    let mut report = ResultsReport::default();
+    let (parsed, accepted, rejected) = Parsed::of(msgs, |m| &m.message);
+    for (msg, e) in rejected {
+        report.rejected += 1;
+        r.metrics.results_rejected_total.inc();
+        tracing::warn!(error = %e, "malformed result message terminated");
+        let _ = msg.ack_with(AckKind::Term).await;
+    }
+    let unstored = while_in_progress(&accepted, store(r, parsed, db, &mut report)).await;
+    for (msg, unstored) in accepted.iter().zip(unstored) {
+        match unstored {
+            None => {
+                let _ = msg.ack().await;
+            }
+            Some(u) => settle_unstored(r, msg, &u).await,
+        }
+    }
+    report
+}
+
+/// Stores the results of a batch of result requests in one transaction, then answers
+/// each: `stored` once its results are committed, `not stored` otherwise (its worker
+/// then publishes them to the results stream). Serves `Names::results_request_subject`.
+pub async fn handle_requests(r: Reconciler, msgs: Vec<async_nats::Message>, mut db: Dedicated) -> Dedicated {
+    let mut report = ResultsReport::default();
+    let (parsed, accepted, rejected) = Parsed::of(msgs, |m| m);
+    for (msg, e) in rejected {
+        // Not stored: through the stream it is rejected and counted there.
+        tracing::warn!(error = %e, "malformed result request");
+        super::control::reply(&r, &msg, &ResultsReply { stored: false }).await;
+    }
+    let unstored = store(&r, parsed, &mut db, &mut report).await;
+    for (msg, unstored) in accepted.iter().zip(unstored) {
+        super::control::reply(&r, msg, &ResultsReply { stored: unstored.is_none() }).await;
+    }
+    db
 }
 
 /// Runs `work` while telling JetStream every [`PROGRESS_EVERY`] that `msgs` are still
@@ -185,16 +247,18 @@ async fn while_in_progress<T>(msgs: &[Message], work: impl std::future::Future<O
     }
 }
 
-/// Uploads the batch's artifacts, completes its tasks in one statement and settles its
-/// messages.
+/// Uploads the batch's artifacts and completes its tasks in one statement. Returns, for
+/// each message, why its results were not all stored (`None`: they were).
 async fn store(
     r: &Reconciler,
-    accepted: &[Message],
-    owners: &[usize],
-    mut results: Vec<ResultMessage>,
+    parsed: Parsed,
     db: &mut Dedicated,
     report: &mut ResultsReport,
-) -> sqlx::Result<()> {
+) -> Vec<Option<Unstored>> {
+    let Parsed { mut results, owners, spans, messages } = parsed;
+    if results.is_empty() {
+        return (0..messages).map(|_| None).collect();
+    }
     for res in &mut results {
         without_nul(&mut res.outcome.output);
         without_nul(&mut res.outcome.error_message);
@@ -231,28 +295,27 @@ async fn store(
     let completions = Arc::new(completions);
     let all = completions.clone();
     let now = r.clock.now_ms();
-    match db.run(move |c| Box::pin(async move { lifecycle::complete(c, &all, now).await })).await {
-        Ok(outcomes) => record(r, &results, outcomes, report),
+    let stored = db.run(move |c| Box::pin(async move { lifecycle::complete(c, &all, now).await })).await;
+    drop(spans);
+    match stored {
+        Ok(outcomes) => {
+            record(r, &results, outcomes, report);
+            (0..messages).map(|_| None).collect()
+        }
         Err(e) if crate::db::is_refusal(&e) && completions.len() > 1 => {
             tracing::warn!(error = %e, results = completions.len(), "storing a batch of results failed; storing them one by one");
-            store_one_by_one(r, accepted, owners, &results, &completions, db, report).await;
-            return Ok(());
+            store_one_by_one(r, messages, &owners, &results, &completions, db, report).await
         }
         Err(e) => {
+            tracing::error!(error = %e, results = results.len(), "storing results failed; they will come again");
             // Results that cannot be stored leave their leases unreleased: no expiry
             // until they can be.
             r.expiry_pause.broken(r.clock.now_ms());
-            let tasks: Vec<&str> = results.iter().map(|res| res.task_id.as_str()).collect();
-            for msg in accepted {
-                settle_unstored(r, msg, &e, crate::db::is_data_refusal(&e), &tasks).await;
-            }
-            return Err(e);
+            let data = crate::db::is_data_refusal(&e);
+            let tasks: Vec<String> = results.iter().map(|res| res.task_id.to_string()).collect();
+            (0..messages).map(|_| Some(Unstored { error: e.to_string(), data, tasks: tasks.clone() })).collect()
         }
     }
-    for msg in accepted {
-        let _ = msg.ack().await;
-    }
-    Ok(())
 }
 
 /// Counts what storing `results` did.
@@ -276,20 +339,20 @@ fn record(r: &Reconciler, results: &[ResultMessage], outcomes: Vec<CompletionOut
     }
 }
 
-/// Stores each result in its own statement, then settles each message: acked when all
-/// its results were stored, otherwise redelivered or terminated (see the module doc).
-/// Results stored before a redelivery are recorded as late when they come again.
+/// Stores each result in its own statement; returns, for each message, why its results
+/// were not all stored. Results stored before their message comes again are recorded as
+/// late then.
 async fn store_one_by_one(
     r: &Reconciler,
-    accepted: &[Message],
+    messages: usize,
     owners: &[usize],
     results: &[ResultMessage],
     completions: &[Completion],
     db: &mut Dedicated,
     report: &mut ResultsReport,
-) {
+) -> Vec<Option<Unstored>> {
     // Per message: the first error, and whether every error was a refusal of its data.
-    let mut failures: Vec<Option<(sqlx::Error, bool)>> = accepted.iter().map(|_| None).collect();
+    let mut failures: Vec<Option<(sqlx::Error, bool)>> = (0..messages).map(|_| None).collect();
     let mut lost: Option<usize> = None;
     for (i, completion) in completions.iter().enumerate() {
         let one = vec![completion.clone()];
@@ -329,28 +392,33 @@ async fn store_one_by_one(
             }
         }
     }
-    for (m, (msg, failure)) in accepted.iter().zip(failures).enumerate() {
-        match failure {
-            None => {
-                let _ = msg.ack().await;
-            }
-            Some((e, data)) => {
-                let tasks: Vec<&str> =
-                    results.iter().zip(owners).filter(|(_, o)| **o == m).map(|(res, _)| res.task_id.as_str()).collect();
-                settle_unstored(r, msg, &e, data, &tasks).await;
-            }
-        }
-    }
+    failures
+        .into_iter()
+        .enumerate()
+        .map(|(m, failure)| {
+            failure.map(|(e, data)| Unstored {
+                error: e.to_string(),
+                data,
+                tasks: results
+                    .iter()
+                    .zip(owners)
+                    .filter(|(_, o)| **o == m)
+                    .map(|(res, _)| res.task_id.to_string())
+                    .collect(),
+            })
+        })
+        .collect()
 }
 
 /// A message whose results could not all be stored: terminated when Postgres refused
 /// its data (`data`) on its last allowed delivery, otherwise redelivered after a delay
 /// growing with its delivery count.
-async fn settle_unstored(r: &Reconciler, msg: &Message, e: &sqlx::Error, data: bool, tasks: &[&str]) {
+async fn settle_unstored(r: &Reconciler, msg: &Message, unstored: &Unstored) {
+    let Unstored { error, data, tasks } = unstored;
     let delivered = msg.info().map_or(1, |i| i.delivered).max(1);
-    if data && delivered >= r.settings.result_max_deliveries {
+    if *data && delivered >= r.settings.result_max_deliveries {
         r.metrics.results_refused_total.inc();
-        tracing::error!(error = %e, delivered, ?tasks, "Postgres refused a result message's data on its last allowed delivery; terminated");
+        tracing::error!(%error, delivered, ?tasks, "Postgres refused a result message's data on its last allowed delivery; terminated");
         let _ = msg.ack_with(AckKind::Term).await;
     } else {
         let factor = u32::try_from(delivered).unwrap_or(u32::MAX);

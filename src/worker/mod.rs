@@ -39,7 +39,7 @@ use crate::protocol::{
 };
 use claim_route::ClaimRoute;
 pub use executor::Executor;
-use results::ResultPublisher;
+use results::{ResultPublisher, ResultsBus};
 use running::Running;
 use slots::{Slot, Slots};
 
@@ -77,7 +77,8 @@ pub struct WorkerSettings {
     pub shutdown_grace: Duration,
     /// Timeout of heartbeat requests and result publishes.
     pub request_timeout: Duration,
-    /// Time a claim waits for its answer before it is sent again.
+    /// Time a claim waits for its answer before it is sent again, and a results request
+    /// before its results go to the stream.
     pub claim_timeout: Duration,
 }
 
@@ -148,7 +149,14 @@ pub async fn run(
     let ttl_secs = ack_wait.as_secs().clamp(1, 86_400) as i32;
     // Tasks stop on `hard`, which fires when the grace period after `cancel` runs out.
     let hard = CancellationToken::new();
-    let results = ResultPublisher::spawn(js.clone(), names.clone(), hard.clone());
+    let bus = ResultsBus {
+        client: client.clone(),
+        js: js.clone(),
+        names: names.clone(),
+        timeout: settings.claim_timeout,
+        metrics: metrics.clone(),
+    };
+    let results = ResultPublisher::spawn(bus, hard.clone());
     let running = Running::default();
     let cancels = client.subscribe(names.cancel_subject()).await?;
     let drains = client.subscribe(names.drain_subject()).await?;

@@ -1,12 +1,21 @@
-//! Publishes a worker's results to the results stream, several per message.
+//! Hands a worker's results to the reconcilers, several per message.
 //!
 //! Executions hand their result to one publisher loop and wait. The loop takes every
-//! result that is ready (it never waits for more), publishes them as one message, and
-//! once JetStream acknowledged that message acks each result's task message. Results
-//! that finish while a publish is in flight go out together in the next one, so a busy
-//! worker sends one message per batch instead of one per task, and an idle one publishes
-//! each result at once.
+//! result that is ready (it never waits for more) and sends them as one request to the
+//! reconcilers (`Names::results_request_subject`), which answer once the results are
+//! stored in Postgres; what none stored in time (no reconciler listening, one killed
+//! holding the request, Postgres refusing), and batches too large for a request, go to
+//! the results stream, which a reconciler consumes when it can. Each result's task
+//! message is acked once its result is stored or in the stream. Results that finish
+//! while a batch is on its way go out together in the next one, so a busy worker sends
+//! one message per batch instead of one per task, and an idle one sends each result at
+//! once.
+//!
+//! The request path costs a request and its answer; the stream's, a publish, its
+//! acknowledgement, the stored message's delivery to a reconciler, its ack and its
+//! removal from the work queue (`docs/benchmarks.md`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, Message};
@@ -15,13 +24,17 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Names;
-use crate::protocol::{ResultMessage, TracedResult};
+use crate::metrics::Metrics;
+use crate::protocol::{ResultMessage, ResultsReply, TracedResult};
 
 /// Most results in one message.
 const MAX_RESULTS: usize = 256;
 /// A message grows by results until its body passes this size (one larger result
 /// goes alone).
 const MAX_BYTES: usize = 256 * 1024;
+/// Larger batches go to the stream directly: the reconciler uploads large outputs to S3
+/// before it answers, which may take longer than a request waits.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 struct Finished {
     msg: Message,
@@ -37,11 +50,12 @@ pub struct ResultPublisher {
 }
 
 impl ResultPublisher {
-    /// Starts the loop; it ends when every handle is dropped. Publishes are retried until
-    /// JetStream acknowledges them or `hard` fires.
-    pub fn spawn(js: jetstream::Context, names: Names, hard: CancellationToken) -> ResultPublisher {
+    /// Starts the loop; it ends when every handle is dropped. A request unanswered after
+    /// `timeout` goes to the stream; publishes are retried until JetStream acknowledges
+    /// them or `hard` fires.
+    pub fn spawn(bus: ResultsBus, hard: CancellationToken) -> ResultPublisher {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(js, names, rx, hard));
+        tokio::spawn(run(bus, rx, hard));
         ResultPublisher { tx }
     }
 
@@ -58,7 +72,17 @@ impl ResultPublisher {
     }
 }
 
-async fn run(js: jetstream::Context, names: Names, mut rx: mpsc::UnboundedReceiver<Finished>, hard: CancellationToken) {
+/// Where results go: the reconcilers' request subject, else the results stream.
+pub struct ResultsBus {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub names: Names,
+    /// How long a request waits for its answer.
+    pub timeout: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+async fn run(bus: ResultsBus, mut rx: mpsc::UnboundedReceiver<Finished>, hard: CancellationToken) {
     let mut ready = Vec::with_capacity(MAX_RESULTS);
     while rx.recv_many(&mut ready, MAX_RESULTS).await > 0 {
         let mut rest = ready.drain(..).peekable();
@@ -69,7 +93,7 @@ async fn run(js: jetstream::Context, names: Names, mut rx: mpsc::UnboundedReceiv
                 bytes += next.body.len() + 1;
                 batch.push(next);
             }
-            let published = publish(&js, &names, &batch, &hard).await;
+            let published = send(&bus, &batch, &hard).await;
             for f in batch {
                 let acked = published && f.msg.ack().await.is_ok();
                 let _ = f.done.send(acked);
@@ -91,9 +115,34 @@ fn json_array<'a>(items: impl Iterator<Item = &'a [u8]>) -> Bytes {
     Bytes::from(out)
 }
 
-/// Publishes one batch, retrying with backoff until acknowledged or `hard` fires.
-async fn publish(js: &jetstream::Context, names: &Names, batch: &[Finished], hard: &CancellationToken) -> bool {
+/// Sends one batch: as a request the reconcilers answer once it is stored, else to the
+/// stream. Returns whether it was stored or is in the stream.
+async fn send(bus: &ResultsBus, batch: &[Finished], hard: &CancellationToken) -> bool {
     let payload = json_array(batch.iter().map(|f| f.body.as_slice()));
+    if payload.len() <= MAX_REQUEST_BYTES {
+        let asked = bus.client.request(bus.names.results_request_subject(), payload.clone());
+        match tokio::time::timeout(bus.timeout, asked).await {
+            Ok(Ok(reply)) => match serde_json::from_slice::<ResultsReply>(&reply.payload) {
+                Ok(ResultsReply { stored: true }) => return true,
+                other => tracing::debug!(results = batch.len(), reply = ?other, "results not stored by request"),
+            },
+            Ok(Err(e)) => tracing::debug!(results = batch.len(), error = %e, "results request failed"),
+            Err(_) => tracing::debug!(results = batch.len(), "results request unanswered"),
+        }
+    }
+    bus.metrics.results_streamed_total.inc();
+    publish(&bus.js, &bus.names, batch, payload, hard).await
+}
+
+/// Publishes one batch to the results stream, retrying with backoff until acknowledged
+/// or `hard` fires.
+async fn publish(
+    js: &jetstream::Context,
+    names: &Names,
+    batch: &[Finished],
+    payload: Bytes,
+    hard: &CancellationToken,
+) -> bool {
     // Retries of this batch carry the same id, so JetStream stores it once.
     let msg_id = match batch {
         [one] => format!("result:{}", one.result.result.lease_id),

@@ -1,5 +1,5 @@
 //! JetStream dispatch end to end: API → outbox → JetStream → worker → claim →
-//! executor → results stream → reconciler → Postgres.
+//! executor → results request (or the results stream) → reconciler → Postgres.
 
 use std::time::Duration;
 
@@ -79,6 +79,77 @@ async fn executor_errors_fail_the_task_with_the_reason() {
         .unwrap();
     assert_eq!(msg, "the model refused");
     assert_eq!(app.status_of(&bad_json).await, "failed");
+    app.stop().await;
+}
+
+/// Messages the results stream has ever stored.
+async fn results_streamed(app: &TestApp) -> u64 {
+    let js = async_nats::jetstream::new(app.nats.clone());
+    let mut stream = js.get_stream(app.names.results_stream()).await.unwrap();
+    stream.info().await.unwrap().state.last_sequence
+}
+
+#[tokio::test]
+async fn results_are_stored_by_request_and_the_results_stream_stays_empty() {
+    let app = TestApp::spawn().await;
+    let (r, _) = app.start_reconciler().await;
+    app.start_worker("w1", 4).await;
+    for i in 0..20 {
+        app.submit(&format!("task {i}")).await;
+    }
+    wait_for("all tasks completed", Duration::from_secs(30), || all_final(&app, 20)).await;
+    assert_eq!(app.count("SELECT count(*) FROM llm_tasks WHERE status = 'completed'").await, 20);
+    assert_eq!(r.metrics.results_completed_total.get(), 20);
+    assert_eq!(results_streamed(&app).await, 0, "every result was answered by a reconciler");
+    assert_invariants(&app).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_result_no_reconciler_answers_goes_to_the_stream_and_is_stored_from_there() {
+    let app = TestApp::spawn().await;
+    let (_, stop_first) = app.start_reconciler().await;
+    app.start_worker("w1", 1).await;
+    let id = app.submit("sleep:1500").await["id"].as_str().unwrap().to_owned();
+    wait_for("task leased", Duration::from_secs(10), || async { app.status_of(&id).await != "queued" }).await;
+    // The only reconciler stops while the task runs: the result's request finds no one.
+    stop_first.cancel();
+    wait_for("result in the stream", Duration::from_secs(15), || async { results_streamed(&app).await == 1 }).await;
+    assert_eq!(app.status_of(&id).await, "leased", "nothing stored it yet");
+    let (r, _) = app.start_reconciler().await;
+    wait_for("task completed", Duration::from_secs(15), || all_final(&app, 1)).await;
+    assert_eq!(app.status_of(&id).await, "completed");
+    assert_eq!(r.metrics.results_completed_total.get(), 1);
+    assert_invariants(&app).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_result_request_is_answered_stored_only_once_committed() {
+    let app = TestApp::spawn().await;
+    app.register_worker("rest", 4).await;
+    let (good, a) = app.leased_task("good").await;
+    let (bad, b) = app.leased_task("bad").await;
+    sqlx::query("ALTER TABLE llm_results ADD CONSTRAINT refuse_me CHECK (output IS DISTINCT FROM 'refuse me')")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    app.start_reconciler().await;
+    let ask = |task: &str, lease: &serde_json::Value, output: &str| {
+        let body = json!([{"task_id": task, "lease_id": lease["lease"]["id"], "worker_id": "rest", "status": "success",
+                           "output": output, "error_message": null, "metrics": {"duration_ms": 1}}]);
+        let (nats, subject) = (app.nats.clone(), app.names.results_request_subject());
+        async move {
+            let reply = nats.request(subject, serde_json::to_vec(&body).unwrap().into()).await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&reply.payload).unwrap()
+        }
+    };
+    assert_eq!(ask(&bad, &b, "refuse me").await, json!({"stored": false}), "the worker streams it then");
+    assert_eq!(app.status_of(&bad).await, "leased");
+    assert_eq!(ask(&good, &a, "fine").await, json!({"stored": true}));
+    assert_eq!(app.status_of(&good).await, "completed", "answered once committed");
+    let garbage = app.nats.request(app.names.results_request_subject(), "not a result".into()).await.unwrap();
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&garbage.payload).unwrap(), json!({"stored": false}));
     app.stop().await;
 }
 
