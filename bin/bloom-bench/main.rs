@@ -3,8 +3,9 @@
 //! It starts the real binaries (one API, two reconcilers, workers with the built-in
 //! executor) against a fresh database and a private NATS namespace, then measures:
 //!
-//! * `fixed_rate`: tasks submitted over REST at a fixed offered rate; submit, dispatch
-//!   (submit → claim) and end-to-end (submit → `completed`) latency percentiles;
+//! * `low_rate`, then `fixed_rate`: tasks submitted over REST at a fixed offered rate
+//!   (200 and 1,000 tasks/s); submit, dispatch (submit → claim) and end-to-end (submit →
+//!   `completed`) latency percentiles;
 //! * `saturation`: as many tasks as the runtime takes; sustained tasks/s from the first
 //!   submit to the last completion in Postgres;
 //! * `rest_path`: the seed's worker protocol over REST (create, lease, heartbeat,
@@ -20,7 +21,7 @@
 //! * `nats_limit`: publish with ack, then pull and ack, of task-sized messages, in msgs/s;
 //! * `idle`: the CPU each process spends per second with no task to do;
 //! * the peak memory (VmHWM) of every process it started;
-//! * for `fixed_rate` and `saturation`, the CPU each process spent per task and the
+//! * for the fixed-rate phases and `saturation`, the CPU each process spent per task and the
 //!   transactions Postgres committed and WAL bytes it wrote per task (`postgres_writes`).
 //!
 //! The limits are measured three times before the runtime and three times after it, and
@@ -67,6 +68,10 @@ struct Opts {
     /// Duration of the fixed-rate phase, seconds.
     #[arg(long, default_value_t = 5)]
     rate_secs: u64,
+    /// Offered rate of a second fixed-rate phase (as long as the first), low enough that
+    /// every step carries one task at a time: what a step costs; 0 skips it.
+    #[arg(long, default_value_t = 200)]
+    low_rate: u64,
     /// Tasks in the saturation phase.
     #[arg(long, default_value_t = 20_000)]
     tasks: u64,
@@ -265,10 +270,38 @@ async fn idle(all: &[&Proc]) -> Value {
     json!({"secs": IDLE_SECS, "cpu_ms_per_sec": cpu_ms_per(&before, &cpu_ticks(), all, IDLE_SECS as f64)})
 }
 
-async fn fixed_rate(o: &Opts, http: &reqwest::Client, base: &str, pool: &PgPool) -> anyhow::Result<Value> {
-    let tag = "bench-rate";
-    let total = o.rate * o.rate_secs;
-    let period = Duration::from_secs_f64(1.0 / o.rate as f64);
+/// Submits `rate` tasks/s for `o.rate_secs` over REST (tagged `tag`), waits for all to
+/// complete and reports their latencies, with the CPU each process spent per task and
+/// Postgres's writes per task.
+async fn fixed_rate(
+    o: &Opts,
+    rate: u64,
+    tag: &str,
+    all: &[&Proc],
+    http: &reqwest::Client,
+    base: &str,
+    pool: &PgPool,
+) -> anyhow::Result<Value> {
+    let total = rate * o.rate_secs;
+    let writes = PgWrites::read(pool).await?;
+    let before = cpu_ticks();
+    let mut phase = offer(o, rate, tag, http, base, pool).await?;
+    phase["cpu_ms_per_task"] = cpu_ms_per_task(&before, &cpu_ticks(), all, total);
+    phase["postgres_writes"] = writes.per_task(pool, total).await?;
+    Ok(phase)
+}
+
+/// The open load of a fixed-rate phase, and its latencies once every task completed.
+async fn offer(
+    o: &Opts,
+    rate: u64,
+    tag: &str,
+    http: &reqwest::Client,
+    base: &str,
+    pool: &PgPool,
+) -> anyhow::Result<Value> {
+    let total = rate * o.rate_secs;
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut handles = Vec::with_capacity(total as usize);
@@ -289,7 +322,7 @@ async fn fixed_rate(o: &Opts, http: &reqwest::Client, base: &str, pool: &PgPool)
     wait_completed(pool, tag, total, Duration::from_secs(120)).await?;
     let (dispatch, e2e, _, _) = db_latencies(pool, tag).await?;
     Ok(json!({
-        "offered_rate": o.rate, "achieved_offer_rate": total as f64 / offered_secs, "tasks": total,
+        "offered_rate": rate, "achieved_offer_rate": total as f64 / offered_secs, "tasks": total,
         "submit_ms": summary(submit_ms), "dispatch_ms": summary(dispatch), "end_to_end_ms": summary(e2e),
     }))
 }
@@ -495,12 +528,16 @@ async fn main() -> anyhow::Result<()> {
     let all: Vec<&Proc> = workers.iter().chain(procs.iter()).collect();
     eprintln!("idle: {IDLE_SECS} s");
     let idle = idle(&all).await;
+    // The low rate first: its cost per task is the one most sensitive to what earlier
+    // phases left behind (dead rows between vacuums).
+    let low = if o.low_rate == 0 {
+        Value::Null
+    } else {
+        eprintln!("low rate: {} tasks/s for {} s", o.low_rate, o.rate_secs);
+        fixed_rate(&o, o.low_rate, "bench-low-rate", &all, &http, &base, &pool).await?
+    };
     eprintln!("fixed rate: {} tasks/s for {} s", o.rate, o.rate_secs);
-    let writes = PgWrites::read(&pool).await?;
-    let before = cpu_ticks();
-    let mut fixed = fixed_rate(&o, &http, &base, &pool).await?;
-    fixed["cpu_ms_per_task"] = cpu_ms_per_task(&before, &cpu_ticks(), &all, o.rate * o.rate_secs);
-    fixed["postgres_writes"] = writes.per_task(&pool, o.rate * o.rate_secs).await?;
+    let fixed = fixed_rate(&o, o.rate, "bench-rate", &all, &http, &base, &pool).await?;
     eprintln!("saturation: {} tasks, {} clients", o.tasks, o.clients);
     let writes = PgWrites::read(&pool).await?;
     let before = cpu_ticks();
@@ -586,7 +623,7 @@ async fn main() -> anyhow::Result<()> {
     let report = json!({
         "s3": o.s3_endpoint.is_some(),
         "artifacts": {"in_s3": in_s3, "in_postgres": inline},
-        "idle": idle, "fixed_rate": fixed, "saturation": sat, "concurrency_keys": keyed, "rest_path": rest, "task_control": task_control,
+        "idle": idle, "fixed_rate": fixed, "low_rate": low, "saturation": sat, "concurrency_keys": keyed, "rest_path": rest, "task_control": task_control,
         "postgres_limit": pg, "nats_limit": nats,
         "ratio_to_lower_limit": if lower.is_finite() { json!(sat_tps / lower) } else { Value::Null },
         "peak_memory_mib": memory,
@@ -630,7 +667,13 @@ fn print_table(r: &Value) {
         let parts: Vec<String> = cpu.iter().map(|(k, v)| format!("{k} {:.3}", v.as_f64().unwrap_or(0.0))).collect();
         eprintln!("{:<38} {}", "fixed-rate CPU ms per task", parts.join(", "));
     }
-    for phase in ["saturation", "fixed_rate"] {
+    if let Some(cpu) = r["low_rate"]["cpu_ms_per_task"].as_object() {
+        let parts: Vec<String> = cpu.iter().map(|(k, v)| format!("{k} {:.3}", v.as_f64().unwrap_or(0.0))).collect();
+        let label = format!("{} tasks/s CPU ms per task", r["low_rate"]["offered_rate"]);
+        eprintln!("{label:<38} {}", parts.join(", "));
+        eprintln!("{:<38} {}", "low-rate dispatch latency", lat(&r["low_rate"]["dispatch_ms"]));
+    }
+    for phase in ["saturation", "fixed_rate", "low_rate"] {
         let w = &r[phase]["postgres_writes"];
         let label = format!("{} Postgres commits / WAL per task", phase.replace('_', "-"));
         eprintln!("{label:<38} {} / {} bytes", f(&w["commits_per_task"]), f(&w["wal_bytes_per_task"]));
