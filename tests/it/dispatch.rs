@@ -82,6 +82,18 @@ async fn executor_errors_fail_the_task_with_the_reason() {
     app.stop().await;
 }
 
+/// A successful result of the REST worker "rest" for the task its `lease` grant leased.
+fn rest_result(task: &str, lease: &serde_json::Value, output: &str) -> serde_json::Value {
+    json!({"task_id": task, "lease_id": lease["lease"]["id"], "worker_id": "rest", "status": "success",
+           "output": output, "error_message": null, "metrics": {"duration_ms": 1}})
+}
+
+/// Makes Postgres refuse results with this output (nothing checked before the statement does).
+async fn refuse_output(app: &TestApp, output: &str) {
+    let check = format!("ALTER TABLE llm_results ADD CONSTRAINT refuse_me CHECK (output IS DISTINCT FROM '{output}')");
+    sqlx::query(&check).execute(&app.pool).await.unwrap();
+}
+
 /// Messages the results stream has ever stored.
 async fn results_streamed(app: &TestApp) -> u64 {
     let js = async_nats::jetstream::new(app.nats.clone());
@@ -130,14 +142,10 @@ async fn a_result_request_is_answered_stored_only_once_committed() {
     app.register_worker("rest", 4).await;
     let (good, a) = app.leased_task("good").await;
     let (bad, b) = app.leased_task("bad").await;
-    sqlx::query("ALTER TABLE llm_results ADD CONSTRAINT refuse_me CHECK (output IS DISTINCT FROM 'refuse me')")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    refuse_output(&app, "refuse me").await;
     app.start_reconciler().await;
     let ask = |task: &str, lease: &serde_json::Value, output: &str| {
-        let body = json!([{"task_id": task, "lease_id": lease["lease"]["id"], "worker_id": "rest", "status": "success",
-                           "output": output, "error_message": null, "metrics": {"duration_ms": 1}}]);
+        let body = json!([rest_result(task, lease, output)]);
         let (nats, subject) = (app.nats.clone(), app.names.results_request_subject());
         async move {
             let reply = nats.request(subject, serde_json::to_vec(&body).unwrap().into()).await.unwrap();
@@ -353,19 +361,13 @@ async fn a_result_postgres_refuses_is_redelivered_then_terminated_and_holds_up_n
     let (bad, b) = app.leased_task("bad").await;
     let (beside, c) = app.leased_task("beside").await;
     // Postgres refuses this output; nothing checked before the statement does.
-    sqlx::query("ALTER TABLE llm_results ADD CONSTRAINT refuse_me CHECK (output IS DISTINCT FROM 'refuse me')")
-        .execute(&app.pool)
-        .await
-        .unwrap();
-    let result = |task: &str, lease: &serde_json::Value, output: &str| {
-        json!({"task_id": task, "lease_id": lease["lease"]["id"], "worker_id": "rest", "status": "success",
-               "output": output, "error_message": null, "metrics": {"duration_ms": 1}})
-    };
+    refuse_output(&app, "refuse me").await;
     let js = async_nats::jetstream::new(app.nats.clone());
     // The refused result shares its message with a good one.
-    for body in
-        [json!([result(&bad, &b, "refuse me"), result(&beside, &c, "fine too")]), json!([result(&good, &a, "fine")])]
-    {
+    for body in [
+        json!([rest_result(&bad, &b, "refuse me"), rest_result(&beside, &c, "fine too")]),
+        json!([rest_result(&good, &a, "fine")]),
+    ] {
         js.publish(app.names.results_subject(), serde_json::to_vec(&body).unwrap().into())
             .await
             .unwrap()
