@@ -98,6 +98,48 @@ pub async fn postgres_limit(url: &str, tasks: u64, connections: usize, batch: us
               "tasks_per_sec": tasks as f64 / secs}))
 }
 
+/// The single-insert commit rate of this Postgres: one-row INSERTs of a task-sized row,
+/// each its own transaction, from `connections` connections at once (Postgres flushes
+/// the WAL of concurrent commits together), in commits/s. The reference a durable queue
+/// with one commit per job is held to.
+pub async fn commit_rate(url: &str, commits: u64, connections: usize) -> anyhow::Result<Value> {
+    let pool =
+        bloom::db::connect(url, &bloom::db::PoolOptions { max_connections: connections as u32, ..Default::default() })
+            .await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_commits (id text PRIMARY KEY, created_at bigint NOT NULL, body text NOT NULL)",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query("TRUNCATE bench_commits").execute(&pool).await?;
+    let body = "x".repeat(400);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut loops = Vec::new();
+    for _ in 0..connections {
+        let (pool, next, body) = (pool.clone(), next.clone(), body.clone());
+        loops.push(tokio::spawn(async move {
+            let mut conn = pool.acquire().await?;
+            while next.fetch_add(1, Ordering::Relaxed) < commits {
+                sqlx::query("INSERT INTO bench_commits (id, created_at, body) VALUES ($1, $2, $3)")
+                    .bind(bloom::domain::new_id())
+                    .bind(bloom::time::now_ms())
+                    .bind(&body)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for l in loops {
+        l.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    sqlx::query("DROP TABLE bench_commits").execute(&pool).await?;
+    Ok(json!({"commits": commits, "connections": connections, "seconds": secs,
+              "commits_per_sec": commits as f64 / secs}))
+}
+
 /// Publish with ack, then pull and ack, of task-sized messages.
 pub async fn nats_limit(url: &str, replicas: usize, msgs: usize) -> anyhow::Result<Value> {
     use futures::StreamExt;

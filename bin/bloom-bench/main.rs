@@ -19,6 +19,8 @@
 //! * `postgres_limit`: the same writes a task's life costs, executed directly with the
 //!   same batching and durability, in tasks/s;
 //! * `nats_limit`: publish with ack, then pull and ack, of task-sized messages, in msgs/s;
+//! * `commit_rate`: one-row INSERTs, each its own commit, from concurrent connections, in
+//!   commits/s: the single-insert commit rate of the same Postgres;
 //! * `idle`: the CPU each process spends per second with no task to do;
 //! * the peak memory (VmHWM) of every process it started;
 //! * for the fixed-rate phases and `saturation`, the CPU each process spent per task and the
@@ -27,8 +29,8 @@
 //! The limits are measured three times before the runtime and three times after it, and
 //! the runtime is compared with their median (the machine's speed drifts during a run,
 //! and single measurements vary by a factor of two). It prints a table
-//! on stderr and the JSON report on stdout; the ratio
-//! `saturation / min(postgres_limit, nats_limit)` is the headline.
+//! on stderr and the JSON report on stdout; the ratios `saturation / commit_rate` and
+//! `saturation / min(postgres_limit, nats_limit)` are the headline.
 
 mod http;
 mod limits;
@@ -45,7 +47,7 @@ use clap::Parser;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgPool};
 
-use limits::{nats_limit, postgres_limit};
+use limits::{commit_rate, nats_limit, postgres_limit};
 use procs::{cpu_ms_per, cpu_ms_per_task, cpu_ticks, spawn, Proc};
 
 /// Benchmark options.
@@ -97,6 +99,9 @@ struct Opts {
     /// Measurements of each limit before the runtime, and again after it.
     #[arg(long, default_value_t = 3)]
     limit_runs: usize,
+    /// Concurrent connections of the single-insert commit rate.
+    #[arg(long, default_value_t = 64)]
+    commit_connections: usize,
     /// Store artifacts in this S3-compatible server (the tests' moto on loopback:
     /// `http://127.0.0.1:9311`), in a bucket of the run's own; without it, artifacts
     /// stay in Postgres.
@@ -421,13 +426,22 @@ async fn rest_path(o: &Opts, http: &reqwest::Client, base: &str) -> anyhow::Resu
 }
 
 /// Measures the Postgres and NATS limits `o.limit_runs` times each.
-async fn limits(o: &Opts, db_url: &str) -> anyhow::Result<(Vec<Value>, Vec<Value>)> {
-    let (mut pg, mut nats) = (Vec::new(), Vec::new());
+/// Measurements of the machine's limits, each run `--limit-runs` times.
+#[derive(Default)]
+struct Limits {
+    postgres: Vec<Value>,
+    nats: Vec<Value>,
+    commits: Vec<Value>,
+}
+
+async fn limits(o: &Opts, db_url: &str) -> anyhow::Result<Limits> {
+    let mut l = Limits::default();
     for _ in 0..o.limit_runs.max(1) {
-        pg.push(postgres_limit(db_url, o.tasks, 8, 128).await?);
-        nats.push(nats_limit(&o.nats, o.nats_replicas, o.tasks as usize).await?);
+        l.postgres.push(postgres_limit(db_url, o.tasks, 8, 128).await?);
+        l.nats.push(nats_limit(&o.nats, o.nats_replicas, o.tasks as usize).await?);
+        l.commits.push(commit_rate(db_url, o.tasks, o.commit_connections).await?);
     }
-    Ok((pg, nats))
+    Ok(l)
 }
 
 /// A limit measured before and after the runtime: every measurement, and their median
@@ -458,10 +472,10 @@ async fn main() -> anyhow::Result<()> {
     // The machine's limits first, on the fresh database, then the runtime on the same
     // tables, then the limits again: the machine's speed drifts during a run, and the
     // runtime is compared with the median of the limits measured before and after it.
-    let (pg_before, nats_before) = if o.no_limits {
-        (Vec::new(), Vec::new())
+    let limits_before = if o.no_limits {
+        Limits::default()
     } else {
-        eprintln!("limits: postgres, nats ({} runs each)", o.limit_runs);
+        eprintln!("limits: postgres, nats, commit rate ({} runs each)", o.limit_runs);
         let limits = limits(&o, &db_url).await?;
         sqlx::query("TRUNCATE llm_tasks, leases, outbox, audit_logs, runtime_artifacts, llm_results")
             .execute(&pool)
@@ -544,8 +558,8 @@ async fn main() -> anyhow::Result<()> {
     let mut sat = saturation(&o, &pool, "bench-saturation", None).await?;
     sat["cpu_ms_per_task"] = cpu_ms_per_task(&before, &cpu_ticks(), &all, o.tasks);
     sat["postgres_writes"] = writes.per_task(&pool, o.tasks).await?;
-    let keyed = if o.concurrency_keys == 0 {
-        Value::Null
+    let (keyed, sat_after) = if o.concurrency_keys == 0 {
+        (Value::Null, Value::Null)
     } else {
         eprintln!("saturation with {} concurrency keys of limit 1: {} tasks", o.concurrency_keys, o.tasks);
         let limit = format!("{base}/api/runtime/concurrency-limits/concurrency_key/*");
@@ -559,16 +573,23 @@ async fn main() -> anyhow::Result<()> {
         http.delete(&limit).send().await?;
         let most: Option<i64> =
             sqlx::query_scalar("SELECT max(running)::bigint FROM concurrency_slot_counts").fetch_one(&pool).await?;
+        // The plain phase again: the keyed phase is compared with the mean of the plain
+        // phases before and after it, which the machine's drift during the run and what
+        // the earlier phases left behind (dead rows between vacuums) affect alike.
+        eprintln!("saturation again: {} tasks", o.tasks);
+        let sat_after = saturation(&o, &pool, "bench-saturation-after", None).await?;
+        let rate = |v: &Value| v["tasks_per_sec"].as_f64().unwrap_or(f64::NAN);
+        let keyed_rate = rate(&keyed);
         keyed["keys"] = json!(o.concurrency_keys);
-        keyed["ratio_to_saturation"] =
-            json!(keyed["tasks_per_sec"].as_f64().unwrap_or(0.0) / sat["tasks_per_sec"].as_f64().unwrap_or(f64::NAN));
+        keyed["ratio_to_saturation"] = json!(keyed_rate / ((rate(&sat) + rate(&sat_after)) / 2.0));
+        keyed["ratio_to_saturation_before"] = json!(keyed_rate / rate(&sat));
         keyed["set_aside"] = json!(
             sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_logs WHERE action = 'task_deferred'")
                 .fetch_one(&pool)
                 .await?
         );
         keyed["slots_running_after"] = json!(most);
-        keyed
+        (keyed, sat_after)
     };
     let task_control = if o.no_task_control {
         Value::Null
@@ -605,14 +626,16 @@ async fn main() -> anyhow::Result<()> {
         let _ = js.delete_stream(names.results_stream()).await;
     }
 
-    let (pg, nats) = if o.no_limits {
-        (Value::Null, Value::Null)
+    let (pg, nats, commits) = if o.no_limits {
+        (Value::Null, Value::Null, Value::Null)
     } else {
-        eprintln!("limits again: postgres, nats");
-        let (pg_after, nats_after) = limits(&o, &db_url).await?;
+        eprintln!("limits again: postgres, nats, commit rate");
+        let after = limits(&o, &db_url).await?;
+        let before = limits_before;
         (
-            before_and_after(pg_before, pg_after, "tasks_per_sec"),
-            before_and_after(nats_before, nats_after, "msgs_per_sec"),
+            before_and_after(before.postgres, after.postgres, "tasks_per_sec"),
+            before_and_after(before.nats, after.nats, "msgs_per_sec"),
+            before_and_after(before.commits, after.commits, "commits_per_sec"),
         )
     };
     let lower = [pg["tasks_per_sec"].as_f64(), nats["msgs_per_sec"].as_f64()]
@@ -623,9 +646,11 @@ async fn main() -> anyhow::Result<()> {
     let report = json!({
         "s3": o.s3_endpoint.is_some(),
         "artifacts": {"in_s3": in_s3, "in_postgres": inline},
-        "idle": idle, "fixed_rate": fixed, "low_rate": low, "saturation": sat, "concurrency_keys": keyed, "rest_path": rest, "task_control": task_control,
-        "postgres_limit": pg, "nats_limit": nats,
+        "idle": idle, "fixed_rate": fixed, "low_rate": low, "saturation": sat, "concurrency_keys": keyed,
+        "saturation_after_keys": sat_after, "rest_path": rest, "task_control": task_control,
+        "postgres_limit": pg, "nats_limit": nats, "commit_rate": commits,
         "ratio_to_lower_limit": if lower.is_finite() { json!(sat_tps / lower) } else { Value::Null },
+        "ratio_to_commit_rate": commits["commits_per_sec"].as_f64().map(|c| sat_tps / c),
         "peak_memory_mib": memory,
     });
     print_table(&report);
@@ -653,10 +678,12 @@ fn print_table(r: &Value) {
         let k = &r["concurrency_keys"];
         let label = format!("{} keys of limit 1 tasks/s", k["keys"]);
         eprintln!(
-            "{label:<38} {} ({:.2}× plain)",
+            "{label:<38} {} ({:.2}× plain before and after, {:.2}× plain before)",
             f(&k["tasks_per_sec"]),
-            k["ratio_to_saturation"].as_f64().unwrap_or(0.0)
+            k["ratio_to_saturation"].as_f64().unwrap_or(0.0),
+            k["ratio_to_saturation_before"].as_f64().unwrap_or(0.0)
         );
+        eprintln!("{:<38} {}", "saturation after the keys tasks/s", f(&r["saturation_after_keys"]["tasks_per_sec"]));
     }
     if let Some(cpu) = r["idle"]["cpu_ms_per_sec"].as_object() {
         let parts: Vec<String> = cpu.iter().map(|(k, v)| format!("{k} {:.1}", v.as_f64().unwrap_or(0.0))).collect();
@@ -699,8 +726,10 @@ fn print_table(r: &Value) {
     };
     eprintln!("{:<38} {}", "postgres limit tasks/s", limit(&r["postgres_limit"], "tasks_per_sec"));
     eprintln!("{:<38} {}", "nats limit msgs/s", limit(&r["nats_limit"], "msgs_per_sec"));
-    let ratio = r["ratio_to_lower_limit"].as_f64().map_or("-".to_owned(), |x| format!("{x:.2}"));
-    eprintln!("{:<38} {}", "ratio to the lower limit", ratio);
+    eprintln!("{:<38} {}", "single-insert commits/s", limit(&r["commit_rate"], "commits_per_sec"));
+    let ratio = |key: &str| r[key].as_f64().map_or("-".to_owned(), |x| format!("{x:.2}"));
+    eprintln!("{:<38} {}", "ratio to the lower limit", ratio("ratio_to_lower_limit"));
+    eprintln!("{:<38} {}", "ratio to the commit rate", ratio("ratio_to_commit_rate"));
     if let Some(m) = r["peak_memory_mib"].as_object() {
         for (k, v) in m {
             eprintln!("{:<38} {} MiB", format!("peak memory {k}"), f(v));
