@@ -116,6 +116,10 @@ struct Opts {
     /// Concurrency keys of the keyed saturation phase (a limit of 1 on each); 0 skips it.
     #[arg(long, default_value_t = 1000)]
     concurrency_keys: u64,
+    /// The limit of each key in the keyed phase (a limit no key reaches measures the
+    /// admission's bookkeeping alone).
+    #[arg(long, default_value_t = 1)]
+    key_limit: u32,
     /// Write the JSON report here too.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -425,7 +429,6 @@ async fn rest_path(o: &Opts, http: &reqwest::Client, base: &str) -> anyhow::Resu
     Ok(json!({"tasks": o.rest_tasks, "seconds": secs, "tasks_per_sec": o.rest_tasks as f64 / secs}))
 }
 
-/// Measures the Postgres and NATS limits `o.limit_runs` times each.
 /// Measurements of the machine's limits, each run `--limit-runs` times.
 #[derive(Default)]
 struct Limits {
@@ -434,6 +437,7 @@ struct Limits {
     commits: Vec<Value>,
 }
 
+/// Measures the Postgres, NATS and commit-rate limits `o.limit_runs` times each.
 async fn limits(o: &Opts, db_url: &str) -> anyhow::Result<Limits> {
     let mut l = Limits::default();
     for _ in 0..o.limit_runs.max(1) {
@@ -561,9 +565,12 @@ async fn main() -> anyhow::Result<()> {
     let (keyed, sat_after) = if o.concurrency_keys == 0 {
         (Value::Null, Value::Null)
     } else {
-        eprintln!("saturation with {} concurrency keys of limit 1: {} tasks", o.concurrency_keys, o.tasks);
+        eprintln!(
+            "saturation with {} concurrency keys of limit {}: {} tasks",
+            o.concurrency_keys, o.key_limit, o.tasks
+        );
         let limit = format!("{base}/api/runtime/concurrency-limits/concurrency_key/*");
-        let set = http.put(&limit).json(&json!({"max_running": 1})).send().await?;
+        let set = http.put(&limit).json(&json!({"max_running": o.key_limit})).send().await?;
         if !set.status().is_success() {
             bail!("setting the concurrency limit answered {}", set.status());
         }
@@ -581,6 +588,7 @@ async fn main() -> anyhow::Result<()> {
         let rate = |v: &Value| v["tasks_per_sec"].as_f64().unwrap_or(f64::NAN);
         let keyed_rate = rate(&keyed);
         keyed["keys"] = json!(o.concurrency_keys);
+        keyed["key_limit"] = json!(o.key_limit);
         keyed["ratio_to_saturation"] = json!(keyed_rate / ((rate(&sat) + rate(&sat_after)) / 2.0));
         keyed["ratio_to_saturation_before"] = json!(keyed_rate / rate(&sat));
         keyed["set_aside"] = json!(
@@ -676,7 +684,7 @@ fn print_table(r: &Value) {
     }
     if !r["concurrency_keys"].is_null() {
         let k = &r["concurrency_keys"];
-        let label = format!("{} keys of limit 1 tasks/s", k["keys"]);
+        let label = format!("{} keys of limit {} tasks/s", k["keys"], k["key_limit"]);
         eprintln!(
             "{label:<38} {} ({:.2}× plain before and after, {:.2}× plain before)",
             f(&k["tasks_per_sec"]),

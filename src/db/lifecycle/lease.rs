@@ -3,11 +3,11 @@
 use sqlx::PgPool;
 
 use super::{conflict_on, not_due, task_not_found, TransitionError};
-use crate::db::admission::{self, Admission};
-use crate::db::{audit, holds, tasks, workers};
+use crate::db::admission;
+use crate::db::{holds, tasks, workers};
 use crate::domain::{
-    pick_worker, AuditAction, Lease, LeaseId, LeaseStatus, NewAudit, Task, TaskId, TaskStatus, Worker, WorkerId,
-    WorkerTransport,
+    new_id, pick_worker, AuditAction, Lease, LeaseId, LeaseStatus, NewAudit, Task, TaskId, TaskStatus, Worker,
+    WorkerId, WorkerTransport,
 };
 
 /// A REST lease request.
@@ -61,36 +61,6 @@ pub async fn lease(
         return Err(TransitionError::NoUrl(worker.id));
     }
     let lease = new_lease(&task, &worker.id, req.ttl_seconds, now);
-    // Of two concurrent leases of the task, the one that updates it first wins.
-    let won = sqlx::query!(
-        "UPDATE llm_tasks SET status = 'leased', lease_id = $2, worker_id = $3, attempts = attempts + 1,
-                updated_at = $4
-         WHERE id = $1 AND status = 'queued' AND dispatch_seq > 0",
-        task.id.as_str(),
-        lease.id.as_str(),
-        worker.id.as_str(),
-        now
-    )
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if !won {
-        // A statement of its own sees what the winner committed.
-        let now = tasks::get(&mut *tx, task_id).await?.ok_or_else(task_not_found)?;
-        return Err(if now.is_waiting() { not_due(&now) } else { conflict_on(now.status) });
-    }
-    // Concurrency limits and budgets: the task, now locked, takes its slots and reserves
-    // on its budgets, or is not leased (the transaction rolls back). It stays queued; its
-    // dispatch on the bus is claimed (and put aside) or it is leased again later.
-    let admitted = admission::admit(&mut tx, std::slice::from_ref(&task.id), now).await?.pop();
-    let (slots, charges) = match admitted.map_or_else(Admission::free, |(_, a)| a) {
-        Admission::Blocked { reason, .. } => {
-            return Err(TransitionError::Conflict(format!("Task is not leased: the {reason}")));
-        }
-        Admission::Admitted { slots, charges } => (slots, charges),
-    };
-    insert_lease(&mut tx, &lease, &slots, &charges).await?;
     let entry = if req.dispatch {
         let detail = format!("Task {} dispatched to worker {}", task.id, worker.id);
         NewAudit::new(AuditAction::TaskDispatched, "llm_task", task.id.as_str(), "router", detail)
@@ -98,7 +68,54 @@ pub async fn lease(
         let detail = format!("Task {} leased to worker {}, TTL {}s", task.id, worker.id, req.ttl_seconds);
         NewAudit::new(AuditAction::TaskLeased, "lease", lease.id.as_str(), "router", detail)
     };
-    audit::insert(&mut *tx, &[entry], now).await?;
+    // One statement while the worker's row is locked, as a claim's: of two concurrent
+    // leases of the task the one that updates it first wins; the task, now locked, takes
+    // its concurrency slots and reserves on its budgets, and only then gets its lease and
+    // audit entry. A task the admission refuses stays queued (the transaction rolls back):
+    // its dispatch on the bus is claimed (and put aside) or it is leased again later.
+    let decided = sqlx::query!(
+        r#"WITH won AS (
+               UPDATE llm_tasks SET status = 'leased', lease_id = $2, worker_id = $3, attempts = attempts + 1,
+                      updated_at = $4
+               WHERE id = $1 AND status = 'queued' AND dispatch_seq > 0
+               RETURNING id, context_id),
+           admitted AS (SELECT a.admit_task, a.admit_slots, a.admit_charges, a.admit_reason
+                        FROM bloom_admit(ARRAY(SELECT id FROM won), $4) a),
+           leased AS (
+               INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
+                                   last_heartbeat, context_id, slots, charges)
+               SELECT $2, w.id, $3, $4, $5::bigint, $6::int, 'active', $4, w.context_id, a.admit_slots, a.admit_charges
+               FROM won w JOIN admitted a ON a.admit_task = w.id
+               WHERE a.admit_slots IS NOT NULL
+               RETURNING id),
+           audited AS (
+               INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+               SELECT $7::text, $4, $8::text, $9::text, $10::text, $11::text, $12::text FROM leased)
+           SELECT EXISTS (SELECT 1 FROM won) AS "won!",
+                  (SELECT a.admit_reason FROM admitted a WHERE a.admit_slots IS NULL) AS "refused?""#,
+        task.id.as_str(),
+        lease.id.as_str(),
+        worker.id.as_str(),
+        now,
+        lease.expires_at,
+        lease.ttl_seconds,
+        new_id(),
+        entry.action,
+        entry.entity_type,
+        entry.entity_id,
+        entry.actor,
+        entry.detail
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if !decided.won {
+        // A statement of its own sees what the winner committed.
+        let now = tasks::get(&mut *tx, task_id).await?.ok_or_else(task_not_found)?;
+        return Err(if now.is_waiting() { not_due(&now) } else { conflict_on(now.status) });
+    }
+    if let Some(reason) = decided.refused {
+        return Err(TransitionError::Conflict(format!("Task is not leased: the {reason}")));
+    }
     tx.commit().await?;
     // The worker as it was chosen (its active leases before this one), as the original
     // answered.
@@ -153,31 +170,4 @@ pub(super) fn new_lease(task: &Task, worker: &WorkerId, ttl_seconds: i32, now: i
         last_heartbeat: now,
         context_id: Some(task.context_id.clone()),
     }
-}
-
-async fn insert_lease(
-    db: &mut sqlx::PgConnection,
-    lease: &Lease,
-    slots: &[String],
-    charges: &serde_json::Value,
-) -> sqlx::Result<()> {
-    sqlx::query!(
-        "INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
-                             context_id, slots, charges)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        lease.id.as_str(),
-        lease.task_id.as_str(),
-        lease.worker_id.as_str(),
-        lease.started_at,
-        lease.expires_at,
-        lease.ttl_seconds,
-        lease.status.as_str(),
-        lease.last_heartbeat,
-        lease.context_id,
-        slots,
-        charges
-    )
-    .execute(db)
-    .await?;
-    Ok(())
 }
