@@ -84,9 +84,10 @@ pub async fn lease(
            leased AS (
                INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
                                    last_heartbeat, context_id, slots, charges)
-               SELECT $2, w.id, $3, $4, $5::bigint, $6::int, 'active', $4, w.context_id, a.admit_slots, a.admit_charges
-               FROM won w JOIN admitted a ON a.admit_task = w.id
-               WHERE a.admit_slots IS NOT NULL
+               SELECT $2, w.id, $3, $4, $5::bigint, $6::int, 'active', $4, w.context_id,
+                      COALESCE(a.admit_slots, '{}'), COALESCE(a.admit_charges, '[]')
+               FROM won w LEFT JOIN admitted a ON a.admit_task = w.id
+               WHERE a.admit_task IS NULL OR a.admit_slots IS NOT NULL
                RETURNING id),
            audited AS (
                INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
