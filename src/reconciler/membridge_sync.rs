@@ -100,21 +100,37 @@ pub async fn run_logged(r: &Reconciler) {
     let state = match run_once(r).await {
         Ok(report) => {
             r.metrics.membridge_sync_runs_total.inc();
+            if previous.last_run.is_some() && !previous.ok {
+                tracing::info!(agents = report.agents, "membridge sync succeeded again");
+            }
             tracing::debug!(?report, "membridge sync");
             SyncState { last_run: Some(now), last_success: Some(now), ok: true, error: None, agents: report.agents }
         }
         Err(e) => {
             r.metrics.membridge_sync_errors_total.inc();
-            tracing::warn!(error = format!("{e:#}"), "membridge sync failed");
+            let error = format!("{e:#}");
+            if failure_is_news(&previous, &error) {
+                tracing::warn!(error, "membridge sync failed (the same failure again is logged at debug level)");
+            } else {
+                tracing::debug!(error, "membridge sync failed again");
+            }
             if let Err(e) = expire_unobserved(r, previous.last_success, now).await {
                 tracing::warn!(error = %e, "marking workers membridge no longer reports offline failed");
             }
-            SyncState { last_run: Some(now), ok: false, error: Some(format!("{e:#}")), ..previous }
+            SyncState { last_run: Some(now), ok: false, error: Some(error), ..previous }
         }
     };
     if let Err(e) = settings::save_membridge_sync(&r.pool, &state).await {
         tracing::warn!(error = %e, "membridge sync state not saved");
     }
+}
+
+/// Whether a failed sync is worth a warning: the first failure after a success (or the
+/// first run), or a failure unlike the last one. A membridge that stays down (none runs at
+/// the configured URL, say) is reported once, not at every interval; the failures are
+/// still counted (`bloom_membridge_sync_errors_total`) and saved for the health route.
+fn failure_is_news(previous: &SyncState, error: &str) -> bool {
+    previous.ok || previous.error.as_deref() != Some(error)
 }
 
 /// While membridge cannot be read, the workers it reported are as stale as its last
@@ -158,6 +174,17 @@ pub async fn run_once(r: &Reconciler) -> anyhow::Result<SyncReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_is_reported_once_until_it_changes_or_a_sync_succeeds() {
+        let failed =
+            |error: &str| SyncState { last_run: Some(1), ok: false, error: Some(error.into()), ..Default::default() };
+        assert!(failure_is_news(&SyncState::default(), "connection refused"), "the first run");
+        let succeeded = SyncState { last_run: Some(1), last_success: Some(1), ok: true, ..Default::default() };
+        assert!(failure_is_news(&succeeded, "connection refused"), "after a success");
+        assert!(!failure_is_news(&failed("connection refused"), "connection refused"), "the same again");
+        assert!(failure_is_news(&failed("connection refused"), "membridge /agents answered HTTP 401"));
+    }
 
     #[test]
     fn maps_membridge_agents_with_seed_fallbacks_and_seconds_to_ms() {
