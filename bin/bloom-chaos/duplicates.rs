@@ -15,7 +15,9 @@
 //!
 //! A result delivered twice (a reconciler stored it and died before acknowledging the
 //! message) is also recorded as late, but it is the same execution: it is counted apart,
-//! as `results_redelivered`, not as a duplicate execution.
+//! as `results_redelivered`, not as a duplicate execution. So is the result of a run whose
+//! task was cancelled while it ran (`cancelled_runs`): its lease ended with the task, and
+//! no other execution took it over.
 
 use std::collections::BTreeMap;
 
@@ -49,6 +51,8 @@ pub enum FaultKind {
 struct Late {
     /// The late lease is the one the task completed with: the same result, delivered again.
     same_result: bool,
+    /// The late lease was ended by its task's cancellation.
+    cancelled: bool,
     worker_id: Option<String>,
     started_at: Option<i64>,
     last_heartbeat: Option<i64>,
@@ -56,10 +60,12 @@ struct Late {
     ended_how: Option<String>,
 }
 
-/// Counts the late results by cause: `{total, avoidable, by_cause: {...}}`.
+/// Counts the late results by cause: `{total, avoidable, by_cause: {...},
+/// results_redelivered, cancelled_runs}`.
 pub async fn attribute(pool: &PgPool, faults: &[Fault], lease_ttl_ms: i64) -> sqlx::Result<Value> {
     let lates: Vec<Late> = sqlx::query_as(
         r"SELECT COALESCE(t.status = 'completed' AND t.lease_id = x.lease_id, false) AS same_result,
+                 COALESCE(l.status = 'cancelled', false) AS cancelled,
                  l.worker_id, l.started_at, l.last_heartbeat, e.timestamp AS ended_at, e.detail AS ended_how
           FROM (SELECT entity_id AS task_id, substring(detail from 'for lease (\S+) ignored') AS lease_id
                 FROM audit_logs WHERE action = 'result_late') x
@@ -71,12 +77,14 @@ pub async fn attribute(pool: &PgPool, faults: &[Fault], lease_ttl_ms: i64) -> sq
     .await?;
     let mut by_cause: BTreeMap<&'static str, u64> = BTreeMap::new();
     let redelivered = lates.iter().filter(|l| l.same_result).count();
-    for late in lates.iter().filter(|l| !l.same_result) {
+    let cancelled = lates.iter().filter(|l| !l.same_result && l.cancelled).count();
+    for late in lates.iter().filter(|l| !l.same_result && !l.cancelled) {
         *by_cause.entry(cause(late, faults, lease_ttl_ms)).or_default() += 1;
     }
     let total: u64 = by_cause.values().sum();
     let avoidable: u64 = by_cause.iter().filter(|(c, _)| **c != "worker_killed").map(|(_, n)| n).sum();
-    Ok(json!({"total": total, "avoidable": avoidable, "by_cause": by_cause, "results_redelivered": redelivered}))
+    Ok(json!({"total": total, "avoidable": avoidable, "by_cause": by_cause, "results_redelivered": redelivered,
+              "cancelled_runs": cancelled}))
 }
 
 fn cause(late: &Late, faults: &[Fault], lease_ttl_ms: i64) -> &'static str {
@@ -118,6 +126,7 @@ mod tests {
     fn late(worker: &str, started: i64, beat: i64, ended: i64, how: &str) -> Late {
         Late {
             same_result: false,
+            cancelled: false,
             worker_id: Some(worker.into()),
             started_at: Some(started),
             last_heartbeat: Some(beat),
@@ -150,6 +159,7 @@ mod tests {
         );
         let unknown = Late {
             same_result: false,
+            cancelled: false,
             worker_id: None,
             started_at: None,
             last_heartbeat: None,
