@@ -67,7 +67,13 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        if crate::db::is_unavailable(&e) {
+        if crate::db::is_stale_session(&e) {
+            // A migration changed a statement under this process's sessions: new ones
+            // replace them, and the request can be sent again.
+            tracing::warn!(error = %e, "database sessions out of date with the schema; replacing them");
+            crate::db::retire_sessions();
+            ApiError::Unavailable("Database schema changed; retry".into())
+        } else if crate::db::is_unavailable(&e) {
             tracing::warn!(error = %e, "database unavailable");
             ApiError::Unavailable("Database unavailable; retry later".into())
         } else {

@@ -75,8 +75,60 @@ pub async fn connect(url: &str, opts: &PoolOptions) -> Result<PgPool, sqlx::Erro
     PgPoolOptions::new()
         .max_connections(opts.max_connections)
         .acquire_timeout(opts.acquire_timeout)
+        // A session that a migration left with prepared statements that no longer fit is
+        // closed when next taken (see `retire_sessions`), so the pool opens a new one.
+        .before_acquire(|_, meta| Box::pin(async move { Ok(!retired::opened_before_retirement(meta.age)) }))
         .connect_with(connect)
         .await
+}
+
+/// Whether a statement failed because the session's prepared statements no longer fit
+/// the schema: a migration changed what one returns (SQLSTATE `0A000`, "cached plan must
+/// not change result type") or one is gone (`26000`). The session repeats the error at
+/// every call of that statement; a new session does not.
+pub fn is_stale_session(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c == "0A000" || c == "26000"))
+}
+
+/// Closes every pooled session opened before now when it is next taken from its pool,
+/// instead of handing it out, so that each is replaced once: after
+/// [`is_stale_session`] errors, which a migration run while this process was up causes
+/// on every session that had prepared the statements it changed.
+pub fn retire_sessions() {
+    retired::now();
+}
+
+/// When pooled sessions were last retired, as microseconds since the first use of this
+/// module's clock plus one (0: never).
+mod retired {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    static AT: AtomicU64 = AtomicU64::new(0);
+
+    fn base() -> Instant {
+        *BASE.get_or_init(Instant::now)
+    }
+
+    pub(super) fn now() {
+        AT.store(base().elapsed().as_micros() as u64 + 1, Ordering::Release);
+    }
+
+    /// Whether a session of this age was opened before the last retirement.
+    pub(super) fn opened_before_retirement(age: Duration) -> bool {
+        match AT.load(Ordering::Acquire) {
+            0 => false,
+            at => {
+                let retired = base() + Duration::from_micros(at - 1);
+                match Instant::now().checked_sub(age) {
+                    Some(opened) => opened <= retired,
+                    None => true,
+                }
+            }
+        }
+    }
 }
 
 /// Whether Postgres refused a statement (a constraint, bad data) on a connection that is

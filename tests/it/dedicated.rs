@@ -72,3 +72,38 @@ async fn a_dedicated_connection_keeps_the_pool_settings_and_uses_generic_plans()
         sqlx::query_scalar("SELECT current_setting('statement_timeout')").fetch_one(&pool).await.unwrap();
     assert_eq!(settings, ("force_generic_plan".to_owned(), "off".to_owned(), pooled));
 }
+
+/// A migration that changes what a prepared statement returns fails that statement on
+/// every pooled session that prepared it; once the sessions are retired, the pool opens
+/// new ones and the statement runs again.
+#[tokio::test]
+async fn pooled_sessions_left_stale_by_a_migration_are_replaced_once_retired() {
+    let (_, url) = fresh_db().await;
+    let pool =
+        bloom::db::connect(&url, &bloom::db::PoolOptions { max_connections: 1, ..Default::default() }).await.unwrap();
+    let read = || sqlx::query_scalar::<_, String>("SELECT id FROM workers ORDER BY id LIMIT 1").fetch_optional(&pool);
+    sqlx::query("INSERT INTO workers (id, node_id, registered_at) VALUES ('w-1', 'n-1', 0)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(read().await.unwrap().as_deref(), Some("w-1"));
+    let before: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&pool).await.unwrap();
+
+    // Another session changes the column's collation (its result type, for Postgres).
+    let mut other = <PgConnection as sqlx::Connection>::connect(&url).await.unwrap();
+    sqlx::query(r#"ALTER TABLE workers ALTER COLUMN id TYPE varchar COLLATE "POSIX""#)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let stale = read().await.unwrap_err();
+    assert!(bloom::db::is_stale_session(&stale), "{stale:?}");
+    assert!(bloom::db::is_stale_session(&read().await.unwrap_err()), "the session repeats it");
+
+    bloom::db::retire_sessions();
+    assert_eq!(read().await.unwrap().as_deref(), Some("w-1"));
+    let after: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&pool).await.unwrap();
+    assert_ne!(after, before, "a new session");
+    // Sessions opened after the retirement are kept.
+    let again: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&pool).await.unwrap();
+    assert_eq!(again, after);
+}
