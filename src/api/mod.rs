@@ -389,8 +389,8 @@ fn https_redirect(state: &AppState, req: &Request) -> Option<Response> {
     })
 }
 
-/// Builds the API's state: provisions NATS, starts the dispatcher and the submission
-/// batcher (both stop with `cancel`). Handlers and transitions read the time from
+/// Builds the API's state: provisions NATS, starts the dispatcher, the submission
+/// batcher and the schema watch (all stop with `cancel`). Handlers and transitions read the time from
 /// `clock` (the system clock when deployed).
 #[allow(clippy::too_many_arguments)] // each is one part the binary and the tests build
 pub async fn build_state(
@@ -406,6 +406,7 @@ pub async fn build_state(
     let js = crate::bus::jetstream(nats.clone(), settings.nats_timeout);
     crate::bus::provision::apply_at_start(&js, &names, &settings.streams, crate::bus::provision::START_PATIENCE)
         .await?;
+    tokio::spawn(crate::db::schema_watch::run(pool.clone(), crate::db::schema_watch::EVERY, cancel.clone()));
     let dispatcher = Dispatcher::spawn(js, names.clone(), pool.clone(), metrics.clone(), cancel.clone());
     let submitter = Submitter::spawn(
         pool.clone(),

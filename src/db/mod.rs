@@ -21,6 +21,7 @@ pub mod page;
 pub mod projects;
 pub mod results;
 mod rows;
+pub mod schema_watch;
 pub mod settings;
 pub mod stats;
 pub mod tasks;

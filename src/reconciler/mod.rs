@@ -255,6 +255,11 @@ impl Reconciler {
         duties.spawn(artifact_moves::run(self.clone(), cancel.clone()));
         duties.spawn(agent_dispatch::run(self.clone(), cancel.clone()));
         duties.spawn(leader::run_as_leader(self.clone(), cancel.clone()));
+        let (pool, c) = (self.pool.clone(), cancel.clone());
+        duties.spawn(async move {
+            crate::db::schema_watch::run(pool, crate::db::schema_watch::EVERY, c).await;
+            Ok(())
+        });
         while let Some(done) = duties.join_next().await {
             match done {
                 Ok(Ok(())) => {}

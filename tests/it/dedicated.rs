@@ -74,20 +74,23 @@ async fn a_dedicated_connection_keeps_the_pool_settings_and_uses_generic_plans()
 }
 
 /// A migration that changes what a prepared statement returns fails that statement on
-/// every pooled session that prepared it; once the sessions are retired, the pool opens
-/// new ones and the statement runs again.
+/// every pooled session that prepared it; once the sessions are retired (by the API on
+/// such an error, or by the schema watch when it sees a new migration), the pool opens new
+/// ones and the statement runs again. One test: retiring is process-wide, and each part
+/// checks that sessions opened after a retirement are kept.
 #[tokio::test]
 async fn pooled_sessions_left_stale_by_a_migration_are_replaced_once_retired() {
     let (_, url) = fresh_db().await;
     let pool =
         bloom::db::connect(&url, &bloom::db::PoolOptions { max_connections: 1, ..Default::default() }).await.unwrap();
+    let backend = || sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(&pool);
     let read = || sqlx::query_scalar::<_, String>("SELECT id FROM workers ORDER BY id LIMIT 1").fetch_optional(&pool);
     sqlx::query("INSERT INTO workers (id, node_id, registered_at) VALUES ('w-1', 'n-1', 0)")
         .execute(&pool)
         .await
         .unwrap();
     assert_eq!(read().await.unwrap().as_deref(), Some("w-1"));
-    let before: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&pool).await.unwrap();
+    let before = backend().await.unwrap();
 
     // Another session changes the column's collation (its result type, for Postgres).
     let mut other = <PgConnection as sqlx::Connection>::connect(&url).await.unwrap();
@@ -101,9 +104,25 @@ async fn pooled_sessions_left_stale_by_a_migration_are_replaced_once_retired() {
 
     bloom::db::retire_sessions();
     assert_eq!(read().await.unwrap().as_deref(), Some("w-1"));
-    let after: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&pool).await.unwrap();
+    let after = backend().await.unwrap();
     assert_ne!(after, before, "a new session");
-    // Sessions opened after the retirement are kept.
-    let again: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&pool).await.unwrap();
-    assert_eq!(again, after);
+    assert_eq!(backend().await.unwrap(), after, "sessions opened after the retirement are kept");
+
+    // The schema watch: a migration applied while the process runs retires the sessions
+    // before any of their statements fails.
+    let mut watch = bloom::db::schema_watch::SchemaWatch::default();
+    assert!(!watch.check(&pool).await.unwrap(), "the first read only records the version");
+    assert!(!watch.check(&pool).await.unwrap(), "nothing applied since");
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (99999, 'applied by a newer release', true, '\\x00', 1)",
+    )
+    .execute(&mut other)
+    .await
+    .unwrap();
+    assert!(watch.check(&pool).await.unwrap(), "a new migration is seen");
+    let replaced = backend().await.unwrap();
+    assert_ne!(replaced, after, "the session opened before it was replaced");
+    assert!(!watch.check(&pool).await.unwrap());
+    assert_eq!(backend().await.unwrap(), replaced, "once");
 }
