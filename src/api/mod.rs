@@ -406,7 +406,7 @@ pub async fn build_state(
     let js = crate::bus::jetstream(nats.clone(), settings.nats_timeout);
     crate::bus::provision::apply_at_start(&js, &names, &settings.streams, crate::bus::provision::START_PATIENCE)
         .await?;
-    tokio::spawn(crate::db::schema_watch::run(pool.clone(), crate::db::schema_watch::EVERY, cancel.clone()));
+    tokio::spawn(crate::db::sessions::run(pool.clone(), crate::db::sessions::EVERY, cancel.clone()));
     let dispatcher = Dispatcher::spawn(js, names.clone(), pool.clone(), metrics.clone(), cancel.clone());
     let submitter = Submitter::spawn(
         pool.clone(),

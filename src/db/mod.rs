@@ -21,7 +21,7 @@ pub mod page;
 pub mod projects;
 pub mod results;
 mod rows;
-pub mod schema_watch;
+pub mod sessions;
 pub mod settings;
 pub mod stats;
 pub mod tasks;
@@ -35,6 +35,7 @@ use sqlx::PgPool;
 
 pub use dedicated::Dedicated;
 pub use page::{Cursor, Page};
+pub use sessions::{is_stale_session, retire_sessions};
 
 /// The embedded migrations of `migrations/`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -78,58 +79,9 @@ pub async fn connect(url: &str, opts: &PoolOptions) -> Result<PgPool, sqlx::Erro
         .acquire_timeout(opts.acquire_timeout)
         // A session that a migration left with prepared statements that no longer fit is
         // closed when next taken (see `retire_sessions`), so the pool opens a new one.
-        .before_acquire(|_, meta| Box::pin(async move { Ok(!retired::opened_before_retirement(meta.age)) }))
+        .before_acquire(|_, meta| Box::pin(async move { Ok(!sessions::opened_before_retirement(meta.age)) }))
         .connect_with(connect)
         .await
-}
-
-/// Whether a statement failed because the session's prepared statements no longer fit
-/// the schema: a migration changed what one returns (SQLSTATE `0A000`, "cached plan must
-/// not change result type") or one is gone (`26000`). The session repeats the error at
-/// every call of that statement; a new session does not.
-pub fn is_stale_session(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c == "0A000" || c == "26000"))
-}
-
-/// Closes every pooled session opened before now when it is next taken from its pool,
-/// instead of handing it out, so that each is replaced once: after
-/// [`is_stale_session`] errors, which a migration run while this process was up causes
-/// on every session that had prepared the statements it changed.
-pub fn retire_sessions() {
-    retired::now();
-}
-
-/// When pooled sessions were last retired, as microseconds since the first use of this
-/// module's clock plus one (0: never).
-mod retired {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::OnceLock;
-    use std::time::{Duration, Instant};
-
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    static AT: AtomicU64 = AtomicU64::new(0);
-
-    fn base() -> Instant {
-        *BASE.get_or_init(Instant::now)
-    }
-
-    pub(super) fn now() {
-        AT.store(base().elapsed().as_micros() as u64 + 1, Ordering::Release);
-    }
-
-    /// Whether a session of this age was opened before the last retirement.
-    pub(super) fn opened_before_retirement(age: Duration) -> bool {
-        match AT.load(Ordering::Acquire) {
-            0 => false,
-            at => {
-                let retired = base() + Duration::from_micros(at - 1);
-                match Instant::now().checked_sub(age) {
-                    Some(opened) => opened <= retired,
-                    None => true,
-                }
-            }
-        }
-    }
 }
 
 /// Whether Postgres refused a statement (a constraint, bad data) on a connection that is
@@ -139,12 +91,11 @@ mod retired {
 /// under it (a migration added a column), a missing prepared statement, a server that
 /// became read-only (a failover).
 pub fn is_refusal(e: &sqlx::Error) -> bool {
-    /// SQLSTATEs after which the session, not the statement, is what is wrong.
-    const SESSION_STATES: [&str; 3] = ["0A000", "26000", "25006"];
     match e {
         sqlx::Error::Database(d) => !d.try_downcast_ref::<PgDatabaseError>().is_some_and(|p| {
             matches!(p.severity(), PgSeverity::Fatal | PgSeverity::Panic)
-                || SESSION_STATES.contains(&p.code())
+                || sessions::STALE_STATEMENT_STATES.contains(&p.code())
+                || p.code() == "25006"
                 || p.code().starts_with("08")
                 || p.code().starts_with("57")
         }),

@@ -257,7 +257,7 @@ impl Reconciler {
         duties.spawn(leader::run_as_leader(self.clone(), cancel.clone()));
         let (pool, c) = (self.pool.clone(), cancel.clone());
         duties.spawn(async move {
-            crate::db::schema_watch::run(pool, crate::db::schema_watch::EVERY, c).await;
+            crate::db::sessions::run(pool, crate::db::sessions::EVERY, c).await;
             Ok(())
         });
         while let Some(done) = duties.join_next().await {

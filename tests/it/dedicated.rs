@@ -110,7 +110,7 @@ async fn pooled_sessions_left_stale_by_a_migration_are_replaced_once_retired() {
 
     // The schema watch: a migration applied while the process runs retires the sessions
     // before any of their statements fails.
-    let mut watch = bloom::db::schema_watch::SchemaWatch::default();
+    let mut watch = bloom::db::sessions::SchemaWatch::default();
     assert!(!watch.check(&pool).await.unwrap(), "the first read only records the version");
     assert!(!watch.check(&pool).await.unwrap(), "nothing applied since");
     sqlx::query(
