@@ -23,7 +23,7 @@ deferred AS (
           wait_reason = h.reason
    FROM r JOIN llm_tasks x ON x.id = ANY($3) AND x.id = r.task_id,
         LATERAL bloom_hold(x.agent_slug, x.context_id, x.concurrency_key, $1) h
-   WHERE (SELECT on_ FROM holding) AND t.id = ANY($3) AND t.id = x.id AND (t.status || '') = 'queued'
+   WHERE (SELECT on_ FROM holding) AND t.id = x.id AND (t.status || '') = 'queued'
        AND t.dispatch_seq = r.seq
    RETURNING t.id, t.wait_reason),
 fit AS (
@@ -36,7 +36,7 @@ limited AS MATERIALIZED (
    SELECT EXISTS (SELECT 1 FROM concurrency_limits) OR EXISTS (SELECT 1 FROM budget_limits) AS on_),
 locked AS MATERIALIZED (
    SELECT t.id FROM llm_tasks t JOIN fit r ON t.id = r.task_id
-   WHERE (SELECT on_ FROM limited) AND t.id = ANY($3) AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
+   WHERE (SELECT on_ FROM limited) AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
    ORDER BY t.id FOR UPDATE OF t),
 admitted AS MATERIALIZED (
    SELECT * FROM bloom_admit(ARRAY(SELECT DISTINCT id FROM locked ORDER BY id), $1) WHERE (SELECT on_ FROM limited)),
@@ -44,7 +44,7 @@ t AS (
    UPDATE llm_tasks t SET status = 'leased', lease_id = r.lease_id, worker_id = r.worker_id,
           attempts = t.attempts + 1, updated_at = $1, routed_to = NULL
    FROM fit r LEFT JOIN admitted adm ON adm.admit_task = r.task_id
-   WHERE t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
+   WHERE t.id = r.task_id AND (t.status || '') = 'queued' AND t.dispatch_seq = r.seq
        AND (NOT (SELECT on_ FROM limited) OR adm.admit_slots IS NOT NULL)
    RETURNING t.id, t.context_id, r.lease_id, r.worker_id, r.ttl, r.audit_id, COALESCE(adm.admit_slots, '{}') AS slots,
              COALESCE(adm.admit_charges, '[]') AS charges),
