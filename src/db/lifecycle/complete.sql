@@ -52,7 +52,9 @@ hold AS (
    ORDER BY k.scope, k.key, t.not_before DESC
    ON CONFLICT (scope, key) DO UPDATE SET until = GREATEST(provider_holds.until, EXCLUDED.until),
        reason = EXCLUDED.reason, updated_at = EXCLUDED.updated_at),
-w AS (SELECT r.*, COALESCE(t.worker_id, 'unknown') AS worker
+-- With what the audit entry needs of the task: a join of `t` with itself (estimated one
+-- row) would be a nested loop over the batch squared.
+w AS (SELECT r.*, COALESCE(t.worker_id, 'unknown') AS worker, t.status AS task_status, t.wait_reason
       FROM r JOIN t ON t.id = r.task_id AND t.lease_id = r.lease_id),
 -- What the run used settles the budget reservations of its lease (the lease-end trigger).
 l AS (
@@ -70,10 +72,10 @@ res AS (
    SELECT result_id, task_id, worker, artifact_id, status, output, error_message, metrics, $1, error_kind FROM w),
 a AS (
    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-   SELECT w.audit_id, $1, CASE WHEN t.status = 'queued' THEN 'task_retry_scheduled' ELSE 'task_completed' END,
+   SELECT w.audit_id, $1, CASE WHEN w.task_status = 'queued' THEN 'task_retry_scheduled' ELSE 'task_completed' END,
           'llm_task', w.task_id, w.worker,
-          CASE WHEN t.status = 'queued' THEN w.done || ', ' || t.wait_reason ELSE w.done END
-   FROM w JOIN t ON t.id = w.task_id
+          CASE WHEN w.task_status = 'queued' THEN w.done || ', ' || w.wait_reason ELSE w.done END
+   FROM w
    UNION ALL
    SELECT audit_id, $1, 'result_late', 'llm_task', task_id, 'reconciler', late
    FROM r WHERE NOT EXISTS (SELECT 1 FROM w WHERE w.task_id = r.task_id AND w.lease_id = r.lease_id))
