@@ -373,3 +373,46 @@ async fn active_leases_follow_every_transition() {
     assert_eq!(miscounted_workers(&app).await, 0);
     app.stop().await;
 }
+
+/// The lease-update trigger counts each end once, and nothing else, whatever the sizes
+/// of the statements a connection runs after its first (whose single row its cached plan
+/// was made for): one lease ended, 40 active leases updated without ending (heartbeats),
+/// 39 of them ended, then the last one ended while the ended ones change again. Each end
+/// gives its worker slot and its concurrency slot back once (the count of a worker's
+/// active leases is a number, not checked against its capacity here).
+#[tokio::test]
+async fn lease_ends_are_counted_once_by_statements_of_any_size() {
+    let app = TestApp::spawn().await;
+    app.register_worker("w", 32).await;
+    let mut conn = app.pool.acquire().await.unwrap().detach();
+    let leases = |prefix: &str, n: usize| {
+        format!(
+            "INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
+                                 context_id, slots)
+             SELECT '{prefix}' || i, 't-{prefix}' || i, 'w', 0, 60000, 60, 'active', 0, 'c',
+                    CASE WHEN i % 2 = 0 THEN '{{concurrency_key:k}}'::text[] ELSE '{{}}' END
+             FROM generate_series(1, {n}) i"
+        )
+    };
+    let active =
+        || app.count("SELECT bloom_active_leases(id, active_leases, ends_folded)::bigint FROM workers WHERE id = 'w'");
+    let slot_ends = || {
+        app.count("SELECT COALESCE(sum(ended), 0)::bigint FROM concurrency_slot_ends WHERE slot = 'concurrency_key:k'")
+    };
+    for sql in [leases("one", 1), "UPDATE leases SET status = 'released' WHERE id = 'one1'".into(), leases("many", 40)]
+    {
+        sqlx::raw_sql(&sql).execute(&mut conn).await.unwrap();
+    }
+    assert_eq!((active().await, slot_ends().await), (40, 0));
+    sqlx::raw_sql("UPDATE leases SET last_heartbeat = 5 WHERE id LIKE 'many%'").execute(&mut conn).await.unwrap();
+    assert_eq!((active().await, slot_ends().await), (40, 0));
+    sqlx::raw_sql("UPDATE leases SET status = 'released' WHERE id LIKE 'many%' AND id <> 'many40'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!((active().await, slot_ends().await), (1, 19));
+    sqlx::raw_sql("UPDATE leases SET status = 'expired' WHERE id LIKE 'many%'").execute(&mut conn).await.unwrap();
+    assert_eq!((active().await, slot_ends().await), (0, 20));
+    assert_eq!(miscounted_workers(&app).await, 0);
+    app.stop().await;
+}
