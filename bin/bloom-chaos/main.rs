@@ -144,8 +144,23 @@ enum Step {
 /// Servers in the NATS cluster of the clustered scenarios, and the streams' replicas there.
 const CLUSTER_SIZE: usize = 3;
 
+/// Ports handed to the servers a run starts are taken below Linux's ephemeral range
+/// (32768–60999 by default): a port the kernel picks for `bind(0)` is released before
+/// the server binds it, and meanwhile any outgoing connection on the machine may take
+/// it as its source port. Each port is handed out once per run.
+const SERVER_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().expect("port list");
+    let span = u32::from(SERVER_PORTS.end - SERVER_PORTS.start);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let start = std::process::id().wrapping_mul(7919).wrapping_add(nanos) % span;
+    (0..span)
+        .map(|i| SERVER_PORTS.start + ((start + i) % span) as u16)
+        .find(|p| !handed_out.contains(p) && TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .inspect(|p| handed_out.push(*p))
+        .expect("a free port below the ephemeral range")
 }
 
 fn bin(name: &str) -> anyhow::Result<PathBuf> {
@@ -217,6 +232,13 @@ impl Service {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The last lines the process wrote, for an error saying why it did not come up.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     fn running(&mut self) -> bool {

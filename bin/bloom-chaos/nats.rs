@@ -72,8 +72,9 @@ impl Nats {
         for s in &mut self.servers {
             s.start()?;
         }
-        for p in &self.ports {
-            wait_port(*p, "nats-server", Duration::from_secs(10))?;
+        for (p, s) in self.ports.iter().zip(&self.servers) {
+            wait_port(*p, "nats-server", Duration::from_secs(10))
+                .with_context(|| format!("{} wrote:\n{}", s.name, s.log_tail()))?;
         }
         Ok(())
     }
