@@ -272,17 +272,8 @@ async fn handle_starts(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> Dedi
         let Some(req) = parse::<StartRequest>(&r, &msg) else {
             continue;
         };
-        let mut draining = false;
-        if let Some(capabilities) = req.capabilities.clone() {
-            let beat =
-                Beat { id: req.worker_id.clone(), status: WorkerStatus::Online, capabilities, ip_addrs: Vec::new() };
-            match workers::record_beats(&r.pool, &[beat], r.clock.now_ms()).await {
-                Ok(stored) => draining = stored.iter().any(|(_, d)| *d),
-                Err(e) => {
-                    tracing::error!(error = %e, worker.id = %req.worker_id, "registering a starting worker failed")
-                }
-            }
-        }
+        // Its previous leases end before it is registered online: whoever sees the
+        // worker online (a REST lease, a test) no longer sees them held.
         let mut ended = 0;
         loop {
             match lifecycle::expire(&r.pool, Expiring::HeldBy(&req.worker_id), 500, r.clock.now_ms()).await {
@@ -299,6 +290,17 @@ async fn handle_starts(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> Dedi
                 Err(e) => {
                     tracing::error!(error = %e, worker.id = %req.worker_id, "ending a restarted worker's leases failed");
                     break;
+                }
+            }
+        }
+        let mut draining = false;
+        if let Some(capabilities) = req.capabilities.clone() {
+            let beat =
+                Beat { id: req.worker_id.clone(), status: WorkerStatus::Online, capabilities, ip_addrs: Vec::new() };
+            match workers::record_beats(&r.pool, &[beat], r.clock.now_ms()).await {
+                Ok(stored) => draining = stored.iter().any(|(_, d)| *d),
+                Err(e) => {
+                    tracing::error!(error = %e, worker.id = %req.worker_id, "registering a starting worker failed")
                 }
             }
         }

@@ -494,7 +494,12 @@ async fn claims_beyond_a_workers_capacity_are_answered_full() {
 async fn a_worker_postgres_sees_full_claims_again_once_a_slot_frees() {
     let app = TestApp::spawn().await;
     let (r, _rc) = app.start_reconciler().await;
-    let (_w, _) = app.start_worker("busy", 1).await;
+    // The worker's start announcement ends the leases its id holds before it registers the
+    // worker online; one sent again after an answer slower than the claim timeout (the
+    // whole suite's load) would end the lease below too.
+    let mut settings = app.worker_settings("busy", 1);
+    settings.claim_timeout = Duration::from_secs(60);
+    let (_w, _) = app.start_worker_with(settings).await;
     wait_for("worker registered", Duration::from_secs(10), || async {
         app.count("SELECT count(*) FROM workers WHERE id = 'busy' AND status = 'online'").await == 1
     })
