@@ -143,7 +143,8 @@ pub async fn list(db: impl PgExecutor<'_>, now: i64) -> sqlx::Result<Vec<BudgetV
                AND own.counter = b.scope || ':' || b.key || ':' || b.metric || '/' || b.period
            CROSS JOIN LATERAL (
                SELECT count(*) FILTER (WHERE c.window_start = $1 - $1 % bloom_period_ms(b.period) AND c.used > 0) AS keys,
-                      sum((SELECT count(*) FROM llm_tasks t WHERE t.blocked_on = c.counter AND t.status = 'queued'
+                      sum((SELECT count(*) FROM llm_tasks t WHERE t.blocked_on = c.counter
+                                                             AND (t.status || '') = 'queued'
                                                              AND t.dispatch_seq <= 0))::bigint AS waiting
                FROM budget_counters c
                WHERE c.scope = b.scope AND c.metric = b.metric AND c.period = b.period
@@ -207,7 +208,7 @@ pub async fn usage(
            LEFT JOIN budget_limits any_ ON any_.scope = c.scope AND any_.key = '*'
                AND any_.metric = c.metric AND any_.period = c.period
            CROSS JOIN LATERAL (SELECT count(*) AS n FROM llm_tasks t WHERE t.blocked_on = c.counter
-                               AND t.status = 'queued' AND t.dispatch_seq <= 0) w
+                               AND (t.status || '') = 'queued' AND t.dispatch_seq <= 0) w
            WHERE ($2::text IS NULL OR c.scope = $2)
              AND ((c.window_start = $1 - $1 % bloom_period_ms(c.period) AND c.used > 0) OR w.n > 0)
            ORDER BY CASE WHEN COALESCE(own.max_amount, any_.max_amount) > 0

@@ -199,7 +199,7 @@ pub async fn limits(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<LimitView>> {
         r#"SELECT l.scope AS "scope!: ConcurrencyScope", l.key, l.max_running, l.updated_at,
                   COALESCE(sum(c.running), 0)::bigint AS "running!",
                   COALESCE(sum((SELECT count(*) FROM llm_tasks b WHERE b.blocked_on = c.slot
-                                   AND b.status = 'queued' AND b.dispatch_seq <= 0)), 0)::bigint AS "waiting!"
+                                   AND (b.status || '') = 'queued' AND b.dispatch_seq <= 0)), 0)::bigint AS "waiting!"
            FROM concurrency_limits l
            LEFT JOIN concurrency_slot_counts c ON c.scope = l.scope
                AND (c.key = l.key OR (l.key = '*' AND NOT EXISTS (
@@ -232,7 +232,7 @@ pub async fn keys(db: impl PgExecutor<'_>, scope: Option<ConcurrencyScope>, limi
            LEFT JOIN concurrency_limits own ON own.scope = c.scope AND own.key = c.key
            LEFT JOIN concurrency_limits any_ ON any_.scope = c.scope AND any_.key = '*'
            CROSS JOIN LATERAL (SELECT count(*) AS n FROM llm_tasks b WHERE b.blocked_on = c.slot
-                               AND b.status = 'queued' AND b.dispatch_seq <= 0) w
+                               AND (b.status || '') = 'queued' AND b.dispatch_seq <= 0) w
            WHERE ($1::text IS NULL OR c.scope = $1) AND (c.running > 0 OR w.n > 0)
            ORDER BY c.running + w.n DESC, c.slot
            LIMIT $2"#,

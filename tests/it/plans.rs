@@ -131,3 +131,72 @@ async fn the_same_plans_scan_without_the_connection_settings() {
     let plan = explain(&mut conn, "hot_claim", &vec!["NULL"; params(claim)].join(", ")).await;
     assert!(table_scans(&plan).iter().any(|s| s.contains("Seq Scan on llm_tasks")), "expected a scan:\n{plan}");
 }
+
+/// The index entries of `llm_tasks` a statement read (its functions' statements
+/// included), from this transaction's statistics.
+async fn task_index_entries_read(conn: &mut sqlx::PgConnection, statement: &str) -> i64 {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    sqlx::raw_sql(statement).execute(&mut *tx).await.unwrap();
+    let read: i64 = sqlx::query_scalar(
+        "SELECT sum(pg_stat_get_xact_tuples_returned(indexrelid))::bigint FROM pg_index
+         WHERE indrelid = 'llm_tasks'::regclass",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    read
+}
+
+#[tokio::test]
+async fn wakes_read_only_their_slots_waiting_tasks_in_plans_made_while_none_waited() {
+    // A lease's end wakes waiting tasks of its slots. PL/pgSQL plans that lookup once per
+    // connection; planned while statistics said no task waits, it once read every waiting
+    // task of every slot for each slot ended.
+    // The statistics of a busy installation: finished tasks, some of which waited for a
+    // slot once (their entries in the slots' index dead, not vacuumed yet).
+    let (pool, _) = fresh_db().await;
+    sqlx::raw_sql(
+        "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, status, created_at, updated_at, blocked_on)
+         SELECT 't' || i, 'ctx-' || (i % 1000), 'a', 'p', 'completed', i, i, 'concurrency_key:k' || (i % 1000)
+         FROM generate_series(1, 5000) i;
+         UPDATE llm_tasks SET blocked_on = NULL;
+         ANALYZE llm_tasks",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut conn = pool.acquire().await.unwrap().detach();
+    sqlx::raw_sql(
+        "SET plan_cache_mode = force_generic_plan;
+         SELECT bloom_release_slots(ARRAY['concurrency_key:quiet']);
+         SELECT bloom_wake(ARRAY['concurrency_key:quiet'])",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    // Then 2,000 tasks wait, 20 on each of 100 other slots.
+    sqlx::raw_sql(
+        "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, status, created_at, updated_at, dispatch_seq,
+                                blocked_on)
+         SELECT 'w' || i, 'ctx-' || i, 'a', 'p', 'queued', 10000 + i, 10000 + i, -1, 'concurrency_key:k' || (i % 100)
+         FROM generate_series(1, 2000) i",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let release =
+        task_index_entries_read(&mut conn, "SELECT bloom_release_slots(ARRAY['concurrency_key:quiet'])").await;
+    let wake = task_index_entries_read(&mut conn, "SELECT bloom_wake(ARRAY['concurrency_key:quiet'])").await;
+    // Every waiting task read for each lookup: 2,000 entries or more; the slot's own
+    // entries (here the few dead ones of finished tasks): a handful.
+    assert!(release < 100, "the release of a slot nothing waits on read {release} index entries of tasks");
+    assert!(wake < 100, "the wake of a slot nothing waits on read {wake} index entries of tasks");
+    // The probes still find their slot's tasks: an end on k7 makes its oldest waiter due.
+    sqlx::raw_sql("SELECT bloom_release_slots(ARRAY['concurrency_key:k7'])").execute(&mut conn).await.unwrap();
+    let due: Vec<String> = sqlx::query_scalar("SELECT id FROM llm_tasks WHERE not_before = 0 ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(due, vec!["w7".to_owned()]);
+}
