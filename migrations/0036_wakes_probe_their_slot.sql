@@ -10,9 +10,17 @@
 -- longer matches and the only index left to answer is the slot's (the woken tasks are
 -- then updated by key); `bloom_wake` probes each slot it is given instead of filtering
 -- all waiting tasks by the list.
+--
+-- And a slot's waiting tasks are read in that index's order, up to the first that can be
+-- woken. Planned on a new database (or from statistics saying almost no task is
+-- blocked), the lookup read all of a slot's waiting tasks through a bitmap and sorted
+-- them: 1 ms per slot with 140 waiting, against 7 µs for the ordered scan. The two
+-- functions plan without sorts where they can (`enable_sort = off`, which makes a sort
+-- the plan of last resort as `enable_seqscan = off` does a sequential scan), and the
+-- index's order is the order asked for.
 
 CREATE OR REPLACE FUNCTION bloom_release_slots(slots text[]) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_sort = off AS $$
 BEGIN
     IF cardinality(slots) IS NULL OR cardinality(slots) = 0 THEN
         RETURN;
@@ -34,7 +42,7 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION bloom_wake(slots text[]) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_sort = off AS $$
 DECLARE
     n bigint;
 BEGIN

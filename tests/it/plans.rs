@@ -200,3 +200,52 @@ async fn wakes_read_only_their_slots_waiting_tasks_in_plans_made_while_none_wait
         .unwrap();
     assert_eq!(due, vec!["w7".to_owned()]);
 }
+
+#[tokio::test]
+async fn a_slots_waiting_tasks_are_read_in_order_in_plans_made_on_a_new_database() {
+    // Planned with no statistics (a new database, where tasks ran and once waited, not
+    // analyzed yet), the lookup read all of a slot's waiting tasks and sorted them; it
+    // reads them in the index's order (priority, then age) up to the first that can be
+    // woken.
+    let (pool, _) = fresh_db().await;
+    sqlx::raw_sql(
+        "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, status, created_at, updated_at, blocked_on)
+         SELECT 't' || i, 'ctx-' || (i % 1000), 'a', 'p', 'completed', i, i, 'concurrency_key:k' || (i % 1000)
+         FROM generate_series(1, 5000) i;
+         UPDATE llm_tasks SET blocked_on = NULL",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut conn = pool.acquire().await.unwrap().detach();
+    sqlx::raw_sql(
+        "SET plan_cache_mode = force_generic_plan;
+         SELECT bloom_release_slots(ARRAY['concurrency_key:quiet']);
+         SELECT bloom_wake(ARRAY['concurrency_key:quiet'])",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, status, created_at, updated_at, dispatch_seq,
+                                blocked_on)
+         SELECT 'w' || i, 'ctx-' || i, 'a', 'p', 'queued', 10000 + i, 10000 + i, -1, 'concurrency_key:k' || (i % 100)
+         FROM generate_series(1, 2000) i",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    // 20 tasks wait on k7, behind the dead entries of 5 that ran: all 25 read and sorted,
+    // against those up to the first waiting one and the woken task's key.
+    let release = task_index_entries_read(&mut conn, "SELECT bloom_release_slots(ARRAY['concurrency_key:k7'])").await;
+    assert!(release <= 10, "the release of a slot 20 tasks wait on read {release} index entries of tasks");
+    sqlx::raw_sql("SELECT bloom_release_slots(ARRAY['concurrency_key:k7', 'concurrency_key:k7'])")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let due: Vec<String> = sqlx::query_scalar("SELECT id FROM llm_tasks WHERE not_before = 0 ORDER BY created_at")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(due, vec!["w7".to_owned(), "w107".to_owned()]);
+}
