@@ -148,21 +148,30 @@ async fn task_index_entries_read(conn: &mut sqlx::PgConnection, statement: &str)
     read
 }
 
-#[tokio::test]
-async fn wakes_read_only_their_slots_waiting_tasks_in_plans_made_while_none_waited() {
-    // A lease's end wakes waiting tasks of its slots. PL/pgSQL plans that lookup once per
-    // connection; planned while statistics said no task waits, it once read every waiting
-    // task of every slot for each slot ended.
-    // The statistics of a busy installation: finished tasks, some of which waited for a
-    // slot once (their entries in the slots' index dead, not vacuumed yet).
+/// The statistics the slot lookups were planned from.
+#[derive(Clone, Copy, PartialEq)]
+enum Statistics {
+    /// Analyzed while no task waited: what a busy installation's say most of the time.
+    NoneWaiting,
+    /// None yet: a new database.
+    Missing,
+}
+
+/// A database where 5,000 tasks ran (each once waited for a slot: their entries in the
+/// slots' index dead, not vacuumed yet), and a connection that planned the release and the
+/// wake of a slot (generic plans, made once, as on the reconcilers' connections) from
+/// `statistics`; then 2,000 tasks wait, 20 on each of the slots `k0` to `k99`, without
+/// the plans being made again. Returns that connection.
+async fn waiting_after_plans_made(statistics: Statistics) -> sqlx::PgConnection {
     let (pool, _) = fresh_db().await;
-    sqlx::raw_sql(
+    let analyze = if statistics == Statistics::NoneWaiting { "ANALYZE llm_tasks" } else { "SELECT 1" };
+    sqlx::raw_sql(&format!(
         "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, status, created_at, updated_at, blocked_on)
          SELECT 't' || i, 'ctx-' || (i % 1000), 'a', 'p', 'completed', i, i, 'concurrency_key:k' || (i % 1000)
          FROM generate_series(1, 5000) i;
          UPDATE llm_tasks SET blocked_on = NULL;
-         ANALYZE llm_tasks",
-    )
+         {analyze}"
+    ))
     .execute(&pool)
     .await
     .unwrap();
@@ -175,7 +184,6 @@ async fn wakes_read_only_their_slots_waiting_tasks_in_plans_made_while_none_wait
     .execute(&mut conn)
     .await
     .unwrap();
-    // Then 2,000 tasks wait, 20 on each of 100 other slots.
     sqlx::raw_sql(
         "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, status, created_at, updated_at, dispatch_seq,
                                 blocked_on)
@@ -185,6 +193,23 @@ async fn wakes_read_only_their_slots_waiting_tasks_in_plans_made_while_none_wait
     .execute(&mut conn)
     .await
     .unwrap();
+    conn
+}
+
+/// The tasks made due, oldest first.
+async fn due(conn: &mut sqlx::PgConnection) -> Vec<String> {
+    sqlx::query_scalar("SELECT id FROM llm_tasks WHERE not_before = 0 ORDER BY created_at")
+        .fetch_all(conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn wakes_read_only_their_slots_waiting_tasks_in_plans_made_while_none_waited() {
+    // A lease's end wakes waiting tasks of its slots. PL/pgSQL plans that lookup once per
+    // connection; planned while statistics said no task waits, it once read every waiting
+    // task of every slot for each slot ended.
+    let mut conn = waiting_after_plans_made(Statistics::NoneWaiting).await;
     let release =
         task_index_entries_read(&mut conn, "SELECT bloom_release_slots(ARRAY['concurrency_key:quiet'])").await;
     let wake = task_index_entries_read(&mut conn, "SELECT bloom_wake(ARRAY['concurrency_key:quiet'])").await;
@@ -194,47 +219,15 @@ async fn wakes_read_only_their_slots_waiting_tasks_in_plans_made_while_none_wait
     assert!(wake < 100, "the wake of a slot nothing waits on read {wake} index entries of tasks");
     // The probes still find their slot's tasks: an end on k7 makes its oldest waiter due.
     sqlx::raw_sql("SELECT bloom_release_slots(ARRAY['concurrency_key:k7'])").execute(&mut conn).await.unwrap();
-    let due: Vec<String> = sqlx::query_scalar("SELECT id FROM llm_tasks WHERE not_before = 0 ORDER BY id")
-        .fetch_all(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(due, vec!["w7".to_owned()]);
+    assert_eq!(due(&mut conn).await, vec!["w7".to_owned()]);
 }
 
 #[tokio::test]
 async fn a_slots_waiting_tasks_are_read_in_order_in_plans_made_on_a_new_database() {
-    // Planned with no statistics (a new database, where tasks ran and once waited, not
-    // analyzed yet), the lookup read all of a slot's waiting tasks and sorted them; it
-    // reads them in the index's order (priority, then age) up to the first that can be
-    // woken.
-    let (pool, _) = fresh_db().await;
-    sqlx::raw_sql(
-        "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, status, created_at, updated_at, blocked_on)
-         SELECT 't' || i, 'ctx-' || (i % 1000), 'a', 'p', 'completed', i, i, 'concurrency_key:k' || (i % 1000)
-         FROM generate_series(1, 5000) i;
-         UPDATE llm_tasks SET blocked_on = NULL",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    let mut conn = pool.acquire().await.unwrap().detach();
-    sqlx::raw_sql(
-        "SET plan_cache_mode = force_generic_plan;
-         SELECT bloom_release_slots(ARRAY['concurrency_key:quiet']);
-         SELECT bloom_wake(ARRAY['concurrency_key:quiet'])",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
-    sqlx::raw_sql(
-        "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, status, created_at, updated_at, dispatch_seq,
-                                blocked_on)
-         SELECT 'w' || i, 'ctx-' || i, 'a', 'p', 'queued', 10000 + i, 10000 + i, -1, 'concurrency_key:k' || (i % 100)
-         FROM generate_series(1, 2000) i",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
+    // Planned with no statistics, the lookup read all of a slot's waiting tasks and sorted
+    // them; it reads them in the index's order (priority, then age) up to the first that
+    // can be woken.
+    let mut conn = waiting_after_plans_made(Statistics::Missing).await;
     // 20 tasks wait on k7, behind the dead entries of 5 that ran: all 25 read and sorted,
     // against those up to the first waiting one and the woken task's key.
     let release = task_index_entries_read(&mut conn, "SELECT bloom_release_slots(ARRAY['concurrency_key:k7'])").await;
@@ -243,9 +236,5 @@ async fn a_slots_waiting_tasks_are_read_in_order_in_plans_made_on_a_new_database
         .execute(&mut conn)
         .await
         .unwrap();
-    let due: Vec<String> = sqlx::query_scalar("SELECT id FROM llm_tasks WHERE not_before = 0 ORDER BY created_at")
-        .fetch_all(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(due, vec!["w7".to_owned(), "w107".to_owned()]);
+    assert_eq!(due(&mut conn).await, vec!["w7".to_owned(), "w107".to_owned()]);
 }
