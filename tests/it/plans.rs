@@ -159,8 +159,8 @@ enum Statistics {
 
 /// A database where 5,000 tasks ran (each once waited for a slot: their entries in the
 /// slots' index dead, not vacuumed yet), and a connection that planned the release and the
-/// wake of a slot (generic plans, made once, as on the reconcilers' connections) from
-/// `statistics`; then 2,000 tasks wait, 20 on each of the slots `k0` to `k99`, without
+/// wake of a slot and the due pass's statements (generic plans, made once, as on the
+/// reconcilers' connections) from `statistics`; then 2,000 tasks wait, 20 on each of the slots `k0` to `k99`, without
 /// the plans being made again. Returns that connection.
 async fn waiting_after_plans_made(statistics: Statistics) -> sqlx::PgConnection {
     let (pool, _) = fresh_db().await;
@@ -184,6 +184,13 @@ async fn waiting_after_plans_made(statistics: Statistics) -> sqlx::PgConnection 
     .execute(&mut conn)
     .await
     .unwrap();
+    // The due pass's statements, prepared and planned now too (`pass_<name>`).
+    for (name, sql) in bloom::db::lifecycle::DUE_STATEMENTS {
+        sqlx::raw_sql(&format!("PREPARE pass_{name} AS {sql}; EXECUTE pass_{name}(1, 1000)"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
     sqlx::raw_sql(
         "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, status, created_at, updated_at, dispatch_seq,
                                 blocked_on)
@@ -237,4 +244,36 @@ async fn a_slots_waiting_tasks_are_read_in_order_in_plans_made_on_a_new_database
         .await
         .unwrap();
     assert_eq!(due(&mut conn).await, vec!["w7".to_owned(), "w107".to_owned()]);
+}
+
+#[tokio::test]
+async fn due_passes_read_only_the_due_tasks_in_plans_made_while_none_waited() {
+    // A due pass finds the due tasks by `not_before`, then updates them (and holds budget
+    // waiters). Those updates once went through the index of all waiting tasks to find
+    // their rows, reading every waiting task at each pass.
+    let mut conn = waiting_after_plans_made(Statistics::NoneWaiting).await;
+    sqlx::raw_sql("UPDATE llm_tasks SET not_before = 0 WHERE id = 'w7'").execute(&mut conn).await.unwrap();
+    for (name, _) in bloom::db::lifecycle::DUE_STATEMENTS {
+        let read = task_index_entries_read(&mut conn, &format!("EXECUTE pass_{name}(1, 1000)")).await;
+        // 2,000 waiting tasks or more when it reads them all; the due one and the rows
+        // updated by key here.
+        assert!(read < 100, "{name}: a due pass with one task due read {read} index entries of tasks");
+    }
+    // With a budget set, the hold looks at the due tasks' counters and their waiters too.
+    sqlx::raw_sql(
+        "INSERT INTO budget_limits (scope, key, metric, period, max_amount, updated_at)
+         VALUES ('agent_slug', 'a', 'requests', 'minute', 10, 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let read = task_index_entries_read(&mut conn, "EXECUTE pass_hold_budget_waiters(1, 1000)").await;
+    assert!(read < 100, "a budget hold with one task due read {read} index entries of tasks");
+    sqlx::raw_sql("EXECUTE pass_due(1, 1000)").execute(&mut conn).await.unwrap();
+    let dispatched: Vec<(String, i64)> =
+        sqlx::query_as("SELECT id, dispatch_seq FROM llm_tasks WHERE dispatch_seq > 0 AND status = 'queued'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(dispatched, vec![("w7".to_owned(), 2)], "the due task got its next dispatch");
 }

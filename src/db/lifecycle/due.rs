@@ -23,32 +23,22 @@ use crate::db::rows::TaskRow;
 use crate::domain::{AuditAction, DesiredFormat, NewAudit, Policy, Task, TaskStatus};
 use sqlx::types::Json;
 
+/// Gives the due tasks their dispatch: `$1` now, `$2` at most this many.
+pub(super) const DUE_SQL: &str = include_str!("due.sql");
+/// Holds the due waiters of budget counters that cannot admit them: `$1` now, `$2` the
+/// due tasks looked at.
+pub(super) const HOLD_BUDGET_WAITERS_SQL: &str = include_str!("hold_budget_waiters.sql");
+
 /// Dispatches up to `limit` delayed tasks due at `now`, most overdue first.
 pub async fn due(pool: &PgPool, limit: i64, now: i64) -> sqlx::Result<Vec<Dispatch>> {
     let mut tx = pool.begin().await?;
     hold_budget_waiters(&mut tx, limit, now).await?;
-    let tasks: Vec<Task> = sqlx::query_as!(
-        TaskRow,
-        r#"WITH c AS (
-             SELECT id FROM llm_tasks
-             WHERE status = 'queued' AND dispatch_seq <= 0 AND not_before <= $1
-             ORDER BY not_before LIMIT $2 FOR UPDATE SKIP LOCKED)
-           UPDATE llm_tasks t SET dispatch_seq = 1 - t.dispatch_seq, updated_at = $1, wait_reason = NULL,
-                                  blocked_on = NULL
-           FROM c WHERE t.id = c.id AND t.status = 'queued' AND t.dispatch_seq <= 0
-           RETURNING t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints AS "context_hints: Json<Vec<String>>",
-                     t.policy AS "policy: Json<Policy>", t.desired_format AS "desired_format: DesiredFormat",
-                     t.status AS "status: TaskStatus", t.created_at, t.updated_at, t.lease_id, t.worker_id,
-                     t.attempts, t.max_attempts, t.priority, t.not_before, t.idempotency_key, t.concurrency_key, t.wait_reason, t.last_error, t.dispatch_seq,
-                     t.routed_to"#,
-        now,
-        limit
-    )
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(Task::from)
-    .collect();
+    let tasks: Vec<Task> = sqlx::query_file_as!(TaskRow, "src/db/lifecycle/due.sql", now, limit)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(Task::from)
+        .collect();
     let entries: Vec<NewAudit> = tasks
         .iter()
         .map(|t| {
@@ -75,42 +65,7 @@ pub async fn due(pool: &PgPool, limit: i64, now: i64) -> sqlx::Result<Vec<Dispat
 /// `task_deferred` audit entry; looks at the counters of the first `limit` due tasks
 /// (those the dispatch that follows takes), and at every due waiter of each.
 async fn hold_budget_waiters(tx: &mut sqlx::PgConnection, limit: i64, now: i64) -> sqlx::Result<()> {
-    sqlx::query!(
-        r#"WITH due AS (
-             SELECT blocked_on FROM llm_tasks
-             WHERE status = 'queued' AND dispatch_seq <= 0 AND not_before <= $1 AND EXISTS (SELECT 1 FROM budget_limits)
-             ORDER BY not_before LIMIT $2),
-           -- The counters passed as a column, not a subquery: a SQL function's body is
-           -- inlined into this statement's plan only then, else planned at every call.
-           b AS (SELECT r.* FROM (SELECT ARRAY(SELECT DISTINCT blocked_on FROM due WHERE blocked_on IS NOT NULL) AS counters) x
-                 CROSS JOIN LATERAL bloom_budget_room(x.counters, $1) r),
-           w AS (
-             SELECT t.id, t.blocked_on, t.priority, t.created_at, t.policy FROM llm_tasks t
-             WHERE t.blocked_on = ANY(ARRAY(SELECT counter FROM b)) AND t.status = 'queued' AND t.dispatch_seq <= 0
-               AND t.not_before <= $1
-             FOR UPDATE SKIP LOCKED),
-           ranked AS (
-             SELECT w.id, b.*, r.reserve,
-                    sum(r.reserve) OVER (PARTITION BY b.counter ORDER BY w.priority DESC, w.created_at, w.id) AS upto
-             FROM w JOIN b ON b.counter = w.blocked_on
-             CROSS JOIN LATERAL (SELECT bloom_reserve(b.metric, b.max_amount, w.policy, b.estimate, b.average) AS reserve) r),
-           held AS (
-             UPDATE llm_tasks t SET not_before = h.window_end, updated_at = $1,
-                    wait_reason = 'budget of ' || h.scope || ' ' || h.key || ' for ' || h.metric || ' per ' || h.period
-                                  || ' taken by tasks ahead (' || bloom_amount(h.metric, GREATEST(h.room, 0)) || ' of '
-                                  || bloom_amount(h.metric, h.max_amount) || ' left) until ' || bloom_iso_time(h.window_end)
-             FROM ranked h
-             WHERE t.id = h.id AND t.status = 'queued' AND t.dispatch_seq <= 0
-               AND NOT (h.upto <= h.room AND h.upto - h.reserve < h.room)
-             RETURNING t.id, t.wait_reason)
-           INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-           SELECT gen_random_uuid()::text, $1, 'task_deferred', 'llm_task', id, 'reconciler', 'Still waiting: ' || wait_reason
-           FROM held"#,
-        now,
-        limit
-    )
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query_file!("src/db/lifecycle/hold_budget_waiters.sql", now, limit).execute(&mut *tx).await?;
     Ok(())
 }
 

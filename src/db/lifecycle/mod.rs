@@ -65,6 +65,11 @@ pub const HOT_STATEMENTS: [(&str, &str); 4] = [
     ("complete", complete::COMPLETE_SQL),
 ];
 
+/// The due pass's statements (`$1` now, `$2` a batch size), which look the due tasks up
+/// in the index of waiting tasks and update them by key.
+pub const DUE_STATEMENTS: [(&str, &str); 2] =
+    [("due", due::DUE_SQL), ("hold_budget_waiters", due::HOLD_BUDGET_WAITERS_SQL)];
+
 /// Why a single-task transition was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum TransitionError {
