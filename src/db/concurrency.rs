@@ -169,28 +169,49 @@ pub async fn wake(db: impl PgExecutor<'_>) -> sqlx::Result<u64> {
     Ok(n as u64)
 }
 
-/// How long a recheck waits for the ends in flight of its slots: they commit within
-/// milliseconds; a longer wait means locks taken out of order, which the periodic wake
-/// resolves instead.
+/// How long a recheck tries again the slots with ends in flight, and then waits for
+/// their locks: ends commit within milliseconds; a longer wait means locks taken out of
+/// order, which the periodic wake resolves instead.
 pub const RECHECK_PATIENCE: Duration = Duration::from_millis(200);
 
-/// After a transaction that put tasks aside for these full slots committed: waits (at
-/// most `patience`, else fails) for the ends of those slots in flight, then makes due the
-/// waiting tasks the slots have room for (`bloom_slots_recheck`, migration 0032). An end
+/// How long a recheck lets an end in flight finish before it tries a slot's lock again.
+const BUSY_RETRY: Duration = Duration::from_millis(2);
+
+/// After a transaction that put tasks aside for these full slots committed: makes due the
+/// waiting tasks the slots have room for, once no end of theirs is in flight. An end
 /// that committed after the admission read the slot, but whose own wake ran before the
-/// task was put aside, is seen here. Returns how many tasks were made due.
-pub async fn recheck(db: impl PgExecutor<'_>, slots: &[String], patience: Duration) -> sqlx::Result<u64> {
-    if slots.is_empty() {
-        return Ok(0);
+/// task was put aside, is seen here. Each slot's lock is only tried
+/// (`bloom_slots_try_recheck`, migration 0038): the slots with an end in flight are tried
+/// again every [`BUSY_RETRY`], so that no later end queues behind a waiting recheck;
+/// past `patience` the rest wait for their ends (`bloom_slots_recheck`, migration 0032,
+/// failing after `patience` more). Returns how many tasks were made due.
+pub async fn recheck(db: &PgPool, slots: &[String], patience: Duration) -> sqlx::Result<u64> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut woken = 0;
+    let mut left = slots.to_vec();
+    while !left.is_empty() {
+        let tried =
+            sqlx::query!(r#"SELECT woken AS "woken!", busy AS "busy!" FROM bloom_slots_try_recheck($1)"#, &left)
+                .fetch_one(db)
+                .await?;
+        woken += tried.woken as u64;
+        left = tried.busy;
+        if left.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let n = sqlx::query_scalar!(
+                r#"SELECT bloom_slots_recheck($1, $2) AS "n!""#,
+                &left,
+                patience.as_millis().min(i32::MAX as u128) as i32
+            )
+            .fetch_one(db)
+            .await?;
+            return Ok(woken + n as u64);
+        }
+        tokio::time::sleep(BUSY_RETRY).await;
     }
-    let n = sqlx::query_scalar!(
-        r#"SELECT bloom_slots_recheck($1, $2) AS "n!""#,
-        slots,
-        patience.as_millis().min(i32::MAX as u128) as i32
-    )
-    .fetch_one(db)
-    .await?;
-    Ok(n as u64)
+    Ok(woken)
 }
 
 /// Every limit, with what runs and waits under it.

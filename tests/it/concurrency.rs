@@ -280,9 +280,11 @@ async fn an_end_racing_a_claim_waits_for_nothing_and_the_claims_recheck_wakes_th
 }
 
 /// A recheck waits for the ends of its slots still in flight, so it sees the room they
-/// make once they commit.
+/// make once they commit; meanwhile it holds no later end of the slot back (it only
+/// tries the slot's lock: a waiting exclusive request would queue every later end's
+/// shared one behind it).
 #[tokio::test]
-async fn a_recheck_waits_for_an_end_in_flight_and_sees_its_room() {
+async fn a_recheck_waits_for_an_end_in_flight_and_sees_its_room_without_holding_later_ends() {
     let (app, first, second, tx) = second_put_aside_uncommitted().await;
     // The first task's lease ends (its wake does not see the task put aside) and has not
     // committed when the claim has, and rechecks.
@@ -293,21 +295,25 @@ async fn a_recheck_waits_for_an_end_in_flight_and_sees_its_room() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
+    let try_recheck = "SELECT woken, busy FROM bloom_slots_try_recheck(ARRAY['concurrency_key:k'])";
+    let (woken, busy): (i64, Vec<String>) = sqlx::query_as(try_recheck).fetch_one(&app.pool).await.unwrap();
+    assert_eq!((woken, busy), (0, vec!["concurrency_key:k".to_owned()]), "the end in flight keeps the slot busy");
     let recheck = {
         let pool = app.pool.clone();
         tokio::spawn(async move {
             concurrency::recheck(&pool, &["concurrency_key:k".to_owned()], Duration::from_secs(30)).await
         })
     };
-    wait_for("the recheck waits for the end's lock", Duration::from_secs(10), || async {
-        app.count(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND mode = 'ExclusiveLock'
-               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        )
-        .await
-            == 1
-    })
-    .await;
+    // Another end of the slot takes its shared lock at once: nothing waits for it exclusively.
+    let mut later = app.pool.begin().await.unwrap();
+    sqlx::raw_sql(
+        "SET LOCAL lock_timeout = '2s';
+         SELECT pg_advisory_xact_lock_shared(1651273583, bloom_slot_lock('concurrency_key:k'))",
+    )
+    .execute(&mut *later)
+    .await
+    .expect("a later end queued behind the recheck");
+    later.rollback().await.unwrap();
     ending.commit().await.unwrap();
     assert_eq!(recheck.await.unwrap().unwrap(), 1, "the recheck saw the end committed");
     assert_eq!(app.count(&format!("SELECT not_before FROM llm_tasks WHERE id = '{second}'")).await, 0);
