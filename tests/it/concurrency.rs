@@ -304,7 +304,20 @@ async fn a_recheck_waits_for_an_end_in_flight_and_sees_its_room_without_holding_
             concurrency::recheck(&pool, &["concurrency_key:k".to_owned()], Duration::from_secs(30)).await
         })
     };
-    // Another end of the slot takes its shared lock at once: nothing waits for it exclusively.
+    // The recheck has tried the slot (its statement is its connection's last one) ...
+    wait_for("the recheck tried the busy slot", Duration::from_secs(10), || async {
+        app.count(
+            // The pattern split, so that this statement's own text does not match it.
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE '%bloom_slots_try_' || 'recheck($1)%'",
+        )
+        .await
+            > 0
+    })
+    .await;
+    assert!(!recheck.is_finished(), "the recheck did not wait for the end in flight");
+    // ... and another end of the slot takes its shared lock at once: nothing waits for it
+    // exclusively.
     let mut later = app.pool.begin().await.unwrap();
     sqlx::raw_sql(
         "SET LOCAL lock_timeout = '2s';
