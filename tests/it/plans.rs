@@ -160,8 +160,8 @@ enum Statistics {
 /// A database where 5,000 tasks ran (each once waited for a slot: their entries in the
 /// slots' index dead, not vacuumed yet), and a connection that planned the release and the
 /// wake of a slot and the due pass's statements (generic plans, made once, as on the
-/// reconcilers' connections) from `statistics`; then 2,000 tasks wait, 20 on each of the slots `k0` to `k99`, without
-/// the plans being made again. Returns that connection.
+/// reconcilers' connections) from `statistics`; then 2,000 tasks wait, 20 on each of the
+/// slots `k0` to `k99`, without the plans being made again. Returns that connection.
 async fn waiting_after_plans_made(statistics: Statistics) -> sqlx::PgConnection {
     let (pool, _) = fresh_db().await;
     let analyze = if statistics == Statistics::NoneWaiting { "ANALYZE llm_tasks" } else { "SELECT 1" };
