@@ -147,7 +147,12 @@ async fn artifacts_fall_back_to_postgres_when_s3_is_down() {
     let settings =
         bloom::reconciler::ReconcilerSettings { artifact_write_behind_max_bytes: 0, ..app.reconciler_settings() };
     let (r, _) = app.start_reconciler_with(settings).await;
-    app.start_worker("w", 2).await;
+    // The worker waits for its result to be stored however long the failing upload takes
+    // (its retries may outlast the default claim timeout, and the result would then be
+    // sent again through the stream and uploaded a second time).
+    let mut worker = app.worker_settings("w", 2);
+    worker.claim_timeout = Duration::from_secs(60);
+    app.start_worker_with(worker).await;
     let id = app.submit("kept in postgres").await["id"].as_str().unwrap().to_owned();
     wait_for("completed", Duration::from_secs(30), || async { app.status_of(&id).await == "completed" }).await;
     let (_, arts) = app.get(&format!("/api/runtime/artifacts?task_id={id}")).await;
