@@ -164,6 +164,11 @@ pub struct StartRequest {
     pub worker_id: WorkerId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Capabilities>,
+    /// The starting process, a time-ordered id: with capabilities, the leases end once
+    /// per process (a request handled again, or one of an earlier process, ends
+    /// nothing); without, every start ends them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 /// The answer to a [`StartRequest`]: how many leases of the previous process were ended

@@ -577,8 +577,13 @@ const HEARTBEAT_RETRY: Duration = Duration::from_millis(200);
 /// instead of after their TTL (they would also count against its `max_concurrency`).
 /// Without an answer the worker starts anyway; those leases then expire as usual.
 async fn announce_start(ctx: &Ctx, slots: &Slots) {
-    let req =
-        StartRequest { worker_id: ctx.settings.id.clone(), capabilities: Some(ctx.settings.capabilities.clone()) };
+    // This process's name: a start request of it handled late (after an answer to the
+    // same request sent again) ends nothing, nor the leases this process claims.
+    let req = StartRequest {
+        worker_id: ctx.settings.id.clone(),
+        capabilities: Some(ctx.settings.capabilities.clone()),
+        boot_id: Some(crate::domain::new_id()),
+    };
     // Workers often start before the reconcilers: until one answers, Postgres does not
     // know this worker and would answer its claims `full`. Asked again for a while.
     let deadline = Instant::now() + START_ANSWER_PATIENCE;

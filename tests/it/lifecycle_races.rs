@@ -1,7 +1,8 @@
 //! The guarded transitions under races: the seed's holes, each with a test.
 
 use bloom::db::lifecycle::{self, Claim, ClaimOutcome};
-use bloom::domain::{TaskId, WorkerId};
+use bloom::db::workers::Beat;
+use bloom::domain::{TaskId, WorkerId, WorkerStatus};
 use bloom::time::now_ms;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -370,6 +371,58 @@ async fn active_leases_follow_every_transition() {
         lifecycle::expire(&app.pool, lifecycle::Expiring::HeldBy(&WorkerId::from("r")), 100, now_ms()).await.unwrap();
     assert_eq!(ended.expired, 2);
     assert_eq!(active().await, 0);
+    assert_eq!(miscounted_workers(&app).await, 0);
+    app.stop().await;
+}
+
+/// A worker's start ends the leases its earlier processes held, once per process: the
+/// same start handled again after the worker began claiming (its first answer came
+/// late), or a start of an earlier process, ends nothing; a later process's does, and of
+/// two copies of one start handled at once, one ends them.
+#[tokio::test]
+async fn a_start_ends_the_leases_of_earlier_processes_once() {
+    let app = TestApp::spawn().await;
+    app.register_worker("w", 4).await;
+    let claimed = |text: &'static str| {
+        let app = &app;
+        async move {
+            let id = TaskId::from(app.submit(text).await["id"].as_str().unwrap());
+            let claim = Claim { task_id: id.clone(), dispatch_seq: 1, worker_id: "w".into(), ttl_seconds: 30 };
+            let granted = lifecycle::claim(&app.pool, &[claim], now_ms()).await.unwrap();
+            assert!(matches!(granted[..], [ClaimOutcome::Granted(_)]), "{granted:?}");
+            id
+        }
+    };
+    let beat = Beat {
+        id: "w".into(),
+        status: WorkerStatus::Online,
+        capabilities: serde_json::from_value(json!({"max_concurrency": 4})).unwrap(),
+        ip_addrs: Vec::new(),
+    };
+    let [earlier, boot, later, latest] =
+        ["1", "2", "3", "4"].map(|n| format!("019ae000-0000-7000-8000-00000000000{n}"));
+    let restart = |boot: &String| {
+        let (pool, beat, boot) = (app.pool.clone(), beat.clone(), boot.clone());
+        async move { lifecycle::restart(&pool, &beat, &boot, now_ms()).await }
+    };
+    claimed("a").await;
+    claimed("b").await;
+    let start = restart(&boot).await.unwrap();
+    assert_eq!((start.expiry.expired, start.expiry.requeued.len()), (2, 2));
+    let c = claimed("c").await;
+    for again in [&boot, &earlier] {
+        assert_eq!(restart(again).await.unwrap().expiry.expired, 0, "start of {again}");
+    }
+    assert_eq!(app.status_of(c.as_str()).await, "leased");
+    assert_eq!(restart(&later).await.unwrap().expiry.expired, 1);
+    assert_eq!(app.status_of(c.as_str()).await, "queued");
+    claimed("d").await;
+    claimed("e").await;
+    let (x, y) = tokio::join!(restart(&latest), restart(&latest));
+    let mut ended = [x.unwrap().expiry.expired, y.unwrap().expiry.expired];
+    ended.sort();
+    assert_eq!(ended, [0, 2]);
+    assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'active'").await, 0);
     assert_eq!(miscounted_workers(&app).await, 0);
     app.stop().await;
 }

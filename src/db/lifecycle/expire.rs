@@ -1,6 +1,6 @@
 //! `expire`: leases past their time (or of a restarted worker) ended; tasks requeued or dead (batch).
 
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::db::outbox::{self, Dispatch};
 use crate::db::{audit, tasks};
@@ -43,11 +43,23 @@ struct Ended {
 /// lease expired (in `leased` or `running`) is requeued through the outbox while
 /// attempts remain, else becomes `dead`.
 pub async fn expire(pool: &PgPool, which: Expiring<'_>, limit: i64, now: i64) -> sqlx::Result<Expiry> {
+    let mut tx = pool.begin().await?;
+    let report = expire_in(&mut tx, which, limit, now).await?;
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// [`expire`] within the caller's transaction.
+pub(super) async fn expire_in(
+    tx: &mut PgConnection,
+    which: Expiring<'_>,
+    limit: i64,
+    now: i64,
+) -> sqlx::Result<Expiry> {
     let (cutoff, holder, ended) = match which {
         Expiring::Before(cutoff) => (cutoff, None, "expired"),
         Expiring::HeldBy(worker) => (i64::MAX, Some(worker), "ended: its worker restarted"),
     };
-    let mut tx = pool.begin().await?;
     let rows = sqlx::query_as!(
         Ended,
         r#"WITH stale AS (
@@ -114,7 +126,6 @@ pub async fn expire(pool: &PgPool, which: Expiring<'_>, limit: i64, now: i64) ->
     }
     audit::insert(&mut *tx, &entries, now).await?;
     let requeued = tasks::get_many(&mut *tx, &requeued_ids).await?;
-    report.requeued = outbox::insert(&mut tx, requeued, now).await?;
-    tx.commit().await?;
+    report.requeued = outbox::insert(tx, requeued, now).await?;
     Ok(report)
 }

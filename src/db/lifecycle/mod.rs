@@ -35,6 +35,7 @@ mod redispatch;
 mod release;
 mod requeue;
 mod reroute;
+mod restart;
 
 use sqlx::PgPool;
 
@@ -52,6 +53,7 @@ pub use redispatch::redispatch;
 pub use release::release;
 pub use requeue::{requeue, requeue_many};
 pub use reroute::reroute;
+pub use restart::{restart, Restart};
 
 use super::tasks;
 use crate::domain::{Task, TaskId, TaskStatus};
