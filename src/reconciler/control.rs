@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Reconciler;
 use crate::bus::names::RECONCILER_QUEUE;
-use crate::db::lifecycle::{self, Claim, ClaimOutcome, Expiring};
+use crate::db::lifecycle::{self, Claim, ClaimOutcome};
 use crate::db::workers::{self, Beat};
 use crate::db::Dedicated;
 use crate::domain::{WorkerId, WorkerStatus};
@@ -272,23 +272,27 @@ async fn handle_starts(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> Dedi
         let Some(req) = parse::<StartRequest>(&r, &msg) else {
             continue;
         };
-        let (ended, draining) = match (req.boot_id.as_deref(), req.capabilities.clone()) {
-            (Some(boot), Some(capabilities)) => {
-                let beat = Beat {
-                    id: req.worker_id.clone(),
-                    status: WorkerStatus::Online,
-                    capabilities,
-                    ip_addrs: Vec::new(),
-                };
-                match lifecycle::restart(&r.pool, &beat, boot, r.clock.now_ms()).await {
-                    Ok(restart) => (record_ended(&r, restart.expiry), restart.draining),
-                    Err(e) => {
-                        tracing::error!(error = %e, worker.id = %req.worker_id, "registering a starting worker failed");
-                        (0, false)
-                    }
-                }
+        let beat = req.capabilities.clone().map(|capabilities| Beat {
+            id: req.worker_id.clone(),
+            status: WorkerStatus::Online,
+            capabilities,
+            ip_addrs: Vec::new(),
+        });
+        let started =
+            lifecycle::restart(&r.pool, &req.worker_id, beat.as_ref(), req.boot_id.as_deref(), r.clock.now_ms()).await;
+        let (ended, draining) = match started {
+            Ok(restart) => {
+                let expiry = restart.expiry;
+                r.metrics.leases_expired_total.add(expiry.expired as u64);
+                r.metrics.tasks_requeued_total.add(expiry.requeued.len() as u64);
+                r.metrics.tasks_dead_total.add(expiry.dead as u64);
+                r.dispatcher.send(expiry.requeued);
+                (expiry.expired, restart.draining)
             }
-            _ => start_without_boot(&r, &req).await,
+            Err(e) => {
+                tracing::error!(error = %e, worker.id = %req.worker_id, "registering a starting worker failed");
+                (0, false)
+            }
         };
         if ended > 0 {
             tracing::info!(worker.id = %req.worker_id, ended, "worker restarted: its previous leases ended");
@@ -296,50 +300,6 @@ async fn handle_starts(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> Dedi
         reply(&r, &msg, &StartReply { ended, draining }).await;
     }
     db
-}
-
-/// Counts and dispatches what ending a restarted worker's leases did; returns how many
-/// ended.
-fn record_ended(r: &Reconciler, expiry: lifecycle::Expiry) -> usize {
-    r.metrics.leases_expired_total.add(expiry.expired as u64);
-    r.metrics.tasks_requeued_total.add(expiry.requeued.len() as u64);
-    r.metrics.tasks_dead_total.add(expiry.dead as u64);
-    r.dispatcher.send(expiry.requeued);
-    expiry.expired
-}
-
-/// The start of a worker that names no process (an earlier version): every start ends
-/// the leases its id holds, then registers it when it sent its capabilities.
-async fn start_without_boot(r: &Reconciler, req: &StartRequest) -> (usize, bool) {
-    // Its previous leases end before it is registered online: whoever sees the
-    // worker online (a REST lease, a test) no longer sees them held.
-    let mut ended = 0;
-    loop {
-        match lifecycle::expire(&r.pool, Expiring::HeldBy(&req.worker_id), 500, r.clock.now_ms()).await {
-            Ok(expiry) => {
-                let n = record_ended(r, expiry);
-                ended += n;
-                if n < 500 {
-                    break;
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, worker.id = %req.worker_id, "ending a restarted worker's leases failed");
-                break;
-            }
-        }
-    }
-    let mut draining = false;
-    if let Some(capabilities) = req.capabilities.clone() {
-        let beat = Beat { id: req.worker_id.clone(), status: WorkerStatus::Online, capabilities, ip_addrs: Vec::new() };
-        match workers::record_beats(&r.pool, &[beat], r.clock.now_ms()).await {
-            Ok(stored) => draining = stored.iter().any(|(_, d)| *d),
-            Err(e) => {
-                tracing::error!(error = %e, worker.id = %req.worker_id, "registering a starting worker failed")
-            }
-        }
-    }
-    (ended, draining)
 }
 
 async fn handle_worker_beats(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -> Dedicated {

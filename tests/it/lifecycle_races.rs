@@ -403,7 +403,7 @@ async fn a_start_ends_the_leases_of_earlier_processes_once() {
         ["1", "2", "3", "4"].map(|n| format!("019ae000-0000-7000-8000-00000000000{n}"));
     let restart = |boot: &String| {
         let (pool, beat, boot) = (app.pool.clone(), beat.clone(), boot.clone());
-        async move { lifecycle::restart(&pool, &beat, &boot, now_ms()).await }
+        async move { lifecycle::restart(&pool, &beat.id, Some(&beat), Some(&boot), now_ms()).await }
     };
     claimed("a").await;
     claimed("b").await;
