@@ -451,7 +451,7 @@ pub struct ReconcilerArgs {
     /// dispatched again (its message was lost with a NATS server); 0 disables.
     #[arg(long, env = "BLOOM_REDISPATCH_AFTER_MS", default_value_t = 15_000)]
     pub redispatch_after_ms: u64,
-    /// A NATS worker silent this long (ms) is marked offline.
+    /// A NATS worker silent this long (ms) is marked offline and its leases end.
     #[arg(long, env = "BLOOM_WORKER_TIMEOUT_MS", default_value_t = 30_000)]
     pub worker_timeout_ms: u64,
     /// Membridge agent sync interval in milliseconds.

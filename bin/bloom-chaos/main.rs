@@ -418,7 +418,9 @@ async fn main() -> anyhow::Result<()> {
         ("BLOOM_EXPIRY_GRACE_MS".into(), "500".into()),
         ("BLOOM_SWEEP_INTERVAL_MS".into(), "250".into()),
         ("BLOOM_RELAY_MIN_AGE_MS".into(), "1000".into()),
+        // A worker silent this long loses its leases: five beats missed, not one.
         ("BLOOM_WORKER_TIMEOUT_MS".into(), "5000".into()),
+        ("BLOOM_WORKER_BEAT_INTERVAL_MS".into(), "1000".into()),
         ("BLOOM_RECONCILER_HTTP_PORT".into(), "0".into()),
         ("BLOOM_WORKER_HTTP_PORT".into(), "0".into()),
         ("BLOOM_EXECUTOR".into(), "builtin".into()),

@@ -8,7 +8,6 @@ use tokio_util::sync::CancellationToken;
 use super::expiry_pause::ExpiryPause;
 use super::Reconciler;
 use crate::db::lifecycle::{self, Expiring};
-use crate::db::workers;
 use crate::domain::WorkerId;
 
 /// Leases expired per transaction.
@@ -45,7 +44,7 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
 }
 
 /// Expires overdue leases (requeueing or killing their tasks), marks silent NATS
-/// workers offline and moves their routed tasks to the pool.
+/// workers offline, ends their leases and moves their routed tasks to the pool.
 pub async fn run_once(r: &Reconciler) -> sqlx::Result<SweepReport> {
     let mut report = SweepReport::default();
     let now = r.clock.now_ms();
@@ -71,16 +70,19 @@ pub async fn run_once(r: &Reconciler) -> sqlx::Result<SweepReport> {
             break;
         }
     }
+    let silent_since = now - r.settings.worker_timeout.as_millis() as i64;
+    let silence = lifecycle::silence(&r.pool, silent_since, now).await?;
+    report.workers_offline = silence.offline.len();
+    report.leases_expired += silence.expiry.expired;
+    report.tasks_requeued += silence.expiry.requeued.len();
+    report.tasks_dead += silence.expiry.dead;
+    r.dispatcher.send(silence.expiry.requeued);
     let m = &r.metrics;
     m.leases_expired_total.add(report.leases_expired as u64);
     m.tasks_requeued_total.add(report.tasks_requeued as u64);
     m.tasks_dead_total.add(report.tasks_dead as u64);
-
-    let silent_since = now - r.settings.worker_timeout.as_millis() as i64;
-    let offline = workers::expire_silent_nats_workers(&r.pool, silent_since).await?;
-    report.workers_offline = offline.len();
-    m.workers_marked_offline_total.add(offline.len() as u64);
-    report.tasks_rerouted = reroute(r, &offline).await;
+    m.workers_marked_offline_total.add(silence.offline.len() as u64);
+    report.tasks_rerouted = reroute(r, &silence.offline).await;
     Ok(report)
 }
 

@@ -150,7 +150,8 @@ async fn expiry_and_redelivery_racing_leave_one_lease_and_one_counted_attempt() 
 
 /// The sweeper's duty one pass at a time, on a manual clock: a lease expires once its
 /// TTL and the grace have passed, not before; a NATS worker silent past the worker
-/// timeout goes offline, and the task routed to it goes back to the pool.
+/// timeout goes offline, its leases end at once (their tasks requeued) and the task
+/// routed to it goes back to the pool; a worker that keeps beating keeps its lease.
 #[tokio::test]
 async fn the_sweeper_acts_when_the_time_has_come_and_not_before() {
     use bloom::db::lifecycle::{self, Claim, ClaimOutcome};
@@ -168,16 +169,23 @@ async fn the_sweeper_acts_when_the_time_has_come_and_not_before() {
     let start = bloom::time::now_ms();
     r.clock = bloom::time::Clock::manual(start);
     let capabilities = Capabilities { claude_cli: true, max_concurrency: 4, labels: vec![] };
-    let beat = Beat { id: "w".into(), status: WorkerStatus::Online, capabilities, ip_addrs: vec![] };
-    workers::record_beats(&app.pool, &[beat], start).await.unwrap();
-    let claimed = app.submit_with(json!({"context_id": "c", "agent_slug": "a", "prompt": "claimed"})).await;
-    let claim = Claim {
-        task_id: claimed["id"].as_str().unwrap().into(),
+    let beat = |id: &str| Beat {
+        id: id.into(),
+        status: WorkerStatus::Online,
+        capabilities: capabilities.clone(),
+        ip_addrs: vec![],
+    };
+    workers::record_beats(&app.pool, &[beat("w"), beat("v")], start).await.unwrap();
+    let claim = |task: &serde_json::Value, worker: &str| Claim {
+        task_id: task["id"].as_str().unwrap().into(),
         dispatch_seq: 1,
-        worker_id: "w".into(),
+        worker_id: worker.into(),
         ttl_seconds: 60,
     };
-    assert!(matches!(lifecycle::claim(&app.pool, &[claim], start).await.unwrap()[0], ClaimOutcome::Granted(_)));
+    let silent = app.submit_with(json!({"context_id": "c", "agent_slug": "a", "prompt": "claimed"})).await;
+    let beating = app.submit_with(json!({"context_id": "d", "agent_slug": "a", "prompt": "claimed"})).await;
+    let granted = lifecycle::claim(&app.pool, &[claim(&silent, "w"), claim(&beating, "v")], start).await.unwrap();
+    assert!(granted.iter().all(|g| matches!(g, ClaimOutcome::Granted(_))), "{granted:?}");
     // The next task of the context is routed to `w` (it holds the context).
     let routed = app.submit_with(json!({"context_id": "c", "agent_slug": "a", "prompt": "routed"})).await;
     let routed = routed["id"].as_str().unwrap().to_owned();
@@ -188,15 +196,26 @@ async fn the_sweeper_acts_when_the_time_has_come_and_not_before() {
     r.clock.advance(Duration::from_secs(10));
     assert_eq!(sweeper::run_once(&r).await.unwrap(), SweepReport::default());
     r.clock.advance(Duration::from_secs(25));
-    let silent = sweeper::run_once(&r).await.unwrap();
-    assert_eq!((silent.workers_offline, silent.tasks_rerouted, silent.leases_expired), (1, 1, 0), "{silent:?}");
+    workers::record_beats(&app.pool, &[beat("v")], r.clock.now_ms()).await.unwrap();
+    let report = sweeper::run_once(&r).await.unwrap();
+    assert_eq!(
+        (report.workers_offline, report.tasks_rerouted, report.leases_expired, report.tasks_requeued),
+        (1, 1, 1, 1),
+        "{report:?}"
+    );
     assert_eq!(routed_to().await, 0);
+    assert_eq!(app.status_of(silent["id"].as_str().unwrap()).await, "queued");
+    assert_eq!(app.status_of(beating["id"].as_str().unwrap()).await, "leased");
+    let ended =
+        "SELECT count(*) FROM audit_logs WHERE action = 'lease_expired' AND detail LIKE '%its worker went silent%'";
+    assert_eq!(app.count(ended).await, 1);
     r.clock.advance(Duration::from_secs(26));
-    assert_eq!(sweeper::run_once(&r).await.unwrap().leases_expired, 0, "61 s: within the grace");
+    workers::record_beats(&app.pool, &[beat("v")], r.clock.now_ms()).await.unwrap();
+    assert_eq!(sweeper::run_once(&r).await.unwrap(), SweepReport::default(), "61 s: within the grace");
     r.clock.advance(Duration::from_secs(2));
     let expired = sweeper::run_once(&r).await.unwrap();
-    assert_eq!((expired.leases_expired, expired.tasks_requeued), (1, 1), "{expired:?}");
-    assert_eq!(app.status_of(claimed["id"].as_str().unwrap()).await, "queued");
+    assert_eq!((expired.leases_expired, expired.tasks_requeued, expired.workers_offline), (1, 1, 0), "{expired:?}");
+    assert_eq!(app.status_of(beating["id"].as_str().unwrap()).await, "queued");
     app.stop().await;
 }
 

@@ -1,4 +1,5 @@
-//! Sticky tasks of a worker that goes silent are rerouted to the shared pool.
+//! Sticky tasks of a worker that goes silent are rerouted to the shared pool, and the
+//! tasks it held are run again.
 
 use std::time::Duration;
 
@@ -52,6 +53,15 @@ async fn queued_tasks_routed_to_a_silent_worker_go_to_the_pool() {
     .await;
     let (_, t) = app.get(&format!("/api/runtime/llm-tasks/{next_id}")).await;
     assert_eq!(t["worker_id"], "pool-worker");
+    // The task ghost held is run again too, without waiting for its lease's TTL.
+    let first_id = first["id"].as_str().unwrap().to_owned();
+    wait_for("the silent worker's task completed", Duration::from_secs(30), || async {
+        app.status_of(&first_id).await == "completed"
+    })
+    .await;
+    let (_, t) = app.get(&format!("/api/runtime/llm-tasks/{first_id}")).await;
+    assert_eq!((t["worker_id"].as_str(), t["attempts"].as_i64()), (Some("pool-worker"), Some(2)), "{t}");
+    assert_eq!(app.count("SELECT count(*) FROM leases WHERE worker_id = 'ghost' AND status = 'expired'").await, 1);
     assert_eq!(app.count("SELECT count(*) FROM workers WHERE id = 'ghost' AND status = 'offline'").await, 1);
     assert_eq!(r.metrics.tasks_rerouted_total.get(), 1);
     assert_eq!(r.metrics.workers_marked_offline_total.get(), 1);

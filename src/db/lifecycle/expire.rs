@@ -25,6 +25,9 @@ pub enum Expiring<'a> {
     /// Those a worker held before its process restarted: the executions died with the
     /// previous process, so they need not wait for their TTL.
     HeldBy(&'a WorkerId),
+    /// Those of a worker that went silent (no beat for the worker timeout): its process
+    /// is gone or cut off, so they need not wait for their TTL either.
+    OfSilent(&'a WorkerId),
 }
 
 /// One ended lease, and what became of its task (nothing when the lease was no longer
@@ -59,6 +62,7 @@ pub(super) async fn expire_in(
     let (cutoff, holder, ended) = match which {
         Expiring::Before(cutoff) => (cutoff, None, "expired"),
         Expiring::HeldBy(worker) => (i64::MAX, Some(worker), "ended: its worker restarted"),
+        Expiring::OfSilent(worker) => (i64::MAX, Some(worker), "ended: its worker went silent"),
     };
     let rows = sqlx::query_as!(
         Ended,

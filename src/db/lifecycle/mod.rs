@@ -36,6 +36,7 @@ mod release;
 mod requeue;
 mod reroute;
 mod restart;
+mod silence;
 
 use sqlx::PgPool;
 
@@ -54,6 +55,7 @@ pub use release::release;
 pub use requeue::{requeue, requeue_many};
 pub use reroute::reroute;
 pub use restart::{restart, Restart};
+pub use silence::{silence, Silence};
 
 use super::tasks;
 use crate::domain::{Task, TaskId, TaskStatus};
