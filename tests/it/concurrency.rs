@@ -368,3 +368,56 @@ async fn limits_and_concurrency_keys_are_validated_naming_the_field() {
     assert_eq!(app.delete("/api/runtime/concurrency-limits/context_id/none").await.0, StatusCode::NOT_FOUND);
     app.stop().await;
 }
+
+/// A new task is routed to the worker running its context only when no concurrency limit
+/// governs it (its own key's limit or its scope's `*`, in any scope): the context's
+/// running task holds the slot it needs, so routed it would be claimed at once and put
+/// aside. Without a limit, routing is as before.
+#[tokio::test]
+async fn tasks_a_limit_governs_are_not_routed_to_their_contexts_worker() {
+    use bloom::db::workers::{self, Beat};
+    use bloom::domain::{Capabilities, WorkerStatus};
+
+    let app = TestApp::spawn().await;
+    let now = bloom::time::now_ms();
+    let capabilities = Capabilities { claude_cli: true, max_concurrency: 8, labels: vec![] };
+    let beat = Beat { id: "w".into(), status: WorkerStatus::Online, capabilities, ip_addrs: vec![] };
+    workers::record_beats(&app.pool, &[beat], now).await.unwrap();
+    let running = app.submit_with(task("c", "running")).await;
+    let claim = Claim {
+        task_id: running["id"].as_str().unwrap().into(),
+        dispatch_seq: 1,
+        worker_id: "w".into(),
+        ttl_seconds: 60,
+    };
+    assert!(matches!(lifecycle::claim(&app.pool, &[claim], now).await.unwrap()[0], ClaimOutcome::Granted(_)));
+    let owner = app;
+    let app = &owner;
+    let routed = |body: Value| async move {
+        let id = app.submit_with(body).await["id"].as_str().unwrap().to_owned();
+        sqlx::query_scalar::<_, Option<String>>("SELECT routed_to FROM llm_tasks WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+    };
+    let keyed = |key: &str| json!({"context_id": "c", "agent_slug": "writer", "prompt": "p", "concurrency_key": key});
+    assert_eq!(routed(task("c", "no limit anywhere")).await.as_deref(), Some("w"));
+
+    let put = |path: &'static str| async move {
+        assert_eq!(app.put(path, json!({"max_running": 2})).await.0, StatusCode::OK);
+    };
+    put("/api/runtime/concurrency-limits/concurrency_key/k").await;
+    assert_eq!(routed(keyed("k")).await, None, "its key has a limit");
+    assert_eq!(routed(keyed("other")).await.as_deref(), Some("w"), "another key's limit");
+    assert_eq!(routed(task("c", "no key")).await.as_deref(), Some("w"));
+    put("/api/runtime/concurrency-limits/concurrency_key/*").await;
+    assert_eq!(routed(keyed("other")).await, None, "every key has a limit");
+    assert_eq!(routed(task("c", "no key")).await.as_deref(), Some("w"), "`*` governs tasks with a key");
+    put("/api/runtime/concurrency-limits/agent_slug/writer").await;
+    assert_eq!(routed(task("c", "its agent")).await, None, "its agent has a limit");
+    assert_eq!(app.delete("/api/runtime/concurrency-limits/agent_slug/writer").await.0, StatusCode::OK);
+    put("/api/runtime/concurrency-limits/context_id/*").await;
+    assert_eq!(routed(task("c", "its context")).await, None, "every context has a limit");
+    owner.stop().await;
+}

@@ -10,6 +10,11 @@ recent AS (
        SELECT worker_id FROM leases
        WHERE status = 'active' AND context_id = c.context_id
        ORDER BY started_at DESC LIMIT 1) l),
+-- Whether any concurrency limit is set: then a task a limit governs is not routed to its
+-- context's worker (`bloom_limited`, migration 0040): that worker runs the task holding
+-- the slot it needs.
+limits AS MATERIALIZED (
+   SELECT EXISTS (SELECT 1 FROM concurrency_limits) AS on_),
 sticky AS (
    SELECT recent.context_id, recent.worker_id
    FROM recent CROSS JOIN LATERAL (
@@ -30,6 +35,7 @@ t AS (
           CASE WHEN r.not_before IS NULL THEN 1 ELSE 0 END,
           CASE WHEN r.not_before IS NULL THEN s.worker_id END
    FROM r LEFT JOIN sticky s ON s.context_id = r.context_id
+       AND NOT ((SELECT on_ FROM limits) AND bloom_limited(r.context_id, r.agent_slug, r.concurrency_key))
    RETURNING id, routed_to, dispatch_seq),
 o AS (
    INSERT INTO outbox (task_id, dispatch_seq, worker_id, created_at)
