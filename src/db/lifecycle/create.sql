@@ -10,9 +10,12 @@ recent AS (
        SELECT worker_id FROM leases
        WHERE status = 'active' AND context_id = c.context_id
        ORDER BY started_at DESC LIMIT 1) l),
--- Whether any concurrency limit is set: then a task a limit governs is not routed to its
--- context's worker (`bloom_limited`, migration 0040): that worker runs the task holding
--- the slot it needs.
+-- Whether any concurrency limit is set. A task that one governs (its own key's limit or
+-- its scope's `*`, in any scope: what `bloom_task_slots` finds for a stored task) is not
+-- routed to its context's worker: the context's running task holds a slot the new one
+-- needs (with a limit of 1 on the context, always), so routed it would be claimed at
+-- once, ahead of the pool's backlog, and put aside; and running ahead of its key's
+-- earlier tasks in the pool, it would make them find the slot full in turn.
 limits AS MATERIALIZED (
    SELECT EXISTS (SELECT 1 FROM concurrency_limits) AS on_),
 sticky AS (
@@ -35,7 +38,13 @@ t AS (
           CASE WHEN r.not_before IS NULL THEN 1 ELSE 0 END,
           CASE WHEN r.not_before IS NULL THEN s.worker_id END
    FROM r LEFT JOIN sticky s ON s.context_id = r.context_id
-       AND NOT ((SELECT on_ FROM limits) AND bloom_limited(r.context_id, r.agent_slug, r.concurrency_key))
+       AND NOT ((SELECT on_ FROM limits) AND EXISTS (
+           SELECT 1 FROM (VALUES ('context_id', r.context_id), ('context_id', '*'),
+                                 ('agent_slug', r.agent_slug), ('agent_slug', '*'),
+                                 ('concurrency_key', r.concurrency_key),
+                                 ('concurrency_key', CASE WHEN r.concurrency_key IS NOT NULL THEN '*' END))
+                   AS k(scope, key)
+           JOIN concurrency_limits l ON l.scope = k.scope AND l.key = k.key))
    RETURNING id, routed_to, dispatch_seq),
 o AS (
    INSERT INTO outbox (task_id, dispatch_seq, worker_id, created_at)
