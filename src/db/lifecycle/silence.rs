@@ -27,7 +27,9 @@ pub struct Silence {
 /// granted meanwhile is either ended with the others or granted after the worker was
 /// seen offline. A worker that was only cut off learns that its leases ended from its
 /// next lease heartbeat (answered `lost`: it stops the run) and its result is recorded
-/// as late; its next beat brings it back online.
+/// as late; its next beat brings it back online. A lease a statement in flight holds (a
+/// completion, a heartbeat) is skipped, as the sweep skips it: that statement ends or
+/// renews it, or the TTL does.
 pub async fn silence(pool: &PgPool, cutoff: i64, now: i64) -> sqlx::Result<Silence> {
     let mut tx = pool.begin().await?;
     let offline = workers::expire_silent_nats_workers(&mut *tx, cutoff).await?;
