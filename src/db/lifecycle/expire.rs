@@ -17,6 +17,15 @@ pub struct Expiry {
     pub dead: usize,
 }
 
+impl Expiry {
+    /// Adds what another pass did.
+    fn absorb(&mut self, other: Expiry) {
+        self.expired += other.expired;
+        self.dead += other.dead;
+        self.requeued.extend(other.requeued);
+    }
+}
+
 /// Which active leases [`expire`] ends.
 #[derive(Clone, Copy, Debug)]
 pub enum Expiring<'a> {
@@ -50,6 +59,28 @@ pub async fn expire(pool: &PgPool, which: Expiring<'_>, limit: i64, now: i64) ->
     let report = expire_in(&mut tx, which, limit, now).await?;
     tx.commit().await?;
     Ok(report)
+}
+
+/// Leases [`expire_all_in`] ends per statement.
+const BATCH: i64 = 500;
+
+/// Ends every lease `which` names, in statements of [`BATCH`] leases within the caller's
+/// transaction (a worker's leases, when its process restarted or went silent); adds what
+/// it did to `all`.
+pub(super) async fn expire_all_in(
+    tx: &mut PgConnection,
+    which: Expiring<'_>,
+    now: i64,
+    all: &mut Expiry,
+) -> sqlx::Result<()> {
+    loop {
+        let batch = expire_in(tx, which, BATCH, now).await?;
+        let more = batch.expired as i64 == BATCH;
+        all.absorb(batch);
+        if !more {
+            return Ok(());
+        }
+    }
 }
 
 /// [`expire`] within the caller's transaction.

@@ -3,12 +3,9 @@
 
 use sqlx::PgPool;
 
-use super::expire::{expire_in, Expiring, Expiry};
+use super::expire::{expire_all_in, Expiring, Expiry};
 use crate::db::workers::{self, Beat};
 use crate::domain::WorkerId;
-
-/// Leases ended per statement.
-const BATCH: i64 = 500;
 
 /// What a worker's start did.
 #[derive(Debug, Default)]
@@ -54,13 +51,8 @@ pub async fn restart(
         None => true,
     };
     let mut expiry = Expiry::default();
-    let mut more = first;
-    while more {
-        let batch = expire_in(&mut tx, Expiring::HeldBy(worker), BATCH, now).await?;
-        more = batch.expired as i64 == BATCH;
-        expiry.expired += batch.expired;
-        expiry.dead += batch.dead;
-        expiry.requeued.extend(batch.requeued);
+    if first {
+        expire_all_in(&mut tx, Expiring::HeldBy(worker), now, &mut expiry).await?;
     }
     tx.commit().await?;
     Ok(Restart { expiry, draining })

@@ -3,12 +3,9 @@
 
 use sqlx::PgPool;
 
-use super::expire::{expire_in, Expiring, Expiry};
+use super::expire::{expire_all_in, Expiring, Expiry};
 use crate::db::workers;
 use crate::domain::WorkerId;
-
-/// Leases ended per statement.
-const BATCH: i64 = 500;
 
 /// What one pass did.
 #[derive(Debug, Default)]
@@ -35,15 +32,7 @@ pub async fn silence(pool: &PgPool, cutoff: i64, now: i64) -> sqlx::Result<Silen
     let offline = workers::expire_silent_nats_workers(&mut *tx, cutoff).await?;
     let mut expiry = Expiry::default();
     for worker in &offline {
-        loop {
-            let batch = expire_in(&mut tx, Expiring::OfSilent(worker), BATCH, now).await?;
-            expiry.expired += batch.expired;
-            expiry.dead += batch.dead;
-            expiry.requeued.extend(batch.requeued);
-            if (batch.expired as i64) < BATCH {
-                break;
-            }
-        }
+        expire_all_in(&mut tx, Expiring::OfSilent(worker), now, &mut expiry).await?;
     }
     tx.commit().await?;
     Ok(Silence { offline, expiry })
