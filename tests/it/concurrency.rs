@@ -421,3 +421,86 @@ async fn tasks_a_limit_governs_are_not_routed_to_their_contexts_worker() {
     assert_eq!(routed(task("c", "its context")).await, None, "every context has a limit");
     owner.stop().await;
 }
+
+/// One admission of several tasks decides them in the order given, each counting the
+/// slots and budget those before it took: a slot limited in one scope, a `*` limit in
+/// another, a budget in a scope without concurrency limits; an id given twice is decided
+/// once. Slots exist only where a limit applies.
+#[tokio::test]
+async fn a_batch_is_admitted_in_order_each_task_counting_those_before_it() {
+    use bloom::db::admission::{self, Admission};
+    use bloom::domain::TaskId;
+
+    let app = TestApp::spawn().await;
+    for (path, body) in [
+        ("/api/runtime/concurrency-limits/concurrency_key/k", json!({"max_running": 1})),
+        ("/api/runtime/concurrency-limits/agent_slug/*", json!({"max_running": 3})),
+        ("/api/runtime/budgets/context_id/b/requests-per-minute", json!({"max": 1})),
+    ] {
+        let (status, body) = app.put(path, body).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+    let submit = |context: &'static str, agent: &'static str, key: Option<&'static str>| {
+        let app = &app;
+        async move {
+            let body = json!({"context_id": context, "agent_slug": agent, "prompt": "p", "concurrency_key": key});
+            TaskId::from(app.submit_with(body).await["id"].as_str().unwrap())
+        }
+    };
+    let a = submit("x", "writer", Some("k")).await;
+    let b = submit("x", "writer", Some("k")).await;
+    let c = submit("b", "writer", None).await;
+    let d = submit("b", "critic", None).await;
+    let e = submit("y", "writer", None).await;
+    let f = submit("z", "writer", None).await;
+    let g = submit("z", "critic", None).await;
+
+    let now = 1_800_000_030_000;
+    let window = now - now % 60_000;
+    let order = [a.clone(), b.clone(), c.clone(), d.clone(), e.clone(), f.clone(), g.clone(), a.clone()];
+    let mut tx = app.pool.begin().await.unwrap();
+    let decided = admission::admit(&mut tx, &order, now).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let ids: Vec<&TaskId> = decided.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, [&a, &b, &c, &d, &e, &f, &g], "each once, in the order given");
+    let slots = |i: usize| match &decided[i].1 {
+        Admission::Admitted { slots, .. } => slots.clone(),
+        other => panic!("task {i} not admitted: {other:?}"),
+    };
+    let blocked = |i: usize| match &decided[i].1 {
+        Admission::Blocked { on, until, reason } => (on.clone(), *until, reason.clone()),
+        other => panic!("task {i} admitted: {other:?}"),
+    };
+    assert_eq!(slots(0), ["agent_slug:writer", "concurrency_key:k"]);
+    assert_eq!(
+        blocked(1),
+        ("concurrency_key:k".into(), None, "concurrency limit of concurrency_key k reached (1 running)".into())
+    );
+    assert_eq!(slots(2), ["agent_slug:writer"]);
+    match &decided[2].1 {
+        Admission::Admitted { charges, .. } => {
+            assert_eq!(charges.as_array().map(Vec::len), Some(1), "{charges}");
+            assert_eq!(charges[0]["counter"], "context_id:b:requests/minute", "{charges}");
+            assert_eq!(charges[0]["window"], window, "{charges}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let (on, until, reason) = blocked(3);
+    assert_eq!((on.as_str(), until), ("context_id:b:requests/minute", Some(window + 60_000)));
+    assert!(reason.starts_with("budget of context_id b for requests per minute used up"), "{reason}");
+    assert_eq!(slots(4), ["agent_slug:writer"], "the third of the agent's three");
+    assert_eq!(
+        blocked(5),
+        ("agent_slug:writer".into(), None, "concurrency limit of agent_slug writer reached (3 running)".into())
+    );
+    assert_eq!(slots(6), ["agent_slug:critic"], "the `*` limit counts each agent apart");
+
+    let counts: Vec<(String, i32)> = sqlx::query_as("SELECT slot, running FROM concurrency_slot_counts ORDER BY slot")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    let expected = [("agent_slug:critic", 1), ("agent_slug:writer", 3), ("concurrency_key:k", 1)];
+    assert_eq!(counts, expected.map(|(s, n)| (s.to_owned(), n)), "no slot of the context scope, which has no limit");
+    app.stop().await;
+}
