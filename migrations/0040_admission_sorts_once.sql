@@ -1,5 +1,16 @@
--- The admission's bookkeeping, cheaper per task (the decisions are those of migration
--- 0032):
+-- The admission's slots ordered byte by byte, and its bookkeeping cheaper per task.
+--
+-- * A fix: on a database whose collation is not byte order (`en-US`, ICU or libc), the
+--   admission of 0032 counted the slots of a batch against the wrong slots. It put the
+--   distinct slots in order, and each entry's place among them, under the database's
+--   collation (a function's `text` result and an array's elements have it), but locked
+--   and read the slot rows, whose names are `COLLATE "C"` since migration 0034, in byte
+--   order, and matched the two lists by position: with agents `Zed` and `alpha` in one
+--   batch, `Zed`'s tasks were counted on `alpha`'s slot and the other way round, so a
+--   later admission could go over a limit. Both orders are now byte order, and missing
+--   slot and budget counter rows are created in the byte order they are locked in.
+--   Databases whose collation is `C` or `C.UTF-8` (byte order, or code points, which
+--   agree) were not affected.
 --
 -- * A task's slots are looked up only in the scopes that have a limit: `bloom_task_slots`
 --   probed `concurrency_limits` twice (the key's own limit, the scope's `*`) in each of
@@ -70,18 +81,19 @@ BEGIN
         -- Read once: the slots created and locked below are exactly those decided on.
         -- Entries in the order of `ids`, then by slot (the aggregates take their input in
         -- the subquery's order); `w_at`: the entry's slot's place among the distinct
-        -- slots in name order (`s_slot`).
+        -- slots in name order (`s_slot`), byte order as the slot rows are locked and
+        -- read (an array's elements have the database's collation, not the column's).
         SELECT array_agg(x.task_id), array_agg(x.slot), array_agg(x.scope), array_agg(x.key),
                array_agg(x.max_running), array_agg(x.at)
         INTO w_task, w_slot, w_scope, w_key, w_max, w_at
-        FROM (SELECT w.*, dense_rank() OVER (ORDER BY w.slot)::int AS at
+        FROM (SELECT w.*, dense_rank() OVER (ORDER BY w.slot COLLATE "C")::int AS at
               FROM bloom_task_slots(ids) w JOIN unnest(ids) WITH ORDINALITY AS o(id, pos) ON o.id = w.task_id
               ORDER BY o.pos, w.slot) x;
         IF w_task IS NOT NULL THEN
             SELECT array_agg(d.slot), array_agg(d.scope), array_agg(d.key)
             INTO s_slot, s_scope, s_key
-            FROM (SELECT DISTINCT ON (u.slot) u.slot, u.scope, u.key
-                  FROM unnest(w_slot, w_scope, w_key) AS u(slot, scope, key) ORDER BY u.slot) d;
+            FROM (SELECT DISTINCT ON (u.slot COLLATE "C") u.slot, u.scope, u.key
+                  FROM unnest(w_slot, w_scope, w_key) AS u(slot, scope, key) ORDER BY u.slot COLLATE "C") d;
         END IF;
     END IF;
     IF EXISTS (SELECT 1 FROM budget_limits) THEN
@@ -115,9 +127,9 @@ BEGIN
     END IF;
     IF c_task IS NOT NULL THEN
         INSERT INTO budget_counters (counter, scope, key, metric, period)
-        SELECT DISTINCT ON (u.counter) u.counter, u.scope, u.key, u.metric, u.period
+        SELECT DISTINCT ON (u.counter COLLATE "C") u.counter, u.scope, u.key, u.metric, u.period
         FROM unnest(c_counter, c_scope, c_key, c_metric, c_period) AS u(counter, scope, key, metric, period)
-        ORDER BY u.counter
+        ORDER BY u.counter COLLATE "C"
         ON CONFLICT (counter) DO NOTHING;
         PERFORM 1 FROM budget_counters c WHERE c.counter = ANY(c_counter) ORDER BY c.counter FOR UPDATE;
         -- A window past: the counter starts the current one, empty.

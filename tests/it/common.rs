@@ -39,10 +39,18 @@ fn short_id() -> String {
 
 /// A fresh, migrated database. Returns its pool and URL.
 pub async fn fresh_db() -> (PgPool, String) {
+    fresh_db_with("").await
+}
+
+/// A migrated database created with `options` (`CREATE DATABASE <name> <options>`).
+pub async fn fresh_db_with(options: &str) -> (PgPool, String) {
     let admin = admin_db_url();
     let name = format!("bloom_test_{}", short_id());
     let mut conn = PgConnection::connect(&admin).await.expect("connect to Postgres as admin");
-    sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut conn).await.expect("create test database");
+    sqlx::query(&format!("CREATE DATABASE \"{name}\" {options}"))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
     conn.close().await.ok();
     let base = admin.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or(admin);
     let url = format!("{base}/{name}");

@@ -504,3 +504,52 @@ async fn a_batch_is_admitted_in_order_each_task_counting_those_before_it() {
     assert_eq!(counts, expected.map(|(s, n)| (s.to_owned(), n)), "no slot of the context scope, which has no limit");
     app.stop().await;
 }
+
+/// Slot names compare byte by byte (their columns are `COLLATE "C"`) whatever the
+/// database's collation. An admission that ordered its batch's slots under the
+/// database's collation (`en-US` puts `alpha` before `Zed`, byte order the other way)
+/// while it locked and read the slot rows in byte order wrote each slot's count to the
+/// other slot, and the next admission went over the limit.
+#[tokio::test]
+async fn slots_are_counted_apart_under_a_languages_collation() {
+    use bloom::db::admission::{self, Admission};
+    use bloom::domain::TaskId;
+
+    let (pool, _) = crate::common::fresh_db_with("TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'").await;
+    let now = bloom::time::now_ms();
+    let limit = ConcurrencyLimit::new(ConcurrencyScope::AgentSlug, "*", 3).unwrap();
+    concurrency::set(&pool, &limit, false, now).await.unwrap();
+    for (id, agent) in [("z1", "Zed"), ("z2", "Zed"), ("z3", "Zed"), ("z4", "Zed"), ("a1", "alpha"), ("a2", "alpha")] {
+        sqlx::query(
+            "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, created_at, updated_at)
+             VALUES ($1, $1, $2, 'p', $3, $3)",
+        )
+        .bind(id)
+        .bind(agent)
+        .bind(now)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let admit = |ids: &'static [&'static str]| {
+        let pool = pool.clone();
+        async move {
+            let ids: Vec<TaskId> = ids.iter().map(|&id| TaskId::from(id)).collect();
+            let mut tx = pool.begin().await.unwrap();
+            let decided = admission::admit(&mut tx, &ids, now).await.unwrap();
+            tx.commit().await.unwrap();
+            decided.into_iter().map(|(id, a)| (id.0, matches!(a, Admission::Admitted { .. }))).collect::<Vec<_>>()
+        }
+    };
+    let counts = || async {
+        sqlx::query_as::<_, (String, i32)>("SELECT slot, running FROM concurrency_slot_counts ORDER BY slot")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+    let admitted = admit(&["z1", "z2", "z3", "a1"]).await;
+    assert!(admitted.iter().all(|(_, admitted)| *admitted), "{admitted:?}");
+    assert_eq!(counts().await, [("agent_slug:Zed".to_owned(), 3), ("agent_slug:alpha".to_owned(), 1)]);
+    assert_eq!(admit(&["z4", "a2"]).await, [("z4".to_owned(), false), ("a2".to_owned(), true)], "Zed has 3 running");
+    assert_eq!(counts().await, [("agent_slug:Zed".to_owned(), 3), ("agent_slug:alpha".to_owned(), 2)]);
+}
