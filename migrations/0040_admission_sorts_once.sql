@@ -3,14 +3,14 @@
 -- * A fix: on a database whose collation is not byte order (`en-US`, ICU or libc), the
 --   admission of 0032 counted the slots of a batch against the wrong slots. It put the
 --   distinct slots in order, and each entry's place among them, under the database's
---   collation (a function's `text` result and an array's elements have it), but locked
---   and read the slot rows, whose names are `COLLATE "C"` since migration 0034, in byte
---   order, and matched the two lists by position: with agents `Zed` and `alpha` in one
---   batch, `Zed`'s tasks were counted on `alpha`'s slot and the other way round, so a
---   later admission could go over a limit. Both orders are now byte order, and missing
---   slot and budget counter rows are created in the byte order they are locked in.
---   Databases whose collation is `C` or `C.UTF-8` (byte order, or code points, which
---   agree) were not affected.
+--   collation (an array's elements have it, and so can a function's `text` result),
+--   but locked and read the slot rows, whose names are `COLLATE "C"` since migration
+--   0034, in byte order, and matched the two lists by position: with agents `Zed` and
+--   `alpha` in one batch, `Zed`'s tasks were counted on `alpha`'s slot and the other
+--   way round, so a later admission could go over a limit. Both orders are now byte
+--   order, and missing slot and budget counter rows are created in the byte order they
+--   are locked in. Databases whose collation is `C` or `C.UTF-8` (byte order, or code
+--   points, which agree) were not affected.
 --
 -- * A task's slots are looked up only in the scopes that have a limit: `bloom_task_slots`
 --   probed `concurrency_limits` twice (the key's own limit, the scope's `*`) in each of

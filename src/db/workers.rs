@@ -312,9 +312,10 @@ pub struct Beat {
     pub ip_addrs: Vec<String>,
 }
 
-/// Upserts a batch of NATS worker beats in one statement. Returns each beating worker's
-/// draining state as stored (a process that restarted, or missed a notice, learns it
-/// from there).
+/// Upserts a batch of NATS worker beats in one statement, in id order (byte order, as
+/// claims lock worker rows: a batch taking them in another order could deadlock with a
+/// claim holding two of them). Returns each beating worker's draining state as stored (a
+/// process that restarted, or missed a notice, learns it from there).
 pub async fn record_beats(db: impl PgExecutor<'_>, beats: &[Beat], now: i64) -> sqlx::Result<Vec<(WorkerId, bool)>> {
     if beats.is_empty() {
         return Ok(Vec::new());
@@ -323,6 +324,7 @@ pub async fn record_beats(db: impl PgExecutor<'_>, beats: &[Beat], now: i64) -> 
         r#"INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, registered_at, source)
          SELECT r.id, r.id, '', r.status, r.capabilities, $1, r.ip_addrs, $1, 'nats'
          FROM UNNEST($2::text[], $3::text[], $4::jsonb[], $5::jsonb[]) AS r(id, status, capabilities, ip_addrs)
+         ORDER BY r.id COLLATE "C"
          ON CONFLICT (id) DO UPDATE SET
             status = EXCLUDED.status, capabilities = EXCLUDED.capabilities,
             last_heartbeat = EXCLUDED.last_heartbeat, ip_addrs = EXCLUDED.ip_addrs, source = 'nats'
@@ -364,8 +366,9 @@ pub struct SyncedAgent {
     pub db_sha: Option<String>,
 }
 
-/// Upserts the agents membridge reported and marks workers that vanished from it and
-/// were silent since `stale_cutoff` offline. Returns the ids marked offline.
+/// Upserts the agents membridge reported (in id order, as claims and assignments lock
+/// worker rows) and marks workers that vanished from it and were silent since
+/// `stale_cutoff` offline. Returns the ids marked offline.
 ///
 /// Who wins:
 /// * a `bloom-worker` beating over NATS is left alone while it is online (it is live
@@ -387,6 +390,7 @@ pub async fn sync_agents(
                 COALESCE(r.ip_addrs, '[]'::jsonb), COALESCE(r.obs_count, 0), COALESCE(r.db_sha, ''), $1, 'membridge'
          FROM UNNEST($2::text[], $3::text[], $4::text[], $5::jsonb[], $6::bigint[], $7::jsonb[], $8::int[], $9::text[])
               AS r(id, url, status, capabilities, last_heartbeat, ip_addrs, obs_count, db_sha)
+         ORDER BY r.id COLLATE \"C\"
          ON CONFLICT (id) DO UPDATE SET
             node_id = EXCLUDED.node_id,
             url = CASE WHEN workers.source = 'api' AND workers.url <> '' THEN workers.url

@@ -469,3 +469,39 @@ async fn lease_ends_are_counted_once_by_statements_of_any_size() {
     assert_eq!(miscounted_workers(&app).await, 0);
     app.stop().await;
 }
+
+/// A batch of worker beats takes the workers' rows in id order, as claims lock them: a
+/// batch that took `b` and then waited for `a`, locked by a claim about to lock `b`, was
+/// a deadlock (Postgres cancels one side after a second).
+#[tokio::test]
+async fn worker_beats_take_their_rows_in_the_order_claims_lock_them() {
+    use bloom::db::workers;
+    use bloom::domain::Capabilities;
+    use std::time::Duration;
+
+    let (pool, _) = crate::common::fresh_db().await;
+    let beat = |id: &str| Beat {
+        id: WorkerId::from(id),
+        status: WorkerStatus::Online,
+        capabilities: Capabilities { claude_cli: true, max_concurrency: 4, labels: vec![] },
+        ip_addrs: vec![],
+    };
+    workers::record_beats(&pool, &[beat("a"), beat("b")], now_ms()).await.unwrap();
+    let mut claim = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM workers WHERE id = 'a' FOR UPDATE").execute(&mut *claim).await.unwrap();
+    let beats = {
+        let pool = pool.clone();
+        tokio::spawn(async move { workers::record_beats(&pool, &[beat("b"), beat("a")], now_ms()).await })
+    };
+    crate::common::wait_for("the beats to wait for worker a's row", Duration::from_secs(10), || async {
+        let waiting =
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+        sqlx::query_scalar::<_, i64>(waiting).fetch_one(&pool).await.unwrap() > 0
+    })
+    .await;
+    let b = sqlx::query("SELECT 1 FROM workers WHERE id = 'b' FOR UPDATE NOWAIT").execute(&mut *claim).await;
+    assert!(b.is_ok(), "the beats took b's row before waiting for a's: {b:?}");
+    claim.commit().await.unwrap();
+    let stored = beats.await.unwrap().unwrap();
+    assert_eq!(stored.len(), 2);
+}

@@ -11,7 +11,7 @@ room AS MATERIALIZED (
 holding AS MATERIALIZED (
    SELECT EXISTS (SELECT 1 FROM provider_holds h WHERE h.until > $1) AS on_),
 fresh AS (
-   SELECT r.*, row_number() OVER (PARTITION BY r.worker_id ORDER BY r.task_id) AS pos
+   SELECT r.*, row_number() OVER (PARTITION BY r.worker_id ORDER BY r.task_id COLLATE "C") AS pos
    FROM r JOIN llm_tasks t ON t.id = ANY($3) AND t.id = r.task_id AND (t.status || '') = 'queued'
        AND t.dispatch_seq = r.seq
    WHERE NOT (SELECT on_ FROM holding)
