@@ -340,11 +340,14 @@ pub async fn record_beats(db: impl PgExecutor<'_>, beats: &[Beat], now: i64) -> 
     Ok(rows.into_iter().map(|r| (WorkerId::from(r.id), r.draining)).collect())
 }
 
-/// Marks NATS workers whose last beat is older than `cutoff` offline. Returns their ids.
+/// Marks NATS workers whose last beat is older than `cutoff` offline (their rows locked
+/// in id order, as claims lock them). Returns their ids.
 pub async fn expire_silent_nats_workers(db: impl PgExecutor<'_>, cutoff: i64) -> sqlx::Result<Vec<WorkerId>> {
     let ids = sqlx::query_scalar!(
-        "UPDATE workers SET status = 'offline'
-         WHERE source = 'nats' AND status = 'online' AND COALESCE(last_heartbeat, 0) < $1 RETURNING id",
+        r#"WITH s AS (SELECT id FROM workers
+                   WHERE source = 'nats' AND status = 'online' AND COALESCE(last_heartbeat, 0) < $1
+                   ORDER BY id FOR UPDATE)
+           UPDATE workers w SET status = 'offline' FROM s WHERE w.id = s.id RETURNING w.id AS "id!""#,
         cutoff
     )
     .fetch_all(db)
@@ -418,10 +421,11 @@ pub async fn sync_agents(
     .await?;
     let seen: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
     let ids = sqlx::query_scalar!(
-        "UPDATE workers SET status = 'offline'
-         WHERE status = 'online' AND source <> 'nats' AND NOT (id = ANY($1))
-           AND COALESCE(last_heartbeat, 0) < $2
-         RETURNING id",
+        r#"WITH s AS (SELECT id FROM workers
+                   WHERE status = 'online' AND source <> 'nats' AND NOT (id = ANY($1))
+                       AND COALESCE(last_heartbeat, 0) < $2
+                   ORDER BY id FOR UPDATE)
+           UPDATE workers w SET status = 'offline' FROM s WHERE w.id = s.id RETURNING w.id AS "id!""#,
         seen as _,
         stale_cutoff
     )
@@ -434,7 +438,8 @@ pub async fn sync_agents(
 /// readable for longer than the staleness limit). Returns their ids.
 pub async fn expire_membridge_workers(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<WorkerId>> {
     let ids = sqlx::query_scalar!(
-        "UPDATE workers SET status = 'offline' WHERE source = 'membridge' AND status = 'online' RETURNING id",
+        r#"WITH s AS (SELECT id FROM workers WHERE source = 'membridge' AND status = 'online' ORDER BY id FOR UPDATE)
+           UPDATE workers w SET status = 'offline' FROM s WHERE w.id = s.id RETURNING w.id AS "id!""#,
     )
     .fetch_all(db)
     .await?;
