@@ -340,19 +340,36 @@ pub async fn record_beats(db: impl PgExecutor<'_>, beats: &[Beat], now: i64) -> 
     Ok(rows.into_iter().map(|r| (WorkerId::from(r.id), r.draining)).collect())
 }
 
-/// Marks NATS workers whose last beat is older than `cutoff` offline (their rows locked
-/// in id order, as claims lock them). Returns their ids.
-pub async fn expire_silent_nats_workers(db: impl PgExecutor<'_>, cutoff: i64) -> sqlx::Result<Vec<WorkerId>> {
-    let ids = sqlx::query_scalar!(
-        r#"WITH s AS (SELECT id FROM workers
-                   WHERE source = 'nats' AND status = 'online' AND COALESCE(last_heartbeat, 0) < $1
-                   ORDER BY id FOR UPDATE)
-           UPDATE workers w SET status = 'offline' FROM s WHERE w.id = s.id RETURNING w.id AS "id!""#,
-        cutoff
+/// NATS workers whose last beat is older than `cutoff`, their rows locked in id order
+/// (as claims lock them): those online are marked offline; those already offline that
+/// still hold an active lease (a worker killed during its shutdown grace, whose beats
+/// said offline) are taken too, if they beat since `since` (before it, their leases
+/// have expired by their TTL).
+pub async fn silent_nats_workers(db: impl PgExecutor<'_>, cutoff: i64, since: i64) -> sqlx::Result<Vec<SilentWorker>> {
+    let rows = sqlx::query!(
+        r#"WITH s AS (
+             SELECT id, status FROM workers w
+             WHERE source = 'nats' AND COALESCE(last_heartbeat, 0) < $1
+               AND (status = 'online'
+                    OR (status = 'offline' AND last_heartbeat >= $2
+                        AND EXISTS (SELECT 1 FROM leases l WHERE l.worker_id = w.id AND l.status = 'active')))
+             ORDER BY id FOR UPDATE OF w),
+           marked AS (UPDATE workers w SET status = 'offline' FROM s WHERE w.id = s.id AND s.status = 'online')
+           SELECT id AS "id!", status = 'online' AS "marked_offline!" FROM s"#,
+        cutoff,
+        since
     )
     .fetch_all(db)
     .await?;
-    Ok(ids.into_iter().map(WorkerId::from).collect())
+    Ok(rows.into_iter().map(|r| SilentWorker { id: WorkerId::from(r.id), marked_offline: r.marked_offline }).collect())
+}
+
+/// A worker found silent by [`silent_nats_workers`].
+#[derive(Debug)]
+pub struct SilentWorker {
+    pub id: WorkerId,
+    /// It was online until now; otherwise its beats already said offline.
+    pub marked_offline: bool,
 }
 
 /// One membridge agent mapped onto a worker row (the seed's field mapping).

@@ -7,7 +7,8 @@
 //! at that moment, see [`results`]) → ack the task message only after the result's
 //! publish is acknowledged. On shutdown the worker stops pulling, lets in-flight tasks
 //! finish within the grace period and hands the others back (lease released, message
-//! nak'ed) so another worker takes them at once.
+//! nak'ed) so another worker takes them at once; its beats say offline from the start
+//! of the shutdown to its end.
 
 mod bands;
 pub mod claim_route;
@@ -183,7 +184,9 @@ pub async fn run(
     drop(exec_tx);
     // Owned by this future: if it is dropped (a crash, in tests), its beats stop too.
     let mut beats = JoinSet::new();
-    beats.spawn(beat_loop(ctx.clone(), slots.clone(), cancel.clone()));
+    // Beats go on, saying offline, until the shutdown below is over (`stopped`).
+    let stopped = CancellationToken::new();
+    beats.spawn(beat_loop(ctx.clone(), slots.clone(), cancel.clone(), stopped.clone()));
     beats.spawn(drain_loop(ctx.clone(), drains, slots.clone(), cancel.clone()));
 
     // Leases executing here: a claim granted again a lease this worker already runs (a
@@ -224,6 +227,7 @@ pub async fn run(
         hard.cancel();
         while tasks.join_next().await.is_some() {}
     }
+    stopped.cancel();
     while beats.join_next().await.is_some() {}
     Ok(())
 }
@@ -645,9 +649,13 @@ async fn hand_back(ctx: &Ctx, msg: &Message, task: &TaskMessage, lease_id: &Leas
     }
 }
 
-/// Publishes a liveness beat every `beat_interval`, and a last one marking the worker
-/// offline on shutdown.
-async fn beat_loop(ctx: Ctx, slots: Slots, cancel: CancellationToken) {
+/// Publishes a liveness beat every `beat_interval` until `stopped` fires. From `cancel`
+/// (shutdown) on, the beats say offline, at once and then while the runs in flight
+/// finish: the worker takes no new task, but the reconcilers still see it alive while
+/// it holds leases, so a worker killed during its grace has them ended once it is silent
+/// for the worker timeout, not after their TTL. A last beat goes out when `stopped`
+/// fires.
+async fn beat_loop(ctx: Ctx, slots: Slots, cancel: CancellationToken, stopped: CancellationToken) {
     let beat = |status| WorkerBeat {
         worker_id: ctx.settings.id.clone(),
         status,
@@ -657,17 +665,20 @@ async fn beat_loop(ctx: Ctx, slots: Slots, cancel: CancellationToken) {
         draining: slots.paused(),
     };
     loop {
-        let body = serde_json::to_vec(&beat(WorkerStatus::Online)).expect("beat serializes");
+        let status = if cancel.is_cancelled() { WorkerStatus::Offline } else { WorkerStatus::Online };
+        let body = serde_json::to_vec(&beat(status)).expect("beat serializes");
         ctx.metrics.in_flight.set(slots.used() as u64);
         if let Err(e) = ctx.client.publish(ctx.names.worker_beat_subject(), body.into()).await {
             tracing::warn!(error = %e, "worker beat failed");
         }
+        if stopped.is_cancelled() {
+            let _ = ctx.client.flush().await;
+            return;
+        }
         tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = stopped.cancelled() => {}
+            _ = cancel.cancelled(), if status == WorkerStatus::Online => {}
             _ = tokio::time::sleep(ctx.settings.beat_interval) => {}
         }
     }
-    let body = serde_json::to_vec(&beat(WorkerStatus::Offline)).expect("beat serializes");
-    let _ = ctx.client.publish(ctx.names.worker_beat_subject(), body.into()).await;
-    let _ = ctx.client.flush().await;
 }

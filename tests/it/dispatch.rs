@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bloom::db::lifecycle;
 use bloom::domain::NewTask;
+use bloom::reconciler::ReconcilerSettings;
 use bloom::time::now_ms;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -294,6 +295,39 @@ async fn shutdown_hands_in_flight_tasks_back_to_another_worker() {
     let (_, t) = app.get(&format!("/api/runtime/llm-tasks/{id}")).await;
     assert_eq!(t["worker_id"], "staying");
     assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'released'").await, 2);
+    assert_invariants(&app).await;
+    app.stop().await;
+}
+
+/// A worker keeps beating, offline, while its runs finish after SIGTERM, so no
+/// reconciler takes its lease during the grace; killed in the middle of it, it goes
+/// silent, and once the worker timeout has passed its task runs again elsewhere instead
+/// of waiting out the lease's TTL (300 s here).
+#[tokio::test]
+async fn a_worker_killed_during_its_shutdown_grace_gives_its_task_back_once_silent() {
+    let app = TestApp::spawn().await;
+    let timeout = Duration::from_secs(2);
+    app.start_reconciler_with(ReconcilerSettings { worker_timeout: timeout, ..app.reconciler_settings() }).await;
+    let mut s = app.worker_settings("leaving", 1);
+    s.shutdown_grace = Duration::from_secs(60);
+    let (stop, handle) = app.start_worker_with(s).await;
+    let id = app.submit("sleep:4000").await["id"].as_str().unwrap().to_owned();
+    wait_for("leased", Duration::from_secs(10), || async { app.status_of(&id).await == "leased" }).await;
+    stop.cancel();
+    wait_for("offline", Duration::from_secs(10), || async { app.status_of_worker("leaving").await == "offline" }).await;
+    let last_beat = || app.count("SELECT last_heartbeat FROM workers WHERE id = 'leaving'");
+    let offline_at = last_beat().await;
+    let past_timeout = offline_at + timeout.as_millis() as i64 + 500;
+    wait_for("beats through the grace", Duration::from_secs(10), || async { last_beat().await >= past_timeout }).await;
+    assert_eq!(app.status_of(&id).await, "leased", "a worker beating in its grace keeps its lease");
+    handle.abort();
+    let _ = handle.await;
+    let ended = "SELECT count(*) FROM leases WHERE worker_id = 'leaving' AND status = 'expired'";
+    wait_for("lease ended", Duration::from_secs(10), || async { app.count(ended).await == 1 }).await;
+    app.start_worker("staying", 1).await;
+    wait_for("completed elsewhere", Duration::from_secs(20), || all_final(&app, 1)).await;
+    let (_, t) = app.get(&format!("/api/runtime/llm-tasks/{id}")).await;
+    assert_eq!((t["worker_id"].as_str(), t["attempts"].as_i64()), (Some("staying"), Some(2)), "{t}");
     assert_invariants(&app).await;
     app.stop().await;
 }

@@ -12,6 +12,9 @@ use crate::domain::WorkerId;
 pub struct Silence {
     /// The workers marked offline.
     pub offline: Vec<WorkerId>,
+    /// Workers already offline, gone silent while they held leases (killed during
+    /// their shutdown grace).
+    pub abandoned: Vec<WorkerId>,
     /// Their leases, ended; their tasks requeued (or dead after their last attempt).
     pub expiry: Expiry,
 }
@@ -19,21 +22,30 @@ pub struct Silence {
 /// Marks the NATS workers whose last beat is older than `cutoff` offline and ends the
 /// leases they held, in one transaction: a worker that stopped beating for the worker
 /// timeout (its process killed, its pod replaced under another name, its host gone)
-/// leaves its tasks to be run again now instead of after their TTL. The workers' rows
-/// stay locked until the commit and a claim locks its worker's row too, so a lease
-/// granted meanwhile is either ended with the others or granted after the worker was
-/// seen offline. A worker that was only cut off learns that its leases ended from its
-/// next lease heartbeat (answered `lost`: it stops the run) and its result is recorded
-/// as late; its next beat brings it back online. A lease a statement in flight holds (a
-/// completion, a heartbeat) is skipped, as the sweep skips it: that statement ends or
-/// renews it, or the TTL does.
-pub async fn silence(pool: &PgPool, cutoff: i64, now: i64) -> sqlx::Result<Silence> {
+/// leaves its tasks to be run again now instead of after their TTL. So do workers that
+/// were already offline but still held leases when they went silent: a worker keeps
+/// beating, offline, while its runs finish after SIGTERM, so one killed in that grace
+/// is found the same way (`since`: how far back to look for those; leases of a worker
+/// silent before it have reached their TTL). The workers' rows stay locked until the
+/// commit and a claim locks its worker's row too, so a lease granted meanwhile is
+/// either ended with the others or granted after the worker was seen offline. A worker
+/// that was only cut off learns that its leases ended from its next lease heartbeat
+/// (answered `lost`: it stops the run) and its result is recorded as late; its next
+/// beat brings it back online. A lease a statement in flight holds (a completion, a
+/// heartbeat) is skipped, as the sweep skips it: that statement ends or renews it, or
+/// the TTL does.
+pub async fn silence(pool: &PgPool, cutoff: i64, since: i64, now: i64) -> sqlx::Result<Silence> {
     let mut tx = pool.begin().await?;
-    let offline = workers::expire_silent_nats_workers(&mut *tx, cutoff).await?;
+    let silent = workers::silent_nats_workers(&mut *tx, cutoff, since).await?;
     let mut expiry = Expiry::default();
-    for worker in &offline {
-        expire_all_in(&mut tx, Expiring::OfSilent(worker), now, &mut expiry).await?;
+    for worker in &silent {
+        expire_all_in(&mut tx, Expiring::OfSilent(&worker.id), now, &mut expiry).await?;
     }
     tx.commit().await?;
-    Ok(Silence { offline, expiry })
+    let (offline, abandoned) = silent.into_iter().partition::<Vec<_>, _>(|w| w.marked_offline);
+    Ok(Silence {
+        offline: offline.into_iter().map(|w| w.id).collect(),
+        abandoned: abandoned.into_iter().map(|w| w.id).collect(),
+        expiry,
+    })
 }
