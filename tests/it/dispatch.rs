@@ -306,7 +306,7 @@ async fn shutdown_hands_in_flight_tasks_back_to_another_worker() {
 #[tokio::test]
 async fn a_worker_killed_during_its_shutdown_grace_gives_its_task_back_once_silent() {
     let app = TestApp::spawn().await;
-    let timeout = Duration::from_secs(2);
+    let timeout = Duration::from_secs(3);
     app.start_reconciler_with(ReconcilerSettings { worker_timeout: timeout, ..app.reconciler_settings() }).await;
     let mut s = app.worker_settings("leaving", 1);
     s.shutdown_grace = Duration::from_secs(60);
