@@ -25,8 +25,13 @@ pub struct SweepReport {
     pub expiry_paused: bool,
 }
 
-/// Runs [`run_once`] every `sweep_interval` until `cancel` fires.
+/// Runs [`run_once`] every `sweep_interval` until `cancel` fires, the first quiet window
+/// after the start expiring nothing: a replica that starts has seen none of the beats
+/// and heartbeats of the time before it, and when every replica was down (a rollout, a
+/// crash loop) none of them was recorded, so live workers look silent and their leases
+/// overdue. They beat again and retry their unanswered heartbeats within the window.
 pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()> {
+    r.expiry_pause.broken(r.clock.now_ms());
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),

@@ -255,6 +255,65 @@ async fn lease_expiry_waits_a_quiet_window_after_the_heartbeat_path_broke() {
     app.stop().await;
 }
 
+/// A replica that starts has seen none of the beats sent while no reconciler ran: its
+/// sweeper takes no worker for silent and expires no lease for a quiet window, in which
+/// the live workers beat again; a worker that stays silent is taken after it.
+#[tokio::test]
+async fn a_starting_sweeper_waits_a_quiet_window_for_the_beats_it_missed() {
+    use bloom::db::lifecycle::{self, Claim, ClaimOutcome};
+    use bloom::db::workers::{self, Beat};
+    use bloom::domain::{Capabilities, WorkerStatus};
+    use bloom::reconciler::expiry_pause::ExpiryPause;
+    use bloom::reconciler::sweeper;
+
+    let app = TestApp::spawn().await;
+    let settings = bloom::reconciler::ReconcilerSettings {
+        worker_timeout: Duration::from_secs(30),
+        expiry_grace: Duration::from_secs(2),
+        sweep_interval: Duration::from_millis(20),
+        ..app.reconciler_settings()
+    };
+    let mut r = app.reconciler_with(settings, &app.cancel).await;
+    let start = bloom::time::now_ms();
+    r.clock = bloom::time::Clock::manual(start);
+    let beat = |id: &str| Beat {
+        id: id.into(),
+        status: WorkerStatus::Online,
+        capabilities: Capabilities { claude_cli: true, max_concurrency: 1, labels: vec![] },
+        ip_addrs: vec![],
+    };
+    // Both last beat a minute ago, as far as Postgres knows: no reconciler ran since.
+    workers::record_beats(&app.pool, &[beat("alive"), beat("dead")], start - 60_000).await.unwrap();
+    let mut tasks = Vec::new();
+    for worker in ["alive", "dead"] {
+        let task = app.submit_with(json!({"context_id": worker, "agent_slug": "a", "prompt": "p"})).await;
+        let id = task["id"].as_str().unwrap().to_owned();
+        let claim = Claim { task_id: id.as_str().into(), dispatch_seq: 1, worker_id: worker.into(), ttl_seconds: 300 };
+        let granted = lifecycle::claim(&app.pool, &[claim], start - 60_000).await.unwrap();
+        assert!(matches!(granted[0], ClaimOutcome::Granted(_)), "{granted:?}");
+        tasks.push(id);
+    }
+    let shared = &app;
+    let online = |id: &'static str| async move { shared.status_of_worker(id).await == "online" };
+
+    let cancel = app.cancel.child_token();
+    tokio::spawn(sweeper::run(r.clone(), cancel.clone()));
+    wait_for("paused sweeps", Duration::from_secs(10), || async { r.metrics.sweeps_paused_total.get() >= 3 }).await;
+    assert!(online("alive").await && online("dead").await, "no worker taken for silent at the start");
+    assert_eq!(app.status_of(&tasks[0]).await, "leased");
+    // The live worker beats within the window; the other does not.
+    r.clock.advance(Duration::from_secs(5));
+    workers::record_beats(&app.pool, &[beat("alive")], r.clock.now_ms()).await.unwrap();
+    let quiet = ExpiryPause::quiet_window(r.settings.streams.lease_ttl, r.settings.expiry_grace);
+    r.clock.advance(quiet);
+    wait_for("the silent worker taken", Duration::from_secs(10), || async { !online("dead").await }).await;
+    assert_eq!(app.status_of(&tasks[1]).await, "queued", "its lease ended");
+    assert!(online("alive").await);
+    assert_eq!(app.status_of(&tasks[0]).await, "leased", "the live worker keeps its lease");
+    cancel.cancel();
+    app.stop().await;
+}
+
 /// The relay leaves a dispatch to its writer while it is young, publishes it once it is
 /// older than `relay_min_age`, and deletes its row once JetStream acknowledged it.
 #[tokio::test]
