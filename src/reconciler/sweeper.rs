@@ -76,7 +76,7 @@ pub async fn run_once(r: &Reconciler) -> sqlx::Result<SweepReport> {
         }
     }
     let silent_since = now - r.settings.worker_timeout.as_millis() as i64;
-    // A lease outlives its worker's last beat by its TTL and the grace at most.
+    // A lease outlives its worker's last beat by about its TTL and the grace.
     let look_back = (r.settings.streams.lease_ttl + r.settings.expiry_grace).as_millis() as i64;
     let silence = lifecycle::silence(&r.pool, silent_since, silent_since - look_back, now).await?;
     report.workers_offline = silence.offline.len();

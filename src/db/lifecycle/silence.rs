@@ -10,11 +10,8 @@ use crate::domain::WorkerId;
 /// What one pass did.
 #[derive(Debug, Default)]
 pub struct Silence {
-    /// The workers marked offline.
+    /// The workers marked offline (not those whose beats already said so).
     pub offline: Vec<WorkerId>,
-    /// Workers already offline, gone silent while they held leases (killed during
-    /// their shutdown grace).
-    pub abandoned: Vec<WorkerId>,
     /// Their leases, ended; their tasks requeued (or dead after their last attempt).
     pub expiry: Expiry,
 }
@@ -42,10 +39,6 @@ pub async fn silence(pool: &PgPool, cutoff: i64, since: i64, now: i64) -> sqlx::
         expire_all_in(&mut tx, Expiring::OfSilent(&worker.id), now, &mut expiry).await?;
     }
     tx.commit().await?;
-    let (offline, abandoned) = silent.into_iter().partition::<Vec<_>, _>(|w| w.marked_offline);
-    Ok(Silence {
-        offline: offline.into_iter().map(|w| w.id).collect(),
-        abandoned: abandoned.into_iter().map(|w| w.id).collect(),
-        expiry,
-    })
+    let offline = silent.into_iter().filter(|w| w.marked_offline).map(|w| w.id).collect();
+    Ok(Silence { offline, expiry })
 }
