@@ -37,6 +37,17 @@ fn short_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
 }
 
+/// The beat of an online NATS worker with the Claude CLI and `max_concurrency` slots, as
+/// `bloom-worker` sends it.
+pub fn online_beat(id: &str, max_concurrency: i32) -> bloom::db::workers::Beat {
+    bloom::db::workers::Beat {
+        id: id.into(),
+        status: bloom::domain::WorkerStatus::Online,
+        capabilities: bloom::domain::Capabilities { claude_cli: true, max_concurrency, labels: vec![] },
+        ip_addrs: vec![],
+    }
+}
+
 /// A fresh, migrated database. Returns its pool and URL.
 pub async fn fresh_db() -> (PgPool, String) {
     fresh_db_with("").await

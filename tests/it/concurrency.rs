@@ -375,13 +375,11 @@ async fn limits_and_concurrency_keys_are_validated_naming_the_field() {
 /// aside. Without a limit, routing is as before.
 #[tokio::test]
 async fn tasks_a_limit_governs_are_not_routed_to_their_contexts_worker() {
-    use bloom::db::workers::{self, Beat};
-    use bloom::domain::{Capabilities, WorkerStatus};
+    use bloom::db::workers;
 
     let app = TestApp::spawn().await;
     let now = bloom::time::now_ms();
-    let capabilities = Capabilities { claude_cli: true, max_concurrency: 8, labels: vec![] };
-    let beat = Beat { id: "w".into(), status: WorkerStatus::Online, capabilities, ip_addrs: vec![] };
+    let beat = crate::common::online_beat("w", 8);
     workers::record_beats(&app.pool, &[beat], now).await.unwrap();
     let running = app.submit_with(task("c", "running")).await;
     let claim = Claim {

@@ -476,16 +476,10 @@ async fn lease_ends_are_counted_once_by_statements_of_any_size() {
 #[tokio::test]
 async fn worker_beats_take_their_rows_in_the_order_claims_lock_them() {
     use bloom::db::workers;
-    use bloom::domain::Capabilities;
     use std::time::Duration;
 
     let (pool, _) = crate::common::fresh_db().await;
-    let beat = |id: &str| Beat {
-        id: WorkerId::from(id),
-        status: WorkerStatus::Online,
-        capabilities: Capabilities { claude_cli: true, max_concurrency: 4, labels: vec![] },
-        ip_addrs: vec![],
-    };
+    let beat = |id: &str| crate::common::online_beat(id, 4);
     workers::record_beats(&pool, &[beat("a"), beat("b")], now_ms()).await.unwrap();
     let mut claim = pool.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM workers WHERE id = 'a' FOR UPDATE").execute(&mut *claim).await.unwrap();

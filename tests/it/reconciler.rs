@@ -155,8 +155,7 @@ async fn expiry_and_redelivery_racing_leave_one_lease_and_one_counted_attempt() 
 #[tokio::test]
 async fn the_sweeper_acts_when_the_time_has_come_and_not_before() {
     use bloom::db::lifecycle::{self, Claim, ClaimOutcome};
-    use bloom::db::workers::{self, Beat};
-    use bloom::domain::{Capabilities, WorkerStatus};
+    use bloom::db::workers;
     use bloom::reconciler::sweeper::{self, SweepReport};
 
     let app = TestApp::spawn().await;
@@ -168,13 +167,7 @@ async fn the_sweeper_acts_when_the_time_has_come_and_not_before() {
     let mut r = app.reconciler_with(settings, &app.cancel).await;
     let start = bloom::time::now_ms();
     r.clock = bloom::time::Clock::manual(start);
-    let capabilities = Capabilities { claude_cli: true, max_concurrency: 4, labels: vec![] };
-    let beat = |id: &str| Beat {
-        id: id.into(),
-        status: WorkerStatus::Online,
-        capabilities: capabilities.clone(),
-        ip_addrs: vec![],
-    };
+    let beat = |id: &str| crate::common::online_beat(id, 4);
     workers::record_beats(&app.pool, &[beat("w"), beat("v")], start).await.unwrap();
     let claim = |task: &serde_json::Value, worker: &str| Claim {
         task_id: task["id"].as_str().unwrap().into(),
@@ -261,8 +254,7 @@ async fn lease_expiry_waits_a_quiet_window_after_the_heartbeat_path_broke() {
 #[tokio::test]
 async fn a_starting_sweeper_waits_a_quiet_window_for_the_beats_it_missed() {
     use bloom::db::lifecycle::{self, Claim, ClaimOutcome};
-    use bloom::db::workers::{self, Beat};
-    use bloom::domain::{Capabilities, WorkerStatus};
+    use bloom::db::workers;
     use bloom::reconciler::expiry_pause::ExpiryPause;
     use bloom::reconciler::sweeper;
 
@@ -276,12 +268,7 @@ async fn a_starting_sweeper_waits_a_quiet_window_for_the_beats_it_missed() {
     let mut r = app.reconciler_with(settings, &app.cancel).await;
     let start = bloom::time::now_ms();
     r.clock = bloom::time::Clock::manual(start);
-    let beat = |id: &str| Beat {
-        id: id.into(),
-        status: WorkerStatus::Online,
-        capabilities: Capabilities { claude_cli: true, max_concurrency: 1, labels: vec![] },
-        ip_addrs: vec![],
-    };
+    let beat = |id: &str| crate::common::online_beat(id, 1);
     // Both last beat a minute ago, as far as Postgres knows: no reconciler ran since.
     workers::record_beats(&app.pool, &[beat("alive"), beat("dead")], start - 60_000).await.unwrap();
     let mut tasks = Vec::new();

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use bloom::db::lifecycle::{self, Claim, ClaimOutcome};
-use bloom::db::workers::{self, Beat};
-use bloom::domain::{Capabilities, TaskId, WorkerId, WorkerStatus};
+use bloom::db::workers;
+use bloom::domain::{TaskId, WorkerId};
 use bloom::time::now_ms;
 use serde_json::json;
 
@@ -16,12 +16,7 @@ async fn queued_tasks_routed_to_a_silent_worker_go_to_the_pool() {
     let app = TestApp::spawn().await;
     // A NATS worker `ghost`, online with two slots, holding a lease of context "ctx".
     let ghost = WorkerId::from("ghost");
-    let beat = Beat {
-        id: ghost.clone(),
-        status: WorkerStatus::Online,
-        capabilities: Capabilities { claude_cli: true, max_concurrency: 2, labels: vec![] },
-        ip_addrs: vec![],
-    };
+    let beat = crate::common::online_beat(ghost.as_str(), 2);
     workers::record_beats(&app.pool, &[beat], bloom::time::now_ms()).await.unwrap();
     let first = app.submit_with(json!({"context_id": "ctx", "agent_slug": "a", "prompt": "first"})).await;
     let claim = Claim {
