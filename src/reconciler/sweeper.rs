@@ -75,21 +75,29 @@ pub async fn run_once(r: &Reconciler) -> sqlx::Result<SweepReport> {
             break;
         }
     }
-    let silent_since = now - r.settings.worker_timeout.as_millis() as i64;
-    // A lease outlives its worker's last beat by about its TTL and the grace.
-    let look_back = (r.settings.streams.lease_ttl + r.settings.expiry_grace).as_millis() as i64;
-    let silence = lifecycle::silence(&r.pool, silent_since, silent_since - look_back, now).await?;
-    report.workers_offline = silence.offline.len();
-    report.leases_expired += silence.expiry.expired;
-    report.tasks_requeued += silence.expiry.requeued.len();
-    report.tasks_dead += silence.expiry.dead;
-    r.dispatcher.send(silence.expiry.requeued);
+    // Beats are published, not requested: one lost while the path was broken (or before
+    // this replica started) is not sent again, and the next comes a beat interval later,
+    // which only the worker knows. A worker is taken for silent once the path has been
+    // whole for the worker timeout (several beat intervals) without a beat of it.
+    let mut offline = Vec::new();
+    if r.expiry_pause.allows_expiry(now, quiet.max(r.settings.worker_timeout)) {
+        let silent_since = now - r.settings.worker_timeout.as_millis() as i64;
+        // A lease outlives its worker's last beat by about its TTL and the grace.
+        let look_back = (r.settings.streams.lease_ttl + r.settings.expiry_grace).as_millis() as i64;
+        let silence = lifecycle::silence(&r.pool, silent_since, silent_since - look_back, now).await?;
+        report.leases_expired += silence.expiry.expired;
+        report.tasks_requeued += silence.expiry.requeued.len();
+        report.tasks_dead += silence.expiry.dead;
+        r.dispatcher.send(silence.expiry.requeued);
+        offline = silence.offline;
+    }
+    report.workers_offline = offline.len();
     let m = &r.metrics;
     m.leases_expired_total.add(report.leases_expired as u64);
     m.tasks_requeued_total.add(report.tasks_requeued as u64);
     m.tasks_dead_total.add(report.tasks_dead as u64);
-    m.workers_marked_offline_total.add(silence.offline.len() as u64);
-    report.tasks_rerouted = reroute(r, &silence.offline).await;
+    m.workers_marked_offline_total.add(offline.len() as u64);
+    report.tasks_rerouted = reroute(r, &offline).await;
     Ok(report)
 }
 
