@@ -88,7 +88,8 @@ impl RateLimiter {
 
 /// Middleware: 429 once a client exceeds the limit; headers on every response.
 pub async fn limit(State(limiter): State<Arc<RateLimiter>>, req: Request, next: Next) -> Response {
-    if limiter.max == 0 {
+    // Upstream limits its API's calls; the web client's files are not counted.
+    if limiter.max == 0 || !req.uri().path().starts_with("/api/") {
         return next.run(req).await;
     }
     let decision = limiter.check(limiter.client(&req), Instant::now());

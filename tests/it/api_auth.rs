@@ -197,7 +197,8 @@ async fn the_web_client_is_served_beside_the_api() {
     std::fs::create_dir_all(dir.join("assets")).unwrap();
     std::fs::write(dir.join("index.html"), "<!doctype html><div id=root></div>").unwrap();
     std::fs::write(dir.join("assets/app.js"), "console.log('app')").unwrap();
-    let app = TestApp::spawn_with(Opts { api_key: Some("k"), web_dir: Some(dir.clone()), ..Opts::default() }).await;
+    let opts = Opts { api_key: Some("k"), web_dir: Some(dir.clone()), rate_limit: 3, ..Opts::default() };
+    let app = TestApp::spawn_with(opts).await;
     let get = |path: &str| app.http.get(app.url(path)).send();
     let page = get("/").await.unwrap();
     assert_eq!(page.status(), StatusCode::OK);
@@ -216,8 +217,16 @@ async fn the_web_client_is_served_beside_the_api() {
     let raw = raw_get(&app.url(""), "/assets/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd").await;
     assert!(raw.starts_with("HTTP/1.1 404"), "{raw}");
     assert!(!raw.contains("root:"));
+    // The rate limit counts API calls only (3 a minute here), as upstream's: a page's
+    // files do not use up its calls.
+    for _ in 0..5 {
+        assert_eq!(get("/assets/app.js").await.unwrap().status(), StatusCode::OK);
+    }
     assert_eq!(get("/api/runtime/workers").await.unwrap().status(), StatusCode::UNAUTHORIZED);
     assert_eq!(get("/api/nope").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(get("/api/runtime/workers").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(get("/api/runtime/workers").await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(get("/nodes").await.unwrap().status(), StatusCode::OK);
     app.stop().await;
     std::fs::remove_dir_all(dir).unwrap();
 }
