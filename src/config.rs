@@ -338,6 +338,20 @@ mod tests {
         let none = S3Args { minio_endpoint: Some("minio".into()), ..Default::default() };
         assert!(none.settings().is_none(), "seed requires both keys");
     }
+
+    #[test]
+    fn agents_call_back_the_api_on_its_port_unless_told_where() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            r: ReconcilerArgs,
+        }
+        let url = |args: &[&str]| Cli::parse_from([&["bloom-reconciler"], args].concat()).r.runtime_url();
+        assert_eq!(url(&[]), "http://127.0.0.1:3002");
+        assert_eq!(url(&["--api-port", "5000"]), "http://127.0.0.1:5000");
+        assert_eq!(url(&["--runtime-url", "https://bloom.example/ ", "--api-port", "5000"]), "https://bloom.example");
+    }
 }
 
 /// The executor's default command: the Claude CLI in print mode with JSON output,
@@ -435,9 +449,13 @@ pub struct ReconcilerArgs {
     #[arg(long, env = "BLOOM_AGENT_DISPATCH_INTERVAL_MS", default_value_t = 500)]
     pub agent_dispatch_interval_ms: u64,
     /// The API's URL as HTTP agents reach it: they send their heartbeat and `complete`
-    /// callbacks there (`runtime_url` of `/execute-task`).
-    #[arg(long, env = "BLOOM_RUNTIME_URL", default_value = "http://127.0.0.1:3002")]
-    pub runtime_url: String,
+    /// callbacks there (`runtime_url` of `/execute-task`). Unset:
+    /// `http://127.0.0.1:<BLOOM_RUNTIME_PORT>`, the API on this host.
+    #[arg(long, env = "BLOOM_RUNTIME_URL")]
+    pub runtime_url: Option<String>,
+    /// The API's port (the variable the API listens by), for the default `runtime_url`.
+    #[arg(long = "api-port", env = "BLOOM_RUNTIME_PORT", default_value_t = 3002)]
+    pub api_port: u16,
     /// Grace past `expires_at` before a lease is expired, in milliseconds.
     #[arg(long, env = "BLOOM_EXPIRY_GRACE_MS", default_value_t = 2_000)]
     pub expiry_grace_ms: u64,
@@ -460,4 +478,15 @@ pub struct ReconcilerArgs {
     /// Leader election poll interval in milliseconds.
     #[arg(long, env = "BLOOM_LEADER_POLL_MS", default_value_t = 2_000)]
     pub leader_poll_ms: u64,
+}
+
+impl ReconcilerArgs {
+    /// Where HTTP agents send their callbacks: `BLOOM_RUNTIME_URL`, else the API on this
+    /// host at `BLOOM_RUNTIME_PORT`.
+    pub fn runtime_url(&self) -> String {
+        match self.runtime_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("http://127.0.0.1:{}", self.api_port),
+        }
+    }
 }

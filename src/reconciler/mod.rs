@@ -114,7 +114,7 @@ impl ReconcilerSettings {
             artifact_move_interval: Duration::from_millis(r.artifact_move_interval_ms.max(10)),
             artifact_write_behind_max_bytes: r.artifact_write_behind_max_bytes,
             agent_dispatch_interval: Duration::from_millis(r.agent_dispatch_interval_ms.max(10)),
-            runtime_url: r.runtime_url.trim_end_matches('/').to_owned(),
+            runtime_url: r.runtime_url(),
             agent_key: membridge.membridge_agent_key.clone(),
             relay_interval: Duration::from_millis(r.relay_interval_ms.max(10)),
             relay_min_age: Duration::from_millis(r.relay_min_age_ms),
