@@ -190,8 +190,10 @@ pub async fn install_script(
         Some(n) => sh_quote(&n),
         None => "\"$(hostname)\"".to_owned(),
     };
-    let with_key = q.include_agent_key.as_deref() == Some("true") && !state.settings.agent_key.expose().is_empty();
-    let key = if with_key { state.settings.agent_key.expose().to_owned() } else { "YOUR_AGENT_KEY".to_owned() };
+    // The key agents require now: saved with `POST /config`, else `MEMBRIDGE_AGENT_KEY`.
+    let agent_key = crate::db::settings::agent_key(&state.pool, &state.settings.agent_key).await?;
+    let with_key = q.include_agent_key.as_deref() == Some("true") && !agent_key.expose().is_empty();
+    let key = if with_key { agent_key.expose().to_owned() } else { "YOUR_AGENT_KEY".to_owned() };
     let script = INSTALL_SCRIPT
         .replace("@SERVER_URL@", &sh_quote(&server))
         .replace("@NODE_ID@", &node)

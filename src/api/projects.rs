@@ -15,6 +15,7 @@ use super::body::JsonBody;
 use super::schemas::{ErrorBody, RequestBody};
 use super::validate::Fields;
 use super::{ApiError, AppState};
+use crate::agent::AgentClient;
 use crate::db::projects::{self, NodeChange, Target};
 use crate::db::{audit, workers};
 use crate::domain::{AuditAction, CloneStatus, NewAudit, NewProject, Project, ProjectNode, WorkerId};
@@ -137,16 +138,13 @@ impl RequestBody for NodeBody {
 
 /// Clones the project on one node through its agent's `/clone` (60 s). An agent that
 /// answers `ok: false` (git failed) failed too. Returns the agent's answer.
-async fn clone_on(state: &AppState, project: &Project, target: &Target) -> Result<Value, String> {
+async fn clone_on(agents: &AgentClient, project: &Project, target: &Target) -> Result<Value, String> {
     let mut body = json!({ "repo_url": project.repo_url, "project_name": project.name });
     if let Some(path) = &project.target_path {
         body["target_path"] = json!(path);
     }
-    let reply = state
-        .agents
-        .post(&target.url, "/clone", Some(&body), Duration::from_secs(60))
-        .await
-        .map_err(|e| e.to_string())?;
+    let reply =
+        agents.post(&target.url, "/clone", Some(&body), Duration::from_secs(60)).await.map_err(|e| e.to_string())?;
     if reply.get("ok") == Some(&Value::Bool(false)) {
         let why = ["detail", "stderr", "error"].iter().find_map(|k| reply.get(*k).and_then(Value::as_str));
         return Err(format!("Agent could not clone: {}", why.unwrap_or("ok: false")));
@@ -195,8 +193,9 @@ pub async fn clone(
     projects::set_status(&state.pool, &id, CloneStatus::Cloning, None, Some(&node), now).await?;
     projects::set_node_status(&state.pool, &id, &node, CloneStatus::Cloning, &NodeChange::default()).await?;
     let worker = workers::get(&state.pool, &WorkerId(node.clone())).await?.filter(|w| !w.url.is_empty());
+    let agents = super::agent_client(&state).await?;
     let outcome = match worker {
-        Some(w) => clone_on(&state, &project, &Target { node_id: node.clone(), url: w.url }).await,
+        Some(w) => clone_on(&agents, &project, &Target { node_id: node.clone(), url: w.url }).await,
         None => Err(format!("Worker \"{node}\" not found or has no URL")),
     };
     record_clone(&state, &project, &node, &outcome).await?;
@@ -226,12 +225,13 @@ pub async fn propagate(State(state): State<AppState>, Path(id): Path<String>) ->
     if targets.is_empty() {
         return Ok(Json(json!({ "status": "nothing_to_propagate", "message": "All nodes already have this project" })));
     }
+    let agents = super::agent_client(&state).await?;
     projects::set_status_only(&state.pool, &id, CloneStatus::Propagating, state.clock.now_ms()).await?;
     let mut results = Vec::with_capacity(targets.len());
     for target in &targets {
         let node = target.node_id.as_str();
         projects::set_node_status(&state.pool, &id, node, CloneStatus::Cloning, &NodeChange::default()).await?;
-        let outcome = clone_on(&state, &project, target).await;
+        let outcome = clone_on(&agents, &project, target).await;
         record_clone(&state, &project, node, &outcome).await?;
         results.push(match outcome {
             Ok(_) => json!({ "node_id": node, "status": "cloned" }),

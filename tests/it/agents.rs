@@ -353,6 +353,15 @@ async fn the_agent_key_saved_in_the_config_is_used_and_never_shown() {
     let (status, answer) = app.post(&format!("/api/runtime/llm-tasks/{id}/dispatch"), json!({})).await;
     assert_eq!((status, &answer["execution"]["ok"]), (StatusCode::OK, &json!(true)), "{answer}");
     assert!(agent.executed.lock().unwrap().iter().all(|(_, key_ok)| *key_ok));
+    // Every call to agents takes it: a clone, and the install script when asked for it.
+    let (status, project) =
+        app.post("/api/runtime/projects", json!({"name": "p1", "repo_url": "https://example.com/p1.git"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{project}");
+    let pid = project["id"].as_str().unwrap();
+    let (status, cloned) = app.post(&format!("/api/runtime/projects/{pid}/clone"), json!({"node_id": "a1"})).await;
+    assert_eq!((status, &cloned["status"]), (StatusCode::OK, &json!("cloned")), "{cloned}");
+    let script = app.http.get(app.url("/api/runtime/agent-install-script?include_agent_key=true")).send().await;
+    assert!(script.unwrap().text().await.unwrap().contains("AGENT_KEY='saved-key'"));
     app.stop().await;
 }
 

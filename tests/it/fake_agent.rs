@@ -173,9 +173,13 @@ async fn uninstall(State(agent): State<FakeAgent>, req: Request) -> Response {
     operation(&agent, &req, reply)
 }
 
-/// `POST /clone`: the agent's name rule (no spaces), and a git failure (`ok: false`,
-/// still 200) for a project named `broken`.
+/// `POST /clone`, behind the key: the agent's name rule (no spaces), and a git failure
+/// (`ok: false`, still 200) for a project named `broken`.
 async fn clone(State(agent): State<FakeAgent>, req: Request) -> Response {
+    let refused = operation(&agent, &req, Value::Null);
+    if refused.status() != StatusCode::OK {
+        return refused;
+    }
     let bytes = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     agent.executed.lock().unwrap().push((body.clone(), true));
