@@ -20,9 +20,13 @@ pub enum AgentError {
     /// a body it cannot read) or failed.
     #[error("Agent returned {status}: {body}")]
     Refused { status: u16, body: String },
-    /// No connection, a dropped one, or no answer in time.
+    /// No connection: the request never reached the agent.
     #[error("{0}")]
     Unreachable(String),
+    /// The request was sent but no whole answer came (a dropped connection, no answer
+    /// in time): the agent may have taken the task and be running it.
+    #[error("{0}")]
+    NoAnswer(String),
     /// A 2xx answer that is not JSON.
     #[error("Agent answered with invalid JSON: {0}")]
     InvalidJson(String),
@@ -33,10 +37,15 @@ impl AgentError {
     /// (401/403: a wrong key; 503: no Claude CLI).
     pub fn agent_is_down(&self) -> bool {
         match self {
-            AgentError::Unreachable(_) => true,
+            AgentError::Unreachable(_) | AgentError::NoAnswer(_) => true,
             AgentError::Refused { status, .. } => [401, 403, 503].contains(status),
             AgentError::InvalidJson(_) => false,
         }
+    }
+
+    /// The request went out and the call broke off: the agent may be running the task.
+    pub fn may_have_run(&self) -> bool {
+        matches!(self, AgentError::NoAnswer(_))
     }
 }
 
@@ -131,9 +140,15 @@ impl AgentClient {
         if let Some(body) = body {
             req = req.json(body);
         }
-        let resp = req.send().await.map_err(|e| AgentError::Unreachable(describe(&e)))?;
+        let resp = req.send().await.map_err(|e| {
+            if e.is_connect() {
+                AgentError::Unreachable(describe(&e))
+            } else {
+                AgentError::NoAnswer(describe(&e))
+            }
+        })?;
         let status = resp.status();
-        let text = resp.text().await.map_err(|e| AgentError::Unreachable(describe(&e)))?;
+        let text = resp.text().await.map_err(|e| AgentError::NoAnswer(describe(&e)))?;
         if !status.is_success() {
             return Err(AgentError::Refused { status: status.as_u16(), body: text });
         }

@@ -13,7 +13,7 @@ use super::body::JsonBody;
 use super::schemas::{Dispatched, ErrorBody, LeaseBody, RequestBody};
 use super::{ApiError, AppState};
 use crate::agent::{AgentError, ExecuteTask};
-use crate::db::lifecycle::{self, Abandoned, LeaseRequest};
+use crate::db::lifecycle::{self, Abandon, Abandoned, LeaseRequest};
 use crate::db::workers;
 use crate::domain::{TaskId, TaskStatus, WorkerId};
 
@@ -65,14 +65,22 @@ pub async fn dispatch(
         Err(e) => e,
     };
     // The agent did not take the task: the attempt is abandoned (requeued, or dead after
-    // the last one), and an agent that is down takes no more.
-    if failure.agent_is_down() {
-        workers::record_dispatch_failure(&state.pool, &worker.id, state.clock.now_ms()).await?;
-    }
+    // the last one), and an agent that is down takes no more. One that took it (its
+    // heartbeat came) and lost the call keeps it: its callback or the lease's expiry
+    // ends it, as upstream leaves it.
     let reason = failure.to_string();
-    match lifecycle::abandon(&state.pool, &task.id, &lease.id, &worker.id, &reason, state.clock.now_ms()).await? {
-        Abandoned::Requeued(dispatch) => state.dispatcher.send(vec![*dispatch]),
-        Abandoned::Dead | Abandoned::NotCurrent => {}
+    let which = if failure.may_have_run() { Abandon::Untaken } else { Abandon::Any };
+    let now = state.clock.now_ms();
+    let taken = match lifecycle::abandon(&state.pool, &task.id, &lease.id, &worker.id, &reason, which, now).await? {
+        Abandoned::Requeued(dispatch) => {
+            state.dispatcher.send(vec![*dispatch]);
+            false
+        }
+        Abandoned::Dead | Abandoned::NotCurrent => false,
+        Abandoned::Taken => true,
+    };
+    if failure.agent_is_down() && !taken {
+        workers::record_dispatch_failure(&state.pool, &worker.id, now).await?;
     }
     Ok(match failure {
         // The agent answered: its answer is the execution, as upstream passes it on.

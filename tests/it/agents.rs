@@ -526,6 +526,43 @@ async fn a_failed_run_is_recorded_and_a_hung_up_call_is_retried() {
     app.stop().await;
 }
 
+/// An agent that took a task (its heartbeat came) and lost the call keeps it: the
+/// attempt is not abandoned, the agent not paused, and its late `complete` callback
+/// completes the task once; the same through `POST /dispatch`, which answers 502 with
+/// the task left to the agent, as upstream.
+#[tokio::test]
+async fn an_agent_that_took_a_task_and_lost_the_call_completes_it() {
+    use bloom::reconciler::agent_dispatch;
+    let app = TestApp::spawn().await;
+    let agent = fake_agent::start_taking_then_hanging_up(Duration::from_secs(1)).await;
+    register(&app, "flaky", &agent).await;
+    let sent = app.submit("answered late").await["id"].as_str().unwrap().to_owned();
+    let r = manual_reconciler(&app).await;
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
+    wait_for("completed by the late callback", Duration::from_secs(10), || async {
+        app.status_of(&sent).await == "completed"
+    })
+    .await;
+    let audited = "SELECT count(*) FROM audit_logs WHERE action = 'dispatch_failed'";
+    assert_eq!(app.count(audited).await, 1, "the broken call is audited");
+    assert_eq!(app.status_of_worker("flaky").await, "online", "not paused");
+    assert_eq!(app.count("SELECT dispatch_failures::bigint FROM workers WHERE id = 'flaky'").await, 0);
+
+    let by_hand = app.submit("dispatched by hand").await["id"].as_str().unwrap().to_owned();
+    let (status, answer) = app.post(&format!("/api/runtime/llm-tasks/{by_hand}/dispatch"), json!({})).await;
+    assert_eq!((status, &answer["dispatched"]), (StatusCode::BAD_GATEWAY, &json!(false)), "{answer}");
+    assert_eq!(app.status_of(&by_hand).await, "running", "left to the agent");
+    wait_for("completed by the late callback", Duration::from_secs(10), || async {
+        app.status_of(&by_hand).await == "completed"
+    })
+    .await;
+    assert_eq!(app.count(audited).await, 2);
+    assert_eq!(app.count("SELECT count(*) FROM llm_results").await, 2);
+    assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'failed'").await, 0);
+    assert_eq!(app.count("SELECT sum(attempts)::bigint FROM llm_tasks").await, 2, "one attempt each");
+    app.stop().await;
+}
+
 /// A reconciler process killed while an agent runs a task it sent: the agent's callbacks
 /// complete the task through the API, once, and nothing is dispatched again.
 #[tokio::test]

@@ -148,6 +148,60 @@ pub async fn start_hanging_up() -> String {
     url
 }
 
+/// An agent that takes each task and loses the call: it reads the request, sends the
+/// task's heartbeat, drops the connection without an answer (a proxy's idle timeout, a
+/// restarted load balancer), and `complete`s the task `after` that.
+pub async fn start_taking_then_hanging_up(after: std::time::Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 8192];
+            // Headers, then as many body bytes as `content-length` says.
+            let body = loop {
+                let n = socket.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break None;
+                }
+                request.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&request);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let length = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
+                        })
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if body.len() >= length {
+                        break serde_json::from_str::<Value>(body).ok();
+                    }
+                }
+            };
+            let Some(body) = body else { continue };
+            let base = format!(
+                "{}/api/runtime/llm-tasks/{}",
+                body["runtime_url"].as_str().unwrap_or(""),
+                body["task_id"].as_str().unwrap_or("")
+            );
+            let beat = http.post(format!("{base}/heartbeat")).header("content-type", "application/json").send();
+            let _ = beat.await;
+            drop(socket);
+            let http = http.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let complete = json!({"status": "success", "output": "answered late", "error_message": null,
+                                      "metrics": {"duration_ms": 5, "tokens_used": null}});
+                let _ = http.post(format!("{base}/complete")).json(&complete).send().await;
+            });
+        }
+    });
+    url
+}
+
 /// The agent's process-control endpoints, behind its key.
 fn operation(agent: &FakeAgent, req: &Request, reply: Value) -> Response {
     let key_ok = req.headers().get("x-membridge-agent").is_some_and(|v| v.as_bytes() == agent.key.as_bytes());

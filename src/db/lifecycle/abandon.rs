@@ -1,5 +1,7 @@
 //! `abandon`: a lease whose worker never took the task (an HTTP agent refused it, could
-//! not be reached, or did not answer in time) ended; the task requeued or dead.
+//! not be reached, or did not answer in time) ended; the task requeued or dead. A task
+//! the agent took (its heartbeat made it `running`) before the call broke off is left
+//! to the agent's `complete` callback, or to its lease's expiry.
 
 use sqlx::PgPool;
 
@@ -17,21 +19,53 @@ pub enum Abandoned {
     /// The lease was no longer the task's current one (completed, expired, requeued):
     /// nothing changed.
     NotCurrent,
+    /// The agent took the task (it is `running`) and the call broke off without its
+    /// answer: nothing changed; its `complete` callback or the lease's expiry ends the
+    /// attempt.
+    Taken,
+}
+
+/// Which attempts [`abandon`] ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Abandon {
+    /// Any: the agent answered that it did not run the task, or never got it.
+    Any,
+    /// Only one the agent has not taken (the task still `leased`, no heartbeat): the call
+    /// broke off after the request went out, so the agent may be running it.
+    Untaken,
 }
 
 /// Ends the attempt of `lease` on `task` because its worker never ran it: the lease is
 /// marked `failed` and the task requeued through the outbox while attempts remain, else
 /// `dead`, in one transaction guarded by the lease still being the task's current,
-/// active one. Audited as `dispatch_failed` with `reason`.
+/// active one (and, with [`Abandon::Untaken`], by the task not `running`). Audited as
+/// `dispatch_failed` with `reason`, also when the agent took the task.
 pub async fn abandon(
     pool: &PgPool,
     task: &TaskId,
     lease: &LeaseId,
     worker: &WorkerId,
     reason: &str,
+    which: Abandon,
     now: i64,
 ) -> sqlx::Result<Abandoned> {
     let mut tx = pool.begin().await?;
+    // The task's row first, as heartbeats and completions lock it: one that made the task
+    // `running` has committed once this returns.
+    let current = sqlx::query_scalar!(
+        r#"SELECT status AS "status: TaskStatus" FROM llm_tasks WHERE id = $1 AND lease_id = $2 FOR UPDATE"#,
+        task.as_str(),
+        lease.as_str()
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    if which == Abandon::Untaken && current == Some(TaskStatus::Running) {
+        let detail = format!("Dispatch to {worker} failed: {reason}; the agent took the task, its callback ends it");
+        let entry = NewAudit::new(AuditAction::DispatchFailed, "llm_task", task.as_str(), "router", detail);
+        audit::insert(&mut *tx, &[entry], now).await?;
+        tx.commit().await?;
+        return Ok(Abandoned::Taken);
+    }
     let ended = sqlx::query!(
         r#"WITH l AS (
               UPDATE leases SET status = 'failed' WHERE id = $2 AND task_id = $1 AND status = 'active' RETURNING id),
