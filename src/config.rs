@@ -341,16 +341,10 @@ mod tests {
 
     #[test]
     fn agents_call_back_the_api_on_its_port_unless_told_where() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            r: ReconcilerArgs,
-        }
-        let url = |args: &[&str]| Cli::parse_from([&["bloom-reconciler"], args].concat()).r.runtime_url();
-        assert_eq!(url(&[]), "http://127.0.0.1:3002");
-        assert_eq!(url(&["--api-port", "5000"]), "http://127.0.0.1:5000");
-        assert_eq!(url(&["--runtime-url", "https://bloom.example/ ", "--api-port", "5000"]), "https://bloom.example");
+        assert_eq!(callback_url(None, None), "http://127.0.0.1:3002");
+        assert_eq!(callback_url(Some(" "), Some("5000")), "http://127.0.0.1:5000");
+        assert_eq!(callback_url(None, Some("tcp://10.0.0.7:3002")), "http://127.0.0.1:3002", "a service link");
+        assert_eq!(callback_url(Some("https://bloom.example/ "), Some("5000")), "https://bloom.example");
     }
 }
 
@@ -454,8 +448,10 @@ pub struct ReconcilerArgs {
     #[arg(long, env = "BLOOM_RUNTIME_URL")]
     pub runtime_url: Option<String>,
     /// The API's port (the variable the API listens by), for the default `runtime_url`.
-    #[arg(long = "api-port", env = "BLOOM_RUNTIME_PORT", default_value_t = 3002)]
-    pub api_port: u16,
+    /// Read only then, and a value that is not a port (Kubernetes sets
+    /// `<SERVICE>_PORT=tcp://...` for a Service named `bloom-runtime`) counts as unset.
+    #[arg(long = "api-port", env = "BLOOM_RUNTIME_PORT")]
+    pub api_port: Option<String>,
     /// Grace past `expires_at` before a lease is expired, in milliseconds.
     #[arg(long, env = "BLOOM_EXPIRY_GRACE_MS", default_value_t = 2_000)]
     pub expiry_grace_ms: u64,
@@ -484,9 +480,18 @@ impl ReconcilerArgs {
     /// Where HTTP agents send their callbacks: `BLOOM_RUNTIME_URL`, else the API on this
     /// host at `BLOOM_RUNTIME_PORT`.
     pub fn runtime_url(&self) -> String {
-        match self.runtime_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
-            Some(url) => url.trim_end_matches('/').to_owned(),
-            None => format!("http://127.0.0.1:{}", self.api_port),
+        callback_url(self.runtime_url.as_deref(), self.api_port.as_deref())
+    }
+}
+
+/// `url` without its trailing `/`, else the API on this host at `port` (3002 when it is
+/// not a port number).
+fn callback_url(url: Option<&str>, port: Option<&str>) -> String {
+    match url.map(str::trim).filter(|u| !u.is_empty()) {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => {
+            let port = port.and_then(|p| p.trim().parse::<u16>().ok()).unwrap_or(3002);
+            format!("http://127.0.0.1:{port}")
         }
     }
 }
