@@ -29,6 +29,9 @@ spec:
     spec:
       restartPolicy: Never
       serviceAccountName: {{ include "bloom.hookServiceAccountName" $ctx }}
+      # Kubernetes' service-link variables (`<SERVICE>_PORT=tcp://...`) would collide with
+      # settings such as MINIO_PORT when a Service of that name shares the namespace.
+      enableServiceLinks: false
       automountServiceAccountToken: false
       {{- with $v.imagePullSecrets }}
       imagePullSecrets:
