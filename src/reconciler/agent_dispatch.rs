@@ -7,9 +7,11 @@
 //! The lease is committed before the call and no transaction is held during it. An
 //! agent that refuses the task (non-2xx: no Claude CLI, a wrong key), cannot be reached,
 //! or does not answer within the task's timeout plus 30 s has its attempt abandoned: the
-//! lease is `failed` and the task requeued, or `dead` after its last attempt. An agent
-//! that could not be reached, or refused with 401, 403 or 503, is marked offline and
-//! paused (10 s, doubling with each consecutive failure up to 5 min; its own
+//! lease is `failed` and the task requeued, or `dead` after its last attempt. A call
+//! that broke off after the agent took the task (its heartbeat came) leaves the task to
+//! the agent's `complete` callback, or to the lease's expiry. An agent that could not be
+//! reached or did not answer (and did not take the task), or refused with 401, 403 or
+//! 503, is marked offline and paused (10 s, doubling with each consecutive failure up to 5 min; its own
 //! registration or a healthy `agent-health` ends the pause), so it does not burn the
 //! attempts of the tasks behind however often membridge's sync says it is online.
 //!

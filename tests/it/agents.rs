@@ -527,27 +527,39 @@ async fn a_failed_run_is_recorded_and_a_hung_up_call_is_retried() {
 }
 
 /// An agent that took a task (its heartbeat came) and lost the call keeps it: the
-/// attempt is not abandoned, the agent not paused, and its late `complete` callback
-/// completes the task once; the same through `POST /dispatch`, which answers 502 with
-/// the task left to the agent, as upstream.
+/// attempt is not abandoned, the agent not paused, and its `complete` callback, late or
+/// sent before the call broke, completes the task once; the same through
+/// `POST /dispatch`, which answers 502 with the task left to the agent, as upstream.
 #[tokio::test]
 async fn an_agent_that_took_a_task_and_lost_the_call_completes_it() {
     use bloom::reconciler::agent_dispatch;
+    use fake_agent::LostCall;
     let app = TestApp::spawn().await;
-    let agent = fake_agent::start_taking_then_hanging_up(Duration::from_secs(1)).await;
-    register(&app, "flaky", &agent).await;
-    let sent = app.submit("answered late").await["id"].as_str().unwrap().to_owned();
     let r = manual_reconciler(&app).await;
-    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
-    wait_for("completed by the late callback", Duration::from_secs(10), || async {
-        app.status_of(&sent).await == "completed"
-    })
-    .await;
     let audited = "SELECT count(*) FROM audit_logs WHERE action = 'dispatch_failed'";
-    assert_eq!(app.count(audited).await, 1, "the broken call is audited");
-    assert_eq!(app.status_of_worker("flaky").await, "online", "not paused");
-    assert_eq!(app.count("SELECT dispatch_failures::bigint FROM workers WHERE id = 'flaky'").await, 0);
+    for (n, when) in [LostCall::BeforeComplete(Duration::from_secs(1)), LostCall::AfterComplete].into_iter().enumerate()
+    {
+        let agent = fake_agent::start_losing_the_call(when).await;
+        let name = format!("flaky-{n}");
+        register(&app, &name, &agent).await;
+        let sent = app.submit("answered, the call lost").await["id"].as_str().unwrap().to_owned();
+        assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
+        wait_for("completed by the callback", Duration::from_secs(10), || async {
+            app.status_of(&sent).await == "completed"
+        })
+        .await;
+        wait_for("the broken call audited", Duration::from_secs(10), || async {
+            app.count(audited).await == n as i64 + 1
+        })
+        .await;
+        assert_eq!(app.status_of_worker(&name).await, "online", "{when:?}: not paused");
+        let failures = format!("SELECT dispatch_failures::bigint FROM workers WHERE id = '{name}'");
+        assert_eq!(app.count(&failures).await, 0, "{when:?}");
+        sqlx::query("DELETE FROM workers WHERE id = $1").bind(&name).execute(&app.pool).await.unwrap();
+    }
 
+    let agent = fake_agent::start_losing_the_call(LostCall::BeforeComplete(Duration::from_secs(1))).await;
+    register(&app, "by-hand", &agent).await;
     let by_hand = app.submit("dispatched by hand").await["id"].as_str().unwrap().to_owned();
     let (status, answer) = app.post(&format!("/api/runtime/llm-tasks/{by_hand}/dispatch"), json!({})).await;
     assert_eq!((status, &answer["dispatched"]), (StatusCode::BAD_GATEWAY, &json!(false)), "{answer}");
@@ -556,10 +568,10 @@ async fn an_agent_that_took_a_task_and_lost_the_call_completes_it() {
         app.status_of(&by_hand).await == "completed"
     })
     .await;
-    assert_eq!(app.count(audited).await, 2);
-    assert_eq!(app.count("SELECT count(*) FROM llm_results").await, 2);
+    assert_eq!(app.count(audited).await, 3);
+    assert_eq!(app.count("SELECT count(*) FROM llm_results").await, 3);
     assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'failed'").await, 0);
-    assert_eq!(app.count("SELECT sum(attempts)::bigint FROM llm_tasks").await, 2, "one attempt each");
+    assert_eq!(app.count("SELECT sum(attempts)::bigint FROM llm_tasks").await, 3, "one attempt each");
     app.stop().await;
 }
 

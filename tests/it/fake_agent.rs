@@ -148,10 +148,19 @@ pub async fn start_hanging_up() -> String {
     url
 }
 
+/// When an agent that takes a task loses the call.
+#[derive(Clone, Copy, Debug)]
+pub enum LostCall {
+    /// After the heartbeat; `complete` comes this long after the connection dropped.
+    BeforeComplete(std::time::Duration),
+    /// After `complete`, which the real agent sends before it answers.
+    AfterComplete,
+}
+
 /// An agent that takes each task and loses the call: it reads the request, sends the
-/// task's heartbeat, drops the connection without an answer (a proxy's idle timeout, a
-/// restarted load balancer), and `complete`s the task `after` that.
-pub async fn start_taking_then_hanging_up(after: std::time::Duration) -> String {
+/// task's heartbeat, and drops the connection without an answer (a proxy's idle timeout,
+/// a restarted load balancer) before or after its `complete` callback.
+pub async fn start_losing_the_call(when: LostCall) -> String {
     use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -189,14 +198,22 @@ pub async fn start_taking_then_hanging_up(after: std::time::Duration) -> String 
             );
             let beat = http.post(format!("{base}/heartbeat")).header("content-type", "application/json").send();
             let _ = beat.await;
-            drop(socket);
-            let http = http.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(after).await;
-                let complete = json!({"status": "success", "output": "answered late", "error_message": null,
-                                      "metrics": {"duration_ms": 5, "tokens_used": null}});
-                let _ = http.post(format!("{base}/complete")).json(&complete).send().await;
-            });
+            let complete = json!({"status": "success", "output": "answered, the call lost", "error_message": null,
+                                  "metrics": {"duration_ms": 5, "tokens_used": null}});
+            match when {
+                LostCall::AfterComplete => {
+                    let _ = http.post(format!("{base}/complete")).json(&complete).send().await;
+                    drop(socket);
+                }
+                LostCall::BeforeComplete(after) => {
+                    drop(socket);
+                    let http = http.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = http.post(format!("{base}/complete")).json(&complete).send().await;
+                    });
+                }
+            }
         }
     });
     url

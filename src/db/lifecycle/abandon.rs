@@ -7,7 +7,7 @@ use sqlx::PgPool;
 
 use crate::db::outbox::{self, Dispatch};
 use crate::db::{audit, tasks};
-use crate::domain::{AuditAction, LeaseId, NewAudit, TaskId, TaskStatus, WorkerId};
+use crate::domain::{AuditAction, LeaseId, LeaseStatus, NewAudit, TaskId, TaskStatus, WorkerId};
 
 /// What became of an abandoned attempt's task.
 #[derive(Debug)]
@@ -19,9 +19,9 @@ pub enum Abandoned {
     /// The lease was no longer the task's current one (completed, expired, requeued):
     /// nothing changed.
     NotCurrent,
-    /// The agent took the task (it is `running`) and the call broke off without its
-    /// answer: nothing changed; its `complete` callback or the lease's expiry ends the
-    /// attempt.
+    /// The agent took the task (it is `running`, or the agent's `complete` callback
+    /// ended the lease) and the call broke off without its answer: nothing changed; the
+    /// callback or the lease's expiry ends the attempt.
     Taken,
 }
 
@@ -38,8 +38,9 @@ pub enum Abandon {
 /// Ends the attempt of `lease` on `task` because its worker never ran it: the lease is
 /// marked `failed` and the task requeued through the outbox while attempts remain, else
 /// `dead`, in one transaction guarded by the lease still being the task's current,
-/// active one (and, with [`Abandon::Untaken`], by the task not `running`). Audited as
-/// `dispatch_failed` with `reason`, also when the agent took the task.
+/// active one (and, with [`Abandon::Untaken`], by the agent not having taken the task).
+/// Audited as `dispatch_failed` with `reason`, also when the agent took the task. A lease
+/// the sweeper holds (to expire it) is left to it: [`Abandoned::NotCurrent`].
 pub async fn abandon(
     pool: &PgPool,
     task: &TaskId,
@@ -50,16 +51,30 @@ pub async fn abandon(
     now: i64,
 ) -> sqlx::Result<Abandoned> {
     let mut tx = pool.begin().await?;
-    // The task's row first, as heartbeats and completions lock it: one that made the task
-    // `running` has committed once this returns.
-    let current = sqlx::query_scalar!(
-        r#"SELECT status AS "status: TaskStatus" FROM llm_tasks WHERE id = $1 AND lease_id = $2 FOR UPDATE"#,
+    // The task's row first, as heartbeats and completions lock it (then their lease): one
+    // that changed the task has committed once this returns.
+    let running = sqlx::query_scalar!(
+        r#"SELECT (status = 'running' AND lease_id IS NOT DISTINCT FROM $2) AS "running!"
+           FROM llm_tasks WHERE id = $1 FOR UPDATE"#,
         task.as_str(),
         lease.as_str()
     )
     .fetch_optional(&mut *tx)
     .await?;
-    if which == Abandon::Untaken && current == Some(TaskStatus::Running) {
+    // Then the lease, unless the sweeper holds it (it locks leases first) to end it.
+    let lease_status = sqlx::query_scalar!(
+        r#"SELECT status AS "status: LeaseStatus" FROM leases WHERE id = $1 AND task_id = $2 FOR UPDATE SKIP LOCKED"#,
+        lease.as_str(),
+        task.as_str()
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let (Some(running), Some(lease_status)) = (running, lease_status) else {
+        return Ok(Abandoned::NotCurrent);
+    };
+    // The agent took the task: it is running it, or its `complete` callback, which comes
+    // before its answer, ended the lease.
+    if which == Abandon::Untaken && (running || lease_status == LeaseStatus::Released) {
         let detail = format!("Dispatch to {worker} failed: {reason}; the agent took the task, its callback ends it");
         let entry = NewAudit::new(AuditAction::DispatchFailed, "llm_task", task.as_str(), "router", detail);
         audit::insert(&mut *tx, &[entry], now).await?;
