@@ -13,7 +13,7 @@ use super::body::JsonBody;
 use super::schemas::{Dispatched, ErrorBody, LeaseBody, RequestBody};
 use super::{ApiError, AppState};
 use crate::agent::{AgentError, ExecuteTask};
-use crate::db::lifecycle::{self, Abandon, Abandoned, LeaseRequest};
+use crate::db::lifecycle::{self, Abandoned, FailedCall, LeaseRequest};
 use crate::db::workers;
 use crate::domain::{TaskId, TaskStatus, WorkerId};
 
@@ -69,18 +69,13 @@ pub async fn dispatch(
     // heartbeat came) and lost the call keeps it: its callback or the lease's expiry
     // ends it, as upstream leaves it.
     let reason = failure.to_string();
-    let which = if failure.may_have_run() { Abandon::Untaken } else { Abandon::Any };
+    let call =
+        FailedCall { reason: &reason, may_have_run: failure.may_have_run(), agent_down: failure.agent_is_down() };
     let now = state.clock.now_ms();
-    let taken = match lifecycle::abandon(&state.pool, &task.id, &lease.id, &worker.id, &reason, which, now).await? {
-        Abandoned::Requeued(dispatch) => {
-            state.dispatcher.send(vec![*dispatch]);
-            false
-        }
-        Abandoned::Dead | Abandoned::NotCurrent => false,
-        Abandoned::Taken => true,
-    };
-    if failure.agent_is_down() && !taken {
-        workers::record_dispatch_failure(&state.pool, &worker.id, now).await?;
+    if let Abandoned::Requeued(dispatch) =
+        lifecycle::abandon(&state.pool, &task.id, &lease.id, &worker.id, &call, now).await?
+    {
+        state.dispatcher.send(vec![*dispatch]);
     }
     Ok(match failure {
         // The agent answered: its answer is the execution, as upstream passes it on.

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Reconciler;
 use crate::agent::{AgentClient, ExecuteTask, EXECUTE_MARGIN};
-use crate::db::lifecycle::{self, Abandon, Abandoned, Assigned};
+use crate::db::lifecycle::{self, Abandoned, Assigned, FailedCall};
 use crate::db::settings;
 use crate::db::workers::{self, HttpAgent};
 
@@ -99,28 +99,16 @@ async fn send(r: Reconciler, client: AgentClient, agent: HttpAgent, a: Assigned)
     };
     r.metrics.agent_dispatch_failures_total.inc();
     tracing::warn!(task.id = %a.task.id, worker.id = %agent.id, error = %failure, "dispatch to an HTTP agent failed");
-    let now = r.clock.now_ms();
-    let which = if failure.may_have_run() { Abandon::Untaken } else { Abandon::Any };
-    let taken =
-        match lifecycle::abandon(&r.pool, &a.task.id, &a.lease.id, &agent.id, &failure.to_string(), which, now).await {
-            Ok(Abandoned::Requeued(dispatch)) => {
-                r.dispatcher.send(vec![*dispatch]);
-                false
-            }
-            Ok(Abandoned::Dead | Abandoned::NotCurrent) => false,
-            Ok(Abandoned::Taken) => true,
-            // The lease stays active: it expires after its TTL and the sweeper requeues the task.
-            Err(e) => {
-                tracing::warn!(task.id = %a.task.id, error = %e, "could not abandon a failed dispatch");
-                false
-            }
-        };
     // An agent that cannot be reached, or refuses every task (no Claude CLI, a wrong
     // key), is paused: 10 s, doubling with each consecutive failure, up to 5 min. One
     // that took the task and lost the call is running it, not down.
-    if failure.agent_is_down() && !taken {
-        if let Err(e) = workers::record_dispatch_failure(&r.pool, &agent.id, now).await {
-            tracing::warn!(worker.id = %agent.id, error = %e, "could not pause a failing agent");
-        }
+    let reason = failure.to_string();
+    let call =
+        FailedCall { reason: &reason, may_have_run: failure.may_have_run(), agent_down: failure.agent_is_down() };
+    match lifecycle::abandon(&r.pool, &a.task.id, &a.lease.id, &agent.id, &call, r.clock.now_ms()).await {
+        Ok(Abandoned::Requeued(dispatch)) => r.dispatcher.send(vec![*dispatch]),
+        Ok(Abandoned::Dead | Abandoned::NotCurrent | Abandoned::Taken) => {}
+        // The lease stays active: it expires after its TTL and the sweeper requeues the task.
+        Err(e) => tracing::warn!(task.id = %a.task.id, error = %e, "could not abandon a failed dispatch"),
     }
 }

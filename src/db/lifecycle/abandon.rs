@@ -1,12 +1,13 @@
 //! `abandon`: a lease whose worker never took the task (an HTTP agent refused it, could
 //! not be reached, or did not answer in time) ended; the task requeued or dead. A task
 //! the agent took (its heartbeat made it `running`) before the call broke off is left
-//! to the agent's `complete` callback, or to its lease's expiry.
+//! to the agent's `complete` callback, or to its lease's expiry. An agent that is down
+//! is paused in the same transaction.
 
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::db::outbox::{self, Dispatch};
-use crate::db::{audit, tasks};
+use crate::db::{audit, tasks, workers};
 use crate::domain::{AuditAction, LeaseId, LeaseStatus, NewAudit, TaskId, TaskStatus, WorkerId};
 
 /// What became of an abandoned attempt's task.
@@ -25,29 +26,32 @@ pub enum Abandoned {
     Taken,
 }
 
-/// Which attempts [`abandon`] ends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Abandon {
-    /// Any: the agent answered that it did not run the task, or never got it.
-    Any,
-    /// Only one the agent has not taken (the task still `leased`, no heartbeat): the call
-    /// broke off after the request went out, so the agent may be running it.
-    Untaken,
+/// A call to an agent that failed, as [`abandon`] weighs it.
+#[derive(Clone, Copy, Debug)]
+pub struct FailedCall<'a> {
+    /// Why, for the audit entry.
+    pub reason: &'a str,
+    /// The request went out and the call broke off (a dropped connection, no answer in
+    /// time): the agent may have taken the task, and then the attempt is left to it.
+    pub may_have_run: bool,
+    /// The agent cannot take tasks now (unreachable, or refusing every task): it is
+    /// marked offline and paused, unless it took this one.
+    pub agent_down: bool,
 }
 
 /// Ends the attempt of `lease` on `task` because its worker never ran it: the lease is
 /// marked `failed` and the task requeued through the outbox while attempts remain, else
-/// `dead`, in one transaction guarded by the lease still being the task's current,
-/// active one (and, with [`Abandon::Untaken`], by the agent not having taken the task).
-/// Audited as `dispatch_failed` with `reason`, also when the agent took the task. A lease
-/// the sweeper holds (to expire it) is left to it: [`Abandoned::NotCurrent`].
+/// `dead`, guarded by the lease still being the task's current, active one, and, when
+/// the call may have reached the agent, by the agent not having taken the task. Audited
+/// as `dispatch_failed` with the call's reason, also when the agent took the task. A
+/// lease the sweeper holds (to expire it) is left to it: [`Abandoned::NotCurrent`]. An
+/// agent that is down and did not take the task is paused; all in one transaction.
 pub async fn abandon(
     pool: &PgPool,
     task: &TaskId,
     lease: &LeaseId,
     worker: &WorkerId,
-    reason: &str,
-    which: Abandon,
+    call: &FailedCall<'_>,
     now: i64,
 ) -> sqlx::Result<Abandoned> {
     let mut tx = pool.begin().await?;
@@ -69,18 +73,36 @@ pub async fn abandon(
     )
     .fetch_optional(&mut *tx)
     .await?;
-    let (Some(running), Some(lease_status)) = (running, lease_status) else {
-        return Ok(Abandoned::NotCurrent);
+    let outcome = match (running, lease_status) {
+        // The agent took the task: it is running it, or its `complete` callback, which
+        // comes before its answer, ended the lease.
+        (Some(running), Some(status)) if call.may_have_run && (running || status == LeaseStatus::Released) => {
+            let reason = call.reason;
+            let detail =
+                format!("Dispatch to {worker} failed: {reason}; the agent took the task, its callback ends it");
+            let entry = NewAudit::new(AuditAction::DispatchFailed, "llm_task", task.as_str(), "router", detail);
+            audit::insert(&mut *tx, &[entry], now).await?;
+            Abandoned::Taken
+        }
+        (Some(_), Some(_)) => end_attempt(&mut tx, task, lease, worker, call.reason, now).await?,
+        _ => Abandoned::NotCurrent,
     };
-    // The agent took the task: it is running it, or its `complete` callback, which comes
-    // before its answer, ended the lease.
-    if which == Abandon::Untaken && (running || lease_status == LeaseStatus::Released) {
-        let detail = format!("Dispatch to {worker} failed: {reason}; the agent took the task, its callback ends it");
-        let entry = NewAudit::new(AuditAction::DispatchFailed, "llm_task", task.as_str(), "router", detail);
-        audit::insert(&mut *tx, &[entry], now).await?;
-        tx.commit().await?;
-        return Ok(Abandoned::Taken);
+    if call.agent_down && !matches!(outcome, Abandoned::Taken) {
+        workers::record_dispatch_failure(&mut *tx, worker, now).await?;
     }
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// The attempt's lease `failed`, its task requeued (with a dispatch) or `dead`, audited.
+async fn end_attempt(
+    tx: &mut Transaction<'static, Postgres>,
+    task: &TaskId,
+    lease: &LeaseId,
+    worker: &WorkerId,
+    reason: &str,
+    now: i64,
+) -> sqlx::Result<Abandoned> {
     let ended = sqlx::query!(
         r#"WITH l AS (
               UPDATE leases SET status = 'failed' WHERE id = $2 AND task_id = $1 AND status = 'active' RETURNING id),
@@ -97,7 +119,7 @@ pub async fn abandon(
         lease.as_str(),
         now
     )
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut **tx)
     .await?;
     let Some(ended) = ended else { return Ok(Abandoned::NotCurrent) };
     let mut entries = vec![NewAudit::new(
@@ -115,8 +137,8 @@ pub async fn abandon(
             "router",
             "Requeued after a failed dispatch",
         ));
-        let requeued = tasks::get_many(&mut *tx, std::slice::from_ref(&task.0)).await?;
-        match outbox::insert(&mut tx, requeued, now).await?.pop() {
+        let requeued = tasks::get_many(&mut **tx, std::slice::from_ref(&task.0)).await?;
+        match outbox::insert(tx, requeued, now).await?.pop() {
             Some(d) => Abandoned::Requeued(Box::new(d)),
             None => Abandoned::NotCurrent,
         }
@@ -130,7 +152,6 @@ pub async fn abandon(
         ));
         Abandoned::Dead
     };
-    audit::insert(&mut *tx, &entries, now).await?;
-    tx.commit().await?;
+    audit::insert(&mut **tx, &entries, now).await?;
     Ok(outcome)
 }

@@ -40,7 +40,7 @@ mod silence;
 
 use sqlx::PgPool;
 
-pub use abandon::{abandon, Abandon, Abandoned};
+pub use abandon::{abandon, Abandoned, FailedCall};
 pub use assign::{assign, Assigned};
 pub use cancel::{cancel, cancel_many, Cancelled};
 pub use claim::{claim, Claim, ClaimOutcome};
