@@ -7,7 +7,7 @@
 //! into the row.
 
 use sqlx::types::Json;
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, PgPool};
 
 use super::audit;
 use super::rows::WorkerRow;
@@ -388,7 +388,7 @@ pub struct SyncedAgent {
 
 /// Upserts the agents membridge reported (in id order, as claims and assignments lock
 /// worker rows) and marks workers that vanished from it and were silent since
-/// `stale_cutoff` offline. Returns the ids marked offline.
+/// `stale_cutoff` offline (audited `worker_offline`). Returns the ids marked offline.
 ///
 /// Who wins:
 /// * a `bloom-worker` beating over NATS is left alone while it is online (it is live
@@ -448,17 +448,28 @@ pub async fn sync_agents(
     )
     .fetch_all(&mut *db)
     .await?;
+    audit_offline(&mut *db, &ids, "Not reported by membridge and silent: marked offline", now).await?;
     Ok(ids.into_iter().map(WorkerId::from).collect())
 }
 
+/// Audits workers marked offline (`worker_offline`, by the reconciler).
+async fn audit_offline(db: impl PgExecutor<'_>, ids: &[String], why: &str, now: i64) -> sqlx::Result<()> {
+    let entries: Vec<NewAudit> =
+        ids.iter().map(|id| NewAudit::new(AuditAction::WorkerOffline, "worker", id, "reconciler", why)).collect();
+    audit::insert(db, &entries, now).await
+}
+
 /// Marks every online worker known only from membridge offline (membridge has not been
-/// readable for longer than the staleness limit). Returns their ids.
-pub async fn expire_membridge_workers(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<WorkerId>> {
+/// readable for longer than the staleness limit), audited. Returns their ids.
+pub async fn expire_membridge_workers(pool: &PgPool, now: i64) -> sqlx::Result<Vec<WorkerId>> {
+    let mut tx = pool.begin().await?;
     let ids = sqlx::query_scalar!(
         r#"WITH s AS (SELECT id FROM workers WHERE source = 'membridge' AND status = 'online' ORDER BY id FOR UPDATE)
            UPDATE workers w SET status = 'offline' FROM s WHERE w.id = s.id RETURNING w.id AS "id!""#,
     )
-    .fetch_all(db)
+    .fetch_all(&mut *tx)
     .await?;
+    audit_offline(&mut *tx, &ids, "Membridge unreadable past the staleness limit: marked offline", now).await?;
+    tx.commit().await?;
     Ok(ids.into_iter().map(WorkerId::from).collect())
 }

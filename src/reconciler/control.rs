@@ -4,6 +4,7 @@
 //! together, in one transaction per kind.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use async_nats::Message;
 use futures::stream::FuturesUnordered;
@@ -218,7 +219,10 @@ async fn handle_heartbeats(r: Reconciler, msgs: Vec<Message>, mut db: Dedicated)
     }
     let pairs: Vec<_> = requests.iter().map(|(_, q)| (q.task_id.clone(), q.lease_id.clone())).collect();
     let now = r.clock.now_ms();
-    match db.run(move |c| Box::pin(async move { lifecycle::heartbeat(c, &pairs, now).await })).await {
+    let began = Instant::now();
+    let renewed = db.run(move |c| Box::pin(async move { lifecycle::heartbeat(c, &pairs, now).await })).await;
+    r.expiry_pause.wrote(began.elapsed(), r.clock.now_ms());
+    match renewed {
         Ok(renewed) => {
             let by_lease: HashMap<_, _> = renewed.iter().map(|l| (l.id.clone(), l.expires_at)).collect();
             for (msg, req) in &requests {
@@ -315,9 +319,13 @@ async fn handle_worker_beats(r: Reconciler, msgs: Vec<Message>, db: Dedicated) -
         .into_values()
         .map(|b| Beat { id: b.worker_id, status: b.status, capabilities: b.capabilities, ip_addrs: b.ip_addrs })
         .collect();
-    let stored = match workers::record_beats(&r.pool, &beats, r.clock.now_ms()).await {
+    let began = Instant::now();
+    let stored = workers::record_beats(&r.pool, &beats, r.clock.now_ms()).await;
+    r.expiry_pause.wrote(began.elapsed(), r.clock.now_ms());
+    let stored = match stored {
         Ok(stored) => stored,
         Err(e) => {
+            r.expiry_pause.broken(r.clock.now_ms());
             tracing::error!(error = %e, "recording worker beats failed");
             return db;
         }

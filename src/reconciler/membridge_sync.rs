@@ -140,7 +140,7 @@ async fn expire_unobserved(r: &Reconciler, last_success: Option<i64>, now: i64) 
     if last_success.unwrap_or(0) >= cutoff {
         return Ok(());
     }
-    let offline = workers::expire_membridge_workers(&r.pool).await?;
+    let offline = workers::expire_membridge_workers(&r.pool, now).await?;
     if !offline.is_empty() {
         tracing::warn!(
             workers = offline.len(),

@@ -1,7 +1,7 @@
 //! Lease expiry and worker liveness, on every replica: expired leases are taken with
 //! `FOR UPDATE SKIP LOCKED`, so replicas share the work and never expire one lease twice.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -52,7 +52,7 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
 /// workers offline, ends their leases and moves their routed tasks to the pool.
 pub async fn run_once(r: &Reconciler) -> sqlx::Result<SweepReport> {
     let mut report = SweepReport::default();
-    let now = r.clock.now_ms();
+    let (now, began) = (r.clock.now_ms(), Instant::now());
     // Live workers cannot renew while the heartbeat path is broken: wait until it has
     // been whole for a quiet window (see `expiry_pause`).
     if r.client.connection_state() != async_nats::connection::State::Connected {
@@ -75,6 +75,8 @@ pub async fn run_once(r: &Reconciler) -> sqlx::Result<SweepReport> {
             break;
         }
     }
+    // Beats written behind a stall that held these statements too may not be in yet.
+    r.expiry_pause.wrote(began.elapsed(), r.clock.now_ms());
     // Beats are published, not requested: one lost while the path was broken (or before
     // this replica started) is not sent again, and the next comes a beat interval later,
     // which only the worker knows. A worker is taken for silent once the path has been

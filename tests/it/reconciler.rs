@@ -248,6 +248,68 @@ async fn lease_expiry_waits_a_quiet_window_after_the_heartbeat_path_broke() {
     app.stop().await;
 }
 
+/// A Postgres that stalls and then answers fails no statement, but the beats queued
+/// behind the stall are written late, and their workers look silent meanwhile. A beat
+/// batch that took more than a second to write breaks the path, as a failed one does:
+/// the sweep takes no worker for silent until the path has been whole again.
+#[tokio::test]
+async fn a_beat_written_late_pauses_the_taking_of_silent_workers() {
+    use bloom::db::workers;
+    use bloom::reconciler::expiry_pause::ExpiryPause;
+    use bloom::reconciler::sweeper;
+
+    let app = TestApp::spawn().await;
+    let mut r = app.reconciler_with(app.reconciler_settings(), &app.cancel).await;
+    let start = bloom::time::now_ms();
+    r.clock = bloom::time::Clock::manual(start);
+    // Only the control subjects: beats are written; nothing sweeps but this test.
+    tokio::spawn(bloom::reconciler::control::run(r.clone(), app.cancel.clone()));
+    tokio::time::timeout(Duration::from_secs(10), r.serving()).await.expect("serving");
+    let beat = |id: &str| crate::common::online_beat(id, 1);
+    workers::record_beats(&app.pool, &[beat("late"), beat("silent")], start).await.unwrap();
+    let timeout = r.settings.worker_timeout;
+    r.clock.advance(timeout * 2);
+
+    // `late` beats while its row is locked: the write waits for the lock longer than a
+    // slow write (a stall, in real time).
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM workers WHERE id = 'late' FOR UPDATE").execute(&mut *lock).await.unwrap();
+    let b = beat("late");
+    let wire = bloom::protocol::WorkerBeat {
+        worker_id: b.id,
+        status: b.status,
+        capabilities: b.capabilities,
+        ip_addrs: vec![],
+        in_flight: 0,
+        draining: false,
+    };
+    let body = serde_json::to_vec(&wire).unwrap();
+    r.client.publish(r.names.worker_beat_subject(), body.into()).await.unwrap();
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+                   WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO workers%' AND datname = current_database()";
+    wait_for("the beat waits for the lock", Duration::from_secs(10), || async { app.count(waiting).await == 1 }).await;
+    let sent_at = r.clock.now_ms();
+    tokio::time::sleep(bloom::reconciler::expiry_pause::SLOW_WRITE + Duration::from_millis(100)).await;
+    lock.rollback().await.unwrap();
+    let recorded = format!("SELECT count(*) FROM workers WHERE id = 'late' AND last_heartbeat = {sent_at}");
+    wait_for("the beat recorded", Duration::from_secs(10), || async { app.count(&recorded).await == 1 }).await;
+
+    // `silent` has not beaten for two worker timeouts, but the path was broken until
+    // just now: nobody is taken.
+    let report = sweeper::run_once(&r).await.unwrap();
+    assert_eq!(report.workers_offline, 0, "{report:?}");
+    assert_eq!(app.count("SELECT count(*) FROM workers WHERE status = 'offline'").await, 0);
+    // Once the path has been whole for the worker timeout, `silent` is (`late` beats on).
+    let quiet = ExpiryPause::quiet_window(r.settings.streams.lease_ttl, r.settings.expiry_grace);
+    r.clock.advance(quiet.max(timeout));
+    workers::record_beats(&app.pool, &[beat("late")], r.clock.now_ms()).await.unwrap();
+    let report = sweeper::run_once(&r).await.unwrap();
+    assert_eq!(report.workers_offline, 1, "{report:?}");
+    let taken = "SELECT count(*) FROM audit_logs WHERE action = 'worker_offline' AND entity_id = 'silent'";
+    assert_eq!(app.count(taken).await, 1);
+    app.stop().await;
+}
+
 /// A replica that starts has seen none of the beats sent while no reconciler ran: its
 /// sweeper expires no lease for a quiet window, in which the live workers retry their
 /// heartbeats, and takes no worker for silent before a worker timeout, in which they beat

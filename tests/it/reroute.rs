@@ -59,13 +59,20 @@ async fn queued_tasks_routed_to_a_silent_worker_go_to_the_pool() {
     assert_eq!(app.count("SELECT count(*) FROM leases WHERE worker_id = 'ghost' AND status = 'expired'").await, 1);
     assert_eq!(app.count("SELECT count(*) FROM workers WHERE id = 'ghost' AND status = 'offline'").await, 1);
     assert_eq!(r.metrics.tasks_rerouted_total.get(), 1);
-    assert_eq!(r.metrics.workers_marked_offline_total.get(), 1);
+    // Ghost was taken for silent once, audited; the metric counts every worker marked
+    // offline (the pool worker too, had the machine stalled past the worker timeout).
+    let offline =
+        |id: &str| format!("SELECT count(*) FROM audit_logs WHERE action = 'worker_offline' AND entity_id LIKE '{id}'");
+    assert_eq!(app.count(&offline("ghost")).await, 1);
+    assert_eq!(r.metrics.workers_marked_offline_total.get() as i64, app.count(&offline("%")).await);
     let dispatch_seq: i64 = sqlx::query_scalar("SELECT dispatch_seq FROM llm_tasks WHERE id = $1")
         .bind(&next_id)
         .fetch_one(&app.pool)
         .await
         .unwrap();
-    assert_eq!(dispatch_seq, 2, "rerouting made a new dispatch");
+    // At least one: a task left queued long enough (a stalled machine) is dispatched
+    // again besides.
+    assert!(dispatch_seq >= 2, "rerouting made a new dispatch");
     let (_, audit) = app.get("/api/runtime/audit?limit=1000").await;
     assert!(audit
         .as_array()

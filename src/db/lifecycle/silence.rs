@@ -4,8 +4,8 @@
 use sqlx::PgPool;
 
 use super::expire::{expire_all_in, Expiring, Expiry};
-use crate::db::workers;
-use crate::domain::WorkerId;
+use crate::db::{audit, workers};
+use crate::domain::{AuditAction, NewAudit, WorkerId};
 
 /// What one pass did.
 #[derive(Debug, Default)]
@@ -16,8 +16,8 @@ pub struct Silence {
     pub expiry: Expiry,
 }
 
-/// Marks the NATS workers whose last beat is older than `cutoff` offline and ends the
-/// leases they held, in one transaction: a worker that stopped beating for the worker
+/// Marks the NATS workers whose last beat is older than `cutoff` offline (audited
+/// `worker_offline`) and ends the leases they held, in one transaction: a worker that stopped beating for the worker
 /// timeout (its process killed, its pod replaced under another name, its host gone)
 /// leaves its tasks to be run again now instead of after their TTL. So do workers that
 /// were already offline but still held leases when they went silent: a worker keeps
@@ -34,6 +34,15 @@ pub struct Silence {
 pub async fn silence(pool: &PgPool, cutoff: i64, since: i64, now: i64) -> sqlx::Result<Silence> {
     let mut tx = pool.begin().await?;
     let silent = workers::silent_nats_workers(&mut *tx, cutoff, since).await?;
+    let marked: Vec<NewAudit> = silent
+        .iter()
+        .filter(|w| w.marked_offline)
+        .map(|w| {
+            let why = "No beat within the worker timeout: marked offline";
+            NewAudit::new(AuditAction::WorkerOffline, "worker", w.id.as_str(), "reconciler", why)
+        })
+        .collect();
+    audit::insert(&mut *tx, &marked, now).await?;
     let mut expiry = Expiry::default();
     for worker in &silent {
         expire_all_in(&mut tx, Expiring::OfSilent(&worker.id), now, &mut expiry).await?;
