@@ -57,6 +57,7 @@ pub async fn dispatch(
         error,
     };
     let agents = super::agent_client(&state).await?;
+    state.metrics.agent_dispatches_total.inc();
     let failure = match agents.execute(&worker.url, &ExecuteTask::new(&task, &runtime_url)).await {
         Ok(execution) => {
             workers::record_dispatch_success(&state.pool, &worker.id).await?;
@@ -68,6 +69,8 @@ pub async fn dispatch(
     // the last one), and an agent that is down takes no more. One that took it (its
     // heartbeat came) and lost the call keeps it: its callback or the lease's expiry
     // ends it, as upstream leaves it.
+    state.metrics.agent_dispatch_failures_total.inc();
+    tracing::warn!(task.id = %task.id, worker.id = %worker.id, error = %failure, "dispatch to an HTTP agent failed");
     let reason = failure.to_string();
     let call =
         FailedCall { reason: &reason, may_have_run: failure.may_have_run(), agent_down: failure.agent_is_down() };

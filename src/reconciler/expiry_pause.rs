@@ -3,8 +3,8 @@
 //! those is broken, live workers cannot renew, and expiring their leases then would run
 //! their tasks a second time (a paid LLM call) for nothing. So a replica that sees the
 //! path broken (its NATS connection down, a Postgres statement of the sweep, a heartbeat
-//! batch or a results batch failing, a heartbeat or beat batch taking longer than a
-//! second to write) does not expire leases, nor mark silent workers offline, until the
+//! batch or a results batch failing; a heartbeat or beat batch, or a sweep's expiry,
+//! taking longer than a second) does not expire leases, nor mark silent workers offline, until the
 //! path has been whole for a quiet window: long enough for every
 //! live worker to renew (a worker retries a failed heartbeat within 200 ms), but at most
 //! 10 s plus the expiry grace, so that a worker that really died during the outage is

@@ -232,6 +232,9 @@ async fn dispatch_sends_a_task_to_an_agent_and_answers_with_its_execution() {
     assert_eq!((&answer["dispatched"], &answer["worker_id"]), (&json!(false), &json!("gone")));
     assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()), "{answer}");
     assert!(answer.get("lease_id").is_none());
+    // Three calls to agents, two of them failed, as the reconcilers count theirs.
+    let m = &app.state.metrics;
+    assert_eq!((m.agent_dispatches_total.get(), m.agent_dispatch_failures_total.get()), (3, 2));
     app.stop().await;
 }
 
