@@ -4,11 +4,11 @@
 //! their tasks a second time (a paid LLM call) for nothing. So a replica that sees the
 //! path broken (its NATS connection down, a Postgres statement of the sweep, a heartbeat
 //! batch or a results batch failing; a heartbeat or beat batch, or a sweep's expiry,
-//! taking longer than a second) does not expire leases, nor mark silent workers offline, until the
-//! path has been whole for a quiet window: long enough for every
-//! live worker to renew (a worker retries a failed heartbeat within 200 ms), but at most
-//! 10 s plus the expiry grace, so that a worker that really died during the outage is
-//! still replaced soon after.
+//! taking longer than a second) does not expire leases, nor mark silent workers offline,
+//! until the path has been whole for a quiet window: long enough for every live worker
+//! to renew (a worker retries a failed heartbeat within 200 ms), but at most 10 s plus
+//! the expiry grace, so that a worker that really died during the outage is still
+//! replaced soon after.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;

@@ -263,6 +263,9 @@ async fn workers_of_an_unreadable_membridge_go_offline_after_the_staleness_limit
     r.clock.advance(std::time::Duration::from_millis(400));
     bloom::reconciler::membridge_sync::run_logged(&r).await;
     assert_eq!(app.status_of_worker("a1").await, "offline");
+    let audited = "SELECT count(*) FROM audit_logs WHERE action = 'worker_offline' AND entity_id = 'a1'
+                   AND actor = 'reconciler' AND detail LIKE 'Membridge unreadable%'";
+    assert_eq!(app.count(audited).await, 1);
     let (_, health) = app.get("/api/runtime/health").await;
     assert_eq!(health["membridge"]["sync"]["ok"], false);
     assert!(health["membridge"]["sync"]["lastSuccess"].is_i64(), "{health}");

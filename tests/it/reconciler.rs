@@ -50,6 +50,9 @@ async fn one_leader_syncs_membridge_and_another_takes_over_when_it_dies() {
         app.count("SELECT count(*) FROM workers WHERE id = 'ghost' AND status = 'offline'").await == 1
     })
     .await;
+    let audited = "SELECT count(*) FROM audit_logs WHERE action = 'worker_offline' AND entity_id = 'ghost'
+                   AND detail LIKE 'Not reported by membridge%'";
+    assert_eq!(app.count(audited).await, 1);
     // Only the leader ever synced.
     let syncing: Vec<u64> = replicas.iter().map(|(r, _)| r.metrics.membridge_sync_runs_total.get()).collect();
     assert_eq!(syncing.iter().filter(|n| **n > 0).count(), 1, "{syncing:?}");

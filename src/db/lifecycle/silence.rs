@@ -17,9 +17,10 @@ pub struct Silence {
 }
 
 /// Marks the NATS workers whose last beat is older than `cutoff` offline (audited
-/// `worker_offline`) and ends the leases they held, in one transaction: a worker that stopped beating for the worker
-/// timeout (its process killed, its pod replaced under another name, its host gone)
-/// leaves its tasks to be run again now instead of after their TTL. So do workers that
+/// `worker_offline`) and ends the leases they held, in one transaction: a worker that
+/// stopped beating for the worker timeout (its process killed, its pod replaced under
+/// another name, its host gone) leaves its tasks to be run again now instead of after
+/// their TTL. So do workers that
 /// were already offline but still held leases when they went silent: a worker keeps
 /// beating, offline, while its runs finish after SIGTERM, so one killed in that grace
 /// is found the same way (`since`: how far back to look for those; leases of a worker
