@@ -6,7 +6,8 @@
 # reach it directly and it stops its children; they also get SIGTERM if it is killed.
 #
 # The worker uses the built-in test executor unless BLOOM_EXECUTOR=command (then
-# BLOOM_EXECUTOR_COMMAND, by default the Claude CLI, runs each task).
+# BLOOM_EXECUTOR_COMMAND, by default the Claude CLI, runs each task). Arguments go to
+# `bloomctl up` (`--workers 0`: no worker; also BLOOM_UP_WORKERS, BLOOM_UP_RECONCILERS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,4 +23,4 @@ db=${DATABASE_URL##*/}
 psql "${DATABASE_URL%/*}/postgres" -Atqc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1 ||
   psql "${DATABASE_URL%/*}/postgres" -qc "CREATE DATABASE \"$db\""
 
-exec "$CARGO_TARGET_DIR/debug/bloomctl" up
+exec "$CARGO_TARGET_DIR/debug/bloomctl" up "$@"

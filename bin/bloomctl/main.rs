@@ -151,10 +151,10 @@ enum Command {
         #[command(flatten)]
         nats: NatsArgs,
         /// Reconciler replicas.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, env = "BLOOM_UP_RECONCILERS", default_value_t = 2)]
         reconcilers: usize,
-        /// Worker processes.
-        #[arg(long, default_value_t = 1)]
+        /// Worker processes (0: none; tasks wait for REST workers and HTTP agents).
+        #[arg(long, env = "BLOOM_UP_WORKERS", default_value_t = 1)]
         workers: usize,
         /// HTTP port of the first reconciler; the next ones count up by two; 0: none.
         #[arg(long, env = "BLOOM_RECONCILER_HTTP_PORT", default_value_t = 9090)]

@@ -44,12 +44,19 @@ struct Up {
 
 impl Up {
     async fn start() -> Up {
+        Up::start_with(&["--workers", "1"], &[]).await
+    }
+
+    /// `bloomctl up --reconcilers 1` with these further arguments and variables.
+    async fn start_with(args: &[&str], vars: &[(&str, &str)]) -> Up {
         let (_, db_url) = fresh_db().await;
         let mark = uuid::Uuid::new_v4().simple().to_string();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let stderr = std::env::temp_dir().join(format!("bloomctl-up-{mark}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_bloomctl"))
-            .args(["up", "--reconcilers", "1", "--workers", "1"])
+            .args(["up", "--reconcilers", "1"])
+            .args(args)
+            .envs(vars.iter().copied())
             .env("BLOOM_RECONCILER_HTTP_PORT", "0")
             .env("BLOOM_WORKER_HTTP_PORT", "0")
             .env("DATABASE_URL", &db_url)
@@ -156,4 +163,32 @@ async fn killing_up_stops_its_children() {
     up.child.kill().unwrap();
     up.child.wait().unwrap();
     up.wait_until_all_gone(Duration::from_secs(30)).await;
+}
+
+/// Without workers (`BLOOM_UP_WORKERS=0`) a task waits for a client that leases it over
+/// REST, as the original service's clients do: nothing claims it first.
+#[tokio::test]
+async fn up_without_workers_leaves_tasks_to_the_clients_that_lease_them() {
+    let up = Up::start_with(&[], &[("BLOOM_UP_WORKERS", "0")]).await;
+    let names: Vec<String> = up.processes().into_iter().map(|(_, n)| n).collect();
+    assert_eq!(names.len(), 3, "bloomctl, the API and one reconciler: {names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("bloom-worker")), "{names:?}");
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: serde_json::Value| http.post(format!("{}{path}", up.api)).json(&body).send();
+    let worker = post("/api/runtime/workers", serde_json::json!({"name": "client", "capabilities": {}})).await.unwrap();
+    assert!(worker.status().is_success());
+    let task: serde_json::Value = post(
+        "/api/runtime/llm-tasks",
+        serde_json::json!({"context_id": "c1", "agent_slug": "writer", "prompt": "hello"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let id = task["id"].as_str().unwrap();
+    let leased = post(&format!("/api/runtime/llm-tasks/{id}/lease"), serde_json::json!({})).await.unwrap();
+    assert_eq!(leased.status(), reqwest::StatusCode::CREATED);
+    let lease: serde_json::Value = leased.json().await.unwrap();
+    assert_eq!(lease["lease"]["worker_id"], "client", "{lease}");
 }
