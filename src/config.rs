@@ -442,6 +442,11 @@ pub struct ReconcilerArgs {
     /// their `/execute-task`.
     #[arg(long, env = "BLOOM_AGENT_DISPATCH_INTERVAL_MS", default_value_t = 500)]
     pub agent_dispatch_interval_ms: u64,
+    /// How long (ms) a newly submitted task is left to its client before it is leased to
+    /// an HTTP agent: a client that submits a task and then dispatches or leases it
+    /// itself (the upstream web client's Create & Dispatch) gets it. 0: at once.
+    #[arg(long, env = "BLOOM_AGENT_DISPATCH_CLIENT_WINDOW_MS", default_value_t = 1000)]
+    pub agent_dispatch_client_window_ms: u64,
     /// The API's URL as HTTP agents reach it: they send their heartbeat and `complete`
     /// callbacks there (`runtime_url` of `/execute-task`). Unset:
     /// `http://127.0.0.1:<BLOOM_RUNTIME_PORT>`, the API on this host.

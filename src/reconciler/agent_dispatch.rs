@@ -15,6 +15,12 @@
 //! registration or a healthy `agent-health` ends the pause), so it does not burn the
 //! attempts of the tasks behind however often membridge's sync says it is online.
 //!
+//! A task submitted less than `BLOOM_AGENT_DISPATCH_CLIENT_WINDOW_MS` (1 s) ago is left
+//! to its client: one that submits a task and then dispatches it itself (the upstream web
+//! client's Create & Dispatch, `POST /llm-tasks/:id/dispatch`) or leases it over REST
+//! gets it, instead of a 409 because a pass took it between its two calls. A task queued
+//! again (a retry, a requeue) is sent at the next pass.
+//!
 //! A reconciler that dies between committing a lease and sending the task leaves a lease
 //! no agent knows of. The agent heartbeats a task as soon as it receives it, so an
 //! agent's lease expires [`PICKUP_WINDOW`] after it was granted unless that heartbeat
@@ -65,7 +71,10 @@ pub async fn run_once(r: &Reconciler) -> sqlx::Result<DispatchReport> {
     for agent in agents {
         let margin = (EXECUTE_MARGIN + LEASE_MARGIN).as_secs() as i32;
         let pickup = PICKUP_WINDOW.as_secs() as i32;
-        let assigned = lifecycle::assign(&r.pool, &agent.id, margin, pickup, r.clock.now_ms()).await?;
+        let now = r.clock.now_ms();
+        let window = r.settings.agent_dispatch_client_window;
+        let created_by = if window.is_zero() { i64::MAX } else { now - window.as_millis() as i64 };
+        let assigned = lifecycle::assign(&r.pool, &agent.id, margin, pickup, created_by, now).await?;
         report.sent += assigned.len();
         for a in assigned {
             tokio::spawn(send(r.clone(), client.clone(), agent.clone(), a));

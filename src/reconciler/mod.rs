@@ -65,6 +65,9 @@ pub struct ReconcilerSettings {
     pub artifact_write_behind_max_bytes: usize,
     /// How often queued tasks are leased to HTTP agents with free slots and sent to them.
     pub agent_dispatch_interval: Duration,
+    /// How long a newly submitted task is left to its client before it is leased to an
+    /// HTTP agent (see `agent_dispatch`).
+    pub agent_dispatch_client_window: Duration,
     /// The API's URL as HTTP agents reach it (their callbacks go there).
     pub runtime_url: String,
     /// The key HTTP agents require.
@@ -114,6 +117,7 @@ impl ReconcilerSettings {
             artifact_move_interval: Duration::from_millis(r.artifact_move_interval_ms.max(10)),
             artifact_write_behind_max_bytes: r.artifact_write_behind_max_bytes,
             agent_dispatch_interval: Duration::from_millis(r.agent_dispatch_interval_ms.max(10)),
+            agent_dispatch_client_window: Duration::from_millis(r.agent_dispatch_client_window_ms),
             runtime_url: r.runtime_url(),
             agent_key: membridge.membridge_agent_key.clone(),
             relay_interval: Duration::from_millis(r.relay_interval_ms.max(10)),
@@ -141,6 +145,7 @@ impl Default for ReconcilerSettings {
             artifact_move_interval: Duration::from_millis(250),
             artifact_write_behind_max_bytes: 1 << 20,
             agent_dispatch_interval: Duration::from_millis(500),
+            agent_dispatch_client_window: Duration::from_secs(1),
             runtime_url: "http://127.0.0.1:3002".into(),
             agent_key: Default::default(),
             db_timeout: Duration::from_secs(35),

@@ -370,9 +370,15 @@ async fn the_agent_key_saved_in_the_config_is_used_and_never_shown() {
 
 /// A reconciler that does nothing on its own: the test runs its duties on its clock.
 async fn manual_reconciler(app: &TestApp) -> bloom::reconciler::Reconciler {
+    manual_reconciler_with(app, Duration::ZERO).await
+}
+
+/// A manual reconciler that leaves tasks to their clients for `client_window`.
+async fn manual_reconciler_with(app: &TestApp, client_window: Duration) -> bloom::reconciler::Reconciler {
     let settings = bloom::reconciler::ReconcilerSettings {
         runtime_url: app.url(""),
         agent_key: bloom::domain::Secret::new(AGENT_KEY),
+        agent_dispatch_client_window: client_window,
         ..app.reconciler_settings()
     };
     let mut r = app.reconciler_with(settings, &app.cancel.child_token()).await;
@@ -715,5 +721,37 @@ async fn a_drained_agent_is_sent_no_task_until_it_is_resumed() {
     assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
     wait_for("completed by the agent", Duration::from_secs(10), || async { app.status_of(&id).await == "completed" })
         .await;
+    app.stop().await;
+}
+
+/// A task just submitted is left to its client for the client window: a client that
+/// submits and then dispatches it (the upstream web client's Create & Dispatch) gets it
+/// however the dispatch passes fall, instead of a 409. A task nobody dispatches goes to
+/// an agent once the window has passed.
+#[tokio::test]
+async fn a_task_just_submitted_is_left_to_the_client_that_dispatches_it() {
+    use bloom::reconciler::agent_dispatch;
+    let app = TestApp::spawn().await;
+    let saved = json!({"membridge_server_url": "http://127.0.0.1:9", "admin_key": "admin", "agent_key": AGENT_KEY});
+    assert_eq!(app.post("/api/runtime/config", saved).await.0, StatusCode::OK);
+    let agent = fake_agent::start(AGENT_KEY, Mode::Run).await;
+    register(&app, "agent-1", &agent.url()).await;
+    let r = manual_reconciler_with(&app, Duration::from_secs(1)).await;
+
+    let mine = app.submit("dispatched by its client").await["id"].as_str().unwrap().to_owned();
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 0, "left to its client");
+    let (status, answer) = app.post(&format!("/api/runtime/llm-tasks/{mine}/dispatch"), json!({})).await;
+    assert_eq!((status, &answer["dispatched"]), (StatusCode::OK, &json!(true)), "{answer}");
+    assert_eq!(app.status_of(&mine).await, "completed");
+
+    let nobodys = app.submit("dispatched by nobody").await["id"].as_str().unwrap().to_owned();
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 0);
+    // The clock started before both submissions; a minute on, both are older than the
+    // window (the API stamps them with the system clock).
+    r.clock.advance(Duration::from_secs(60));
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
+    wait_for("sent", Duration::from_secs(10), || async { agent.executed.lock().unwrap().len() == 2 }).await;
+    let executed = agent.executed.lock().unwrap().clone();
+    assert_eq!(executed[1].0["task_id"], json!(nobodys));
     app.stop().await;
 }

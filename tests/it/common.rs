@@ -311,6 +311,7 @@ impl TestApp {
             "--relay-min-age-ms=500".into(),
             "--worker-timeout-ms=5000".into(),
             "--membridge-sync-interval-ms=300".into(),
+            "--agent-dispatch-client-window-ms=0".into(),
             "--leader-poll-ms=200".into(),
             format!("--membridge-server-url={}", ep.url),
             format!("--membridge-admin-key={}", ep.admin_key.expose()),

@@ -26,12 +26,14 @@ pub struct Assigned {
 /// while `queued`, so concurrent replicas, REST leases and NATS claims never lease one
 /// twice (a NATS claim of a task leased here is refused). A lease's TTL is the task's
 /// timeout plus `margin_secs` (an agent sends one heartbeat, not one per TTL/3), but
-/// until that first heartbeat it expires `pickup_secs` after it was granted.
+/// until that first heartbeat it expires `pickup_secs` after it was granted. Tasks
+/// created after `created_by` are left to their clients for now.
 pub async fn assign(
     pool: &PgPool,
     worker: &WorkerId,
     margin_secs: i32,
     pickup_secs: i32,
+    created_by: i64,
     now: i64,
 ) -> sqlx::Result<Vec<Assigned>> {
     let mut tx = pool.begin().await?;
@@ -45,7 +47,7 @@ pub async fn assign(
     // routed its next tasks; the agent keeps the conversation's session on its disk.
     let ids = sqlx::query_scalar!(
         "SELECT t.id FROM llm_tasks t
-         WHERE t.status = 'queued' AND t.routed_to IS NULL AND t.dispatch_seq > 0
+         WHERE t.status = 'queued' AND t.routed_to IS NULL AND t.dispatch_seq > 0 AND t.created_at <= $4
            AND NOT EXISTS (SELECT 1 FROM bloom_hold(t.agent_slug, t.context_id, t.concurrency_key, $3))
            AND NOT EXISTS (
                SELECT 1 FROM leases l JOIN workers w ON w.id = l.worker_id
@@ -55,7 +57,8 @@ pub async fn assign(
          ORDER BY t.priority DESC, t.created_at, t.id LIMIT $1 FOR UPDATE OF t SKIP LOCKED",
         i64::from(agent.free_capacity()),
         worker.as_str(),
-        now
+        now,
+        created_by
     )
     .fetch_all(&mut *tx)
     .await?;
