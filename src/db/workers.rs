@@ -344,8 +344,13 @@ pub async fn record_beats(db: impl PgExecutor<'_>, beats: &[Beat], now: i64) -> 
 /// (as claims lock them): those online are marked offline; those already offline that
 /// still hold an active lease (a worker killed during its shutdown grace, whose beats
 /// said offline) are taken too, if they beat since `since` (before it, their leases
-/// have expired by their TTL).
-pub async fn silent_nats_workers(db: impl PgExecutor<'_>, cutoff: i64, since: i64) -> sqlx::Result<Vec<SilentWorker>> {
+/// have expired by their TTL). Those marked offline are audited.
+pub async fn silent_nats_workers(
+    db: &mut PgConnection,
+    cutoff: i64,
+    since: i64,
+    now: i64,
+) -> sqlx::Result<Vec<SilentWorker>> {
     let rows = sqlx::query!(
         r#"WITH s AS (
              SELECT id, status FROM workers w
@@ -359,8 +364,10 @@ pub async fn silent_nats_workers(db: impl PgExecutor<'_>, cutoff: i64, since: i6
         cutoff,
         since
     )
-    .fetch_all(db)
+    .fetch_all(&mut *db)
     .await?;
+    let marked: Vec<&str> = rows.iter().filter(|r| r.marked_offline).map(|r| r.id.as_str()).collect();
+    audit_offline(&mut *db, &marked, "No beat within the worker timeout: marked offline", now).await?;
     Ok(rows.into_iter().map(|r| SilentWorker { id: WorkerId::from(r.id), marked_offline: r.marked_offline }).collect())
 }
 
@@ -448,14 +455,15 @@ pub async fn sync_agents(
     )
     .fetch_all(&mut *db)
     .await?;
-    audit_offline(&mut *db, &ids, "Not reported by membridge and silent: marked offline", now).await?;
+    let marked: Vec<&str> = ids.iter().map(String::as_str).collect();
+    audit_offline(&mut *db, &marked, "Not reported by membridge and silent: marked offline", now).await?;
     Ok(ids.into_iter().map(WorkerId::from).collect())
 }
 
 /// Audits workers marked offline (`worker_offline`, by the reconciler).
-async fn audit_offline(db: impl PgExecutor<'_>, ids: &[String], why: &str, now: i64) -> sqlx::Result<()> {
+async fn audit_offline(db: impl PgExecutor<'_>, ids: &[&str], why: &str, now: i64) -> sqlx::Result<()> {
     let entries: Vec<NewAudit> =
-        ids.iter().map(|id| NewAudit::new(AuditAction::WorkerOffline, "worker", id, "reconciler", why)).collect();
+        ids.iter().map(|id| NewAudit::new(AuditAction::WorkerOffline, "worker", *id, "reconciler", why)).collect();
     audit::insert(db, &entries, now).await
 }
 
@@ -469,7 +477,8 @@ pub async fn expire_membridge_workers(pool: &PgPool, now: i64) -> sqlx::Result<V
     )
     .fetch_all(&mut *tx)
     .await?;
-    audit_offline(&mut *tx, &ids, "Membridge unreadable past the staleness limit: marked offline", now).await?;
+    let marked: Vec<&str> = ids.iter().map(String::as_str).collect();
+    audit_offline(&mut *tx, &marked, "Membridge unreadable past the staleness limit: marked offline", now).await?;
     tx.commit().await?;
     Ok(ids.into_iter().map(WorkerId::from).collect())
 }

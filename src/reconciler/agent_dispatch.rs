@@ -11,9 +11,10 @@
 //! that broke off after the agent took the task (its heartbeat came) leaves the task to
 //! the agent's `complete` callback, or to the lease's expiry. An agent that could not be
 //! reached or did not answer (and did not take the task), or refused with 401, 403 or
-//! 503, is marked offline and paused (10 s, doubling with each consecutive failure up to 5 min; its own
-//! registration or a healthy `agent-health` ends the pause), so it does not burn the
-//! attempts of the tasks behind however often membridge's sync says it is online.
+//! 503, is marked offline and paused (10 s, doubling with each consecutive failure up
+//! to 5 min; its own registration or a healthy `agent-health` ends the pause), so it
+//! does not burn the attempts of the tasks behind however often membridge's sync says
+//! it is online.
 //!
 //! A task submitted less than `BLOOM_AGENT_DISPATCH_CLIENT_WINDOW_MS` (1 s) ago is left
 //! to its client: one that submits a task and then dispatches it itself (the upstream web
@@ -73,6 +74,7 @@ pub async fn run_once(r: &Reconciler) -> sqlx::Result<DispatchReport> {
         let pickup = PICKUP_WINDOW.as_secs() as i32;
         let now = r.clock.now_ms();
         let window = r.settings.agent_dispatch_client_window;
+        // No window: every task, whatever the API's host's clock said at its creation.
         let created_by = if window.is_zero() { i64::MAX } else { now - window.as_millis() as i64 };
         let assigned = lifecycle::assign(&r.pool, &agent.id, margin, pickup, created_by, now).await?;
         report.sent += assigned.len();
