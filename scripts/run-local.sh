@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs the whole runtime locally: PostgreSQL and NATS (started, and installed, if
-# needed), then `bloomctl up`: migrations, stream definitions, the API on :3002, two
-# reconcilers and one worker. Ctrl-C stops everything it started; so does any of them
-# exiting (then the exit status is 1). bloomctl replaces this shell (exec), so signals
-# reach it directly and it stops its children; they also get SIGTERM if it is killed.
+# needed), then `bloomctl up`: migrations, stream definitions, the API on :3002 and two
+# reconcilers. Ctrl-C stops everything it started; so does any of them exiting (then the
+# exit status is 1). bloomctl replaces this shell (exec), so signals reach it directly
+# and it stops its children; they also get SIGTERM if it is killed.
 #
-# The worker uses the built-in test executor unless BLOOM_EXECUTOR=command (then
-# BLOOM_EXECUTOR_COMMAND, by default the Claude CLI, runs each task). Arguments go to
-# `bloomctl up` (`--workers 0`: no worker; also BLOOM_UP_WORKERS, BLOOM_UP_RECONCILERS).
+# Tasks wait for the workers that lease them over REST and for HTTP agents. With
+# BLOOM_EXECUTOR=command a NATS worker runs too (BLOOM_EXECUTOR_COMMAND, by default the
+# Claude CLI, runs each task); `--workers N` starts N workers with the built-in test
+# executor, which answers every prompt at once. Arguments go to `bloomctl up` (also
+# BLOOM_UP_WORKERS, BLOOM_UP_RECONCILERS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

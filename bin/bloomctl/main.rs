@@ -143,8 +143,9 @@ enum Command {
         limit: u32,
     },
     /// Run the whole runtime locally: migrations, stream definitions, the API, two
-    /// reconcilers and one worker (binaries next to bloomctl). Ctrl-C stops it; so does
-    /// any of them exiting (bloomctl then exits 1).
+    /// reconcilers and a worker unless its executor is the built-in test one (binaries
+    /// next to bloomctl). Ctrl-C stops it; so does any of them exiting (bloomctl then
+    /// exits 1).
     Up {
         #[command(flatten)]
         db: DbArgs,
@@ -153,9 +154,16 @@ enum Command {
         /// Reconciler replicas.
         #[arg(long, env = "BLOOM_UP_RECONCILERS", default_value_t = 2)]
         reconcilers: usize,
-        /// Worker processes (0: none; tasks wait for REST workers and HTTP agents).
-        #[arg(long, env = "BLOOM_UP_WORKERS", default_value_t = 1)]
-        workers: usize,
+        /// Worker processes (0: none; tasks wait for REST workers and HTTP agents). By
+        /// default one when the workers run a command (`BLOOM_EXECUTOR=command`, the
+        /// Claude CLI), none when they would run the built-in test executor, which
+        /// answers every prompt at once: it takes real tasks only when asked for.
+        #[arg(long, env = "BLOOM_UP_WORKERS")]
+        workers: Option<usize>,
+        /// The workers' executor (read to choose the default number of workers; the
+        /// workers read it themselves).
+        #[arg(long, env = "BLOOM_EXECUTOR", default_value = "command", value_parser = ["command", "builtin"])]
+        executor: String,
         /// HTTP port of the first reconciler; the next ones count up by two; 0: none.
         #[arg(long, env = "BLOOM_RECONCILER_HTTP_PORT", default_value_t = 9090)]
         reconciler_port: u16,
@@ -694,7 +702,8 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 print(false, &Value::Array(rows), &columns);
             }
         }
-        Command::Up { db, nats, reconcilers, workers, reconciler_port, worker_port } => {
+        Command::Up { db, nats, reconcilers, workers, executor, reconciler_port, worker_port } => {
+            let workers = workers.unwrap_or_else(|| up::default_workers(&executor));
             let plan = up::Plan { reconcilers, workers, reconciler_port, worker_port };
             up(&db, &nats, &plan).await.map_err(failure)?
         }

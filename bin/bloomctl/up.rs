@@ -25,6 +25,15 @@ pub struct Plan {
     pub worker_port: u16,
 }
 
+/// The workers `bloomctl up` starts unless told: one that runs the executor's command
+/// (the Claude CLI by default), none with the built-in test executor. That one answers
+/// every prompt within milliseconds, so it would take each task before the clients that
+/// lease (`POST /llm-tasks/:id/lease`) or dispatch (`/dispatch`) it themselves, and
+/// before HTTP agents: it runs only when asked for (`--workers N`).
+pub fn default_workers(executor: &str) -> usize {
+    usize::from(executor != "builtin")
+}
+
 /// One running child.
 struct Running {
     /// The binary and the setting a conflict would be about, e.g.
@@ -162,5 +171,11 @@ mod tests {
     fn ports_count_up_by_two_and_zero_disables() {
         assert_eq!([nth_port(9090, 0), nth_port(9090, 1), nth_port(9091, 1)], [9090, 9092, 9093]);
         assert_eq!(nth_port(0, 3), 0);
+    }
+
+    #[test]
+    fn a_worker_by_default_only_for_a_command_executor() {
+        assert_eq!(default_workers("command"), 1);
+        assert_eq!(default_workers("builtin"), 0);
     }
 }

@@ -165,11 +165,13 @@ async fn killing_up_stops_its_children() {
     up.wait_until_all_gone(Duration::from_secs(30)).await;
 }
 
-/// Without workers (`BLOOM_UP_WORKERS=0`) a task waits for a client that leases it over
-/// REST, as the original service's clients do: nothing claims it first.
+/// With the built-in test executor (as `scripts/run-local.sh` runs by default) and no
+/// number of workers asked for, `bloomctl up` starts no worker: a task waits for a
+/// client that leases it over REST, as the original service's clients do, and nothing
+/// claims it first.
 #[tokio::test]
-async fn up_without_workers_leaves_tasks_to_the_clients_that_lease_them() {
-    let up = Up::start_with(&[], &[("BLOOM_UP_WORKERS", "0")]).await;
+async fn up_with_the_test_executor_leaves_tasks_to_the_clients_that_lease_them() {
+    let up = Up::start_with(&[], &[]).await;
     let names: Vec<String> = up.processes().into_iter().map(|(_, n)| n).collect();
     assert_eq!(names.len(), 3, "bloomctl, the API and one reconciler: {names:?}");
     assert!(!names.iter().any(|n| n.starts_with("bloom-worker")), "{names:?}");
