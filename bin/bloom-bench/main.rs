@@ -120,6 +120,11 @@ struct Opts {
     /// admission's bookkeeping alone).
     #[arg(long, default_value_t = 1)]
     key_limit: u32,
+    /// Keyed phases, each followed by a plain one: the keyed rate is compared with the
+    /// plain phases on either side of each, and the rounds' ratios are averaged (one
+    /// phase's rate moves by 10 % with the machine).
+    #[arg(long, default_value_t = 3)]
+    key_rounds: u32,
     /// Write the JSON report here too.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -338,13 +343,14 @@ async fn offer(
 
 /// Submits `o.tasks` tasks from `o.clients` connections as fast as they are answered
 /// and waits for all to complete; `keys`: spread over that many concurrency keys.
-async fn saturation(o: &Opts, pool: &PgPool, tag: &'static str, keys: Option<u64>) -> anyhow::Result<Value> {
+async fn saturation(o: &Opts, pool: &PgPool, tag: &str, keys: Option<u64>) -> anyhow::Result<Value> {
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut clients = Vec::new();
     let addr = format!("127.0.0.1:{}", o.port);
     for _ in 0..o.clients {
         let (mut conn, addr, next, n) = (http::Connection::new(&addr), addr.clone(), next.clone(), o.tasks);
+        let tag = tag.to_owned();
         clients.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
@@ -353,8 +359,8 @@ async fn saturation(o: &Opts, pool: &PgPool, tag: &'static str, keys: Option<u64
                     return anyhow::Ok(lat);
                 }
                 let body = match keys {
-                    Some(keys) => keyed_task_body(tag, i, keys),
-                    None => task_body(tag, i),
+                    Some(keys) => keyed_task_body(&tag, i, keys),
+                    None => task_body(&tag, i),
                 };
                 let request = http::post_json(&addr, SUBMIT_PATH, &body);
                 let t = Instant::now();
@@ -379,6 +385,70 @@ async fn saturation(o: &Opts, pool: &PgPool, tag: &'static str, keys: Option<u64
         "submit_per_sec": o.tasks as f64 / submit_secs,
         "submit_ms": summary(submit_ms), "dispatch_ms": summary(dispatch), "end_to_end_ms": summary(e2e),
     }))
+}
+
+/// The concurrency keys' phases: `o.key_rounds` times, the saturation load spread over
+/// `o.concurrency_keys` keys of limit `o.key_limit` (the limit set for the phase only),
+/// then the plain load again. Each keyed phase is compared with the mean of the plain
+/// phases on either side of it (`plain`, the first, is the saturation phase): the
+/// machine's drift and what earlier phases left behind weigh on both sides alike.
+/// Returns the keyed report (the first round's figures, the rounds' mean ratio, every
+/// round) and the last plain phase.
+async fn keyed_rounds(
+    o: &Opts,
+    pool: &PgPool,
+    http: &reqwest::Client,
+    base: &str,
+    all: &[&Proc],
+    plain: &Value,
+) -> anyhow::Result<(Value, Value)> {
+    let rate = |v: &Value| v["tasks_per_sec"].as_f64().unwrap_or(f64::NAN);
+    let cpu = |v: &Value| v["cpu_ms_per_task"]["total"].as_f64().unwrap_or(f64::NAN);
+    let limit = format!("{base}/api/runtime/concurrency-limits/concurrency_key/*");
+    let mut before = plain.clone();
+    let mut rounds = Vec::new();
+    let mut most = None::<i64>;
+    for round in 1..=o.key_rounds.max(1) {
+        eprintln!(
+            "saturation with {} concurrency keys of limit {} (round {round}): {} tasks",
+            o.concurrency_keys, o.key_limit, o.tasks
+        );
+        let set = http.put(&limit).json(&json!({"max_running": o.key_limit})).send().await?;
+        if !set.status().is_success() {
+            bail!("setting the concurrency limit answered {}", set.status());
+        }
+        let ticks = cpu_ticks();
+        let mut keyed = saturation(o, pool, &format!("bench-keys-{round}"), Some(o.concurrency_keys)).await?;
+        keyed["cpu_ms_per_task"] = cpu_ms_per_task(&ticks, &cpu_ticks(), all, o.tasks);
+        http.delete(&limit).send().await?;
+        let running: Option<i64> =
+            sqlx::query_scalar("SELECT max(running)::bigint FROM concurrency_slot_counts").fetch_one(pool).await?;
+        most = most.max(running);
+        eprintln!("saturation again (round {round}): {} tasks", o.tasks);
+        let ticks = cpu_ticks();
+        let mut after = saturation(o, pool, &format!("bench-saturation-after-{round}"), None).await?;
+        after["cpu_ms_per_task"] = cpu_ms_per_task(&ticks, &cpu_ticks(), all, o.tasks);
+        keyed["ratio_to_saturation"] = json!(rate(&keyed) / ((rate(&before) + rate(&after)) / 2.0));
+        keyed["cpu_ratio"] = json!(((cpu(&before) + cpu(&after)) / 2.0) / cpu(&keyed));
+        rounds.push(json!({"keyed": keyed, "plain_after": after}));
+        before = after;
+    }
+    let mean =
+        |field: &str| rounds.iter().filter_map(|r| r["keyed"][field].as_f64()).sum::<f64>() / rounds.len() as f64;
+    let mut keyed = rounds[0]["keyed"].clone();
+    keyed["ratio_to_saturation"] = json!(mean("ratio_to_saturation"));
+    keyed["cpu_ratio"] = json!(mean("cpu_ratio"));
+    keyed["ratio_to_saturation_first"] = rounds[0]["keyed"]["ratio_to_saturation"].clone();
+    keyed["keys"] = json!(o.concurrency_keys);
+    keyed["key_limit"] = json!(o.key_limit);
+    keyed["set_aside"] = json!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_logs WHERE action = 'task_deferred'")
+            .fetch_one(pool)
+            .await?
+    );
+    keyed["slots_running_after"] = json!(most);
+    keyed["rounds"] = json!(rounds);
+    Ok((keyed, before))
 }
 
 async fn rest_path(o: &Opts, http: &reqwest::Client, base: &str) -> anyhow::Result<Value> {
@@ -565,39 +635,7 @@ async fn main() -> anyhow::Result<()> {
     let (keyed, sat_after) = if o.concurrency_keys == 0 {
         (Value::Null, Value::Null)
     } else {
-        eprintln!(
-            "saturation with {} concurrency keys of limit {}: {} tasks",
-            o.concurrency_keys, o.key_limit, o.tasks
-        );
-        let limit = format!("{base}/api/runtime/concurrency-limits/concurrency_key/*");
-        let set = http.put(&limit).json(&json!({"max_running": o.key_limit})).send().await?;
-        if !set.status().is_success() {
-            bail!("setting the concurrency limit answered {}", set.status());
-        }
-        let before = cpu_ticks();
-        let mut keyed = saturation(&o, &pool, "bench-keys", Some(o.concurrency_keys)).await?;
-        keyed["cpu_ms_per_task"] = cpu_ms_per_task(&before, &cpu_ticks(), &all, o.tasks);
-        http.delete(&limit).send().await?;
-        let most: Option<i64> =
-            sqlx::query_scalar("SELECT max(running)::bigint FROM concurrency_slot_counts").fetch_one(&pool).await?;
-        // The plain phase again: the keyed phase is compared with the mean of the plain
-        // phases before and after it, which the machine's drift during the run and what
-        // the earlier phases left behind (dead rows between vacuums) affect alike.
-        eprintln!("saturation again: {} tasks", o.tasks);
-        let sat_after = saturation(&o, &pool, "bench-saturation-after", None).await?;
-        let rate = |v: &Value| v["tasks_per_sec"].as_f64().unwrap_or(f64::NAN);
-        let keyed_rate = rate(&keyed);
-        keyed["keys"] = json!(o.concurrency_keys);
-        keyed["key_limit"] = json!(o.key_limit);
-        keyed["ratio_to_saturation"] = json!(keyed_rate / ((rate(&sat) + rate(&sat_after)) / 2.0));
-        keyed["ratio_to_saturation_before"] = json!(keyed_rate / rate(&sat));
-        keyed["set_aside"] = json!(
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_logs WHERE action = 'task_deferred'")
-                .fetch_one(&pool)
-                .await?
-        );
-        keyed["slots_running_after"] = json!(most);
-        (keyed, sat_after)
+        keyed_rounds(&o, &pool, &http, &base, &all, &sat).await?
     };
     let task_control = if o.no_task_control {
         Value::Null
@@ -685,11 +723,18 @@ fn print_table(r: &Value) {
     if !r["concurrency_keys"].is_null() {
         let k = &r["concurrency_keys"];
         let label = format!("{} keys of limit {} tasks/s", k["keys"], k["key_limit"]);
+        let ratios: Vec<String> = k["rounds"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| format!("{:.2}", r["keyed"]["ratio_to_saturation"].as_f64().unwrap_or(0.0)))
+            .collect();
         eprintln!(
-            "{label:<38} {} ({:.2}× plain before and after, {:.2}× plain before)",
+            "{label:<38} {} (rounds' mean {:.2}× plain on either side: {}; CPU {:.2})",
             f(&k["tasks_per_sec"]),
             k["ratio_to_saturation"].as_f64().unwrap_or(0.0),
-            k["ratio_to_saturation_before"].as_f64().unwrap_or(0.0)
+            ratios.join(", "),
+            k["cpu_ratio"].as_f64().unwrap_or(0.0)
         );
         eprintln!("{:<38} {}", "saturation after the keys tasks/s", f(&r["saturation_after_keys"]["tasks_per_sec"]));
     }
