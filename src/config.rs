@@ -76,6 +76,12 @@ pub struct NatsArgs {
     /// `bloomctl nats apply` also changes it on existing streams.
     #[arg(long, env = "BLOOM_NATS_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
     pub nats_replicas: u8,
+    /// How long the tasks stream keeps a dispatch nobody took, in seconds (0: for ever).
+    /// A task leased over REST or sent to an HTTP agent leaves its dispatch unconsumed when
+    /// no NATS worker runs; a task still queued when its dispatch goes is dispatched again
+    /// once a NATS worker has room (`BLOOM_REDISPATCH_AFTER_MS`).
+    #[arg(long, env = "BLOOM_NATS_TASK_MAX_AGE_SECS", default_value_t = 3_600)]
+    pub nats_task_max_age_secs: u64,
 }
 
 impl NatsArgs {
@@ -87,9 +93,14 @@ impl NatsArgs {
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_secs(self.lease_ttl_secs.clamp(1, 86_400))
     }
-    /// The streams' shape: the consumers' ack-wait and the replicas.
+    /// The streams' shape: the consumers' ack-wait, the replicas and how long a dispatch
+    /// is kept.
     pub fn streams(&self) -> crate::bus::provision::StreamLayout {
-        crate::bus::provision::StreamLayout { lease_ttl: self.lease_ttl(), replicas: usize::from(self.nats_replicas) }
+        crate::bus::provision::StreamLayout {
+            lease_ttl: self.lease_ttl(),
+            replicas: usize::from(self.nats_replicas),
+            task_max_age: Duration::from_secs(self.nats_task_max_age_secs),
+        }
     }
     /// Request and publish-ack timeout.
     pub fn timeout(&self) -> Duration {

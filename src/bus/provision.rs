@@ -3,8 +3,17 @@
 //! The files are compiled into the binaries (so a container needs no extra files) and
 //! use the server's own JSON field names, with placeholders: `${NS}` (namespace),
 //! `${ACK_WAIT_NS}` (the lease TTL in nanoseconds), `${REPLICAS}` (the streams' replicas;
-//! consumers inherit them), `${WORKER}` (a worker's token), and `${POOL}` and
+//! consumers inherit them), `${TASK_MAX_AGE_NS}` (how long the tasks stream keeps a
+//! message, 0 for ever) and `${TASK_DUPLICATE_WINDOW_NS}` (its de-duplication window, two
+//! minutes or the maximum age if shorter: JetStream refuses a longer one), `${WORKER}`
+//! (a worker's token), and `${POOL}` and
 //! `${POOL_SUBJECT}` (the pool consumer of each priority and its subject).
+//!
+//! The tasks stream drops a dispatch nobody consumed after its maximum age. Without NATS
+//! workers (tasks leased over REST, sent to HTTP agents) every dispatch would otherwise
+//! stay in the stream for good; Postgres, not the message, says what is queued, and the
+//! redispatch duty dispatches a task again when NATS workers have room and its dispatch
+//! went unclaimed.
 //!
 //! Replicas: the runtime's processes create missing streams with the configured count
 //! but leave an existing stream's count alone (processes configured differently during a
@@ -56,6 +65,23 @@ pub struct StreamLayout {
     pub lease_ttl: Duration,
     /// Replicas of each stream (1 to 5).
     pub replicas: usize,
+    /// How long the tasks stream keeps a message (zero: for ever).
+    pub task_max_age: Duration,
+}
+
+/// How long JetStream de-duplicates a dispatch published again (by `Nats-Msg-Id`), at most.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+impl StreamLayout {
+    /// The tasks stream's de-duplication window: [`DUPLICATE_WINDOW`], or the maximum age
+    /// when that is shorter (JetStream refuses a window longer than the age). A dispatch
+    /// published again after it is delivered again, and its second claim refused.
+    pub fn task_duplicate_window(&self) -> Duration {
+        match self.task_max_age {
+            Duration::ZERO => DUPLICATE_WINDOW,
+            age => age.min(DUPLICATE_WINDOW),
+        }
+    }
 }
 
 /// What [`apply`] does with an existing stream whose replicas differ from the layout's.
@@ -72,6 +98,8 @@ fn render(template: &str, names: &Names, layout: &StreamLayout, worker: Option<&
         .replace("${NS}", names.namespace())
         .replace("${ACK_WAIT_NS}", &layout.lease_ttl.as_nanos().to_string())
         .replace("${REPLICAS}", &layout.replicas.to_string())
+        .replace("${TASK_MAX_AGE_NS}", &layout.task_max_age.as_nanos().to_string())
+        .replace("${TASK_DUPLICATE_WINDOW_NS}", &layout.task_duplicate_window().as_nanos().to_string())
         .replace("${WORKER}", &worker.map(|w| names.worker_token(w)).unwrap_or_default())
 }
 
@@ -276,13 +304,18 @@ mod tests {
     fn every_definition_parses_after_rendering() {
         let n = Names::new("t").unwrap();
         let ttl = Duration::from_secs(7);
-        let layout = StreamLayout { lease_ttl: ttl, replicas: 3 };
+        let layout = StreamLayout { lease_ttl: ttl, replicas: 3, task_max_age: Duration::from_secs(60) };
         let ttl = &layout;
         let s: stream::Config = parse("tasks", &render(TASKS_STREAM, &n, ttl, None)).unwrap().config;
         assert_eq!(s.num_replicas, 3);
         assert_eq!(s.name, n.tasks_stream());
         assert_eq!(s.subjects, vec![n.tasks_subjects()]);
         assert_eq!(s.retention, stream::RetentionPolicy::WorkQueue);
+        assert_eq!(s.max_age, Duration::from_secs(60));
+        assert_eq!(s.duplicate_window, Duration::from_secs(60), "no longer than the maximum age");
+        let forever = StreamLayout { task_max_age: Duration::ZERO, ..layout };
+        let s: stream::Config = parse("tasks", &render(TASKS_STREAM, &n, &forever, None)).unwrap().config;
+        assert_eq!((s.max_age, s.duplicate_window), (Duration::ZERO, Duration::from_secs(120)));
         let r: stream::Config = parse("results", &render(RESULTS_STREAM, &n, ttl, None)).unwrap().config;
         assert_eq!(r.subjects, vec![n.results_subject()]);
         assert_eq!(r.num_replicas, 3);

@@ -139,7 +139,11 @@ impl ReconcilerSettings {
 impl Default for ReconcilerSettings {
     fn default() -> Self {
         ReconcilerSettings {
-            streams: StreamLayout { lease_ttl: Duration::from_secs(300), replicas: 1 },
+            streams: StreamLayout {
+                lease_ttl: Duration::from_secs(300),
+                replicas: 1,
+                task_max_age: Duration::from_secs(3600),
+            },
             expiry_grace: Duration::from_secs(2),
             sweep_interval: Duration::from_secs(1),
             artifact_move_interval: Duration::from_millis(250),

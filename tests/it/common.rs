@@ -80,6 +80,8 @@ pub struct Opts {
     pub test_connection_limit: u32,
     pub body_limit: usize,
     pub lease_ttl_secs: i32,
+    /// How long the tasks stream keeps a message (`--nats-task-max-age-secs`).
+    pub task_max_age_secs: u64,
     pub production: bool,
     pub membridge: Option<Endpoint>,
     pub membridge_timeout: Duration,
@@ -98,6 +100,7 @@ impl Default for Opts {
             test_connection_limit: 0,
             body_limit: 1024 * 1024,
             lease_ttl_secs: 300,
+            task_max_age_secs: 3600,
             production: false,
             membridge: None,
             membridge_timeout: Duration::from_secs(10),
@@ -129,6 +132,7 @@ fn api_settings(opts: &Opts) -> ApiSettings {
         format!("--test-connection-rate-limit-per-min={}", opts.test_connection_limit),
         format!("--body-limit-bytes={}", opts.body_limit),
         format!("--lease-ttl-secs={}", opts.lease_ttl_secs),
+        format!("--nats-task-max-age-secs={}", opts.task_max_age_secs),
         format!("--membridge-server-url={}", membridge.url),
         format!("--membridge-admin-key={}", membridge.admin_key.expose()),
         format!("--membridge-timeout-ms={}", opts.membridge_timeout.as_millis()),
@@ -305,6 +309,7 @@ impl TestApp {
         let cli = <Cli as clap::Parser>::try_parse_from([
             "bloom-reconciler".to_owned(),
             format!("--lease-ttl-secs={}", self.opts.lease_ttl_secs),
+            format!("--nats-task-max-age-secs={}", self.opts.task_max_age_secs),
             "--expiry-grace-ms=0".into(),
             "--sweep-interval-ms=200".into(),
             "--relay-interval-ms=200".into(),
@@ -366,6 +371,7 @@ impl TestApp {
             "--beat-interval-ms=300".into(),
             "--shutdown-grace-secs=5".into(),
             format!("--lease-ttl-secs={}", self.opts.lease_ttl_secs),
+            format!("--nats-task-max-age-secs={}", self.opts.task_max_age_secs),
         ])
         .expect("worker arguments");
         WorkerSettings::from_args(&cli.worker, &cli.nats).expect("worker settings")

@@ -97,9 +97,14 @@ async fn refuse_output(app: &TestApp, output: &str) {
 
 /// Messages the results stream has ever stored.
 async fn results_streamed(app: &TestApp) -> u64 {
+    stream_state(app, app.names.results_stream()).await.last_sequence
+}
+
+/// The state of one of the test's streams.
+async fn stream_state(app: &TestApp, name: String) -> async_nats::jetstream::stream::State {
     let js = async_nats::jetstream::new(app.nats.clone());
-    let mut stream = js.get_stream(app.names.results_stream()).await.unwrap();
-    stream.info().await.unwrap().state.last_sequence
+    let mut stream = js.get_stream(name).await.unwrap();
+    stream.info().await.unwrap().state.clone()
 }
 
 #[tokio::test]
@@ -563,5 +568,45 @@ async fn a_worker_postgres_sees_full_claims_again_once_a_slot_frees() {
             .await,
         0
     );
+    app.stop().await;
+}
+
+/// Without a NATS worker (tasks leased over REST, or waiting for one), nothing consumes
+/// the dispatches: the tasks stream drops them after `BLOOM_NATS_TASK_MAX_AGE_SECS`
+/// instead of keeping every one for good. A task still queued when its dispatch went is
+/// dispatched again once a NATS worker has room, and runs.
+#[tokio::test]
+async fn a_dispatch_nobody_consumed_leaves_the_stream_and_its_queued_task_is_dispatched_again() {
+    let app = TestApp::spawn_with(Opts { task_max_age_secs: 1, ..Default::default() }).await;
+    app.register_worker("rest", 1).await;
+    let (leased, _) = app.leased_task("leased over REST").await;
+    let waiting = app.submit("waits for a NATS worker").await["id"].as_str().unwrap().to_owned();
+    wait_for("both dispatches on the bus", Duration::from_secs(10), || async {
+        app.count("SELECT count(*) FROM outbox").await == 0
+    })
+    .await;
+    wait_for("the dispatches nobody consumed gone from the stream", Duration::from_secs(10), || async {
+        stream_state(&app, app.names.tasks_stream()).await.messages == 0
+    })
+    .await;
+    assert_eq!(app.status_of(&waiting).await, "queued");
+
+    let settings = ReconcilerSettings { redispatch_after: Some(Duration::from_secs(2)), ..app.reconciler_settings() };
+    app.start_reconciler_with(settings).await;
+    app.start_worker("nats-worker", 2).await;
+    wait_for("the waiting task run by the NATS worker", Duration::from_secs(20), || async {
+        app.status_of(&waiting).await == "completed"
+    })
+    .await;
+    let redispatched =
+        format!("SELECT count(*) FROM audit_logs WHERE action = 'task_redispatched' AND entity_id = '{waiting}'");
+    assert_eq!(app.count(&redispatched).await, 1, "its dispatch had gone: dispatched again");
+    let worker: String = sqlx::query_scalar("SELECT worker_id FROM llm_tasks WHERE id = $1")
+        .bind(&waiting)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(worker, "nats-worker");
+    assert_eq!(app.status_of(&leased).await, "leased", "the REST client's lease is left alone");
     app.stop().await;
 }

@@ -224,10 +224,11 @@ async fn lease_expiry_waits_a_quiet_window_after_the_heartbeat_path_broke() {
     use bloom::reconciler::sweeper;
 
     let app = TestApp::spawn().await;
+    let defaults = app.reconciler_settings();
     let settings = bloom::reconciler::ReconcilerSettings {
-        streams: bloom::bus::provision::StreamLayout { lease_ttl: Duration::from_secs(2), replicas: 1 },
+        streams: bloom::bus::provision::StreamLayout { lease_ttl: Duration::from_secs(2), ..defaults.streams },
         expiry_grace: Duration::from_millis(500),
-        ..app.reconciler_settings()
+        ..defaults
     };
     let mut r = app.reconciler_with(settings, &app.cancel).await;
     let start = bloom::time::now_ms();

@@ -280,7 +280,7 @@ Environment shared by api and reconciler: Postgres, NATS, membridge, S3, logging
 
 {{/*
 NATS environment (NATS_URL, BLOOM_NATS_NAMESPACE, BLOOM_LEASE_TTL_SECS, BLOOM_NATS_TIMEOUT_MS,
-BLOOM_NATS_REPLICAS)
+BLOOM_NATS_REPLICAS, BLOOM_NATS_TASK_MAX_AGE_SECS)
 of the pods ("bloom.env.nats") and of the hook Jobs ("bloom.env.natsHook"), which read a
 secret NATS_URL from the hook Secret. Call both with the root context.
 */}}
@@ -308,6 +308,8 @@ secret NATS_URL from the hook Secret. Call both with the root context.
   value: {{ $v.nats.timeoutMs | int64 | quote }}
 - name: BLOOM_NATS_REPLICAS
   value: {{ $v.nats.replicas | int64 | quote }}
+- name: BLOOM_NATS_TASK_MAX_AGE_SECS
+  value: {{ $v.nats.taskMaxAgeSecs | int64 | quote }}
 {{- end }}
 
 {{/*
