@@ -79,8 +79,9 @@ pub struct NatsArgs {
     /// How long the tasks stream keeps a dispatch nobody took, in seconds (0: for ever).
     /// A task leased over REST or sent to an HTTP agent leaves its dispatch unconsumed when
     /// no NATS worker runs; a task still queued when its dispatch goes is dispatched again
-    /// once a NATS worker has room (`BLOOM_REDISPATCH_AFTER_MS`).
-    #[arg(long, env = "BLOOM_NATS_TASK_MAX_AGE_SECS", default_value_t = 3_600)]
+    /// once a NATS worker has room (`BLOOM_REDISPATCH_AFTER_MS`), behind the dispatches
+    /// then in the stream: keep it above the longest a task waits for a NATS worker.
+    #[arg(long, env = "BLOOM_NATS_TASK_MAX_AGE_SECS", default_value_t = 86_400)]
     pub nats_task_max_age_secs: u64,
 }
 

@@ -142,7 +142,7 @@ impl Default for ReconcilerSettings {
             streams: StreamLayout {
                 lease_ttl: Duration::from_secs(300),
                 replicas: 1,
-                task_max_age: Duration::from_secs(3600),
+                task_max_age: Duration::from_secs(86_400),
             },
             expiry_grace: Duration::from_secs(2),
             sweep_interval: Duration::from_secs(1),

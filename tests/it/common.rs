@@ -100,7 +100,7 @@ impl Default for Opts {
             test_connection_limit: 0,
             body_limit: 1024 * 1024,
             lease_ttl_secs: 300,
-            task_max_age_secs: 3600,
+            task_max_age_secs: 86_400,
             production: false,
             membridge: None,
             membridge_timeout: Duration::from_secs(10),
