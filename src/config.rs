@@ -81,7 +81,7 @@ pub struct NatsArgs {
     /// no NATS worker runs; a task still queued when its dispatch goes is dispatched again
     /// once a NATS worker has room (`BLOOM_REDISPATCH_AFTER_MS`), behind the dispatches
     /// then in the stream: keep it above the longest a task waits for a NATS worker.
-    #[arg(long, env = "BLOOM_NATS_TASK_MAX_AGE_SECS", default_value_t = 86_400)]
+    #[arg(long, env = "BLOOM_NATS_TASK_MAX_AGE_SECS", default_value_t = crate::bus::provision::DEFAULT_TASK_MAX_AGE_SECS)]
     pub nats_task_max_age_secs: u64,
 }
 

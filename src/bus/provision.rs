@@ -69,6 +69,9 @@ pub struct StreamLayout {
     pub task_max_age: Duration,
 }
 
+/// How long the tasks stream keeps a message unless configured (`BLOOM_NATS_TASK_MAX_AGE_SECS`).
+pub const DEFAULT_TASK_MAX_AGE_SECS: u64 = 86_400;
+
 /// How long JetStream de-duplicates a dispatch published again (by `Nats-Msg-Id`), at most.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 

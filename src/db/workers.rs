@@ -455,15 +455,16 @@ pub async fn sync_agents(
     )
     .fetch_all(&mut *db)
     .await?;
-    let marked: Vec<&str> = ids.iter().map(String::as_str).collect();
-    audit_offline(&mut *db, &marked, "Not reported by membridge and silent: marked offline", now).await?;
+    audit_offline(&mut *db, &ids, "Not reported by membridge and silent: marked offline", now).await?;
     Ok(ids.into_iter().map(WorkerId::from).collect())
 }
 
 /// Audits workers marked offline (`worker_offline`, by the reconciler).
-async fn audit_offline(db: impl PgExecutor<'_>, ids: &[&str], why: &str, now: i64) -> sqlx::Result<()> {
-    let entries: Vec<NewAudit> =
-        ids.iter().map(|id| NewAudit::new(AuditAction::WorkerOffline, "worker", *id, "reconciler", why)).collect();
+async fn audit_offline(db: impl PgExecutor<'_>, ids: &[impl AsRef<str>], why: &str, now: i64) -> sqlx::Result<()> {
+    let entries: Vec<NewAudit> = ids
+        .iter()
+        .map(|id| NewAudit::new(AuditAction::WorkerOffline, "worker", id.as_ref(), "reconciler", why))
+        .collect();
     audit::insert(db, &entries, now).await
 }
 
@@ -477,8 +478,7 @@ pub async fn expire_membridge_workers(pool: &PgPool, now: i64) -> sqlx::Result<V
     )
     .fetch_all(&mut *tx)
     .await?;
-    let marked: Vec<&str> = ids.iter().map(String::as_str).collect();
-    audit_offline(&mut *tx, &marked, "Membridge unreadable past the staleness limit: marked offline", now).await?;
+    audit_offline(&mut *tx, &ids, "Membridge unreadable past the staleness limit: marked offline", now).await?;
     tx.commit().await?;
     Ok(ids.into_iter().map(WorkerId::from).collect())
 }

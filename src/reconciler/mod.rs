@@ -142,7 +142,7 @@ impl Default for ReconcilerSettings {
             streams: StreamLayout {
                 lease_ttl: Duration::from_secs(300),
                 replicas: 1,
-                task_max_age: Duration::from_secs(86_400),
+                task_max_age: Duration::from_secs(provision::DEFAULT_TASK_MAX_AGE_SECS),
             },
             expiry_grace: Duration::from_secs(2),
             sweep_interval: Duration::from_secs(1),
