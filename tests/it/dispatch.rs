@@ -610,3 +610,27 @@ async fn a_dispatch_nobody_consumed_leaves_the_stream_and_its_queued_task_is_dis
     assert_eq!(app.status_of(&leased).await, "leased", "the REST client's lease is left alone");
     app.stop().await;
 }
+
+/// A NATS worker's claim of a task leased over REST is refused, and the worker
+/// terminates the message: a work-queue stream deletes it as it does an acknowledged
+/// one, long before the stream's maximum age (a day here).
+#[tokio::test]
+async fn a_refused_claims_message_leaves_the_stream() {
+    let app = TestApp::spawn().await;
+    app.register_worker("rest", 1).await;
+    let (leased, _) = app.leased_task("leased over REST").await;
+    wait_for("the dispatch on the bus", Duration::from_secs(10), || async {
+        stream_state(&app, app.names.tasks_stream()).await.messages == 1
+    })
+    .await;
+    app.start_reconciler().await;
+    app.start_worker("nats-worker", 2).await;
+    wait_for("the refused claim's message gone from the stream", Duration::from_secs(15), || async {
+        stream_state(&app, app.names.tasks_stream()).await.messages == 0
+    })
+    .await;
+    let leases = format!("SELECT count(*) FROM leases WHERE task_id = '{leased}'");
+    assert_eq!(app.count(&leases).await, 1, "leased once, over REST");
+    assert_eq!(app.status_of(&leased).await, "leased", "the REST client's lease is left alone");
+    app.stop().await;
+}
