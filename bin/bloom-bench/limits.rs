@@ -8,24 +8,50 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::{json, Value};
 
+use crate::procs::{cpu_ms_per_task, cpu_ticks};
+
 /// The writes of a task's life, executed directly with the runtime's own statements
 /// (`db::lifecycle`), batched as the runtime batches them: create (task, outbox row,
 /// audit), the outbox delete after the publish (asynchronous commit, as the dispatcher
 /// does), claim (task, lease, audit) and complete (task, lease, artifact, result,
 /// audit). Each connection claims for a worker of its own, registered first.
-pub async fn postgres_limit(url: &str, tasks: u64, connections: usize, batch: usize) -> anyhow::Result<Value> {
+///
+/// With `keys`, the tasks take turns over that many concurrency keys, under a limit of
+/// the `concurrency_key` scope that no key reaches (set for the run only): every claim
+/// admits its tasks through their slots (a slot taken, its end counted at the
+/// completion) and none waits, so the rate against a plain run's is what the slots'
+/// bookkeeping costs Postgres.
+pub async fn postgres_limit(
+    url: &str,
+    tasks: u64,
+    connections: usize,
+    batch: usize,
+    keys: Option<u64>,
+) -> anyhow::Result<Value> {
     use bloom::db::lifecycle::{self, Claim, ClaimOutcome, Completion};
-    use bloom::db::{outbox, workers};
-    use bloom::domain::{ArtifactBody, ArtifactId, Capabilities, Metrics, NewTask, Outcome, WorkerId, WorkerStatus};
+    use bloom::db::{concurrency, outbox, workers};
+    use bloom::domain::concurrency::MAX_RUNNING_LIMIT;
+    use bloom::domain::{
+        ArtifactBody, ArtifactId, Capabilities, ConcurrencyLimit, ConcurrencyScope, Metrics, NewTask, Outcome,
+        WorkerId, WorkerStatus, ANY_KEY,
+    };
 
     let pool = bloom::db::connect(
         url,
         &bloom::db::PoolOptions { max_connections: connections as u32 * 2, ..Default::default() },
     )
     .await?;
-    sqlx::query("TRUNCATE llm_tasks, leases, outbox, audit_logs, runtime_artifacts, llm_results, workers")
-        .execute(&pool)
-        .await?;
+    sqlx::query(
+        "TRUNCATE llm_tasks, leases, outbox, audit_logs, runtime_artifacts, llm_results, workers, concurrency_slots,
+                  concurrency_slot_ends",
+    )
+    .execute(&pool)
+    .await?;
+    let unreached = ConcurrencyLimit::new(ConcurrencyScope::ConcurrencyKey, ANY_KEY, MAX_RUNNING_LIMIT.into())
+        .map_err(anyhow::Error::msg)?;
+    if keys.is_some() {
+        concurrency::set(&pool, &unreached, false, bloom::time::now_ms()).await?;
+    }
     let beats: Vec<workers::Beat> = (0..connections)
         .map(|i| workers::Beat {
             id: WorkerId::from(format!("bench-limit-{i}")),
@@ -36,6 +62,7 @@ pub async fn postgres_limit(url: &str, tasks: u64, connections: usize, batch: us
         .collect();
     workers::record_beats(&pool, &beats, bloom::time::now_ms()).await?;
     let next = Arc::new(AtomicU64::new(0));
+    let ticks = cpu_ticks();
     let started = Instant::now();
     let mut loops = Vec::new();
     for beat in beats {
@@ -49,7 +76,12 @@ pub async fn postgres_limit(url: &str, tasks: u64, connections: usize, batch: us
                 }
                 let n = (tasks - start).min(batch as u64) as usize;
                 let now = bloom::time::now_ms();
-                let new = (0..n).map(|_| NewTask::new("ctx", "limit", "noop")).collect();
+                let new = (start..start + n as u64)
+                    .map(|i| NewTask {
+                        concurrency_key: keys.map(|k| format!("k{}", i % k)),
+                        ..NewTask::new("ctx", "limit", "noop")
+                    })
+                    .collect();
                 let dispatches: Vec<_> =
                     lifecycle::create(&mut *pool.acquire().await?, new, "bench", now, lifecycle::KeyRules::default())
                         .await?
@@ -92,10 +124,14 @@ pub async fn postgres_limit(url: &str, tasks: u64, connections: usize, batch: us
         l.await??;
     }
     let secs = started.elapsed().as_secs_f64();
-    // Its workers must not pass for the runtime's.
+    let cpu = cpu_ms_per_task(&ticks, &cpu_ticks(), &[], tasks);
+    // Its workers must not pass for the runtime's, nor its limit for the runtime's.
     sqlx::query("DELETE FROM workers WHERE id LIKE 'bench-limit-%'").execute(&pool).await?;
-    Ok(json!({"tasks": tasks, "connections": connections, "batch": batch, "seconds": secs,
-              "tasks_per_sec": tasks as f64 / secs}))
+    if keys.is_some() {
+        concurrency::remove(&pool, unreached.scope, &unreached.key).await?;
+    }
+    Ok(json!({"tasks": tasks, "connections": connections, "batch": batch, "keys": keys, "seconds": secs,
+              "tasks_per_sec": tasks as f64 / secs, "cpu_ms_per_task": cpu}))
 }
 
 /// The single-insert commit rate of this Postgres: one-row INSERTs of a task-sized row,

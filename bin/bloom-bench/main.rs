@@ -99,6 +99,11 @@ struct Opts {
     /// Measurements of each limit before the runtime, and again after it.
     #[arg(long, default_value_t = 3)]
     limit_runs: usize,
+    /// Measure the limits only (`--limit-runs` times each), not the runtime: the
+    /// Postgres limit keyed against plain is the quick, steady measure of what the
+    /// concurrency slots' bookkeeping costs.
+    #[arg(long, conflicts_with = "no_limits")]
+    limits_only: bool,
     /// Concurrent connections of the single-insert commit rate.
     #[arg(long, default_value_t = 64)]
     commit_connections: usize,
@@ -503,19 +508,54 @@ async fn rest_path(o: &Opts, http: &reqwest::Client, base: &str) -> anyhow::Resu
 #[derive(Default)]
 struct Limits {
     postgres: Vec<Value>,
+    /// The Postgres limit with the tasks over `--concurrency-keys` keys (none with 0).
+    postgres_keyed: Vec<Value>,
     nats: Vec<Value>,
     commits: Vec<Value>,
 }
 
-/// Measures the Postgres, NATS and commit-rate limits `o.limit_runs` times each.
+/// Measures the Postgres (plain, then keyed), NATS and commit-rate limits
+/// `o.limit_runs` times each, in turn.
 async fn limits(o: &Opts, db_url: &str) -> anyhow::Result<Limits> {
     let mut l = Limits::default();
     for _ in 0..o.limit_runs.max(1) {
-        l.postgres.push(postgres_limit(db_url, o.tasks, 8, 128).await?);
+        l.postgres.push(postgres_limit(db_url, o.tasks, 8, 128, None).await?);
+        if o.concurrency_keys > 0 {
+            l.postgres_keyed.push(postgres_limit(db_url, o.tasks, 8, 128, Some(o.concurrency_keys)).await?);
+        }
         l.nats.push(nats_limit(&o.nats, o.nats_replicas, o.tasks as usize).await?);
         l.commits.push(commit_rate(db_url, o.tasks, o.commit_connections).await?);
     }
     Ok(l)
+}
+
+/// The limits' report: each limit's runs before and after the runtime with their
+/// median, and for the keyed Postgres limit the medians of its runs' ratios to the
+/// plain run just before each (the machine's speed drifts between runs more than within
+/// a pair): the rate, and Postgres's CPU per task (plain over keyed, as the runtime's
+/// keyed rounds give it).
+fn limits_report(before: Limits, after: Limits) -> Value {
+    let rate = |v: &Value| v["tasks_per_sec"].as_f64().unwrap_or(f64::NAN);
+    let cpu = |v: &Value| v["cpu_ms_per_task"]["postgres"].as_f64().unwrap_or(f64::NAN);
+    let pairs: Vec<Value> = (before.postgres.iter().zip(&before.postgres_keyed))
+        .chain(after.postgres.iter().zip(&after.postgres_keyed))
+        .map(|(plain, keyed)| json!({ "rate": rate(keyed) / rate(plain), "cpu": cpu(plain) / cpu(keyed) }))
+        .collect();
+    let keyed = if pairs.is_empty() {
+        Value::Null
+    } else {
+        let mut keyed = before_and_after(before.postgres_keyed, after.postgres_keyed, "tasks_per_sec");
+        keyed["ratio_to_plain"] = before_and_after(pairs.clone(), Vec::new(), "rate")["rate"].clone();
+        keyed["postgres_cpu_ratio"] = before_and_after(pairs, Vec::new(), "cpu")["cpu"].clone();
+        keyed
+    };
+    let pg = before_and_after(before.postgres, after.postgres, "tasks_per_sec");
+    json!({
+        "postgres_limit": pg,
+        "postgres_limit_keyed": keyed,
+        "nats_limit": before_and_after(before.nats, after.nats, "msgs_per_sec"),
+        "commit_rate": before_and_after(before.commits, after.commits, "commits_per_sec"),
+    })
 }
 
 /// A limit measured before and after the runtime: every measurement, and their median
@@ -556,6 +596,12 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         limits
     };
+    if o.limits_only {
+        let report = limits_report(limits_before, Limits::default());
+        eprintln!();
+        print_limits(&report);
+        return write_report(&report, o.out.as_deref());
+    }
     let ns = format!("bench{}", &bloom::domain::new_id()[..8]);
     let mut common = vec![
         ("DATABASE_URL", db_url.clone()),
@@ -672,18 +718,13 @@ async fn main() -> anyhow::Result<()> {
         let _ = js.delete_stream(names.results_stream()).await;
     }
 
-    let (pg, nats, commits) = if o.no_limits {
-        (Value::Null, Value::Null, Value::Null)
+    let measured = if o.no_limits {
+        Value::Null
     } else {
         eprintln!("limits again: postgres, nats, commit rate");
-        let after = limits(&o, &db_url).await?;
-        let before = limits_before;
-        (
-            before_and_after(before.postgres, after.postgres, "tasks_per_sec"),
-            before_and_after(before.nats, after.nats, "msgs_per_sec"),
-            before_and_after(before.commits, after.commits, "commits_per_sec"),
-        )
+        limits_report(limits_before, limits(&o, &db_url).await?)
     };
+    let (pg, nats, commits) = (&measured["postgres_limit"], &measured["nats_limit"], &measured["commit_rate"]);
     let lower = [pg["tasks_per_sec"].as_f64(), nats["msgs_per_sec"].as_f64()]
         .into_iter()
         .flatten()
@@ -694,15 +735,21 @@ async fn main() -> anyhow::Result<()> {
         "artifacts": {"in_s3": in_s3, "in_postgres": inline},
         "idle": idle, "fixed_rate": fixed, "low_rate": low, "saturation": sat, "concurrency_keys": keyed,
         "saturation_after_keys": sat_after, "rest_path": rest, "task_control": task_control,
-        "postgres_limit": pg, "nats_limit": nats, "commit_rate": commits,
+        "postgres_limit": pg, "postgres_limit_keyed": measured["postgres_limit_keyed"], "nats_limit": nats,
+        "commit_rate": commits,
         "ratio_to_lower_limit": if lower.is_finite() { json!(sat_tps / lower) } else { Value::Null },
         "ratio_to_commit_rate": commits["commits_per_sec"].as_f64().map(|c| sat_tps / c),
         "peak_memory_mib": memory,
     });
     print_table(&report);
-    let text = serde_json::to_string_pretty(&report)?;
+    write_report(&report, o.out.as_deref())
+}
+
+/// Prints the JSON report on stdout, and writes it to `out` if given.
+fn write_report(report: &Value, out: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(report)?;
     println!("{text}");
-    if let Some(path) = &o.out {
+    if let Some(path) = out {
         std::fs::write(path, &text)?;
     }
     Ok(())
@@ -771,15 +818,7 @@ fn print_table(r: &Value) {
         eprintln!("{:<38} {}", "urgent task wait under a flood", lat(&flood["urgent_dispatch_ms"]));
         eprintln!("{:<38} {}", "background task wait in the flood", lat(&flood["flood_dispatch_ms"]));
     }
-    let limit = |l: &Value, key: &str| {
-        let runs = |v: &Value| {
-            v.as_array().map_or("-".to_owned(), |a| a.iter().map(|r| f(&r[key])).collect::<Vec<_>>().join(", "))
-        };
-        format!("{} (before {}; after {})", f(&l[key]), runs(&l["before"]), runs(&l["after"]))
-    };
-    eprintln!("{:<38} {}", "postgres limit tasks/s", limit(&r["postgres_limit"], "tasks_per_sec"));
-    eprintln!("{:<38} {}", "nats limit msgs/s", limit(&r["nats_limit"], "msgs_per_sec"));
-    eprintln!("{:<38} {}", "single-insert commits/s", limit(&r["commit_rate"], "commits_per_sec"));
+    print_limits(r);
     let ratio = |key: &str| r[key].as_f64().map_or("-".to_owned(), |x| format!("{x:.2}"));
     eprintln!("{:<38} {}", "ratio to the lower limit", ratio("ratio_to_lower_limit"));
     eprintln!("{:<38} {}", "ratio to the commit rate", ratio("ratio_to_commit_rate"));
@@ -788,4 +827,25 @@ fn print_table(r: &Value) {
             eprintln!("{:<38} {} MiB", format!("peak memory {k}"), f(v));
         }
     }
+}
+
+/// The limits' lines of the table.
+fn print_limits(r: &Value) {
+    let f = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.1}"));
+    let limit = |l: &Value, key: &str| {
+        let runs = |v: &Value| {
+            v.as_array().map_or("-".to_owned(), |a| a.iter().map(|r| f(&r[key])).collect::<Vec<_>>().join(", "))
+        };
+        format!("{} (before {}; after {})", f(&l[key]), runs(&l["before"]), runs(&l["after"]))
+    };
+    eprintln!("{:<38} {}", "postgres limit tasks/s", limit(&r["postgres_limit"], "tasks_per_sec"));
+    if !r["postgres_limit_keyed"].is_null() {
+        let keyed = &r["postgres_limit_keyed"];
+        eprintln!("{:<38} {}", "postgres limit, keyed tasks/s", limit(keyed, "tasks_per_sec"));
+        let ratio = |key: &str| keyed[key].as_f64().map_or("-".to_owned(), |x| format!("{x:.3}"));
+        eprintln!("{:<38} {}", "postgres limit, keyed over plain", ratio("ratio_to_plain"));
+        eprintln!("{:<38} {}", "postgres CPU per task, plain over keyed", ratio("postgres_cpu_ratio"));
+    }
+    eprintln!("{:<38} {}", "nats limit msgs/s", limit(&r["nats_limit"], "msgs_per_sec"));
+    eprintln!("{:<38} {}", "single-insert commits/s", limit(&r["commit_rate"], "commits_per_sec"));
 }
