@@ -100,8 +100,8 @@ struct Opts {
     #[arg(long, default_value_t = 3)]
     limit_runs: usize,
     /// Measure the limits only (`--limit-runs` times each), not the runtime: the
-    /// Postgres limit keyed against plain is the quick, steady measure of what the
-    /// concurrency slots' bookkeeping costs.
+    /// Postgres limit keyed against plain is a quick measure of what the concurrency
+    /// slots' bookkeeping costs Postgres.
     #[arg(long, conflicts_with = "no_limits")]
     limits_only: bool,
     /// Concurrent connections of the single-insert commit rate.
