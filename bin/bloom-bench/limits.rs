@@ -42,8 +42,7 @@ pub async fn postgres_limit(
     )
     .await?;
     sqlx::query(
-        "TRUNCATE llm_tasks, leases, outbox, audit_logs, runtime_artifacts, llm_results, workers, concurrency_slots,
-                  concurrency_slot_ends",
+        "TRUNCATE llm_tasks, leases, outbox, audit_logs, runtime_artifacts, llm_results, workers, concurrency_slots",
     )
     .execute(&pool)
     .await?;

@@ -1,7 +1,7 @@
 //! Admission of tasks about to be leased, against concurrency limits and budgets
-//! (`bloom_admit`, migrations 0021 and 0023): every way of leasing (claims, REST leases,
-//! HTTP agent assignments) admits the tasks it is about to lease in the lease's own
-//! transaction, and puts aside those it refused.
+//! (`bloom_admit`, migrations 0021, 0023 and 0044): every way of leasing (claims, REST
+//! leases, HTTP agent assignments) admits the tasks it is about to lease in the lease's
+//! own transaction, and puts aside those it refused.
 
 use serde_json::Value;
 use sqlx::types::Json;
@@ -39,9 +39,9 @@ impl Admission {
 }
 
 /// Admits tasks about to be leased in `tx` (whose rows it has locked), in order, at
-/// `now`: the admitted take their slots and reserve on their budgets, under the rows'
-/// locks, so no limit is exceeded whatever runs concurrently; the transaction must lease
-/// exactly them, or roll back.
+/// `now`: the admitted take their slots and reserve on their budgets, under the slots'
+/// and budget counters' locks, so no limit is exceeded whatever runs concurrently; the
+/// transaction must lease exactly them, or roll back.
 pub async fn admit(tx: &mut sqlx::PgConnection, ids: &[TaskId], now: i64) -> sqlx::Result<Vec<(TaskId, Admission)>> {
     let rows = sqlx::query!(
         r#"SELECT admit_task AS "task!", admit_slots AS "slots?", admit_charges AS "charges?: Json<Value>",

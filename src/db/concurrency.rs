@@ -1,6 +1,6 @@
 //! Concurrency limits (`concurrency_limits`) and their slots (`concurrency_slots`): set,
-//! removed and read here; taken by every way of leasing a task (see [`super::admission`])
-//! and given back by the lease-end triggers (migration 0021).
+//! removed and read here; taken by every way of leasing a task (see [`super::admission`]),
+//! which counts a slot's running tasks from the active leases holding it (migration 0044).
 
 use std::time::Duration;
 
@@ -38,9 +38,8 @@ pub struct KeyView {
 ///
 /// Tasks already leased or running when a limit appears count against it: the table's
 /// exclusive lock waits for every admission in progress and holds new ones back for the
-/// few milliseconds this takes, the active leases of the keys concerned take their slot,
-/// and the slots' counts are set from them. Waiting tasks that the new value lets run
-/// are made due.
+/// few milliseconds this takes, and the active leases of the keys concerned take their
+/// slot. Waiting tasks that the new value lets run are made due.
 pub async fn set(pool: &PgPool, limit: &ConcurrencyLimit, only_if_absent: bool, now: i64) -> sqlx::Result<bool> {
     if only_if_absent && exists(pool, limit.scope, &limit.key).await? {
         return Ok(false);
@@ -81,7 +80,7 @@ async fn exists(db: impl PgExecutor<'_>, scope: ConcurrencyScope, key: &str) -> 
 }
 
 /// The active leases of the limit's keys take the slot they lack (their rows locked
-/// first), and the slots' counts are set from the active leases holding them.
+/// first): admissions count a slot's running tasks from the active leases holding it.
 async fn count_running(tx: &mut sqlx::PgConnection, limit: &ConcurrencyLimit) -> sqlx::Result<()> {
     let any = limit.key == ANY_KEY;
     sqlx::query!(
@@ -100,32 +99,14 @@ async fn count_running(tx: &mut sqlx::PgConnection, limit: &ConcurrencyLimit) ->
     )
     .execute(&mut *tx)
     .await?;
-    // Then the slot rows (in name order, as admissions lock them), and the count: the
-    // active leases and the ends counted so far read in one snapshot, so that a lease
-    // ending meanwhile is either counted here and its end folded later, or its end is
-    // folded here and it is not counted.
+    // The slots the operator views list (admissions add the ones they meet).
     sqlx::query!(
-        "SELECT slot FROM concurrency_slots WHERE scope = $1 AND ($3 OR key = $2) ORDER BY slot FOR UPDATE",
-        limit.scope.as_str(),
-        limit.key,
-        any
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    sqlx::query!(
-        "WITH held AS (
-            SELECT s AS slot, count(*)::int AS n
-            FROM leases l, unnest(l.slots) AS s
-            WHERE l.status = 'active' AND starts_with(s, $1 || ':') AND ($3 OR s = $1 || ':' || $2)
-            GROUP BY s),
-         known AS (
-            SELECT slot FROM concurrency_slots WHERE scope = $1 AND ($3 OR key = $2))
-         INSERT INTO concurrency_slots (slot, scope, key, counted, ends_folded)
-         SELECT COALESCE(h.slot, k.slot), $1, substr(COALESCE(h.slot, k.slot), length($1) + 2), COALESCE(h.n, 0),
-                (SELECT COALESCE(sum(e.ended), 0)::bigint FROM concurrency_slot_ends e WHERE e.slot = COALESCE(h.slot, k.slot))
-         FROM held h FULL JOIN known k ON k.slot = h.slot
+        "INSERT INTO concurrency_slots (slot, scope, key)
+         SELECT DISTINCT s, $1, substr(s, length($1) + 2)
+         FROM leases l, unnest(l.slots) AS s
+         WHERE l.status = 'active' AND starts_with(s, $1 || ':') AND ($3 OR s = $1 || ':' || $2)
          ORDER BY 1
-         ON CONFLICT (slot) DO UPDATE SET counted = EXCLUDED.counted, ends_folded = EXCLUDED.ends_folded",
+         ON CONFLICT (slot) DO NOTHING",
         limit.scope.as_str(),
         limit.key,
         any

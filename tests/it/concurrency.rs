@@ -423,7 +423,7 @@ async fn tasks_a_limit_governs_are_not_routed_to_their_contexts_worker() {
 /// One admission of several tasks decides them in the order given, each counting the
 /// slots and budget those before it took: a slot limited in one scope, a `*` limit in
 /// another, a budget in a scope without concurrency limits; an id given twice is decided
-/// once. Slots exist only where a limit applies.
+/// once. Slots exist only where a limit applies, and count the leases that took them.
 #[tokio::test]
 async fn a_batch_is_admitted_in_order_each_task_counting_those_before_it() {
     use bloom::db::admission::{self, Admission};
@@ -458,6 +458,7 @@ async fn a_batch_is_admitted_in_order_each_task_counting_those_before_it() {
     let order = [a.clone(), b.clone(), c.clone(), d.clone(), e.clone(), f.clone(), g.clone(), a.clone()];
     let mut tx = app.pool.begin().await.unwrap();
     let decided = admission::admit(&mut tx, &order, now).await.unwrap();
+    lease_admitted(&mut tx, &decided).await;
     tx.commit().await.unwrap();
 
     let ids: Vec<&TaskId> = decided.iter().map(|(id, _)| id).collect();
@@ -507,7 +508,8 @@ async fn a_batch_is_admitted_in_order_each_task_counting_those_before_it() {
 /// database's collation. An admission that ordered its batch's slots under the
 /// database's collation (`en-US` puts `alpha` before `Zed`, byte order the other way)
 /// while it locked and read the slot rows in byte order wrote each slot's count to the
-/// other slot, and the next admission went over the limit.
+/// other slot, and the next admission went over the limit (when slots had rows counting
+/// their running tasks, before migration 0044).
 #[tokio::test]
 async fn slots_are_counted_apart_under_a_languages_collation() {
     use bloom::db::admission::{self, Admission};
@@ -535,6 +537,7 @@ async fn slots_are_counted_apart_under_a_languages_collation() {
             let ids: Vec<TaskId> = ids.iter().map(|&id| TaskId::from(id)).collect();
             let mut tx = pool.begin().await.unwrap();
             let decided = admission::admit(&mut tx, &ids, now).await.unwrap();
+            lease_admitted(&mut tx, &decided).await;
             tx.commit().await.unwrap();
             decided.into_iter().map(|(id, a)| (id.0, matches!(a, Admission::Admitted { .. }))).collect::<Vec<_>>()
         }
@@ -550,4 +553,99 @@ async fn slots_are_counted_apart_under_a_languages_collation() {
     assert_eq!(counts().await, [("agent_slug:Zed".to_owned(), 3), ("agent_slug:alpha".to_owned(), 1)]);
     assert_eq!(admit(&["z4", "a2"]).await, [("z4".to_owned(), false), ("a2".to_owned(), true)], "Zed has 3 running");
     assert_eq!(counts().await, [("agent_slug:Zed".to_owned(), 3), ("agent_slug:alpha".to_owned(), 2)]);
+}
+
+/// Admissions of one slot wait for each other: a second admission waits on the slot's
+/// lock until the first's transaction ends, then counts the lease it committed (the slot
+/// full: put aside), or, when it rolled back, the room it left. And a slot is counted only
+/// in a statement's own snapshot: admission refuses a REPEATABLE READ transaction, whose
+/// snapshot could predate a lease committed since.
+#[tokio::test]
+async fn admissions_of_a_slot_wait_for_each_other_and_count_what_committed() {
+    use bloom::db::admission::{self, Admission};
+    use bloom::domain::TaskId;
+
+    let (pool, _) = crate::common::fresh_db().await;
+    let now = bloom::time::now_ms();
+    let limit = ConcurrencyLimit::new(ConcurrencyScope::ConcurrencyKey, "k", 1).unwrap();
+    concurrency::set(&pool, &limit, false, now).await.unwrap();
+    for id in ["a", "b", "c"] {
+        sqlx::query(
+            "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, created_at, updated_at, concurrency_key)
+             VALUES ($1, $1, 'writer', 'p', $2, $2, 'k')",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    // The slot's row (the list of slots ever used), as its first admission leaves it:
+    // that admission's insert would make the second wait for the row instead.
+    sqlx::query(
+        "INSERT INTO concurrency_slots (slot, scope, key) VALUES ('concurrency_key:k', 'concurrency_key', 'k')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let admitted = |decided: &[(TaskId, Admission)]| matches!(decided[0].1, Admission::Admitted { .. });
+    for commit_first in [false, true] {
+        let mut first = pool.begin().await.unwrap();
+        let decided = admission::admit(&mut first, &[TaskId::from("a")], now).await.unwrap();
+        assert!(admitted(&decided), "{decided:?}");
+        lease_admitted(&mut first, &decided).await;
+        let second = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                let mut tx = pool.begin().await.unwrap();
+                let decided = admission::admit(&mut tx, &[TaskId::from("b")], now).await.unwrap();
+                tx.rollback().await.unwrap();
+                decided
+            }
+        });
+        let waiting = || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1651273584 AND NOT granted
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+                == 1
+        };
+        wait_for("the second admission to wait for the slot's lock", Duration::from_secs(5), waiting).await;
+        assert!(!second.is_finished(), "the second admission waits for the first's transaction");
+        if commit_first {
+            first.commit().await.unwrap();
+        } else {
+            first.rollback().await.unwrap();
+        }
+        let decided = second.await.unwrap();
+        assert_eq!(admitted(&decided), !commit_first, "first committed: {commit_first}; {decided:?}");
+    }
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx).await.unwrap();
+    let refused = admission::admit(&mut tx, &[TaskId::from("c")], now).await.unwrap_err();
+    assert!(refused.to_string().contains("READ COMMITTED"), "{refused}");
+}
+
+/// Leases the tasks an admission admitted, with the slots they took, in its transaction:
+/// what every caller of the admission does, and what a slot's running tasks are counted from.
+async fn lease_admitted(
+    tx: &mut sqlx::PgConnection,
+    decided: &[(bloom::domain::TaskId, bloom::db::admission::Admission)],
+) {
+    for (id, admission) in decided {
+        if let bloom::db::admission::Admission::Admitted { slots, .. } = admission {
+            sqlx::query(
+                "INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, slots)
+                 VALUES ('lease-' || $1, $1, 'w', 0, 60000, 60, 'active', 0, $2)",
+            )
+            .bind(id.as_str())
+            .bind(slots)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        }
+    }
 }

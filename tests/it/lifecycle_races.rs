@@ -431,8 +431,9 @@ async fn a_start_ends_the_leases_of_earlier_processes_once() {
 /// of the statements a connection runs after its first (whose single row its cached plan
 /// was made for): one lease ended, 40 active leases updated without ending (heartbeats),
 /// 39 of them ended, then the last one ended while the ended ones change again. Each end
-/// gives its worker slot and its concurrency slot back once (the count of a worker's
-/// active leases is a number, not checked against its capacity here).
+/// gives its worker slot back once (the count of a worker's active leases is a number,
+/// not checked against its capacity here), and the concurrency slot's count, read from
+/// the active leases, follows.
 #[tokio::test]
 async fn lease_ends_are_counted_once_by_statements_of_any_size() {
     let app = TestApp::spawn().await;
@@ -449,23 +450,21 @@ async fn lease_ends_are_counted_once_by_statements_of_any_size() {
     };
     let active =
         || app.count("SELECT bloom_active_leases(id, active_leases, ends_folded)::bigint FROM workers WHERE id = 'w'");
-    let slot_ends = || {
-        app.count("SELECT COALESCE(sum(ended), 0)::bigint FROM concurrency_slot_ends WHERE slot = 'concurrency_key:k'")
-    };
+    let keyed = || app.count("SELECT bloom_slot_running('concurrency_key:k')::bigint");
     for sql in [leases("one", 1), "UPDATE leases SET status = 'released' WHERE id = 'one1'".into(), leases("many", 40)]
     {
         sqlx::raw_sql(&sql).execute(&mut conn).await.unwrap();
     }
-    assert_eq!((active().await, slot_ends().await), (40, 0));
+    assert_eq!((active().await, keyed().await), (40, 20));
     sqlx::raw_sql("UPDATE leases SET last_heartbeat = 5 WHERE id LIKE 'many%'").execute(&mut conn).await.unwrap();
-    assert_eq!((active().await, slot_ends().await), (40, 0));
+    assert_eq!((active().await, keyed().await), (40, 20));
     sqlx::raw_sql("UPDATE leases SET status = 'released' WHERE id LIKE 'many%' AND id <> 'many40'")
         .execute(&mut conn)
         .await
         .unwrap();
-    assert_eq!((active().await, slot_ends().await), (1, 19));
+    assert_eq!((active().await, keyed().await), (1, 1));
     sqlx::raw_sql("UPDATE leases SET status = 'expired' WHERE id LIKE 'many%'").execute(&mut conn).await.unwrap();
-    assert_eq!((active().await, slot_ends().await), (0, 20));
+    assert_eq!((active().await, keyed().await), (0, 0));
     assert_eq!(miscounted_workers(&app).await, 0);
     app.stop().await;
 }

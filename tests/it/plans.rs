@@ -135,12 +135,19 @@ async fn the_same_plans_scan_without_the_connection_settings() {
 /// The index entries of `llm_tasks` a statement read (its functions' statements
 /// included), from this transaction's statistics.
 async fn task_index_entries_read(conn: &mut sqlx::PgConnection, statement: &str) -> i64 {
+    index_entries_read(conn, "llm_tasks", statement).await
+}
+
+/// The index entries of `table` a statement read (its functions' statements included),
+/// from this transaction's statistics; the statement is rolled back.
+async fn index_entries_read(conn: &mut sqlx::PgConnection, table: &str, statement: &str) -> i64 {
     let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
     sqlx::raw_sql(statement).execute(&mut *tx).await.unwrap();
     let read: i64 = sqlx::query_scalar(
         "SELECT sum(pg_stat_get_xact_tuples_returned(indexrelid))::bigint FROM pg_index
-         WHERE indrelid = 'llm_tasks'::regclass",
+         WHERE indrelid = $1::regclass",
     )
+    .bind(table)
     .fetch_one(&mut *tx)
     .await
     .unwrap();
@@ -276,4 +283,51 @@ async fn due_passes_read_only_the_due_tasks_in_plans_made_while_none_waited() {
             .await
             .unwrap();
     assert_eq!(dispatched, vec![("w7".to_owned(), 2)], "the due task got its next dispatch");
+}
+
+#[tokio::test]
+async fn admissions_count_only_their_slots_leases_in_plans_made_on_empty_tables() {
+    // An admission counts a slot's running tasks from the active leases holding it, through
+    // an index of the active leases by slot. Planned on empty tables, the count once went
+    // through the index of all active leases by expiry (its status matched that index's
+    // predicate too); and with the slots compared under the collation of the ids passed
+    // (byte order for a claim's, the database's for a literal), the slots' index did not
+    // answer the comparison and was read whole. Either read every active lease (or every
+    // keyed lease, ended ones included) for each slot of a batch.
+    let (pool, _) = fresh_db().await;
+    sqlx::raw_sql(
+        "INSERT INTO concurrency_limits (scope, key, max_running, updated_at) VALUES ('concurrency_key', '*', 21, 0);
+         INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, created_at, updated_at, concurrency_key)
+         VALUES ('x', 'c', 'a', 'p', 0, 0, 'k7'), ('y', 'c', 'a', 'p', 0, 0, 'k7')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut conn = pool.acquire().await.unwrap().detach();
+    // The ids as a claim passes them, from the tasks' rows (`COLLATE "C"`): PL/pgSQL gives
+    // the function's text variables the collation of its arguments.
+    let admit = "SELECT * FROM bloom_admit(ARRAY(SELECT id FROM llm_tasks WHERE id = 'x'), 0)";
+    sqlx::raw_sql(&format!("SET plan_cache_mode = force_generic_plan; BEGIN; {admit}; ROLLBACK"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    // 3,000 active leases: 20 on each of the keys k0 to k99, the rest of no key.
+    sqlx::raw_sql(
+        "INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, slots)
+         SELECT 'l' || i, 't' || i, 'w', 0, 60000, 60, 'active', 0,
+                CASE WHEN i <= 2000 THEN ARRAY['concurrency_key:k' || (i % 100)] ELSE '{}' END
+         FROM generate_series(1, 3000) i",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let read = index_entries_read(&mut conn, "leases", admit).await;
+    assert!(read <= 25, "an admission of a slot 20 leases hold read {read} index entries of leases");
+    // And it counted them: one more fits under the limit of 21, not two.
+    let decided: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT admit_task, admit_blocked FROM bloom_admit(ARRAY['x', 'y'], 0) ORDER BY 1")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(decided, [("x".into(), None), ("y".into(), Some("concurrency_key:k7".into()))]);
 }
