@@ -18,9 +18,9 @@ use crate::procs::{cpu_ms_per_task, cpu_ticks};
 ///
 /// With `keys`, the tasks take turns over that many concurrency keys, under a limit of
 /// the `concurrency_key` scope that no key reaches (set for the run only): every claim
-/// admits its tasks through their slots (a slot taken, its end counted at the
-/// completion) and none waits, so the rate against a plain run's is what the slots'
-/// bookkeeping costs Postgres.
+/// admits its tasks through their slots (each slot locked and its active leases
+/// counted at the claim, its waiting tasks probed at the completion) and none waits, so
+/// the rate against a plain run's is what the slots' bookkeeping costs Postgres.
 pub async fn postgres_limit(
     url: &str,
     tasks: u64,

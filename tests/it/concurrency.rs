@@ -256,14 +256,14 @@ fn keyed(key: &str, prompt: &str) -> Value {
     json!({"context_id": prompt, "agent_slug": "writer", "prompt": prompt, "concurrency_key": key})
 }
 
-/// Lease ends give their slot back without the slot row's lock that claims hold to
-/// their commit. A claim that saw the slot full and put a task aside, and an end whose
+/// Lease ends give their slot back without the slot's admission lock that claims hold
+/// to their commit. A claim that saw the slot full and put a task aside, and an end whose
 /// own wake ran before that claim committed, would leave the task waiting with room in
 /// its slot: the claim's recheck after its commit makes it due.
 #[tokio::test]
 async fn an_end_racing_a_claim_waits_for_nothing_and_the_claims_recheck_wakes_the_task() {
     let (app, first, second, tx) = second_put_aside_uncommitted().await;
-    // The first task completes while the claim holds the slot row: it does not wait.
+    // The first task completes while the claim holds the slot's lock: it does not wait.
     tokio::time::timeout(Duration::from_secs(10), complete(&app, &first))
         .await
         .expect("a completion waited for a claim of its slot");
