@@ -43,7 +43,7 @@ pub async fn active_for_worker(db: impl PgExecutor<'_>, worker: &WorkerId) -> sq
         Lease,
         r#"SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status AS "status: LeaseStatus",
                   last_heartbeat, context_id
-           FROM leases WHERE worker_id = $1 AND status = 'active' ORDER BY started_at DESC"#,
+           FROM leases WHERE worker_id = $1 AND (status || '') = 'active' ORDER BY started_at DESC"#,
         worker.as_str()
     )
     .fetch_all(db)

@@ -1,10 +1,9 @@
 //! `workers`: registration over REST, liveness beats over NATS, and membridge sync.
 //!
-//! A worker's active leases are counted by triggers on `leases` (migrations 0005, 0030):
-//! the statements that start leases add to `workers.active_leases`, those that end them
-//! count the ends apart (`worker_lease_ends`, so they never wait for the worker's row);
-//! every read goes through `bloom_active_leases`, which subtracts the ends not yet folded
-//! into the row.
+//! A worker's active leases are counted from `leases` where they are read
+//! (`bloom_worker_leases`, migration 0046); nothing is written to the worker's row when a
+//! lease starts or ends. What starts leases locks the worker's row first and counts in a
+//! later statement, so concurrent leases cannot overfill it.
 
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor, PgPool};
@@ -22,7 +21,7 @@ pub async fn list(db: impl PgExecutor<'_>, limit: i64, after: Option<&str>) -> s
         r#"SELECT w.id, w.node_id, w.url, w.status AS "status: WorkerStatus",
                   w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
                   w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
-                  w.source AS "source: WorkerSource", bloom_active_leases(w.id, w.active_leases, w.ends_folded) AS "active_leases!",
+                  w.source AS "source: WorkerSource", bloom_worker_leases(w.id) AS "active_leases!",
                   w.agent_version, w.os_info,
                   w.install_method, w.transport AS "transport!: WorkerTransport", w.draining_since
            FROM workers w WHERE w.id > $1 ORDER BY w.id LIMIT $2"#,
@@ -41,7 +40,7 @@ pub async fn candidates(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<Worker>> {
         r#"SELECT w.id, w.node_id, w.url, w.status AS "status: WorkerStatus",
                   w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
                   w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
-                  w.source AS "source: WorkerSource", bloom_active_leases(w.id, w.active_leases, w.ends_folded) AS "active_leases!",
+                  w.source AS "source: WorkerSource", bloom_worker_leases(w.id) AS "active_leases!",
                   w.agent_version, w.os_info,
                   w.install_method, w.transport AS "transport!: WorkerTransport", w.draining_since
            FROM workers w WHERE w.status = 'online' ORDER BY w.registered_at, w.id"#
@@ -58,7 +57,7 @@ pub async fn get(db: impl PgExecutor<'_>, id: &WorkerId) -> sqlx::Result<Option<
         r#"SELECT w.id, w.node_id, w.url, w.status AS "status: WorkerStatus",
                   w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
                   w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
-                  w.source AS "source: WorkerSource", bloom_active_leases(w.id, w.active_leases, w.ends_folded) AS "active_leases!",
+                  w.source AS "source: WorkerSource", bloom_worker_leases(w.id) AS "active_leases!",
                   w.agent_version, w.os_info,
                   w.install_method, w.transport AS "transport!: WorkerTransport", w.draining_since
            FROM workers w WHERE w.id = $1"#,
@@ -70,23 +69,16 @@ pub async fn get(db: impl PgExecutor<'_>, id: &WorkerId) -> sqlx::Result<Option<
 }
 
 /// One worker, its row locked until the transaction ends (serialises leases to it).
-/// A row updated while the lock was awaited is read as it is once locked, so
-/// `active_leases` counts the leases committed meanwhile.
+/// The row is read in a statement after the one that locks it, so `active_leases`
+/// counts the leases of every transaction that held the lock before.
 pub async fn get_for_update(db: &mut PgConnection, id: &WorkerId) -> sqlx::Result<Option<Worker>> {
-    let row = sqlx::query_as!(
-        WorkerRow,
-        r#"SELECT w.id, w.node_id, w.url, w.status AS "status: WorkerStatus",
-                  w.capabilities AS "capabilities: Json<Capabilities>", w.last_heartbeat,
-                  w.ip_addrs AS "ip_addrs: Json<Vec<String>>", w.obs_count, w.db_sha, w.registered_at,
-                  w.source AS "source: WorkerSource", bloom_active_leases(w.id, w.active_leases, w.ends_folded) AS "active_leases!",
-                  w.agent_version, w.os_info,
-                  w.install_method, w.transport AS "transport!: WorkerTransport", w.draining_since
-           FROM workers w WHERE w.id = $1 FOR UPDATE"#,
-        id.as_str()
-    )
-    .fetch_optional(db)
-    .await?;
-    Ok(row.map(Worker::from))
+    let locked = sqlx::query_scalar!("SELECT 1 AS \"one!\" FROM workers WHERE id = $1 FOR UPDATE", id.as_str())
+        .fetch_optional(&mut *db)
+        .await?;
+    match locked {
+        Some(_) => get(&mut *db, id).await,
+        None => Ok(None),
+    }
 }
 
 /// An HTTP agent that can take a lease, and where to reach it.
@@ -102,9 +94,9 @@ pub async fn http_agents_with_room(db: impl PgExecutor<'_>, now: i64) -> sqlx::R
     let rows = sqlx::query!(
         "SELECT id, url FROM workers
          WHERE transport = 'http' AND status = 'online' AND COALESCE((capabilities->>'claude_cli')::boolean, true)
-           AND bloom_active_leases(id, active_leases, ends_folded) < COALESCE((capabilities->>'max_concurrency')::int, 1)
+           AND bloom_worker_leases(id) < COALESCE((capabilities->>'max_concurrency')::int, 1)
            AND dispatch_paused_until <= $1 AND draining_since IS NULL
-         ORDER BY bloom_active_leases(id, active_leases, ends_folded), id",
+         ORDER BY bloom_worker_leases(id), id",
         now
     )
     .fetch_all(db)
@@ -357,7 +349,7 @@ pub async fn silent_nats_workers(
              WHERE source = 'nats' AND COALESCE(last_heartbeat, 0) < $1
                AND (status = 'online'
                     OR (status = 'offline' AND last_heartbeat >= $2
-                        AND EXISTS (SELECT 1 FROM leases l WHERE l.worker_id = w.id AND l.status = 'active')))
+                        AND EXISTS (SELECT 1 FROM leases l WHERE l.worker_id = w.id AND (l.status || '') = 'active')))
              ORDER BY id FOR UPDATE OF w),
            marked AS (UPDATE workers w SET status = 'offline' FROM s WHERE w.id = s.id AND s.status = 'online')
            SELECT id AS "id!", status = 'online' AS "marked_offline!" FROM s"#,

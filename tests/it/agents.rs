@@ -71,13 +71,7 @@ async fn tasks_submitted_over_rest_run_on_an_http_agent_without_a_manual_step() 
     }
     assert_eq!(app.count("SELECT count(*) FROM audit_logs WHERE action = 'task_dispatched'").await, 3);
     assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'released' AND ttl_seconds = 180").await, 3);
-    assert_eq!(
-        app.count(
-            "SELECT bloom_active_leases(id, active_leases, ends_folded)::bigint FROM workers WHERE id = 'agent-1'"
-        )
-        .await,
-        0
-    );
+    assert_eq!(app.count("SELECT bloom_worker_leases(id)::bigint FROM workers WHERE id = 'agent-1'").await, 0);
     assert_eq!(r.metrics.agent_dispatches_total.get(), 3);
     assert_eq!(r.metrics.agent_dispatch_failures_total.get(), 0);
     app.stop().await;
@@ -417,13 +411,7 @@ async fn an_agent_lease_expires_after_the_pickup_window_unless_the_agent_took_th
     let swept = sweeper::run_once(&r).await.unwrap();
     assert_eq!((swept.leases_expired, swept.tasks_requeued), (1, 1));
     assert_eq!(app.status_of(&id).await, "queued");
-    assert_eq!(
-        app.count(
-            "SELECT bloom_active_leases(id, active_leases, ends_folded)::bigint FROM workers WHERE id = 'agent-1'"
-        )
-        .await,
-        0
-    );
+    assert_eq!(app.count("SELECT bloom_worker_leases(id)::bigint FROM workers WHERE id = 'agent-1'").await, 0);
 
     // An agent that takes the task heartbeats it at once: the lease then lasts its TTL.
     *agent.mode.lock().unwrap() = Mode::RunFor(Duration::from_millis(300));

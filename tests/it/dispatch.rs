@@ -563,11 +563,7 @@ async fn a_worker_postgres_sees_full_claims_again_once_a_slot_frees() {
     sqlx::query("UPDATE leases SET status = 'released' WHERE id = 'other'").execute(&app.pool).await.unwrap();
     wait_for("task completed", Duration::from_secs(15), || async { app.status_of(&id).await == "completed" }).await;
     assert_eq!(app.count(&format!("SELECT count(*) FROM leases WHERE task_id = '{id}'")).await, 1);
-    assert_eq!(
-        app.count("SELECT bloom_active_leases(id, active_leases, ends_folded)::bigint FROM workers WHERE id = 'busy'")
-            .await,
-        0
-    );
+    assert_eq!(app.count("SELECT bloom_worker_leases(id)::bigint FROM workers WHERE id = 'busy'").await, 0);
     app.stop().await;
 }
 

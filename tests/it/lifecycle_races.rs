@@ -263,13 +263,12 @@ async fn a_repeated_claim_gets_the_same_lease() {
     app.stop().await;
 }
 
-/// The workers whose counted active leases (`bloom_active_leases`) differ from their
-/// active leases.
-async fn miscounted_workers(app: &TestApp) -> i64 {
+/// The workers holding more active leases than their `max_concurrency`.
+async fn overfilled_workers(app: &TestApp) -> i64 {
     app.count(
         "SELECT count(*) FROM workers w
-         WHERE bloom_active_leases(w.id, w.active_leases, w.ends_folded)
-               <> (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active')",
+         WHERE (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active')
+               > COALESCE((w.capabilities->>'max_concurrency')::int, 1)",
     )
     .await
 }
@@ -305,21 +304,13 @@ async fn claims_never_take_a_worker_beyond_its_capacity() {
         let full = outcomes.iter().filter(|o| **o == ClaimOutcome::Full).count();
         assert_eq!((granted, full), (3, 9), "round {round}: {outcomes:?}");
         assert_eq!(app.count("SELECT count(*) FROM leases WHERE worker_id = 'w' AND status = 'active'").await, 3);
-        assert_eq!(
-            app.count("SELECT bloom_active_leases(id, active_leases, ends_folded)::bigint FROM workers WHERE id = 'w'")
-                .await,
-            3
-        );
+        assert_eq!(app.count("SELECT bloom_worker_leases(id)::bigint FROM workers WHERE id = 'w'").await, 3);
         // The worker's previous process ends: its slots are free again.
         let ended = lifecycle::expire(&app.pool, lifecycle::Expiring::HeldBy(&WorkerId::from("w")), 100, now_ms())
             .await
             .unwrap();
         assert_eq!(ended.expired, 3);
-        assert_eq!(
-            app.count("SELECT bloom_active_leases(id, active_leases, ends_folded)::bigint FROM workers WHERE id = 'w'")
-                .await,
-            0
-        );
+        assert_eq!(app.count("SELECT bloom_worker_leases(id)::bigint FROM workers WHERE id = 'w'").await, 0);
     }
     // A batch larger than the free slots gets them in task id order.
     let mut ids = Vec::new();
@@ -336,11 +327,11 @@ async fn claims_never_take_a_worker_beyond_its_capacity() {
     assert!(matches!(again[0], ClaimOutcome::Granted(_)), "{again:?}");
     let unknown = Claim { task_id: ids[4].clone(), dispatch_seq: 1, worker_id: "nobody".into(), ttl_seconds: 30 };
     assert_eq!(lifecycle::claim(&app.pool, &[unknown], now_ms()).await.unwrap(), [ClaimOutcome::Full]);
-    assert_eq!(miscounted_workers(&app).await, 0);
+    assert_eq!(overfilled_workers(&app).await, 0);
     app.stop().await;
 }
 
-/// `active_leases` follows every way a lease starts and ends: REST lease, heartbeat,
+/// A worker's active leases (`bloom_worker_leases`) follow every way a lease starts and ends: REST lease, heartbeat,
 /// complete, hand-back, expiry, and a worker removed and registered again while its
 /// leases are active.
 #[tokio::test]
@@ -352,8 +343,7 @@ async fn active_leases_follow_every_transition() {
         let (id, answer) = app.leased_task(&format!("t{i}")).await;
         leased.push((id, answer["lease"]["id"].as_str().unwrap().to_owned()));
     }
-    let active =
-        || app.count("SELECT bloom_active_leases(id, active_leases, ends_folded)::bigint FROM workers WHERE id = 'r'");
+    let active = || app.count("SELECT bloom_worker_leases(id)::bigint FROM workers WHERE id = 'r'");
     assert_eq!(active().await, 4);
     let (id, lease) = &leased[0];
     app.post(&format!("/api/runtime/llm-tasks/{id}/heartbeat"), json!({"lease_id": lease})).await;
@@ -371,7 +361,7 @@ async fn active_leases_follow_every_transition() {
         lifecycle::expire(&app.pool, lifecycle::Expiring::HeldBy(&WorkerId::from("r")), 100, now_ms()).await.unwrap();
     assert_eq!(ended.expired, 2);
     assert_eq!(active().await, 0);
-    assert_eq!(miscounted_workers(&app).await, 0);
+    assert_eq!(overfilled_workers(&app).await, 0);
     app.stop().await;
 }
 
@@ -423,7 +413,7 @@ async fn a_start_ends_the_leases_of_earlier_processes_once() {
     ended.sort();
     assert_eq!(ended, [0, 2]);
     assert_eq!(app.count("SELECT count(*) FROM leases WHERE status = 'active'").await, 0);
-    assert_eq!(miscounted_workers(&app).await, 0);
+    assert_eq!(overfilled_workers(&app).await, 0);
     app.stop().await;
 }
 
@@ -448,8 +438,7 @@ async fn lease_ends_are_counted_once_by_statements_of_any_size() {
              FROM generate_series(1, {n}) i"
         )
     };
-    let active =
-        || app.count("SELECT bloom_active_leases(id, active_leases, ends_folded)::bigint FROM workers WHERE id = 'w'");
+    let active = || app.count("SELECT bloom_worker_leases(id)::bigint FROM workers WHERE id = 'w'");
     let keyed = || app.count("SELECT bloom_slot_running('concurrency_key:k')::bigint");
     for sql in [leases("one", 1), "UPDATE leases SET status = 'released' WHERE id = 'one1'".into(), leases("many", 40)]
     {
@@ -465,7 +454,7 @@ async fn lease_ends_are_counted_once_by_statements_of_any_size() {
     assert_eq!((active().await, keyed().await), (1, 1));
     sqlx::raw_sql("UPDATE leases SET status = 'expired' WHERE id LIKE 'many%'").execute(&mut conn).await.unwrap();
     assert_eq!((active().await, keyed().await), (0, 0));
-    assert_eq!(miscounted_workers(&app).await, 0);
+    assert_eq!(overfilled_workers(&app).await, 0);
     app.stop().await;
 }
 
@@ -497,4 +486,64 @@ async fn worker_beats_take_their_rows_in_the_order_claims_lock_them() {
     claim.commit().await.unwrap();
     let stored = beats.await.unwrap().unwrap();
     assert_eq!(stored.len(), 2);
+}
+
+/// A worker's free slots are counted after its row's lock is taken: a claim that waited
+/// for another's lock counts the lease that one committed. As do the statements of the
+/// previous release, which read `bloom_active_leases` on the worker's row as they lock it.
+#[tokio::test]
+async fn a_workers_room_counts_the_leases_committed_while_it_waited_for_the_lock() {
+    use std::time::Duration;
+
+    let (pool, _) = crate::common::fresh_db().await;
+    sqlx::query(
+        "INSERT INTO workers (id, node_id, status, capabilities, registered_at, source)
+         VALUES ('w', 'n', 'online', '{\"max_concurrency\": 2}', 0, 'nats')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let readers = [
+        "SELECT free FROM bloom_worker_room(ARRAY['w'])",
+        // A claim's room in the previous release.
+        "SELECT COALESCE((w.capabilities->>'max_concurrency')::int, 1)
+                - bloom_active_leases(w.id, w.active_leases, w.ends_folded)
+         FROM workers w WHERE w.id = ANY(ARRAY['w']) ORDER BY w.id FOR UPDATE",
+    ];
+    for (i, reader) in readers.into_iter().enumerate() {
+        let mut first = pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM workers WHERE id = 'w' FOR UPDATE").execute(&mut *first).await.unwrap();
+        sqlx::query(
+            "INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat)
+             VALUES ($1, $1, 'w', 0, 60000, 60, 'active', 0)",
+        )
+        .bind(format!("l{i}"))
+        .execute(&mut *first)
+        .await
+        .unwrap();
+        let second = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                let mut tx = pool.begin().await.unwrap();
+                let free: i32 = sqlx::query_scalar(reader).fetch_one(&mut *tx).await.unwrap();
+                tx.rollback().await.unwrap();
+                free
+            }
+        });
+        let waiting = || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+                == 1
+        };
+        crate::common::wait_for("the second reader to wait for the worker's row", Duration::from_secs(5), waiting)
+            .await;
+        assert!(!second.is_finished(), "the second reader waits for the first's transaction");
+        first.commit().await.unwrap();
+        // The leases committed so far (one per round), of 2 slots.
+        assert_eq!(second.await.unwrap(), 1 - i as i32, "reader {i}");
+    }
 }

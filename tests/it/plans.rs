@@ -331,3 +331,44 @@ async fn admissions_count_only_their_slots_leases_in_plans_made_on_empty_tables(
             .unwrap();
     assert_eq!(decided, [("x".into(), None), ("y".into(), Some("concurrency_key:k7".into()))]);
 }
+
+#[tokio::test]
+async fn a_claim_counts_only_its_workers_leases_in_plans_made_on_empty_tables() {
+    // A claim counts each worker's running tasks from its active leases. Planned on empty
+    // tables, a count that matched the predicate of every partial index of active leases
+    // could go through one of them whole (every active lease, for each worker).
+    let (pool, _) = fresh_db().await;
+    sqlx::raw_sql(
+        "INSERT INTO workers (id, node_id, status, capabilities, registered_at, source)
+         VALUES ('w1', 'n', 'online', '{\"max_concurrency\": 50}', 0, 'nats')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut conn = pool.acquire().await.unwrap().detach();
+    // The ids as a claim passes them: from rows (`COLLATE "C"`).
+    let room = "SELECT * FROM bloom_worker_room(ARRAY(SELECT id FROM workers WHERE id = 'w1'))";
+    sqlx::raw_sql(&format!("SET plan_cache_mode = force_generic_plan; BEGIN; {room}; ROLLBACK"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    // 3,000 active leases: 20 of worker w1, the rest of 20 other workers; and 1,000 ended
+    // leases of w1.
+    sqlx::raw_sql(
+        "INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat)
+         SELECT 'l' || i, 't' || i, CASE WHEN i <= 20 THEN 'w1' ELSE 'v' || (i % 20) END, 0, 60000, 60,
+                'active', 0
+         FROM generate_series(1, 3000) i;
+         INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat)
+         SELECT 'e' || i, 'u' || i, 'w1', 0, 60000, 60, 'released', 0 FROM generate_series(1, 1000) i",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let read = index_entries_read(&mut conn, "leases", room).await;
+    assert!(read <= 25, "counting a worker's 20 active leases read {read} index entries of leases");
+    // And it counted them: 30 of its 50 slots are free.
+    let free: (String, i32, bool) =
+        sqlx::query_as("SELECT * FROM bloom_worker_room(ARRAY['w1'])").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(free, ("w1".into(), 30, false));
+}

@@ -474,20 +474,27 @@ async fn a_dispatch_unclaimed_while_workers_have_room_is_sent_again() {
         .unwrap();
     sqlx::query("DELETE FROM outbox").execute(&app.pool).await.unwrap();
     sqlx::query(
-        "INSERT INTO workers (id, node_id, status, capabilities, registered_at, active_leases, source)
-         VALUES ('busy', 'n', 'online', '{\"max_concurrency\": 2}', $1, 0, 'nats')",
+        "INSERT INTO workers (id, node_id, status, capabilities, registered_at, source)
+         VALUES ('busy', 'n', 'online', '{\"max_concurrency\": 2}', $1, 'nats')",
     )
     .bind(start)
     .execute(&app.pool)
     .await
     .unwrap();
-    // Both its slots taken (the count leases keep up to date, set here directly).
-    sqlx::query("UPDATE workers SET active_leases = 2").execute(&app.pool).await.unwrap();
+    // Both its slots taken by active leases of other tasks.
+    sqlx::query(
+        "INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat)
+         SELECT 'l' || i, 'other' || i, 'busy', $1, $1 + 600000, 600, 'active', $1 FROM generate_series(1, 2) i",
+    )
+    .bind(start)
+    .execute(&app.pool)
+    .await
+    .unwrap();
     let after = Duration::from_secs(15);
 
     r.clock.advance(Duration::from_secs(16));
     assert_eq!(redispatch::run_once(&r, after).await.unwrap(), 0, "every worker busy: a backlog, not a loss");
-    sqlx::query("UPDATE workers SET active_leases = 1").execute(&app.pool).await.unwrap();
+    sqlx::query("UPDATE leases SET status = 'released' WHERE id = 'l1'").execute(&app.pool).await.unwrap();
     r.clock.advance(Duration::from_secs(1));
     assert_eq!(redispatch::run_once(&r, after).await.unwrap(), 1);
     let seq: i64 = sqlx::query_scalar("SELECT dispatch_seq FROM llm_tasks").fetch_one(&app.pool).await.unwrap();

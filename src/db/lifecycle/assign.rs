@@ -53,7 +53,7 @@ pub async fn assign(
                SELECT 1 FROM leases l JOIN workers w ON w.id = l.worker_id
                WHERE l.status = 'active' AND l.context_id = t.context_id AND l.worker_id <> $2
                  AND w.transport = 'http' AND w.status = 'online' AND w.dispatch_paused_until <= $3
-                 AND w.draining_since IS NULL AND bloom_active_leases(w.id, w.active_leases, w.ends_folded) < COALESCE((w.capabilities->>'max_concurrency')::int, 1))
+                 AND w.draining_since IS NULL AND bloom_worker_leases(w.id) < COALESCE((w.capabilities->>'max_concurrency')::int, 1))
          ORDER BY t.priority DESC, t.created_at, t.id LIMIT $1 FOR UPDATE OF t SKIP LOCKED",
         i64::from(agent.free_capacity()),
         worker.as_str(),

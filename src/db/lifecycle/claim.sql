@@ -1,11 +1,8 @@
 WITH r AS (
    SELECT * FROM UNNEST($3::text[], $4::bigint[], $5::text[], $6::text[], $7::int[], $8::text[])
        AS r(task_id, seq, worker_id, lease_id, ttl, audit_id)),
-room AS MATERIALIZED (
-   SELECT w.id, CASE WHEN w.draining_since IS NULL
-                     THEN COALESCE((w.capabilities->>'max_concurrency')::int, 1) - bloom_active_leases(w.id, w.active_leases, w.ends_folded) ELSE 0 END AS free,
-          w.draining_since IS NOT NULL AS draining
-   FROM workers w WHERE w.id = ANY($2) ORDER BY w.id FOR UPDATE),
+-- The workers' rows locked, then their free slots counted from their active leases.
+room AS MATERIALIZED (SELECT id, free, draining FROM bloom_worker_room($2)),
 -- Whether any provider hold is in force: almost never, and then no task is looked up
 -- in the holds.
 holding AS MATERIALIZED (

@@ -26,7 +26,7 @@ sticky AS (
        SELECT 1 FROM workers w
        WHERE w.id = recent.worker_id AND (w.status || '') = 'online' AND w.source = 'nats' AND w.draining_since IS NULL
          AND COALESCE((w.capabilities->>'claude_cli')::boolean, true)
-         AND bloom_active_leases(w.id, w.active_leases, w.ends_folded) < COALESCE((w.capabilities->>'max_concurrency')::int, 1)
+         AND bloom_worker_leases(w.id) < COALESCE((w.capabilities->>'max_concurrency')::int, 1)
        LIMIT 1) w),
 t AS (
    -- A delayed task (`not_before` set: it is in the future) gets no dispatch yet.

@@ -28,7 +28,7 @@ pub async fn redispatch(pool: &PgPool, dispatched_before: i64, limit: i64, now: 
              WHERE status = 'queued' AND updated_at < $1 AND dispatch_seq > 0
                AND EXISTS (SELECT 1 FROM workers w
                            WHERE w.transport = 'nats' AND w.status = 'online' AND w.draining_since IS NULL
-                             AND bloom_active_leases(w.id, w.active_leases, w.ends_folded) < COALESCE((w.capabilities->>'max_concurrency')::int, 1))
+                             AND bloom_worker_leases(w.id) < COALESCE((w.capabilities->>'max_concurrency')::int, 1))
              ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)
            UPDATE llm_tasks t SET dispatch_seq = t.dispatch_seq + 1, updated_at = $3,
                   routed_to = CASE WHEN EXISTS (SELECT 1 FROM workers w WHERE w.id = t.routed_to AND w.draining_since IS NOT NULL)
