@@ -28,21 +28,28 @@ BEGIN
 END $$;
 
 -- The room of the workers `ids`, for a claim: their rows locked in id order, then their
--- free slots counted in a statement that starts after the locks. Volatile, so that its
--- statements take snapshots of their own.
+-- free slots counted in a statement that starts after the locks (only the rows locked: a
+-- worker inserted meanwhile has none). Volatile, so that its statements take snapshots
+-- of their own; refused in a transaction whose snapshot is its first statement's.
 CREATE OR REPLACE FUNCTION bloom_worker_room(ids text[])
 RETURNS TABLE (id text, free integer, draining boolean)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
+DECLARE
+    locked text[];
 BEGIN
-    PERFORM 1 FROM workers w WHERE w.id = ANY(ids) ORDER BY w.id FOR UPDATE;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'bloom_worker_room needs READ COMMITTED (a snapshot per statement), not %',
+            current_setting('transaction_isolation');
+    END IF;
+    locked := ARRAY(SELECT w.id FROM workers w WHERE w.id = ANY(ids) ORDER BY w.id FOR UPDATE);
     RETURN QUERY
         SELECT w.id::text,
                CASE WHEN w.draining_since IS NULL
                     THEN COALESCE((w.capabilities->>'max_concurrency')::int, 1) - bloom_worker_leases(w.id)
                     ELSE 0 END,
                w.draining_since IS NOT NULL
-        FROM workers w WHERE w.id = ANY(ids);
+        FROM workers w WHERE w.id = ANY(locked);
 END $$;
 
 -- The lease-end trigger without the worker's ends: slots released, budgets settled. A
@@ -104,11 +111,14 @@ DROP FUNCTION IF EXISTS bloom_count_ends(text[]);
 
 -- For the processes of the previous release until they are replaced, whose statements
 -- read a worker's free slots as `bloom_active_leases(id, active_leases, ends_folded)`,
--- in a claim on the worker's row as that row is locked: the worker's row is locked here
--- first, and its leases counted after the lock, so such a claim cannot overfill the
--- worker either (it may wait for a deadlock to be detected, as its locks come in scan
--- order). The two columns stay, no longer kept, for those statements to parse. A later
--- migration drops all three.
+-- in a claim or a REST lease on the worker's row as that row is locked: the worker's row
+-- is locked here first, and its leases counted after the lock, so such a claim cannot
+-- overfill the worker either. Their other reads of it (worker lists, a submission's
+-- routing, the choice of a REST lease's worker, agent assignment, redispatch) then lock
+-- the rows they read too, in scan order: until those processes are replaced they can
+-- wait for claims, and Postgres may abort one of two such transactions as a deadlock
+-- (the request fails and is retried; nothing is lost or overfilled). The two columns
+-- stay, no longer kept, for those statements to parse. A later migration drops all three.
 DROP FUNCTION IF EXISTS bloom_active_leases(text, integer, bigint);
 DROP FUNCTION IF EXISTS bloom_lease_ends(text);
 CREATE FUNCTION bloom_active_leases(worker text, counted integer, folded bigint) RETURNS integer

@@ -128,7 +128,7 @@ impl Registration {
 
 /// A row of `workers`, serialized exactly as the seed's `WorkerNode`.
 ///
-/// `active_leases` is kept equal to the worker's active leases by the database.
+/// `active_leases` is the worker's active leases, counted when the row is read.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Worker {
     pub id: WorkerId,

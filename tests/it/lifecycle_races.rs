@@ -546,4 +546,10 @@ async fn a_workers_room_counts_the_leases_committed_while_it_waited_for_the_lock
         // The leases committed so far (one per round), of 2 slots.
         assert_eq!(second.await.unwrap(), 1 - i as i32, "reader {i}");
     }
+    // A snapshot taken once per transaction would not see the leases committed while
+    // waiting for the lock: refused.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx).await.unwrap();
+    let refused = sqlx::query("SELECT * FROM bloom_worker_room(ARRAY['w'])").execute(&mut *tx).await.unwrap_err();
+    assert!(refused.to_string().contains("READ COMMITTED"), "{refused}");
 }

@@ -14,7 +14,7 @@ use crate::domain::{new_id, Lease, LeaseId, LeaseStatus, TaskId, WorkerId};
 /// the worker has no free slot in Postgres, or no row).
 ///
 /// The claiming workers' rows are locked in id order and their free slots
-/// (`max_concurrency - active_leases`, kept by triggers) read after the lock, so
+/// (`max_concurrency` less their active leases, counted) read after the lock, so
 /// concurrent claims never take a worker beyond its capacity; a worker's current claims
 /// take its free slots in task id order.
 pub(super) const CLAIM_SQL: &str = include_str!("claim.sql");

@@ -98,10 +98,15 @@ pub(super) async fn expire_in(
     let rows = sqlx::query_as!(
         Ended,
         r#"WITH stale AS (
-            SELECT id FROM leases WHERE status = 'active' AND expires_at < $1 AND ($4::text IS NULL OR worker_id = $4)
+            SELECT id FROM leases WHERE $4::text IS NULL AND status = 'active' AND expires_at < $1
+            ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+         -- A worker's own: through the index of the active leases by worker.
+         held AS (
+            SELECT id FROM leases WHERE worker_id = $4 AND (status || '') = 'active' AND expires_at < $1
             ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED),
          ex AS (
-            UPDATE leases l SET status = 'expired' FROM stale WHERE l.id = stale.id
+            UPDATE leases l SET status = 'expired' FROM (SELECT id FROM stale UNION ALL SELECT id FROM held) s
+            WHERE l.id = s.id
             RETURNING l.id, l.task_id, l.worker_id),
          t AS (
             UPDATE llm_tasks t SET
