@@ -16,7 +16,7 @@ use super::schemas::{AgentAnswer, ErrorBody};
 use super::validate::FieldErrors;
 use super::{ApiError, AppState};
 use crate::db::{audit, workers};
-use crate::domain::{AuditAction, NewAudit, Worker, WorkerId, WorkerStatus};
+use crate::domain::{AuditAction, Capabilities, NewAudit, Worker, WorkerId, WorkerStatus};
 
 /// The repository the agent updates itself from and the install script clones.
 const DEFAULT_REPO: &str = "https://github.com/maxfraieho/membridge.git";
@@ -64,7 +64,7 @@ pub async fn health(State(state): State<AppState>, Path(id): Path<String>) -> Re
     let report = workers::AgentReport {
         version: text("version"),
         os_info: text("os_info").or_else(|| text("hostname")),
-        capabilities: health.get("capabilities").cloned(),
+        capabilities: health.get("capabilities").and_then(Capabilities::agent_report),
         ip_addrs: health.get("ip_addrs").and_then(|v| serde_json::from_value(v.clone()).ok()),
     };
     workers::record_agent_health(&state.pool, &worker.id, &report, now).await?;

@@ -173,9 +173,9 @@ impl RequestBody for NewTask {
 /// Body of `POST .../lease`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct LeaseBody {
-    /// Lease to this worker, if it can take it (online, Claude CLI, a free slot).
+    /// Lease to this worker, if it can take it (online, Claude CLI, a free slot); empty or
+    /// absent: the runtime picks one.
     #[serde(default)]
-    #[schema(min_length = 1)]
     pub worker_id: Option<String>,
     /// Lease TTL; 0 or absent means the default (300 s).
     #[serde(default)]
@@ -185,7 +185,11 @@ pub struct LeaseBody {
 
 impl RequestBody for LeaseBody {
     fn read(f: &mut Fields<'_>) -> Option<LeaseBody> {
-        let worker_id = f.opt_string("worker_id", 1, None, true);
+        // The seed picks a worker when `worker_id` is falsy: absent, null or empty.
+        let worker_id = match f.raw("worker_id") {
+            Some(Value::String(s)) if s.is_empty() => Some(None),
+            _ => f.opt_string("worker_id", 1, None, true),
+        };
         // The seed falls back to its default for a missing or zero TTL.
         let ttl_seconds = match f.raw("ttl_seconds") {
             None | Some(Value::Null) => Some(None),
@@ -218,7 +222,11 @@ pub struct HolderBody {
 impl RequestBody for HolderBody {
     fn read(f: &mut Fields<'_>) -> Option<HolderBody> {
         let lease_id = f.opt_string("lease_id", 1, None, true);
-        let worker_id = f.opt_string("worker_id", 1, None, true);
+        // The seed picks a worker when `worker_id` is falsy: absent, null or empty.
+        let worker_id = match f.raw("worker_id") {
+            Some(Value::String(s)) if s.is_empty() => Some(None),
+            _ => f.opt_string("worker_id", 1, None, true),
+        };
         Some(HolderBody { lease_id: lease_id?, worker_id: worker_id? })
     }
 }
@@ -353,7 +361,8 @@ impl RequestBody for Registration {
                 let labels = c.opt_strings("labels").map(Option::unwrap_or_default);
                 match (claude_cli, max_concurrency, labels) {
                     (Some(claude_cli), Some(m), Some(labels)) => {
-                        Some(Capabilities { claude_cli, max_concurrency: m as i32, labels })
+                        // Other keys are dropped, as the seed's schema drops them.
+                        Some(Capabilities { claude_cli, max_concurrency: m as i32, labels, ..Capabilities::default() })
                     }
                     _ => None,
                 }

@@ -144,8 +144,9 @@ pub async fn record_dispatch_success(db: impl PgExecutor<'_>, id: &WorkerId) -> 
 pub struct AgentReport {
     pub version: Option<String>,
     pub os_info: Option<String>,
-    /// Merged into the stored capabilities (an object: the agent's flags).
-    pub capabilities: Option<serde_json::Value>,
+    /// Merged into the stored capabilities (the agent's flags; see
+    /// [`Capabilities::agent_report`]).
+    pub capabilities: Option<serde_json::Map<String, serde_json::Value>>,
     pub ip_addrs: Option<Vec<String>>,
 }
 
@@ -166,7 +167,7 @@ pub async fn record_agent_health(
         now,
         report.version,
         report.os_info,
-        report.capabilities.as_ref().filter(|c| c.is_object()),
+        report.capabilities.as_ref().map(Json) as _,
         report.ip_addrs.as_ref().map(Json) as _,
     )
     .execute(db)

@@ -1,6 +1,7 @@
 //! Worker nodes and the seed's worker selection rule.
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use super::ids::WorkerId;
 
@@ -83,11 +84,36 @@ pub struct Capabilities {
     #[schema(minimum = 1)]
     pub max_concurrency: i32,
     pub labels: Vec<String>,
+    /// Any other key, as an HTTP agent's health check reported it (its flags:
+    /// `self_update`, `restart`, `uninstall`, `clone`, `sync`, `process_control`).
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
 impl Default for Capabilities {
     fn default() -> Self {
-        Capabilities { claude_cli: true, max_concurrency: 1, labels: Vec::new() }
+        Capabilities { claude_cli: true, max_concurrency: 1, labels: Vec::new(), other: Map::new() }
+    }
+}
+
+impl Capabilities {
+    /// What of an HTTP agent's reported `capabilities` is merged into the stored ones:
+    /// every key as reported, except that a key the runtime reads keeps its stored value
+    /// unless the report's has its type: `claude_cli` a boolean, `max_concurrency` an
+    /// integer of at least 1 (at most 32 is taken, as from membridge), `labels` an array
+    /// of strings. A report with `"max_concurrency": "lots"` would otherwise make every
+    /// read of the worker fail. `None` when the report is not an object.
+    pub fn agent_report(reported: &Value) -> Option<Map<String, Value>> {
+        let Value::Object(reported) = reported else { return None };
+        let usable = |key: &str, value: &Value| -> Option<Value> {
+            match key {
+                "claude_cli" => value.is_boolean().then(|| value.clone()),
+                "max_concurrency" => value.as_i64().filter(|n| *n >= 1).map(|n| Value::from(n.min(32))),
+                "labels" => value.as_array().filter(|a| a.iter().all(Value::is_string)).map(|_| value.clone()),
+                _ => Some(value.clone()),
+            }
+        };
+        Some(reported.iter().filter_map(|(k, v)| Some((k.clone(), usable(k, v)?))).collect())
     }
 }
 
@@ -197,6 +223,29 @@ pub fn pick_worker<'a>(workers: &'a [Worker], sticky: Option<&WorkerId>) -> Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_agents_report_keeps_its_flags_and_only_the_known_keys_of_their_types() {
+        let merged = |v: Value| Capabilities::agent_report(&v).map(Value::Object);
+        let flags = json!({"clone": true, "sync": false, "anything": {"nested": 1}});
+        assert_eq!(merged(flags.clone()), Some(flags));
+        let good = json!({"claude_cli": false, "max_concurrency": 4, "labels": ["gpu"]});
+        assert_eq!(merged(good.clone()), Some(good));
+        let bad = json!({"claude_cli": "yes", "max_concurrency": "lots", "labels": "gpu", "clone": true});
+        assert_eq!(merged(bad), Some(json!({"clone": true})));
+        for n in [json!(0), json!(-1), json!(4.0), json!(null)] {
+            assert_eq!(merged(json!({"max_concurrency": n})), Some(json!({})), "{n}");
+        }
+        assert_eq!(merged(json!({"max_concurrency": 1000})), Some(json!({"max_concurrency": 32})));
+        assert_eq!(merged(json!({"labels": ["a", 1]})), Some(json!({})));
+        assert_eq!(merged(json!(["not", "an", "object"])), None);
+        // What the listings read back: the known keys and the rest side by side.
+        let stored = json!({"claude_cli": true, "max_concurrency": 2, "labels": [], "clone": true});
+        let caps: Capabilities = serde_json::from_value(stored.clone()).unwrap();
+        assert_eq!((caps.max_concurrency, caps.other.get("clone")), (2, Some(&json!(true))));
+        assert_eq!(serde_json::to_value(&caps).unwrap(), stored);
+    }
 
     fn worker(id: &str, status: WorkerStatus, max: i32, active: i32) -> Worker {
         Worker {
@@ -204,7 +253,7 @@ mod tests {
             node_id: id.into(),
             url: String::new(),
             status,
-            capabilities: Capabilities { claude_cli: true, max_concurrency: max, labels: vec![] },
+            capabilities: Capabilities { max_concurrency: max, ..Capabilities::default() },
             last_heartbeat: None,
             ip_addrs: vec![],
             obs_count: 0,

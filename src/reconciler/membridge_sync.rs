@@ -71,6 +71,7 @@ pub fn map_agent(a: &Agent) -> Option<SyncedAgent> {
             .or(a.labels.as_ref())
             .and_then(|v| serde_json::from_value(v.clone()).ok())
             .unwrap_or_default(),
+        ..Capabilities::default()
     };
     Some(SyncedAgent {
         id: WorkerId(id),
@@ -213,9 +214,15 @@ mod tests {
         assert_eq!(agent(serde_json::json!({"node_id": "n1", "id": "i1"})).id.as_str(), "n1");
         assert_eq!(agent(serde_json::json!({"name": "", "id": "i1"})).id.as_str(), "i1");
         let top = agent(serde_json::json!({"id": "i", "max_concurrency": 4, "labels": ["gpu"]}));
-        assert_eq!(top.capabilities, Capabilities { claude_cli: true, max_concurrency: 4, labels: vec!["gpu".into()] });
+        assert_eq!(
+            top.capabilities,
+            Capabilities { max_concurrency: 4, labels: vec!["gpu".into()], ..Capabilities::default() }
+        );
         let nested = agent(serde_json::json!({"id": "i", "max_concurrency": 4,
             "capabilities": {"claude_cli": false, "max_concurrency": 2}}));
-        assert_eq!(nested.capabilities, Capabilities { claude_cli: false, max_concurrency: 2, labels: vec![] });
+        assert_eq!(
+            nested.capabilities,
+            Capabilities { claude_cli: false, max_concurrency: 2, ..Capabilities::default() }
+        );
     }
 }

@@ -100,6 +100,7 @@ impl WorkerSettings {
                 claude_cli: w.claude_cli,
                 max_concurrency: w.max_concurrency,
                 labels: w.labels.iter().filter(|l| !l.is_empty()).cloned().collect(),
+                ..Capabilities::default()
             },
             executor,
             streams: nats.streams(),

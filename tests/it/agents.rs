@@ -287,6 +287,84 @@ async fn agent_operations_reach_the_agent_and_record_what_it_says() {
     app.stop().await;
 }
 
+/// An agent's health check merges its flags into the worker's capabilities, where the
+/// worker listings show them, and a value of the wrong type for a key the runtime reads
+/// leaves the stored one in force: the listings, the agent dispatch pass and a REST lease
+/// keep working. Migration 0047 removes such values stored before.
+#[tokio::test]
+async fn an_agents_capabilities_are_merged_only_with_values_of_their_types() {
+    let app = TestApp::spawn().await;
+    let agent = fake_agent::start("", Mode::Run).await;
+    let caps = json!({"claude_cli": true, "max_concurrency": 2, "labels": ["gpu"]});
+    let (status, _) =
+        app.post("/api/runtime/workers", json!({"name": "a1", "url": agent.url(), "capabilities": caps})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    app.get("/api/runtime/workers/a1/agent-health").await;
+    let (status, w) = app.get("/api/runtime/workers/a1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        w["capabilities"],
+        json!({"claude_cli": true, "max_concurrency": 2, "labels": ["gpu"], "self_update": true, "restart": true,
+               "uninstall": true, "clone": true, "sync": true, "process_control": false})
+    );
+
+    agent.health.lock().unwrap()["capabilities"] =
+        json!({"claude_cli": "yes", "max_concurrency": "lots", "labels": "gpu", "clone": false});
+    let (status, health) = app.get("/api/runtime/workers/a1/agent-health").await;
+    assert_eq!((status, &health["reachable"]), (StatusCode::OK, &json!(true)));
+    for path in ["/api/runtime/workers", "/api/runtime/workers/a1"] {
+        let (status, body) = app.get(path).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+    let (_, w) = app.get("/api/runtime/workers/a1").await;
+    assert_eq!(
+        (&w["capabilities"]["claude_cli"], &w["capabilities"]["max_concurrency"], &w["capabilities"]["labels"]),
+        (&json!(true), &json!(2), &json!(["gpu"])),
+        "the stored values stay"
+    );
+    assert_eq!(w["capabilities"]["clone"], json!(false), "a flag is taken as reported");
+    agent.health.lock().unwrap()["capabilities"] = json!({"max_concurrency": 4.0, "labels": ["a", 1]});
+    app.get("/api/runtime/workers/a1/agent-health").await;
+    agent.health.lock().unwrap()["capabilities"] = json!({"max_concurrency": 100});
+    app.get("/api/runtime/workers/a1/agent-health").await;
+    let (_, w) = app.get("/api/runtime/workers/a1").await;
+    assert_eq!(
+        (&w["capabilities"]["max_concurrency"], &w["capabilities"]["labels"]),
+        (&json!(32), &json!(["gpu"])),
+        "an integer above 32 is taken as 32, as from membridge"
+    );
+    // The worker still takes tasks.
+    let task = app.submit("p").await;
+    let path = format!("/api/runtime/llm-tasks/{}/lease", task["id"].as_str().unwrap());
+    let (status, lease) = app.post(&path, json!({"worker_id": "a1"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{lease}");
+
+    // Values stored before the API checked them.
+    sqlx::query(
+        r#"INSERT INTO workers (id, node_id, url, status, capabilities, registered_at, source) VALUES
+           ('old', 'old', 'http://127.0.0.1:9', 'online',
+            '{"claude_cli": "yes", "max_concurrency": "lots", "labels": "gpu", "clone": true}', 0, 'api'),
+           ('old2', 'old2', '', 'online', '{"max_concurrency": 4.0, "labels": ["a", 1], "claude_cli": false}', 0, 'api')"#,
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let (status, _) = app.get("/api/runtime/workers").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "what the migration repairs");
+    for _ in 0..2 {
+        sqlx::raw_sql(include_str!("../../migrations/0047_agent_capabilities_of_their_types.sql"))
+            .execute(&app.pool)
+            .await
+            .unwrap();
+    }
+    let (status, workers) = app.get("/api/runtime/workers").await;
+    assert_eq!(status, StatusCode::OK, "{workers}");
+    let caps = |id: &str| workers.as_array().unwrap().iter().find(|w| w["id"] == id).unwrap()["capabilities"].clone();
+    assert_eq!(caps("old"), json!({"claude_cli": true, "max_concurrency": 1, "labels": [], "clone": true}));
+    assert_eq!(caps("old2"), json!({"claude_cli": false, "max_concurrency": 1, "labels": []}));
+    app.stop().await;
+}
+
 /// The install script quotes every value it is given (nothing in a query parameter can
 /// run on the node) and carries the real agent key only when asked for it.
 #[tokio::test]

@@ -320,9 +320,12 @@ async fn lease_picks_sticky_then_most_free_worker_and_honours_explicit_worker() 
     let d = id(app.submit("d").await);
     let (status, _) = lease(d.clone(), json!({"worker_id": "ghost"})).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    let (status, body) = lease(d, json!({"ttl_seconds": "long"})).await;
+    let (status, body) = lease(d.clone(), json!({"ttl_seconds": "long"})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["error"]["fieldErrors"]["ttl_seconds"].is_array());
+    // An empty worker id names no worker, as the seed reads it (falsy): one is picked.
+    let (status, l) = lease(d, json!({"worker_id": ""})).await;
+    assert_eq!((status, l["worker"]["id"].clone()), (StatusCode::CREATED, json!("big")));
     let (_, workers) = app.get("/api/runtime/workers").await;
     let small = workers.as_array().unwrap().iter().find(|w| w["id"] == "small").unwrap();
     assert_eq!(small["active_leases"], 2);

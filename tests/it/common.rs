@@ -43,7 +43,7 @@ pub fn online_beat(id: &str, max_concurrency: i32) -> bloom::db::workers::Beat {
     bloom::db::workers::Beat {
         id: id.into(),
         status: bloom::domain::WorkerStatus::Online,
-        capabilities: bloom::domain::Capabilities { claude_cli: true, max_concurrency, labels: vec![] },
+        capabilities: bloom::domain::Capabilities { max_concurrency, ..Default::default() },
         ip_addrs: vec![],
     }
 }

@@ -36,6 +36,8 @@ pub struct FakeAgent {
     pub mode: Arc<Mutex<Mode>>,
     /// Every `/execute-task` body received, and whether its key was right.
     pub executed: Arc<Mutex<Vec<(Value, bool)>>>,
+    /// What `/health` answers.
+    pub health: Arc<Mutex<Value>>,
     pub addr: SocketAddr,
     http: reqwest::Client,
 }
@@ -52,6 +54,10 @@ pub async fn start(key: &str, mode: Mode) -> FakeAgent {
         key: key.into(),
         mode: Arc::new(Mutex::new(mode)),
         executed: Arc::default(),
+        health: Arc::new(Mutex::new(json!({"status": "ok", "service": "membridge-agent", "version": "0.4.0",
+            "hostname": "fake", "os_info": "fake / Test Linux",
+            "capabilities": {"self_update": true, "restart": true, "uninstall": true, "clone": true,
+                             "sync": true, "process_control": false}}))),
         addr: listener.local_addr().unwrap(),
         http: reqwest::Client::new(),
     };
@@ -67,11 +73,8 @@ pub async fn start(key: &str, mode: Mode) -> FakeAgent {
     agent
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({"status": "ok", "service": "membridge-agent", "version": "0.4.0", "hostname": "fake",
-                "os_info": "fake / Test Linux",
-                "capabilities": {"self_update": true, "restart": true, "uninstall": true, "clone": true,
-                                 "sync": true, "process_control": false}}))
+async fn health(State(agent): State<FakeAgent>) -> Json<Value> {
+    Json(agent.health.lock().unwrap().clone())
 }
 
 async fn execute(State(agent): State<FakeAgent>, req: Request) -> Response {
