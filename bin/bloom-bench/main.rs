@@ -292,51 +292,57 @@ async fn idle(all: &[&Proc]) -> Value {
 /// Submits `rate` tasks/s for `o.rate_secs` over REST (tagged `tag`), waits for all to
 /// complete and reports their latencies, with the CPU each process spent per task and
 /// Postgres's writes per task.
-async fn fixed_rate(
-    o: &Opts,
-    rate: u64,
-    tag: &str,
-    all: &[&Proc],
-    http: &reqwest::Client,
-    base: &str,
-    pool: &PgPool,
-) -> anyhow::Result<Value> {
+async fn fixed_rate(o: &Opts, rate: u64, tag: &str, all: &[&Proc], pool: &PgPool) -> anyhow::Result<Value> {
     let total = rate * o.rate_secs;
     let writes = PgWrites::read(pool).await?;
     let before = cpu_ticks();
-    let mut phase = offer(o, rate, tag, http, base, pool).await?;
+    let mut phase = offer(o, rate, tag, pool).await?;
     phase["cpu_ms_per_task"] = cpu_ms_per_task(&before, &cpu_ticks(), all, total);
     phase["postgres_writes"] = writes.per_task(pool, total).await?;
     Ok(phase)
 }
 
+/// Keep-alive connections the load of a fixed-rate phase goes over.
+const OFFER_CONNECTIONS: usize = 64;
+
 /// The open load of a fixed-rate phase, and its latencies once every task completed.
-async fn offer(
-    o: &Opts,
-    rate: u64,
-    tag: &str,
-    http: &reqwest::Client,
-    base: &str,
-    pool: &PgPool,
-) -> anyhow::Result<Value> {
+/// Each request is due at its tick and goes over the first free connection; its submit
+/// latency counts from the tick, so a wait for a connection counts too.
+async fn offer(o: &Opts, rate: u64, tag: &str, pool: &PgPool) -> anyhow::Result<Value> {
     let total = rate * o.rate_secs;
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut handles = Vec::with_capacity(total as usize);
+    let addr = format!("127.0.0.1:{}", o.port);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, Instant)>();
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let senders: Vec<_> = (0..OFFER_CONNECTIONS)
+        .map(|_| {
+            let (rx, mut conn) = (rx.clone(), http::Connection::new(&addr));
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                loop {
+                    let next = rx.lock().await.recv().await;
+                    let Some((request, due)) = next else { return anyhow::Ok(lat) };
+                    let r = conn.send(&request).await?;
+                    if r.status != 201 {
+                        bail!("submit answered {}: {}", r.status, String::from_utf8_lossy(&r.body));
+                    }
+                    lat.push(due.elapsed().as_secs_f64() * 1000.0);
+                }
+            })
+        })
+        .collect();
     let started = Instant::now();
     for i in 0..total {
         tick.tick().await;
-        let (http, base, body) = (http.clone(), base.to_owned(), task_body(tag, i));
-        handles.push(tokio::spawn(async move {
-            let t = Instant::now();
-            submit(&http, &base, body).await.map(|_| t.elapsed().as_secs_f64() * 1000.0)
-        }));
+        tx.send((http::post_json(&addr, SUBMIT_PATH, &task_body(tag, i)), Instant::now()))?;
     }
     let offered_secs = started.elapsed().as_secs_f64();
-    let mut submit_ms = Vec::with_capacity(handles.len());
-    for h in handles {
-        submit_ms.push(h.await??);
+    drop(tx);
+    let mut submit_ms = Vec::with_capacity(total as usize);
+    for s in senders {
+        submit_ms.extend(s.await??);
     }
     wait_completed(pool, tag, total, Duration::from_secs(120)).await?;
     let (dispatch, e2e, _, _) = db_latencies(pool, tag).await?;
@@ -668,10 +674,10 @@ async fn main() -> anyhow::Result<()> {
         Value::Null
     } else {
         eprintln!("low rate: {} tasks/s for {} s", o.low_rate, o.rate_secs);
-        fixed_rate(&o, o.low_rate, "bench-low-rate", &all, &http, &base, &pool).await?
+        fixed_rate(&o, o.low_rate, "bench-low-rate", &all, &pool).await?
     };
     eprintln!("fixed rate: {} tasks/s for {} s", o.rate, o.rate_secs);
-    let fixed = fixed_rate(&o, o.rate, "bench-rate", &all, &http, &base, &pool).await?;
+    let fixed = fixed_rate(&o, o.rate, "bench-rate", &all, &pool).await?;
     eprintln!("saturation: {} tasks, {} clients", o.tasks, o.clients);
     let writes = PgWrites::read(&pool).await?;
     let before = cpu_ticks();
