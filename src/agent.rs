@@ -120,7 +120,7 @@ impl AgentClient {
             .await
             .map_err(|e| AgentError::Unreachable(describe(&e)))?;
         let text = resp.text().await.map_err(|e| AgentError::Unreachable(describe(&e)))?;
-        serde_json::from_str(&text).map_err(|e| AgentError::InvalidJson(e.to_string()))
+        parse(&text)
     }
 
     /// `POST {url}{path}` with an optional JSON body, within `timeout`.
@@ -150,9 +150,35 @@ impl AgentClient {
         let status = resp.status();
         let text = resp.text().await.map_err(|e| AgentError::NoAnswer(describe(&e)))?;
         if !status.is_success() {
-            return Err(AgentError::Refused { status: status.as_u16(), body: text });
+            return Err(AgentError::Refused { status: status.as_u16(), body: without_nul_text(text) });
         }
-        serde_json::from_str(&text).map_err(|e| AgentError::InvalidJson(e.to_string()))
+        parse(&text)
+    }
+}
+
+/// An agent's JSON answer, with every NUL character of its strings and keys replaced by
+/// U+FFFD: Postgres text and `jsonb` cannot hold one, and what an agent answers is
+/// stored (its version, OS, capabilities, messages).
+fn parse(text: &str) -> Result<Value, AgentError> {
+    serde_json::from_str(text).map(without_nul).map_err(|e| AgentError::InvalidJson(e.to_string()))
+}
+
+fn without_nul(value: Value) -> Value {
+    match value {
+        Value::String(s) => Value::String(without_nul_text(s)),
+        Value::Array(items) => Value::Array(items.into_iter().map(without_nul).collect()),
+        Value::Object(map) => {
+            Value::Object(map.into_iter().map(|(k, v)| (without_nul_text(k), without_nul(v))).collect())
+        }
+        other => other,
+    }
+}
+
+fn without_nul_text(s: String) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s
     }
 }
 

@@ -222,11 +222,7 @@ pub struct HolderBody {
 impl RequestBody for HolderBody {
     fn read(f: &mut Fields<'_>) -> Option<HolderBody> {
         let lease_id = f.opt_string("lease_id", 1, None, true);
-        // The seed picks a worker when `worker_id` is falsy: absent, null or empty.
-        let worker_id = match f.raw("worker_id") {
-            Some(Value::String(s)) if s.is_empty() => Some(None),
-            _ => f.opt_string("worker_id", 1, None, true),
-        };
+        let worker_id = f.opt_string("worker_id", 1, None, true);
         Some(HolderBody { lease_id: lease_id?, worker_id: worker_id? })
     }
 }

@@ -289,8 +289,9 @@ async fn agent_operations_reach_the_agent_and_record_what_it_says() {
 
 /// An agent's health check merges its flags into the worker's capabilities, where the
 /// worker listings show them, and a value of the wrong type for a key the runtime reads
-/// leaves the stored one in force: the listings, the agent dispatch pass and a REST lease
-/// keep working. Migration 0047 removes such values stored before.
+/// leaves the stored one in force: the listings, the agent dispatch pass's choice of
+/// agents and a REST lease keep working. A NUL character the agent sends is stored as
+/// U+FFFD. Migration 0047 removes wrongly typed values stored before and keeps the rest.
 #[tokio::test]
 async fn an_agents_capabilities_are_merged_only_with_values_of_their_types() {
     let app = TestApp::spawn().await;
@@ -323,10 +324,11 @@ async fn an_agents_capabilities_are_merged_only_with_values_of_their_types() {
         "the stored values stay"
     );
     assert_eq!(w["capabilities"]["clone"], json!(false), "a flag is taken as reported");
-    agent.health.lock().unwrap()["capabilities"] = json!({"max_concurrency": 4.0, "labels": ["a", 1]});
-    app.get("/api/runtime/workers/a1/agent-health").await;
-    agent.health.lock().unwrap()["capabilities"] = json!({"max_concurrency": 100});
-    app.get("/api/runtime/workers/a1/agent-health").await;
+    for caps in [json!({"max_concurrency": 4.0, "labels": ["a", 1]}), json!({"max_concurrency": 100})] {
+        agent.health.lock().unwrap()["capabilities"] = caps;
+        let (status, health) = app.get("/api/runtime/workers/a1/agent-health").await;
+        assert_eq!((status, &health["reachable"]), (StatusCode::OK, &json!(true)));
+    }
     let (_, w) = app.get("/api/runtime/workers/a1").await;
     assert_eq!(
         (&w["capabilities"]["max_concurrency"], &w["capabilities"]["labels"]),
@@ -338,19 +340,35 @@ async fn an_agents_capabilities_are_merged_only_with_values_of_their_types() {
     let path = format!("/api/runtime/llm-tasks/{}/lease", task["id"].as_str().unwrap());
     let (status, lease) = app.post(&path, json!({"worker_id": "a1"})).await;
     assert_eq!(status, StatusCode::CREATED, "{lease}");
+    // NUL characters, which Postgres cannot store.
+    *agent.health.lock().unwrap() = json!({"version": "0.4.0", "os_info": "fa\u{0}ke",
+                                           "capabilities": {"sync": "a\u{0}b"}});
+    let (status, health) = app.get("/api/runtime/workers/a1/agent-health").await;
+    assert_eq!((status, &health["reachable"]), (StatusCode::OK, &json!(true)), "{health}");
+    let (_, w) = app.get("/api/runtime/workers/a1").await;
+    assert_eq!((&w["os_info"], &w["capabilities"]["sync"]), (&json!("fa\u{FFFD}ke"), &json!("a\u{FFFD}b")));
+    let now = app.state.clock.now_ms();
+    assert!(bloom::db::workers::http_agents_with_room(&app.pool, now).await.is_ok());
+    let (_, before) = app.get("/api/runtime/workers/a1").await;
 
     // Values stored before the API checked them.
     sqlx::query(
         r#"INSERT INTO workers (id, node_id, url, status, capabilities, registered_at, source) VALUES
            ('old', 'old', 'http://127.0.0.1:9', 'online',
             '{"claude_cli": "yes", "max_concurrency": "lots", "labels": "gpu", "clone": true}', 0, 'api'),
-           ('old2', 'old2', '', 'online', '{"max_concurrency": 4.0, "labels": ["a", 1], "claude_cli": false}', 0, 'api')"#,
+           ('old2', 'old2', '', 'online', '{"max_concurrency": 4.0, "labels": ["a", 1], "claude_cli": false}', 0, 'api'),
+           ('old3', 'old3', '', 'online', '[]', 0, 'api'),
+           ('old4', 'old4', 'http://127.0.0.1:9', 'online',
+            '{"claude_cli": null, "max_concurrency": -3, "labels": ["ok"], "x": {"nested": 1}}', 0, 'api'),
+           ('old5', 'old5', '', 'online', '{"max_concurrency": 1e400, "claude_cli": false}', 0, 'api'),
+           ('old6', 'old6', '', 'online', '{"max_concurrency": 7, "labels": []}', 0, 'api')"#,
     )
     .execute(&app.pool)
     .await
     .unwrap();
     let (status, _) = app.get("/api/runtime/workers").await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "what the migration repairs");
+    assert!(bloom::db::workers::http_agents_with_room(&app.pool, now).await.is_err());
     for _ in 0..2 {
         sqlx::raw_sql(include_str!("../../migrations/0047_agent_capabilities_of_their_types.sql"))
             .execute(&app.pool)
@@ -362,6 +380,12 @@ async fn an_agents_capabilities_are_merged_only_with_values_of_their_types() {
     let caps = |id: &str| workers.as_array().unwrap().iter().find(|w| w["id"] == id).unwrap()["capabilities"].clone();
     assert_eq!(caps("old"), json!({"claude_cli": true, "max_concurrency": 1, "labels": [], "clone": true}));
     assert_eq!(caps("old2"), json!({"claude_cli": false, "max_concurrency": 1, "labels": []}));
+    assert_eq!(caps("old3"), json!({"claude_cli": true, "max_concurrency": 1, "labels": []}));
+    assert_eq!(caps("old4"), json!({"claude_cli": true, "max_concurrency": 1, "labels": ["ok"], "x": {"nested": 1}}));
+    assert_eq!(caps("old5"), json!({"claude_cli": false, "max_concurrency": 1, "labels": []}));
+    assert_eq!(caps("old6"), json!({"claude_cli": true, "max_concurrency": 7, "labels": []}), "valid values stay");
+    assert_eq!(caps("a1"), before["capabilities"], "valid values stay");
+    assert!(bloom::db::workers::http_agents_with_room(&app.pool, now).await.is_ok());
     app.stop().await;
 }
 
