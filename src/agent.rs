@@ -150,7 +150,7 @@ impl AgentClient {
         let status = resp.status();
         let text = resp.text().await.map_err(|e| AgentError::NoAnswer(describe(&e)))?;
         if !status.is_success() {
-            return Err(AgentError::Refused { status: status.as_u16(), body: without_nul_text(text) });
+            return Err(AgentError::Refused { status: status.as_u16(), body: crate::protocol::without_nul(text) });
         }
         parse(&text)
     }
@@ -164,21 +164,12 @@ fn parse(text: &str) -> Result<Value, AgentError> {
 }
 
 fn without_nul(value: Value) -> Value {
+    use crate::protocol::without_nul as text;
     match value {
-        Value::String(s) => Value::String(without_nul_text(s)),
+        Value::String(s) => Value::String(text(s)),
         Value::Array(items) => Value::Array(items.into_iter().map(without_nul).collect()),
-        Value::Object(map) => {
-            Value::Object(map.into_iter().map(|(k, v)| (without_nul_text(k), without_nul(v))).collect())
-        }
+        Value::Object(map) => Value::Object(map.into_iter().map(|(k, v)| (text(k), without_nul(v))).collect()),
         other => other,
-    }
-}
-
-fn without_nul_text(s: String) -> String {
-    if s.contains('\0') {
-        s.replace('\0', "\u{FFFD}")
-    } else {
-        s
     }
 }
 

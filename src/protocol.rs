@@ -26,6 +26,16 @@ pub fn carries_nul(json: &[u8]) -> bool {
     json.windows(6).any(|w| w == b"\\u0000")
 }
 
+/// `text` with every NUL character replaced by U+FFFD, for text received from outside
+/// (an executor's output, an agent's answer) that is stored as it came otherwise.
+pub fn without_nul(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    }
+}
+
 /// One dispatch of a task, published to the tasks stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskMessage {

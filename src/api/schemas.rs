@@ -13,6 +13,7 @@ use super::ApiError;
 use crate::domain::{
     Artifact, Capabilities, DesiredFormat, ErrorKind, Lease, LlmResult, Metrics, NewTask, Outcome, Policy, Priority,
     RateLimitHold, Registration, ResultStatus, RetryPolicy, Task, Usage, Worker, WorkerId, WorkerStatus,
+    MAX_REGISTERED_CONCURRENCY,
 };
 
 /// Largest accepted prompt, in bytes: a task must fit in one NATS message.
@@ -353,7 +354,7 @@ impl RequestBody for Registration {
         let capabilities = match f.object("capabilities") {
             Some(Some(mut c)) => {
                 let claude_cli = c.boolean("claude_cli", true);
-                let max_concurrency = c.int("max_concurrency", 1, 32, Some(1));
+                let max_concurrency = c.int("max_concurrency", 1, MAX_REGISTERED_CONCURRENCY, Some(1));
                 let labels = c.opt_strings("labels").map(Option::unwrap_or_default);
                 match (claude_cli, max_concurrency, labels) {
                     (Some(claude_cli), Some(m), Some(labels)) => {

@@ -31,4 +31,7 @@ pub use project::{canonical_id, CloneStatus, NewProject, Project, ProjectNode};
 pub use result::{ErrorKind, LlmResult, Metrics, Outcome, ResultStatus, Usage};
 pub use secret::Secret;
 pub use task::{DesiredFormat, NewTask, Policy, Priority, RateLimitHold, RetryPolicy, Task, TaskStatus};
-pub use worker::{pick_worker, Capabilities, Registration, Worker, WorkerSource, WorkerStatus, WorkerTransport};
+pub use worker::{
+    pick_worker, Capabilities, Registration, Worker, WorkerSource, WorkerStatus, WorkerTransport,
+    MAX_REGISTERED_CONCURRENCY,
+};

@@ -74,13 +74,18 @@ pub enum WorkerTransport {
     Rest,
 }
 
+/// The most execution slots a worker registered over REST, or reported by membridge or
+/// by an agent's health check, is taken to have (a `bloom-worker` announces up to 256).
+pub const MAX_REGISTERED_CONCURRENCY: i64 = 32;
+
 /// What a worker can do; each field defaults when absent
 /// (`{claude_cli: true, max_concurrency: 1, labels: []}`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
 pub struct Capabilities {
     pub claude_cli: bool,
-    /// 1..=32 when registered over REST (a `bloom-worker` announces up to 256).
+    /// 1..=[`MAX_REGISTERED_CONCURRENCY`] when registered over REST (a `bloom-worker`
+    /// announces up to 256).
     #[schema(minimum = 1)]
     pub max_concurrency: i32,
     pub labels: Vec<String>,
@@ -97,6 +102,12 @@ impl Default for Capabilities {
 }
 
 impl Capabilities {
+    /// A `max_concurrency` reported from outside (membridge, an agent's health check):
+    /// an integer of at least 1, taken as at most [`MAX_REGISTERED_CONCURRENCY`].
+    pub fn reported_concurrency(value: &Value) -> Option<i32> {
+        value.as_i64().filter(|n| *n >= 1).map(|n| n.min(MAX_REGISTERED_CONCURRENCY) as i32)
+    }
+
     /// What of an HTTP agent's reported `capabilities` is merged into the stored ones:
     /// every key as reported, except that a key the runtime reads keeps its stored value
     /// unless the report's has its type: `claude_cli` a boolean, `max_concurrency` an
@@ -108,7 +119,7 @@ impl Capabilities {
         let usable = |key: &str, value: &Value| -> Option<Value> {
             match key {
                 "claude_cli" => value.is_boolean().then(|| value.clone()),
-                "max_concurrency" => value.as_i64().filter(|n| *n >= 1).map(|n| Value::from(n.min(32))),
+                "max_concurrency" => Self::reported_concurrency(value).map(Value::from),
                 "labels" => value.as_array().filter(|a| a.iter().all(Value::is_string)).map(|_| value.clone()),
                 _ => Some(value.clone()),
             }

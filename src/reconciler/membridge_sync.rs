@@ -64,9 +64,8 @@ pub fn map_agent(a: &Agent) -> Option<SyncedAgent> {
         claude_cli: field("claude_cli").and_then(|v| v.as_bool()).unwrap_or(true),
         max_concurrency: field("max_concurrency")
             .or(a.max_concurrency.as_ref())
-            .and_then(|v| v.as_i64())
-            .filter(|n| *n >= 1)
-            .map_or(1, |n| n.min(32) as i32),
+            .and_then(Capabilities::reported_concurrency)
+            .unwrap_or(1),
         labels: field("labels")
             .or(a.labels.as_ref())
             .and_then(|v| serde_json::from_value(v.clone()).ok())

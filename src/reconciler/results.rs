@@ -123,9 +123,7 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
 
 /// Executors may print NUL bytes, which Postgres text cannot hold.
 fn without_nul(s: &mut Option<String>) {
-    if let Some(text) = s.as_mut().filter(|t| t.contains('\0')) {
-        *text = text.replace('\0', "\u{FFFD}");
-    }
+    *s = s.take().map(crate::protocol::without_nul);
 }
 
 /// Results of a batch of messages, in order, with the message each came from.
