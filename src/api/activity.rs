@@ -41,7 +41,7 @@ pub struct Activity {
 /// (creation to result) and leases started with the dispatch latency (creation to
 /// lease), p50 and p99 in ms.
 #[utoipa::path(get, path = "/api/runtime/activity", tag = "stats", params(
-    ("minutes" = Option<i64>, Query, description = "how many minutes, 1..180, default 60")),
+    ("minutes" = Option<i64>, Query, description = "how many minutes, 1..180, default 60", minimum = 1, maximum = 180)),
     responses((status = 200, body = Activity), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn activity(
     State(state): State<AppState>,

@@ -8,24 +8,24 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::body::JsonBody;
-use super::concurrency::{scope_of, KeysQuery, Removed};
+use super::concurrency::{scope_of, KeysQuery, RuleRemoved};
 use super::schemas::{ErrorBody, RequestBody};
 use super::validate::{FieldErrors, Fields};
 use super::{ApiError, AppState};
 use crate::db::budgets::{self, BudgetUsage, BudgetView};
 use crate::domain::budget::MAX_BUDGET_AMOUNT;
-use crate::domain::{BudgetLimit, BudgetRule};
+use crate::domain::{BudgetLimit, BudgetRule, ConcurrencyScope};
 
 /// Body of `PUT /api/runtime/budgets/{scope}/{key}/{rule}`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct BudgetBody {
     /// What one window allows; 0 holds the key's tasks.
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 1e15)]
     pub max: f64,
     /// What each run reserves at admission (tokens and USD); absent: the key's average
     /// per run so far (USD: the task's `policy.budget` when it has one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 1e15)]
     pub estimate: Option<f64>,
 }
 
@@ -72,9 +72,9 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<BudgetView>>
 /// `day` (windows aligned to UTC). `key` `*` applies to each key of the scope without a
 /// budget of its own on that rule. Tasks waiting on it are admitted again.
 #[utoipa::path(put, path = "/api/runtime/budgets/{scope}/{key}/{rule}", tag = "concurrency", params(
-    ("scope" = String, Path, description = "context_id, agent_slug or concurrency_key"),
-    ("key" = String, Path, description = "the key, or * for each key of the scope"),
-    ("rule" = String, Path, description = "<requests|tokens|usd>-per-<minute|hour|day>")),
+    ("scope" = ConcurrencyScope, Path, description = "context_id, agent_slug or concurrency_key"),
+    ("key" = String, Path, description = "the key, or * for each key of the scope", min_length = 1, max_length = 255),
+    ("rule" = String, Path, description = "<requests|tokens|usd>-per-<minute|hour|day>", pattern = "^(requests|tokens|usd)-per-(minute|hour|day)$")),
     request_body = BudgetBody,
     responses((status = 200, body = BudgetView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn set(
@@ -96,26 +96,26 @@ pub async fn set(
 /// `DELETE /api/runtime/budgets/{scope}/{key}/{rule}` → `{removed}`; 404 when there is
 /// no such budget. Tasks waiting on it are admitted again.
 #[utoipa::path(delete, path = "/api/runtime/budgets/{scope}/{key}/{rule}", tag = "concurrency", params(
-    ("scope" = String, Path, description = "context_id, agent_slug or concurrency_key"),
-    ("key" = String, Path, description = "the key, or *"),
-    ("rule" = String, Path, description = "<requests|tokens|usd>-per-<minute|hour|day>")),
-    responses((status = 200, body = Removed), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+    ("scope" = ConcurrencyScope, Path, description = "context_id, agent_slug or concurrency_key"),
+    ("key" = String, Path, description = "the key, or *", min_length = 1, max_length = 255),
+    ("rule" = String, Path, description = "<requests|tokens|usd>-per-<minute|hour|day>", pattern = "^(requests|tokens|usd)-per-(minute|hour|day)$")),
+    responses((status = 200, body = RuleRemoved), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn remove(
     State(state): State<AppState>,
     Path((scope, key, rule)): Path<(String, String, String)>,
-) -> Result<Json<Removed>, ApiError> {
+) -> Result<Json<RuleRemoved>, ApiError> {
     let budget = budget_of(&scope, &key, &rule, &BudgetBody { max: 0.0, estimate: None })?;
     if !budgets::remove(&state.pool, budget.scope, &budget.key, budget.rule(), state.clock.now_ms()).await? {
         return Err(ApiError::NotFound("Budget not found".into()));
     }
-    Ok(Json(Removed { removed: true }))
+    Ok(Json(RuleRemoved { removed: true }))
 }
 
 /// `GET /api/runtime/budget-usage[?scope=&limit=]` → the keys that used most of their
 /// budget in the current window (or have tasks waiting on it), most used first.
 #[utoipa::path(get, path = "/api/runtime/budget-usage", tag = "concurrency", params(
-    ("scope" = Option<String>, Query, description = "context_id, agent_slug or concurrency_key; default all"),
-    ("limit" = Option<i64>, Query, description = "keys listed, 1..1000, default 100")),
+    ("scope" = Option<ConcurrencyScope>, Query, description = "context_id, agent_slug or concurrency_key; default all"),
+    ("limit" = Option<i64>, Query, description = "keys listed, 1..1000, default 100", minimum = 1, maximum = 1000)),
     responses((status = 200, body = Vec<BudgetUsage>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn usage(
     State(state): State<AppState>,

@@ -25,19 +25,26 @@ pub const MAX_BULK: i64 = 1000;
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct BulkSelection {
     /// Task ids (at most 1000).
+    #[schema(min_items = 1, max_items = 1000)]
     pub ids: Option<Vec<String>>,
+    #[schema(min_length = 1, max_length = 255)]
     pub context_id: Option<String>,
+    #[schema(min_length = 1, max_length = 255)]
     pub agent_slug: Option<String>,
     /// Cancel: among `queued`, `leased`, `running` (default all three). Requeue: among
     /// `failed`, `dead`, `cancelled` (default all three).
     pub status: Option<Vec<String>>,
     /// Only this priority, -2..2.
+    #[schema(minimum = -2, maximum = 2)]
     pub priority: Option<i64>,
     /// Created at or after (epoch ms).
+    #[schema(minimum = 0)]
     pub created_from: Option<i64>,
     /// Created before (epoch ms).
+    #[schema(minimum = 0)]
     pub created_to: Option<i64>,
     /// The prompt starts with this text, ignoring case.
+    #[schema(min_length = 1, max_length = 1000)]
     pub prompt_prefix: Option<String>,
     /// Count what would be taken, change nothing.
     #[serde(default)]

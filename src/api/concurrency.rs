@@ -34,9 +34,10 @@ impl RequestBody for LimitBody {
     }
 }
 
-/// Answer of `DELETE /api/runtime/concurrency-limits/{scope}/{key}`.
+/// Answer of `DELETE /api/runtime/concurrency-limits/{scope}/{key}` and
+/// `DELETE /api/runtime/budgets/{scope}/{key}/{rule}`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct Removed {
+pub struct RuleRemoved {
     pub removed: bool,
 }
 
@@ -75,8 +76,8 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<LimitView>>,
 /// `*` applies to every key of the scope without a limit of its own. Tasks already
 /// running count against it; waiting tasks it has room for are dispatched.
 #[utoipa::path(put, path = "/api/runtime/concurrency-limits/{scope}/{key}", tag = "concurrency", params(
-    ("scope" = String, Path, description = "context_id, agent_slug or concurrency_key"),
-    ("key" = String, Path, description = "the key, or * for every key of the scope")),
+    ("scope" = ConcurrencyScope, Path, description = "context_id, agent_slug or concurrency_key"),
+    ("key" = String, Path, description = "the key, or * for every key of the scope", min_length = 1, max_length = 255)),
     request_body = LimitBody,
     responses((status = 200, body = LimitView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn set(
@@ -98,18 +99,18 @@ pub async fn set(
 /// `DELETE /api/runtime/concurrency-limits/{scope}/{key}` → `{removed}`; 404 when there
 /// is no such limit. Its waiting tasks are dispatched (unless another limit holds them).
 #[utoipa::path(delete, path = "/api/runtime/concurrency-limits/{scope}/{key}", tag = "concurrency", params(
-    ("scope" = String, Path, description = "context_id, agent_slug or concurrency_key"),
-    ("key" = String, Path, description = "the key, or *")),
-    responses((status = 200, body = Removed), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+    ("scope" = ConcurrencyScope, Path, description = "context_id, agent_slug or concurrency_key"),
+    ("key" = String, Path, description = "the key, or *", min_length = 1, max_length = 255)),
+    responses((status = 200, body = RuleRemoved), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn remove(
     State(state): State<AppState>,
     Path((scope, key)): Path<(String, String)>,
-) -> Result<Json<Removed>, ApiError> {
+) -> Result<Json<RuleRemoved>, ApiError> {
     let limit = limit_of(&scope, &key, 0)?;
     if !concurrency::remove(&state.pool, limit.scope, &limit.key).await? {
         return Err(ApiError::NotFound("Concurrency limit not found".into()));
     }
-    Ok(Json(Removed { removed: true }))
+    Ok(Json(RuleRemoved { removed: true }))
 }
 
 /// Query of `GET /api/runtime/concurrency-keys`.
@@ -137,8 +138,8 @@ impl KeysQuery {
 /// `GET /api/runtime/concurrency-keys[?scope=&limit=]` → the busiest keys under limits
 /// (running plus waiting, most first), with their limit.
 #[utoipa::path(get, path = "/api/runtime/concurrency-keys", tag = "concurrency", params(
-    ("scope" = Option<String>, Query, description = "context_id, agent_slug or concurrency_key; default all"),
-    ("limit" = Option<i64>, Query, description = "keys listed, 1..1000, default 100")),
+    ("scope" = Option<ConcurrencyScope>, Query, description = "context_id, agent_slug or concurrency_key; default all"),
+    ("limit" = Option<i64>, Query, description = "keys listed, 1..1000, default 100", minimum = 1, maximum = 1000)),
     responses((status = 200, body = Vec<KeyView>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn keys(State(state): State<AppState>, Query(q): Query<KeysQuery>) -> Result<Json<Vec<KeyView>>, ApiError> {
     let (scope, limit) = q.read()?;

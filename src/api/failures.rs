@@ -35,9 +35,9 @@ pub struct FailureReport {
 /// in `[from, to)` (epoch ms; by default the last 24 hours), grouped by agent, the class
 /// of their last run's error and its message, the largest groups first.
 #[utoipa::path(get, path = "/api/runtime/failures", tag = "tasks", params(
-    ("from" = Option<i64>, Query, description = "created at or after (epoch ms); default `to` minus 24 hours"),
-    ("to" = Option<i64>, Query, description = "created before (epoch ms); default now"),
-    ("limit" = Option<i64>, Query, description = "groups listed, 1..500, default 50")),
+    ("from" = Option<i64>, Query, description = "created at or after (epoch ms); default `to` minus 24 hours", minimum = 0),
+    ("to" = Option<i64>, Query, description = "created before (epoch ms); default now", minimum = 0),
+    ("limit" = Option<i64>, Query, description = "groups listed, 1..500, default 50", minimum = 1, maximum = 500)),
     responses((status = 200, body = FailureReport), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn failures(
     State(state): State<AppState>,

@@ -158,7 +158,7 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         paths,
         test_connection.route_layer(middleware::from_fn_with_state(strict_limiter, rate_limit::limit)),
     );
-    OpenApiRouter::with_openapi(openapi_base())
+    let parts = OpenApiRouter::with_openapi(openapi_base())
         .routes(routes!(runtime_config::health))
         .routes(routes!(runtime_config::get_config, runtime_config::set_config))
         .routes(test_connection)
@@ -213,7 +213,10 @@ fn api_routes(strict_limiter: Arc<RateLimiter>) -> (Router<AppState>, utoipa::op
         .routes(routes!(membridge_proxy::leadership))
         .routes(routes!(membridge_proxy::nodes))
         .routes(routes!(membridge_proxy::select_leader))
-        .split_for_parts()
+        .split_for_parts();
+    let (router, mut doc) = parts;
+    schemas::state_cross_field_rules(&mut doc);
+    (router, doc)
 }
 
 fn openapi_base() -> utoipa::openapi::OpenApi {

@@ -228,7 +228,7 @@ pub struct LeaseQuery {
 }
 
 /// `GET /api/runtime/leases[?status=]`, most recent first.
-#[utoipa::path(get, path = "/api/runtime/leases", tag = "leases", params(("status" = Option<String>, Query, description = "active|expired|released|failed|cancelled"), ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Lease>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/runtime/leases", tag = "leases", params(("status" = Option<String>, Query, description = "active|expired|released|failed|cancelled"), ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100", minimum = 1, maximum = 1000), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Lease>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn leases(State(state): State<AppState>, Query(q): Query<LeaseQuery>) -> Result<impl IntoResponse, ApiError> {
     let page = q.page.page()?;
     let rows = match q.status.as_deref() {
@@ -243,7 +243,7 @@ pub async fn leases(State(state): State<AppState>, Query(q): Query<LeaseQuery>) 
 }
 
 /// `GET /api/runtime/runs`: the 50 most recent tasks.
-#[utoipa::path(get, path = "/api/runtime/runs", tag = "tasks", params(("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Task>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/runtime/runs", tag = "tasks", params(("limit" = Option<i64>, Query, description = "page size, 1..1000, default 50", minimum = 1, maximum = 1000), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Task>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn runs(State(state): State<AppState>, Query(q): Query<PageQuery>) -> Result<impl IntoResponse, ApiError> {
     let page = q.page_with_default(50)?;
     let keys = tasks::list_keys(&state.pool, &tasks::TaskFilter::default(), &page).await?;
@@ -259,7 +259,7 @@ pub struct ArtifactQuery {
 }
 
 /// `GET /api/runtime/artifacts[?task_id=]`, newest first.
-#[utoipa::path(get, path = "/api/runtime/artifacts", tag = "artifacts", params(("task_id" = Option<String>, Query), ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Artifact>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/runtime/artifacts", tag = "artifacts", params(("task_id" = Option<String>, Query), ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100", minimum = 1, maximum = 1000), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Artifact>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn artifacts(
     State(state): State<AppState>,
     Query(q): Query<ArtifactQuery>,
@@ -353,7 +353,7 @@ impl AuditQuery {
     ("entity_type" = Option<String>, Query, description = "only this entity type: llm_task, lease, worker, ..."),
     ("entity_id" = Option<String>, Query, description = "only entries about this entity (indexed)"),
     ("actor" = Option<String>, Query, description = "only this actor"),
-    ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"),
+    ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100", minimum = 1, maximum = 1000),
     ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")),
     responses((status = 200, body = Vec<AuditEntry>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn audit(State(state): State<AppState>, Query(q): Query<AuditQuery>) -> Result<impl IntoResponse, ApiError> {
@@ -371,7 +371,7 @@ pub struct StatsQuery {
 /// `GET /api/runtime/stats[?count_limit=]`, computed in SQL: exact counts as the seed's,
 /// or with `count_limit` (1..10,000,000, an addition) task counts by status and the lease
 /// total counted up to that many, at a cost bounded by it (the dashboard polls so).
-#[utoipa::path(get, path = "/api/runtime/stats", tag = "stats", params(("count_limit" = Option<i64>, Query, description = "count tasks of each status and leases up to this many (1..10000000); exact without it")), responses((status = 200, body = stats::Stats), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/runtime/stats", tag = "stats", params(("count_limit" = Option<i64>, Query, description = "count tasks of each status and leases up to this many (1..10000000); exact without it", minimum = 1, maximum = 10000000)), responses((status = 200, body = stats::Stats), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn stats(State(state): State<AppState>, Query(q): Query<StatsQuery>) -> Result<Json<stats::Stats>, ApiError> {
     let mut errors = FieldErrors::default();
     let limit = query_int(&mut errors, "count_limit", &q.count_limit, 1, 10_000_000);

@@ -25,6 +25,40 @@ const MAX_RUN_COST_USD: f64 = 1e9;
 /// Largest integer a JavaScript client can send exactly (times in epoch ms).
 const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
 
+/// Adds to the document the rules between fields that the derived schemas cannot state:
+/// `not_before` and `delay_ms` are not given together, and a bulk selection names tasks
+/// by at least one of `ids`, `context_id`, `agent_slug`, `prompt_prefix`.
+pub(super) fn state_cross_field_rules(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::schema::Schema;
+    use utoipa::openapi::RefOr;
+    let Some(components) = doc.components.as_mut() else { return };
+    let mut add = |name: &str, keyword: &str, rule: Value| {
+        if let Some(RefOr::T(Schema::Object(o))) = components.schemas.get_mut(name) {
+            o.extensions.get_or_insert_with(Default::default).insert(keyword.to_owned(), rule);
+        }
+    };
+    let given =
+        |field: &str, kind: &str| serde_json::json!({"required": [field], "properties": {field: {"type": kind}}});
+    add(
+        "CreateTask",
+        "not",
+        serde_json::json!({
+            "required": ["not_before", "delay_ms"],
+            "properties": {"not_before": {"type": "integer"}, "delay_ms": {"type": "integer"}},
+        }),
+    );
+    add(
+        "BulkSelection",
+        "anyOf",
+        Value::Array(vec![
+            given("ids", "array"),
+            given("context_id", "string"),
+            given("agent_slug", "string"),
+            given("prompt_prefix", "string"),
+        ]),
+    );
+}
+
 /// A request body read with the seed's zod rules: every field's failures are collected
 /// and answered as one 400 in zod's `flatten()` shape.
 pub trait RequestBody: Sized {

@@ -29,7 +29,7 @@ pub const MAX_BATCH: usize = 1000;
 /// retention window: 200 with that submission's task (header `Idempotent-Replayed:
 /// true`) when the request is the same, 409 when it differs.
 #[utoipa::path(post, path = "/api/runtime/llm-tasks", tag = "tasks", request_body = NewTask,
-    params(("Idempotency-Key" = Option<String>, Header, description = "1..255 characters; the same as the body's idempotency_key")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1..255 visible ASCII characters; the same as the body's idempotency_key", pattern = "^[!-~]{1,255}$")),
     responses((status = 201, body = Task), (status = 200, description = "The task an earlier submission with the same idempotency key created", body = Task), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 #[tracing::instrument(name = "submit task", skip_all, fields(task.id))]
 pub async fn create(
@@ -88,6 +88,7 @@ fn conflict(key: &str, task_id: &crate::domain::TaskId) -> ApiError {
 pub struct BatchBody {
     /// 1 to 1000 tasks, each as `POST /api/runtime/llm-tasks` takes it (each with its
     /// own optional `idempotency_key`).
+    #[schema(min_items = 1, max_items = 1000)]
     pub tasks: Vec<NewTask>,
 }
 

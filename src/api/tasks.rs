@@ -80,11 +80,11 @@ impl ListQuery {
     ("status" = Option<String>, Query, description = "queued|leased|running|completed|failed|dead|cancelled; several separated by commas"),
     ("context_id" = Option<String>, Query, description = "only this context"),
     ("agent_slug" = Option<String>, Query, description = "only this agent"),
-    ("priority" = Option<i64>, Query, description = "only this priority, -2..2"),
-    ("created_from" = Option<i64>, Query, description = "created at or after (epoch ms)"),
-    ("created_to" = Option<i64>, Query, description = "created before (epoch ms)"),
+    ("priority" = Option<i64>, Query, description = "only this priority, -2..2", minimum = -2, maximum = 2),
+    ("created_from" = Option<i64>, Query, description = "created at or after (epoch ms)", minimum = 0),
+    ("created_to" = Option<i64>, Query, description = "created before (epoch ms)", minimum = 0),
     ("prompt_prefix" = Option<String>, Query, description = "the prompt starts with this text, ignoring case (at most 1000 characters)"),
-    ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"),
+    ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100", minimum = 1, maximum = 1000),
     ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page; with a filter on context, agent, priority or prompt a page reads at most 10,000 tasks and may be short yet go on")),
     responses((status = 200, body = Vec<Task>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<impl IntoResponse, ApiError> {

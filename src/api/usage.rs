@@ -30,9 +30,9 @@ pub struct UsageQuery {
 /// hours), summed per agent (default) or per context, most expensive first.
 #[utoipa::path(get, path = "/api/runtime/usage", tag = "stats", params(
     ("group_by" = Option<String>, Query, description = "agent_slug (default) or context_id"),
-    ("from" = Option<i64>, Query, description = "completed at or after (epoch ms); default `to` minus 24 hours"),
-    ("to" = Option<i64>, Query, description = "completed before (epoch ms); default now"),
-    ("limit" = Option<i64>, Query, description = "groups listed, 1..1000, default 50")),
+    ("from" = Option<i64>, Query, description = "completed at or after (epoch ms); default `to` minus 24 hours", minimum = 0),
+    ("to" = Option<i64>, Query, description = "completed before (epoch ms); default now", minimum = 0),
+    ("limit" = Option<i64>, Query, description = "groups listed, 1..1000, default 50", minimum = 1, maximum = 1000)),
     responses((status = 200, body = UsageReport), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn usage(State(state): State<AppState>, Query(q): Query<UsageQuery>) -> Result<Json<UsageReport>, ApiError> {
     let mut errors = FieldErrors::default();

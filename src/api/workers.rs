@@ -13,7 +13,7 @@ use crate::db::{leases, lifecycle, workers};
 use crate::domain::{Registration, Worker, WorkerId, WorkerTransport};
 
 /// `GET /api/runtime/workers`: every worker with its active lease count.
-#[utoipa::path(get, path = "/api/runtime/workers", tag = "workers", params(("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100"), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Worker>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/runtime/workers", tag = "workers", params(("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100", minimum = 1, maximum = 1000), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Worker>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn list(State(state): State<AppState>, Query(q): Query<PageQuery>) -> Result<impl IntoResponse, ApiError> {
     let page = q.page()?;
     let after = page.after.as_ref().map(|c| c.id.as_str());

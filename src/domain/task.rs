@@ -136,6 +136,7 @@ impl Default for Policy {
 #[serde(default)]
 pub struct RetryPolicy {
     /// Classes tried again: any of `provider`, `timeout`, `execution`.
+    #[schema(schema_with = RetryPolicy::on_schema)]
     pub on: Vec<ErrorKind>,
     #[schema(minimum = 0, maximum = 3600000)]
     pub backoff_ms: i64,
@@ -193,6 +194,17 @@ impl RetryPolicy {
     pub const MAX_BACKOFF_MS: i64 = 3_600_000;
     /// Longest `max_backoff_ms`: a day.
     pub const MAX_MAX_BACKOFF_MS: i64 = 86_400_000;
+
+    /// The OpenAPI schema of `on`: the retryable classes only.
+    fn on_schema() -> utoipa::openapi::schema::Array {
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+        let kinds = RetryPolicy::RETRYABLE.map(|k| k.as_str());
+        ArrayBuilder::new()
+            .items(ObjectBuilder::new().schema_type(Type::String).enum_values(Some(kinds)))
+            .default(Some(serde_json::json!(RetryPolicy::default().on)))
+            .description(Some("Classes tried again: any of `provider`, `timeout`, `execution`."))
+            .build()
+    }
 }
 
 impl Default for RetryPolicy {
@@ -232,7 +244,7 @@ pub struct NewTask {
     pub priority: Priority,
     /// Not dispatched before this time, in milliseconds since the epoch (an addition).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
     pub not_before: Option<i64>,
     /// Not dispatched before this many milliseconds after submission, at most 30 days
     /// (an addition; not together with `not_before`).
@@ -300,10 +312,26 @@ impl NewTask {
 
 /// Priority of a task: `-2` (background) to `2` (most urgent), `0` by default. Each
 /// value is a band of its own on the bus; within a band tasks go first in, first out.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Priority(pub i16);
+
+impl utoipa::PartialSchema for Priority {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int32)))
+            .minimum(Some(Priority::MIN))
+            .maximum(Some(Priority::MAX))
+            .description(Some(
+                "Priority of a task: `-2` (background) to `2` (most urgent), `0` by default. Each value is a band \
+                 of its own on the bus; within a band tasks go first in, first out.",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Priority {}
 
 impl Priority {
     pub const MIN: i16 = -2;
