@@ -53,8 +53,11 @@ async fn one_leader_syncs_membridge_and_another_takes_over_when_it_dies() {
     let audited = "SELECT count(*) FROM audit_logs WHERE action = 'worker_offline' AND entity_id = 'ghost'
                    AND detail LIKE 'Not reported by membridge%'";
     assert_eq!(app.count(audited).await, 1);
-    // Only the leader ever synced.
-    let syncing: Vec<u64> = replicas.iter().map(|(r, _)| r.metrics.membridge_sync_runs_total.get()).collect();
+    // Only the leader ever synced. A sync is counted once it has also rerouted the tasks of
+    // the workers it marked offline, after its commit made them visible here.
+    let syncs = || replicas.iter().map(|(r, _)| r.metrics.membridge_sync_runs_total.get()).collect::<Vec<u64>>();
+    wait_for("the sync counted", Duration::from_secs(10), || async { syncs().iter().any(|n| *n > 0) }).await;
+    let syncing = syncs();
     assert_eq!(syncing.iter().filter(|n| **n > 0).count(), 1, "{syncing:?}");
 
     // Kill the leader (its future and its connection are dropped).
