@@ -9,13 +9,16 @@ use super::body::JsonBody;
 use super::reads::PageQuery;
 use super::schemas::{ErrorBody, Removed, RequestBody, WorkerDetail};
 use super::{ApiError, AppState};
+use crate::db::page::MAX_LIMIT;
 use crate::db::{leases, lifecycle, workers};
 use crate::domain::{Registration, Worker, WorkerId, WorkerTransport};
 
-/// `GET /api/runtime/workers`: every worker with its active lease count.
-#[utoipa::path(get, path = "/api/runtime/workers", tag = "workers", params(("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100", minimum = 1, maximum = 1000), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Worker>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+/// `GET /api/runtime/workers`: every worker with its active lease count, by id. A fleet
+/// comes in one answer, as the original gave every worker: the page holds up to 1,000
+/// by default (the other lists, whose rows carry prompts and outputs, 100).
+#[utoipa::path(get, path = "/api/runtime/workers", tag = "workers", params(("limit" = Option<i64>, Query, description = "page size, 1..1000, default 1000", minimum = 1, maximum = 1000), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Worker>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn list(State(state): State<AppState>, Query(q): Query<PageQuery>) -> Result<impl IntoResponse, ApiError> {
-    let page = q.page()?;
+    let page = q.page_with_default(MAX_LIMIT)?;
     let after = page.after.as_ref().map(|c| c.id.as_str());
     let rows = workers::list(&state.pool, page.limit, after).await?;
     let mut headers = axum::http::HeaderMap::new();

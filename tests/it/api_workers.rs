@@ -67,3 +67,29 @@ async fn register_update_show_and_remove_workers() {
     assert_eq!(actions, vec!["worker_registered", "worker_removed", "worker_updated"]);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_fleet_is_listed_in_one_answer() {
+    let app = TestApp::spawn().await;
+    let mut names: Vec<String> = (0..150).map(|i| format!("node-{i:03}")).collect();
+    for name in &names {
+        let (status, w) = app.post("/api/runtime/workers", json!({"name": name})).await;
+        assert_eq!(status, StatusCode::CREATED, "{w}");
+    }
+    names.sort();
+    let r = app.http.get(app.url("/api/runtime/workers")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().get("x-next-cursor").is_none(), "one page");
+    let listed: Vec<serde_json::Value> = r.json().await.unwrap();
+    let ids: Vec<&str> = listed.iter().map(|w| w["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, names.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // A smaller page still goes on with its cursor.
+    let r = app.http.get(app.url("/api/runtime/workers?limit=100")).send().await.unwrap();
+    let cursor = r.headers().get("x-next-cursor").expect("a next page").to_str().unwrap().to_owned();
+    let first: Vec<serde_json::Value> = r.json().await.unwrap();
+    let (status, rest) = app.get(&format!("/api/runtime/workers?limit=100&cursor={cursor}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((first.len(), rest.as_array().unwrap().len()), (100, 50));
+    assert_eq!(rest[0]["id"], names[100]);
+}
