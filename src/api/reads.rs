@@ -227,11 +227,18 @@ pub struct LeaseQuery {
     page: PageQuery,
 }
 
-/// `GET /api/runtime/leases[?status=]`, most recent first.
-#[utoipa::path(get, path = "/api/runtime/leases", tag = "leases", params(("status" = Option<String>, Query, description = "active|expired|released|failed|cancelled"), ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100", minimum = 1, maximum = 1000), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Lease>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+/// `GET /api/runtime/leases[?status=]`, most recent first. The original listed every
+/// lease, and the upstream web client keeps the active ones of that list: so the first
+/// page asked for without a status or a `limit` (as the client asks) also holds the
+/// active leases older than its rows (up to 1,000, still most recent first), and a long
+/// run is not hidden behind newer leases.
+/// Its `X-Next-Cursor` follows the page's own rows, so an older active lease shows again
+/// in its place further on.
+#[utoipa::path(get, path = "/api/runtime/leases", tag = "leases", params(("status" = Option<String>, Query, description = "active|expired|released|failed|cancelled"), ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100; the first page asked for without status and limit also holds every older active lease (up to 1000)", minimum = 1, maximum = 1000), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Lease>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn leases(State(state): State<AppState>, Query(q): Query<LeaseQuery>) -> Result<impl IntoResponse, ApiError> {
     let page = q.page.page()?;
-    let rows = match q.status.as_deref() {
+    let as_the_original = matches!(q.status.as_deref(), None | Some("")) && q.page.limit.is_none();
+    let mut rows = match q.status.as_deref() {
         None | Some("") => leases::list(&state.pool, None, &page).await?,
         Some(s) => match LeaseStatus::parse(s) {
             Some(status) => leases::list(&state.pool, Some(status), &page).await?,
@@ -239,7 +246,12 @@ pub async fn leases(State(state): State<AppState>, Query(q): Query<LeaseQuery>) 
             None => Vec::new(),
         },
     };
-    Ok(paged(rows, &page, |l: &Lease| (l.started_at, l.id.0.clone())))
+    let next = page.next(rows.len(), rows.last().map(|l| Cursor { key: l.started_at, id: l.id.0.clone() }));
+    if let Some(after) = next.clone().filter(|_| as_the_original && page.after.is_none()) {
+        let older = Page { limit: MAX_LIMIT, after: Some(after) };
+        rows.extend(leases::list(&state.pool, Some(LeaseStatus::Active), &older).await?);
+    }
+    Ok((cursor_header(next), Json(rows)))
 }
 
 /// `GET /api/runtime/runs`: the 50 most recent tasks.

@@ -380,3 +380,41 @@ async fn submissions_answer_503_while_postgres_is_read_only_and_succeed_after() 
     assert_eq!(app.count("SELECT count(*) FROM llm_tasks").await, 1, "nothing stored by the refused ones");
     app.stop().await;
 }
+
+/// The upstream web client reads `/leases` unfiltered and keeps the active ones: a lease
+/// older than the first page's leases is still in it while it is active.
+#[tokio::test]
+async fn the_first_page_of_leases_holds_every_active_lease() {
+    let app = TestApp::spawn().await;
+    app.register_worker("w1", 2).await;
+    let (_, long_run) = app.leased_task("a long run").await;
+    let long_id = long_run["lease"]["id"].clone();
+    for i in 0..105 {
+        let (id, _) = app.leased_task(&format!("short {i}")).await;
+        let done = json!({"status": "success", "metrics": {"duration_ms": 1}});
+        let (status, body) = app.post(&format!("/api/runtime/llm-tasks/{id}/complete"), done).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    let r = app.http.get(app.url("/api/runtime/leases")).send().await.unwrap();
+    let cursor = r.headers().get("x-next-cursor").expect("more pages").to_str().unwrap().to_owned();
+    let first: Vec<serde_json::Value> = r.json().await.unwrap();
+    assert_eq!(first.len(), 101, "the newest 100 and the older active one");
+    assert!(first[..100].iter().all(|l| l["status"] == "released"));
+    assert_eq!((&first[100]["id"], &first[100]["status"]), (&long_id, &json!("active")));
+    let started: Vec<i64> = first.iter().map(|l| l["started_at"].as_i64().unwrap()).collect();
+    assert!(started.windows(2).all(|w| w[0] >= w[1]), "most recent first");
+
+    // The next page goes on after the 100th, where the active lease shows again.
+    let (_, rest) = app.get(&format!("/api/runtime/leases?cursor={cursor}")).await;
+    let rest = rest.as_array().unwrap();
+    assert_eq!(rest.len(), 6);
+    assert_eq!(rest[5]["id"], long_id);
+    // A status filter, a limit, or a page that is not full adds nothing.
+    let (_, active) = app.get("/api/runtime/leases?status=active").await;
+    assert_eq!(active.as_array().unwrap().len(), 1);
+    let (_, limited) = app.get("/api/runtime/leases?limit=100").await;
+    assert_eq!(limited.as_array().unwrap().len(), 100);
+    let (_, all) = app.get("/api/runtime/leases?limit=1000").await;
+    assert_eq!(all.as_array().unwrap().len(), 106);
+}
