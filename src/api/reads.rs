@@ -237,17 +237,16 @@ pub struct LeaseQuery {
 #[utoipa::path(get, path = "/api/runtime/leases", tag = "leases", params(("status" = Option<String>, Query, description = "active|expired|released|failed|cancelled"), ("limit" = Option<i64>, Query, description = "page size, 1..1000, default 100; the first page asked for without status and limit also holds every older active lease (up to 1000)", minimum = 1, maximum = 1000), ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page")), responses((status = 200, body = Vec<Lease>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn leases(State(state): State<AppState>, Query(q): Query<LeaseQuery>) -> Result<impl IntoResponse, ApiError> {
     let page = q.page.page()?;
-    let as_the_original = matches!(q.status.as_deref(), None | Some("")) && q.page.limit.is_none();
-    let mut rows = match q.status.as_deref() {
-        None | Some("") => leases::list(&state.pool, None, &page).await?,
-        Some(s) => match LeaseStatus::parse(s) {
-            Some(status) => leases::list(&state.pool, Some(status), &page).await?,
-            // As in the original, a status no lease can have matches none.
-            None => Vec::new(),
-        },
+    let status = q.status.as_deref().filter(|s| !s.is_empty());
+    let mut rows = match status.map(LeaseStatus::parse) {
+        None => leases::list(&state.pool, None, &page).await?,
+        Some(Some(status)) => leases::list(&state.pool, Some(status), &page).await?,
+        // As in the original, a status no lease can have matches none.
+        Some(None) => Vec::new(),
     };
     let next = page.next(rows.len(), rows.last().map(|l| Cursor { key: l.started_at, id: l.id.0.clone() }));
-    if let Some(after) = next.clone().filter(|_| as_the_original && page.after.is_none()) {
+    let as_the_original = status.is_none() && q.page.limit.is_none() && page.after.is_none();
+    if let Some(after) = next.clone().filter(|_| as_the_original) {
         let older = Page { limit: MAX_LIMIT, after: Some(after) };
         rows.extend(leases::list(&state.pool, Some(LeaseStatus::Active), &older).await?);
     }
