@@ -11,13 +11,19 @@ AGENT_KEY=@AGENT_KEY@
 AGENT_DIR="${MEMBRIDGE_DIR:-$HOME/membridge}"
 REPOS_BASE="${MEMBRIDGE_REPOS_BASE:-$HOME/projects}"
 
+# Without the key in the script, the one in the environment: `... | MEMBRIDGE_AGENT_KEY=<key> bash`.
+if [ "$AGENT_KEY" = "YOUR_AGENT_KEY" ] && [ -n "${MEMBRIDGE_AGENT_KEY:-}" ]; then
+  AGENT_KEY=$MEMBRIDGE_AGENT_KEY
+fi
 if [ "$AGENT_KEY" = "YOUR_AGENT_KEY" ]; then
-  echo "Replace YOUR_AGENT_KEY in this script with the agent key (MEMBRIDGE_AGENT_KEY) first." >&2
+  echo "The agent key is needed: run it as '... | MEMBRIDGE_AGENT_KEY=<key> bash', or replace YOUR_AGENT_KEY in this script." >&2
   exit 1
 fi
 for tool in python3 git curl; do
   command -v "$tool" >/dev/null 2>&1 || { echo "$tool is required" >&2; exit 1; }
 done
+# Root needs no sudo (and a minimal host may not have it).
+if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
   INIT=systemd
 elif command -v rc-service >/dev/null 2>&1; then
@@ -56,15 +62,46 @@ ENV
 umask 022
 
 RUN="$AGENT_DIR/.venv/bin/uvicorn agent.main:app --host 0.0.0.0 --port $AGENT_PORT"
+
+# The agent restarts, stops and removes its own service (agent-update, agent-restart,
+# agent-uninstall) with sudo, where nobody can type a password: allow exactly those
+# commands for the user it runs as.
+USER_NAME=$(id -un)
+sudo_rules() {
+  local tool
+  case "$INIT" in
+    systemd)
+      tool=$(command -v systemctl)
+      for verb in start stop restart enable disable; do
+        echo "$USER_NAME ALL=(root) NOPASSWD: $tool $verb membridge-agent"
+      done
+      echo "$USER_NAME ALL=(root) NOPASSWD: $tool daemon-reload"
+      ;;
+    openrc)
+      echo "$USER_NAME ALL=(root) NOPASSWD: $(command -v rc-service) membridge-agent *"
+      tool=$(command -v rc-update)
+      echo "$USER_NAME ALL=(root) NOPASSWD: $tool add membridge-agent *, $tool del membridge-agent *"
+      ;;
+  esac
+}
+if [ -n "$SUDO" ] && [ "$INIT" != none ] && [ -d /etc/sudoers.d ]; then
+  rules=$(mktemp)
+  sudo_rules >"$rules"
+  if ! command -v visudo >/dev/null 2>&1 || visudo -cqf "$rules"; then
+    sudo install -m 0440 "$rules" /etc/sudoers.d/membridge-agent
+  fi
+  rm -f "$rules"
+fi
+
 case "$INIT" in
   systemd)
-    sudo tee /etc/systemd/system/membridge-agent.service >/dev/null <<UNIT
+    $SUDO tee /etc/systemd/system/membridge-agent.service >/dev/null <<UNIT
 [Unit]
 Description=membridge agent
 After=network-online.target
 
 [Service]
-User=$(id -un)
+User=$USER_NAME
 WorkingDirectory=$AGENT_DIR
 EnvironmentFile=$AGENT_DIR/.env.agent
 ExecStart=$RUN
@@ -73,23 +110,23 @@ Restart=always
 [Install]
 WantedBy=multi-user.target
 UNIT
-    sudo systemctl daemon-reload
-    sudo systemctl enable --now membridge-agent
-    sudo systemctl restart membridge-agent
+    $SUDO systemctl daemon-reload
+    $SUDO systemctl enable --now membridge-agent
+    $SUDO systemctl restart membridge-agent
     ;;
   openrc)
-    sudo tee /etc/init.d/membridge-agent >/dev/null <<RC
+    $SUDO tee /etc/init.d/membridge-agent >/dev/null <<RC
 #!/sbin/openrc-run
 description="membridge agent"
 command="/bin/sh"
 command_args="-c 'set -a; . $AGENT_DIR/.env.agent; cd $AGENT_DIR; exec $RUN'"
-command_user="$(id -un)"
+command_user="$USER_NAME"
 command_background=true
 pidfile="/run/membridge-agent.pid"
 RC
-    sudo chmod +x /etc/init.d/membridge-agent
-    sudo rc-update add membridge-agent default
-    sudo rc-service membridge-agent restart
+    $SUDO chmod +x /etc/init.d/membridge-agent
+    $SUDO rc-update add membridge-agent default
+    $SUDO rc-service membridge-agent restart
     ;;
   *)
     (set -a; . "$AGENT_DIR/.env.agent"; cd "$AGENT_DIR"; nohup $RUN >"$AGENT_DIR/agent.log" 2>&1 &)

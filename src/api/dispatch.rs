@@ -80,12 +80,15 @@ pub async fn dispatch(
     {
         state.dispatcher.send(vec![*dispatch]);
     }
-    Ok(match failure {
-        // The agent answered: its answer is the execution, as upstream passes it on.
-        AgentError::Refused { body, .. } => {
-            let execution = serde_json::from_str(&body).unwrap_or_else(|_| serde_json::json!({ "detail": body }));
-            (StatusCode::OK, Json(answer(true, Some(execution), None)))
-        }
-        other => (StatusCode::BAD_GATEWAY, Json(answer(false, None::<Value>, Some(other.to_string())))),
+    let not_dispatched =
+        |e: &AgentError| (StatusCode::BAD_GATEWAY, Json(answer(false, None::<Value>, Some(e.to_string()))));
+    Ok(match &failure {
+        // The agent answered: its JSON answer is the execution, as upstream passes it on.
+        // Another answer (a proxy's error page) is one upstream could not read: 502.
+        AgentError::Refused { body, .. } => match serde_json::from_str(body) {
+            Ok(execution) => (StatusCode::OK, Json(answer(true, Some(execution), None))),
+            Err(_) => not_dispatched(&failure),
+        },
+        other => not_dispatched(other),
     })
 }

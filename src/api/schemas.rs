@@ -402,10 +402,13 @@ impl RequestBody for Registration {
             None => None,
         };
         let ip_addrs = f.opt_strings("ip_addrs").map(Option::unwrap_or_default);
-        // What an agent says of itself (upstream dropped these; they are stored).
-        let agent_version = f.opt_string("agent_version", 1, Some(64), true);
+        // What an agent says of itself (upstream dropped these; they are stored). An empty
+        // version or install method (the agent sends its environment's value as it is) says
+        // nothing: the row keeps what it had.
+        let said = |v: Option<Option<String>>| v.map(|v| v.filter(|s| !s.is_empty()));
+        let agent_version = said(f.opt_string("agent_version", 0, Some(64), true));
         let os_info = f.opt_string("os_info", 0, Some(512), true);
-        let install_method = f.opt_string("install_method", 1, Some(64), true);
+        let install_method = said(f.opt_string("install_method", 0, Some(64), true));
         Some(Registration {
             name: WorkerId(name?),
             url: url?,

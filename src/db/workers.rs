@@ -88,12 +88,14 @@ pub struct HttpAgent {
     pub url: String,
 }
 
-/// HTTP agents that can take a lease at `now` (online, Claude CLI, a free slot, not
-/// paused after failed dispatches, not draining), the least busy first.
+/// HTTP agents the runtime sends tasks to ([`crate::domain::Worker::takes_pushed_tasks`]) that can take a
+/// lease at `now` (online, Claude CLI, a free slot, not paused after failed dispatches, not
+/// draining), the least busy first.
 pub async fn http_agents_with_room(db: impl PgExecutor<'_>, now: i64) -> sqlx::Result<Vec<HttpAgent>> {
     let rows = sqlx::query!(
         "SELECT id, url FROM workers
-         WHERE transport = 'http' AND status = 'online' AND COALESCE((capabilities->>'claude_cli')::boolean, true)
+         WHERE transport = 'http' AND (source = 'membridge' OR agent_version <> 'unknown')
+           AND status = 'online' AND COALESCE((capabilities->>'claude_cli')::boolean, true)
            AND bloom_worker_leases(id) < COALESCE((capabilities->>'max_concurrency')::int, 1)
            AND dispatch_paused_until <= $1 AND draining_since IS NULL
          ORDER BY bloom_worker_leases(id), id",
@@ -132,6 +134,37 @@ pub async fn record_dispatch_failure(db: impl PgExecutor<'_>, id: &WorkerId, now
 pub async fn record_dispatch_success(db: impl PgExecutor<'_>, id: &WorkerId) -> sqlx::Result<()> {
     sqlx::query!(
         "UPDATE workers SET dispatch_failures = 0, dispatch_paused_until = 0 WHERE id = $1 AND dispatch_failures > 0",
+        id.as_str()
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// HTTP agents the runtime sends tasks to that failed dispatches marked offline and whose
+/// pause is over: each is taken for a health check, its pause moved on to `until` so that
+/// no other pass or replica checks it meanwhile.
+pub async fn take_due_health_checks(db: impl PgExecutor<'_>, now: i64, until: i64) -> sqlx::Result<Vec<HttpAgent>> {
+    let rows = sqlx::query!(
+        "UPDATE workers SET dispatch_paused_until = $2
+         WHERE transport = 'http' AND (source = 'membridge' OR agent_version NOT IN ('unknown', 'uninstalled'))
+           AND status = 'offline' AND dispatch_failures > 0 AND dispatch_paused_until <= $1
+         RETURNING id, url",
+        now,
+        until
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| HttpAgent { id: r.id.into(), url: r.url }).collect())
+}
+
+/// An agent that failed dispatches marked offline answered its health check after its
+/// pause: online again, and no longer held for the check. Its failure count stays until
+/// it takes a task, so another failure pauses it for longer.
+pub async fn record_healthy_after_pause(db: impl PgExecutor<'_>, id: &WorkerId) -> sqlx::Result<()> {
+    sqlx::query!(
+        "UPDATE workers SET status = 'online', dispatch_paused_until = 0
+         WHERE id = $1 AND status = 'offline' AND dispatch_failures > 0",
         id.as_str()
     )
     .execute(db)

@@ -143,17 +143,18 @@ pub struct Registration {
     pub capabilities: Capabilities,
     #[serde(default)]
     pub ip_addrs: Vec<String>,
-    /// Kept when absent (`unknown` for a new worker).
+    /// Kept when absent or empty (`unknown` for a new worker). An agent that gives it is
+    /// sent queued tasks by the runtime ([`Worker::takes_pushed_tasks`]).
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 64)]
+    #[schema(max_length = 64)]
     pub agent_version: Option<String>,
     /// Kept when absent (empty for a new worker).
     #[serde(default)]
     #[schema(max_length = 512)]
     pub os_info: Option<String>,
-    /// Kept when absent (`manual` for a new worker).
+    /// Kept when absent or empty (`manual` for a new worker).
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 64)]
+    #[schema(max_length = 64)]
     pub install_method: Option<String>,
 }
 
@@ -162,6 +163,9 @@ impl Registration {
         WorkerStatus::Online
     }
 }
+
+/// `workers.agent_version` of a worker that has not said its version.
+pub const UNKNOWN_AGENT_VERSION: &str = "unknown";
 
 /// A row of `workers`, serialized exactly as the seed's `WorkerNode`.
 ///
@@ -199,6 +203,17 @@ impl Worker {
     /// Free execution slots.
     pub fn free_capacity(&self) -> i32 {
         self.capabilities.max_concurrency - self.active_leases
+    }
+
+    /// The runtime sends it queued tasks by itself (the reconcilers' agent dispatch): an
+    /// HTTP agent that identified itself as one, listed by membridge or giving its version
+    /// (as the membridge agent does when it registers, and as an `agent-health` check
+    /// records). A worker that registered a URL and no version leases its own tasks over
+    /// REST, as the original's workers did; `POST /llm-tasks/:id/dispatch` still sends it
+    /// a task when asked.
+    pub fn takes_pushed_tasks(&self) -> bool {
+        self.transport == WorkerTransport::Http
+            && (self.source == WorkerSource::Membridge || self.agent_version != UNKNOWN_AGENT_VERSION)
     }
 
     /// The worker may take a new lease: online, runs the Claude CLI, has a free slot, is

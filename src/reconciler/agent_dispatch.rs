@@ -1,6 +1,6 @@
 //! Dispatch to HTTP agents, on every replica: queued tasks are leased to the free slots
-//! of online HTTP agents (membridge agents, synced or registered with a URL) and sent to
-//! their `POST /execute-task`. The agent's heartbeat and `complete` callbacks then drive
+//! of online HTTP agents (membridge agents, synced from membridge or registered with
+//! their version) and sent to their `POST /execute-task`. The agent's heartbeat and `complete` callbacks then drive
 //! the task over REST, as any REST worker's do. HTTP agents and NATS workers serve the
 //! same queue: a task leased here has left `queued`, so a NATS claim of it is refused.
 //!
@@ -14,7 +14,9 @@
 //! 503, is marked offline and paused (10 s, doubling with each consecutive failure up
 //! to 5 min; its own registration or a healthy `agent-health` ends the pause), so it
 //! does not burn the attempts of the tasks behind however often membridge's sync says
-//! it is online.
+//! it is online. Once its pause is over, a pass asks its `/health`: an agent that
+//! answers is online again and sent tasks; one that does not is paused again, for twice
+//! as long.
 //!
 //! A task submitted less than `BLOOM_AGENT_DISPATCH_CLIENT_WINDOW_MS` (1 s) ago is left
 //! to its client: one that submits a task and then dispatches it itself (the upstream web
@@ -63,7 +65,11 @@ pub async fn run(r: Reconciler, cancel: CancellationToken) -> anyhow::Result<()>
 /// Returns once the leases are committed; each call runs on in a task of its own.
 pub async fn run_once(r: &Reconciler) -> sqlx::Result<DispatchReport> {
     let mut report = DispatchReport::default();
-    let agents = workers::http_agents_with_room(&r.pool, r.clock.now_ms()).await?;
+    let now = r.clock.now_ms();
+    for agent in workers::take_due_health_checks(&r.pool, now, now + HEALTH_CHECK_HOLD.as_millis() as i64).await? {
+        tokio::spawn(check_health(r.clone(), agent));
+    }
+    let agents = workers::http_agents_with_room(&r.pool, now).await?;
     if agents.is_empty() {
         return Ok(report);
     }
@@ -94,6 +100,25 @@ pub const PICKUP_WINDOW: Duration = Duration::from_secs(15);
 /// Time a lease to an agent outlasts the call to it: the agent's `complete` callback
 /// arrives before its answer, and may be slow.
 const LEASE_MARGIN: Duration = Duration::from_secs(30);
+
+/// How long an agent taken for a health check is left to it (the check's timeout is 10 s).
+const HEALTH_CHECK_HOLD: Duration = Duration::from_secs(15);
+
+/// Asks an agent that failed dispatches paused whether it is up again (its `/health`, as
+/// `agent-health` does): one that answers is online, and sent tasks from the next pass;
+/// one that does not is paused again, for twice as long.
+async fn check_health(r: Reconciler, agent: HttpAgent) {
+    let recorded = match r.agents.health(&agent.url).await {
+        Ok(_) => workers::record_healthy_after_pause(&r.pool, &agent.id).await,
+        Err(e) => {
+            tracing::info!(worker.id = %agent.id, error = %e, "a paused agent is still down");
+            workers::record_dispatch_failure(&r.pool, &agent.id, r.clock.now_ms()).await.map(drop)
+        }
+    };
+    if let Err(e) = recorded {
+        tracing::warn!(worker.id = %agent.id, error = %e, "could not record an agent's health check");
+    }
+}
 
 /// Sends one leased task to its agent; abandons the attempt when the agent did not take it.
 async fn send(r: Reconciler, client: AgentClient, agent: HttpAgent, a: Assigned) {

@@ -82,7 +82,8 @@ async fn a_refusing_or_unreachable_agent_fails_the_attempt_and_takes_no_more_tas
     let app = TestApp::spawn().await;
     let agent = fake_agent::start(AGENT_KEY, Mode::NoCli).await;
     let register = |name: &str, url: String| {
-        app.post("/api/runtime/workers", json!({"name": name, "url": url, "capabilities": {"max_concurrency": 4}}))
+        let body = json!({"name": name, "url": url, "capabilities": {"max_concurrency": 4}, "agent_version": "0.4.0"});
+        app.post("/api/runtime/workers", body)
     };
     assert_eq!(register("no-cli", agent.url()).await.0, StatusCode::CREATED);
     let last =
@@ -218,6 +219,17 @@ async fn dispatch_sends_a_task_to_an_agent_and_answers_with_its_execution() {
     assert_eq!(app.status_of(&refused).await, "queued", "attempts remain: queued again");
     assert_eq!(app.status_of_worker("agent-1").await, "offline");
 
+    // An answer that is not JSON (a proxy's error page): 502, not dispatched, as upstream
+    // answers when it cannot read the agent's reply.
+    *agent.mode.lock().unwrap() = Mode::BehindFailingProxy;
+    app.post("/api/runtime/workers", json!({"name": "agent-1", "url": agent.url()})).await;
+    let proxied = app.submit("behind a proxy").await["id"].as_str().unwrap().to_owned();
+    let (status, answer) = app.post(&format!("/api/runtime/llm-tasks/{proxied}/dispatch"), json!({})).await;
+    assert_eq!((status, &answer["dispatched"]), (StatusCode::BAD_GATEWAY, &json!(false)), "{answer}");
+    assert_eq!(answer["error"], "Agent returned 502: Bad Gateway");
+    assert!(answer.get("execution").is_none() && answer.get("lease_id").is_none(), "{answer}");
+    assert_eq!(app.status_of(&proxied).await, "queued", "the agent did not take it: queued again");
+
     // No agent answers: 502, not dispatched.
     app.post("/api/runtime/workers", json!({"name": "gone", "url": "http://127.0.0.1:9"})).await;
     let (status, answer) =
@@ -226,9 +238,9 @@ async fn dispatch_sends_a_task_to_an_agent_and_answers_with_its_execution() {
     assert_eq!((&answer["dispatched"], &answer["worker_id"]), (&json!(false), &json!("gone")));
     assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()), "{answer}");
     assert!(answer.get("lease_id").is_none());
-    // Three calls to agents, two of them failed, as the reconcilers count theirs.
+    // Four calls to agents, three of them failed, as the reconcilers count theirs.
     let m = &app.state.metrics;
-    assert_eq!((m.agent_dispatches_total.get(), m.agent_dispatch_failures_total.get()), (3, 2));
+    assert_eq!((m.agent_dispatches_total.get(), m.agent_dispatch_failures_total.get()), (4, 3));
     app.stop().await;
 }
 
@@ -366,6 +378,11 @@ async fn an_agents_capabilities_are_merged_only_with_values_of_their_types() {
     .execute(&app.pool)
     .await
     .unwrap();
+    // The two with a URL are agents (they gave a version), which the dispatch pass reads.
+    sqlx::query("UPDATE workers SET agent_version = '0.3.0' WHERE id IN ('old', 'old4')")
+        .execute(&app.pool)
+        .await
+        .unwrap();
     let (status, _) = app.get("/api/runtime/workers").await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "what the migration repairs");
     assert!(bloom::db::workers::http_agents_with_room(&app.pool, now).await.is_err());
@@ -482,8 +499,11 @@ async fn manual_reconciler_with(app: &TestApp, client_window: Duration) -> bloom
     r
 }
 
+/// Registers an agent as the membridge agent registers itself (with its version, so the
+/// reconcilers send it tasks).
 async fn register(app: &TestApp, name: &str, url: &str) {
-    let body = json!({"name": name, "url": url, "status": "online", "capabilities": {"max_concurrency": 1}});
+    let body = json!({"name": name, "url": url, "status": "online", "capabilities": {"max_concurrency": 1},
+                      "agent_version": "0.4.0"});
     let (status, answer) = app.post("/api/runtime/workers", body).await;
     assert!([StatusCode::CREATED, StatusCode::OK].contains(&status), "{answer}");
 }
@@ -625,6 +645,61 @@ async fn a_failed_run_is_recorded_and_a_hung_up_call_is_retried() {
     app.stop().await;
 }
 
+/// An agent paused after failed dispatches that nothing marks online again (no membridge
+/// sync, no registration of its own) is asked for its `/health` once its pause is over:
+/// up again, it is online and sent tasks; still down, it is paused for twice as long.
+#[tokio::test]
+async fn a_paused_agent_is_checked_when_its_pause_ends_and_sent_tasks_once_it_answers() {
+    use bloom::reconciler::agent_dispatch;
+    let app = TestApp::spawn().await;
+    let agent = fake_agent::start(AGENT_KEY, Mode::NoCli).await;
+    register(&app, "flaky", &agent.url()).await;
+    let first = app.submit("first").await["id"].as_str().unwrap().to_owned();
+    let second = app.submit("second").await["id"].as_str().unwrap().to_owned();
+    let r = manual_reconciler(&app).await;
+    let failures_of = |id: &str| {
+        let (app, sql) = (&app, format!("SELECT dispatch_failures::bigint FROM workers WHERE id = '{id}'"));
+        async move { app.count(&sql).await }
+    };
+    let paused_until = |id: &str| {
+        let (app, sql) = (&app, format!("SELECT dispatch_paused_until FROM workers WHERE id = '{id}'"));
+        async move { app.count(&sql).await }
+    };
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
+    wait_for("refused", Duration::from_secs(10), || async { failures_of("flaky").await == 1 }).await;
+    assert_eq!(app.status_of_worker("flaky").await, "offline");
+
+    // Fixed meanwhile: nobody says so, and nothing is checked before the pause ends.
+    *agent.mode.lock().unwrap() = Mode::Run;
+    r.clock.advance(Duration::from_secs(9));
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 0);
+    assert_eq!(app.status_of_worker("flaky").await, "offline", "no check during the pause");
+    r.clock.advance(Duration::from_secs(2));
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 0, "offline when the pass began");
+    wait_for("online after its health check", Duration::from_secs(10), || async {
+        app.status_of_worker("flaky").await == "online"
+    })
+    .await;
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
+    wait_for("run", Duration::from_secs(10), || async { app.status_of(&first).await == "completed" }).await;
+    assert_eq!(failures_of("flaky").await, 0, "a task taken clears the failures");
+
+    // An agent that is still down when its pause ends is paused again, for longer.
+    let (status, _) = app.post("/api/runtime/workers/flaky/drain", json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    register(&app, "gone", "http://127.0.0.1:9").await;
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1);
+    wait_for("unreachable", Duration::from_secs(10), || async { failures_of("gone").await == 1 }).await;
+    r.clock.advance(Duration::from_secs(11));
+    let checked_at = r.clock.now_ms();
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 0);
+    wait_for("its check failed", Duration::from_secs(15), || async { failures_of("gone").await == 2 }).await;
+    assert_eq!(paused_until("gone").await - checked_at, 20_000);
+    assert_eq!(app.status_of_worker("gone").await, "offline");
+    assert_eq!(app.status_of(&second).await, "queued", "its attempt was given back to the queue");
+    app.stop().await;
+}
+
 /// An agent that took a task (its heartbeat came) and lost the call keeps it: the
 /// attempt is not abandoned, the agent not paused, and its `complete` callback, late or
 /// sent before the call broke, completes the task once; the same through
@@ -731,8 +806,8 @@ async fn an_agent_holding_a_context_gets_its_next_tasks_while_it_has_room() {
     let slow = Mode::RunFor(Duration::from_secs(30));
     let (x, y) = (fake_agent::start(AGENT_KEY, slow).await, fake_agent::start(AGENT_KEY, slow).await);
     for (name, agent) in [("x", &x), ("y", &y)] {
-        let body =
-            json!({"name": name, "url": agent.url(), "status": "online", "capabilities": {"max_concurrency": 2}});
+        let body = json!({"name": name, "url": agent.url(), "status": "online", "capabilities": {"max_concurrency": 2},
+                          "agent_version": "0.4.0"});
         assert_eq!(app.post("/api/runtime/workers", body).await.0, StatusCode::CREATED);
     }
     let submit =
@@ -765,8 +840,8 @@ async fn an_agent_holding_a_context_gets_its_next_tasks_while_it_has_room() {
 async fn an_agent_is_sent_only_what_the_concurrency_limits_admit() {
     let app = TestApp::spawn().await;
     let agent = fake_agent::start(AGENT_KEY, Mode::RunFor(Duration::from_millis(200))).await;
-    let body =
-        json!({"name": "agent-1", "url": agent.url(), "status": "online", "capabilities": {"max_concurrency": 4}});
+    let body = json!({"name": "agent-1", "url": agent.url(), "status": "online", "capabilities": {"max_concurrency": 4},
+                      "agent_version": "0.4.0"});
     assert_eq!(app.post("/api/runtime/workers", body).await.0, StatusCode::CREATED);
     let (status, _) = app.put("/api/runtime/concurrency-limits/context_id/*", json!({"max_running": 1})).await;
     assert_eq!(status, StatusCode::OK);
@@ -843,5 +918,63 @@ async fn a_task_just_submitted_is_left_to_the_client_that_dispatches_it() {
     wait_for("sent", Duration::from_secs(10), || async { agent.executed.lock().unwrap().len() == 2 }).await;
     let executed = agent.executed.lock().unwrap().clone();
     assert_eq!(executed[1].0["task_id"], json!(nobodys));
+    app.stop().await;
+}
+
+/// A worker that registers a URL without saying it is an agent (no version; the
+/// original's REST workers may give a URL) leases its own tasks, as the original's
+/// workers did: the reconcilers send it nothing, not even a task queued again, so they
+/// never mark it offline for a URL nobody serves. `dispatch` still sends it a task when
+/// asked. Once it gives its version (its registration, or an `agent-health` check), it is
+/// sent tasks like any agent. An empty version or install method says nothing.
+#[tokio::test]
+async fn a_worker_that_gave_a_url_but_no_agent_version_leases_its_own_tasks() {
+    use bloom::reconciler::agent_dispatch;
+    let app = TestApp::spawn().await;
+    let r = manual_reconciler(&app).await;
+    let body = json!({"name": "rest-1", "url": "http://127.0.0.1:9", "capabilities": {"max_concurrency": 2},
+                      "agent_version": "", "install_method": ""});
+    let (status, worker) = app.post("/api/runtime/workers", body).await;
+    assert_eq!(status, StatusCode::CREATED, "{worker}");
+    assert_eq!(
+        (&worker["transport"], &worker["agent_version"], &worker["install_method"]),
+        (&json!("http"), &json!("unknown"), &json!("manual"))
+    );
+    let first = app.submit("leased by its worker").await["id"].as_str().unwrap().to_owned();
+    r.clock.advance(Duration::from_secs(60));
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 0);
+    let (status, lease) =
+        app.post(&format!("/api/runtime/llm-tasks/{first}/lease"), json!({"worker_id": "rest-1"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{lease}");
+    let lease_id = lease["lease"]["id"].as_str().unwrap();
+    let done = json!({"lease_id": lease_id, "status": "error", "error_message": "try again",
+                      "metrics": {"duration_ms": 3}});
+    assert_eq!(app.post(&format!("/api/runtime/llm-tasks/{first}/complete"), done).await.0, StatusCode::OK);
+    let (status, _) = app.post(&format!("/api/runtime/llm-tasks/{first}/requeue"), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 0, "a requeued task is not pushed either");
+    assert_eq!(app.status_of(&first).await, "queued");
+    assert_eq!(app.status_of_worker("rest-1").await, "online");
+
+    // Asked for, a dispatch reaches it (nothing listens there: 502, the worker offline).
+    let (status, answer) = app.post(&format!("/api/runtime/llm-tasks/{first}/dispatch"), json!({})).await;
+    assert_eq!((status, &answer["dispatched"]), (StatusCode::BAD_GATEWAY, &json!(false)), "{answer}");
+    let (status, _) = app.post(&format!("/api/runtime/llm-tasks/{first}/cancel"), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // An agent is sent tasks once it has said its version (here: its health check).
+    let agent = fake_agent::start(AGENT_KEY, Mode::Run).await;
+    let body = json!({"name": "agent-1", "url": agent.url(), "capabilities": {"max_concurrency": 2}});
+    assert_eq!(app.post("/api/runtime/workers", body).await.0, StatusCode::CREATED);
+    let second = app.submit("for the agent").await["id"].as_str().unwrap().to_owned();
+    r.clock.advance(Duration::from_secs(60));
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 0, "no version yet");
+    let (status, health) = app.get("/api/runtime/workers/agent-1/agent-health").await;
+    assert_eq!((status, &health["reachable"]), (StatusCode::OK, &json!(true)), "{health}");
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 1, "its health check recorded its version");
+    wait_for("completed by the agent", Duration::from_secs(10), || async {
+        app.status_of(&second).await == "completed"
+    })
+    .await;
     app.stop().await;
 }

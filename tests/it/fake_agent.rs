@@ -28,6 +28,8 @@ pub enum Mode {
     DryRun,
     /// `503 {"detail": "Claude CLI is not installed on this node"}`, no callbacks.
     NoCli,
+    /// A proxy in front of the agent answers `502 Bad Gateway` in plain text.
+    BehindFailingProxy,
 }
 
 #[derive(Clone)]
@@ -90,6 +92,9 @@ async fn execute(State(agent): State<FakeAgent>, req: Request) -> Response {
     if mode == Mode::NoCli {
         let detail = "Claude CLI is not installed on this node";
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"detail": detail}))).into_response();
+    }
+    if mode == Mode::BehindFailingProxy {
+        return (StatusCode::BAD_GATEWAY, "Bad Gateway").into_response();
     }
     if mode == Mode::DryRun {
         let detail = "dryrun: task not executed";

@@ -7,9 +7,7 @@ use sqlx::PgPool;
 use crate::db::admission::{self, Admission, Refused};
 use crate::db::rows::TaskRow;
 use crate::db::workers;
-use crate::domain::{
-    new_id, DesiredFormat, Lease, LeaseId, Policy, Task, TaskId, TaskStatus, WorkerId, WorkerTransport,
-};
+use crate::domain::{new_id, DesiredFormat, Lease, LeaseId, Policy, Task, TaskId, TaskStatus, WorkerId};
 
 /// A task leased to an HTTP agent, to be sent to it.
 #[derive(Clone, Debug)]
@@ -39,7 +37,7 @@ pub async fn assign(
     let mut tx = pool.begin().await?;
     admission::hold_limits(&mut tx).await?;
     let Some(agent) = workers::get_for_update(&mut tx, worker).await? else { return Ok(Vec::new()) };
-    if agent.transport != WorkerTransport::Http || !agent.is_eligible() {
+    if !agent.takes_pushed_tasks() || !agent.is_eligible() {
         return Ok(Vec::new());
     }
     // Sticky contexts: a task whose context another HTTP agent holds (an active lease)
@@ -52,7 +50,8 @@ pub async fn assign(
            AND NOT EXISTS (
                SELECT 1 FROM leases l JOIN workers w ON w.id = l.worker_id
                WHERE l.status = 'active' AND l.context_id = t.context_id AND l.worker_id <> $2
-                 AND w.transport = 'http' AND w.status = 'online' AND w.dispatch_paused_until <= $3
+                 AND w.transport = 'http' AND (w.source = 'membridge' OR w.agent_version <> 'unknown')
+                 AND w.status = 'online' AND w.dispatch_paused_until <= $3
                  AND w.draining_since IS NULL AND bloom_worker_leases(w.id) < COALESCE((w.capabilities->>'max_concurrency')::int, 1))
          ORDER BY t.priority DESC, t.created_at, t.id LIMIT $1 FOR UPDATE OF t SKIP LOCKED",
         i64::from(agent.free_capacity()),
