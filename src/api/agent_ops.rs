@@ -16,7 +16,7 @@ use super::schemas::{AgentAnswer, ErrorBody};
 use super::validate::FieldErrors;
 use super::{ApiError, AppState};
 use crate::db::{audit, workers};
-use crate::domain::{AuditAction, Capabilities, NewAudit, Worker, WorkerId, WorkerStatus};
+use crate::domain::{AuditAction, Capabilities, NewAudit, Worker, WorkerId, WorkerStatus, UNINSTALLED_AGENT_VERSION};
 
 /// The repository the agent updates itself from and the install script clones.
 const DEFAULT_REPO: &str = "https://github.com/maxfraieho/membridge.git";
@@ -121,7 +121,7 @@ pub async fn uninstall(State(state): State<AppState>, Path(id): Path<String>) ->
     let worker = agent(&state, id).await?;
     let reply = call(&state, &worker, "/uninstall", None, Duration::from_secs(60)).await?;
     let mut tx = state.pool.begin().await?;
-    workers::set_agent_version(&mut *tx, &worker.id, "uninstalled", Some(WorkerStatus::Offline)).await?;
+    workers::set_agent_version(&mut *tx, &worker.id, UNINSTALLED_AGENT_VERSION, Some(WorkerStatus::Offline)).await?;
     let detail = format!("Agent uninstalled from {}", worker.id);
     let entry = NewAudit::new(AuditAction::AgentUninstalled, "worker", worker.id.as_str(), "admin", detail);
     audit::insert(&mut *tx, &[entry], state.clock.now_ms()).await?;

@@ -33,5 +33,5 @@ pub use secret::Secret;
 pub use task::{DesiredFormat, NewTask, Policy, Priority, RateLimitHold, RetryPolicy, Task, TaskStatus};
 pub use worker::{
     pick_worker, Capabilities, Registration, Worker, WorkerSource, WorkerStatus, WorkerTransport,
-    MAX_REGISTERED_CONCURRENCY,
+    MAX_REGISTERED_CONCURRENCY, UNINSTALLED_AGENT_VERSION, UNKNOWN_AGENT_VERSION,
 };

@@ -166,6 +166,8 @@ impl Registration {
 
 /// `workers.agent_version` of a worker that has not said its version.
 pub const UNKNOWN_AGENT_VERSION: &str = "unknown";
+/// `workers.agent_version` after `agent-uninstall` removed the agent's service.
+pub const UNINSTALLED_AGENT_VERSION: &str = "uninstalled";
 
 /// A row of `workers`, serialized exactly as the seed's `WorkerNode`.
 ///
@@ -208,11 +210,13 @@ impl Worker {
     /// The runtime sends it queued tasks by itself (the reconcilers' agent dispatch): an
     /// HTTP agent that identified itself as one, listed by membridge or giving its version
     /// (as the membridge agent does when it registers, and as an `agent-health` check
-    /// records). A worker that registered a URL and no version leases its own tasks over
-    /// REST, as the original's workers did; `POST /llm-tasks/:id/dispatch` still sends it
-    /// a task when asked.
+    /// records), and was not uninstalled since. A worker that registered a URL and no
+    /// version leases its own tasks over REST, as the original's workers did;
+    /// `POST /llm-tasks/:id/dispatch` still sends it a task when asked. The statements
+    /// that pick agents write the same rule (`db::workers`, `lifecycle::assign`).
     pub fn takes_pushed_tasks(&self) -> bool {
         self.transport == WorkerTransport::Http
+            && self.agent_version != UNINSTALLED_AGENT_VERSION
             && (self.source == WorkerSource::Membridge || self.agent_version != UNKNOWN_AGENT_VERSION)
     }
 
@@ -286,7 +290,7 @@ mod tests {
             db_sha: String::new(),
             registered_at: 0,
             active_leases: active,
-            agent_version: "unknown".into(),
+            agent_version: UNKNOWN_AGENT_VERSION.into(),
             os_info: String::new(),
             install_method: "manual".into(),
             transport: WorkerTransport::Rest,
@@ -312,6 +316,25 @@ mod tests {
         assert_eq!(pick_worker(&ws, Some(&"a".into())).unwrap().id.as_str(), "a");
         let full = vec![worker("a", WorkerStatus::Online, 1, 1), worker("b", WorkerStatus::Online, 4, 0)];
         assert_eq!(pick_worker(&full, Some(&"a".into())).unwrap().id.as_str(), "b");
+    }
+
+    #[test]
+    fn only_a_worker_that_said_it_is_an_agent_is_sent_tasks() {
+        let http = |source: WorkerSource, version: &str| Worker {
+            url: "http://agent:8001".into(),
+            transport: WorkerTransport::Http,
+            source,
+            agent_version: version.into(),
+            ..worker("a", WorkerStatus::Online, 2, 0)
+        };
+        assert!(!http(WorkerSource::Api, UNKNOWN_AGENT_VERSION).takes_pushed_tasks(), "a URL alone");
+        assert!(http(WorkerSource::Api, "0.4.0").takes_pushed_tasks(), "it gave its version");
+        assert!(http(WorkerSource::Membridge, UNKNOWN_AGENT_VERSION).takes_pushed_tasks(), "membridge lists it");
+        assert!(!http(WorkerSource::Membridge, UNINSTALLED_AGENT_VERSION).takes_pushed_tasks(), "uninstalled");
+        let nats =
+            Worker { transport: WorkerTransport::Nats, source: WorkerSource::Nats, ..http(WorkerSource::Nats, "0.1") };
+        assert!(!nats.takes_pushed_tasks(), "a bloom-worker pulls its own");
+        assert!(!worker("r", WorkerStatus::Online, 2, 0).takes_pushed_tasks(), "no URL");
     }
 
     #[test]

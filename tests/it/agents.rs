@@ -976,5 +976,15 @@ async fn a_worker_that_gave_a_url_but_no_agent_version_leases_its_own_tasks() {
         app.status_of(&second).await == "completed"
     })
     .await;
+
+    // Uninstalled, it is sent nothing, even when something says it is online again.
+    let saved = json!({"membridge_server_url": "http://127.0.0.1:9", "admin_key": "admin", "agent_key": AGENT_KEY});
+    assert_eq!(app.post("/api/runtime/config", saved).await.0, StatusCode::OK);
+    let (status, gone) = app.post("/api/runtime/workers/agent-1/agent-uninstall", json!({})).await;
+    assert_eq!((status, &gone["status"]), (StatusCode::OK, &json!("uninstalled")), "{gone}");
+    sqlx::query("UPDATE workers SET status = 'online' WHERE id = 'agent-1'").execute(&app.pool).await.unwrap();
+    app.submit("after the uninstall").await;
+    r.clock.advance(Duration::from_secs(60));
+    assert_eq!(agent_dispatch::run_once(&r).await.unwrap().sent, 0, "uninstalled");
     app.stop().await;
 }

@@ -50,7 +50,8 @@ pub async fn assign(
            AND NOT EXISTS (
                SELECT 1 FROM leases l JOIN workers w ON w.id = l.worker_id
                WHERE l.status = 'active' AND l.context_id = t.context_id AND l.worker_id <> $2
-                 AND w.transport = 'http' AND (w.source = 'membridge' OR w.agent_version <> 'unknown')
+                 AND w.transport = 'http' AND w.agent_version <> 'uninstalled'
+                 AND (w.source = 'membridge' OR w.agent_version <> 'unknown')
                  AND w.status = 'online' AND w.dispatch_paused_until <= $3
                  AND w.draining_since IS NULL AND bloom_worker_leases(w.id) < COALESCE((w.capabilities->>'max_concurrency')::int, 1))
          ORDER BY t.priority DESC, t.created_at, t.id LIMIT $1 FOR UPDATE OF t SKIP LOCKED",
