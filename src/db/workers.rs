@@ -88,14 +88,15 @@ pub struct HttpAgent {
     pub url: String,
 }
 
-/// HTTP agents the runtime sends tasks to ([`crate::domain::Worker::takes_pushed_tasks`]) that can take a
-/// lease at `now` (online, Claude CLI, a free slot, not paused after failed dispatches, not
-/// draining), the least busy first.
+/// HTTP agents the runtime sends tasks to ([`crate::domain::Worker::takes_pushed_tasks`])
+/// that can take a lease at `now` (online, Claude CLI, a free slot, not paused after failed
+/// dispatches, not draining), the least busy first.
 pub async fn http_agents_with_room(db: impl PgExecutor<'_>, now: i64) -> sqlx::Result<Vec<HttpAgent>> {
     let rows = sqlx::query!(
         "SELECT id, url FROM workers
          WHERE transport = 'http' AND agent_version <> 'uninstalled'
-           AND (source = 'membridge' OR agent_version <> 'unknown') AND status = 'online' AND COALESCE((capabilities->>'claude_cli')::boolean, true)
+           AND (source = 'membridge' OR agent_version <> 'unknown')
+           AND status = 'online' AND COALESCE((capabilities->>'claude_cli')::boolean, true)
            AND bloom_worker_leases(id) < COALESCE((capabilities->>'max_concurrency')::int, 1)
            AND dispatch_paused_until <= $1 AND draining_since IS NULL
          ORDER BY bloom_worker_leases(id), id",
@@ -148,7 +149,8 @@ pub async fn take_due_health_checks(db: impl PgExecutor<'_>, now: i64, until: i6
     let rows = sqlx::query!(
         "UPDATE workers SET dispatch_paused_until = $2
          WHERE transport = 'http' AND agent_version <> 'uninstalled'
-           AND (source = 'membridge' OR agent_version <> 'unknown') AND status = 'offline' AND dispatch_failures > 0 AND dispatch_paused_until <= $1
+           AND (source = 'membridge' OR agent_version <> 'unknown')
+           AND status = 'offline' AND dispatch_failures > 0 AND dispatch_paused_until <= $1
          RETURNING id, url",
         now,
         until

@@ -1,8 +1,9 @@
 //! Dispatch to HTTP agents, on every replica: queued tasks are leased to the free slots
 //! of online HTTP agents (membridge agents, synced from membridge or registered with
-//! their version) and sent to their `POST /execute-task`. The agent's heartbeat and `complete` callbacks then drive
-//! the task over REST, as any REST worker's do. HTTP agents and NATS workers serve the
-//! same queue: a task leased here has left `queued`, so a NATS claim of it is refused.
+//! their version) and sent to their `POST /execute-task`. The agent's heartbeat and
+//! `complete` callbacks then drive the task over REST, as any REST worker's do. HTTP
+//! agents and NATS workers serve the same queue: a task leased here has left `queued`, so
+//! a NATS claim of it is refused.
 //!
 //! The lease is committed before the call and no transaction is held during it. An
 //! agent that refuses the task (non-2xx: no Claude CLI, a wrong key), cannot be reached,
